@@ -38,7 +38,11 @@ def _recompute_from_weights(model, layer, residual):
 
 def _residual_before_mlp(model, layer, batch):
     seen = {}
-    handle = get_pre_mlp_norm(model, layer).register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+
+    def hook(module, args):
+        seen["x"] = args[0].detach()
+
+    handle = get_pre_mlp_norm(model, layer).register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             model(**model_inputs(batch))

