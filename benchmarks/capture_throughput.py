@@ -20,12 +20,13 @@ measured on a large square matmul. Targets (issue "Foundation"): capture of laye
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
 import torch
 
-from nsr_hf.architectures import get_neuron_module, num_layers, num_neurons
+from nsr_hf.architectures import get_layers, get_neuron_module, num_layers, num_neurons
 from nsr_hf.capture import capture_activations, model_inputs
 
 
@@ -43,6 +44,20 @@ def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def gemm_rate(model, tokens: int, repeats: int = 5) -> float:
+    """Float32 FLOP/s of this machine on the matmul shapes of one block of ``model`` at ``tokens`` rows:
+    the rate the floor could at best be reached at for this workload."""
+    shapes = [tuple(m.weight.shape) for m in get_layers(model)[0].modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+    flops, seconds = 0.0, 0.0
+    for shape in shapes:
+        w = torch.randn(*shape)
+        x = torch.randn(tokens, shape[0] if type(get_layers(model)[0]).__name__.startswith("GPT2") else shape[1])
+        fn = (lambda: x @ w) if x.shape[1] == w.shape[0] else (lambda: torch.nn.functional.linear(x, w))
+        seconds += best_time(fn, repeats)
+        flops += 2 * tokens * shape[0] * shape[1]
+    return flops / seconds
 
 
 def block_flops(config, seq: int, neuron_fraction: float = 1.0, with_mlp_out: bool = True) -> float:
@@ -80,7 +95,8 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_model(name: str, model, batch: dict, layers: list[int], repeats: int, rate: float) -> list[dict]:
+def bench_model(name: str, plain, model, batch: dict, layers: list[int], repeats: int, rates: dict) -> list[dict]:
+    """``plain``: the model as HF builds it (baselines); ``model``: as nsr_hf loads it (fused kernels)."""
     tokens = batch["input_ids"].numel()
     seq = batch["input_ids"].shape[1]
     inputs = model_inputs(batch)
@@ -92,10 +108,10 @@ def bench_model(name: str, model, batch: dict, layers: list[int], repeats: int, 
         def hook(m, a):
             seen["x"] = a[0][..., :1].clone()
 
-        h = get_neuron_module(model, layer).register_forward_pre_hook(hook)
+        h = get_neuron_module(plain, layer).register_forward_pre_hook(hook)
         try:
             with torch.inference_mode():
-                model(**inputs, use_cache=False)
+                plain(**inputs, use_cache=False)
         finally:
             h.remove()
 
@@ -104,10 +120,10 @@ def bench_model(name: str, model, batch: dict, layers: list[int], repeats: int, 
             a[0][..., :1].clone()
             raise _Stop
 
-        h = get_neuron_module(model, layer).register_forward_pre_hook(hook)
+        h = get_neuron_module(plain, layer).register_forward_pre_hook(hook)
         try:
             with torch.inference_mode():
-                model(**inputs, use_cache=False)
+                plain(**inputs, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -122,8 +138,6 @@ def bench_model(name: str, model, batch: dict, layers: list[int], repeats: int, 
             "nsr_capture": best_time(lambda: capture_activations(model, batch, {layer: [0]}), repeats),
             "nsr_capture_all": best_time(lambda: capture_activations(model, batch, {layer: None}), repeats),
         }
-        floor_one = tokens * floor_flops(model.config, layer, seq, 1) / rate
-        floor_all = tokens * floor_flops(model.config, layer, seq, num_neurons(model)) / rate
         row = {
             "model": name,
             "layer": layer,
@@ -131,21 +145,27 @@ def bench_model(name: str, model, batch: dict, layers: list[int], repeats: int, 
             "tokens_per_s": {k: tokens / v for k, v in times.items()},
             "cost_vs_full": {k: v / t_full for k, v in times.items()},
             "allowed_cost_vs_full": (layer + 1) / n_layers + 0.10,
-            "floor_tokens_per_s": {"one_neuron": tokens / floor_one, "all_neurons": tokens / floor_all},
-            "fraction_of_floor": {
+            "fraction_of_floor": {},
+        }
+        for rate_name, rate in rates.items():
+            floor_one = tokens * floor_flops(model.config, layer, seq, 1) / rate
+            floor_all = tokens * floor_flops(model.config, layer, seq, num_neurons(model)) / rate
+            row["fraction_of_floor"][rate_name] = {
+                "full_forward": tokens * full_flops(model.config, seq) / rate / t_full,
                 "hf_early_stop": floor_all / times["hf_early_stop"],
                 "nsr_capture": floor_one / times["nsr_capture"],
                 "nsr_capture_all": floor_all / times["nsr_capture_all"],
-            },
-            "full_fraction_of_floor": tokens * full_flops(model.config, seq) / rate / t_full,
-        }
+            }
         rows.append(row)
+        f = row["fraction_of_floor"]
         print(
-            f"{name:>12} layer {layer:>2}/{n_layers}: full {tokens / t_full:8.0f} tok/s | "
-            f"hf early stop {row['tokens_per_s']['hf_early_stop']:8.0f} ({row['fraction_of_floor']['hf_early_stop']:.2f} of floor) | "
-            f"nsr one neuron {row['tokens_per_s']['nsr_capture']:8.0f} ({row['fraction_of_floor']['nsr_capture']:.2f} of floor, "
-            f"cost {row['cost_vs_full']['nsr_capture']:.2f} of full, allowed {row['allowed_cost_vs_full']:.2f}) | "
-            f"nsr all neurons {row['tokens_per_s']['nsr_capture_all']:8.0f} ({row['fraction_of_floor']['nsr_capture_all']:.2f} of floor)",
+            f"{name:>17} layer {layer:>2}/{n_layers}  tok/s: full {tokens / t_full:6.0f}, hf early stop {row['tokens_per_s']['hf_early_stop']:6.0f}, "
+            f"nsr 1 neuron {row['tokens_per_s']['nsr_capture']:6.0f}, nsr all {row['tokens_per_s']['nsr_capture_all']:6.0f} | "
+            f"nsr cost {row['cost_vs_full']['nsr_capture']:.3f} of full (allowed {row['allowed_cost_vs_full']:.3f}) | "
+            + " | ".join(
+                f"of {r} floor: hf {v['hf_early_stop']:.2f}, nsr 1 {v['nsr_capture']:.2f}, nsr all {v['nsr_capture_all']:.2f}"
+                for r, v in f.items()
+            ),
             flush=True,
         )
     return rows
@@ -162,25 +182,31 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from nsr_hf.models import load_model_and_tokenizer
+    from nsr_hf.models import fuse_kernels, load_model_and_tokenizer
 
     torch.manual_seed(0)
-    rate = matmul_rate()
-    print(f"float32 matmul rate: {rate / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens")
-    results = {"matmul_gflops": rate / 1e9, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(), "rows": []}
+    peak = matmul_rate()
+    print(f"float32 peak matmul rate (2048^3): {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens")
+    results = {"peak_gflops": peak / 1e9, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(), "models": {}}
     for name in args.models.split(","):
         if name == "gpt2-small-random":
-            model = AutoModelForCausalLM.from_config(GPT2Config()).eval()  # gpt2-small shape, random weights
+            plain = AutoModelForCausalLM.from_config(GPT2Config()).eval()  # gpt2-small shape, random weights
+            model = copy.deepcopy(plain)
+            fuse_kernels(model)
         else:
+            plain, _ = load_model_and_tokenizer(name, fused_kernels=False)
             t = time.perf_counter()
             model, _ = load_model_and_tokenizer(name)
-            print(f"loaded {name} in {time.perf_counter() - t:.2f} s")
+            print(f"loaded {name} in {time.perf_counter() - t:.2f} s (already converted, in a warm process)")
         n = num_layers(model)
         batch = {
             "input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq)),
             "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
         }
-        results["rows"] += bench_model(name, model, batch, [0, n // 2, n - 1], args.repeats, rate)
+        rates = {"peak": peak, "gemm-shape": gemm_rate(model, args.batch * args.seq)}
+        print(f"{name}: float32 matmul rate on this model's GEMM shapes: {rates['gemm-shape'] / 1e9:.1f} GFLOP/s")
+        results["models"][name] = {"gemm_shape_gflops": rates["gemm-shape"] / 1e9,
+                                   "rows": bench_model(name, plain, model, batch, [0, n // 2, n - 1], args.repeats, rates)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

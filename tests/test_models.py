@@ -171,3 +171,15 @@ def test_embedded_smollm2_capture_equals_recomputation_from_weights(smollm2):
     left = capture_activations(model, encode_texts(tok, batch_texts := ["The capital of France is Paris.", "x"], padding_side="left"), {layer: [0, 100]})
     right = capture_activations(model, encode_texts(tok, batch_texts, padding_side="right"), {layer: [0, 100]})
     torch.testing.assert_close(left[layer], right[layer], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fused_kernels_give_the_same_logits_as_the_original_modules(tiny_model_dirs, arch):
+    fused, tok = load_model_and_tokenizer(tiny_model_dirs[arch])
+    plain, _ = load_model_and_tokenizer(tiny_model_dirs[arch], fused_kernels=False)
+    assert sum(getattr(m, "_nsr_fused", False) for m in fused.modules()) > 0
+    assert not any(getattr(m, "_nsr_fused", False) for m in plain.modules())
+    batch = encode_texts(tok, ["The capital of France is Paris.", "x"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch).logits, plain(**batch).logits, atol=1e-5, rtol=1e-5)
+    assert models.fuse_kernels(fused) == 0  # idempotent
