@@ -11,6 +11,7 @@ tokens through the mask, so left- and right-padded batches give the same values.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -175,11 +176,17 @@ def fuse_kernels(model: torch.nn.Module) -> int:
             continue
         cls = type(module)
         if cls not in checked:
-            x = torch.randn(4, 64, getattr(module, "weight", torch.empty(64)).shape[-1], dtype=torch.float32)
+            # Checked on a copy with random weights: the module itself may still be on the meta device
+            # (inside from_pretrained) and its own weights may be all ones.
+            probe = copy.deepcopy(module)
+            if any(p.is_meta for p in probe.parameters()):
+                probe = probe.to_empty(device="cpu")
+            param = next(probe.parameters(), None)
             with torch.no_grad():
-                param = next(module.parameters(), None)
-                x = x.to(param.device if param is not None else "cpu")
-                checked[cls] = torch.allclose(fused(module, x), module.forward(x), atol=1e-5, rtol=1e-5)
+                for p in probe.parameters():
+                    p.normal_(1.0, 0.5)
+                x = torch.randn(4, 64, param.shape[-1] if param is not None else 64, device=param.device if param is not None else "cpu")
+                checked[cls] = torch.allclose(fused(probe, x), probe.forward(x), atol=1e-5, rtol=1e-5)
             if not checked[cls]:
                 logger.warning("Not fusing %s: the fused kernel disagrees with the module.", cls.__name__)
         if checked[cls]:

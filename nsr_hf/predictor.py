@@ -1,0 +1,530 @@
+"""``ActivationPredictor``: a causal LM plus a head that reports the model's own neurons.
+
+Three heads:
+
+* ``regression``: a linear layer (or a small MLP) on the representation, trained on z-scored targets,
+  K neurons at once.
+* ``classification``: logits over ``num_bins`` bins per neuron (equal-width or quantile edges fitted
+  on the training split), cross-entropy with optional class weights.
+* ``token``: the model's own LM head emits the report. The prompt is the text up to the labelled token
+  followed by a suffix that names the neuron (``"\\nNeuron 12.345 level:"``); the next token is one of
+  the report tokens (digits by default). Loss: cross-entropy restricted to the report tokens, optionally
+  plus the squared error of the expected value. Readouts: the greedy token and the expected value.
+
+The representation the regression and classification heads read is the residual stream after block
+``read_layer`` passed through the model's final norm, at the labelled token (``label_positions`` from the
+dataset, else the position rule). The default ``read_layer`` (the last block) is exactly what the LM head
+sees; a lower ``read_layer`` runs only the blocks up to it.
+
+Predictions come back in activation units: the label transform fitted on the training split (z-score
+statistics, bin edges and bin centres) is part of the config and is saved with the model.
+
+>>> predictor = ActivationPredictor.from_base("smollm2-135m", neurons=["12.345"], head_type="regression",
+...                                           label_transform={"mean": [0.1], "std": [0.5]})
+>>> predictor.predict(["Some text"])   # tensor of shape (1, 1), activation units
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from nsr_hf.architectures import arch_spec, get_layers, num_layers
+from nsr_hf.capture import Neuron, encode_texts, label_positions as rule_positions, position_ids_from_mask, validate_neuron
+
+logger = logging.getLogger(__name__)
+
+HEAD_TYPES = ("regression", "classification", "token")
+DEFAULT_PROMPT_SUFFIX = "\nNeuron {neuron} level:"
+_DIGIT_SETS = ([f" {i}" for i in range(10)], [str(i) for i in range(10)])
+_ON_OFF_SETS = ([" off", " on"], ["off", "on"])
+
+
+class ActivationPredictorConfig(PretrainedConfig):
+    """Configuration of an ``ActivationPredictor``.
+
+    Args:
+        base_model_name_or_path: the base causal LM (Hub id, folder or ``smollm2-135m``), for provenance
+            and for loading a PEFT adapter onto it.
+        base_config: the base model's config as a dict (the base weights are saved with the predictor).
+        neurons: target neurons as ``"layer.index"`` strings (K of them; the token head takes one).
+        read_layer: the block whose output (through the final norm) the head reads; ``None`` = last.
+        position: the labelled token when the batch gives no ``label_positions``: ``"last"`` or an int.
+        head_type: ``"regression"``, ``"classification"`` or ``"token"``.
+        head_hidden_size: 0 for a linear head, else the hidden width of a two-layer MLP head.
+        num_bins: bins per neuron for the classification and token heads (at least 2).
+        class_weights: optional per-bin weights for the cross-entropy.
+        report_tokens / report_token_ids: the token head's report tokens, one per bin, each a single token.
+        prompt_suffix / prompt_suffix_ids: the token head's suffix (``{neuron}`` is filled in) and its ids.
+        expected_value_loss_weight: weight of the squared error of the expected value (token head).
+        label_transform: fitted on the training split: ``mean``, ``std`` (K each), ``bin_edges``
+            (K lists of num_bins+1), optional ``bin_centers`` (K lists of num_bins; default midpoints).
+    """
+
+    model_type = "nsr_activation_predictor"
+
+    def __init__(
+        self,
+        base_model_name_or_path: Optional[str] = None,
+        base_config: Optional[dict] = None,
+        neurons: Optional[list] = None,
+        read_layer: Optional[int] = None,
+        position="last",
+        head_type: str = "regression",
+        head_hidden_size: int = 0,
+        num_bins: int = 10,
+        class_weights: Optional[list] = None,
+        report_tokens: Optional[list] = None,
+        report_token_ids: Optional[list] = None,
+        prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
+        prompt_suffix_ids: Optional[list] = None,
+        expected_value_loss_weight: float = 0.0,
+        label_transform: Optional[dict] = None,
+        dataset_name: Optional[str] = None,
+        **kwargs,
+    ):
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"Unknown head_type {head_type!r}: use one of {', '.join(HEAD_TYPES)}.")
+        if int(num_bins) < 2:
+            raise ValueError(f"num_bins must be at least 2, got {num_bins}.")
+        self.base_model_name_or_path = base_model_name_or_path
+        self.base_config = base_config
+        self.neurons = [str(Neuron.parse(n)) for n in (neurons or [])]
+        self.read_layer = read_layer
+        self.position = position
+        self.head_type = head_type
+        self.head_hidden_size = int(head_hidden_size)
+        self.num_bins = int(num_bins)
+        self.class_weights = class_weights
+        self.report_tokens = report_tokens
+        self.report_token_ids = report_token_ids
+        self.prompt_suffix = prompt_suffix
+        self.prompt_suffix_ids = prompt_suffix_ids
+        self.expected_value_loss_weight = float(expected_value_loss_weight)
+        self.label_transform = label_transform
+        self.dataset_name = dataset_name
+        super().__init__(**kwargs)
+        if base_config is not None:
+            base = self.get_base_config()
+            if read_layer is not None and not (isinstance(read_layer, int) and 0 <= read_layer < num_layers(base)):
+                raise ValueError(f"read_layer {read_layer!r} is out of range: the base model has layers 0..{num_layers(base) - 1}.")
+            for n in self.neurons:
+                validate_neuron(base, n)
+        if head_type == "token" and len(self.neurons) > 1:
+            raise ValueError("The token head reports one neuron per prompt: give one neuron, or use the regression head for several.")
+
+    def get_base_config(self) -> PretrainedConfig:
+        config = dict(self.base_config)
+        return AutoConfig.for_model(config.pop("model_type"), **config)
+
+    @property
+    def target_neurons(self) -> list[Neuron]:
+        return [Neuron.parse(n) for n in self.neurons]
+
+    @property
+    def effective_read_layer(self) -> int:
+        return num_layers(self.get_base_config()) - 1 if self.read_layer is None else self.read_layer
+
+
+@dataclass
+class ActivationPredictorOutput(ModelOutput):
+    """``predictions``: (batch, K) in activation units (the expected value for bins and tokens);
+    ``greedy_predictions``: the centre of the most likely bin (bins and tokens); ``logits``: the head's
+    raw output ((batch, K) z-scores, (batch, K, bins) logits, or (batch, bins) report-token logits)."""
+
+    loss: Optional[torch.Tensor] = None
+    predictions: Optional[torch.Tensor] = None
+    greedy_predictions: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def truncated(model: nn.Module, read_layer: int):
+    """Run only blocks ``0..read_layer`` of ``model`` inside the ``with`` block (the model's own forward
+    then applies its final norm to that block's output)."""
+    spec = arch_spec(model)
+    parent_path, _, name = spec.layers.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layers = getattr(parent, name)
+    if read_layer == len(layers) - 1:
+        yield
+        return
+    setattr(parent, name, layers[: read_layer + 1])
+    try:
+        yield
+    finally:
+        setattr(parent, name, layers)
+
+
+def default_report_tokens(tokenizer, num_bins: int) -> list[str]:
+    """Digits for up to 10 bins (``" 0"`` style when those are single tokens, else ``"0"``), on/off for 2."""
+    candidates = _ON_OFF_SETS + _DIGIT_SETS if num_bins == 2 else _DIGIT_SETS
+    if num_bins > 10:
+        raise ValueError(f"No default report tokens for {num_bins} bins: pass report_tokens (one single token per bin).")
+    for tokens in candidates:
+        tokens = tokens[:num_bins]
+        if all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in tokens):
+            return tokens
+    raise ValueError("Neither ' 0'..' 9' nor '0'..'9' are single tokens in this tokenizer: pass report_tokens.")
+
+
+def check_report_tokens(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """The id of each report token; a clear error names any that is not exactly one token."""
+    ids = []
+    for t in tokens:
+        encoded = tokenizer.encode(t, add_special_tokens=False)
+        if len(encoded) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(encoded)
+            raise ValueError(f"Report token {t!r} is {len(encoded)} tokens in this tokenizer ({pieces}); every report token must be one token.")
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Report tokens {list(tokens)} are not distinct tokens.")
+    return ids
+
+
+class ActivationPredictor(PreTrainedModel):
+    """A causal LM and a head that reports the LM's own neurons (see the module docstring)."""
+
+    config_class = ActivationPredictorConfig
+    base_model_prefix = "predictor"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # Float labels with a **kwargs forward would make Trainer count tokens from them (PITFALLS HF-4).
+    model_accepts_loss_kwargs = False
+
+    def __init__(self, config: ActivationPredictorConfig):
+        super().__init__(config)
+        from nsr_hf.models import fuse_kernels
+
+        self.base = AutoModelForCausalLM.from_config(config.get_base_config())
+        fuse_kernels(self.base)
+        hidden = self.base.config.hidden_size
+        k = len(config.neurons)
+        out = {"regression": k, "classification": k * config.num_bins, "token": 0}[config.head_type]
+        if out == 0:
+            self.head = None
+        elif config.head_hidden_size:
+            self.head = nn.Sequential(nn.Linear(hidden, config.head_hidden_size), nn.GELU(), nn.Linear(config.head_hidden_size, out))
+        else:
+            self.head = nn.Linear(hidden, out)
+        self.tokenizer = None  # attached by from_base / load_predictor, used by predict()
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Only the head is ours; the base model's weights come from the base checkpoint.
+        if self.head is not None and any(module is m for m in self.head.modules()) and isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(
+        cls,
+        base,
+        tokenizer=None,
+        *,
+        neurons,
+        head_type: str = "regression",
+        read_layer: Optional[int] = None,
+        position="last",
+        label_transform: Optional[dict] = None,
+        num_bins: int = 10,
+        head_hidden_size: int = 0,
+        class_weights: Optional[list] = None,
+        report_tokens: Optional[Sequence[str]] = None,
+        prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
+        expected_value_loss_weight: float = 0.0,
+        dataset_name: Optional[str] = None,
+    ) -> "ActivationPredictor":
+        """A predictor around a base causal LM (a loaded model or a name for ``load_model_and_tokenizer``)."""
+        from nsr_hf.models import load_model_and_tokenizer
+
+        name = base if isinstance(base, str) else getattr(base, "name_or_path", None)
+        if isinstance(base, str):
+            base, tokenizer = load_model_and_tokenizer(base)
+        if isinstance(neurons, (str, Neuron)):
+            neurons = [neurons]
+        neurons = [str(validate_neuron(base, n)) for n in neurons]
+        if head_type in ("classification", "token") and not (label_transform and label_transform.get("bin_edges")):
+            raise ValueError(f"The {head_type} head needs bin edges: pass label_transform with 'bin_edges' fitted on the training split.")
+        if label_transform and label_transform.get("bin_edges"):
+            num_bins = len(label_transform["bin_edges"][0]) - 1
+        report_ids = suffix_ids = None
+        if head_type == "token":
+            if tokenizer is None:
+                raise ValueError("The token head needs the tokenizer (report tokens and prompt).")
+            report_tokens = list(report_tokens) if report_tokens else default_report_tokens(tokenizer, num_bins)
+            if len(report_tokens) != num_bins:
+                raise ValueError(f"{len(report_tokens)} report tokens for {num_bins} bins: give one per bin.")
+            report_ids = check_report_tokens(tokenizer, report_tokens)
+            suffix_ids = tokenizer.encode(prompt_suffix.format(neuron=neurons[0]), add_special_tokens=False)
+        config = ActivationPredictorConfig(
+            base_model_name_or_path=name,
+            base_config=base.config.to_dict(),
+            neurons=neurons,
+            read_layer=read_layer,
+            position=position,
+            head_type=head_type,
+            head_hidden_size=head_hidden_size,
+            num_bins=num_bins,
+            class_weights=class_weights,
+            report_tokens=report_tokens,
+            report_token_ids=report_ids,
+            prompt_suffix=prompt_suffix,
+            prompt_suffix_ids=suffix_ids,
+            expected_value_loss_weight=expected_value_loss_weight,
+            label_transform=label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)},
+            dataset_name=dataset_name,
+        )
+        predictor = cls(config)
+        predictor.base.load_state_dict(base.state_dict())
+        predictor.tokenizer = tokenizer
+        return predictor.eval()
+
+    # -- label transform -------------------------------------------------------------------------
+
+    def _transform_tensor(self, key: str, ref: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.config.label_transform[key], dtype=torch.float32, device=ref.device)
+
+    def zscore(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self._transform_tensor("mean", values)) / self._transform_tensor("std", values)
+
+    def bin_of(self, values: torch.Tensor) -> torch.Tensor:
+        """Bin index of each value, (batch, K): ``edges[i] <= v < edges[i+1]``; the last bin includes its
+        upper edge and values beyond the training range fall in the end bins."""
+        edges = self._transform_tensor("bin_edges", values)  # (K, bins+1)
+        inner = edges[:, 1:-1]
+        return torch.stack([torch.bucketize(values[:, j].contiguous(), inner[j].contiguous(), right=True) for j in range(values.shape[1])], 1)
+
+    def bin_centers(self, ref: torch.Tensor) -> torch.Tensor:
+        """(K, bins) activation value that each bin reports."""
+        if self.config.label_transform.get("bin_centers"):
+            return self._transform_tensor("bin_centers", ref)
+        edges = self._transform_tensor("bin_edges", ref)
+        return (edges[:, 1:] + edges[:, :-1]) / 2
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _positions(self, attention_mask: torch.Tensor, label_positions: Optional[torch.Tensor]) -> torch.Tensor:
+        if label_positions is not None:
+            return label_positions.long().reshape(-1)
+        return rule_positions(attention_mask, self.config.position)
+
+    def representation(self, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        """(batch, hidden): the final-normed residual stream after ``read_layer`` at the labelled token."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with truncated(self.base, self.config.effective_read_layer):
+            hidden = self.base.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False
+            ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, self._positions(attention_mask, label_positions).to(hidden.device)]
+
+    def report_prompts(self, input_ids, attention_mask, label_positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token head's prompts: each text up to its labelled token, then the suffix (right-padded)."""
+        positions = self._positions(attention_mask, label_positions)
+        first = attention_mask.long().argmax(-1)
+        suffix = torch.as_tensor(self.config.prompt_suffix_ids, dtype=input_ids.dtype, device=input_ids.device)
+        rows = [torch.cat([input_ids[i, int(first[i]) : int(positions[i]) + 1], suffix]) for i in range(input_ids.shape[0])]
+        length = max(len(r) for r in rows)
+        pad = self.base.config.pad_token_id if getattr(self.base.config, "pad_token_id", None) is not None else 0
+        ids = torch.full((len(rows), length), pad, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def report_logits(self, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        """(batch, bins): the LM head's logits of the report tokens after the prompt. Only those rows of
+        the output embedding are multiplied, never the full vocabulary."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ids, mask = self.report_prompts(input_ids, attention_mask, label_positions)
+        hidden = self.base.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
+        last = mask.sum(-1) - 1
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        lm_head = self.base.get_output_embeddings()
+        report_ids = torch.as_tensor(self.config.report_token_ids, device=h.device)
+        bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[report_ids]
+        return nn.functional.linear(h, lm_head.weight[report_ids], bias)
+
+    def forward(self, input_ids, attention_mask=None, label_positions=None, labels=None, **kwargs) -> ActivationPredictorOutput:
+        """``labels``: (batch, K) neuron values in activation units; the head's loss is computed from them
+        through the saved label transform."""
+        config = self.config
+        if labels is not None:
+            labels = labels.float().reshape(input_ids.shape[0], -1)
+        loss = greedy = None
+        if config.head_type == "regression":
+            logits = self.head(self.representation(input_ids, attention_mask, label_positions))
+            predictions = logits * self._transform_tensor("std", logits) + self._transform_tensor("mean", logits)
+            if labels is not None:
+                loss = nn.functional.mse_loss(logits, self.zscore(labels))
+        else:
+            if config.head_type == "classification":
+                logits = self.head(self.representation(input_ids, attention_mask, label_positions))
+                bin_logits = logits.reshape(logits.shape[0], len(config.neurons), config.num_bins)
+            else:
+                logits = self.report_logits(input_ids, attention_mask, label_positions)
+                bin_logits = logits[:, None, :]
+            centers = self.bin_centers(bin_logits)  # (K, bins)
+            probs = bin_logits.float().softmax(-1)
+            predictions = (probs * centers).sum(-1)
+            greedy = centers.gather(1, bin_logits.argmax(-1).T).T
+            if labels is not None:
+                target = self.bin_of(labels)
+                weight = None if config.class_weights is None else torch.as_tensor(config.class_weights, dtype=torch.float32, device=logits.device)
+                loss = nn.functional.cross_entropy(bin_logits.reshape(-1, config.num_bins).float(), target.reshape(-1), weight=weight)
+                if config.head_type == "token" and config.expected_value_loss_weight:
+                    loss = loss + config.expected_value_loss_weight * nn.functional.mse_loss(self.zscore(predictions), self.zscore(labels))
+        return ActivationPredictorOutput(loss=loss, predictions=predictions, greedy_predictions=greedy, logits=logits)
+
+    # -- convenience -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], tokenizer=None, batch_size: int = 16, max_length: Optional[int] = None, greedy: bool = False) -> torch.Tensor:
+        """Predicted neuron values (activation units) for ``texts``, shape (len(texts), K), read at the
+        position rule's token (``"last"`` by default). ``greedy`` returns the most likely bin's value."""
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("predict() needs a tokenizer: pass tokenizer= or load the predictor with load_predictor().")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = encode_texts(tokenizer, texts[start : start + batch_size], max_length=max_length)
+            result = self(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            out.append((result.greedy_predictions if greedy and result.greedy_predictions is not None else result.predictions).cpu())
+        self.train(was_training)
+        return torch.cat(out)
+
+    def model_card(self, metrics: Optional[dict] = None) -> str:
+        """A model card (README.md) naming the base model, the neurons, the head, the dataset and metrics."""
+        from nsr_hf import __version__
+
+        c = self.config
+        base = c.base_model_name_or_path or c.base_config.get("_name_or_path", "unknown")
+        source = (c.base_config or {}).get("nsr_hf_source")
+        quant = f"\n- Base weights: {source['quantization']} ({source['package']}/{source['file']})" if source else ""
+        metrics = metrics if metrics is not None else getattr(self, "evaluation_results", None)
+        lines = [
+            "---",
+            "library_name: transformers",
+            "tags: [nsr_hf, neuron-self-report, interpretability]",
+            f"base_model: {base}" if "/" in str(base) and not str(base).startswith("/") else "",
+            "---",
+            f"# Neuron self-report: {', '.join(c.neurons)} of {base}",
+            "",
+            f"This model reads out MLP neuron(s) **{', '.join(c.neurons)}** (layer.index: a coordinate of the MLP hidden activation) "
+            f"of its own base model, **{base}**, with a **{c.head_type}** head.",
+            "",
+            f"- Base model: `{base}`{quant}",
+            f"- Target neuron(s): {', '.join(c.neurons)}",
+            f"- Head: {c.head_type}" + (f" over {c.num_bins} bins" if c.head_type != "regression" else "")
+            + (f", report tokens {c.report_tokens}" if c.head_type == "token" else ""),
+            f"- Reads: block {c.effective_read_layer} through the final norm, at the labelled token (rule: {c.position})",
+            f"- Dataset: {c.dataset_name or 'not recorded'}",
+            f"- Made with nsr_hf {__version__}",
+        ]
+        if metrics:
+            lines += ["", "## Evaluation", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flat(metrics).items()]
+        lines += ["", "```python", "import nsr_hf", "from nsr_hf.predictor import load_predictor", "predictor = load_predictor(PATH_OR_REPO)",
+                  "predictor.predict(['Some text'])", "```", ""]
+        return "\n".join(line for line in lines if line is not None)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            Path(save_directory, "README.md").write_text(self.model_card())
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(save_directory)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+AutoConfig.register(ActivationPredictorConfig.model_type, ActivationPredictorConfig)
+AutoModel.register(ActivationPredictorConfig, ActivationPredictor)
+
+
+# -- saving and loading, with or without a PEFT adapter ------------------------------------------
+
+
+def save_predictor(model, save_directory: str, merge: bool = False) -> str:
+    """Save a predictor, or a PEFT-wrapped one as adapter + head (``merge=False``) or merged weights.
+
+    An adapter folder also holds the predictor's config; ``load_predictor`` rebuilds the base model from
+    ``base_model_name_or_path`` and applies the adapter.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        inner = model.get_base_model()
+        if merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(save_directory)
+            return save_directory
+        model.save_pretrained(save_directory)
+        inner.config.save_pretrained(save_directory)
+        Path(save_directory, "README.md").write_text(inner.model_card())
+        if inner.tokenizer is not None:
+            inner.tokenizer.save_pretrained(save_directory)
+        return save_directory
+    model.save_pretrained(save_directory)
+    return save_directory
+
+
+def load_predictor(path: str, device=None, trust_remote_code: bool = False):
+    """Load a predictor saved by ``save_pretrained`` / ``save_predictor`` (a folder or a Hub id), with its
+    tokenizer when one was saved. Safetensors only; no code from the checkpoint is ever run."""
+    from transformers import AutoTokenizer
+
+    from nsr_hf.models import load_model_and_tokenizer
+
+    if trust_remote_code:
+        raise ValueError("nsr_hf never runs code from a checkpoint; predictors load without trust_remote_code.")
+    folder = Path(path)
+    is_adapter = (folder / "adapter_config.json").exists()
+    if is_adapter:
+        from peft import PeftModel
+
+        config = ActivationPredictorConfig.from_pretrained(path)
+        base, tokenizer = load_model_and_tokenizer(config.base_model_name_or_path)
+        predictor = ActivationPredictor(config)
+        predictor.base.load_state_dict(base.state_dict())
+        model = PeftModel.from_pretrained(predictor, path)
+        inner = predictor
+    else:
+        model = inner = ActivationPredictor.from_pretrained(path, use_safetensors=True)
+        tokenizer = None
+    try:
+        inner.tokenizer = AutoTokenizer.from_pretrained(path)
+        if inner.tokenizer.pad_token is None:
+            inner.tokenizer.pad_token = inner.tokenizer.eos_token
+    except (OSError, ValueError, TypeError):
+        inner.tokenizer = tokenizer
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
