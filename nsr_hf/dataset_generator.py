@@ -66,6 +66,7 @@ import torch
 
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, select_positions, validate_neuron, validate_position
 from nsr_hf.corpus import SPLITS, Document, TextSource, deduplicate, load_corpus, split_of
+from nsr_hf.report_tokens import default_report_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ POSITION_TEXT = {
     "max": "the token where the first neuron is largest; every neuron is read at that token",
 }
 HUB_SHARD_BYTES = 500 << 20  # datasets' default max_shard_size for push_to_hub
-_DIGITS = [str(i) for i in range(10)]
 # Fields that decide the rows of a shard: a resume must match them. Bins, balancing and output options are
 # applied when the shards are joined, so they may change between an interrupted run and its resume.
 _CONTENT_FIELDS = ("neurons", "text_field", "id_field", "position", "every_token_layout", "max_length", "max_documents",
@@ -125,7 +125,7 @@ class DatasetConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of train, validation and test (sum to 1)"})
     num_bins: int = field(default=10, metadata={"help": "Number of activation bins (at least 2); 10 maps to the report digits 0-9"})
     bin_strategy: str = field(default="quantile", metadata={"help": "'quantile' (equal counts on train) or 'equal_width' (train min to max)"})
-    report_tokens: Optional[list[str]] = field(default=None, metadata={"help": "Token string of each bin (default: digits 0-9 for 10 bins, else the bin number)"})
+    report_tokens: Optional[list[str]] = field(default=None, metadata={"help": "Token string of each bin (default: the tokenizer's single-token digits, e.g. ' 0'..' 9' or '0'..'9'; off/on for 2 bins)"})
     balance: bool = field(default=False, metadata={"help": "Equalise the train rows per bin (of the first neuron) by dropping rows from over-full bins"})
     balance_min_keep: float = field(default=0.5, metadata={"help": "Balancing keeps at least this fraction of the train rows"})
     balance_seed: int = field(default=0, metadata={"help": "Seed of the rows balancing drops"})
@@ -245,7 +245,7 @@ class LabelTransform:
         if len({len(e) for e in self.bin_edges}) != 1 or len(self.bin_edges[0]) < 3:
             raise ValueError("every neuron needs the same number (>= 3) of bin edges")
         if not self.report_tokens:
-            self.report_tokens = default_report_tokens(self.num_bins)
+            self.report_tokens = [str(i) for i in range(self.num_bins)]
         if len(self.report_tokens) != self.num_bins:
             raise ValueError(f"{len(self.report_tokens)} report tokens for {self.num_bins} bins")
 
@@ -279,7 +279,7 @@ class LabelTransform:
             raw[0], raw[-1] = lo[k], hi[k]
             edges.append(_strictly_increasing(raw).tolist())
         return cls(neurons=neurons, mean=values.mean(0).tolist(), std=values.std(0).tolist(), bin_edges=edges,
-                   bin_strategy=strategy, report_tokens=list(report_tokens or default_report_tokens(num_bins)),
+                   bin_strategy=strategy, report_tokens=list(report_tokens or [str(i) for i in range(num_bins)]),
                    fitted_on=fitted_on, num_values=len(values))
 
     def _as_2d(self, values) -> np.ndarray:
@@ -335,11 +335,6 @@ class LabelTransform:
     @classmethod
     def from_dict(cls, data: dict) -> "LabelTransform":
         return cls(**data)
-
-
-def default_report_tokens(num_bins: int) -> list[str]:
-    """``"0"``..``"9"`` for 10 bins, else the bin numbers as text."""
-    return list(_DIGITS) if num_bins == 10 else [str(i) for i in range(num_bins)]
 
 
 def balance_indices(bins, num_bins: int, min_keep: float, seed: int) -> tuple[np.ndarray, list[int], list[int]]:
@@ -482,9 +477,11 @@ class ActivationDatasetGenerator:
         self.shards_dir = self.output_dir / "shards"
         self.metadata: dict = {}
         self.transform: Optional[LabelTransform] = None
-        self._report_tokens = list(config.report_tokens or default_report_tokens(config.num_bins))
-        # The digits, and tokens the user chose, must be single tokens; the fallback bin numbers ("10") may not be.
-        self._strict_tokens = config.report_tokens is not None or self._report_tokens == _DIGITS
+        # The tokenizer's single-token digits (or off/on for 2 bins); past 10 bins, the bin numbers, which a
+        # token head cannot use (checked leniently here, strictly by the predictor).
+        self._strict_tokens = config.report_tokens is not None or config.num_bins <= 10
+        self._report_tokens = list(config.report_tokens or (default_report_tokens(tokenizer, config.num_bins)
+                                                            if config.num_bins <= 10 else [str(i) for i in range(config.num_bins)]))
 
     # ------------------------------------------------------------------ identity
 

@@ -39,13 +39,12 @@ from transformers.utils import ModelOutput
 
 from nsr_hf.architectures import arch_spec, get_layers, num_layers
 from nsr_hf.capture import Neuron, encode_texts, label_positions as rule_positions, position_ids_from_mask, validate_neuron
+from nsr_hf.report_tokens import check_report_tokens, default_report_tokens
 
 logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ("regression", "classification", "token")
 DEFAULT_PROMPT_SUFFIX = "\nNeuron {neuron} level:"
-_DIGIT_SETS = ([f" {i}" for i in range(10)], [str(i) for i in range(10)])
-_ON_OFF_SETS = ([" off", " on"], ["off", "on"])
 
 
 class ActivationPredictorConfig(PretrainedConfig):
@@ -164,32 +163,6 @@ def truncated(model: nn.Module, read_layer: int):
         setattr(parent, name, layers)
 
 
-def default_report_tokens(tokenizer, num_bins: int) -> list[str]:
-    """Digits for up to 10 bins (``" 0"`` style when those are single tokens, else ``"0"``), on/off for 2."""
-    candidates = _ON_OFF_SETS + _DIGIT_SETS if num_bins == 2 else _DIGIT_SETS
-    if num_bins > 10:
-        raise ValueError(f"No default report tokens for {num_bins} bins: pass report_tokens (one single token per bin).")
-    for tokens in candidates:
-        tokens = tokens[:num_bins]
-        if all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in tokens):
-            return tokens
-    raise ValueError("Neither ' 0'..' 9' nor '0'..'9' are single tokens in this tokenizer: pass report_tokens.")
-
-
-def check_report_tokens(tokenizer, tokens: Sequence[str]) -> list[int]:
-    """The id of each report token; a clear error names any that is not exactly one token."""
-    ids = []
-    for t in tokens:
-        encoded = tokenizer.encode(t, add_special_tokens=False)
-        if len(encoded) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(encoded)
-            raise ValueError(f"Report token {t!r} is {len(encoded)} tokens in this tokenizer ({pieces}); every report token must be one token.")
-        ids.append(encoded[0])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"Report tokens {list(tokens)} are not distinct tokens.")
-    return ids
-
-
 class ActivationPredictor(PreTrainedModel):
     """A causal LM and a head that reports the LM's own neurons (see the module docstring)."""
 
@@ -262,7 +235,8 @@ class ActivationPredictor(PreTrainedModel):
         if head_type == "token":
             if tokenizer is None:
                 raise ValueError("The token head needs the tokenizer (report tokens and prompt).")
-            report_tokens = list(report_tokens) if report_tokens else default_report_tokens(tokenizer, num_bins)
+            # explicit tokens > the dataset's (stored with its label transform) > the tokenizer's default
+            report_tokens = list(report_tokens or (label_transform or {}).get("report_tokens") or default_report_tokens(tokenizer, num_bins))
             if len(report_tokens) != num_bins:
                 raise ValueError(f"{len(report_tokens)} report tokens for {num_bins} bins: give one per bin.")
             report_ids = check_report_tokens(tokenizer, report_tokens)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from nsr_hf.report_tokens import default_report_tokens
 import yaml
 
 import nsr_hf.dataset_generator as dg
@@ -274,8 +276,9 @@ def test_report_tokens_are_the_digits_with_their_single_token_ids(gpt2, corpus_f
     _, tokenizer = gpt2
     _, gen = generate(gpt2, corpus_file, tmp_path)
     t = gen.metadata["transform"]
-    assert t["report_tokens"] == [str(i) for i in range(10)]
-    assert t["report_token_ids"] == [tokenizer.convert_tokens_to_ids(str(i)) for i in range(10)]
+    assert t["report_tokens"] == default_report_tokens(tokenizer, 10)
+    assert [s.strip() for s in t["report_tokens"]] == [str(i) for i in range(10)]
+    assert [[i] for i in t["report_token_ids"]] == [tokenizer.encode(s, add_special_tokens=False) for s in t["report_tokens"]]
 
 
 def test_a_report_token_that_is_not_a_single_token_is_refused(gpt2):
