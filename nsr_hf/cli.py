@@ -1,8 +1,9 @@
 """The ``nsr`` command: one sub-command per stage, each configured by a dataclass.
 
-    nsr capture --neurons 12.345 --corpus embedded --max_documents 5
+    nsr quickstart                                   # the main job on the embedded default
     nsr scan --layers 10 11 12 --top_n 20 --output_dir outputs/scan
-    nsr quickstart
+    nsr dataset --neurons 15.100 --max_documents 2000 --output_dir outputs/dataset
+    nsr capture --neurons 12.345 --corpus embedded --max_documents 5
 
 Flags are the fields of the stage's config dataclass (``nsr <command> --help`` lists them with their
 help), parsed by ``transformers.HfArgumentParser``.
@@ -97,25 +98,22 @@ COMMANDS = {
 }
 
 
-def _register_optional_commands() -> None:
-    """Stages that live in their own modules register here (imported lazily: keeps ``nsr --help`` fast)."""
-    try:
-        from nsr_hf.scanner import ScanConfig, run_scan
+def _register_stage_commands() -> None:
+    """The stages live in their own modules, imported only when ``nsr`` runs (keeps ``import nsr_hf`` light)."""
+    from nsr_hf.dataset_generator import DatasetConfig, run_dataset
+    from nsr_hf.quickstart import QuickstartConfig, run_quickstart
+    from nsr_hf.scanner import ScanConfig, run_scan
 
-        COMMANDS["scan"] = (ScanConfig, run_scan)
-    except ImportError:
-        pass
-    try:
-        from nsr_hf.quickstart import QuickstartConfig, run_quickstart
-
-        COMMANDS["quickstart"] = (QuickstartConfig, run_quickstart)
-    except ImportError:
-        pass
+    COMMANDS.update({
+        "scan": (ScanConfig, run_scan),
+        "dataset": (DatasetConfig, run_dataset),
+        "quickstart": (QuickstartConfig, run_quickstart),
+    })
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _register_optional_commands()
+    _register_stage_commands()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: nsr <command> [--flag value ...]\n\ncommands:")
         for name, (config_cls, _) in COMMANDS.items():
@@ -127,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config_cls, run = COMMANDS[argv[0]]
     parser = HfArgumentParser(config_cls, prog=f"nsr {argv[0]}", description=(config_cls.__doc__ or "").strip())
-    (config,) = parser.parse_args_into_dataclasses(args=argv[1:])
     try:
+        (config,) = parser.parse_args_into_dataclasses(args=argv[1:])  # __post_init__ validates
         run(config)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"nsr {argv[0]}: error: {err}", file=sys.stderr)

@@ -1,0 +1,53 @@
+"""The `nsr` command: sub-commands, flags from the config dataclasses, clear errors."""
+import json
+
+import pytest
+
+from nsr_hf.cli import main
+
+
+def test_help_lists_every_stage(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("capture", "scan", "dataset", "quickstart"):
+        assert command in out
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_bad_config_value_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["scan", "--score", "loudness"]) == 2
+    assert "Unknown score 'loudness'" in capsys.readouterr().err
+    assert main(["quickstart", "--neuron_rank", "0"]) == 2
+    assert "neuron_rank counts from 1" in capsys.readouterr().err
+
+
+def test_capture_prints_and_saves_values(tiny_model_dirs, tmp_path, capsys):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in ["The first text.", "Another, longer text here."]))
+    out = tmp_path / "values.json"
+    code = main(["capture", "--model", tiny_model_dirs["gpt2"], "--neurons", "1.3", "2.5", "--corpus", str(corpus), "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "1.3" in printed and "docs.jsonl:0" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and set(rows[0]["neurons"]) == {"1.3", "2.5"}
+
+
+def test_capture_with_an_out_of_range_layer_says_so(tiny_model_dirs, capsys):
+    assert main(["capture", "--model", tiny_model_dirs["gpt2"], "--neurons", "9.1"]) == 2
+    assert "Layer 9 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, tmp_path, capsys):
+    code = main(["quickstart", "--model", tiny_model_dirs["llama"], "--scan_documents", "40", "--dataset_documents", "120",
+                 "--max_length", "32", "--output_dir", str(tmp_path)])
+    assert code == 0
+    summary = json.loads((tmp_path / "quickstart.json").read_text())
+    assert summary["neuron"] and sum(summary["rows"].values()) > 0
+    assert (tmp_path / "scan" / "neurons.parquet").exists() and (tmp_path / "dataset" / "README.md").exists()
+    assert "chosen neuron" in capsys.readouterr().out
