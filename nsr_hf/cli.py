@@ -103,11 +103,13 @@ def _register_stage_commands() -> None:
     from nsr_hf.dataset_generator import DatasetConfig, run_dataset
     from nsr_hf.quickstart import QuickstartConfig, run_quickstart
     from nsr_hf.scanner import ScanConfig, run_scan
+    from nsr_hf.train import TrainConfig, run_train
 
     COMMANDS.update({
         "scan": (ScanConfig, run_scan),
         "dataset": (DatasetConfig, run_dataset),
         "quickstart": (QuickstartConfig, run_quickstart),
+        "train": (TrainConfig, run_train),
     })
 
 

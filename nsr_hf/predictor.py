@@ -171,7 +171,8 @@ class ActivationPredictor(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     # Float labels with a **kwargs forward would make Trainer count tokens from them (PITFALLS HF-4).
-    model_accepts_loss_kwargs = False
+    model_accepts_loss_kwargs = False  # transformers < 5 reads this name
+    accepts_loss_kwargs = False
 
     def __init__(self, config: ActivationPredictorConfig):
         super().__init__(config)
@@ -183,17 +184,17 @@ class ActivationPredictor(PreTrainedModel):
         k = len(config.neurons)
         out = {"regression": k, "classification": k * config.num_bins, "token": 0}[config.head_type]
         if out == 0:
-            self.head = None
+            self.neuron_head = None
         elif config.head_hidden_size:
-            self.head = nn.Sequential(nn.Linear(hidden, config.head_hidden_size), nn.GELU(), nn.Linear(config.head_hidden_size, out))
+            self.neuron_head = nn.Sequential(nn.Linear(hidden, config.head_hidden_size), nn.GELU(), nn.Linear(config.head_hidden_size, out))
         else:
-            self.head = nn.Linear(hidden, out)
+            self.neuron_head = nn.Linear(hidden, out)
         self.tokenizer = None  # attached by from_base / load_predictor, used by predict()
         self.post_init()
 
     def _init_weights(self, module):
         # Only the head is ours; the base model's weights come from the base checkpoint.
-        if self.head is not None and any(module is m for m in self.head.modules()) and isinstance(module, nn.Linear):
+        if self.neuron_head is not None and any(module is m for m in self.neuron_head.modules()) and isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
@@ -341,13 +342,13 @@ class ActivationPredictor(PreTrainedModel):
             labels = labels.float().reshape(input_ids.shape[0], -1)
         loss = greedy = None
         if config.head_type == "regression":
-            logits = self.head(self.representation(input_ids, attention_mask, label_positions))
+            logits = self.neuron_head(self.representation(input_ids, attention_mask, label_positions))
             predictions = logits * self._transform_tensor("std", logits) + self._transform_tensor("mean", logits)
             if labels is not None:
                 loss = nn.functional.mse_loss(logits, self.zscore(labels))
         else:
             if config.head_type == "classification":
-                logits = self.head(self.representation(input_ids, attention_mask, label_positions))
+                logits = self.neuron_head(self.representation(input_ids, attention_mask, label_positions))
                 bin_logits = logits.reshape(logits.shape[0], len(config.neurons), config.num_bins)
             else:
                 logits = self.report_logits(input_ids, attention_mask, label_positions)

@@ -80,7 +80,10 @@ def test_predictions_are_identical_after_save_and_load(tiny, head, tmp_path):
     predictor.save_pretrained(tmp_path)
     loaded = load_predictor(str(tmp_path))
     assert type(loaded) is ActivationPredictor and loaded.config.head_type == head
-    assert torch.equal(loaded.predict(TEXTS), predictor.predict(TEXTS))
+    saved, reloaded = predictor.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)  # bit-identical weights
+    # same predictions; not asserted bit-for-bit: BLAS may take another kernel for differently aligned memory
+    torch.testing.assert_close(loaded.predict(TEXTS), predictor.predict(TEXTS), atol=1e-6, rtol=1e-6)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
 
 
@@ -106,7 +109,7 @@ def test_lora_predictor_round_trips_as_adapter_or_merged(tiny, tiny_model_dirs, 
     predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], label_transform={"mean": [0.5], "std": [0.29]})
     predictor.config.base_model_name_or_path = tiny_model_dirs[arch]
     lora = LoraConfig(
-        r=4, target_modules=lora_target_modules(model), modules_to_save=["head"], fan_in_fan_out=arch == "gpt2", init_lora_weights=False
+        r=4, target_modules=lora_target_modules(model), modules_to_save=["neuron_head"], fan_in_fan_out=arch == "gpt2", init_lora_weights=False
     )
     peft_model = get_peft_model(predictor, lora)
     before = peft_model.get_base_model().predict(TEXTS)

@@ -1,0 +1,304 @@
+"""``PredictorTrainer``: a small ``transformers.Trainer`` for an ``ActivationPredictor``.
+
+    from nsr_hf.trainer import PredictorDataCollator, PredictorTrainer
+    trainer = PredictorTrainer(model=predictor, args=TrainingArguments("out", report_to="none"),
+                               train_dataset=dd["train"], eval_dataset=dd["validation"],
+                               data_collator=PredictorDataCollator(tokenizer), unfreeze="head_only")
+    trainer.train(); trainer.evaluate()
+
+What it changes from ``Trainer`` and why:
+
+* ``remove_unused_columns=False`` and ``label_names=["labels"]`` are forced: the activation columns are not
+  arguments of ``forward`` and would be dropped silently, and a PEFT wrapper hides the signature the Trainer
+  reads ``label_names`` from (PITFALLS HF-5, HF-6).
+* The loss is ``outputs.loss`` and is never re-scaled by a token count computed from the float labels: the
+  Trainer's ``model_accepts_loss_kwargs`` is forced to ``False`` (PITFALLS HF-4).
+* Evaluation keeps, per row, only ``[expected value, greedy value]`` per neuron in activation units, never the
+  head's logits (for the token head those would be vocabulary-sized without care; PITFALL 14).
+* ``compute_metrics`` (``PredictorMetrics``) is numpy/scipy only (no ``evaluate.load``, which fails offline).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collator
+
+
+@dataclass
+class PredictorDataCollator:
+    """Batches rows of an activation dataset for ``ActivationPredictor.forward``.
+
+    ``input_ids`` / ``attention_mask`` are right-padded to the longest row of the batch (dynamic padding) with
+    ``pad_token_id`` (the tokenizer's pad id, else its eos id, else 0); ``label_positions`` comes from
+    ``label_position`` (right padding never moves it); ``labels`` is float32 (batch, K) from ``activations``.
+    Other columns (``text``, ``doc_id``, ``bin`` ...) are ignored.
+    """
+
+    tokenizer: Any = None
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.pad_token_id is None and self.tokenizer is not None:
+            self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = 0
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("PredictorDataCollator got an empty batch.")
+        missing = [c for c in ("input_ids", "label_position", "activations") if c not in rows[0]]
+        if missing:
+            raise ValueError(f"Rows lack column(s) {missing}: an activation dataset (nsr dataset) has input_ids, label_position and activations. "
+                             "If they exist in the dataset, set remove_unused_columns=False.")
+        length = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), length), int(self.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
+            mask[i, :n] = torch.as_tensor(np.asarray(r["attention_mask"]), dtype=torch.long) if "attention_mask" in r else 1
+        positions = torch.as_tensor([int(r["label_position"]) for r in rows], dtype=torch.long)
+        if (positions < 0).any() or (positions >= mask.sum(-1)).any():
+            raise ValueError("A label_position points outside its row's real tokens.")
+        labels = torch.as_tensor(np.asarray([np.asarray(r["activations"], dtype=np.float32).reshape(-1) for r in rows]), dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "label_positions": positions, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
+
+
+def regression_metrics(pred, true) -> dict[str, float]:
+    """Pearson r, Spearman rho, R^2, MSE, MAE and calibration (slope and intercept of ``true`` regressed on
+    ``pred``) of one neuron, in activation units. Constant predictions or targets give defined values with a
+    warning: r = rho = 0, slope = 0 and intercept = mean(true) for constant predictions, and R^2 = 1 when the
+    errors are all zero else 0 for constant targets. Never NaN."""
+    from scipy.stats import spearmanr
+
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    true = np.asarray(true, dtype=np.float64).reshape(-1)
+    if pred.size == 0:
+        raise ValueError("No rows to compute metrics on.")
+    err = pred - true
+    mse, mae = float(np.mean(err**2)), float(np.mean(np.abs(err)))
+    sse, sst = float(np.sum(err**2)), float(np.sum((true - true.mean()) ** 2))
+    const_pred, const_true = np.ptp(pred) == 0, np.ptp(true) == 0
+    if const_true:
+        _warn("The targets are constant: R^2 is set to 1.0 if every prediction is exact, else 0.0; r and rho to 0.0.")
+        r2 = 1.0 if sse == 0 else 0.0
+    else:
+        r2 = 1.0 - sse / sst
+    if const_pred:
+        _warn("The predictions are constant: r and rho are set to 0.0, the calibration slope to 0.0 and its intercept to mean(true).")
+    if const_pred or const_true:
+        pearson = spearman = 0.0
+    else:
+        pearson = float(np.corrcoef(pred, true)[0, 1])
+        spearman = float(spearmanr(pred, true).statistic)
+    if const_pred:
+        slope, intercept = 0.0, float(true.mean())
+    else:
+        slope = float(np.sum((pred - pred.mean()) * (true - true.mean())) / np.sum((pred - pred.mean()) ** 2))
+        intercept = float(true.mean() - slope * pred.mean())
+    return {"pearson": pearson, "spearman": spearman, "r2": float(r2), "mse": mse, "mae": mae,
+            "calibration_slope": slope, "calibration_intercept": intercept}
+
+
+def bins_of(values, edges) -> np.ndarray:
+    """Bin index of each value for one neuron's ``edges`` (num_bins + 1): the rule of ``ActivationPredictor.bin_of``
+    (``edges[i] <= v < edges[i+1]``, the last bin includes its upper edge, values outside fall in the end bins)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    return np.searchsorted(edges[1:-1], np.asarray(values, dtype=np.float64), side="right")
+
+
+def quadratic_weighted_kappa(true_bins, pred_bins, num_bins: int) -> float:
+    """Cohen's kappa with quadratic weights over ``num_bins`` ordered bins. When the expected disagreement is
+    zero (every true and predicted bin the same single bin) it is 1.0 if they agree, with a warning."""
+    true_bins, pred_bins = np.asarray(true_bins, dtype=np.int64), np.asarray(pred_bins, dtype=np.int64)
+    observed = np.zeros((num_bins, num_bins))
+    np.add.at(observed, (true_bins, pred_bins), 1)
+    observed /= observed.sum()
+    expected = np.outer(observed.sum(1), observed.sum(0))
+    i, j = np.indices((num_bins, num_bins))
+    weights = (i - j) ** 2 / (num_bins - 1) ** 2
+    denominator = float((weights * expected).sum())
+    if denominator == 0:
+        _warn("Quadratic-weighted kappa is undefined (one bin only): set to 1.0 if the bins agree, else 0.0.")
+        return 1.0 if float((weights * observed).sum()) == 0 else 0.0
+    return float(1.0 - (weights * observed).sum() / denominator)
+
+
+def bin_metrics(pred_bins, true_bins, num_bins: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean recall over the bins present in the targets) and quadratic-weighted kappa."""
+    pred_bins, true_bins = np.asarray(pred_bins).reshape(-1), np.asarray(true_bins).reshape(-1)
+    recalls = [float(np.mean(pred_bins[true_bins == b] == b)) for b in np.unique(true_bins)]
+    return {"accuracy": float(np.mean(pred_bins == true_bins)), "balanced_accuracy": float(np.mean(recalls)),
+            "qwk": quadratic_weighted_kappa(true_bins, pred_bins, num_bins)}
+
+
+@dataclass
+class PredictorMetrics:
+    """``compute_metrics`` for ``PredictorTrainer``. ``predictions`` are (rows, 2, K): the expected value and the
+    greedy value (NaN for the regression head) in activation units; ``label_ids`` are (rows, K).
+
+    Keys: the regression metrics of the expected value (``pearson``, ``r2`` ...); for the classification and token
+    heads also ``greedy_*`` (the same for the greedy readout) and the bin metrics of both readouts (``accuracy``,
+    ``balanced_accuracy``, ``qwk`` and ``greedy_accuracy`` ...), bins from the label transform's train-fitted edges.
+    With several neurons every key is the mean over neurons, and ``<neuron>/<key>`` gives each one.
+    """
+
+    neurons: Sequence[str]
+    head_type: str = "regression"
+    bin_edges: Optional[Sequence[Sequence[float]]] = None
+
+    @classmethod
+    def for_model(cls, model) -> "PredictorMetrics":
+        config = _unwrap(model).config
+        return cls(list(config.neurons), config.head_type, (config.label_transform or {}).get("bin_edges"))
+
+    def neuron_metrics(self, expected, greedy, true, j: int) -> dict[str, float]:
+        out = regression_metrics(expected, true)
+        if self.head_type != "regression" and not np.all(np.isnan(greedy)):
+            out.update({f"greedy_{k}": v for k, v in regression_metrics(greedy, true).items()})
+        if self.head_type != "regression" and self.bin_edges is not None:
+            edges = self.bin_edges[j]
+            num_bins = len(edges) - 1
+            true_bins = bins_of(true, edges)
+            out.update(bin_metrics(bins_of(expected, edges), true_bins, num_bins))
+            out.update({f"greedy_{k}": v for k, v in bin_metrics(bins_of(greedy, edges), true_bins, num_bins).items()})
+        return out
+
+    def __call__(self, eval_prediction) -> dict[str, float]:
+        preds = np.asarray(eval_prediction.predictions, dtype=np.float64)
+        labels = np.asarray(eval_prediction.label_ids, dtype=np.float64)
+        if preds.ndim == 2:  # predictions only, no greedy readout
+            preds = np.stack([preds, np.full_like(preds, np.nan)], 1)
+        labels = labels.reshape(labels.shape[0], -1)
+        per_neuron = [self.neuron_metrics(preds[:, 0, j], preds[:, 1, j], labels[:, j], j) for j in range(labels.shape[1])]
+        if len(per_neuron) == 1:
+            return per_neuron[0]
+        out = {k: float(np.mean([m[k] for m in per_neuron])) for k in per_neuron[0]}
+        for name, m in zip(self.neurons, per_neuron):
+            out.update({f"{name}/{k}": v for k, v in m.items()})
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _unwrap(model):
+    while hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = model.get_base_model()
+    return getattr(model, "module", model)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, tied weights counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def apply_peft(model, peft_config):
+    """``get_peft_model`` with the predictor's head trained and saved in full (``modules_to_save``)."""
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("The model is already a PeftModel: pass the plain ActivationPredictor with peft_config, or a PeftModel without it.")
+    inner = _unwrap(model)
+    if inner.neuron_head is not None and "neuron_head" not in (peft_config.modules_to_save or []):
+        raise ValueError("peft_config.modules_to_save must list 'neuron_head': otherwise the predictor's head stays at its random "
+                         "initialisation in the saved adapter (PITFALLS HF-7).")
+    return get_peft_model(model, peft_config)
+
+
+class PredictorTrainer(Trainer):
+    """``Trainer`` for ``ActivationPredictor`` (see the module docstring).
+
+    Args beyond ``Trainer``'s:
+        peft_config: a PEFT config (e.g. ``apply_unfreezing(predictor, "lora")``); the model is wrapped with it.
+        unfreeze: an unfreezing strategy name (``nsr_hf.unfreezing.STRATEGIES``) or a dict of
+            ``apply_unfreezing`` keyword arguments (``{"strategy": "last_k", "k": 2}``); applied before the optimizer
+            is built. ``"lora"`` becomes ``peft_config``; ``"gradual"`` adds its callback.
+    """
+
+    def __init__(self, model=None, args: Optional[TrainingArguments] = None, *, data_collator=None, peft_config=None, unfreeze=None,
+                 compute_metrics=None, callbacks=None, processing_class=None, **kwargs):
+        from nsr_hf.unfreezing import GradualUnfreezing, apply_unfreezing
+
+        if model is None:
+            raise ValueError("PredictorTrainer needs model= (an ActivationPredictor).")
+        if args is None:
+            raise ValueError("PredictorTrainer needs args= (TrainingArguments with report_to set explicitly, e.g. report_to='none').")
+        if args.remove_unused_columns:
+            logger.info("Setting remove_unused_columns=False: the activation columns are not forward() arguments (PITFALLS HF-5).")
+            args.remove_unused_columns = False
+        if args.label_names not in (None, ["labels"]):
+            raise ValueError(f"label_names must be ['labels'] (the collator's key), got {args.label_names}.")
+        args.label_names = ["labels"]
+        callbacks = list(callbacks or [])
+        if unfreeze is not None:
+            plan = apply_unfreezing(model, **(unfreeze if isinstance(unfreeze, dict) else {"strategy": unfreeze}))
+            if isinstance(plan, GradualUnfreezing):
+                callbacks.append(plan)
+            elif not isinstance(plan, list):  # a PEFT config
+                if peft_config is not None:
+                    raise ValueError("Both peft_config and unfreeze='lora' were given: pass one.")
+                peft_config = plan
+        if peft_config is not None:
+            model = apply_peft(model, peft_config)
+        if data_collator is None:
+            tokenizer = processing_class or getattr(_unwrap(model), "tokenizer", None)
+            data_collator = PredictorDataCollator(tokenizer)
+        if compute_metrics is None:
+            compute_metrics = PredictorMetrics.for_model(model)
+        super().__init__(model=model, args=args, data_collator=data_collator, compute_metrics=compute_metrics, callbacks=callbacks,
+                         processing_class=processing_class, **kwargs)
+        # Float labels must never become a token count that re-scales the loss (PITFALLS HF-4). transformers 5
+        # reads `accepts_loss_kwargs` (not `model_accepts_loss_kwargs`) and sees forward's **kwargs, so force it.
+        self.model_accepts_loss_kwargs = False
+
+    def train(self, *args, **kwargs):
+        trainable, total = count_parameters(self.model)
+        message = f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+        print(message, flush=True)
+        logger.info(message)
+        if trainable == 0:
+            raise ValueError("No parameter is trainable: choose an unfreezing strategy (nsr_hf.unfreezing).")
+        return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if outputs.loss is None:
+            raise ValueError("The batch has no 'labels': the collator builds them from the 'activations' column.")
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, (batch, 2, K) [expected value, greedy value] in activation units, labels): never the logits."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        loss = None if outputs.loss is None else outputs.loss.detach().float()
+        if prediction_loss_only:
+            return loss, None, None
+        expected = outputs.predictions.detach().float()
+        greedy = outputs.greedy_predictions
+        greedy = torch.full_like(expected, float("nan")) if greedy is None else greedy.detach().float()
+        labels = inputs.get("labels")
+        return loss, torch.stack([expected, greedy], 1), None if labels is None else labels.detach().float()

@@ -1,0 +1,93 @@
+"""Recipes: every recipe in recipes/ parses into a TrainConfig; defaults < YAML < --key value; values are coerced
+to the field types (PyYAML reads 2e-5 as a string) or rejected naming the field; unknown keys list the valid ones;
+nsr_hf/train.py runs as a script (nsr_hf/ first on sys.path, PITFALLS HF-1)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nsr_hf.train import TrainConfig, parse_config, valid_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_there_are_recipes():
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "regression.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses_and_every_key_is_a_config_field(recipe):
+    raw = yaml.safe_load(recipe.read_text())
+    assert set(raw) <= set(valid_keys())
+    config = parse_config([str(recipe)])
+    for key, value in raw.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert getattr(config, key) == pytest.approx(value), key
+    assert isinstance(config.learning_rate, float)
+
+
+def test_the_command_line_overrides_the_recipe_which_overrides_the_defaults(tmp_path):
+    path = write(tmp_path, "learning_rate: 0.01\nseed: 3\nunfreeze: head_only\n")
+    config = parse_config([path, "--seed", "7", "--unfreeze=last_k", "--unfreeze_k", "2"])
+    assert config.learning_rate == 0.01  # recipe over default
+    assert config.seed == 7 and config.unfreeze == "last_k" and config.unfreeze_k == 2  # command line over recipe
+    assert config.max_length == TrainConfig().max_length  # default kept
+
+
+def test_yaml_2e_minus_5_is_coerced_to_a_float(tmp_path):
+    path = write(tmp_path, "learning_rate: 2e-5\nnum_train_epochs: 3\nbf16: 'false'\nlayers: [1, 2]\n")
+    assert isinstance(yaml.safe_load(Path(path).read_text())["learning_rate"], str)  # why coercion is needed
+    config = parse_config([path])
+    assert config.learning_rate == 2e-5 and isinstance(config.learning_rate, float)
+    assert config.num_train_epochs == 3.0 and config.bf16 is False and config.layers == [1, 2]
+    assert parse_config(["--learning_rate", "3e-4", "--bf16", "--read_layer", "none"]).bf16 is True
+
+
+@pytest.mark.parametrize("key,value", [("learning_rate", "fast"), ("seed", "1.5"), ("bf16", "maybe"), ("max_length", "many")])
+def test_an_uncoercible_value_is_rejected_naming_the_field(key, value):
+    with pytest.raises(ValueError, match=key):
+        parse_config([f"--{key}", value])
+
+
+def test_an_unknown_key_is_rejected_listing_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown key.*lerning_rate.*Valid keys:.*learning_rate"):
+        parse_config([write(tmp_path, "lerning_rate: 0.1\n")])
+    with pytest.raises(ValueError, match="Valid keys"):
+        parse_config(["--epochs", "3"])
+
+
+def test_a_neuron_yaml_read_as_a_number_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="quoted"):
+        parse_config([write(tmp_path, "neuron: 12.340\n")])
+    assert parse_config([write(tmp_path, "neuron: '12.340'\n")]).neuron_choice() == "12.340"
+    assert parse_config([write(tmp_path, "neuron: 3\n")]).neuron_choice() == 3
+
+
+def test_invalid_choices_are_rejected():
+    with pytest.raises(ValueError, match="unfreeze"):
+        TrainConfig(unfreeze="everything")
+    with pytest.raises(ValueError, match="unfreeze_k"):
+        TrainConfig(unfreeze="last_k")
+    with pytest.raises(ValueError, match="head_type"):
+        TrainConfig(head_type="ranking")
+
+
+def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--learning_rate" in result.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "Valid keys" in bad.stderr

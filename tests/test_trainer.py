@@ -1,0 +1,251 @@
+"""PredictorTrainer: the collator pads dynamically and keeps label positions; training lowers the eval loss;
+metrics match hand-computed cases and never return NaN; evaluation keeps two values per neuron, never logits;
+gradient accumulation does not re-scale the loss of float labels (PITFALLS HF-4); the whole pipeline runs."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import EvalPrediction, TrainingArguments
+
+from nsr_hf.predictor import ActivationPredictor
+from nsr_hf.trainer import (
+    PredictorDataCollator,
+    PredictorMetrics,
+    PredictorTrainer,
+    bin_metrics,
+    bins_of,
+    quadratic_weighted_kappa,
+    regression_metrics,
+)
+
+EDGES = [[i / 10 for i in range(11)]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def activation_dataset(tok, n=48, seed=0, extra_columns=True) -> Dataset:
+    """Rows shaped like an `nsr dataset` split. The last token is one of ten ids and sets the target
+    ((id % 10) / 10 + 0.05), so a small train set covers every case and the function generalises."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "label_position": [], "activations": []}
+    for _ in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=g))
+        ids = torch.randint(1, len(tok), (length,), generator=g).tolist()
+        ids[-1] = 40 + int(torch.randint(0, 10, (1,), generator=g))
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * length)
+        rows["label_position"].append(length - 1)
+        rows["activations"].append([(ids[-1] % 10) / 10 + 0.05])
+    if extra_columns:
+        rows["text"] = [tok.decode(i) for i in rows["input_ids"]]
+        rows["doc_id"] = [f"doc{i}" for i in range(n)]
+    return Dataset.from_dict(rows)
+
+
+def predictor_for(tiny, head="regression"):
+    model, tok = tiny
+    transform = {"mean": [0.5], "std": [0.29], "bin_edges": EDGES}
+    return ActivationPredictor.from_base(model, tok, neurons=["1.3"], head_type=head, label_transform=transform)
+
+
+def args(tmp_path, **kw):
+    base = dict(max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=1e-2, report_to="none",
+                save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    return TrainingArguments(str(tmp_path), **{**base, **kw})
+
+
+# -- collator -------------------------------------------------------------------------------------------------
+
+
+def test_collator_pads_to_the_longest_row_of_the_batch_and_keeps_label_positions():
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "label_position": 1, "activations": [0.5, -1.0], "text": "x"},
+            {"input_ids": [8], "attention_mask": [1], "label_position": 0, "activations": [2.0, 3.0], "doc_id": "d"}]
+    batch = PredictorDataCollator(pad_token_id=99)(rows)
+    assert batch.keys() == {"input_ids", "attention_mask", "label_positions", "labels"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 99, 99]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["label_positions"].tolist() == [1, 0]
+    assert batch["input_ids"][torch.arange(2), batch["label_positions"]].tolist() == [6, 8]  # the labelled tokens, not padding
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0.5, -1.0], [2.0, 3.0]]
+    assert PredictorDataCollator(pad_token_id=0)(rows[1:])["input_ids"].shape == (1, 1)  # dynamic: no fixed length
+
+
+def test_collator_uses_the_tokenizer_pad_id_and_rejects_positions_on_padding(tiny):
+    tok = tiny[1]
+    assert PredictorDataCollator(tok).pad_token_id == tok.pad_token_id
+    with pytest.raises(ValueError, match="outside"):
+        PredictorDataCollator(tok)([{"input_ids": [1, 2], "label_position": 2, "activations": [0.0]}])
+
+
+# -- trainer ----------------------------------------------------------------------------------------------------
+
+
+def test_trainer_sets_the_arguments_the_activation_columns_need(tiny, tmp_path):
+    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), train_dataset=activation_dataset(tiny[1]), unfreeze="head_only")
+    assert trainer.args.remove_unused_columns is False and trainer.args.label_names == ["labels"]
+    assert trainer.model_accepts_loss_kwargs is False
+
+
+def test_training_lowers_the_eval_loss_and_prints_the_trainable_parameter_count(tiny, tmp_path, capsys):
+    torch.manual_seed(0)
+    train, evaluation = activation_dataset(tiny[1], 96), activation_dataset(tiny[1], 32, seed=1)
+    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path, max_steps=120, learning_rate=5e-3), train_dataset=train, eval_dataset=evaluation,
+                               unfreeze={"strategy": "last_k", "k": 1})
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < 0.8 * before["eval_loss"]
+    assert {"eval_pearson", "eval_spearman", "eval_r2", "eval_mse", "eval_mae", "eval_calibration_slope", "eval_calibration_intercept"} <= after.keys()
+    assert "trainable parameters:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("head", ["classification", "token"])
+def test_bin_heads_report_both_readouts_and_keep_two_values_per_row_not_logits(tiny, tmp_path, head):
+    evaluation = activation_dataset(tiny[1], 20)
+    trainer = PredictorTrainer(model=predictor_for(tiny, head), args=args(tmp_path), eval_dataset=evaluation, unfreeze="head_only")
+    output = trainer.predict(evaluation)
+    assert output.predictions.shape == (20, 2, 1)  # [expected value, greedy value] per neuron: never (rows, vocab)
+    assert output.label_ids.shape == (20, 1)
+    for key in ("pearson", "r2", "accuracy", "balanced_accuracy", "qwk", "greedy_pearson", "greedy_accuracy", "greedy_qwk"):
+        assert np.isfinite(output.metrics[f"test_{key}"]), key
+    # the greedy readout is a bin centre, the expected value a mixture of them
+    centres = np.arange(10) / 10 + 0.05
+    assert np.all(np.isclose(output.predictions[:, 1, :1], centres[None, :], atol=1e-6).any(-1))
+
+
+def test_gradient_accumulation_does_not_rescale_the_loss_of_float_labels(tiny, tmp_path):
+    data = activation_dataset(tiny[1], 8, extra_columns=False)
+    heads = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        predictor = predictor_for(tiny)
+        trainer = PredictorTrainer(model=predictor, args=args(tmp_path / str(accumulation), max_steps=1, per_device_train_batch_size=batch,
+                                   gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
+                                   max_grad_norm=0.0),  # no clipping: it would hide a 2x gradient
+                                   train_dataset=data, unfreeze="head_only")
+        trainer.train()
+        heads.append(predictor.neuron_head.weight.detach().clone())
+    torch.manual_seed(0)
+    start = predictor_for(tiny).neuron_head.weight.detach()
+    assert not torch.equal(heads[0], start)
+    # mean of two half-batch losses, each divided by the accumulation steps == the full-batch loss: same update
+    torch.testing.assert_close(heads[1] - start, heads[0] - start, rtol=1e-4, atol=1e-7)
+
+
+def test_a_peft_wrapped_predictor_still_reports_eval_loss(tiny, tmp_path):
+    evaluation = activation_dataset(tiny[1], 16)
+    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), eval_dataset=evaluation, unfreeze={"strategy": "lora", "lora_r": 2})
+    assert "eval_loss" in trainer.evaluate()
+
+
+# -- metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_regression_metrics_match_a_hand_computed_case():
+    m = regression_metrics([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
+    assert m["pearson"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
+    assert m["mse"] == pytest.approx(14 / 3) and m["mae"] == pytest.approx(2.0)
+    assert m["r2"] == pytest.approx(1 - 14 / 8)  # high r with negative R^2: a failure the metrics must show
+    assert m["calibration_slope"] == pytest.approx(2.0) and m["calibration_intercept"] == pytest.approx(0.0, abs=1e-12)
+    perfect = regression_metrics([0.1, 0.5, 0.2], [0.1, 0.5, 0.2])
+    assert perfect["r2"] == 1.0 and perfect["mse"] == 0.0 and perfect["calibration_slope"] == pytest.approx(1.0)
+
+
+def test_constant_predictions_give_defined_values_and_a_warning_never_nan():
+    with pytest.warns(RuntimeWarning, match="constant"):
+        m = regression_metrics([0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 2.0, 3.0])
+    assert all(np.isfinite(v) for v in m.values())
+    assert m["pearson"] == 0.0 and m["spearman"] == 0.0 and m["calibration_slope"] == 0.0 and m["calibration_intercept"] == 1.5
+    assert m["r2"] == pytest.approx(1 - (0.25 + 0.25 + 2.25 + 6.25) / 5)
+
+
+def test_constant_targets_give_defined_values_and_a_warning_never_nan():
+    with pytest.warns(RuntimeWarning, match="targets are constant"):
+        m = regression_metrics([0.0, 1.0, 2.0], [1.0, 1.0, 1.0])
+    assert all(np.isfinite(v) for v in m.values()) and m["r2"] == 0.0 and m["pearson"] == 0.0
+
+
+def test_bins_follow_the_edges_of_the_label_transform():
+    edges = [0.0, 1.0, 2.0, 3.0]
+    assert bins_of([-5.0, 0.0, 0.999, 1.0, 2.5, 3.0, 9.0], edges).tolist() == [0, 0, 0, 1, 2, 2, 2]
+
+
+def test_bin_metrics_match_hand_computed_cases():
+    m = bin_metrics([0, 1, 1, 2], [0, 1, 2, 2], 3)
+    assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # observed weighted disagreement: one pair (2, 1) with weight 1/4, over 4 rows; expected from the marginals
+    true_marg, pred_marg = np.array([1, 1, 2]) / 4, np.array([1, 2, 1]) / 4
+    w = (np.subtract.outer(np.arange(3), np.arange(3)) ** 2) / 4
+    assert m["qwk"] == pytest.approx(1 - (0.25 / 4) / (w * np.outer(true_marg, pred_marg)).sum())
+    assert quadratic_weighted_kappa([0, 1, 2], [0, 1, 2], 3) == 1.0
+    assert quadratic_weighted_kappa([0, 1, 2], [2, 1, 0], 3) == pytest.approx(-1.0)
+    with pytest.warns(RuntimeWarning):
+        assert quadratic_weighted_kappa([1, 1], [1, 1], 3) == 1.0
+
+
+def test_metrics_of_several_neurons_are_averaged_and_given_per_neuron():
+    preds = np.stack([np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 3.0]]), np.full((3, 2), np.nan)], 1)
+    labels = np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 2.0]])
+    m = PredictorMetrics(["1.3", "2.4"])(EvalPrediction(predictions=preds, label_ids=labels))
+    assert m["1.3/mse"] == 0.0 and m["2.4/mse"] == pytest.approx(1 / 3) and m["mse"] == pytest.approx(1 / 6)
+    assert "greedy_pearson" not in m  # regression: no greedy readout
+
+
+# -- the pipeline -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_only_run(tiny_model_dirs, tmp_path_factory):
+    """run_train on a tiny Llama and a 60-document jsonl corpus: scan, dataset, head_only training (about 3 s)."""
+    from nsr_hf.train import TrainConfig, run_train
+
+    tmp_path = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog neurons in MLP layer respond to particular tokens Python 0 1 2 3".split()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}) + "\n" for i in range(60)))
+    config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
+                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", output_dir=str(tmp_path / "out"))
+    return config, run_train(config)
+
+
+def test_run_train_scans_builds_trains_evaluates_and_saves(head_only_run):
+    from nsr_hf.predictor import load_predictor
+
+    config, summary = head_only_run
+    out = Path(config.output_dir)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["neurons"] == summary["neurons"] and saved["scan_rank"] == 1
+    assert (out / "scan").is_dir() and (out / "dataset" / "README.md").exists()
+    assert {"test_pearson", "test_r2", "test_mse"} <= saved["metrics"]["test"].keys()
+    assert saved["neuron_drift"]["max_abs"] < 1e-4  # head_only: the base is frozen, the neuron cannot move
+    predictor = load_predictor(str(out / "predictor"))
+    assert predictor.config.neurons == summary["neurons"]
+    assert predictor.predict(["the quick brown fox"]).shape == (1, 1)
+
+
+def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.predictor import load_predictor
+    from nsr_hf.train import run_train
+
+    config, first = head_only_run
+    lora = replace(config, dataset=str(Path(config.output_dir) / "dataset"), unfreeze="lora", lora_r=2, output_dir=str(tmp_path / "lora"))
+    summary = run_train(lora)
+    assert summary["neurons"] == first["neurons"] and summary["scan_rank"] is None
+    assert (tmp_path / "lora" / "predictor" / "adapter_config.json").exists()
+    model = load_predictor(str(tmp_path / "lora" / "predictor"))
+    assert model.predict(["the quick brown fox"]).shape == (1, 1)
