@@ -420,6 +420,22 @@ class ActivationPredictor(PreTrainedModel):
                   "predictor.predict(['Some text'])", "```", ""]
         return "\n".join(line for line in lines if line is not None)
 
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: str = "Upload nsr_hf activation predictor", revision: Optional[str] = None,
+                    create_pr: bool = False, **kwargs):
+        """Push the saved predictor with its model card. ``PreTrainedModel.push_to_hub`` would replace our
+        README.md with a generic card, so the folder ``save_pretrained`` writes is uploaded as it is."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -227,3 +227,27 @@ def test_config_is_registered_with_the_auto_classes(tiny, tmp_path):
     predictor.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), ActivationPredictorConfig)
     assert isinstance(AutoModel.from_pretrained(tmp_path), ActivationPredictor)
+
+
+def test_push_to_hub_uploads_our_model_card_not_a_generic_one(tiny, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        uploaded["repo"] = repo_id
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        uploaded["card"] = (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    predictor = _predictor(tiny, "regression")
+    predictor.evaluation_results = {"test": {"r2": 0.91}}
+    predictor.push_to_hub("me/self-report")
+    assert uploaded["repo"] == "me/self-report"
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded["files"])
+    assert "Neuron self-report: 1.3" in uploaded["card"] and "test/r2" in uploaded["card"]
