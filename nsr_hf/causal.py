@@ -1,0 +1,366 @@
+"""The causal test: does the predictor's report follow the neuron when the neuron is forced to a value?
+
+    from nsr_hf.causal import causal_test, plot_causal
+    result = causal_test(predictor, dd["test"])          # clamp the first target neuron to 9 values
+    result["slope"], result["slope_se"], result["natural_slope"], result["meaningful"]
+    plot_causal(result).savefig("causal.png")
+
+The neuron is set (``mode="set"``: 9 values from the 1st to the 99th percentile of the ``activations`` column) or
+scaled (``mode="scale"``: factors 0..2) at each row's labelled token only, in ``predictor.base``; the report is the
+predictor's expected value in activation units. The causal slope is the OLS slope of the report on the value the
+neuron was given, over every (row, value) pair; the natural slope is the report regressed on the true activation
+of the same rows without intervention. A self-reporter that reads its neuron has a causal slope near its natural
+slope; one that reads correlated context (the tokens that usually make the neuron fire) has a causal slope near 0.
+
+The test means something only when the clamped value must pass through the model to reach the report: the head
+reads a block strictly after the target layer, or it is the token head, whose report position sees the labelled
+token only through attention in later blocks. ``causal_test`` says so in ``meaningful`` and ``note``.
+
+``rows`` everywhere is an activation-dataset split (``datasets.Dataset``) or a list of its rows: ``input_ids``,
+``label_position`` and ``activations`` (``attention_mask`` optional).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from typing import Callable, ContextManager, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from nsr_hf.architectures import num_layers
+from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene, model_inputs
+from nsr_hf.trainer import PredictorDataCollator
+
+MODES = ("set", "scale")
+SCALE_RANGE = (0.0, 2.0)
+PERCENTILE_RANGE = (1.0, 99.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def unwrap_predictor(predictor):
+    """The ``ActivationPredictor`` under a PEFT wrapper (LoRA layers stay injected in its modules)."""
+    from nsr_hf.predictor import ActivationPredictor
+
+    model = predictor
+    if hasattr(model, "get_base_model") and not isinstance(model, ActivationPredictor):
+        model = model.get_base_model()
+    if not isinstance(model, ActivationPredictor):
+        raise ValueError(f"Expected an ActivationPredictor (or a PEFT model around one), got {type(predictor).__name__}.")
+    return model
+
+
+def target_column(predictor, neuron=None) -> tuple[Neuron, int]:
+    """``(neuron, k)``: the neuron (default: the predictor's first target) and its column in the report."""
+    model = unwrap_predictor(predictor)
+    targets = model.config.target_neurons
+    if not targets:
+        raise ValueError("The predictor has no target neurons.")
+    if neuron is None:
+        return targets[0], 0
+    neuron = Neuron.parse(neuron)
+    if neuron not in targets:
+        raise ValueError(f"Neuron {neuron} is not reported by this predictor: its targets are {', '.join(map(str, targets))}.")
+    return neuron, targets.index(neuron)
+
+
+def as_rows(rows) -> list[dict]:
+    """A list of row dicts from a ``datasets.Dataset`` or a sequence of dicts; a clear error if empty or malformed."""
+    if rows is None:
+        raise ValueError("No rows given: pass an activation-dataset split or a list of its rows.")
+    if hasattr(rows, "column_names") and hasattr(rows, "select"):
+        rows = [rows[i] for i in range(len(rows))]
+    elif isinstance(rows, dict):
+        raise ValueError("rows must be a split (datasets.Dataset) or a list of row dicts, not a single dict.")
+    rows = list(rows)
+    if not rows:
+        raise ValueError("No rows: the causal test and the analyses need at least one labelled row.")
+    missing = [c for c in ("input_ids", "label_position", "activations") if c not in rows[0]]
+    if missing:
+        raise ValueError(f"Rows lack column(s) {missing}: use an activation-dataset split (input_ids, label_position, activations).")
+    return rows
+
+
+def activation_column(rows: Sequence[dict], column: int) -> np.ndarray:
+    """The true activation of report column ``column`` in each row (the ``activations`` column)."""
+    values = np.asarray([np.asarray(r["activations"], dtype=np.float64).reshape(-1)[column] for r in rows])
+    if not np.all(np.isfinite(values)):
+        raise ValueError("The activations column holds non-finite values.")
+    return values
+
+
+def subsample(rows: list[dict], max_rows: int, seed: int = 0) -> list[dict]:
+    """At most ``max_rows`` rows, a seeded random subset in the original order."""
+    if int(max_rows) < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}.")
+    if len(rows) <= max_rows:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=int(max_rows), replace=False))
+    return [rows[i] for i in keep]
+
+
+def _collator(model) -> PredictorDataCollator:
+    return PredictorDataCollator(model.tokenizer) if model.tokenizer is not None else PredictorDataCollator(pad_token_id=0)
+
+
+def batches(model, rows: list[dict], batch_size: int):
+    """``(start, stop, batch)`` over ``rows``, collated like training (right padding, label positions kept)."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    collate = _collator(model)
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        stop = min(start + batch_size, len(rows))
+        batch = collate(rows[start:stop])
+        yield start, stop, {k: v.to(device) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def predictor_reports(predictor, rows, neuron=None, batch_size: int = 16,
+                      during: Callable[[int, int, dict], ContextManager] | None = None) -> np.ndarray:
+    """(rows,) the predictor's report of ``neuron`` (expected value, activation units) for each row.
+
+    ``during(start, stop, batch)``, when given, returns a context manager entered around the forward pass of
+    rows ``start:stop`` (e.g. interventions or hooks that must know the batch's label positions)."""
+    model = unwrap_predictor(predictor)
+    _, column = target_column(model, neuron)
+    rows = as_rows(rows)
+    out = []
+    with _eval_mode(model):
+        for start, stop, batch in batches(model, rows, batch_size):
+            context = during(start, stop, batch) if during is not None else contextlib.nullcontext()
+            with context:
+                predictions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    label_positions=batch["label_positions"]).predictions
+            out.append(predictions[:, column].float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def _batch_value(value, start: int, stop: int, n_rows: int, n_indices: int):
+    """The part of an intervention value that belongs to rows ``start:stop``, shaped for ``Intervention.apply``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    array = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float32))
+    if array.dim() == 0:
+        return float(array)
+    if array.shape[0] == n_rows:
+        part = array[start:stop]
+        return part[:, None] if part.dim() == 1 else part  # (batch, 1) or (batch, k): one value per row
+    if array.dim() == 1 and array.shape[0] == n_indices:
+        return array
+    raise ValueError(f"An intervention value of shape {tuple(array.shape)} fits neither the {n_rows} rows nor the {n_indices} neuron(s): "
+                     "give a number, one value per row, one per neuron, or (rows, neurons).")
+
+
+def report_under_intervention(predictor, rows, interventions: "Intervention | Iterable[Intervention]", batch_size: int = 16,
+                              neuron=None) -> np.ndarray:
+    """(rows,) the predictor's report (expected value, activation units) of ``neuron`` (default: its first target)
+    with ``interventions`` active in ``predictor.base``, applied at each row's labelled token only.
+
+    An intervention's ``value`` is a number, one value per row (``(rows,)`` or ``(rows, len(indices))``) or one per
+    neuron; its ``positions`` are replaced by the rows' label positions. No interventions = the natural report.
+    """
+    model = unwrap_predictor(predictor)
+    rows = as_rows(rows)
+    ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions or [])
+    for iv in ivs:
+        if not isinstance(iv, Intervention):
+            raise ValueError(f"Expected nsr_hf.capture.Intervention objects, got {type(iv).__name__}.")
+        _batch_value(iv.value, 0, len(rows), len(rows), len(iv.indices))  # shape check before any forward
+
+    def during(start, stop, batch):
+        return intervene(model.base, [replace(iv, value=_batch_value(iv.value, start, stop, len(rows), len(iv.indices)),
+                                              positions=batch["label_positions"]) for iv in ivs])
+
+    return predictor_reports(model, rows, neuron, batch_size, during if ivs else None)
+
+
+def live_activations(predictor, rows, neurons: Sequence, batch_size: int = 16) -> np.ndarray:
+    """(rows, len(neurons)) the neurons' values in ``predictor.base`` now (not the dataset's labels, which came
+    from the original model) at each row's labelled token."""
+    model = unwrap_predictor(predictor)
+    rows = as_rows(rows)
+    neurons = [Neuron.parse(n) for n in neurons]
+    out = []
+    with _eval_mode(model):
+        for _, _, batch in batches(model, rows, batch_size):
+            recorder = NeuronRecorder(model.base, neurons, stop_early=True)
+            acts = recorder.run(batch)
+            rows_index = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+            pos = batch["label_positions"]
+            columns = []
+            for n in neurons:
+                order = recorder.neurons[n.layer].tolist().index(n.index)
+                columns.append(acts[n.layer][rows_index, pos.to(acts[n.layer].device), order].float().cpu())
+            out.append(torch.stack(columns, 1).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _varies(x: np.ndarray) -> bool:
+    return x.size > 1 and float(np.ptp(x)) > 1e-9 * max(1.0, float(np.max(np.abs(x))))
+
+
+def linear_fit(x, y) -> dict:
+    """OLS of ``y`` on ``x``: slope, intercept, slope_se, r, r2, n. ``slope``/``slope_se``/``intercept`` are None when
+    ``x`` does not vary; ``r``/``r2`` are None when either side does not vary (undefined, not zero)."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.size != y.size or x.size == 0:
+        raise ValueError(f"linear_fit needs equal, non-empty x and y (got {x.size} and {y.size}).")
+    n = int(x.size)
+    out = {"slope": None, "intercept": None, "slope_se": None, "r": None, "r2": None, "n": n}
+    if not _varies(x):
+        return out
+    dx = x - x.mean()
+    sxx = float(dx @ dx)
+    slope = float(dx @ (y - y.mean()) / sxx)
+    intercept = float(y.mean() - slope * x.mean())
+    residual = y - (intercept + slope * x)
+    sse = float(residual @ residual)
+    out.update(slope=slope, intercept=intercept, slope_se=float(np.sqrt(sse / (n - 2) / sxx)) if n > 2 else None)
+    if _varies(y):
+        dy = y - y.mean()
+        out["r"] = float(np.clip(dx @ dy / np.sqrt(sxx * float(dy @ dy)), -1.0, 1.0))
+        out["r2"] = float(1.0 - sse / float(dy @ dy))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The causal test
+
+
+def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
+    """``(meaningful, note)``: whether a clamped value of ``neuron`` reaches the report only through computation."""
+    config = unwrap_predictor(predictor).config
+    layer, last = neuron.layer, num_layers(config.get_base_config()) - 1
+    if config.head_type == "token":
+        if layer < last:
+            return True, (f"Token head: the report is read at the prompt's last token, which sees the labelled token's clamped "
+                          f"neuron only through attention in blocks {layer + 1}..{last}.")
+        return False, (f"Token head with the target in the last block ({layer}): the report is read at the prompt's last token, "
+                       "and no later attention can carry the labelled token's MLP output there, so the slope is 0 by construction.")
+    read = config.effective_read_layer
+    if read > layer:
+        return True, (f"The head reads block {read}'s output, after the target layer {layer}: the clamped value reaches it through "
+                      f"the residual stream and blocks {layer + 1}..{read}.")
+    if read == layer:
+        return False, (f"The head reads the output of block {layer}, the target's own block. That output is the residual stream plus "
+                       "the MLP output, in which the neuron enters as activation x its output weight vector (w_out) with nothing "
+                       "computed after it: clamping the neuron moves the representation by exactly (v - a) * w_out before the "
+                       "final norm. The slope is then fixed by the head's weights alone (with a linear final norm it equals "
+                       "head . (g * w_out) * std), i.e. by how well the readout aligns with w_out, which any linear probe of this "
+                       "layer shares; it is not evidence that the model computes with or reports its neuron. Read a later layer.")
+    return False, (f"The head reads block {read}, before the target layer {layer}: the intervention cannot reach the "
+                   "representation and the slope is 0 by construction.")
+
+
+def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
+                batch_size: int = 16) -> dict:
+    """Clamp (``"set"``) or scale (``"scale"``) ``neuron`` at the labelled token and regress the report on its value.
+
+    Returns a JSON-able dict: ``values`` (clamped values, or scale factors), ``mean_activation`` (the mean value the
+    neuron was given at each), ``mean_report`` and ``std_report`` per value, ``slope``, ``slope_se`` (OLS standard
+    error over all row x value pairs, which treats them as independent), ``row_slope_se`` (standard error of the
+    per-row slopes, which does not), ``intercept``, ``fit_r2``, ``natural_slope`` / ``natural_intercept`` /
+    ``natural_r2`` (report on the true activation, no intervention), ``mode``, ``neuron``, ``rows``, ``meaningful``,
+    ``note``. Scaling multiplies the neuron's live value in ``predictor.base``; the fit uses that product.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}: use 'set' (clamp to values) or 'scale' (multiply by factors).")
+    if int(num_values) < 2:
+        raise ValueError(f"num_values must be at least 2 to fit a slope, got {num_values}.")
+    model = unwrap_predictor(predictor)
+    neuron, column = target_column(model, neuron)
+    rows = subsample(as_rows(rows), max_rows, seed)
+    true = activation_column(rows, column)
+    natural = report_under_intervention(model, rows, [], batch_size, neuron)
+    if mode == "set":
+        low, high = np.percentile(true, PERCENTILE_RANGE)
+        if not high > low:
+            raise ValueError(f"The activations of {neuron} do not vary over these {len(rows)} rows: there is no range to clamp over.")
+        values = np.linspace(low, high, int(num_values))
+        given = np.repeat(values[:, None], len(rows), 1)
+    else:
+        values = np.linspace(*SCALE_RANGE, int(num_values))
+        live = live_activations(model, rows, [neuron], batch_size)[:, 0]
+        given = values[:, None] * live[None, :]
+    reports = np.stack([report_under_intervention(model, rows, Intervention(neuron.layer, [neuron.index], mode, float(v)), batch_size, neuron)
+                        for v in values])
+    fit = linear_fit(given.ravel(), reports.ravel())
+    if fit["slope"] is None:
+        raise ValueError(f"The values given to {neuron} do not vary (is the neuron 0 on every row?): no slope to fit.")
+    row_slopes = [linear_fit(given[:, i], reports[:, i])["slope"] for i in range(len(rows))]
+    row_slopes = np.asarray([s for s in row_slopes if s is not None])
+    nat = linear_fit(true, natural)
+    meaningful, note = path_to_report(model, neuron)
+    return {
+        "neuron": str(neuron),
+        "mode": mode,
+        "rows": len(rows),
+        "values": [float(v) for v in values],
+        "mean_activation": [float(v) for v in given.mean(1)],
+        "mean_report": [float(v) for v in reports.mean(1)],
+        "std_report": [float(v) for v in reports.std(1)],
+        "slope": fit["slope"],
+        "slope_se": fit["slope_se"],
+        "row_slope_se": float(row_slopes.std(ddof=1) / np.sqrt(row_slopes.size)) if row_slopes.size > 1 else None,
+        "intercept": fit["intercept"],
+        "fit_r2": fit["r2"],
+        "natural_slope": nat["slope"],
+        "natural_intercept": nat["intercept"],
+        "natural_r2": nat["r2"],
+        "meaningful": meaningful,
+        "note": note,
+    }
+
+
+def new_figure(width: float = 6.0, height: float = 4.5, ncols: int = 1):
+    """A matplotlib ``(Figure, axes)`` on the Agg canvas (no pyplot state, safe without a display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def plot_causal(result: dict):
+    """Report against the value given to the neuron: per-value mean +- std, the causal fit, the natural line."""
+    fig, ax = new_figure()
+    x = np.asarray(result["mean_activation"])
+    ax.errorbar(x, result["mean_report"], yerr=result["std_report"], fmt="o", capsize=3, label="mean report under intervention")
+    grid = np.linspace(x.min(), x.max(), 50)
+    ax.plot(grid, result["intercept"] + result["slope"] * grid, "-",
+            label=f"causal fit: slope {result['slope']:.3f}" + (f" ± {result['slope_se']:.3f}" if result["slope_se"] is not None else ""))
+    if result["natural_slope"] is not None:
+        ax.plot(grid, result["natural_intercept"] + result["natural_slope"] * grid, "--",
+                label=f"natural: slope {result['natural_slope']:.3f}")
+    ax.set_xlabel(f"value given to neuron {result['neuron']} ({result['mode']})")
+    ax.set_ylabel("report (activation units)")
+    title = f"Causal test, {result['rows']} rows"
+    ax.set_title(title if result["meaningful"] else title + " (not meaningful: head reads the target layer or earlier)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
