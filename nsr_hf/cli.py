@@ -4,6 +4,8 @@
     nsr scan --layers 10 11 12 --top_n 20 --output_dir outputs/scan
     nsr dataset --neurons 15.100 --max_documents 2000 --output_dir outputs/dataset
     nsr capture --neurons 12.345 --corpus embedded --max_documents 5
+    nsr evaluate --predictor outputs/train/predictor --output_dir outputs/evaluate
+    nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 --output_dir outputs/sweep
 
 Flags are the fields of the stage's config dataclass (``nsr <command> --help`` lists them with their
 help), parsed by ``transformers.HfArgumentParser``.
@@ -101,8 +103,10 @@ COMMANDS = {
 def _register_stage_commands() -> None:
     """The stages live in their own modules, imported only when ``nsr`` runs (keeps ``import nsr_hf`` light)."""
     from nsr_hf.dataset_generator import DatasetConfig, run_dataset
+    from nsr_hf.evaluation import EvaluateConfig, run_evaluate
     from nsr_hf.quickstart import QuickstartConfig, run_quickstart
     from nsr_hf.scanner import ScanConfig, run_scan
+    from nsr_hf.sweep import SweepConfig, run_sweep
     from nsr_hf.train import TrainConfig, run_train
 
     COMMANDS.update({
@@ -110,6 +114,8 @@ def _register_stage_commands() -> None:
         "dataset": (DatasetConfig, run_dataset),
         "quickstart": (QuickstartConfig, run_quickstart),
         "train": (TrainConfig, run_train),
+        "evaluate": (EvaluateConfig, run_evaluate),
+        "sweep": (SweepConfig, run_sweep),
     })
 
 
@@ -125,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nnsr: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    if argv[0] == "sweep":  # a positional recipe and TrainConfig overrides: parsed by the sweep itself
+        from nsr_hf.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     config_cls, run = COMMANDS[argv[0]]
     parser = HfArgumentParser(config_cls, prog=f"nsr {argv[0]}", description=(config_cls.__doc__ or "").strip())
     try:

@@ -1,0 +1,469 @@
+"""The evaluation report: ``report.md`` and its plots, from the dict ``nsr_hf.evaluation.run_evaluate`` returns
+(the content of ``metrics.json``).
+
+    from nsr_hf.report import headline_table, write_report
+    write_report(evaluation, "outputs/eval", predictions=..., log_history=trainer.state.log_history)
+    print(headline_table(evaluation))          # the table the model card carries
+
+Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when its data is there:
+
+* ``pred_vs_true.png``: the predictor's predictions against the true values, with the identity line.
+* ``residuals.png``: prediction minus truth against the truth, and their histogram.
+* ``methods.png``: R^2 and r of every method with their bootstrap confidence intervals.
+* ``r2_by_layer.png``: the ridge probe's R^2 when it reads each layer (read layer and target layer marked).
+* ``training_curves.png``: the Trainer's ``log_history`` (training loss, evaluation loss and metrics).
+* ``drift.png``: the drift monitor's history (every ``drift/...`` key against ``step``).
+* ``causal.png``: ``nsr_hf.causal.plot_causal`` of the causal test.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METHOD_ORDER = ("self", "self (greedy)", "ridge_probe", "token_lookup", "mean", "random_init", "shuffled_labels", "self_shuffled")
+METHOD_DESCRIPTIONS = {
+    "self": "the fine-tuned self-reporter (expected value)",
+    "self (greedy)": "the self-reporter's most likely bin (greedy readout)",
+    "mean": "the training mean",
+    "token_lookup": "mean value per labelled token, from the training split",
+    "ridge_probe": "closed-form ridge probe of the representation the head reads (frozen original model)",
+    "random_init": "the same probe on a randomly initialised model",
+    "shuffled_labels": "the probe trained on shuffled labels (control)",
+    "self_shuffled": "a self-reporter trained on shuffled labels (control)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _methods(metrics: dict) -> list[str]:
+    """Method rows in reading order: self, its greedy readout, the baselines, the cross models, anything else."""
+    rows = []
+    for name in metrics:
+        rows.append(name)
+        if name == "self" and "greedy_r2" in metrics[name]:
+            rows.append("self (greedy)")
+    known = [m for m in METHOD_ORDER if m in rows]
+    cross = sorted(m for m in rows if m.startswith("cross:"))
+    return known + cross + [m for m in rows if m not in known and m not in cross]
+
+
+def _figures_of(metrics: dict, method: str) -> dict:
+    """The figures of a row: ``self (greedy)`` is the ``greedy_`` keys of ``self``."""
+    if method == "self (greedy)":
+        return {k.removeprefix("greedy_"): v for k, v in metrics["self"].items() if k.startswith("greedy_")}
+    return metrics[method]
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _with_ci(figures: dict, key: str) -> str:
+    ci = figures.get(f"{key}_ci")
+    text = _num(figures.get(key))
+    return f"{text} [{_num(ci[0])}, {_num(ci[1])}]" if ci else text
+
+
+def _describe(method: str) -> str:
+    if method.startswith("cross:"):
+        return f"another model ({method.split(':', 1)[1]}) trained on this model's labels (cross-prediction control)"
+    return METHOD_DESCRIPTIONS.get(method, "")
+
+
+def headline_table(evaluation: dict, split: str = "test") -> str:
+    """Markdown table: method x {R^2 [CI], r [CI], MSE} on ``split`` for the headline neuron."""
+    metrics = (evaluation.get("metrics") or {}).get(split)
+    if not metrics:
+        available = ", ".join(evaluation.get("metrics") or {}) or "none"
+        raise ValueError(f"The evaluation has no split {split!r} (it has: {available}).")
+    level = (evaluation.get("bootstrap") or {}).get("level", 0.95)
+    lines = [f"| method | R² [{level:.0%} CI] | r [{level:.0%} CI] | MSE |", "| --- | --- | --- | --- |"]
+    for method in _methods(metrics):
+        figures = _figures_of(metrics, method)
+        name = f"**{method}**" if method == "self" else method
+        lines.append(f"| {name} | {_with_ci(figures, 'r2')} | {_with_ci(figures, 'pearson')} | {_num(figures.get('mse'), 4)} |")
+    return "\n".join(lines)
+
+
+def verdicts(evaluation: dict, split: str = "test") -> list[str]:
+    """The plain-English verdict of every comparison on ``split`` (self against cross-report and the probe)."""
+    return [c["verdict"] for c in ((evaluation.get("comparisons") or {}).get(split) or {}).values() if c.get("verdict")]
+
+
+def _warnings(metrics: dict) -> list[str]:
+    out = []
+    for method in _methods(metrics):
+        f = _figures_of(metrics, method)
+        if f.get("pearson", 0) > 0.5 and f.get("r2", 0) < 0:
+            out.append(f"{method}: r = {f['pearson']:.2f} but R² = {f['r2']:.2f}: correlated yet wrongly scaled or shifted "
+                       f"(calibration slope {f['calibration_slope']:.2f}, intercept {f['calibration_intercept']:.2f}); a failure, not a finding.")
+    return out
+
+
+def _bin_table(metrics: dict) -> Optional[str]:
+    rows = [m for m in _methods(metrics) if "accuracy" in _figures_of(metrics, m)]
+    if not rows:
+        return None
+    lines = ["| method | accuracy | balanced accuracy | QWK | majority-class rate |", "| --- | --- | --- | --- | --- |"]
+    majority = metrics["self"].get("majority_class_rate") if "self" in metrics else None
+    for method in rows:
+        f = _figures_of(metrics, method)
+        lines.append(f"| {method} | {_num(f.get('accuracy'))} | {_num(f.get('balanced_accuracy'))} | {_num(f.get('qwk'))} | "
+                     f"{_num(f.get('majority_class_rate', majority))} |")
+    return "\n".join(lines)
+
+
+def _subset_table(metrics: dict) -> Optional[str]:
+    lines = ["| method | subset | rows | R² [CI] | r [CI] | MSE | true range |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    notes = set()
+    for method in [m for m in _methods(metrics) if m != "self (greedy)"]:
+        for subset, f in (metrics[method].get("subsets") or {}).items():
+            if "r2" not in f:
+                notes.add(f"{subset}: {f.get('note', 'no figures')}")
+                continue
+            lines.append(f"| {method} | {subset} | {f['rows']} | {_with_ci(f, 'r2')} | {_with_ci(f, 'pearson')} | {_num(f.get('mse'), 4)} | "
+                         f"{_num(f.get('true_min'))} to {_num(f.get('true_max'))} |")
+    text = "\n".join(lines) if len(lines) > 2 else ""
+    return "\n\n".join(x for x in [text, "; ".join(sorted(notes))] if x) or None
+
+
+def _selectivity_lines(selectivity: dict) -> list[str]:
+    out = []
+    for real, s in selectivity.items():
+        ci = f" [{s['low']:.2f}, {s['high']:.2f}]" if "low" in s else ""
+        out.append(f"- {real}: selectivity = R²({real}) − R²({s['control']}) = {s['selectivity']:.2f}{ci}")
+    return out
+
+
+def _causal_lines(causal: dict) -> list[str]:
+    def get(key):
+        value = causal.get(key)
+        return value if isinstance(value, (int, float)) else None
+
+    lines = []
+    slope, se = get("slope"), get("slope_se")
+    if slope is not None:
+        lines.append(f"- slope of the mean report on the set value: {slope:.3f}" + (f" ± {se:.3f} (standard error)" if se is not None else ""))
+    if get("natural_slope") is not None:
+        lines.append(f"- slope of a faithful reporter (natural slope): {causal['natural_slope']:.3f}")
+    if get("intercept") is not None:
+        lines.append(f"- intercept: {causal['intercept']:.3f}; fit R²: {_num(get('fit_r2'))}")
+    if "meaningful" in causal:
+        lines.append(f"- meaningful: {bool(causal['meaningful'])}")
+    if causal.get("skipped"):
+        lines.append(f"- skipped: {causal['skipped']}")
+    if causal.get("note"):
+        lines.append(f"- note: {causal['note']}")
+    if causal.get("split"):
+        lines.append(f"- rows: {causal['split']} split" + (f", {causal['rows']} rows" if isinstance(causal.get("rows"), int) else ""))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_pred_vs_true(predictions: dict, path: Path, r2: Optional[dict] = None) -> Path:
+    """``predictions``: {split: {"true", "self", optional "self_greedy", "ridge_probe"}}; one panel per split."""
+    splits = list(predictions)
+    fig = _figure(4.6 * len(splits), 4.4)
+    for i, split in enumerate(splits):
+        p = predictions[split]
+        true = np.asarray(p["true"], dtype=np.float64)
+        ax = fig.add_subplot(1, len(splits), i + 1)
+        if "ridge_probe" in p:
+            ax.scatter(true, np.asarray(p["ridge_probe"]), s=8, alpha=0.35, color="tab:grey", label="ridge probe")
+        if "self_greedy" in p:
+            ax.scatter(true, np.asarray(p["self_greedy"]), s=10, alpha=0.5, marker="x", color="tab:orange", label="self (greedy)")
+        ax.scatter(true, np.asarray(p["self"]), s=10, alpha=0.7, color="tab:blue", label="self (expected value)")
+        values = np.concatenate([true] + [np.asarray(p[k], dtype=np.float64) for k in ("self", "self_greedy", "ridge_probe") if k in p])
+        low, high = float(values.min()), float(values.max())
+        pad = 0.05 * (high - low or 1.0)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="black", linewidth=1, label="identity (y = x)")
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_xlabel("true activation")
+        ax.set_ylabel("predicted activation")
+        title = f"{split}" + (f": R² = {r2[split]:.3f}" if r2 and split in r2 else "")
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def plot_residuals(predictions: dict, path: Path) -> Path:
+    """Residuals (self − true) against the true value (top) and their histogram (bottom), one column per split."""
+    splits = list(predictions)
+    fig = _figure(4.6 * len(splits), 6.4)
+    for i, split in enumerate(splits):
+        true = np.asarray(predictions[split]["true"], dtype=np.float64)
+        residual = np.asarray(predictions[split]["self"], dtype=np.float64) - true
+        ax = fig.add_subplot(2, len(splits), i + 1)
+        ax.scatter(true, residual, s=10, alpha=0.7, color="tab:blue")
+        ax.axhline(0, color="black", linewidth=1)
+        ax.set_xlabel("true activation")
+        ax.set_ylabel("predicted − true")
+        ax.set_title(f"{split}: residuals (mean {residual.mean():.3f})")
+        ax = fig.add_subplot(2, len(splits), len(splits) + i + 1)
+        ax.hist(residual, bins=max(5, min(40, residual.size // 3)), color="tab:blue")
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_xlabel("predicted − true")
+        ax.set_ylabel("rows")
+    return _save(fig, path)
+
+
+def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
+    """R^2 and r of every method on ``split`` with their confidence intervals (horizontal bars)."""
+    metrics = evaluation["metrics"][split]
+    methods = _methods(metrics)
+    fig = _figure(11, 0.45 * len(methods) + 1.6)
+    for i, (key, label) in enumerate((("r2", "R²"), ("pearson", "Pearson r"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = np.array([_figures_of(metrics, m).get(key, np.nan) for m in methods], dtype=np.float64)
+        cis = [_figures_of(metrics, m).get(f"{key}_ci") for m in methods]
+        err = np.array([[max(v - c[0], 0), max(c[1] - v, 0)] if c else [0, 0] for v, c in zip(values, cis)]).T
+        colours = ["tab:blue" if m.startswith("self") else "tab:red" if m.startswith("cross:") else "tab:grey" for m in methods]
+        y = np.arange(len(methods))
+        ax.barh(y, values, xerr=err, color=colours, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, methods)
+        ax.invert_yaxis()
+        lows = [c[0] for c in cis if c] + list(values)
+        ax.set_xlim(max(min(min(lows), 0) - 0.05, -1.05), 1.05)
+        ax.set_xlabel(f"{label} ({split})")
+        if key == "r2" and min(lows) < -1:
+            ax.set_title("values below −1 are cut off", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: Optional[int] = None, target_layer: Optional[int] = None) -> Path:
+    """The ridge probe's R^2 by the layer it reads, for every ``*_r2`` key of ``probe_by_layer``."""
+    layers = sorted(probe_by_layer, key=lambda x: int(x))
+    keys = sorted({k for entry in probe_by_layer.values() for k in entry if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    x = [int(layer) for layer in layers]
+    lowest = 0.0
+    for key in keys:
+        y = [probe_by_layer[layer].get(key) for layer in layers]
+        y = np.array([np.nan if v is None else v for v in y], dtype=np.float64)
+        lowest = min(lowest, np.nanmin(y) if np.isfinite(y).any() else 0.0)
+        ax.plot(x, y, marker="o", label=key.removesuffix("_r2"))
+    if read_layer is not None:
+        ax.axvline(read_layer, color="tab:blue", linestyle="--", linewidth=1, label=f"read layer {read_layer}")
+    if target_layer is not None:
+        ax.axvline(target_layer, color="tab:red", linestyle=":", linewidth=1, label=f"target layer {target_layer}")
+    ax.set_ylim(max(lowest - 0.05, -1.05), 1.05)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer the probe reads")
+    ax.set_ylabel("R²")
+    ax.set_title("ridge probe R² by layer")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_training_curves(log_history: Sequence[dict], path: Path) -> Optional[Path]:
+    """Training loss and evaluation loss against the step (left) and the evaluation's r / R^2 (right)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [e for e in log_history if "eval_loss" in e and "step" in e]
+    metric_keys = [k for k in ("eval_r2", "eval_pearson", "eval_spearman", "eval_accuracy", "eval_qwk") if any(k in e for e in evals)]
+    if not train and not evals:
+        return None
+    fig = _figure(11 if metric_keys else 6, 4.0)
+    ax = fig.add_subplot(1, 2 if metric_keys else 1, 1)
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], marker="o", label="evaluation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log" if all(v > 0 for _, v in train) and train else "linear")
+    ax.legend(fontsize=8)
+    if metric_keys:
+        ax = fig.add_subplot(1, 2, 2)
+        for key in metric_keys:
+            points = [(e["step"], e[key]) for e in evals if key in e]
+            ax.plot(*zip(*points), marker="o", label=key.removeprefix("eval_"))
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xlabel("step")
+        ax.set_title("validation figures during training")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_drift(history: Sequence[dict], path: Path) -> Optional[Path]:
+    """Every ``drift/...`` key of the drift monitor's history against ``step``."""
+    keys = sorted({k for e in history for k in e if k.startswith("drift/")})
+    if not keys:
+        return None
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    for key in keys:
+        points = [(e["step"], e[key]) for e in history if key in e and "step" in e and e[key] is not None]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=key.removeprefix("drift/"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("drift of the target neuron (activation units)")
+    ax.set_title("how far the target neuron moved during training")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_causal(causal: dict, path: Path) -> Optional[Path]:
+    from nsr_hf.causal import plot_causal
+
+    fig = plot_causal(causal)
+    try:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    finally:
+        if fig.canvas.manager is not None:  # a pyplot figure: release it
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _split_section(evaluation: dict, split: str) -> list[str]:
+    metrics = evaluation["metrics"][split]
+    rows = evaluation.get("rows", {}).get(split)
+    lines = [f"## {split}" + (f" ({rows} rows)" if rows else ""), "", headline_table(evaluation, split), ""]
+    lines += [f"- {v}" for v in verdicts(evaluation, split)]
+    lines += [f"- ⚠ {w}" for w in _warnings(metrics)]
+    selectivity = (evaluation.get("selectivity") or {}).get(split) or {}
+    if selectivity:
+        lines += ["", "Selectivity (real minus shuffled-label control, paired bootstrap):", ""] + _selectivity_lines(selectivity)
+    if "self" in metrics:
+        f = metrics["self"]
+        lines += ["", f"Calibration of the self-reporter (true = intercept + slope × predicted): slope {_num(f['calibration_slope'])}, "
+                      f"intercept {_num(f['calibration_intercept'])}; MAE {_num(f['mae'], 4)}; Spearman ρ {_num(f['spearman'])}."]
+    bins = _bin_table(metrics)
+    if bins:
+        lines += ["", "Bins (train-fitted edges):", "", bins]
+    subsets = _subset_table(metrics)
+    if subsets:
+        lines += ["", "Subsets of equal size: the top decile by true value and a random sample:", "", subsets]
+    return lines + [""]
+
+
+def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = None, log_history: Optional[Sequence[dict]] = None,
+                 drift=None) -> Path:
+    """Write ``report.md`` and the PNGs (module docstring) into ``output_dir``; returns the report's path.
+
+    Args:
+        evaluation: what ``run_evaluate`` returns (or ``metrics.json`` read back).
+        predictions: {split: {"true": (rows,), "self": (rows,), optional "self_greedy", "ridge_probe", ...}} of the
+            headline neuron, for the scatter and residual plots (``predictions.json``'s ``by_neuron[neuron]``).
+        log_history: the Trainer's ``log_history`` for ``training_curves.png``.
+        drift: the drift monitor's history (a list of ``{"step", "drift/...": value}``) or a dict with ``history``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = [s for s in (evaluation.get("splits") or list(evaluation.get("metrics") or {})) if s in (evaluation.get("metrics") or {})]
+    if not splits:
+        raise ValueError("The evaluation holds no metrics by split: pass what run_evaluate returns (or its metrics.json).")
+    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
+    info = evaluation.get("predictor") or {}
+    if isinstance(drift, dict):
+        drift = drift.get("history")
+    plots: dict[str, Path] = {}
+
+    def attempt(name: str, make):
+        try:
+            written = make(out / name)
+        except ImportError as err:  # an optional stage (e.g. the causal module) is missing: say so, keep the report
+            logger.warning("%s not written: %s", name, err)
+            return
+        if written is not None:
+            plots[name] = written
+
+    headline_split = "test" if "test" in splits else splits[0]
+    if predictions:
+        shown = {s: predictions[s] for s in splits if s in predictions}
+        r2 = {s: evaluation["metrics"][s]["self"]["r2"] for s in shown if "self" in evaluation["metrics"][s]}
+        if shown:
+            attempt("pred_vs_true.png", lambda p: plot_pred_vs_true(shown, p, r2))
+            attempt("residuals.png", lambda p: plot_residuals(shown, p))
+    attempt("methods.png", lambda p: plot_methods(evaluation, p, headline_split))
+    if evaluation.get("probe_by_layer"):
+        target_layer = int(str(neuron).split(".")[0]) if "." in str(neuron) else None
+        attempt("r2_by_layer.png", lambda p: plot_r2_by_layer(evaluation["probe_by_layer"], p, info.get("read_layer"), target_layer))
+    if log_history:
+        attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
+    if drift:
+        attempt("drift.png", lambda p: plot_drift(drift, p))
+    if (evaluation.get("causal") or {}).get("mean_report"):
+        attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
+
+    lines = [f"# Self-report of neuron {neuron}", ""]
+    lines += [f"- Predictor: `{info.get('path') or 'in memory'}` ({info.get('head_type')} head, reads block {info.get('read_layer')})",
+              f"- Base model: `{info.get('base_model')}`; dataset: `{info.get('dataset')}`",
+              f"- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
+    boot = evaluation.get("bootstrap") or {}
+    if boot.get("n"):
+        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "
+                     "differences between methods use the same resamples for both (paired)")
+    lines += ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
+    for split in [headline_split] + [s for s in splits if s != headline_split]:
+        lines += _split_section(evaluation, split)
+    methods = _methods(evaluation["metrics"][headline_split])
+    lines += ["Methods:", ""] + [f"- **{m}**: {_describe(m)}" for m in methods if _describe(m)] + [""]
+    if evaluation.get("probe_by_layer"):
+        pbl = evaluation["probe_by_layer"]
+        keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
+        lines += ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+        for layer in sorted(pbl, key=lambda x: int(x)):
+            e = pbl[layer]
+            alpha = e.get("alpha")
+            lines.append(f"| {layer} | {alpha:.3g} | " if isinstance(alpha, (int, float)) else f"| {layer} | n/a | ")
+            lines[-1] += " | ".join(_num(e.get(k)) for k in keys) + " |"
+        lines.append("")
+    if evaluation.get("causal"):
+        lines += ["## Causal test", "", "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
+        lines += _causal_lines(evaluation["causal"]) + [""]
+    if drift:
+        last = drift[-1]
+        shown = ", ".join(f"{k.removeprefix('drift/')} {_num(v, 4)}" for k, v in last.items() if k.startswith("drift/"))
+        lines += ["## Drift of the target neuron", "", f"At step {last.get('step')}: {shown}.", ""]
+    by_neuron = evaluation.get("by_neuron") or {}
+    if len(by_neuron) > 1:
+        lines += ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
+        for name, result in by_neuron.items():
+            m = (result.get("metrics") or {}).get(headline_split) or {}
+            probe = _num(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
+            lines.append(f"| {name} | {_with_ci(m.get('self', {}), 'r2')} | {_with_ci(m.get('self', {}), 'pearson')} | {probe} |")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

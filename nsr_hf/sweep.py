@@ -1,0 +1,314 @@
+"""A sweep: one training recipe over the top N scanned neurons and several seeds, summarised as a table.
+
+    nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 2 --output_dir outputs/sweep
+    nsr sweep recipes/quickstart.yaml --top_n 3 --seeds 0 1 --learning_rate 3e-4   # recipe keys overridden
+
+Steps (``run_sweep``), everything under ``output_dir``:
+
+1. ``scan/``: the training documents are scanned once, exactly as ``nsr train`` scans them (the recipe's
+   corpus, ``scan_documents``, ``layers``, ``split_seed``: train documents only), and the neurons ranked 1..N
+   are taken. An existing ``scan/`` is read back instead (delete it to scan again); ``--neurons`` skips the scan.
+2. ``<layer.index>/seed-<s>/``: ``run_train`` with the recipe, ``neuron`` and ``seed`` set, for every neuron and
+   seed. The first finished run of a neuron builds its activation dataset; the other seeds load that dataset
+   (``dataset`` set), so a neuron's seeds differ only in training. A run whose ``metrics.json`` exists is not run
+   again: an interrupted sweep resumes where it stopped. A failed run is recorded and the sweep goes on.
+3. ``sweep.json`` and ``sweep.md``: per method and figure, over the finished runs, the median, the interquartile
+   range (q1, q3, iqr), min, max and mean, and a per-run table. Figures come from the run's evaluation
+   (``metrics.json["evaluation"]``, the content of ``nsr_hf.evaluation.run_evaluate``'s ``metrics.json``) when
+   there is one: every method's figures on ``split``, the comparisons (``self_vs_<method>``: ``delta_r2`` and
+   ``beats``, 1 when the interval of the difference lies above 0) and the selectivity; otherwise the
+   predictor's own figures of ``metrics.json["metrics"][split]`` (method ``self``). The target neuron's drift
+   is figure ``drift_max_abs`` of ``self``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RESERVED_KEYS = {"neuron": "--neurons (or the scan's --top_n)", "seed": "--seeds", "output_dir": "the sweep's --output_dir",
+                 "dataset": "nothing: a sweep builds one dataset per scanned neuron"}
+TABLE_FIGURES = (("r2", "R²"), ("pearson", "r"), ("mse", "MSE"))
+
+
+@dataclass
+class SweepConfig:
+    """Train one recipe over the top N scanned neurons and several seeds; summarise the figures (median, spread)."""
+
+    recipe: Optional[str] = field(default=None, metadata={"help": "The training recipe (YAML of TrainConfig fields); also the first positional argument"})
+    top_n: int = field(default=5, metadata={"help": "Neurons: the scan's ranks 1..top_n"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds of every neuron"})
+    neurons: Optional[list[str]] = field(default=None, metadata={"help": "Sweep these neurons (layer.index) instead of scanning"})
+    split: str = field(default="test", metadata={"help": "The split whose figures are summarised"})
+    output_dir: str = field(default="outputs/sweep", metadata={"help": "Where scan/, the runs, sweep.json and sweep.md go"})
+
+    def __post_init__(self):
+        from nsr_hf.capture import Neuron
+
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be at least 1, got {self.top_n}.")
+        self.seeds = [int(s) for s in self.seeds]
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one, e.g. --seeds 0 1.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}.")
+        if self.neurons is not None:
+            self.neurons = [str(Neuron.parse(n)) for n in self.neurons]
+            if not self.neurons:
+                raise ValueError("neurons is empty: name neurons as layer.index, or leave it out to scan.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runs
+
+
+def recipe_values(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
+    """The recipe (if any) and the overrides, checked against ``TrainConfig`` and the keys the sweep sets itself."""
+    from nsr_hf.train import TrainConfig, check_keys, load_recipe
+
+    values = load_recipe(config.recipe) if config.recipe else {}
+    overrides = dict(overrides or {})
+    check_keys(overrides, "the sweep's overrides")
+    for key, how in RESERVED_KEYS.items():
+        if key in overrides:
+            raise ValueError(f"{key} is set by the sweep itself: use {how}.")
+        if key in values:
+            if key == "dataset" and values[key]:
+                raise ValueError(f"The recipe {config.recipe} names a dataset: a sweep scans for neurons and builds each one's "
+                                 "dataset. Remove 'dataset' from the recipe (or sweep with nsr train runs of your own).")
+            logger.info("The recipe's %s is replaced by the sweep's (%s).", key, how)
+            values.pop(key)
+    values.update(overrides)
+    TrainConfig(**values)  # validates, with the field named in any error
+    return values
+
+
+def scan_top_neurons(values: dict, top_n: int, scan_dir: Path) -> list[str]:
+    """The neurons ranked 1..top_n by a scan of the training documents, the way ``nsr train`` scans
+    (``choose_neuron_and_build_dataset``); a scan already in ``scan_dir`` is read back."""
+    from nsr_hf.scanner import TOP_FILE, ScanConfig, load_scan, run_scan
+    from nsr_hf.train import TrainConfig
+
+    if (scan_dir / TOP_FILE).exists():
+        scan = load_scan(scan_dir)
+        print(f"using the scan in {scan_dir} (delete it to scan again)", flush=True)
+    else:
+        from nsr_hf.corpus import load_corpus, split_of
+        from nsr_hf.models import load_model_and_tokenizer
+
+        config = TrainConfig(**values)
+        model, tokenizer = load_model_and_tokenizer(config.model)
+        corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
+        docs = corpus.iter_documents(limit=config.dataset_documents)
+        # the neurons are chosen on train documents only, never on validation or test ones (as nsr train does)
+        train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed) == "train"][: config.scan_documents]
+        if not train_docs:
+            raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
+        scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers,
+                                   position="last" if config.position == "last" else "all", max_documents=len(train_docs),
+                                   max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir)),
+                        model=model, tokenizer=tokenizer, source=train_docs)
+        del model
+    if len(scan.table) < top_n:
+        raise ValueError(f"The scan ranked {len(scan.table)} neurons, fewer than top_n = {top_n}.")
+    return [str(scan.neuron_at_rank(rank)) for rank in range(1, top_n + 1)]
+
+
+def run_dir(output_dir, neuron: str, seed: int) -> Path:
+    return Path(output_dir) / neuron / f"seed-{seed}"
+
+
+def _finished_dataset(output_dir, neuron: str, seeds) -> Optional[Path]:
+    """The dataset of a finished run of ``neuron`` (any seed), to be loaded by its other runs."""
+    for seed in seeds:
+        folder = run_dir(output_dir, neuron, seed)
+        if (folder / "metrics.json").exists() and (folder / "dataset").is_dir():
+            return folder / "dataset"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures and their summary
+
+
+def _numbers(d: dict) -> dict:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows" and math.isfinite(v)}
+
+
+def run_figures(summary: dict, split: str = "test") -> dict[str, dict[str, float]]:
+    """``{method: {figure: value}}`` of one run's ``metrics.json`` (module docstring, step 3)."""
+    figures: dict[str, dict[str, float]] = {}
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        for method, m in ((evaluation.get("metrics") or {}).get(split) or {}).items():
+            figures[method] = _numbers(m)
+        for name, c in ((evaluation.get("comparisons") or {}).get(split) or {}).items():
+            figures[name] = {"delta_r2": float(c["difference"])}
+            if "low" in c:
+                figures[name]["beats"] = float(c["low"] > 0)
+        for real, s in ((evaluation.get("selectivity") or {}).get(split) or {}).items():
+            figures[f"selectivity:{real}"] = {"selectivity": float(s["selectivity"])}
+    else:
+        m = (summary.get("metrics") or {}).get(split) or {}
+        figures["self"] = {k.removeprefix(f"{split}_"): v for k, v in _numbers(m).items()}
+    drift = summary.get("neuron_drift") or {}
+    if isinstance(drift.get("max_abs"), (int, float)):
+        figures.setdefault("self", {})["drift_max_abs"] = float(drift["max_abs"])
+    return figures
+
+
+def spread(values) -> dict:
+    """Median and spread of a figure over runs: n, median, q1, q3, iqr (q3 - q1), min, max, mean (linear
+    interpolation between order statistics, numpy's default)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("No values to summarise.")
+    q1, median, q3 = np.percentile(v, [25, 50, 75])
+    return {"n": int(v.size), "median": float(median), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
+            "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())}
+
+
+def summarise_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """``{method: {figure: spread}}`` over the runs that finished (each with ``figures``)."""
+    collected: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for method, figures in (run.get("figures") or {}).items():
+            for figure, value in figures.items():
+                collected.setdefault(method, {}).setdefault(figure, []).append(value)
+    return {method: {figure: spread(values) for figure, values in figures.items()} for method, figures in collected.items()}
+
+
+def _cell(stats: Optional[dict], digits: int = 3) -> str:
+    if not stats:
+        return "n/a"
+    return (f"{stats['median']:.{digits}f} [{stats['q1']:.{digits}f}, {stats['q3']:.{digits}f}] "
+            f"({stats['min']:.{digits}f} to {stats['max']:.{digits}f})")
+
+
+def sweep_markdown(result: dict) -> str:
+    """``sweep.md``: the summary per method, the comparisons, and one row per run."""
+    summary, runs, split = result["summary"], result["runs"], result["split"]
+    done = [r for r in runs if r.get("figures")]
+    lines = [f"# Sweep: {len(result['neurons'])} neuron(s) × {len(result['seeds'])} seed(s)", "",
+             f"Neurons {', '.join(result['neurons'])}; seeds {', '.join(map(str, result['seeds']))}; split {split}; "
+             f"{len(done)} of {len(runs)} runs finished.", "",
+             "Each cell: median [q1, q3] (min to max) over the runs.", ""]
+    methods = [m for m in summary if not m.startswith(("self_vs_", "selectivity:"))]
+    methods = (["self"] if "self" in methods else []) + [m for m in methods if m != "self"]
+    lines += ["| method | runs | " + " | ".join(label for _, label in TABLE_FIGURES) + " |", "| --- | --- |" + " --- |" * len(TABLE_FIGURES)]
+    for method in methods:
+        stats = summary[method]
+        n = max((s["n"] for s in stats.values()), default=0)
+        lines.append(f"| {method} | {n} | " + " | ".join(_cell(stats.get(key), 4 if key == "mse" else 3) for key, _ in TABLE_FIGURES) + " |")
+    comparisons = [m for m in summary if m.startswith("self_vs_")]
+    if comparisons:
+        lines += ["", "| comparison | ΔR² | runs where self-report is better (CI above 0) |", "| --- | --- | --- |"]
+        for name in comparisons:
+            s = summary[name]
+            beats = f"{s['beats']['mean']:.0%} of {s['beats']['n']}" if "beats" in s else "n/a"
+            lines.append(f"| {name} | {_cell(s.get('delta_r2'))} | {beats} |")
+    selectivity = [m for m in summary if m.startswith("selectivity:")]
+    if selectivity:
+        lines += ["", "| selectivity | R²(real) − R²(shuffled control) |", "| --- | --- |"]
+        lines += [f"| {name.split(':', 1)[1]} | {_cell(summary[name].get('selectivity'))} |" for name in selectivity]
+    lines += ["", "## Runs", "", "| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | drift max |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        f = run.get("figures") or {}
+        s, probe = f.get("self", {}), f.get("ridge_probe", {})
+
+        def num(d, key, digits=3):
+            return f"{d[key]:.{digits}f}" if key in d else "n/a"
+
+        status = "error: " + run["error"].splitlines()[-1][:80] if run.get("error") else run["status"]
+        lines.append(f"| {run['neuron']} | {run['seed']} | {status} | {num(s, 'r2')} | {num(s, 'pearson')} | {num(s, 'mse', 4)} | "
+                     f"{num(probe, 'r2')} | {num(s, 'drift_max_abs', 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
+    """``nsr sweep``: scan once, train every (neuron, seed) not yet finished, summarise (module docstring).
+    ``overrides``: ``TrainConfig`` values that replace the recipe's. Returns the content of ``sweep.json``."""
+    import gc
+
+    from nsr_hf.evaluation import to_jsonable
+    from nsr_hf.train import TrainConfig, run_train
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    values = recipe_values(config, overrides)
+    neurons = config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
+    runs = []
+    for neuron in neurons:
+        for seed in config.seeds:
+            folder = run_dir(out, neuron, seed)
+            run = {"neuron": neuron, "seed": seed, "output_dir": str(folder)}
+            if (folder / "metrics.json").exists():
+                run["status"] = "skipped (finished before)"
+            else:
+                dataset = _finished_dataset(out, neuron, config.seeds)
+                print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
+                try:
+                    run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),
+                                             **({"dataset": str(dataset)} if dataset else {})}))
+                    run["status"] = "trained"
+                except Exception as err:  # one failed run must not lose the others: record it, go on
+                    logger.error("sweep run %s seed %d failed:\n%s", neuron, seed, traceback.format_exc())
+                    run["status"], run["error"] = "failed", f"{type(err).__name__}: {err}"
+                gc.collect()
+            if (folder / "metrics.json").exists():
+                run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
+            runs.append(run)
+    result = {"config": asdict(config), "recipe": values, "neurons": neurons, "seeds": config.seeds, "split": config.split,
+              "runs": runs, "failed": sum(1 for r in runs if r.get("error")), "summary": summarise_runs(runs)}
+    (out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
+    (out / "sweep.md").write_text(sweep_markdown(result))
+    print(f"\nsweep: {len(runs) - result['failed']} of {len(runs)} runs finished; summary in {out / 'sweep.md'}", flush=True)
+    return result
+
+
+def usage() -> str:
+    from nsr_hf.train import valid_keys
+
+    lines = ["usage: nsr sweep [RECIPE.yaml] [--top_n N] [--seeds S ...] [--neurons L.N ...] [--output_dir DIR] [--key value ...]", "",
+             (SweepConfig.__doc__ or "").strip(), ""]
+    for name, f in SweepConfig.__dataclass_fields__.items():
+        lines.append(f"  --{name:<14} {f.metadata.get('help', '')}")
+    lines += ["", "Any other --key value replaces the recipe's value (TrainConfig keys): " + ", ".join(k for k in valid_keys() if k not in RESERVED_KEYS)]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``nsr sweep RECIPE [--sweep flags] [--TrainConfig key value ...]``."""
+    from transformers import HfArgumentParser
+
+    from nsr_hf.train import parse_overrides
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        if argv and not argv[0].startswith("--"):
+            argv = ["--recipe", argv[0], *argv[1:]]
+        # allow_abbrev=False: a recipe key such as --seed must not be read as an abbreviation of --seeds
+        parser = HfArgumentParser(SweepConfig, prog="nsr sweep", allow_abbrev=False)
+        config, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        result = run_sweep(config, parse_overrides(remaining))
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"nsr sweep: error: {err}", file=sys.stderr)
+        return 2
+    return 1 if result["failed"] else 0

@@ -1,0 +1,107 @@
+"""The sweep: one recipe over the scan's top neurons and several seeds; the summary holds the median and spread of
+each figure per method; a re-run skips finished runs; the figures come from the evaluation when a run has one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsr_hf.sweep import SweepConfig, run_figures, run_sweep, spread, summarise_runs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_spread_is_the_median_quartiles_and_range():
+    s = spread([4.0, 1.0, 3.0, 2.0, 10.0])
+    assert s == {"n": 5, "median": 3.0, "q1": 2.0, "q3": 4.0, "iqr": 2.0, "min": 1.0, "max": 10.0, "mean": 4.0}
+    assert spread([0.5])["iqr"] == 0.0
+
+
+def test_figures_come_from_the_evaluation_when_a_run_has_one():
+    evaluation = {"metrics": {"test": {"self": {"r2": 0.8, "pearson": 0.9, "rows": 12, "r2_ci": [0.7, 0.9], "subsets": {}},
+                                       "ridge_probe": {"r2": 0.5, "pearson": 0.7, "rows": 12}}},
+                  "comparisons": {"test": {"self_vs_cross:minilm": {"difference": 0.3, "low": 0.1, "high": 0.5}}},
+                  "selectivity": {"test": {"self": {"selectivity": 0.75, "control": "shuffled_labels"}}}}
+    figures = run_figures({"evaluation": evaluation, "neuron_drift": {"max_abs": 0.0}})
+    assert figures["self"] == {"r2": 0.8, "pearson": 0.9, "drift_max_abs": 0.0}  # numbers only; rows and intervals left out
+    assert figures["ridge_probe"] == {"r2": 0.5, "pearson": 0.7}
+    assert figures["self_vs_cross:minilm"] == {"delta_r2": 0.3, "beats": 1.0}
+    assert figures["selectivity:self"] == {"selectivity": 0.75}
+    legacy = run_figures({"metrics": {"test": {"test_r2": 0.4, "test_mse": 0.1, "epoch": 1.0}}})
+    assert legacy == {"self": {"r2": 0.4, "mse": 0.1, "epoch": 1.0}}
+
+
+def test_summary_is_per_method_and_figure_over_the_finished_runs():
+    runs = [{"figures": {"self": {"r2": r2}, "mean": {"r2": 0.0}}} for r2 in (0.2, 0.6, 0.4)] + [{"error": "failed"}]
+    summary = summarise_runs(runs)
+    assert summary["self"]["r2"]["median"] == pytest.approx(0.4) and summary["self"]["r2"]["n"] == 3
+    assert summary["mean"]["r2"]["max"] == 0.0
+
+
+def test_reserved_keys_and_a_recipe_dataset_are_clear_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: outputs/some_dataset\n")
+    with pytest.raises(ValueError, match="names a dataset"):
+        run_sweep(SweepConfig(recipe=str(recipe), output_dir=str(tmp_path / "s")))
+    with pytest.raises(ValueError, match="use --seeds"):
+        run_sweep(SweepConfig(output_dir=str(tmp_path / "s")), {"seed": "3"})
+    with pytest.raises(ValueError, match="Unknown key"):
+        run_sweep(SweepConfig(output_dir=str(tmp_path / "s")), {"learning_rat": "3"})
+    with pytest.raises(ValueError, match="seeds repeat"):
+        SweepConfig(seeds=[1, 1])
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_model_dirs, tmp_path_factory):
+    """nsr sweep on a tiny Llama with the synthetic corpus: 2 neurons x 2 seeds, a few steps each."""
+    from nsr_hf.cli import main
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(f"model: {tiny_model_dirs['llama']}\ncorpus: synthetic\nscan_documents: 8\ndataset_documents: 12\nmax_length: 24\n"
+                      "max_steps: 2\nper_device_train_batch_size: 4\neval_strategy: 'no'\nneuron: auto\n")
+    out = tmp / "out"
+    argv = ["sweep", str(recipe), "--top_n", "2", "--seeds", "0", "1", "--output_dir", str(out), "--learning_rate", "1e-2"]
+    code = main(argv)
+    return argv, out, code
+
+
+def test_sweep_trains_every_neuron_and_seed_and_summarises(swept):
+    _, out, code = swept
+    assert code == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert len(result["neurons"]) == 2 and result["seeds"] == [0, 1] and result["failed"] == 0
+    assert (out / "scan" / "top_neurons.json").exists()
+    assert [(r["neuron"], r["seed"]) for r in result["runs"]] == [(n, s) for n in result["neurons"] for s in (0, 1)]
+    for run in result["runs"]:
+        saved = json.loads((Path(run["output_dir"]) / "metrics.json").read_text())
+        assert saved["neurons"] == [run["neuron"]] and saved["config"]["seed"] == run["seed"]
+        assert saved["config"]["learning_rate"] == 1e-2  # the override reached every run
+    # the second seed of a neuron loads the dataset its first seed built
+    first, second = result["runs"][0], result["runs"][1]
+    assert json.loads((Path(second["output_dir"]) / "metrics.json").read_text())["config"]["dataset"] == str(Path(first["output_dir"]) / "dataset")
+    values = [r["figures"]["self"]["mse"] for r in result["runs"]]
+    assert result["summary"]["self"]["mse"] == spread(values)
+    table = (out / "sweep.md").read_text()
+    assert "| self | 4 |" in table and "## Runs" in table and result["neurons"][0] in table
+
+
+def test_a_second_sweep_skips_the_finished_runs(swept, capsys):
+    from nsr_hf.cli import main
+
+    argv, out, _ = swept
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")}
+    assert main(argv) == 0
+    assert "sweep: neuron" not in capsys.readouterr().out  # no run started
+    result = json.loads((out / "sweep.json").read_text())
+    assert {r["status"] for r in result["runs"]} == {"skipped (finished before)"} and len(result["runs"]) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")} == before
+    assert result["summary"]["self"]["mse"]["n"] == 4
