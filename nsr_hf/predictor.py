@@ -386,13 +386,21 @@ class ActivationPredictor(PreTrainedModel):
         return torch.cat(out)
 
     def model_card(self, metrics: Optional[dict] = None) -> str:
-        """A model card (README.md) naming the base model, the neurons, the head, the dataset and metrics."""
+        """A model card (README.md) naming the base model, the neurons, the head, the dataset and metrics.
+
+        ``metrics``: simple figures (``{split: {name: value}}``; default ``self.evaluation_results``), shown as a
+        table; or the full evaluation of ``nsr_hf.evaluation.run_evaluate`` (default ``self.evaluation`` when it is
+        set), shown as its headline table (every method's R², r with intervals, MSE) with the comparisons' verdicts.
+        """
         from nsr_hf import __version__
 
         c = self.config
         base = c.base_model_name_or_path or c.base_config.get("_name_or_path", "unknown")
         source = (c.base_config or {}).get("nsr_hf_source")
         quant = f"\n- Base weights: {source['quantization']} ({source['package']}/{source['file']})" if source else ""
+        evaluation = getattr(self, "evaluation", None)
+        if isinstance(metrics, dict) and metrics.get("kind") == "nsr_hf.evaluation":
+            evaluation, metrics = metrics, None
         metrics = metrics if metrics is not None else getattr(self, "evaluation_results", None)
         lines = [
             "---",
@@ -413,8 +421,17 @@ class ActivationPredictor(PreTrainedModel):
             f"- Dataset: {c.dataset_name or 'not recorded'}",
             f"- Made with nsr_hf {__version__}",
         ]
+        if evaluation:
+            from nsr_hf.report import headline_table, verdicts
+
+            lines += ["", "## Evaluation", "", f"Neuron {evaluation.get('neuron')}, against baselines and controls on the same rows "
+                      "(activation units; intervals: percentile bootstrap over rows). R² below 0 is worse than predicting the mean."]
+            for split in evaluation.get("splits") or list(evaluation.get("metrics") or {}):
+                rows = (evaluation.get("rows") or {}).get(split)
+                lines += ["", f"### {split}" + (f" ({rows} rows)" if rows else ""), "", headline_table(evaluation, split), ""]
+                lines += [f"- {v}" for v in verdicts(evaluation, split)]
         if metrics:
-            lines += ["", "## Evaluation", "", "| metric | value |", "| --- | --- |"]
+            lines += ["", "## Metrics at the end of training" if evaluation else "## Evaluation", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flat(metrics).items()]
         lines += ["", "```python", "import nsr_hf", "from nsr_hf.predictor import load_predictor", "predictor = load_predictor(PATH_OR_REPO)",
                   "predictor.predict(['Some text'])", "```", ""]
