@@ -25,17 +25,28 @@ basis is likewise its input weight vector folded through its block's pre-MLP nor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from nsr_hf.architectures import arch_spec, get_final_norm, get_layers, get_mlp, get_neuron_module, get_pre_mlp_norm, num_layers, num_neurons
+from nsr_hf.architectures import (
+    arch_spec,
+    get_final_norm,
+    get_layers,
+    get_mlp,
+    get_neuron_module,
+    get_pre_mlp_norm,
+    num_layers,
+    num_neurons,
+)
 from nsr_hf.capture import Intervention, Neuron, model_inputs, validate_neuron
 from nsr_hf.causal import (
     activation_column,
@@ -167,7 +178,7 @@ def _head_module(model) -> nn.Module:
     if hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper: the trained copy
         names = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter", "default")]
         name = names[0] if isinstance(names, (list, tuple)) else names
-        head = head.modules_to_save[name] if name in head.modules_to_save else head.original_module
+        head = head.modules_to_save[name] if name in head.modules_to_save else head.original_module  # noqa: SIM401 (a ModuleDict)
     return head
 
 
@@ -185,8 +196,9 @@ def head_direction(predictor, neuron=None) -> tuple[np.ndarray, dict]:
                          "Use projection_analysis, activation_patching or direction_ablation instead.")
     head = _head_module(model)
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"The head is a {type(head).__name__} (head_hidden_size={config.head_hidden_size}), not a linear map: "
-                         "it has no single weight vector to align.")
+        raise ValueError(  # noqa: TRY004 (a configuration the analysis cannot use, not a wrong argument type)
+            f"The head is a {type(head).__name__} (head_hidden_size={config.head_hidden_size}), not a linear map: "
+            "it has no single weight vector to align.")
     weight = head.weight.detach().double().cpu().numpy()
     if config.head_type == "regression":
         return weight[column], {"source": "regression head row"}
@@ -344,7 +356,7 @@ def projection_analysis(predictor, rows, neuron=None, batch_size: int = 16, max_
     indices); None where a projection is constant. ``head_output_r`` / ``head_output_r2``: the report itself."""
     model = unwrap_predictor(predictor)
     neuron, column = target_column(model, neuron)
-    rows = subsample(as_rows(rows), max_rows, seed)
+    rows = subsample(rows, max_rows, seed)
     if len(rows) < 3:
         raise ValueError(f"projection_analysis needs at least 3 rows for a correlation, got {len(rows)}.")
     true = activation_column(rows, column)
@@ -400,7 +412,7 @@ def activation_patching(predictor, rows, neuron=None, modes: Sequence[str] = PAT
     size = num_neurons(model.base)
     if not 0 <= int(control_neurons) <= size - 1:
         raise ValueError(f"control_neurons must be between 0 and {size - 1} (the other neurons of layer {neuron.layer}), got {control_neurons}.")
-    rows = subsample(as_rows(rows), max_rows, seed)
+    rows = subsample(rows, max_rows, seed)
     true = activation_column(rows, column)
     rng = np.random.default_rng(seed)
     others = np.array([i for i in range(size) if i != neuron.index])
@@ -467,9 +479,8 @@ def _retained(after: float | None, before: float | None) -> float | None:
 
 
 def _ablating(block: nn.Module, unit_direction: torch.Tensor):
-    """A context manager that removes ``unit_direction`` from ``block``'s output at every token."""
-    import contextlib
-
+    """A ``during`` context (see ``predictor_reports``) that removes ``unit_direction`` from ``block``'s output at
+    every token."""
     @contextlib.contextmanager
     def context(*_):
         def hook(module, args, output):
@@ -501,7 +512,7 @@ def direction_ablation(predictor, rows, neuron=None, control_directions: int = 3
         raise ValueError(f"control_directions must be >= 0, got {control_directions}.")
     model = unwrap_predictor(predictor)
     neuron, column = target_column(model, neuron)
-    rows = subsample(as_rows(rows), max_rows, seed)
+    rows = subsample(rows, max_rows, seed)
     if len(rows) < 2:
         raise ValueError(f"direction_ablation needs at least 2 rows to measure accuracy, got {len(rows)}.")
     true = activation_column(rows, column)

@@ -22,14 +22,14 @@ token only through attention in later blocks. ``causal_test`` says so in ``meani
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Callable, ContextManager, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from nsr_hf.architectures import num_layers
-from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene, model_inputs
+from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
 from nsr_hf.trainer import PredictorDataCollator
 
 MODES = ("set", "scale")
@@ -49,7 +49,7 @@ def unwrap_predictor(predictor):
     if hasattr(model, "get_base_model") and not isinstance(model, ActivationPredictor):
         model = model.get_base_model()
     if not isinstance(model, ActivationPredictor):
-        raise ValueError(f"Expected an ActivationPredictor (or a PEFT model around one), got {type(predictor).__name__}.")
+        raise TypeError(f"Expected an ActivationPredictor (or a PEFT model around one), got {type(predictor).__name__}.")
     return model
 
 
@@ -71,8 +71,8 @@ def as_rows(rows) -> list[dict]:
     """A list of row dicts from a ``datasets.Dataset`` or a sequence of dicts; a clear error if empty or malformed."""
     if rows is None:
         raise ValueError("No rows given: pass an activation-dataset split or a list of its rows.")
-    if hasattr(rows, "column_names") and hasattr(rows, "select"):
-        rows = [rows[i] for i in range(len(rows))]
+    if hasattr(rows, "column_names") and hasattr(rows, "to_list"):
+        rows = rows.to_list()
     elif isinstance(rows, dict):
         raise ValueError("rows must be a split (datasets.Dataset) or a list of row dicts, not a single dict.")
     rows = list(rows)
@@ -92,14 +92,15 @@ def activation_column(rows: Sequence[dict], column: int) -> np.ndarray:
     return values
 
 
-def subsample(rows: list[dict], max_rows: int, seed: int = 0) -> list[dict]:
-    """At most ``max_rows`` rows, a seeded random subset in the original order."""
+def subsample(rows, max_rows: int, seed: int = 0) -> list[dict]:
+    """At most ``max_rows`` rows (a seeded random subset, in the original order) as a list of row dicts; a
+    ``datasets.Dataset`` is subset before its rows are read."""
     if int(max_rows) < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}.")
-    if len(rows) <= max_rows:
-        return rows
-    keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=int(max_rows), replace=False))
-    return [rows[i] for i in keep]
+    if rows is not None and not isinstance(rows, dict) and hasattr(rows, "__len__") and len(rows) > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=int(max_rows), replace=False))
+        rows = rows.select(keep) if hasattr(rows, "select") and hasattr(rows, "column_names") else [rows[int(i)] for i in keep]
+    return as_rows(rows)
 
 
 def _collator(model) -> PredictorDataCollator:
@@ -134,7 +135,7 @@ def _eval_mode(model):
 
 
 def predictor_reports(predictor, rows, neuron=None, batch_size: int = 16,
-                      during: Callable[[int, int, dict], ContextManager] | None = None) -> np.ndarray:
+                      during: Callable[[int, int, dict], contextlib.AbstractContextManager] | None = None) -> np.ndarray:
     """(rows,) the predictor's report of ``neuron`` (expected value, activation units) for each row.
 
     ``during(start, stop, batch)``, when given, returns a context manager entered around the forward pass of
@@ -169,7 +170,7 @@ def _batch_value(value, start: int, stop: int, n_rows: int, n_indices: int):
                      "give a number, one value per row, one per neuron, or (rows, neurons).")
 
 
-def report_under_intervention(predictor, rows, interventions: "Intervention | Iterable[Intervention]", batch_size: int = 16,
+def report_under_intervention(predictor, rows, interventions: Intervention | Iterable[Intervention], batch_size: int = 16,
                               neuron=None) -> np.ndarray:
     """(rows,) the predictor's report (expected value, activation units) of ``neuron`` (default: its first target)
     with ``interventions`` active in ``predictor.base``, applied at each row's labelled token only.
@@ -182,7 +183,7 @@ def report_under_intervention(predictor, rows, interventions: "Intervention | It
     ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions or [])
     for iv in ivs:
         if not isinstance(iv, Intervention):
-            raise ValueError(f"Expected nsr_hf.capture.Intervention objects, got {type(iv).__name__}.")
+            raise TypeError(f"Expected nsr_hf.capture.Intervention objects, got {type(iv).__name__}.")
         _batch_value(iv.value, 0, len(rows), len(rows), len(iv.indices))  # shape check before any forward
 
     def during(start, stop, batch):
@@ -292,7 +293,7 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         raise ValueError(f"num_values must be at least 2 to fit a slope, got {num_values}.")
     model = unwrap_predictor(predictor)
     neuron, column = target_column(model, neuron)
-    rows = subsample(as_rows(rows), max_rows, seed)
+    rows = subsample(rows, max_rows, seed)
     true = activation_column(rows, column)
     natural = report_under_intervention(model, rows, [], batch_size, neuron)
     if mode == "set":

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_causal import TARGET, known_answer, labelled_rows, linear_predictor
 
 from nsr_hf.analysis import (
     AnalysisResult,
@@ -23,11 +24,10 @@ from nsr_hf.analysis import (
     residual_stream,
     weight_alignment,
 )
-from nsr_hf.architectures import get_final_norm, get_layers, get_mlp, get_neuron_module, neuron_weights
+from nsr_hf.architectures import get_final_norm, get_layers, get_mlp, neuron_weights
 from nsr_hf.capture import Neuron
 from nsr_hf.causal import causal_test, predictor_reports
 from nsr_hf.predictor import ActivationPredictor
-from test_causal import COORD, SCALE, TARGET, known_answer, labelled_rows, linear_predictor
 
 EDGES = [[i / 10 for i in range(11)]]
 

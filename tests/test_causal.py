@@ -19,7 +19,15 @@ from torch import nn
 
 from nsr_hf.architectures import arch_spec, get_layers, get_neuron_module, neuron_weights
 from nsr_hf.capture import _INTERVENED, Intervention, Neuron, capture_activations, encode_texts
-from nsr_hf.causal import causal_test, linear_fit, live_activations, path_to_report, plot_causal, predictor_reports, report_under_intervention
+from nsr_hf.causal import (
+    causal_test,
+    linear_fit,
+    live_activations,
+    path_to_report,
+    plot_causal,
+    predictor_reports,
+    report_under_intervention,
+)
 from nsr_hf.predictor import ActivationPredictor
 
 TEXTS = [
@@ -231,11 +239,14 @@ def test_no_hooks_remain_and_the_report_is_unchanged_after_the_test(tiny):
     np.testing.assert_array_equal(predictor_reports(predictor, rows), before)
 
 
-def test_max_rows_takes_a_seeded_subset(tiny):
+def test_max_rows_takes_the_same_seeded_subset_of_a_list_or_a_dataset(tiny):
+    from datasets import Dataset
+
     predictor, rows = known_answer(tiny)
     a = causal_test(predictor, rows, num_values=2, max_rows=5, seed=1)
-    b = causal_test(predictor, rows, num_values=2, max_rows=5, seed=1)
-    assert a["rows"] == 5 and a == b
+    b = causal_test(predictor, Dataset.from_list(rows), num_values=2, max_rows=5, seed=1)
+    c = causal_test(predictor, rows, num_values=2, max_rows=5, seed=2)
+    assert a["rows"] == 5 and a == b and a["values"] != c["values"]
 
 
 def test_plot_shows_the_fit_and_the_natural_line(tiny, tmp_path):
