@@ -332,7 +332,8 @@ class EvaluateConfig:
         "help": "A predictor trained the same way on shuffled labels: the predictor's own selectivity control"})
     training_log: Optional[str] = field(default=None, metadata={
         "help": "JSON with the Trainer's log_history (trainer_state.json or a list) for training_curves.png; default: next to the predictor"})
-    drift_log: Optional[str] = field(default=None, metadata={"help": "drift.json of the drift monitor for drift.png; default: next to the predictor"})
+    drift_log: Optional[str] = field(default=None, metadata={
+        "help": "drift.json of the drift monitor (nsr_hf.monitoring) for drift.png; default: next to the predictor, else the drift/ entries of the training log"})
     device: Optional[str] = field(default=None, metadata={"help": "Device of a predictor loaded here (default: cuda when available)"})
 
     def __post_init__(self):
@@ -363,15 +364,6 @@ def read_training_log(path) -> list[dict]:
     history = data.get("log_history") if isinstance(data, dict) else data
     if not isinstance(history, list):
         raise ValueError(f"{path}: expected the Trainer's log_history (a list, or trainer_state.json with 'log_history').")
-    return history
-
-
-def read_drift_log(path) -> list[dict]:
-    """The drift monitor's history: ``drift.json`` (``{"history": [...]}``) or a plain list of ``{"step", "drift/..."}``."""
-    data = _read_json(path)
-    history = data.get("history") if isinstance(data, dict) else data
-    if not isinstance(history, list):
-        raise ValueError(f"{path}: expected a drift history (a list, or a dict with 'history').")
     return history
 
 
@@ -525,7 +517,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     import torch
 
     from nsr_hf.predictor import load_predictor
-    from nsr_hf.report import write_report
+    from nsr_hf.report import drift_history, write_report
     from nsr_hf.trainer import _unwrap
 
     out = Path(config.output_dir)
@@ -625,9 +617,8 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
         log_history = read_training_log(path) if path else None
     if drift is None:
         path = config.drift_log or _beside_predictor(config, ("drift.json",))
-        drift = read_drift_log(path) if path else None
-    elif isinstance(drift, dict) and "history" in drift:
-        drift = drift["history"]
+        drift = json.loads(Path(path).read_text()) if path else None
+    history, drift_summary = drift_history(drift, log_history)
 
     headline = neurons[0]
     evaluation = {
@@ -643,6 +634,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
                     "random_sample": "a seeded uniform sample of as many rows as the top decile"},
         **per_neuron[headline],
         "by_neuron": per_neuron,
+        "drift": drift_summary,
         "config": asdict(config),
     }
     if len(neurons) > 1:
@@ -650,6 +642,6 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     (out / "metrics.json").write_text(json.dumps(to_jsonable(evaluation), indent=2, allow_nan=False))
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     (out / "predictions.json").write_text(json.dumps(to_jsonable({"doc_id": doc_ids, "by_neuron": all_predictions}), allow_nan=False))
-    write_report(evaluation, out, predictions=all_predictions[headline], log_history=log_history, drift=drift)
+    write_report(evaluation, out, predictions=all_predictions[headline], log_history=log_history, drift=history or drift_summary)
     print(f"evaluation of {', '.join(neurons)} written to {out}/ (metrics.json, report.md)", flush=True)
     return evaluation

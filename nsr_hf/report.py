@@ -12,7 +12,7 @@ Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when it
 * ``methods.png``: R^2 and r of every method with their bootstrap confidence intervals.
 * ``r2_by_layer.png``: the ridge probe's R^2 when it reads each layer (read layer and target layer marked).
 * ``training_curves.png``: the Trainer's ``log_history`` (training loss, evaluation loss and metrics).
-* ``drift.png``: the drift monitor's history (every ``drift/...`` key against ``step``).
+* ``drift.png``: the drift monitor's history against ``step`` (``drift_history`` says which inputs it accepts).
 * ``causal.png``: ``nsr_hf.causal.plot_causal`` of the causal test.
 """
 from __future__ import annotations
@@ -65,6 +65,8 @@ def _figures_of(metrics: dict, method: str) -> dict:
 def _num(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return f"{value:.{digits}f}"
 
 
@@ -317,21 +319,58 @@ def plot_training_curves(log_history: Sequence[dict], path: Path) -> Optional[Pa
     return _save(fig, path)
 
 
+DRIFT_SKIP = ("step", "epoch", "seconds")
+
+
+def drift_history(drift=None, log_history: Optional[Sequence[dict]] = None) -> tuple[list[dict], Optional[dict]]:
+    """``(history, summary)`` of the target neuron's drift from whatever the caller has: the drift monitor's
+    history (a list of ``{"step", ...}``, keys with or without the ``drift/`` prefix the Trainer's log adds), its
+    ``drift.json`` (a dict with ``history``), a one-off summary such as the train stage's ``neuron_drift``
+    (a dict without ``history``: no curve), or nothing, in which case the ``drift/...`` entries of the Trainer's
+    ``log_history`` are used. Keys come back without the ``drift/`` prefix; the summary is the last measurement."""
+    summary = None
+    if isinstance(drift, dict):
+        if "history" in drift:
+            history = drift.get("history") or []
+            summary = drift.get("final")
+        else:
+            history, summary = [], {k: v for k, v in drift.items() if isinstance(v, (int, float, str))}
+    elif drift:
+        history = list(drift)
+    else:
+        history = [e for e in (log_history or []) if any(str(k).startswith("drift/") for k in e)]
+    history = [{str(k).removeprefix("drift/"): v for k, v in e.items()} for e in history if isinstance(e, dict)]
+    if summary is None and history:
+        summary = history[-1]
+    return history, summary
+
+
+def _drift_panel(key: str) -> int:
+    if "head_" in key:
+        return 1
+    if key.startswith("lm_loss"):
+        return 2
+    return 0
+
+
 def plot_drift(history: Sequence[dict], path: Path) -> Optional[Path]:
-    """Every ``drift/...`` key of the drift monitor's history against ``step``."""
-    keys = sorted({k for e in history for k in e if k.startswith("drift/")})
+    """The drift history against ``step``, in up to three panels: the target neuron (mean shift, std ratio,
+    correlation, largest change), the head's agreement with the live and the reference neuron, the LM loss."""
+    keys = sorted({k for e in history for k, v in e.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
     if not keys:
         return None
-    fig = _figure(6.4, 4.0)
-    ax = fig.add_subplot()
-    for key in keys:
-        points = [(e["step"], e[key]) for e in history if key in e and "step" in e and e[key] is not None]
-        if points:
-            ax.plot(*zip(*points), marker=".", label=key.removeprefix("drift/"))
-    ax.set_xlabel("step")
-    ax.set_ylabel("drift of the target neuron (activation units)")
-    ax.set_title("how far the target neuron moved during training")
-    ax.legend(fontsize=8)
+    titles = ("target neuron (live vs the frozen original)", "head's report vs the neuron", "language-model loss")
+    panels = sorted({_drift_panel(k) for k in keys})
+    fig = _figure(5.2 * len(panels), 4.0)
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key in [k for k in keys if _drift_panel(k) == panel]:
+            points = [(e["step"], e[key]) for e in history if "step" in e and isinstance(e.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=key)
+        ax.set_xlabel("step")
+        ax.set_title(titles[panel], fontsize=9)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -384,7 +423,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
         predictions: {split: {"true": (rows,), "self": (rows,), optional "self_greedy", "ridge_probe", ...}} of the
             headline neuron, for the scatter and residual plots (``predictions.json``'s ``by_neuron[neuron]``).
         log_history: the Trainer's ``log_history`` for ``training_curves.png``.
-        drift: the drift monitor's history (a list of ``{"step", "drift/...": value}``) or a dict with ``history``.
+        drift: the drift monitor's history, its ``drift.json``, or a summary without history (``drift_history``); when
+            None, the ``drift/...`` entries of ``log_history`` are used.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,8 +433,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
         raise ValueError("The evaluation holds no metrics by split: pass what run_evaluate returns (or its metrics.json).")
     neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
     info = evaluation.get("predictor") or {}
-    if isinstance(drift, dict):
-        drift = drift.get("history")
+    history, drift_summary = drift_history(drift, log_history)
     plots: dict[str, Path] = {}
 
     def attempt(name: str, make):
@@ -419,8 +458,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
         attempt("r2_by_layer.png", lambda p: plot_r2_by_layer(evaluation["probe_by_layer"], p, info.get("read_layer"), target_layer))
     if log_history:
         attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
-    if drift:
-        attempt("drift.png", lambda p: plot_drift(drift, p))
+    if history:
+        attempt("drift.png", lambda p: plot_drift(history, p))
     if (evaluation.get("causal") or {}).get("mean_report"):
         attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
 
@@ -450,10 +489,10 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
     if evaluation.get("causal"):
         lines += ["## Causal test", "", "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
         lines += _causal_lines(evaluation["causal"]) + [""]
-    if drift:
-        last = drift[-1]
-        shown = ", ".join(f"{k.removeprefix('drift/')} {_num(v, 4)}" for k, v in last.items() if k.startswith("drift/"))
-        lines += ["## Drift of the target neuron", "", f"At step {last.get('step')}: {shown}.", ""]
+    if drift_summary:
+        shown = ", ".join(f"{k} {_num(v, 4)}" for k, v in drift_summary.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)))
+        when = f"At step {drift_summary['step']}" if "step" in drift_summary else "After training"
+        lines += ["## Drift of the target neuron", "", f"{when}: {shown}.", ""]
     by_neuron = evaluation.get("by_neuron") or {}
     if len(by_neuron) > 1:
         lines += ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]

@@ -95,6 +95,27 @@ def test_drift_plot_from_a_history_or_a_drift_json(tmp_path, drift):
     assert "At step 10: max_abs 0.2000" in (tmp_path / "report.md").read_text()
 
 
+def test_drift_json_of_the_drift_monitor_gives_the_three_panels_and_the_last_measurement(tmp_path):
+    evaluation, _ = small_evaluation()
+    entry = lambda step, shift: {"step": step, "epoch": step / 10, "2.7/mean_shift": shift, "2.7/std_ratio": 1.0, "head_r_live": 0.8,
+                                 "head_r2_reference": 0.6, "lm_loss": 3.0 + shift, "lm_loss_delta": shift, "seconds": 0.1}
+    drift_json = {"neurons": ["2.7"], "history": [entry(0, 0.0), entry(10, 0.5)], "final": entry(10, 0.5)}
+    write_report(evaluation, tmp_path, drift=drift_json)
+    report = (tmp_path / "report.md").read_text()
+    assert "At step 10: 2.7/mean_shift 0.5000, 2.7/std_ratio 1.0000, head_r_live 0.8000" in report and "seconds" not in report
+    assert (tmp_path / "drift.png").read_bytes()[:8] == PNG
+
+
+def test_drift_comes_from_the_training_log_when_not_given_and_a_summary_gets_no_curve(tmp_path):
+    evaluation, _ = small_evaluation()
+    log = [{"loss": 1.0, "step": 1}, {"drift/2.7/mean_shift": 0.1, "step": 1}, {"drift/2.7/mean_shift": 0.3, "step": 2}]
+    write_report(evaluation, tmp_path / "log", log_history=log)
+    assert (tmp_path / "log" / "drift.png").exists() and "At step 2: 2.7/mean_shift 0.3000" in (tmp_path / "log" / "report.md").read_text()
+    write_report(evaluation, tmp_path / "summary", drift={"max_abs": 0.0, "mean_abs": 0.0, "rows": 7, "split": "test"})
+    assert not (tmp_path / "summary" / "drift.png").exists()
+    assert "After training: max_abs 0.0000, mean_abs 0.0000, rows 7" in (tmp_path / "summary" / "report.md").read_text()
+
+
 def test_metrics_json_read_back_gives_the_same_report(tmp_path):
     evaluation, predictions = small_evaluation(greedy=True)
     first = write_report(evaluation, tmp_path / "a", predictions=predictions).read_text()
