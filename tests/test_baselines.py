@@ -32,8 +32,7 @@ from nsr_hf.dataset_generator import ActivationDatasetGenerator, DatasetConfig
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.predictor import ActivationPredictor
 
-WORDS = ("the quick brown fox jumps over lazy dog neurons in MLP layer respond to particular tokens and contexts "
-         "Python is a programming language its documentation explains modules classes functions 0 1 2 3 4 5 6 7 8 9").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "neurons", "in", "MLP", "layer", "respond", "to", "particular", "tokens", "and", "contexts", "Python", "is", "a", "programming", "language", "its", "documentation", "explains", "modules", "classes", "functions", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 ALL_METHODS = ("mean", "token_lookup", "ridge_probe", "random_init", "shuffled_labels")
 
 
@@ -269,7 +268,9 @@ def test_run_baselines_returns_one_prediction_per_evaluated_row_for_every_method
     out = run_baselines(model, tokenizer, activation_splits, read_layer=1, eval_splits=("test", "validation"),
                         cross_models=(llama,), batch_size=8)
     assert set(out["predictions"]) == {*ALL_METHODS, f"cross:{llama}"}
-    assert set(out["info"]) == set(out["predictions"])
+    assert set(out["info"]) == {*out["predictions"], "probe_by_layer"}
+    assert out["info"]["probe_by_layer"]["best_validation_layer"] in (0, 1, 2)
+    assert out["info"]["shuffled_labels"]["alpha_at_grid_edge"] in (True, False)
     for method, by_split in out["predictions"].items():
         for split in ("test", "validation"):
             assert by_split[split].shape == (len(activation_splits[split]),), (method, split)
@@ -277,7 +278,7 @@ def test_run_baselines_returns_one_prediction_per_evaluated_row_for_every_method
     y_train = labels_of(activation_splits["train"])
     assert np.all(out["predictions"]["mean"]["test"] == pytest.approx(y_train.mean()))
     assert sorted(out["probe_by_layer"]) == [0, 1, 2]
-    assert set(out["probe_by_layer"][1]) == {"alpha", "validation_r2", "test_r2", "validation_r2"}
+    assert set(out["probe_by_layer"][1]) == {"alpha", "validation_r2", "test_r2"}
     assert out["probe_by_layer"][1]["alpha"] == out["info"]["ridge_probe"]["alpha"]
     assert out["ridge_direction"].shape == (32,) and np.linalg.norm(out["ridge_direction"]) == pytest.approx(1.0)
     assert 0.0 <= out["info"]["token_lookup"]["coverage"]["test"] <= 1.0
@@ -306,6 +307,29 @@ def test_the_random_init_control_is_seeded_and_leaves_the_global_rng_alone(gpt2,
     np.testing.assert_array_equal(first["predictions"]["random_init"]["test"], again["predictions"]["random_init"]["test"])
     assert not np.allclose(first["predictions"]["random_init"]["test"], other["predictions"]["random_init"]["test"])
     assert not np.allclose(first["predictions"]["random_init"]["test"], first["predictions"]["ridge_probe"]["test"])
+
+
+def test_a_shared_feature_cache_computes_features_once_across_neuron_columns(gpt2, activation_splits, tiny_model_dirs, monkeypatch):
+    from nsr_hf import baselines
+
+    model, tokenizer = gpt2
+    llama = tiny_model_dirs["llama"]
+    methods = ("ridge_probe", "probe_by_layer", "random_init", "cross")
+    fresh = [run_baselines(model, tokenizer, activation_splits, read_layer=1, methods=methods, cross_models=(llama,), neuron_column=j)
+             for j in (0, 1)]
+    calls = {"layer_features": 0, "load_cross_model": 0}
+    for name in calls:
+        original = getattr(baselines, name)
+        monkeypatch.setattr(baselines, name, lambda *a, _f=original, _n=name, **k: (calls.__setitem__(_n, calls[_n] + 1), _f(*a, **k))[1])
+    cache = {}
+    shared = [run_baselines(model, tokenizer, activation_splits, read_layer=1, methods=methods, cross_models=(llama,), neuron_column=j,
+                            feature_cache=cache) for j in (0, 1)]
+    assert calls == {"layer_features": 6, "load_cross_model": 1}  # self and random-init per split, once; the cross model once
+    for a, b in zip(fresh, shared):
+        for method in a["predictions"]:
+            np.testing.assert_allclose(a["predictions"][method]["test"], b["predictions"][method]["test"], atol=1e-10)
+        assert a["info"][f"cross:{llama}"] == b["info"][f"cross:{llama}"]
+    assert not np.allclose(shared[0]["predictions"]["ridge_probe"]["test"], shared[1]["predictions"]["ridge_probe"]["test"])
 
 
 def test_an_empty_eval_split_gets_empty_predictions_and_a_note(gpt2, activation_splits):
@@ -350,7 +374,7 @@ def test_missing_columns_splits_and_bad_read_layers_are_refused_clearly(gpt2, ac
 
 
 def test_wrong_lengths_are_refused_clearly(gpt2):
-    model, tokenizer = gpt2
+    model, _ = gpt2
     with pytest.raises(ValueError, match="y has 9 values for 10 rows"):
         RidgeProbe().fit(np.zeros((10, 3)), np.zeros(9))
     with pytest.raises(ValueError, match="X_val has 2 features, X has 3"):
