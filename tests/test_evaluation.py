@@ -219,7 +219,7 @@ FAST = dict(n_bootstrap=200, causal_max_rows=16, causal_num_values=5, batch_size
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained, tmp_path_factory):
+def evaluated(trained, tmp_path_factory, tiny_model_dirs):
     from nsr_hf.predictor import load_predictor
 
     train_dir, _ = trained
@@ -227,8 +227,10 @@ def evaluated(trained, tmp_path_factory):
     predictor = load_predictor(str(train_dir / "predictor"))
     log = [{"loss": 1.0 / (s + 1), "step": s} for s in range(1, 6)] + [{"eval_loss": 0.4, "eval_r2": 0.1, "eval_pearson": 0.5, "step": 5}]
     drift = {"history": [{"step": s, "drift/max_abs": 0.0, "drift/mean_abs": 0.0} for s in (0, 5)]}
-    config = EvaluateConfig(predictor=str(train_dir / "predictor"), output_dir=str(out), **FAST)
-    return out, run_evaluate(config, predictor=predictor, log_history=log, drift=drift)
+    # another tiny model stands in for MiniLM as the cross-prediction model (MiniLM itself: the slow test)
+    other = tiny_model_dirs["gpt2"]
+    config = EvaluateConfig(predictor=str(train_dir / "predictor"), output_dir=str(out), cross_models=[other], **FAST)
+    return out, run_evaluate(config, predictor=predictor, log_history=log, drift=drift), other
 
 
 def test_predict_split_reads_each_rows_labelled_token_in_activation_units(trained):
@@ -248,11 +250,12 @@ def test_predict_split_reads_each_rows_labelled_token_in_activation_units(traine
     assert predictor.training is False
 
 
-def test_run_evaluate_scores_the_predictor_and_every_baseline_on_the_same_rows(evaluated, trained):
-    out, evaluation = evaluated
+def test_run_evaluate_scores_the_predictor_and_every_baseline_on_the_same_rows(evaluated):
+    out, evaluation, other = evaluated
     saved = json.loads((out / "metrics.json").read_text())
     test = saved["metrics"]["test"]
-    assert {"self", "mean", "token_lookup", "ridge_probe", "random_init", "shuffled_labels", "cross:minilm"} <= test.keys()
+    cross = f"cross:{other}"
+    assert {"self", "mean", "token_lookup", "ridge_probe", "random_init", "shuffled_labels", cross} <= test.keys()
     rows = saved["rows"]["test"]
     assert all(m["rows"] == rows for m in test.values())
     for m in test.values():
@@ -261,9 +264,9 @@ def test_run_evaluate_scores_the_predictor_and_every_baseline_on_the_same_rows(e
     # the figures recomputed from predictions.json
     predictions = json.loads((out / "predictions.json").read_text())["by_neuron"][saved["neuron"]]["test"]
     assert len(predictions["true"]) == rows
-    for method in ("self", "ridge_probe", "cross:minilm"):
+    for method in ("self", "ridge_probe", cross):
         assert test[method]["r2"] == pytest.approx(regression_metrics(predictions[method], predictions["true"])["r2"])
-    assert {"self_vs_cross:minilm", "self_vs_ridge_probe"} == saved["comparisons"]["test"].keys()
+    assert {f"self_vs_{cross}", "self_vs_ridge_probe"} == saved["comparisons"]["test"].keys()
     assert saved["selectivity"]["test"]["self"]["control"] == "shuffled_labels"
     assert set(saved["probe_by_layer"]) == {"0", "1", "2"}
     assert saved["causal"]["split"] == "test" and len(saved["causal"]["mean_report"]) == 5
@@ -273,12 +276,12 @@ def test_run_evaluate_scores_the_predictor_and_every_baseline_on_the_same_rows(e
 
 
 def test_run_evaluate_writes_the_report_and_every_plot(evaluated):
-    out, _ = evaluated
+    out, _, other = evaluated
     for name in ("report.md", "pred_vs_true.png", "residuals.png", "r2_by_layer.png", "training_curves.png", "drift.png", "methods.png", "causal.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "| **self** |" in report and "cross-report (minilm)" in report and "## Causal test" in report and "![methods.png](methods.png)" in report
+    assert "| **self** |" in report and f"cross-report ({other})" in report and "## Causal test" in report and "![methods.png](methods.png)" in report
 
 
 def test_head_only_predictor_may_reuse_its_own_base_for_the_baselines(trained, tmp_path):
@@ -320,6 +323,43 @@ def test_several_neurons_are_each_evaluated_with_their_own_baselines(tiny, tmp_p
     assert "## Every neuron" in (tmp_path / "report.md").read_text()
 
 
+def test_a_bin_head_is_scored_on_both_readouts(trained, tmp_path):
+    from nsr_hf.dataset_generator import load_activation_dataset
+    from nsr_hf.models import load_model_and_tokenizer
+    from nsr_hf.predictor import ActivationPredictor, load_predictor
+
+    train_dir, _ = trained
+    dataset, metadata = load_activation_dataset(train_dir / "dataset")
+    base = load_predictor(str(train_dir / "predictor")).config.base_model_name_or_path
+    model, tok = load_model_and_tokenizer(base)
+    predictor = ActivationPredictor.from_base(model, tok, neurons=metadata["neurons"], head_type="classification", read_layer=2,
+                                              label_transform=metadata["transform"])
+    evaluation = run_evaluate(EvaluateConfig(output_dir=str(tmp_path), methods=["mean"], causal=False, n_bootstrap=50),
+                              predictor=predictor, dataset=dataset, metadata=metadata)
+    self_ = evaluation["metrics"]["test"]["self"]
+    assert {"greedy_r2", "greedy_r2_ci", "greedy_accuracy", "greedy_qwk", "accuracy", "majority_class_rate"} <= self_.keys()
+    greedy = json.loads((tmp_path / "predictions.json").read_text())["by_neuron"][metadata["neurons"][0]]["test"]["self_greedy"]
+    centers = np.asarray(metadata["transform"]["bin_edges"][0])
+    centers = (centers[1:] + centers[:-1]) / 2
+    assert all(np.isclose(centers, g).any() for g in greedy)  # the greedy readout reports bin centres
+    assert "| self (greedy) |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_training_log_and_drift_json_next_to_the_predictor_are_found(trained, tmp_path):
+    import shutil
+
+    train_dir, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(train_dir / "predictor", run / "predictor")
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 2.0, "step": 1}, {"loss": 1.0, "step": 2}]}))
+    (run / "drift.json").write_text(json.dumps({"history": [{"step": 0, "1.3/mean_shift": 0.0}, {"step": 2, "1.3/mean_shift": 0.25}]}))
+    evaluation = run_evaluate(EvaluateConfig(predictor=str(run / "predictor"), output_dir=str(run / "eval"), methods=["none"], causal=False,
+                                             n_bootstrap=0))
+    assert (run / "eval" / "training_curves.png").exists() and (run / "eval" / "drift.png").exists()
+    assert evaluation["drift"] == {"step": 2, "1.3/mean_shift": 0.25}
+    assert set(evaluation["metrics"]["test"]) == {"self"} and "r2_ci" not in evaluation["metrics"]["test"]["self"]
+
+
 def test_bad_input_gets_clear_errors(tiny, tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -352,3 +392,23 @@ def test_nsr_evaluate_on_the_train_output(trained, tmp_path, capsys):
     assert (tmp_path / "report.md").exists() and "evaluation of" in capsys.readouterr().out
     assert main(["evaluate", "--predictor", str(train_dir / "predictor"), "--output_dir", str(tmp_path), "--methods", "probes"]) == 2
     assert "Unknown method" in capsys.readouterr().err
+
+
+# -- the real model -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_whole_protocol_on_smollm2_with_minilm_as_the_cross_model(tmp_path):
+    """SmolLM2: scan, dataset and a few head_only steps, then every method including MiniLM cross-prediction."""
+    from nsr_hf.train import TrainConfig, run_train
+
+    config = TrainConfig(scan_documents=40, dataset_documents=80, max_length=32, max_steps=6, per_device_train_batch_size=8,
+                         eval_strategy="no", learning_rate=1e-3, output_dir=str(tmp_path / "train"))
+    run_train(config)
+    evaluation = run_evaluate(EvaluateConfig(predictor=str(tmp_path / "train" / "predictor"), output_dir=str(tmp_path / "eval"),
+                                             base_unchanged=True, n_bootstrap=200, causal_max_rows=8, causal_num_values=3))
+    test = evaluation["metrics"]["test"]
+    assert {"self", "ridge_probe", "cross:minilm", "random_init", "shuffled_labels", "token_lookup", "mean"} <= test.keys()
+    assert "self_vs_cross:minilm" in evaluation["comparisons"]["test"] and len(evaluation["probe_by_layer"]) == 30
+    assert evaluation["causal"]["meaningful"] is False  # the head reads the last block: see nsr_hf.causal
+    assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "methods.png").exists()
