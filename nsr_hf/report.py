@@ -403,8 +403,8 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
         lines += ["", "Selectivity (real minus shuffled-label control, paired bootstrap):", ""] + _selectivity_lines(selectivity)
     if "self" in metrics:
         f = metrics["self"]
-        lines += ["", f"Calibration of the self-reporter (true = intercept + slope × predicted): slope {_num(f['calibration_slope'])}, "
-                      f"intercept {_num(f['calibration_intercept'])}; MAE {_num(f['mae'], 4)}; Spearman ρ {_num(f['spearman'])}."]
+        lines += ["", (f"Calibration of the self-reporter (true = intercept + slope × predicted): slope {_num(f['calibration_slope'])}, "
+                       f"intercept {_num(f['calibration_intercept'])}; MAE {_num(f['mae'], 4)}; Spearman ρ {_num(f['spearman'])}.")]
     bins = _bin_table(metrics)
     if bins:
         lines += ["", "Bins (train-fitted edges):", "", bins]
@@ -466,7 +466,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
     lines = [f"# Self-report of neuron {neuron}", ""]
     lines += [f"- Predictor: `{info.get('path') or 'in memory'}` ({info.get('head_type')} head, reads block {info.get('read_layer')})",
               f"- Base model: `{info.get('base_model')}`; dataset: `{info.get('dataset')}`",
-              f"- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
+              "- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
     boot = evaluation.get("bootstrap") or {}
     if boot.get("n"):
         lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "

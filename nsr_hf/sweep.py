@@ -199,8 +199,8 @@ def sweep_markdown(result: dict) -> str:
     summary, runs, split = result["summary"], result["runs"], result["split"]
     done = [r for r in runs if r.get("figures")]
     lines = [f"# Sweep: {len(result['neurons'])} neuron(s) × {len(result['seeds'])} seed(s)", "",
-             f"Neurons {', '.join(result['neurons'])}; seeds {', '.join(map(str, result['seeds']))}; split {split}; "
-             f"{len(done)} of {len(runs)} runs finished.", "",
+             (f"Neurons {', '.join(result['neurons'])}; seeds {', '.join(map(str, result['seeds']))}; split {split}; "
+              f"{len(done)} of {len(runs)} runs finished."), "",
              "Each cell: median [q1, q3] (min to max) over the runs.", ""]
     methods = [m for m in summary if not m.startswith(("self_vs_", "selectivity:"))]
     methods = (["self"] if "self" in methods else []) + [m for m in methods if m != "self"]
