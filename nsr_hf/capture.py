@@ -267,7 +267,10 @@ class NeuronRecorder:
     def __enter__(self) -> "NeuronRecorder":
         try:
             for layer, idx in self.neurons.items():
-                shortcut = self.stop_early and layer == self.deepest and id(get_neuron_module(self.model, layer)) not in _INTERVENED
+                # the shortcut recomputes the neurons from the plain weights: not when an intervention or a PEFT
+                # adapter (a wrapped layer with `base_layer`) changes how the MLP computes them
+                adapted = any(hasattr(m, "base_layer") for m in get_mlp(self.model, layer).modules())
+                shortcut = self.stop_early and layer == self.deepest and id(get_neuron_module(self.model, layer)) not in _INTERVENED and not adapted
                 if shortcut:
                     handle = get_mlp(self.model, layer).register_forward_pre_hook(self._partial_mlp_hook(layer, idx), with_kwargs=True)
                 else:

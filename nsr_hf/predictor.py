@@ -137,7 +137,8 @@ class ActivationPredictorConfig(PretrainedConfig):
 class ActivationPredictorOutput(ModelOutput):
     """``predictions``: (batch, K) in activation units (the expected value for bins and tokens);
     ``greedy_predictions``: the centre of the most likely bin (bins and tokens); ``logits``: the head's
-    raw output ((batch, K) z-scores, (batch, K, bins) logits, or (batch, bins) report-token logits)."""
+    raw output ((batch, K) z-scores, or (batch, K, bins) bin logits; for the token head K = 1 and the bins are the
+    report tokens)."""
 
     loss: Optional[torch.Tensor] = None
     predictions: Optional[torch.Tensor] = None
@@ -336,34 +337,46 @@ class ActivationPredictor(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, label_positions=None, labels=None, **kwargs) -> ActivationPredictorOutput:
         """``labels``: (batch, K) neuron values in activation units; the head's loss is computed from them
-        through the saved label transform."""
-        config = self.config
+        through the saved label transform (``head_loss``)."""
+        output = self.head_forward(input_ids, attention_mask, label_positions)
         if labels is not None:
-            labels = labels.float().reshape(input_ids.shape[0], -1)
-        loss = greedy = None
+            output.loss = self.head_loss(output, labels)
+        return output
+
+    def head_forward(self, input_ids, attention_mask=None, label_positions=None) -> ActivationPredictorOutput:
+        """The head's output without a loss: ``predictions`` (expected value) and, for bins, ``greedy_predictions``."""
+        config = self.config
+        greedy = None
         if config.head_type == "regression":
             logits = self.neuron_head(self.representation(input_ids, attention_mask, label_positions))
             predictions = logits * self._transform_tensor("std", logits) + self._transform_tensor("mean", logits)
-            if labels is not None:
-                loss = nn.functional.mse_loss(logits, self.zscore(labels))
         else:
             if config.head_type == "classification":
                 logits = self.neuron_head(self.representation(input_ids, attention_mask, label_positions))
-                bin_logits = logits.reshape(logits.shape[0], len(config.neurons), config.num_bins)
+                logits = logits.reshape(logits.shape[0], len(config.neurons), config.num_bins)
             else:
-                logits = self.report_logits(input_ids, attention_mask, label_positions)
-                bin_logits = logits[:, None, :]
-            centers = self.bin_centers(bin_logits)  # (K, bins)
-            probs = bin_logits.float().softmax(-1)
+                logits = self.report_logits(input_ids, attention_mask, label_positions)[:, None, :]
+            centers = self.bin_centers(logits)  # (K, bins)
+            probs = logits.float().softmax(-1)
             predictions = (probs * centers).sum(-1)
-            greedy = centers.gather(1, bin_logits.argmax(-1).T).T
-            if labels is not None:
-                target = self.bin_of(labels)
-                weight = None if config.class_weights is None else torch.as_tensor(config.class_weights, dtype=torch.float32, device=logits.device)
-                loss = nn.functional.cross_entropy(bin_logits.reshape(-1, config.num_bins).float(), target.reshape(-1), weight=weight)
-                if config.head_type == "token" and config.expected_value_loss_weight:
-                    loss = loss + config.expected_value_loss_weight * nn.functional.mse_loss(self.zscore(predictions), self.zscore(labels))
-        return ActivationPredictorOutput(loss=loss, predictions=predictions, greedy_predictions=greedy, logits=logits)
+            greedy = centers.gather(1, logits.argmax(-1).T).T
+        return ActivationPredictorOutput(predictions=predictions, greedy_predictions=greedy, logits=logits)
+
+    def head_loss(self, output: ActivationPredictorOutput, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``output`` (from ``head_forward``) against ``labels`` (batch, K) in activation
+        units: MSE on z-scores (regression), cross-entropy over the train-fitted bins (classification and token,
+        plus the optional expected-value term)."""
+        config = self.config
+        logits = output.logits
+        labels = labels.float().reshape(logits.shape[0], -1)
+        if config.head_type == "regression":
+            return nn.functional.mse_loss(logits, self.zscore(labels))
+        target = self.bin_of(labels)
+        weight = None if config.class_weights is None else torch.as_tensor(config.class_weights, dtype=torch.float32, device=logits.device)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, config.num_bins).float(), target.reshape(-1), weight=weight)
+        if config.head_type == "token" and config.expected_value_loss_weight:
+            loss = loss + config.expected_value_loss_weight * nn.functional.mse_loss(self.zscore(output.predictions), self.zscore(labels))
+        return loss
 
     # -- convenience -----------------------------------------------------------------------------
 

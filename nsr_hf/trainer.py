@@ -16,6 +16,9 @@ What it changes from ``Trainer`` and why:
 * Evaluation keeps, per row, only ``[expected value, greedy value]`` per neuron in activation units, never the
   head's logits (for the token head those would be vocabulary-sized without care; PITFALL 14).
 * ``compute_metrics`` (``PredictorMetrics``) is numpy/scipy only (no ``evaluate.load``, which fails offline).
+* ``label_mode="live"``: the labels are the target neurons' values in the *current* weights, read in the same
+  forward pass (detached: no gradient through the label), instead of the dataset's reference values from the
+  original model. See ``LiveLabels`` for the guard against flattening the neuron.
 """
 from __future__ import annotations
 
@@ -200,6 +203,99 @@ class PredictorMetrics:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Live labels
+
+
+LABEL_MODES = ("reference", "live")
+
+
+class LiveLabels:
+    """Reads the target neurons at each row's labelled token during the predictor's own forward pass.
+
+    Live labels (``label_mode="live"``) train the head on the neuron as the weights are *now*, so a strategy
+    that moves the neuron (``full``, ``last_k`` reaching the target layer, ``lora`` on it) is asked to report
+    the neuron it has, not the one it had. That invites a trivial solution: any pressure that flattens the neuron
+    (weight decay, or the gradient through the representation) also makes it trivially easy to predict, since a
+    constant is. **The guard** adds to the loss, with weight ``guard_weight``,
+
+        mean over target neurons of  ((std_live - std_ref) / s)**2 + ((mean_live - mean_ref) / s)**2
+
+    where ``live`` are this batch's live values (with gradient: the guard pushes the weights, the label does
+    not), ``ref`` the same rows' reference values from the original model (the dataset's ``activations``) and
+    ``s`` the training-split standard deviation. The neuron may change which rows it fires on, but not collapse
+    to a constant or shift its scale. ``guard_weight=0`` turns it off. ``last`` holds the latest batch's
+    ``{"live_std_ratio", "live_mean_shift", "live_guard"}`` for logging.
+    """
+
+    def __init__(self, guard_weight: float = 10.0):
+        if not guard_weight >= 0:
+            raise ValueError(f"guard_weight must be a number >= 0, got {guard_weight!r}.")
+        self.guard_weight = float(guard_weight)
+        self.last: dict[str, float] = {}
+
+    def forward(self, model, inputs: dict) -> tuple[Any, torch.Tensor]:
+        """(outputs without loss, live values (batch, K) with gradient) for one batch."""
+        from nsr_hf.architectures import get_neuron_module
+        from nsr_hf.capture import _StopForward, model_inputs
+
+        inner = _unwrap(model)
+        neurons = inner.config.target_neurons
+        positions = inputs["label_positions"].long()
+        offset = torch.zeros_like(positions)
+        if inner.config.head_type == "token":
+            # the report prompt starts at each row's first real token (report_prompts)
+            offset = inputs["attention_mask"].long().argmax(-1)
+        found: dict[int, torch.Tensor] = {}
+
+        def hook_for(layer):
+            def hook(module, args):
+                if layer not in found:
+                    hidden = args[0]
+                    rows = torch.arange(hidden.shape[0], device=hidden.device)
+                    found[layer] = hidden[rows, (positions - offset).to(hidden.device)]
+                    if stop_early and layer == deepest:
+                        raise _StopForward
+            return hook
+
+        stop_early, deepest = False, max(n.layer for n in neurons)
+        handles = [get_neuron_module(inner.base, layer).register_forward_pre_hook(hook_for(layer)) for layer in {n.layer for n in neurons}]
+        try:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], label_positions=positions)
+            if len(found) < len(handles):
+                # the head reads a layer before a target one: one more (partial) pass reaches it
+                found.clear()
+                offset = torch.zeros_like(positions)
+                stop_early = True
+                try:
+                    inner.base(**model_inputs({k: inputs[k] for k in ("input_ids", "attention_mask")}), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        live = torch.stack([found[n.layer][:, n.index] for n in neurons], 1).float()
+        return outputs, live
+
+    def loss(self, model, inputs: dict, return_outputs: bool = False):
+        inner = _unwrap(model)
+        outputs, live = self.forward(model, inputs)
+        loss = inner.head_loss(outputs, live.detach())
+        ref = inputs["labels"].float().reshape(live.shape)
+        scale = torch.as_tensor(inner.config.label_transform["std"], dtype=live.dtype, device=live.device)
+        std_live, std_ref = live.std(0, unbiased=False), ref.std(0, unbiased=False)
+        shift = (live.mean(0) - ref.mean(0)) / scale
+        guard = (((std_live - std_ref) / scale) ** 2 + shift**2).mean()
+        if self.guard_weight and guard.requires_grad:
+            loss = loss + self.guard_weight * guard
+        with torch.no_grad():
+            self.last = {"live_std_ratio": float((std_live / std_ref.clamp_min(1e-12)).mean()), "live_mean_shift": float(shift.mean()),
+                         "live_guard": float(guard)}
+        outputs.loss = loss
+        outputs["live_labels"] = live.detach()
+        return (loss, outputs) if return_outputs else loss
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Trainer
 
 
@@ -236,10 +332,15 @@ class PredictorTrainer(Trainer):
         unfreeze: an unfreezing strategy name (``nsr_hf.unfreezing.STRATEGIES``) or a dict of
             ``apply_unfreezing`` keyword arguments (``{"strategy": "last_k", "k": 2}``); applied before the optimizer
             is built. ``"lora"`` becomes ``peft_config``; ``"gradual"`` adds its callback.
+        label_mode: ``"reference"`` (the dataset's ``activations``, from the original model) or ``"live"``
+            (recomputed from the current weights at every step; see ``LiveLabels``). With live labels, evaluation
+            also compares the report with the live neuron; the reference comparison is the drift monitor's.
+        live_guard_weight: weight of the live-label guard against flattening the neuron (``LiveLabels``).
     """
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *, data_collator=None, peft_config=None, unfreeze=None,
-                 compute_metrics=None, callbacks=None, processing_class=None, **kwargs):
+                 label_mode: str = "reference", live_guard_weight: float = 10.0, compute_metrics=None, callbacks=None,
+                 processing_class=None, **kwargs):
         from nsr_hf.unfreezing import GradualUnfreezing, apply_unfreezing
 
         if model is None:
@@ -252,6 +353,9 @@ class PredictorTrainer(Trainer):
         if args.label_names not in (None, ["labels"]):
             raise ValueError(f"label_names must be ['labels'] (the collator's key), got {args.label_names}.")
         args.label_names = ["labels"]
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}.")
+        self.live_labels = LiveLabels(live_guard_weight) if label_mode == "live" else None
         callbacks = list(callbacks or [])
         if unfreeze is not None:
             plan = apply_unfreezing(model, **(unfreeze if isinstance(unfreeze, dict) else {"strategy": unfreeze}))
@@ -273,6 +377,7 @@ class PredictorTrainer(Trainer):
         # Float labels must never become a token count that re-scales the loss (PITFALLS HF-4). transformers 5
         # reads `accepts_loss_kwargs` (not `model_accepts_loss_kwargs`) and sees forward's **kwargs, so force it.
         self.model_accepts_loss_kwargs = False
+        self._live_log = {}
 
     def train(self, *args, **kwargs):
         trainable, total = count_parameters(self.model)
@@ -283,7 +388,22 @@ class PredictorTrainer(Trainer):
             raise ValueError("No parameter is trainable: choose an unfreezing strategy (nsr_hf.unfreezing).")
         return super().train(*args, **kwargs)
 
+    _live_log: dict
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        # the live-label statistics since the last log, next to the training loss
+        if self.live_labels is not None and "loss" in logs and getattr(self, "_live_log", None):
+            logs = {**logs, **{key: float(np.mean(values)) for key, values in self._live_log.items()}}
+            self._live_log = {}
+        super().log(logs, start_time)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.live_labels is not None:
+            loss = self.live_labels.loss(model, inputs, return_outputs)
+            if model.training:
+                for key, value in self.live_labels.last.items():
+                    self._live_log.setdefault(key, []).append(value)
+            return loss
         outputs = model(**inputs)
         if outputs.loss is None:
             raise ValueError("The batch has no 'labels': the collator builds them from the 'activations' column.")
@@ -293,7 +413,11 @@ class PredictorTrainer(Trainer):
         """(loss, (batch, 2, K) [expected value, greedy value] in activation units, labels): never the logits."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
+            if self.live_labels is not None:
+                _, outputs = self.live_labels.loss(model, inputs, return_outputs=True)
+                inputs = {**inputs, "labels": outputs["live_labels"]}
+            else:
+                outputs = model(**inputs)
         loss = None if outputs.loss is None else outputs.loss.detach().float()
         if prediction_loss_only:
             return loss, None, None

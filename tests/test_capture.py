@@ -138,6 +138,26 @@ def test_early_stopped_capture_equals_full_forward_capture(tiny, layer):
         torch.testing.assert_close(early, full, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
+def test_early_stopped_capture_sees_a_lora_adapter_on_the_mlp_input(tiny):
+    # the early-stop shortcut recomputes the deepest layer's neurons from plain weights; a LoRA adapter on
+    # the MLP input (GPT-2 c_fc, Llama gate/up) must not be skipped
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from nsr_hf.architectures import lora_target_modules
+
+    model, tok = tiny
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=lora_target_modules(model, mlp_only=True),
+                                                                  fan_in_fan_out=model.config.model_type == "gpt2", init_lora_weights=False))
+    batch = encode_texts(tok, TEXTS)
+    early = capture_activations(peft_model, batch, ["1.3"], position="last", stop_early=True)[1]
+    full = capture_activations(peft_model, batch, ["1.3"], position="last", stop_early=False)[1]
+    plain = capture_activations(model, batch, ["1.3"], position="last")[1]
+    torch.testing.assert_close(early, full, atol=1e-6, rtol=1e-6)
+    assert (early - plain).abs().max() > 1e-3, "the adapter should change the neuron"
+
+
 def test_early_stop_runs_no_layer_after_the_deepest_needed(tiny):
     model, tok = tiny
     ran = []

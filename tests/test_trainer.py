@@ -249,3 +249,75 @@ def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(he
     assert (tmp_path / "lora" / "predictor" / "adapter_config.json").exists()
     model = load_predictor(str(tmp_path / "lora" / "predictor"))
     assert model.predict(["the quick brown fox"]).shape == (1, 1)
+
+
+# -- live labels ----------------------------------------------------------------------------------------------
+
+
+def _live_values(model, ds):
+    from nsr_hf.capture import capture_activations
+
+    batch = PredictorDataCollator(pad_token_id=0)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        cap = capture_activations(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, ["1.3"], position="last")
+    return cap[1][:, 0].numpy().astype(np.float64)
+
+
+def _reference_dataset(model, tok, n=64):
+    """Rows whose `activations` are neuron 1.3's values in `model` (what `nsr dataset` would store)."""
+    ds = activation_dataset(tok, n=n, extra_columns=False)
+    values = _live_values(model, ds)
+    return ds.remove_columns("activations").add_column("activations", [[float(v)] for v in values]), values
+
+
+def _live_run(tiny, tmp_path, guard_weight, steps=100, weight_decay=0.3):
+    model, tok = tiny
+    ds, ref = _reference_dataset(model, tok)
+    torch.manual_seed(0)
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2,
+                                              label_transform={"mean": [float(ref.mean())], "std": [float(ref.std())]})
+    trainer = PredictorTrainer(model=predictor, args=args(tmp_path, max_steps=steps, learning_rate=1e-2, weight_decay=weight_decay,
+                                                          logging_strategy="steps", logging_steps=20),
+                               train_dataset=ds, unfreeze="full", label_mode="live", live_guard_weight=guard_weight)
+    trainer.train()
+    return trainer, ds, ref
+
+
+@pytest.mark.parametrize("tiny", ["gpt2"], indirect=True)
+def test_live_labels_follow_the_moving_neuron(tiny, tmp_path):
+    trainer, ds, ref = _live_run(tiny, tmp_path, guard_weight=10.0, steps=40)
+    live_now = _live_values(trainer.model.base, ds)
+    assert np.abs(live_now - ref).max() > 0.05, "the neuron should have moved under full fine-tuning"
+    out = trainer.predict(ds)  # evaluation compares the report with the live neuron
+    np.testing.assert_allclose(out.label_ids.reshape(-1), live_now, atol=1e-5)
+    logged = [h for h in trainer.state.log_history if "live_std_ratio" in h]
+    assert logged and all({"live_std_ratio", "live_mean_shift", "live_guard", "loss"} <= h.keys() for h in logged)
+
+
+@pytest.mark.parametrize("tiny", ["gpt2"], indirect=True)
+def test_live_label_guard_prevents_the_neuron_from_collapsing(tiny, tmp_path):
+    # Weight decay on every weight pushes the neuron towards zero, and with live labels nothing resists:
+    # a flat neuron is trivially predictable. The guard keeps its spread and its mean.
+    unguarded, ds, ref = _live_run(tiny, tmp_path / "off", guard_weight=0.0)
+    guarded, _, _ = _live_run(tiny, tmp_path / "on", guard_weight=10.0)
+    ratio_off = _live_values(unguarded.model.base, ds).std() / ref.std()
+    ratio_on = _live_values(guarded.model.base, ds).std() / ref.std()
+    assert ratio_off < 0.1, f"without the guard the neuron should collapse (std ratio {ratio_off:.3f})"
+    assert 0.6 < ratio_on < 1.5, f"the guard should keep the neuron's spread (std ratio {ratio_on:.3f})"
+
+
+def test_live_labels_equal_reference_labels_when_the_base_is_frozen(tiny, tmp_path):
+    model, tok = tiny
+    ds, ref = _reference_dataset(model, tok, n=24)
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=0,  # reads BEFORE the target layer
+                                              label_transform={"mean": [float(ref.mean())], "std": [float(ref.std())]})
+    trainer = PredictorTrainer(model=predictor, args=args(tmp_path, max_steps=2), train_dataset=ds, unfreeze="head_only", label_mode="live")
+    trainer.train()
+    out = trainer.predict(ds)
+    np.testing.assert_allclose(out.label_ids.reshape(-1), ref, atol=1e-5)
+    assert trainer.live_labels.last["live_guard"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_unknown_label_mode_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match="label_mode must be one of reference, live"):
+        PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), train_dataset=activation_dataset(tiny[1]), label_mode="current")
