@@ -503,12 +503,13 @@ def _method_names(methods: Sequence[str], cross_models: Sequence[str]) -> list[s
 
 
 def _random_init_copy(model, seed: int) -> nn.Module:
-    """``AutoModelForCausalLM.from_config(model.config)`` initialised from ``seed`` (the global RNG is left as it was)."""
+    """``AutoModelForCausalLM.from_config(model.config)`` initialised from a seed derived from ``seed`` (offset so that
+    it never replays the seed a test model was built with; the global RNG is left as it was)."""
     from transformers import AutoModelForCausalLM
 
     parameter = next(model.parameters())
     with torch.random.fork_rng(devices=[]):  # weights are initialised on the CPU
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + 1_000_003)
         copy = AutoModelForCausalLM.from_config(model.config, dtype=parameter.dtype)
     return copy.to(parameter.device).eval()
 
@@ -516,7 +517,7 @@ def _random_init_copy(model, seed: int) -> nn.Module:
 def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_column: int = 0,
                   eval_splits=("test",), methods=("mean", "token_lookup", "ridge_probe", "probe_by_layer",
                   "random_init", "shuffled_labels", "cross"), cross_models=("minilm",), seed: int = 0,
-                  batch_size: int = 16, feature_cache: dict | None = None) -> dict:
+                  batch_size: int = 16, feature_cache: dict | None = None, probe_layers: Sequence[int] | None = None) -> dict:
     """Every baseline and control, fitted on ``splits["train"]`` (alphas on ``splits["validation"]``), predicting
     each of ``eval_splits``.
 
@@ -529,6 +530,9 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     with methods ``"mean"``, ``"token_lookup"``, ``"ridge_probe"``, ``"random_init"``, ``"shuffled_labels"``,
     ``"cross:<name>"``. ``ridge_direction`` is the read-layer probe's unit vector in the final-normed residual basis.
     An empty evaluation split gets empty predictions and a note; without validation rows alphas come from GCV.
+
+    ``probe_layers``: the layers of ``probe_by_layer`` (default: every layer; the read layer is always added).
+    Blocks after the deepest of them are never run, so ``range(read_layer + 1)`` is much cheaper on a deep model.
 
     ``feature_cache``: pass the same dict to several calls on the same model and splits (e.g. one call per neuron
     column) and the features (self layers, random-init, cross models) are computed once. Entries are keyed by the
@@ -591,7 +595,15 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
 
     self_probe_methods = {"ridge_probe", "probe_by_layer", "shuffled_labels"} & set(methods)
     if self_probe_methods:
-        layers = list(range(n_layers)) if "probe_by_layer" in methods else [read_layer]
+        if "probe_by_layer" not in methods:
+            layers = [read_layer]
+        elif probe_layers is None:
+            layers = list(range(n_layers))
+        else:
+            bad = [layer for layer in probe_layers if not 0 <= int(layer) < n_layers]
+            if bad:
+                raise ValueError(f"probe_layers {bad} are out of range: this model has layers 0..{n_layers - 1}.")
+            layers = sorted({int(layer) for layer in probe_layers} | {read_layer})
         for s in needed:
             missing = [layer for layer in layers if key(("self", id(model), layer), s) not in cache]
             if missing:

@@ -318,6 +318,7 @@ class EvaluateConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
                                metadata={"help": "Baselines and controls of nsr_hf.baselines ('none': the predictor alone)"})
     cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for the cross-prediction control"})
+    probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
     base_model: Optional[str] = field(default=None, metadata={"help": "The original base model for the baselines (default: the predictor's base_model_name_or_path)"})
     base_unchanged: bool = field(default=False, metadata={
         "help": "The predictor's base weights are the original ones (head_only training): use them for the baselines instead of loading the original again"})
@@ -345,6 +346,8 @@ class EvaluateConfig:
         unknown = [m for m in self.methods if m not in DEFAULT_METHODS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}: choose from {', '.join(DEFAULT_METHODS)} (or 'none').")
+        if self.probe_layers not in ("all", "up_to_read"):
+            raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {self.probe_layers!r}.")
         if self.n_bootstrap < 0:
             raise ValueError(f"n_bootstrap must be 0 (no intervals) or more, got {self.n_bootstrap}.")
         if not 0 < self.confidence_level < 1:
@@ -562,10 +565,13 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
 
         original, original_tokenizer = _original_base(config, inner, base_model, tokenizer, wrapped=inner is not predictor)
         read_layer = inner.config.effective_read_layer
+        probe_layers = range(read_layer + 1) if config.probe_layers == "up_to_read" else None
+        cache: dict = {}  # one feature pass for every neuron column
         for j, neuron in enumerate(neurons):
             baselines[neuron] = run_baselines(original, original_tokenizer, {name: dataset[name] for name in dataset}, read_layer=read_layer,
                                               neuron_column=columns[j], eval_splits=tuple(splits), methods=tuple(config.methods),
-                                              cross_models=tuple(config.cross_models), seed=seed, batch_size=config.batch_size)
+                                              cross_models=tuple(config.cross_models), seed=seed, batch_size=config.batch_size,
+                                              feature_cache=cache, probe_layers=probe_layers)
 
     per_neuron, all_predictions = {}, {}
     for j, neuron in enumerate(neurons):

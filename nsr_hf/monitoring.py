@@ -349,7 +349,13 @@ class DriftMonitor(TrainerCallback):
         self.history.append({"step": int(state.global_step), "epoch": state.epoch, **metrics})
         self._last_step = int(state.global_step)
         if self.trainer is not None:
+            # Trainer.log ends in CallbackHandler.on_log, which clears control.should_log: the training loss due at
+            # this very step would never be logged. Keep the flags as they were.
+            control = self.trainer.control
+            flags = (control.should_log, control.should_evaluate, control.should_save)
             self.trainer.log({f"drift/{k}": v for k, v in metrics.items()})
+            control = self.trainer.control
+            control.should_log, control.should_evaluate, control.should_save = flags
 
     # -- Trainer events ------------------------------------------------------------------------------------
 

@@ -12,13 +12,19 @@ clear error naming the field).
 Steps (``run_train``), each written under ``output_dir``:
 
 1. ``scan/``: unless ``neuron`` names one (``"layer.index"``) or ``dataset`` is given, scan the *training*
-   documents only (as ``nsr quickstart`` does) and take the neuron at rank ``neuron`` (``"auto"`` = 1).
+   documents only and take the neuron at rank ``neuron`` (``"auto"`` = 1), or with ``select: readable`` the
+   most linearly readable of the top ``select_candidates`` (``scan/selection.json``).
 2. ``dataset/``: the activation dataset (train / validation / test by document, transforms fitted on train),
    or ``dataset`` (a folder or Hub id made by ``nsr dataset``) loaded instead.
-3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied.
-4. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, and the
-   target neuron's drift (its live value after training against the labels from the frozen original model);
-   ``predictor/``: the predictor (or its adapter) with its card, tokenizer and label transform.
+3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied,
+   reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), checkpoints in ``checkpoints/``
+   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count).
+4. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation``): the predictor next to baselines and controls
+   on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs.
+5. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, the target
+   neuron's drift (its live value after training against the labels from the frozen original model) and the
+   evaluation; ``log_history.json``; ``predictor/``: the predictor (or its adapter) with its card (headline
+   table), tokenizer and label transform; pushed to the Hub with ``push_to_hub: owner/name``.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import os
 import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +53,8 @@ class TrainConfig:
     text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
     neuron: str = field(default="auto", metadata={"help": "'auto' (the scan's best), a scan rank (e.g. 3), or a neuron 'layer.index' (quote it in YAML)"})
     layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers to scan (default: all)"})
+    select: str = field(default="score", metadata={"help": "How 'auto' / a rank picks the neuron: 'score' (the scan's ranking) or 'readable' (of the top select_candidates, the one a ridge probe reads best from the head's representation, cross-validated on the scanned train documents)"})
+    select_candidates: int = field(default=20, metadata={"help": "select 'readable': how many of the scan's top neurons compete"})
     scan_documents: int = field(default=600, metadata={"help": "Training documents to scan"})
     dataset: Optional[str] = field(default=None, metadata={"help": "Load this activation dataset (folder or Hub id) instead of building one"})
     dataset_documents: int = field(default=1500, metadata={"help": "Documents of the built dataset (all splits)"})
@@ -55,11 +63,13 @@ class TrainConfig:
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
     split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
-    read_layer: Optional[int] = field(default=None, metadata={"help": "Block whose output the head reads (default: the last)"})
+    read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last)"})
     unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora or gradual (nsr_hf.unfreezing)"})
     unfreeze_k: Optional[int] = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
     unfreeze_every_n_steps: int = field(default=50, metadata={"help": "gradual: steps between two blocks joining"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    labels: str = field(default="reference", metadata={"help": "'reference' (the dataset's values, from the original model) or 'live' (recomputed from the current weights each step)"})
+    live_guard_weight: float = field(default=10.0, metadata={"help": "labels 'live': weight of the guard that keeps the neuron's mean and spread (0: off)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps"})
@@ -72,10 +82,20 @@ class TrainConfig:
     eval_steps: Optional[int] = field(default=None, metadata={"help": "With eval_strategy 'steps'"})
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps"})
     seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation and of the data order"})
+    drift_every_n_steps: int = field(default=50, metadata={"help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.monitoring)"})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps' or 'epoch' (needed to resume)"})
+    save_steps: int = field(default=500, metadata={"help": "With save_strategy 'steps'"})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; the dataset already in output_dir is reused"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)"})
     report_to: str = field(default="none", metadata={"help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})
     output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written"})
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Push the saved predictor to this Hub repo id (owner/name)"})
+    evaluate: bool = field(default=True, metadata={"help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
+    eval_methods: Optional[list[str]] = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.baselines.METHODS)"})
+    cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for cross-prediction: 'minilm' (offline) or any HF id"})
+    probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all' or 'up_to_read' (cheaper: only blocks up to the read layer)"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the confidence intervals"})
 
     def __post_init__(self):
         from nsr_hf.predictor import HEAD_TYPES
@@ -88,6 +108,17 @@ class TrainConfig:
             raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}.")
         if self.unfreeze not in STRATEGIES:
             raise ValueError(f"unfreeze must be one of {', '.join(STRATEGIES)}, got {self.unfreeze!r}.")
+        if self.labels not in ("reference", "live"):
+            raise ValueError(f"labels must be 'reference' or 'live', got {self.labels!r}.")
+        if self.select not in ("score", "readable"):
+            raise ValueError(f"select must be 'score' or 'readable', got {self.select!r}.")
+        if self.probe_layers not in ("all", "up_to_read"):
+            raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {self.probe_layers!r}.")
+        if self.save_strategy not in ("no", "steps", "epoch"):
+            raise ValueError(f"save_strategy must be 'no', 'steps' or 'epoch', got {self.save_strategy!r}.")
+        if self.resume_from_checkpoint and self.unfreeze == "gradual":
+            raise ValueError("resume_from_checkpoint is not supported with gradual unfreezing (the optimizer's groups depend on the step): use last_k or lora.")
+        self.read_layer_rule()  # validates
         if self.unfreeze == "last_k" and self.unfreeze_k is None:
             raise ValueError("unfreeze 'last_k' needs unfreeze_k (how many blocks, counted down from the block the head reads).")
         self.neuron_choice()  # validates
@@ -97,13 +128,42 @@ class TrainConfig:
             except ValueError:
                 raise ValueError(f"position must be 'last' or an integer token index, got {self.position!r}.") from None
         for name in ("scan_documents", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "lora_r", "unfreeze_every_n_steps"):
+                     "gradient_accumulation_steps", "lora_r", "unfreeze_every_n_steps", "drift_every_n_steps", "save_steps",
+                     "select_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.dataset is None and self.dataset_documents < 10:
             raise ValueError("dataset_documents must be at least 10 (three splits need documents).")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+
+    def read_layer_rule(self) -> "tuple[str, int] | None":
+        """``None`` (the last block), ``("abs", L)`` or ``("target", K)`` for ``'target+K'``."""
+        if self.read_layer is None:
+            return None
+        text = str(self.read_layer).strip().replace(" ", "")
+        if text.lstrip("-").isdigit():
+            if int(text) < 0:
+                raise ValueError(f"read_layer must be a block index >= 0, 'target+K' or none, got {self.read_layer!r}.")
+            return ("abs", int(text))
+        if text.startswith("target"):
+            rest = text[len("target"):] or "+0"
+            if rest[0] == "+" and rest[1:].isdigit():
+                return ("target", int(rest[1:]))
+        raise ValueError(f"read_layer must be a block index, 'target+K' (e.g. target+2) or none, got {self.read_layer!r}.")
+
+    def read_layer_for(self, target_layer: int, num_layers: int) -> Optional[int]:
+        """The block the head reads for a target neuron in ``target_layer`` (``None``: the last)."""
+        rule = self.read_layer_rule()
+        if rule is None:
+            return None
+        layer = rule[1] if rule[0] == "abs" else target_layer + rule[1]
+        if layer >= num_layers:
+            if rule[0] == "target":
+                logger.warning("read_layer %s is past the last block for a target in layer %d: reading the last block.", self.read_layer, target_layer)
+                return num_layers - 1
+            raise ValueError(f"read_layer {layer} is out of range: the model has blocks 0..{num_layers - 1}.")
+        return layer
 
     def neuron_choice(self) -> "int | str":
         """The scan rank to take (an int) or a neuron name ``"layer.index"``."""
@@ -235,7 +295,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
 def usage() -> str:
     lines = ["usage: python nsr_hf/train.py [recipe.yaml] [--key value ...]", "", (TrainConfig.__doc__ or "").strip(), "", "keys:"]
     for f in fields(TrainConfig):
-        default = f.default if f.default is not f.default_factory else None
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
         lines.append(f"  --{f.name:<30} {f.metadata.get('help', '')} (default: {default!r})")
     return "\n".join(lines)
 
@@ -244,12 +304,91 @@ def usage() -> str:
 # The pipeline
 
 
-def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):
-    """(DatasetDict, metadata, scan rank or None): load ``config.dataset``, or scan the train documents and build the dataset."""
-    from nsr_hf.capture import validate_neuron
+def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: "str | os.PathLike", top_n: int = 10):
+    """(ScanResult, the scanned documents): a scan of the *training* documents only (split by document id, as the
+    dataset splits them), never validation or test ones, written to ``scan_dir``."""
     from nsr_hf.corpus import load_corpus, split_of
-    from nsr_hf.dataset_generator import DatasetConfig, load_activation_dataset, run_dataset
     from nsr_hf.scanner import ScanConfig, run_scan
+
+    corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
+    docs = corpus.iter_documents(limit=config.dataset_documents)
+    train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed) == "train"][: config.scan_documents]
+    if not train_docs:
+        raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
+    scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers, position="last" if config.position == "last" else "all",
+                               max_documents=len(train_docs), max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir)),
+                    model=model, tokenizer=tokenizer, source=train_docs)
+    return scan, train_docs
+
+
+def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
+    """(neuron, its scan rank): of the scan's top ``select_candidates``, the neuron that a ridge probe reads best from the
+    head's representation (the block ``read_layer_for`` gives, final-normed, at the labelled token), by ``folds``-fold
+    cross-validated R^2 on the scanned *training* documents. Writes ``scan/selection.json``."""
+    from datasets import Dataset
+
+    from nsr_hf.architectures import num_layers
+    from nsr_hf.baselines import RidgeProbe, layer_features
+    from nsr_hf.capture import capture_activations, encode_texts, label_positions
+    from nsr_hf.dataset_generator import parse_position
+
+    candidates = [scan.neuron_at_rank(r) for r in range(1, min(config.select_candidates, len(scan.table)) + 1)]
+    n_layers = num_layers(model)
+    read = {str(n): config.read_layer_for(n.layer, n_layers) for n in candidates}
+    read = {k: (n_layers - 1 if v is None else v) for k, v in read.items()}
+    position = parse_position(config.position)
+    rows = {"input_ids": [], "attention_mask": [], "label_position": []}
+    values = []
+    for start in range(0, len(docs), 16):
+        batch = encode_texts(tokenizer, [d.text for d in docs[start : start + 16]], max_length=config.max_length)
+        cap = capture_activations(model, batch, [str(n) for n in candidates], position=position)
+        values.append(torch_cat_columns(cap, candidates))
+        positions = label_positions(batch["attention_mask"], position)
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            rows["input_ids"].append(batch["input_ids"][i, :n].tolist())
+            rows["attention_mask"].append([1] * n)
+            rows["label_position"].append(int(positions[i]))
+    import numpy as np
+
+    y = np.concatenate(values)
+    features = layer_features(model, Dataset.from_dict(rows), sorted(set(read.values())), progress=False)
+    fold = np.arange(len(y)) % folds
+    table = []
+    for j, neuron in enumerate(candidates):
+        X, target = features[read[str(neuron)]], y[:, j]
+        pred = np.zeros_like(target)
+        for f in range(folds):
+            probe = RidgeProbe().fit(X[fold != f], target[fold != f])
+            pred[fold == f] = probe.predict(X[fold == f])
+        sst = float(((target - target.mean()) ** 2).sum())
+        r2 = 1 - float(((pred - target) ** 2).sum()) / sst if sst > 0 else 0.0
+        table.append({"rank": j + 1, "neuron": str(neuron), "read_layer": read[str(neuron)], "cv_r2": r2})
+    best = max(table, key=lambda row: row["cv_r2"])
+    (out / "scan").mkdir(parents=True, exist_ok=True)
+    (out / "scan" / "selection.json").write_text(json.dumps({"rule": f"best {folds}-fold ridge R^2 of the top {len(candidates)} on "
+                                                                      f"{len(y)} scanned train documents", "chosen": best, "candidates": table}, indent=2))
+    print("readability of the top candidates (5-fold ridge R^2 on the scanned train documents):\n" +
+          "\n".join(f"  rank {row['rank']:>3}  {row['neuron']:>9}  read {row['read_layer']:>2}  R^2 {row['cv_r2']:.3f}" for row in table[:10]), flush=True)
+    return best["neuron"], best["rank"]
+
+
+def torch_cat_columns(cap, neurons):
+    """(batch, len(neurons)) numpy values of ``neurons`` from a ``Capture``, in that order."""
+    import numpy as np
+
+    columns = []
+    for n in neurons:
+        col = cap.neuron_indices[n.layer].tolist().index(n.index)
+        columns.append(cap[n.layer][:, col].float().cpu().numpy())
+    return np.stack(columns, 1).astype(np.float64)
+
+
+def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):
+    """(DatasetDict, metadata, scan rank or None): load ``config.dataset`` (or, when resuming, the dataset already in
+    ``out``), or scan the train documents, choose the neuron and build the dataset."""
+    from nsr_hf.capture import validate_neuron
+    from nsr_hf.dataset_generator import DatasetConfig, load_activation_dataset, read_metadata, run_dataset
 
     if config.dataset:
         dataset, metadata = load_activation_dataset(config.dataset)
@@ -258,20 +397,28 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
             # self-report needs labels from this very model; another model's labels make it cross-prediction
             logger.warning("The dataset was labelled by %r but the model is %r: this trains cross-prediction, not self-report.", labelled_by, config.model)
         return dataset, metadata, None
+    if config.resume_from_checkpoint and (out / "dataset").is_dir():
+        try:
+            read_metadata(out / "dataset")
+            dataset, metadata = load_activation_dataset(out / "dataset")
+            print(f"resuming: using the dataset in {out / 'dataset'} (neuron(s) {', '.join(metadata['neurons'])})", flush=True)
+            choice_file = out / "neuron.json"
+            return dataset, metadata, json.loads(choice_file.read_text()).get("scan_rank") if choice_file.exists() else None
+        except (ValueError, FileNotFoundError) as err:
+            logger.warning("resuming: the dataset in %s is not complete (%s): building it again.", out / "dataset", err)
     choice = config.neuron_choice()
     rank = None
     if isinstance(choice, str):
         neuron = validate_neuron(model, choice)
     else:
-        corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
-        docs = corpus.iter_documents(limit=config.dataset_documents)
-        # the neuron is chosen on train documents only, never on validation or test ones
-        train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed) == "train"][: config.scan_documents]
-        scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers, position="last" if config.position == "last" else "all",
-                                   max_documents=len(train_docs), max_length=config.max_length, top_n=10, output_dir=str(out / "scan")),
-                        model=model, tokenizer=tokenizer, source=train_docs)
-        neuron, rank = scan.neuron_at_rank(choice), choice
+        scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
+        if config.select == "readable":
+            neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
+            neuron = validate_neuron(model, neuron)
+        else:
+            neuron, rank = scan.neuron_at_rank(choice), choice
     print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
+    (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
     run_dataset(DatasetConfig(neurons=[str(neuron)], model=config.model, corpus=config.corpus, text_field=config.text_field,
                               position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
                               split_seed=config.split_seed, num_bins=config.num_bins, output_dir=str(out / "dataset"), overwrite=True),
@@ -309,13 +456,22 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
             "mean_abs_over_std": float(np.mean(diff.mean(0) / np.where(std > 0, std, 1.0))), "rows": len(ref)}
 
 
+def latest_checkpoint(folder: Path) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
 def run_train(config: TrainConfig) -> dict:
     """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``."""
     import torch
     from transformers import TrainingArguments, set_seed
 
+    from nsr_hf.architectures import num_layers
+    from nsr_hf.capture import Neuron
     from nsr_hf.dataset_generator import parse_position
     from nsr_hf.models import load_model_and_tokenizer, model_provenance
+    from nsr_hf.monitoring import DriftMonitor
     from nsr_hf.predictor import ActivationPredictor, save_predictor
     from nsr_hf.trainer import PredictorTrainer, _unwrap, count_parameters
 
@@ -326,6 +482,13 @@ def run_train(config: TrainConfig) -> dict:
     if config.unfreeze == "gradual" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("gradual unfreezing adds parameters after DDP has registered them (their gradients would not be "
                          "synchronised): run it in one process, or use last_k / after_target / lora.")
+    resume = None
+    if config.resume_from_checkpoint:
+        resume = latest_checkpoint(out / "checkpoints") if config.resume_from_checkpoint == "latest" else config.resume_from_checkpoint
+        if resume is None or not Path(resume).is_dir():
+            raise ValueError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
+                             f"({'no checkpoint-* folder in ' + str(out / 'checkpoints') if config.resume_from_checkpoint == 'latest' else 'not a folder'}). "
+                             "Train with save_strategy 'steps' or 'epoch' to write checkpoints.")
     model, tokenizer = load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
     neurons = list(metadata["neurons"])
@@ -334,26 +497,33 @@ def run_train(config: TrainConfig) -> dict:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
 
     position = parse_position(config.position if not config.dataset else metadata.get("position", "last"))
-    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=config.read_layer,
+    read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
+    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
                                               position=position, label_transform=metadata["transform"], num_bins=config.num_bins,
                                               dataset_name=config.dataset or str(out / "dataset"))
-    del model  # the predictor holds its own copy of the base weights
+    original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
+    del model
     eval_strategy = config.eval_strategy if len(dataset["validation"]) else "no"
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size, per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
-        logging_steps=config.logging_steps, save_strategy="no", seed=config.seed, bf16=config.bf16, report_to=config.report_to,
-        remove_unused_columns=False, label_names=["labels"],
+        logging_steps=config.logging_steps, save_strategy=config.save_strategy, save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit, seed=config.seed, bf16=config.bf16, report_to=config.report_to,
+        remove_unused_columns=False, label_names=["labels"], run_name=f"nsr-{'-'.join(neurons)}-{config.unfreeze}",
         # every trainable parameter reaches the loss by construction of the strategies (blocks after read_layer stay frozen)
         ddp_find_unused_parameters=False, disable_tqdm=not sys.stderr.isatty(), dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU-only machine needs it said (transformers refuses otherwise)
     )
     unfreeze = {"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r, "every_n_steps": config.unfreeze_every_n_steps}
     trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dataset["train"],
-                               eval_dataset=dataset["validation"] if len(dataset["validation"]) else None, unfreeze=unfreeze)
+                               eval_dataset=dataset["validation"] if len(dataset["validation"]) else None, unfreeze=unfreeze,
+                               label_mode=config.labels, live_guard_weight=config.live_guard_weight)
+    probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
+    monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
     trainable, total = count_parameters(trainer.model)
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resume)
 
     metrics = {}
     for split in ("validation", "test", "test_ood"):
@@ -369,33 +539,82 @@ def run_train(config: TrainConfig) -> dict:
         "model": model_provenance(inner.base),
         "neurons": neurons,
         "scan_rank": rank,
+        "select": config.select if rank else None,
+        "read_layer": inner.config.effective_read_layer,
         "head_type": config.head_type,
         "unfreeze": config.unfreeze,
+        "labels": config.labels,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "rows": {split: len(ds) for split, ds in dataset.items()},
         "train": {k: v for k, v in train_result.metrics.items() if isinstance(v, (int, float))},
+        "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "resumed_from": resume,
         "metrics": metrics,
         "neuron_drift": drift,
-        "seconds": round(time.perf_counter() - start, 1),
+        "drift_monitor": monitor.history[-1] if monitor.history else None,
         "config": asdict(config),
     }
     if trainer.is_world_process_zero():
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
         inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
-        save_predictor(trainer.model, str(out / "predictor"))
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-        if config.push_to_hub:
-            from huggingface_hub import HfApi
+        if config.evaluate:
+            from nsr_hf.evaluation import EvaluateConfig, run_evaluate, to_jsonable
 
-            api = HfApi()
-            api.create_repo(config.push_to_hub, exist_ok=True)
-            api.upload_folder(folder_path=str(out / "predictor"), repo_id=config.push_to_hub, commit_message="Upload nsr_hf predictor")
+            evaluation = run_evaluate(
+                EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"), dataset=config.dataset or str(out / "dataset"),
+                               methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
+                               cross_models=config.cross_models, probe_layers=config.probe_layers, n_bootstrap=config.n_bootstrap,
+                               seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size),
+                predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original, tokenizer=tokenizer,
+                log_history=trainer.state.log_history, drift=monitor.summary())
+            summary["evaluation"] = to_jsonable(evaluation)
+            inner.evaluation = evaluation
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        save_predictor(trainer.model, str(out / "predictor"))
+        from nsr_hf.evaluation import to_jsonable
+
+        (out / "metrics.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+        if config.push_to_hub:
+            _push_folder(out / "predictor", config.push_to_hub)
             print(f"pushed to https://huggingface.co/{config.push_to_hub}")
         test = metrics.get("test") or metrics.get("validation") or {}
         shown = {k: round(v, 4) for k, v in test.items() if k.split("_", 1)[-1] in ("pearson", "r2", "mse", "loss")}
         print(f"\ntrain finished in {summary['seconds']} s: neuron(s) {', '.join(neurons)}, {shown}, drift max {drift['max_abs']:.3g}; "
               f"everything is in {out}/", flush=True)
+        if config.evaluate:
+            print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
+        finish_wandb(summary)
     return summary
+
+
+def finish_wandb(summary: dict) -> None:
+    """Put the test figures of every method into the wandb run's summary and close the run (the Trainer leaves it
+    open); nothing when wandb is not in use."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    figures = {}
+    for split, by_method in ((summary.get("evaluation") or {}).get("metrics") or {}).items():
+        for method, values in by_method.items():
+            for key in ("r2", "pearson", "mse"):
+                if isinstance(values, dict) and isinstance(values.get(key), (int, float)):
+                    figures[f"evaluation/{split}/{method}/{key}"] = values[key]
+    for split, values in (summary.get("metrics") or {}).items():
+        figures.update({f"final/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    wandb.run.summary.update(figures)
+    wandb.finish()
+
+
+def _push_folder(folder: Path, repo_id: str) -> None:
+    """Upload the saved predictor folder as it is: weights (or the PEFT adapter), tokenizer, label transform and the
+    model card with the evaluation's headline table."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload nsr_hf predictor")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

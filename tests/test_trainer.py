@@ -217,7 +217,8 @@ def head_only_run(tiny_model_dirs, tmp_path_factory):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}) + "\n" for i in range(60)))
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
-                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", output_dir=str(tmp_path / "out"))
+                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", drift_every_n_steps=2,
+                         cross_models=[tiny_model_dirs["gpt2"]], n_bootstrap=50, output_dir=str(tmp_path / "out"))
     return config, run_train(config)
 
 
@@ -234,6 +235,16 @@ def test_run_train_scans_builds_trains_evaluates_and_saves(head_only_run):
     predictor = load_predictor(str(out / "predictor"))
     assert predictor.config.neurons == summary["neurons"]
     assert predictor.predict(["the quick brown fox"]).shape == (1, 1)
+    # the drift monitor, the training log and the evaluation protocol
+    drift = json.loads((out / "drift.json").read_text())
+    assert [h["step"] for h in drift["history"]][0] == 0 and (out / "drift.png").exists()
+    assert any(k.startswith("drift/") for h in json.loads((out / "log_history.json").read_text()) for k in h)
+    evaluation = saved["evaluation"]
+    assert {"self", "mean", "ridge_probe", "shuffled_labels", "random_init"} <= evaluation["metrics"]["test"].keys()
+    assert any(k.startswith("cross:") for k in evaluation["metrics"]["test"])
+    assert (out / "evaluation" / "report.md").exists() and (out / "evaluation" / "methods.png").exists()
+    card = (out / "predictor" / "README.md").read_text()
+    assert "## Evaluation" in card and "| **self** |" in card  # the headline table is in the model card
 
 
 def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(head_only_run, tmp_path):
@@ -243,7 +254,7 @@ def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(he
     from nsr_hf.train import run_train
 
     config, first = head_only_run
-    lora = replace(config, dataset=str(Path(config.output_dir) / "dataset"), unfreeze="lora", lora_r=2, output_dir=str(tmp_path / "lora"))
+    lora = replace(config, dataset=str(Path(config.output_dir) / "dataset"), unfreeze="lora", lora_r=2, evaluate=False, output_dir=str(tmp_path / "lora"))
     summary = run_train(lora)
     assert summary["neurons"] == first["neurons"] and summary["scan_rank"] is None
     assert (tmp_path / "lora" / "predictor" / "adapter_config.json").exists()
@@ -321,3 +332,96 @@ def test_live_labels_equal_reference_labels_when_the_base_is_frozen(tiny, tmp_pa
 def test_unknown_label_mode_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="label_mode must be one of reference, live"):
         PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), train_dataset=activation_dataset(tiny[1]), label_mode="current")
+
+
+# -- checkpoints, mixed precision, logging, several processes ------------------------------------------------------
+
+
+def test_resume_from_the_latest_checkpoint_continues_the_step_count(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.train import run_train
+
+    config, _ = head_only_run
+    base = replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=4, save_strategy="steps",
+                   save_steps=2, logging_steps=1, output_dir=str(tmp_path / "run"))
+    first = run_train(base)
+    assert first["global_step"] == 4 and (tmp_path / "run" / "checkpoints" / "checkpoint-4").is_dir()
+    resumed = run_train(replace(base, max_steps=7, resume_from_checkpoint="latest"))
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["global_step"] == 7
+    steps = [h["step"] for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "loss" in h]
+    assert steps[-3:] == [5, 6, 7]  # the resumed run logged steps 5..7, continuing from 4
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.train import run_train
+
+    config, _ = head_only_run
+    with pytest.raises(ValueError, match="no checkpoint"):
+        run_train(replace(config, resume_from_checkpoint="latest", evaluate=False, output_dir=str(tmp_path / "empty")))
+
+
+def test_bf16_mixed_precision_runs_on_the_cpu(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.train import run_train
+
+    config, _ = head_only_run
+    summary = run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, bf16=True, max_steps=3,
+                                unfreeze="last_k", unfreeze_k=1, output_dir=str(tmp_path / "bf16")))
+    assert summary["config"]["bf16"] is True and summary["global_step"] == 3
+    assert np.isfinite(summary["train"]["train_loss"]) and np.isfinite(summary["metrics"]["test"]["test_mse"])
+
+
+def test_report_to_wandb_offline_writes_a_run_with_the_logged_metrics(head_only_run, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from dataclasses import replace
+
+    from nsr_hf.train import run_train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config, _ = head_only_run
+    run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, report_to="wandb", max_steps=4,
+                      logging_steps=1, drift_every_n_steps=2, output_dir=str(tmp_path / "out")))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (log,) = runs[0].glob("run-*.wandb")  # the run's record log (protobuf; wandb >= 0.19 has no Python reader for it)
+    records = log.read_bytes()
+    assert records.count(b"train/loss") >= 4  # one history row per logged step
+    assert b"train/drift/lm_loss" in records and b"train/drift/head_r_live" in records  # the drift monitor's figures
+    assert b"final/test_r2" in records  # the run's summary, written before the run is closed
+
+
+def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on this CPU-only machine (gloo, PITFALLS 14): two processes
+    of 8 rows each make the same optimizer steps as one process of 16 rows."""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    import yaml
+
+    from nsr_hf.train import run_train
+
+    config, _ = head_only_run
+    common = dict(dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=6, learning_rate=1e-2, logging_steps=1)
+    single = run_train(replace(config, per_device_train_batch_size=16, output_dir=str(tmp_path / "one"), **common))
+    recipe = tmp_path / "tiny.yaml"
+    values = {**{k: v for k, v in vars(config).items() if v is not None}, **common, "per_device_train_batch_size": 8, "output_dir": str(tmp_path / "two")}
+    recipe.write_text(yaml.safe_dump(values))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "recipes/accelerate/cpu_2proc.yaml"),
+                           str(root / "nsr_hf/train.py"), str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and single["world_size"] == 1  # two processes really ran
+    assert two["global_step"] == single["global_step"] == 6
+    # same rows per step, gradients averaged over the processes: the same model within float tolerance
+    for key in ("test_mse", "test_r2", "test_pearson"):
+        assert two["metrics"]["test"][key] == pytest.approx(single["metrics"]["test"][key], rel=1e-3, abs=1e-4), key
