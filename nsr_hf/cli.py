@@ -95,6 +95,26 @@ def format_capture_table(rows: list[dict], neurons) -> str:
     return "\n".join(lines)
 
 
+class QuickstartCommand:
+    """The main job on the embedded default: recipes/quickstart.yaml (scan, dataset, train, evaluate) into outputs/quickstart."""
+
+
+def _quickstart(argv: list[str]) -> int:
+    from nsr_hf.quickstart import QUICKSTART, run_quickstart
+    from nsr_hf.train import usage
+
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: nsr quickstart [--key value ...]\n\nThe quickstart recipe (values below); any TrainConfig key overrides it.\n")
+        print("\n".join(f"  {k}: {v!r}" for k, v in QUICKSTART.items()) + "\n\n" + usage())
+        return 0
+    try:
+        run_quickstart(argv)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"nsr quickstart: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "capture": (CaptureConfig, run_capture),
 }
@@ -104,7 +124,6 @@ def _register_stage_commands() -> None:
     """The stages live in their own modules, imported only when ``nsr`` runs (keeps ``import nsr_hf`` light)."""
     from nsr_hf.dataset_generator import DatasetConfig, run_dataset
     from nsr_hf.evaluation import EvaluateConfig, run_evaluate
-    from nsr_hf.quickstart import QuickstartConfig, run_quickstart
     from nsr_hf.scanner import ScanConfig, run_scan
     from nsr_hf.sweep import SweepConfig, run_sweep
     from nsr_hf.train import TrainConfig, run_train
@@ -112,7 +131,7 @@ def _register_stage_commands() -> None:
     COMMANDS.update({
         "scan": (ScanConfig, run_scan),
         "dataset": (DatasetConfig, run_dataset),
-        "quickstart": (QuickstartConfig, run_quickstart),
+        "quickstart": (QuickstartCommand, None),
         "train": (TrainConfig, run_train),
         "evaluate": (EvaluateConfig, run_evaluate),
         "sweep": (SweepConfig, run_sweep),
@@ -135,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         from nsr_hf.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[0] == "train":  # [recipe.yaml] [--key value ...]: defaults < recipe < command line (nsr_hf/train.py)
+        from nsr_hf.train import main as train_main
+
+        return train_main(argv[1:])
+    if argv[0] == "quickstart":
+        return _quickstart(argv[1:])
     config_cls, run = COMMANDS[argv[0]]
     parser = HfArgumentParser(config_cls, prog=f"nsr {argv[0]}", description=(config_cls.__doc__ or "").strip())
     try:

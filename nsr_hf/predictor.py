@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -265,6 +266,32 @@ class ActivationPredictor(PreTrainedModel):
         predictor.base.load_state_dict(base.state_dict())
         predictor.tokenizer = tokenizer
         return predictor.eval()
+
+    @torch.no_grad()
+    def init_head_from_probe(self, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
+        """Set the regression head to the closed-form ridge probe of its own representation (``nsr_hf.baselines.RidgeProbe``,
+        alpha chosen on ``validation_rows`` or by GCV), fitted on ``train_rows`` (an activation dataset split): linear
+        probing before fine-tuning (LP-FT, Kumar et al. 2022), so that fine-tuning starts from the best linear readout
+        of the frozen model instead of a random head, and does not distort the features to fit a random head.
+        Returns the probe's alphas and validation R^2 per neuron. Regression heads with a linear head only."""
+        from nsr_hf.baselines import RidgeProbe, layer_features, labels_of
+
+        if self.config.head_type != "regression" or not isinstance(self.neuron_head, nn.Linear):
+            raise ValueError("init_head_from_probe needs a regression head that is one linear layer (head_hidden_size 0).")
+        read = self.config.effective_read_layer
+        X = layer_features(self.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
+        X_val = None if validation_rows is None or len(validation_rows) == 0 else layer_features(self.base, validation_rows, [read], batch_size=batch_size, progress=False)[read]
+        mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
+        info = {}
+        weight = self.neuron_head.weight
+        for j, name in enumerate(self.config.neurons):
+            y = (labels_of(train_rows, j) - mean[j]) / std[j]
+            y_val = None if X_val is None else (labels_of(validation_rows, j) - mean[j]) / std[j]
+            probe = RidgeProbe().fit(X, y, X_val, y_val)
+            weight[j] = torch.as_tensor(probe.coef_, dtype=weight.dtype, device=weight.device)
+            self.neuron_head.bias[j] = float(probe.intercept_)
+            info[name] = {"alpha": float(probe.alpha), "validation_r2": None if X_val is None else float(probe.val_r2)}
+        return info
 
     # -- label transform -------------------------------------------------------------------------
 

@@ -93,31 +93,31 @@ def recipe_values(config: SweepConfig, overrides: Optional[dict] = None) -> dict
 
 
 def scan_top_neurons(values: dict, top_n: int, scan_dir: Path) -> list[str]:
-    """The neurons ranked 1..top_n by a scan of the training documents, the way ``nsr train`` scans
-    (``choose_neuron_and_build_dataset``); a scan already in ``scan_dir`` is read back."""
-    from nsr_hf.scanner import TOP_FILE, ScanConfig, load_scan, run_scan
-    from nsr_hf.train import TrainConfig
+    """The recipe's top ``top_n`` neurons on the training documents, chosen the way ``nsr train`` chooses one: by
+    the scan's ranking, or with ``select: readable`` by the readability of the scan's top ``select_candidates``
+    (``scan/selection.json``). A scan (and selection) already in ``scan_dir`` is read back."""
+    from nsr_hf.scanner import TOP_FILE, load_scan
+    from nsr_hf.train import TrainConfig, scan_train_documents, select_readable
 
-    if (scan_dir / TOP_FILE).exists():
+    config = TrainConfig(**values)
+    selection = scan_dir / "selection.json"
+    readable = config.select == "readable"
+    if readable and top_n > config.select_candidates:
+        raise ValueError(f"top_n = {top_n} is more than select_candidates = {config.select_candidates}: raise select_candidates.")
+    if (scan_dir / TOP_FILE).exists() and (not readable or selection.exists()):
         scan = load_scan(scan_dir)
         print(f"using the scan in {scan_dir} (delete it to scan again)", flush=True)
     else:
-        from nsr_hf.corpus import load_corpus, split_of
         from nsr_hf.models import load_model_and_tokenizer
 
-        config = TrainConfig(**values)
         model, tokenizer = load_model_and_tokenizer(config.model)
-        corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
-        docs = corpus.iter_documents(limit=config.dataset_documents)
-        # the neurons are chosen on train documents only, never on validation or test ones (as nsr train does)
-        train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed) == "train"][: config.scan_documents]
-        if not train_docs:
-            raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
-        scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers,
-                                   position="last" if config.position == "last" else "all", max_documents=len(train_docs),
-                                   max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir)),
-                        model=model, tokenizer=tokenizer, source=train_docs)
+        scan, train_docs = scan_train_documents(config, model, tokenizer, scan_dir, top_n=max(top_n, config.select_candidates))
+        if readable:
+            select_readable(config, model, tokenizer, scan, train_docs, scan_dir.parent)
         del model
+    if readable:
+        table = sorted(json.loads(selection.read_text())["candidates"], key=lambda row: -row["cv_r2"])
+        return [row["neuron"] for row in table[:top_n]]
     if len(scan.table) < top_n:
         raise ValueError(f"The scan ranked {len(scan.table)} neurons, fewer than top_n = {top_n}.")
     return [str(scan.neuron_at_rank(rank)) for rank in range(1, top_n + 1)]

@@ -64,6 +64,7 @@ class TrainConfig:
     split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
     read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last)"})
+    head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
     unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora or gradual (nsr_hf.unfreezing)"})
     unfreeze_k: Optional[int] = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
     unfreeze_every_n_steps: int = field(default=50, metadata={"help": "gradual: steps between two blocks joining"})
@@ -110,6 +111,10 @@ class TrainConfig:
             raise ValueError(f"unfreeze must be one of {', '.join(STRATEGIES)}, got {self.unfreeze!r}.")
         if self.labels not in ("reference", "live"):
             raise ValueError(f"labels must be 'reference' or 'live', got {self.labels!r}.")
+        if self.head_init not in ("random", "probe"):
+            raise ValueError(f"head_init must be 'random' or 'probe', got {self.head_init!r}.")
+        if self.head_init == "probe" and self.head_type != "regression":
+            raise ValueError("head_init 'probe' initialises a regression head: use head_init 'random' for classification and token heads.")
         if self.select not in ("score", "readable"):
             raise ValueError(f"select must be 'score' or 'readable', got {self.select!r}.")
         if self.probe_layers not in ("all", "up_to_read"):
@@ -501,6 +506,9 @@ def run_train(config: TrainConfig) -> dict:
     predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
                                               position=position, label_transform=metadata["transform"], num_bins=config.num_bins,
                                               dataset_name=config.dataset or str(out / "dataset"))
+    if config.head_init == "probe":
+        probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
+        print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
     del model
     eval_strategy = config.eval_strategy if len(dataset["validation"]) else "no"

@@ -42,12 +42,28 @@ def test_capture_with_an_out_of_range_layer_says_so(tiny_model_dirs, capsys):
     assert "Layer 9 is out of range" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_quickstart_runs_end_to_end_on_a_tiny_model(tiny_model_dirs, tmp_path, capsys):
-    code = main(["quickstart", "--model", tiny_model_dirs["llama"], "--scan_documents", "40", "--dataset_documents", "120",
-                 "--max_length", "32", "--output_dir", str(tmp_path)])
-    assert code == 0
-    summary = json.loads((tmp_path / "quickstart.json").read_text())
-    assert summary["neuron"] and sum(summary["rows"].values()) > 0
-    assert (tmp_path / "scan" / "neurons.parquet").exists() and (tmp_path / "dataset" / "README.md").exists()
-    assert "chosen neuron" in capsys.readouterr().out
+def test_quickstart_runs_the_recipe_end_to_end_on_a_tiny_model(tiny_model_dirs, tmp_path, capsys):
+    # the quickstart recipe with a tiny model (3 layers: the recipe's layers and read_layer are overridden to fit)
+    code = main(["quickstart", "--model", tiny_model_dirs["llama"], "--corpus", "synthetic", "--layers", "0", "1", "--scan_documents", "40",
+                 "--dataset_documents", "120", "--max_length", "32", "--num_train_epochs", "1", "--cross_models", tiny_model_dirs["gpt2"],
+                 "--n_bootstrap", "50", "--output_dir", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["neurons"] and sum(summary["rows"].values()) > 0 and summary["select"] == "readable"
+    assert summary["read_layer"] == int(summary["neurons"][0].split(".")[0]) + 2 or summary["read_layer"] == 2
+    assert json.loads((tmp_path / "scan" / "selection.json").read_text())["chosen"]["neuron"] == summary["neurons"][0]
+    for path in ("scan/neurons.parquet", "dataset/README.md", "predictor/README.md", "evaluation/report.md", "drift.png"):
+        assert (tmp_path / path).exists(), path
+    assert "readability of the top candidates" in capsys.readouterr().out
+
+
+def test_quickstart_rejects_an_unknown_key(capsys):
+    assert main(["quickstart", "--epochs", "3"]) == 2
+    assert "Unknown key(s) ['epochs']" in capsys.readouterr().err
+
+
+def test_train_takes_a_recipe_and_overrides(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 2e-5\nunfreeze: nonsense\n")
+    assert main(["train", str(recipe)]) == 2
+    assert "unfreeze must be one of" in capsys.readouterr().err

@@ -210,7 +210,7 @@ def trained(tiny_model_dirs, tmp_path_factory):
                               for i in range(60)))
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
                          num_train_epochs=2, per_device_train_batch_size=8, learning_rate=1e-2, read_layer=2, unfreeze="head_only",
-                         logging_steps=1, output_dir=str(tmp / "train"))
+                         logging_steps=1, evaluate=False, output_dir=str(tmp / "train"))
     summary = run_train(config)
     return Path(config.output_dir), summary
 
@@ -403,7 +403,7 @@ def test_the_whole_protocol_on_smollm2_with_minilm_as_the_cross_model(tmp_path):
     from nsr_hf.train import TrainConfig, run_train
 
     config = TrainConfig(scan_documents=40, dataset_documents=80, max_length=32, max_steps=6, per_device_train_batch_size=8,
-                         eval_strategy="no", learning_rate=1e-3, output_dir=str(tmp_path / "train"))
+                         eval_strategy="no", learning_rate=1e-3, evaluate=False, output_dir=str(tmp_path / "train"))
     run_train(config)
     evaluation = run_evaluate(EvaluateConfig(predictor=str(tmp_path / "train" / "predictor"), output_dir=str(tmp_path / "eval"),
                                              base_unchanged=True, n_bootstrap=200, causal_max_rows=8, causal_num_values=3))

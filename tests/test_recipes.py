@@ -24,7 +24,23 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_there_are_recipes():
-    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "regression.yaml"}
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "regression.yaml", "classification.yaml", "token_digits.yaml", "lora.yaml"}
+    assert {p.name for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")} >= {"cpu_2proc.yaml", "multi_gpu.yaml", "fsdp.yaml"}
+
+
+def test_the_packaged_quickstart_is_the_recipe():
+    from nsr_hf.quickstart import QUICKSTART, quickstart_config
+
+    assert parse_config([str(ROOT / "recipes" / "quickstart.yaml")]) == quickstart_config()
+    assert set(yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())) == set(QUICKSTART)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_loads(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes >= 2 and loaded.distributed_type.value in ("MULTI_GPU", "FSDP")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -91,3 +107,24 @@ def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
     assert "--learning_rate" in result.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Valid keys" in bad.stderr
+
+
+def test_read_layer_accepts_an_index_target_plus_k_or_none():
+    assert parse_config(["--read_layer", "target+2"]).read_layer_for(7, 30) == 9
+    assert parse_config(["--read_layer", "4"]).read_layer_for(7, 30) == 4
+    assert parse_config(["--read_layer", "none"]).read_layer_for(7, 30) is None
+    assert parse_config(["--read_layer", "target+5"]).read_layer_for(28, 30) == 29  # past the end: the last block, with a warning
+    for bad in ("target-1", "after", "-3"):
+        with pytest.raises(ValueError, match="read_layer"):
+            parse_config(["--read_layer", bad])
+    with pytest.raises(ValueError, match="out of range"):
+        parse_config(["--read_layer", "40"]).read_layer_for(7, 30)
+
+
+def test_new_choices_are_validated():
+    for key, value, message in (("labels", "current", "labels must be"), ("select", "best", "select must be"),
+                                ("probe_layers", "some", "probe_layers must be"), ("save_strategy", "often", "save_strategy must be")):
+        with pytest.raises(ValueError, match=message):
+            parse_config([f"--{key}", value])
+    with pytest.raises(ValueError, match="gradual"):
+        parse_config(["--unfreeze", "gradual", "--resume_from_checkpoint", "latest"])

@@ -67,7 +67,8 @@ def swept(tiny_model_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     recipe = tmp / "tiny.yaml"
     recipe.write_text(f"model: {tiny_model_dirs['llama']}\ncorpus: synthetic\nscan_documents: 8\ndataset_documents: 12\nmax_length: 24\n"
-                      "max_steps: 2\nper_device_train_batch_size: 4\neval_strategy: 'no'\nneuron: auto\n")
+                      "max_steps: 2\nper_device_train_batch_size: 4\neval_strategy: 'no'\nneuron: auto\n"
+                      "eval_methods: [mean, ridge_probe, shuffled_labels]\nn_bootstrap: 50\n")
     out = tmp / "out"
     argv = ["sweep", str(recipe), "--top_n", "2", "--seeds", "0", "1", "--output_dir", str(out), "--learning_rate", "1e-2"]
     code = main(argv)

@@ -425,3 +425,22 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
     # same rows per step, gradients averaged over the processes: the same model within float tolerance
     for key in ("test_mse", "test_r2", "test_pearson"):
         assert two["metrics"]["test"][key] == pytest.approx(single["metrics"]["test"][key], rel=1e-3, abs=1e-4), key
+
+
+def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):
+    from nsr_hf.baselines import RidgeProbe, layer_features
+
+    model, tok = tiny
+    ds, ref = _reference_dataset(model, tok, n=48)
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2,
+                                              label_transform={"mean": [float(ref.mean())], "std": [float(ref.std())]})
+    info = predictor.init_head_from_probe(ds.select(range(40)), ds.select(range(40, 48)))
+    X = layer_features(model, ds, [2], progress=False)[2]
+    probe = RidgeProbe().fit(X[:40], ref[:40], X[40:], ref[40:])
+    batch = PredictorDataCollator(tok)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        pred = predictor(**{k: batch[k] for k in ("input_ids", "attention_mask", "label_positions")}).predictions[:, 0].numpy()
+    np.testing.assert_allclose(pred, probe.predict(X), rtol=1e-3, atol=1e-4)
+    assert info["1.3"]["alpha"] == pytest.approx(probe.alpha)
+    with pytest.raises(ValueError, match="regression head"):
+        predictor_for(tiny, "classification").init_head_from_probe(ds)
