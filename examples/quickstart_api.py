@@ -147,6 +147,10 @@ predictor = ActivationPredictor.from_base(model, tokenizer, neurons=[neuron_name
                                           position=recipe.position, label_transform=metadata["transform"],
                                           dataset_name=str(out / "dataset"))
 print(f"the head reads block {predictor.config.effective_read_layer}; the target neuron is in block {neuron.layer}")
+if recipe.head_init == "probe":
+    # as the recipe does: start from the closed-form ridge probe of the head's own representation (LP-FT)
+    probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"])
+    print(f"head initialised from the ridge probe: {probe}")
 lap("predictor")
 
 # %% [markdown]

@@ -269,7 +269,7 @@ def load_recipe(path: "str | os.PathLike") -> dict:
 
 
 def parse_overrides(argv: list[str]) -> dict:
-    """``--key value`` / ``--key=value`` pairs (a flag with no value means true)."""
+    """``--key value`` / ``--key=value`` pairs (a flag with no value means true; ``--key a b`` gives a list)."""
     values, i = {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -277,10 +277,12 @@ def parse_overrides(argv: list[str]) -> dict:
             raise ValueError(f"Expected --key value, got {arg!r}.")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
+            values_of_key = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values_of_key.append(argv[i + 1])
+                i += 1
+            # --flag alone means true; --key a b c is a list (as --key a,b,c)
+            value = "true" if not values_of_key else values_of_key[0] if len(values_of_key) == 1 else values_of_key
         values[key.replace("-", "_")] = value
         i += 1
     check_keys(values, "the command line")

@@ -128,3 +128,8 @@ def test_new_choices_are_validated():
             parse_config([f"--{key}", value])
     with pytest.raises(ValueError, match="gradual"):
         parse_config(["--unfreeze", "gradual", "--resume_from_checkpoint", "latest"])
+
+
+def test_list_values_on_the_command_line():
+    config = parse_config(["--layers", "0", "1", "2", "--cross_models", "minilm,gpt2", "--eval_methods", "mean", "--bf16"])
+    assert config.layers == [0, 1, 2] and config.cross_models == ["minilm", "gpt2"] and config.eval_methods == ["mean"] and config.bf16 is True
