@@ -105,7 +105,8 @@ else:
 lap("train")
 
 predictor = load_predictor(str(run / "predictor"))
-dataset, metadata = load_activation_dataset(run / "dataset")
+# the run's own dataset, or the one it was trained on (a run given `dataset:` keeps none of its own)
+dataset, metadata = load_activation_dataset(run / "dataset" if (run / "dataset").is_dir() else predictor.config.dataset_name)
 config = predictor.config
 neuron = config.target_neurons[0]
 read_layer = config.effective_read_layer

@@ -552,6 +552,10 @@ def load_predictor(path: str, device=None, trust_remote_code: bool = False):
     if trust_remote_code:
         raise ValueError("nsr_hf never runs code from a checkpoint; predictors load without trust_remote_code.")
     folder = Path(path)
+    looks_local = str(path).startswith((".", "/", "~")) or folder.exists() or str(path).count("/") != 1
+    if looks_local and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"No predictor in {path!r}: expected a folder written by nsr train (<output_dir>/predictor) or "
+                                "save_predictor, holding config.json or adapter_config.json; or a Hub id 'owner/name'.")
     is_adapter = (folder / "adapter_config.json").exists()
     if is_adapter:
         from peft import PeftModel

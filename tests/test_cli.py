@@ -21,8 +21,8 @@ def test_unknown_command_is_an_error(capsys):
 def test_bad_config_value_is_a_clear_error_not_a_traceback(capsys):
     assert main(["scan", "--score", "loudness"]) == 2
     assert "Unknown score 'loudness'" in capsys.readouterr().err
-    assert main(["quickstart", "--neuron_rank", "0"]) == 2
-    assert "neuron_rank counts from 1" in capsys.readouterr().err
+    assert main(["quickstart", "--neuron", "0"]) == 2
+    assert "a scan rank counts from 1" in capsys.readouterr().err
 
 
 def test_capture_prints_and_saves_values(tiny_model_dirs, tmp_path, capsys):

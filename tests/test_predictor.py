@@ -251,3 +251,8 @@ def test_push_to_hub_uploads_our_model_card_not_a_generic_one(tiny, monkeypatch)
     assert uploaded["repo"] == "me/self-report"
     assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded["files"])
     assert "Neuron self-report: 1.3" in uploaded["card"] and "test/r2" in uploaded["card"]
+
+
+def test_loading_a_missing_predictor_folder_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No predictor in"):
+        load_predictor(str(tmp_path / "nothing_here"))
