@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the two trainers this many times (fair on a busy machine)")
     parser.add_argument("--monitor", action="store_true", help="also attach the DriftMonitor (every 50 steps) to PredictorTrainer")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -82,36 +83,37 @@ def main() -> None:
     data = rows(tok, args.batch * (args.steps + 1), args.seq)
     common = dict(max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=1e-4, report_to="none", save_strategy="no",
                   logging_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    results = {}
+    results = {"plain Trainer": [], "PredictorTrainer": []}
+    trainable = 0
+    for _ in range(args.rounds):
+        # plain Trainer
+        torch.manual_seed(0)
+        plain = PlainRegressor(base, args.read_layer)
+        names = [f"base.model.layers.{i}." for i in range(args.read_layer - args.k + 1, args.read_layer + 1)] + ["base.model.norm.", "head."]
+        for name, p in plain.named_parameters():
+            p.requires_grad_(any(name.startswith(n) for n in names))
+        plain_data = Dataset.from_dict({"input_ids": data["input_ids"], "attention_mask": data["attention_mask"],
+                                        "labels": [[v[0]] for v in data["activations"]]})
+        timer = StepTimer()
+        Trainer(model=plain, args=TrainingArguments("/tmp/nsr_bench_plain", **common), train_dataset=plain_data, callbacks=[timer]).train()
+        results["plain Trainer"] += timer.times[args.warmup:]
+        del plain
 
-    # plain Trainer
-    torch.manual_seed(0)
-    plain = PlainRegressor(base, args.read_layer)
-    names = [f"base.model.layers.{i}." for i in range(args.read_layer - args.k + 1, args.read_layer + 1)] + ["base.model.norm.", "head."]
-    for name, p in plain.named_parameters():
-        p.requires_grad_(any(name.startswith(n) for n in names))
-    plain_data = Dataset.from_dict({"input_ids": data["input_ids"], "attention_mask": data["attention_mask"],
-                                    "labels": [[v[0]] for v in data["activations"]]})
-    timer = StepTimer()
-    Trainer(model=plain, args=TrainingArguments("/tmp/nsr_bench_plain", **common), train_dataset=plain_data, callbacks=[timer]).train()
-    results["plain Trainer"] = timer.times[args.warmup:]
-    del plain
+        # PredictorTrainer
+        torch.manual_seed(0)
+        predictor = ActivationPredictor.from_base(base, tok, neurons=[f"{max(args.read_layer - args.k, 0)}.0"], read_layer=args.read_layer)
+        predictor.config.label_transform = {"mean": [0.0], "std": [1.0]}
+        timer = StepTimer()
+        trainer = PredictorTrainer(model=predictor, args=TrainingArguments("/tmp/nsr_bench_predictor", **common), train_dataset=Dataset.from_dict(data),
+                                   unfreeze={"strategy": "last_k", "k": args.k}, callbacks=[timer])
+        if args.monitor:
+            from nsr_hf.monitoring import DriftMonitor
 
-    # PredictorTrainer
-    torch.manual_seed(0)
-    predictor = ActivationPredictor.from_base(base, tok, neurons=[f"{max(args.read_layer - args.k, 0)}.0"], read_layer=args.read_layer)
-    predictor.config.label_transform = {"mean": [0.0], "std": [1.0]}
-    timer = StepTimer()
-    trainer = PredictorTrainer(model=predictor, args=TrainingArguments("/tmp/nsr_bench_predictor", **common), train_dataset=Dataset.from_dict(data),
-                               unfreeze={"strategy": "last_k", "k": args.k}, callbacks=[timer])
-    if args.monitor:
-        from nsr_hf.monitoring import DriftMonitor
-
-        DriftMonitor(Dataset.from_dict(data), every_n_steps=50).bind(trainer)
-    trainer.train()
-    results["PredictorTrainer"] = timer.times[args.warmup:]
-    trainable = sum(p.numel() for p in predictor.parameters() if p.requires_grad)
-    del predictor, trainer
+            DriftMonitor(Dataset.from_dict(data), every_n_steps=50).bind(trainer)
+        trainer.train()
+        results["PredictorTrainer"] += timer.times[args.warmup:]
+        trainable = sum(p.numel() for p in predictor.parameters() if p.requires_grad)
+        del predictor, trainer
 
     plain_s = statistics.median(results["plain Trainer"])
     print(f"\n{args.model}: last {args.k} blocks up to block {args.read_layer} + norm + head ({trainable:,} trainable), batch {args.batch}x{args.seq}, "
