@@ -332,6 +332,7 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     """(neuron, its scan rank): of the scan's top ``select_candidates``, the neuron that a ridge probe reads best from the
     head's representation (the block ``read_layer_for`` gives, final-normed, at the labelled token), by ``folds``-fold
     cross-validated R^2 on the scanned *training* documents. Writes ``scan/selection.json``."""
+    import numpy as np
     from datasets import Dataset
 
     from nsr_hf.architectures import num_layers
@@ -349,15 +350,13 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     for start in range(0, len(docs), 16):
         batch = encode_texts(tokenizer, [d.text for d in docs[start : start + 16]], max_length=config.max_length)
         cap = capture_activations(model, batch, [str(n) for n in candidates], position=position)
-        values.append(torch_cat_columns(cap, candidates))
+        values.append(_capture_columns(cap, candidates))
         positions = label_positions(batch["attention_mask"], position)
         for i in range(batch["input_ids"].shape[0]):
             n = int(batch["attention_mask"][i].sum())
             rows["input_ids"].append(batch["input_ids"][i, :n].tolist())
             rows["attention_mask"].append([1] * n)
             rows["label_position"].append(int(positions[i]))
-    import numpy as np
-
     y = np.concatenate(values)
     features = layer_features(model, Dataset.from_dict(rows), sorted(set(read.values())), progress=False)
     fold = np.arange(len(y)) % folds
@@ -380,15 +379,15 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     return best["neuron"], best["rank"]
 
 
-def torch_cat_columns(cap, neurons):
-    """(batch, len(neurons)) numpy values of ``neurons`` from a ``Capture``, in that order."""
-    import numpy as np
+def _capture_columns(cap, neurons):
+    """(batch, len(neurons)) float64 numpy values of ``neurons`` from a ``Capture``, in that order."""
+    import torch
 
     columns = []
     for n in neurons:
         col = cap.neuron_indices[n.layer].tolist().index(n.index)
-        columns.append(cap[n.layer][:, col].float().cpu().numpy())
-    return np.stack(columns, 1).astype(np.float64)
+        columns.append(cap[n.layer][:, col].double().cpu())
+    return torch.stack(columns, 1).numpy()
 
 
 def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):

@@ -21,6 +21,18 @@ TRAINING_TEXT = [
 ] * 20
 
 
+def write_word_corpus(path, n: int = 60, seed: int = 0):
+    """A jsonl corpus of ``n`` short documents of random words (ids d0..), for pipeline tests; returns ``path``."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over lazy dog neurons in MLP layer respond to particular tokens Python 0 1 2 3".split()
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}) + "\n"
+                            for i in range(n)))
+    return path
+
+
 def build_tokenizer():
     """A GPT-2-like byte-level BPE tokenizer (no pad token, like GPT-2) trained on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

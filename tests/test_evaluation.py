@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import warnings
 from pathlib import Path
 
@@ -200,14 +199,11 @@ def test_ties_at_the_decile_boundary_are_broken_by_row_order_and_tiny_subsets_ar
 @pytest.fixture(scope="module")
 def trained(tiny_model_dirs, tmp_path_factory):
     """nsr train on a tiny Llama (scan, dataset, head_only training) and a 60-document corpus (a few seconds)."""
+    from conftest import write_word_corpus
     from nsr_hf.train import TrainConfig, run_train
 
     tmp = tmp_path_factory.mktemp("evaluate")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog neurons in MLP layer respond to particular tokens Python 0 1 2 3".split()
-    corpus = tmp / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}) + "\n"
-                              for i in range(60)))
+    corpus = write_word_corpus(tmp / "docs.jsonl")
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
                          num_train_epochs=2, per_device_train_batch_size=8, learning_rate=1e-2, read_layer=2, unfreeze="head_only",
                          logging_steps=1, evaluate=False, output_dir=str(tmp / "train"))

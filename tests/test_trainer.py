@@ -4,7 +4,6 @@ gradient accumulation does not re-scale the loss of float labels (PITFALLS HF-4)
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -209,13 +208,11 @@ def test_metrics_of_several_neurons_are_averaged_and_given_per_neuron():
 @pytest.fixture(scope="module")
 def head_only_run(tiny_model_dirs, tmp_path_factory):
     """run_train on a tiny Llama and a 60-document jsonl corpus: scan, dataset, head_only training (about 3 s)."""
+    from conftest import write_word_corpus
     from nsr_hf.train import TrainConfig, run_train
 
     tmp_path = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog neurons in MLP layer respond to particular tokens Python 0 1 2 3".split()
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}) + "\n" for i in range(60)))
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
                          num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", drift_every_n_steps=2,
                          cross_models=[tiny_model_dirs["gpt2"]], n_bootstrap=50, output_dir=str(tmp_path / "out"))
@@ -376,7 +373,6 @@ def test_bf16_mixed_precision_runs_on_the_cpu(head_only_run, tmp_path):
 
 
 def test_report_to_wandb_offline_writes_a_run_with_the_logged_metrics(head_only_run, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     from dataclasses import replace
 
     from nsr_hf.train import run_train
