@@ -123,11 +123,14 @@ def test_read_layer_accepts_an_index_target_plus_k_or_none():
 
 def test_new_choices_are_validated():
     for key, value, message in (("labels", "current", "labels must be"), ("select", "best", "select must be"),
-                                ("probe_layers", "some", "probe_layers must be"), ("save_strategy", "often", "save_strategy must be")):
+                                ("probe_layers", "some", "probe_layers must be"), ("save_strategy", "often", "save_strategy must be"),
+                                ("head_init", "zeros", "head_init must be")):
         with pytest.raises(ValueError, match=message):
             parse_config([f"--{key}", value])
     with pytest.raises(ValueError, match="gradual"):
         parse_config(["--unfreeze", "gradual", "--resume_from_checkpoint", "latest"])
+    with pytest.raises(ValueError, match="head_init 'probe' initialises a regression head"):
+        parse_config(["--head_type", "classification", "--head_init", "probe"])
 
 
 def test_list_values_on_the_command_line():

@@ -440,3 +440,26 @@ def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):
     assert info["1.3"]["alpha"] == pytest.approx(probe.alpha)
     with pytest.raises(ValueError, match="regression head"):
         predictor_for(tiny, "classification").init_head_from_probe(ds)
+
+
+def test_push_to_hub_uploads_the_saved_predictor_folder_with_its_card(head_only_run, tmp_path, monkeypatch):
+    import huggingface_hub
+    from dataclasses import replace
+
+    from nsr_hf.train import run_train
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok=False, **kw):
+            calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    config, _ = head_only_run
+    run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=2, push_to_hub="me/neuron-reporter",
+                      output_dir=str(tmp_path / "push")))
+    assert calls[0] == ("create_repo", "me/neuron-reporter")
+    assert calls[1][:2] == ("upload_folder", "me/neuron-reporter") and {"README.md", "config.json", "model.safetensors"} <= set(calls[1][2])
