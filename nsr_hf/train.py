@@ -593,6 +593,12 @@ def run_train(config: TrainConfig) -> dict:
         print(f"\ntrain finished in {summary['seconds']} s: neuron(s) {', '.join(neurons)}, {shown}, drift max {drift['max_abs']:.3g}; "
               f"everything is in {out}/", flush=True)
         if config.evaluate:
+            from nsr_hf.report import headline_table, verdicts
+
+            split = next((s for s in ("test", "test_ood", "validation") if s in (evaluation.get("metrics") or {})), None)
+            if split:
+                print(f"\n{split} split, neuron {neurons[0]}:\n{headline_table(evaluation, split)}\n" +
+                      "\n".join(f"- {v}" for v in verdicts(evaluation, split)), flush=True)
             print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
         finish_wandb(summary)
     return summary

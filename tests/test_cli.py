@@ -54,7 +54,9 @@ def test_quickstart_runs_the_recipe_end_to_end_on_a_tiny_model(tiny_model_dirs, 
     assert json.loads((tmp_path / "scan" / "selection.json").read_text())["chosen"]["neuron"] == summary["neurons"][0]
     for path in ("scan/neurons.parquet", "dataset/README.md", "predictor/README.md", "evaluation/report.md", "drift.png"):
         assert (tmp_path / path).exists(), path
-    assert "readability of the top candidates" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "readability of the top candidates" in printed
+    assert "| **self** |" in printed and "evaluation report:" in printed  # the headline table is printed at the end
 
 
 def test_quickstart_rejects_an_unknown_key(capsys):
