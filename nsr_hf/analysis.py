@@ -516,7 +516,7 @@ def direction_ablation(predictor, rows, neuron=None, control_directions: int = 3
     if len(rows) < 2:
         raise ValueError(f"direction_ablation needs at least 2 rows to measure accuracy, got {len(rows)}.")
     true = activation_column(rows, column)
-    read = num_layers(model.base) - 1 if model.config.head_type == "token" else model.config.effective_read_layer
+    read = model.config.effective_read_layer
     block = get_layers(model.base)[read]
     out = layer_vectors(model.base, neuron.layer)["out"][neuron.index]
     if not torch.any(out != 0):

@@ -28,7 +28,6 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from nsr_hf.architectures import num_layers
 from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
 from nsr_hf.trainer import PredictorDataCollator
 
@@ -254,14 +253,16 @@ def linear_fit(x, y) -> dict:
 def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
     """``(meaningful, note)``: whether a clamped value of ``neuron`` reaches the report only through computation."""
     config = unwrap_predictor(predictor).config
-    layer, last = neuron.layer, num_layers(config.get_base_config()) - 1
+    layer, read = neuron.layer, config.effective_read_layer
     if config.head_type == "token":
-        if layer < last:
-            return True, (f"Token head: the report is read at the prompt's last token, which sees the labelled token's clamped "
-                          f"neuron only through attention in blocks {layer + 1}..{last}.")
-        return False, (f"Token head with the target in the last block ({layer}): the report is read at the prompt's last token, "
-                       "and no later attention can carry the labelled token's MLP output there, so the slope is 0 by construction.")
-    read = config.effective_read_layer
+        if layer < read:
+            return True, (f"Token head: the report is read at the prompt's last token after block {read}, which sees the labelled "
+                          f"token's clamped neuron only through attention in blocks {layer + 1}..{read}.")
+        if layer == read:
+            return False, (f"Token head reading block {read}, the target's own block: the report is read at the prompt's last token, "
+                           "and no later attention can carry the labelled token's MLP output there, so the slope is 0 by construction.")
+        return False, (f"Token head reading block {read}, before the target layer {layer}: the intervention cannot reach the report, "
+                       "so the slope is 0 by construction.")
     if read > layer:
         return True, (f"The head reads block {read}'s output, after the target layer {layer}: the clamped value reaches it through "
                       f"the residual stream and blocks {layer + 1}..{read}.")

@@ -266,6 +266,24 @@ def evaluate_predictions(pred, true, *, greedy=None, bin_edges=None, n_bootstrap
 # Predictions of a trained predictor
 
 
+LOW_SPREAD_RATIO = 0.5
+
+
+def split_spread(true, train_std: Optional[float], split: str) -> dict:
+    """How much the neuron varies on ``split`` next to the training split. R² divides by the split's own variance: on a
+    split where a sparse neuron happens not to fire (std well below train's) small errors give a large negative R²,
+    which says more about the split than about the reader. Below ``LOW_SPREAD_RATIO`` the entry carries a ``warning``."""
+    true = np.asarray(true, dtype=np.float64).reshape(-1)
+    std = float(true.std()) if true.size else float("nan")
+    out = {"std": std, "train_std": None if train_std is None else float(train_std), "ratio": None, "warning": None}
+    if train_std and math.isfinite(std):
+        out["ratio"] = std / float(train_std)
+        if out["ratio"] < LOW_SPREAD_RATIO:
+            out["warning"] = (f"On {split} the neuron's std is {std:.3g}, {out['ratio']:.2f} of its training std ({float(train_std):.3g}): "
+                              f"R² divides by this split's small variance, so read MSE and MAE (in activation units) next to it.")
+    return out
+
+
 def predict_split(predictor, rows, batch_size: int = 32) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """``(expected, greedy)`` of ``predictor`` on the rows of an activation dataset split, each (rows, K) float64 in
     activation units, read at each row's ``label_position`` (the labelled token); ``greedy`` is None for the
@@ -576,7 +594,8 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     per_neuron, all_predictions = {}, {}
     for j, neuron in enumerate(neurons):
         edges = edges_all[j] if edges_all else None
-        result = {"metrics": {}, "comparisons": {}, "selectivity": {}}
+        result = {"metrics": {}, "comparisons": {}, "selectivity": {}, "spread": {}}
+        train_std = ((inner.config.label_transform or {}).get("std") or [None] * len(neurons))[j]
         all_predictions[neuron] = {}
         for s in splits:
             rows = dataset[s]
@@ -598,6 +617,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
                     metrics[method] = evaluate_predictions(values, true, greedy=greedy[:, j] if (method == "self" and greedy is not None) else None,
                                                            bin_edges=edges, n_bootstrap=n_boot, seed=seed, level=level)
             result["metrics"][s] = metrics
+            result["spread"][s] = split_spread(true, train_std, s)
+            if result["spread"][s]["warning"]:
+                logger.warning("%s: %s", neuron, result["spread"][s]["warning"])
             result["comparisons"][s] = compare_methods(methods, true, n_bootstrap=n_boot, seed=seed, level=level)
             result["selectivity"][s] = selectivity(methods, true, n_bootstrap=n_boot, seed=seed, level=level)
             all_predictions[neuron][s] = {"true": true, **methods, **({"self_greedy": greedy[:, j]} if greedy is not None else {})}

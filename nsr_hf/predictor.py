@@ -350,11 +350,14 @@ class ActivationPredictor(PreTrainedModel):
 
     def report_logits(self, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
         """(batch, bins): the LM head's logits of the report tokens after the prompt. Only those rows of
-        the output embedding are multiplied, never the full vocabulary."""
+        the output embedding are multiplied, never the full vocabulary. With the default ``read_layer`` (the last
+        block) these are the model's own next-token logits; a lower ``read_layer`` is an early exit: blocks
+        ``0..read_layer``, the final norm and the LM head (the logit lens), which free generation does not use."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         ids, mask = self.report_prompts(input_ids, attention_mask, label_positions)
-        hidden = self.base.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
+        with truncated(self.base, self.config.effective_read_layer):
+            hidden = self.base.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
         last = mask.sum(-1) - 1
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         lm_head = self.base.get_output_embeddings()

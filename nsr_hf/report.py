@@ -398,6 +398,9 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
     lines = [f"## {split}" + (f" ({rows} rows)" if rows else ""), "", headline_table(evaluation, split), ""]
     lines += [f"- {v}" for v in verdicts(evaluation, split)]
     lines += [f"- ⚠ {w}" for w in _warnings(metrics)]
+    spread = ((evaluation.get("spread") or {}).get(split) or {}).get("warning")
+    if spread:
+        lines.append(f"- ⚠ {spread}")
     selectivity = (evaluation.get("selectivity") or {}).get(split) or {}
     if selectivity:
         lines += ["", "Selectivity (real minus shuffled-label control, paired bootstrap):", ""] + _selectivity_lines(selectivity)

@@ -63,7 +63,8 @@ class TrainConfig:
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
     split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
-    read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last)"})
+    read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
+    expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
     head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
     unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora or gradual (nsr_hf.unfreezing)"})
     unfreeze_k: Optional[int] = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
@@ -111,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"unfreeze must be one of {', '.join(STRATEGIES)}, got {self.unfreeze!r}.")
         if self.labels not in ("reference", "live"):
             raise ValueError(f"labels must be 'reference' or 'live', got {self.labels!r}.")
+        if not float(self.expected_value_loss_weight) >= 0:
+            raise ValueError(f"expected_value_loss_weight must be >= 0, got {self.expected_value_loss_weight!r}.")
+        if self.expected_value_loss_weight and self.head_type != "token":
+            raise ValueError(f"expected_value_loss_weight applies to the token head only (head_type is {self.head_type!r}): leave it at 0.")
         if self.head_init not in ("random", "probe"):
             raise ValueError(f"head_init must be 'random' or 'probe', got {self.head_init!r}.")
         if self.head_init == "probe" and self.head_type != "regression":
@@ -506,7 +511,7 @@ def run_train(config: TrainConfig) -> dict:
     read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
     predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
                                               position=position, label_transform=metadata["transform"], num_bins=config.num_bins,
-                                              dataset_name=config.dataset or str(out / "dataset"))
+                                              expected_value_loss_weight=config.expected_value_loss_weight, dataset_name=config.dataset or str(out / "dataset"))
     if config.head_init == "probe":
         probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
         print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)

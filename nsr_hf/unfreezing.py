@@ -67,9 +67,8 @@ def head_prefixes(predictor) -> list[str]:
 
 
 def last_block(predictor) -> int:
-    """The last block whose output reaches the head (``read_layer`` for reading heads, the last block for the token head)."""
-    p = _inner(predictor)
-    return len(get_layers(p.base)) - 1 if p.config.head_type == "token" else p.config.effective_read_layer
+    """The last block whose output reaches the head (``read_layer``; the last block by default, also for the token head)."""
+    return _inner(predictor).config.effective_read_layer
 
 
 def block_prefixes(predictor, blocks) -> list[str]:

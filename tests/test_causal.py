@@ -292,3 +292,12 @@ def test_linear_fit_matches_numpy_and_leaves_undefined_values_undefined():
     flat = linear_fit(x, np.ones(50))
     assert flat["slope"] == 0 and flat["r"] is None and flat["r2"] is None
     assert linear_fit(np.ones(5), y[:5])["slope"] is None
+
+
+def test_a_token_head_reading_the_targets_own_block_is_not_meaningful(tiny):
+    model, tok = tiny
+    transform = {"mean": [0.0], "std": [1.0], "bin_edges": [[i / 10 for i in range(11)]]}
+    for read, expected, words in ((TARGET.layer + 1, True, "through attention"), (TARGET.layer, False, "own block"), (0, TARGET.layer == 0, "")):
+        predictor = ActivationPredictor.from_base(model, tok, neurons=[str(TARGET)], head_type="token", label_transform=transform, read_layer=read)
+        meaningful, note = path_to_report(predictor, TARGET)
+        assert meaningful is expected and words in note

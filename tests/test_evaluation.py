@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nsr_hf.evaluation import (
+    LOW_SPREAD_RATIO,
     EvaluateConfig,
     bootstrap_ci,
     compare_methods,
@@ -23,6 +24,7 @@ from nsr_hf.evaluation import (
     predict_split,
     run_evaluate,
     selectivity,
+    split_spread,
     subset_indices,
 )
 from nsr_hf.trainer import regression_metrics
@@ -269,6 +271,18 @@ def test_run_evaluate_scores_the_predictor_and_every_baseline_on_the_same_rows(e
     assert saved["by_neuron"][saved["neuron"]]["metrics"]["test"]["self"]["r2"] == test["self"]["r2"]
     assert evaluation["metrics"]["test"]["self"]["r2"] == test["self"]["r2"]
     assert not any(isinstance(x, float) and not math.isfinite(x) for x in all_numbers(saved))
+    spread = saved["spread"]["test"]
+    assert spread["std"] == pytest.approx(np.std(predictions["true"])) and spread["ratio"] == pytest.approx(spread["std"] / spread["train_std"])
+
+
+def test_a_split_where_the_neuron_barely_varies_is_flagged_not_hidden():
+    rng = np.random.default_rng(0)
+    quiet = split_spread(rng.normal(scale=0.1, size=200), 0.64, "test")
+    assert quiet["ratio"] == pytest.approx(quiet["std"] / 0.64) and quiet["ratio"] < LOW_SPREAD_RATIO
+    assert "test" in quiet["warning"] and "MSE" in quiet["warning"]
+    normal = split_spread(rng.normal(scale=0.6, size=200), 0.64, "test")
+    assert normal["warning"] is None and normal["ratio"] > LOW_SPREAD_RATIO
+    assert split_spread([1.0, 2.0], None, "test")["ratio"] is None  # no training std known: no ratio, no warning
 
 
 def test_run_evaluate_writes_the_report_and_every_plot(evaluated):

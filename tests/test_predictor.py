@@ -256,3 +256,27 @@ def test_push_to_hub_uploads_our_model_card_not_a_generic_one(tiny, monkeypatch)
 def test_loading_a_missing_predictor_folder_says_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="No predictor in"):
         load_predictor(str(tmp_path / "nothing_here"))
+
+
+def test_token_head_with_a_read_layer_is_the_logit_lens_of_that_block(tiny):
+    """A token head with read_layer below the last block exits early: blocks 0..read_layer, the final norm, and the
+    LM head's report-token rows at the prompt's last token (never the model's later blocks)."""
+    model, tok = tiny
+    torch.manual_seed(0)
+    early = _predictor(tiny, "token", read_layer=1)
+    full = _predictor(tiny, "token")
+    batch = encode_texts(tok, TEXTS, padding_side="right")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt, prompt_mask = early.report_prompts(ids, mask)
+    with torch.no_grad():
+        states = model(input_ids=prompt, attention_mask=prompt_mask, output_hidden_states=True).hidden_states
+        last = prompt_mask.sum(-1) - 1
+        rows = torch.arange(len(TEXTS))
+        report_rows = model.get_output_embeddings().weight[early.config.report_token_ids]
+        expected = get_final_norm(model)(states[2])[rows, last] @ report_rows.T  # states[2]: the output of block 1
+        assert torch.allclose(early.report_logits(ids, mask), expected, atol=1e-4)
+        assert early.config.effective_read_layer == 1
+        # the default reads the last block: the model's own next-token logits of the report tokens
+        logits = model(input_ids=prompt, attention_mask=prompt_mask).logits[rows, last][:, early.config.report_token_ids]
+        assert torch.allclose(full.report_logits(ids, mask), logits, atol=1e-4)
+        assert not torch.allclose(early.report_logits(ids, mask), logits, atol=1e-3)

@@ -67,6 +67,13 @@ def test_the_greedy_readout_gets_its_own_row():
     assert f"{evaluation['metrics']['test']['self']['greedy_r2']:.3f}" in headline_table(evaluation).splitlines()[3]
 
 
+def test_a_low_spread_split_gets_its_warning_in_the_report(tmp_path):
+    evaluation, predictions = small_evaluation()
+    evaluation["spread"] = {"test": {"std": 0.1, "train_std": 0.64, "ratio": 0.16, "warning": "On test the neuron's std is 0.1, 0.16 of its training std"}}
+    write_report(evaluation, tmp_path, predictions=predictions)
+    assert "- ⚠ On test the neuron's std is 0.1, 0.16 of its training std" in (tmp_path / "report.md").read_text()
+
+
 def test_verdicts_name_the_comparison_and_its_interval():
     evaluation, _ = small_evaluation()
     found = verdicts(evaluation)

@@ -156,3 +156,13 @@ def test_a_lora_predictor_saves_its_trained_head_and_adapters_and_reloads_identi
     save_predictor(wrapped, str(tmp_path))
     loaded = load_predictor(str(tmp_path))
     torch.testing.assert_close(loaded.get_base_model().predict(TEXTS), predictor.predict(TEXTS))
+
+
+def test_a_token_head_with_a_read_layer_trains_no_block_after_it(tiny):
+    model, tok = tiny
+    transform = {"mean": [0.45], "std": [0.29], "bin_edges": [[i / 10 for i in range(11)]]}
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["0.3"], head_type="token", label_transform=transform, read_layer=1)
+    names = apply_unfreezing(predictor, "after_target")
+    assert any(".1." in n for n in names) and not any(".2." in n or ".0." in n for n in names if ".layers." in n or ".h." in n)
+    names = apply_unfreezing(predictor, "full")
+    assert not any(".2." in n for n in names if ".layers." in n or ".h." in n)
