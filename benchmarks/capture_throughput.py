@@ -17,6 +17,11 @@ attention of the layer, and the requested part of its MLP) over this machine's f
 measured on back-to-back 2048-square matmuls for a few seconds (``sustained``; the fastest single one,
 ``burst``, is reported too: on this 2-core machine it is about 1.25x the sustained rate). Targets (issue "Foundation"): capture of layer L of N costs at most
 (L+1)/N + 10% of the full forward, and reaches at least 0.85 of the floor's tokens/s.
+
+``gemm replay``: the capture's own matrix multiplies (recorded with a dispatch mode: same shapes, same strides, same
+order) replayed back-to-back with nothing else. Their rate is what this machine's BLAS reaches on these shapes, an
+upper bound for the fraction of the floor that any capture doing these multiplies can reach; their share of the
+capture's time says how much is left outside the GEMMs (attention, norms, activations, indexing).
 """
 from __future__ import annotations
 
@@ -49,6 +54,73 @@ def matmul_rates(n: int = 2048, seconds: float = 4.0) -> dict[str, float]:
         times.append(time.perf_counter() - t)
     flops = 2 * n**3
     return {"sustained": flops * len(times) / sum(times), "burst": flops / min(times)}
+
+
+class GemmRecorder:
+    """Records every matrix multiply a forward pass dispatches (``mm``, ``addmm``, ``bmm``, ``baddbmm``: what
+    ``nn.Linear`` and the attention fall back to) with its operands' shapes and strides, so that exactly those GEMMs
+    can be replayed back-to-back with nothing between them (``replay``). The replay's rate is what this machine's
+    BLAS achieves on the model's own shapes: no implementation that does these multiplies can run them faster, so it
+    bounds the fraction of any floor a capture can reach. Fused attention (SDPA's flash kernel) is not a GEMM call
+    and is not replayed: its FLOPs are few next to the projections'."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def record(self, fn):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        calls = self.calls
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in gemms:
+                    calls.append((func, [(tuple(a.shape), tuple(a.stride())) if isinstance(a, torch.Tensor) else a for a in args], dict(kwargs or {})))
+                return func(*args, **(kwargs or {}))
+
+        with _Mode():
+            fn()
+        return self
+
+    @staticmethod
+    def _flops(func, specs) -> float:
+        aten = torch.ops.aten
+        tensors = [s for s in specs if isinstance(s, tuple)]
+        a, b = (tensors[-2][0], tensors[-1][0])
+        if func in (aten.mm.default, aten.addmm.default):
+            return 2.0 * a[0] * a[1] * b[1]
+        return 2.0 * a[0] * a[1] * a[2] * b[2]
+
+    @property
+    def flops(self) -> float:
+        return sum(self._flops(f, specs) for f, specs, _ in self.calls)
+
+    def operands(self) -> list[tuple]:
+        out = []
+        for func, specs, kwargs in self.calls:
+            args = []
+            for spec in specs:
+                if isinstance(spec, tuple):
+                    shape, stride = spec
+                    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+                    args.append(torch.randn(max(size, 1)).as_strided(shape, stride))
+                else:
+                    args.append(spec)
+            out.append((func, args, kwargs))
+        return out
+
+    def replay(self, repeats: int) -> dict:
+        """Mean seconds of the recorded GEMMs run back-to-back, their FLOPs and rate."""
+        ops = self.operands()
+
+        def run():
+            for func, args, kwargs in ops:
+                func(*args, **kwargs)
+
+        seconds = mean_time(run, repeats)
+        return {"gemms": len(ops), "flops": self.flops, "seconds": seconds, "rate": self.flops / seconds}
 
 
 def block_flops(config, seq: int, neuron_fraction: float = 1.0, with_mlp_out: bool = True) -> float:
@@ -146,6 +218,15 @@ def bench_model(name: str, plain, model, batch: dict, layers: list[int], repeats
                 "nsr_capture": floor_one / times["nsr_capture"],
                 "nsr_capture_all": floor_all / times["nsr_capture_all"],
             }
+        # the capture's own GEMMs replayed back-to-back: the rate this machine's BLAS gives these shapes
+        replays = {}
+        for key, neurons in (("nsr_capture", [0]), ("nsr_capture_all", None)):
+            with torch.inference_mode():
+                recorder = GemmRecorder().record(lambda: capture_activations(model, batch, {layer: neurons}))
+            replays[key] = {**recorder.replay(repeats), "capture_seconds": times[key]}
+            replays[key]["gemm_share_of_capture"] = replays[key]["seconds"] / times[key]
+            replays[key]["rate_of"] = {r: replays[key]["rate"] / v for r, v in rates.items()}
+        row["gemm_replay"] = replays
         rows.append(row)
         f = row["fraction_of_floor"]
         print(
@@ -158,6 +239,10 @@ def bench_model(name: str, plain, model, batch: dict, layers: list[int], repeats
             ),
             flush=True,
         )
+        for key, rep in replays.items():
+            print(f"{'':>17} {key}: its {rep['gemms']} GEMMs alone, back-to-back: {rep['rate'] / 1e9:.1f} GFLOP/s = "
+                  + ", ".join(f"{v:.2f} of {r}" for r, v in rep["rate_of"].items())
+                  + f"; they are {rep['gemm_share_of_capture']:.2f} of the capture's time", flush=True)
     return rows
 
 
