@@ -33,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 
+from nsr_hf.evaluation import LOW_SPREAD_RATIO
+
 logger = logging.getLogger(__name__)
 
 RESERVED_KEYS = {"neuron": "--neurons (or the scan's --top_n)", "seed": "--seeds", "output_dir": "the sweep's --output_dir",
@@ -157,6 +159,9 @@ def run_figures(summary: dict, split: str = "test") -> dict[str, dict[str, float
                 figures[name]["beats"] = float(c["low"] > 0)
         for real, s in ((evaluation.get("selectivity") or {}).get(split) or {}).items():
             figures[f"selectivity:{real}"] = {"selectivity": float(s["selectivity"])}
+        ratio = ((evaluation.get("spread") or {}).get(split) or {}).get("ratio")
+        if ratio is not None:
+            figures.setdefault("self", {})["spread_ratio"] = float(ratio)
     else:
         m = (summary.get("metrics") or {}).get(split) or {}
         figures["self"] = {k.removeprefix(f"{split}_"): v for k, v in _numbers(m).items()}
@@ -220,8 +225,13 @@ def sweep_markdown(result: dict) -> str:
     if selectivity:
         lines += ["", "| selectivity | R²(real) − R²(shuffled control) |", "| --- | --- |"]
         lines += [f"| {name.split(':', 1)[1]} | {_cell(summary[name].get('selectivity'))} |" for name in selectivity]
-    lines += ["", "## Runs", "", "| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | drift max |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    low = [f"{r['neuron']} (seed {r['seed']})" for r in done if (r["figures"].get("self") or {}).get("spread_ratio", 1.0) < LOW_SPREAD_RATIO]
+    if low:
+        lines += ["", (f"⚠ {len(low)} run(s) on a {split} split where the neuron's std is below {LOW_SPREAD_RATIO} of its training std: "
+                       f"{', '.join(low)}. R² divides by that small variance and can be strongly negative for small errors; "
+                       "read MSE there.")]
+    lines += ["", "## Runs", "", f"| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | {split} std / train std | drift max |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         f = run.get("figures") or {}
         s, probe = f.get("self", {}), f.get("ridge_probe", {})
@@ -231,7 +241,7 @@ def sweep_markdown(result: dict) -> str:
 
         status = "error: " + run["error"].splitlines()[-1][:80] if run.get("error") else run["status"]
         lines.append(f"| {run['neuron']} | {run['seed']} | {status} | {num(s, 'r2')} | {num(s, 'pearson')} | {num(s, 'mse', 4)} | "
-                     f"{num(probe, 'r2')} | {num(s, 'drift_max_abs', 4)} |")
+                     f"{num(probe, 'r2')} | {num(s, 'spread_ratio', 2)} | {num(s, 'drift_max_abs', 4)} |")
     return "\n".join(lines) + "\n"
 
 

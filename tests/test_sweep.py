@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsr_hf.sweep import SweepConfig, run_figures, run_sweep, spread, summarise_runs
+from nsr_hf.sweep import SweepConfig, run_figures, run_sweep, spread, summarise_runs, sweep_markdown
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,6 +37,20 @@ def test_figures_come_from_the_evaluation_when_a_run_has_one():
     assert figures["selectivity:self"] == {"selectivity": 0.75}
     legacy = run_figures({"metrics": {"test": {"test_r2": 0.4, "test_mse": 0.1, "epoch": 1.0}}})
     assert legacy == {"self": {"r2": 0.4, "mse": 0.1, "epoch": 1.0}}
+
+
+def test_a_run_on_a_low_spread_test_split_is_flagged_in_the_sweep_table():
+    def run(neuron, ratio):
+        evaluation = {"metrics": {"test": {"self": {"r2": -2.5 if ratio < 0.5 else 0.9}}},
+                      "spread": {"test": {"std": ratio, "train_std": 1.0, "ratio": ratio, "warning": None}}}
+        return {"neuron": neuron, "seed": 0, "status": "finished", "figures": run_figures({"evaluation": evaluation})}
+
+    runs = [run("0.1270", 0.16), run("7.268", 0.95)]
+    assert runs[0]["figures"]["self"]["spread_ratio"] == 0.16
+    result = {"summary": summarise_runs(runs), "runs": runs, "split": "test", "neurons": ["0.1270", "7.268"], "seeds": [0]}
+    text = sweep_markdown(result)
+    assert "⚠ 1 run(s) on a test split" in text and "0.1270 (seed 0)" in text and "7.268 (seed 0)" not in text.split("## Runs")[0]
+    assert "| 0.1270 | 0 | finished | -2.500 | n/a | n/a | n/a | 0.16 | n/a |" in text
 
 
 def test_summary_is_per_method_and_figure_over_the_finished_runs():
