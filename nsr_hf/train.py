@@ -66,7 +66,7 @@ class TrainConfig:
     read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
     expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
     head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
-    unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora or gradual (nsr_hf.unfreezing)"})
+    unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora, lora_after_target or gradual (nsr_hf.unfreezing)"})
     unfreeze_k: Optional[int] = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
     unfreeze_every_n_steps: int = field(default=50, metadata={"help": "gradual: steps between two blocks joining"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})

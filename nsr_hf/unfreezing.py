@@ -11,6 +11,9 @@ Strategies (``STRATEGIES``):
 * ``lora``: returns a ``peft.LoraConfig`` (pass it as ``peft_config``); the predictor itself is not touched
   (PEFT freezes the base). Targets the blocks up to the read layer (the last ``k`` with ``k``), ``fan_in_fan_out``
   for GPT-2's Conv1D, the head in ``modules_to_save``.
+* ``lora_after_target``: ``lora`` on exactly the blocks of ``after_target`` (strictly after the highest target layer,
+  up to the read layer), whatever the read layer: the neurons are unchanged by construction, as under ``after_target``,
+  with a fraction of its trainable weights (e.g. the token head reading the last block of a 30-block model).
 * ``gradual``: returns a ``GradualUnfreezing`` callback: training starts from ``head_only`` (plus the final norm)
   and every ``every_n_steps`` steps one more block, from the top, joins the existing optimizer as a new
   parameter group (the optimizer takes its parameters once, PITFALLS HF-8). One process only: DDP registers the
@@ -33,7 +36,7 @@ from nsr_hf.architectures import arch_spec, get_layers, lora_target_modules
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("head_only", "last_k", "after_target", "full", "lora", "gradual")
+STRATEGIES = ("head_only", "last_k", "after_target", "full", "lora", "lora_after_target", "gradual")
 
 
 def _inner(predictor):
@@ -103,14 +106,20 @@ def _blocks_for(predictor, strategy: str, k: Optional[int]) -> list[int]:
     return list(range(top + 1))
 
 
-def lora_config(predictor, r: int = 8, alpha: Optional[int] = None, dropout: float = 0.0, k: Optional[int] = None, mlp_only: bool = False):
-    """A ``peft.LoraConfig`` for the predictor: LoRA on the blocks the head reads (the last ``k`` with ``k``)."""
+def lora_config(predictor, r: int = 8, alpha: Optional[int] = None, dropout: float = 0.0, k: Optional[int] = None, mlp_only: bool = False,
+                after_target: bool = False):
+    """A ``peft.LoraConfig`` for the predictor: LoRA on the blocks the head reads (the last ``k`` with ``k``; with
+    ``after_target`` only those strictly after the highest target layer)."""
     from peft import LoraConfig
 
     p = _inner(predictor)
     spec = arch_spec(p.base)
+    blocks = _blocks_for(p, "after_target", None) if after_target else _blocks_for(p, "lora", k)
+    if not blocks:
+        raise ValueError(f"lora_after_target: no block lies after target layer {max(n.layer for n in p.config.target_neurons)} "
+                         f"and up to the read layer {last_block(p)}: read a later block (read_layer) or use head_only.")
     # the regex is over the predictor's names (base.<layers path>...): it starts with .* so it matches there too
-    targets = lora_target_modules(p.base, layers=_blocks_for(p, "lora", k), mlp_only=mlp_only)
+    targets = lora_target_modules(p.base, layers=blocks, mlp_only=mlp_only)
     save = ["neuron_head"] if p.neuron_head is not None else None
     return LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets,
                       fan_in_fan_out=spec.fan_in_fan_out, modules_to_save=save, bias="none")
@@ -173,7 +182,7 @@ def apply_unfreezing(predictor, strategy: str, *, k: Optional[int] = None, lora_
                      every_n_steps: int = 10):
     """Set which parameters of ``predictor`` train, by ``strategy`` (see the module docstring).
 
-    Returns the names of the trainable parameters; for ``"lora"`` the ``LoraConfig`` to pass as ``peft_config``;
+    Returns the names of the trainable parameters; for ``"lora"`` and ``"lora_after_target"`` the ``LoraConfig`` to pass as ``peft_config``;
     for ``"gradual"`` the ``GradualUnfreezing`` callback (the predictor is then set to its starting point).
 
     >>> apply_unfreezing(predictor, "last_k", k=2)
@@ -182,8 +191,10 @@ def apply_unfreezing(predictor, strategy: str, *, k: Optional[int] = None, lora_
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown unfreezing strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
     p = _inner(predictor)
-    if strategy == "lora":
-        return lora_config(p, r=lora_r, alpha=lora_alpha, k=k)
+    if strategy in ("lora", "lora_after_target"):
+        if strategy == "lora_after_target" and k is not None:
+            raise ValueError("lora_after_target chooses its blocks (those after the target): leave k (unfreeze_k) unset, or use lora with k.")
+        return lora_config(p, r=lora_r, alpha=lora_alpha, k=k, after_target=strategy == "lora_after_target")
     if strategy == "gradual":
         return GradualUnfreezing(p, every_n_steps=every_n_steps)
     if strategy == "full":

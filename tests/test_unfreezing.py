@@ -166,3 +166,23 @@ def test_a_token_head_with_a_read_layer_trains_no_block_after_it(tiny):
     assert any(".1." in n for n in names) and not any(".2." in n or ".0." in n for n in names if ".layers." in n or ".h." in n)
     names = apply_unfreezing(predictor, "full")
     assert not any(".2." in n for n in names if ".layers." in n or ".h." in n)
+
+
+def test_lora_after_target_adapts_only_the_blocks_after_the_target_and_keeps_the_neuron(tiny, tmp_path):
+    model, tok = tiny
+    transform = {"mean": [0.45], "std": [0.29], "bin_edges": [[i / 10 for i in range(11)]]}
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["0.3"], head_type="token", label_transform=transform)
+    config = apply_unfreezing(predictor, "lora_after_target", lora_r=2)
+    trainer = PredictorTrainer(model=predictor, args=args(tmp_path), train_dataset=activation_dataset(tok), peft_config=config)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    blocks = {int(part) for n in trainable for part in n.split(".") if part.isdigit()}
+    assert blocks == {1, 2} and all("lora_" in n for n in trainable), trainable  # tiny models have blocks 0..2; the target is in 0
+    before = capture_activations(predictor.base, TEXTS, ["0.3"], tokenizer=tok)[0].clone()
+    changed = train_and_compare(trainer)
+    assert any(changed.values())
+    assert torch.equal(capture_activations(trainer.model.base_model.model.base, TEXTS, ["0.3"], tokenizer=tok)[0], before)
+    with pytest.raises(ValueError, match="leave k"):
+        apply_unfreezing(predictor_for(tiny), "lora_after_target", k=1)
+    last = ActivationPredictor.from_base(model, tok, neurons=["2.3"], head_type="token", label_transform=transform)
+    with pytest.raises(ValueError, match="no block lies after target layer 2"):
+        apply_unfreezing(last, "lora_after_target")
