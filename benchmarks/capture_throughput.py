@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 
 import torch
@@ -57,8 +58,8 @@ def matmul_rates(n: int = 2048, seconds: float = 4.0) -> dict[str, float]:
 
 
 class GemmRecorder:
-    """Records every matrix multiply a forward pass dispatches (``mm``, ``addmm``, ``bmm``, ``baddbmm``: what
-    ``nn.Linear`` and the attention fall back to) with its operands' shapes and strides, so that exactly those GEMMs
+    """Records every matrix multiply a forward pass dispatches (``linear``, ``mm``, ``addmm``, ``bmm``, ``baddbmm``:
+    ``nn.Linear``, GPT-2's ``Conv1D`` and unfused attention) with its operands' shapes and strides, so that exactly those GEMMs
     can be replayed back-to-back with nothing between them (``replay``). The replay's rate is what this machine's
     BLAS achieves on the model's own shapes: no implementation that does these multiplies can run them faster, so it
     bounds the fraction of any floor a capture can reach. Fused attention (SDPA's flash kernel) is not a GEMM call
@@ -71,7 +72,7 @@ class GemmRecorder:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         aten = torch.ops.aten
-        gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        gemms = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
         calls = self.calls
 
         class _Mode(TorchDispatchMode):
@@ -88,6 +89,9 @@ class GemmRecorder:
     def _flops(func, specs) -> float:
         aten = torch.ops.aten
         tensors = [s for s in specs if isinstance(s, tuple)]
+        if func is aten.linear.default:  # (input (..., k), weight (n, k), bias)
+            x, w = tensors[0][0], tensors[1][0]
+            return 2.0 * math.prod(x[:-1]) * w[0] * w[1]
         a, b = (tensors[-2][0], tensors[-1][0])
         if func in (aten.mm.default, aten.addmm.default):
             return 2.0 * a[0] * a[1] * b[1]
