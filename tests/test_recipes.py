@@ -131,6 +131,11 @@ def test_new_choices_are_validated():
         parse_config(["--unfreeze", "gradual", "--resume_from_checkpoint", "latest"])
     with pytest.raises(ValueError, match="head_init 'probe' initialises a regression head"):
         parse_config(["--head_type", "classification", "--head_init", "probe"])
+    with pytest.raises(ValueError, match="expected_value_loss_weight must be >= 0"):
+        parse_config(["--head_type", "token", "--expected_value_loss_weight", "-1"])
+    with pytest.raises(ValueError, match="expected_value_loss_weight applies to the token head only"):
+        parse_config(["--head_type", "regression", "--expected_value_loss_weight", "1"])
+    assert parse_config(["--head_type", "token", "--expected_value_loss_weight", "0.5", "--unfreeze", "lora_after_target"]).expected_value_loss_weight == 0.5
 
 
 def test_list_values_on_the_command_line():

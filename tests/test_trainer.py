@@ -259,6 +259,22 @@ def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(he
     assert model.predict(["the quick brown fox"]).shape == (1, 1)
 
 
+def test_run_train_builds_a_token_head_with_its_read_layer_expected_value_loss_and_lora_after_target(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.train import run_train
+
+    config, first = head_only_run
+    token = replace(config, dataset=str(Path(config.output_dir) / "dataset"), head_type="token", head_init="random", read_layer="target+1",
+                    expected_value_loss_weight=0.5, unfreeze="lora_after_target", lora_r=2, evaluate=False, output_dir=str(tmp_path / "token"))
+    summary = run_train(token)
+    saved = json.loads((tmp_path / "token" / "predictor" / "config.json").read_text())
+    target = int(first["neurons"][0].split(".")[0])
+    assert saved["expected_value_loss_weight"] == 0.5 and saved["read_layer"] == target + 1 and summary["read_layer"] == target + 1
+    adapter = json.loads((tmp_path / "token" / "predictor" / "adapter_config.json").read_text())
+    assert f"layers\\.(?:{target + 1})\\." in adapter["target_modules"]  # exactly the one block after the target's, up to the read layer
+
+
 # -- live labels ----------------------------------------------------------------------------------------------
 
 
