@@ -131,6 +131,9 @@ class TrainConfig:
         self.read_layer_rule()  # validates
         if self.unfreeze == "last_k" and self.unfreeze_k is None:
             raise ValueError("unfreeze 'last_k' needs unfreeze_k (how many blocks, counted down from the block the head reads).")
+        if self.unfreeze == "lora_after_target" and self.unfreeze_k is not None:
+            raise ValueError("unfreeze 'lora_after_target' chooses its blocks (every block after the target's): drop unfreeze_k, "
+                             "or use unfreeze 'lora' with unfreeze_k.")
         self.neuron_choice()  # validates
         if self.position != "last":
             try:

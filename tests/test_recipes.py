@@ -136,6 +136,8 @@ def test_new_choices_are_validated():
     with pytest.raises(ValueError, match="expected_value_loss_weight applies to the token head only"):
         parse_config(["--head_type", "regression", "--expected_value_loss_weight", "1"])
     assert parse_config(["--head_type", "token", "--expected_value_loss_weight", "0.5", "--unfreeze", "lora_after_target"]).expected_value_loss_weight == 0.5
+    with pytest.raises(ValueError, match="lora_after_target' chooses its blocks"):  # refused before any scan or dataset is written
+        parse_config(["--unfreeze", "lora_after_target", "--unfreeze_k", "3"])
 
 
 def test_list_values_on_the_command_line():
