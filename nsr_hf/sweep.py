@@ -19,6 +19,12 @@ Steps (``run_sweep``), everything under ``output_dir``:
    ``beats``, 1 when the interval of the difference lies above 0) and the selectivity; otherwise the
    predictor's own figures of ``metrics.json["metrics"][split]`` (method ``self``). The target neuron's drift
    is figure ``drift_max_abs`` of ``self``.
+
+``--datasets_from DIR`` sweeps another sweep's neurons on that sweep's datasets (no scan, no new dataset): the runs of
+both sweeps score exactly the same rows, e.g. a token head next to the regression head of the same neurons::
+
+    nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 --output_dir outputs/sweep
+    nsr sweep recipes/quickstart_token.yaml --datasets_from outputs/sweep --seeds 0 1 --output_dir outputs/sweep_token
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from nsr_hf.evaluation import LOW_SPREAD_RATIO
 logger = logging.getLogger(__name__)
 
 RESERVED_KEYS = {"neuron": "--neurons (or the scan's --top_n)", "seed": "--seeds", "output_dir": "the sweep's --output_dir",
-                 "dataset": "nothing: a sweep builds one dataset per scanned neuron"}
+                 "dataset": "--datasets_from (another sweep's datasets); otherwise a sweep builds one dataset per neuron"}
 TABLE_FIGURES = (("r2", "R²"), ("pearson", "r"), ("mse", "MSE"))
 
 
@@ -52,6 +58,7 @@ class SweepConfig:
     neurons: Optional[list[str]] = field(default=None, metadata={"help": "Sweep these neurons (layer.index) instead of scanning"})
     split: str = field(default="test", metadata={"help": "The split whose figures are summarised"})
     output_dir: str = field(default="outputs/sweep", metadata={"help": "Where scan/, the runs, sweep.json and sweep.md go"})
+    datasets_from: Optional[str] = field(default=None, metadata={"help": "Another sweep's output_dir: sweep its neurons (or --neurons) on its datasets, the same rows"})
 
     def __post_init__(self):
         from nsr_hf.capture import Neuron
@@ -86,7 +93,7 @@ def recipe_values(config: SweepConfig, overrides: Optional[dict] = None) -> dict
         if key in values:
             if key == "dataset" and values[key]:
                 raise ValueError(f"The recipe {config.recipe} names a dataset: a sweep scans for neurons and builds each one's "
-                                 "dataset. Remove 'dataset' from the recipe (or sweep with nsr train runs of your own).")
+                                 "dataset. Remove 'dataset' from the recipe, or take another sweep's datasets with --datasets_from.")
             logger.info("The recipe's %s is replaced by the sweep's (%s).", key, how)
             values.pop(key)
     values.update(overrides)
@@ -129,13 +136,36 @@ def run_dir(output_dir, neuron: str, seed: int) -> Path:
     return Path(output_dir) / neuron / f"seed-{seed}"
 
 
-def _finished_dataset(output_dir, neuron: str, seeds) -> Optional[Path]:
-    """The dataset of a finished run of ``neuron`` (any seed), to be loaded by its other runs."""
-    for seed in seeds:
-        folder = run_dir(output_dir, neuron, seed)
+def _finished_dataset(output_dir, neuron: str, seeds=None) -> Optional[Path]:
+    """The dataset of a finished run of ``neuron`` (any of ``seeds``; every seed when None), to be loaded by its other runs."""
+    if seeds is None:
+        folders = sorted(Path(output_dir, neuron).glob("seed-*"))
+    else:
+        folders = [run_dir(output_dir, neuron, seed) for seed in seeds]
+    for folder in folders:
         if (folder / "metrics.json").exists() and (folder / "dataset").is_dir():
             return folder / "dataset"
     return None
+
+
+def source_datasets(source, neurons: Optional[list[str]] = None) -> dict[str, Path]:
+    """``--datasets_from``: each neuron's dataset in the sweep at ``source`` (its ``sweep.json`` neurons unless
+    ``neurons`` are named). Every error names what is missing, before any run starts."""
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"datasets_from: {source} is not a folder. Name the output_dir of a finished sweep.")
+    if neurons is None:
+        summary = source / "sweep.json"
+        if not summary.exists():
+            raise FileNotFoundError(f"datasets_from: {source} has no sweep.json. Let that sweep finish, or name the neurons "
+                                    "to take from it with --neurons.")
+        neurons = list(json.loads(summary.read_text())["neurons"])
+    found = {neuron: _finished_dataset(source, neuron) for neuron in neurons}
+    missing = [neuron for neuron, path in found.items() if path is None]
+    if missing:
+        raise FileNotFoundError(f"datasets_from: {source} holds no finished run with a dataset for neuron(s) {missing} "
+                                f"(looked for {source}/<neuron>/seed-*/dataset next to a metrics.json).")
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,7 +235,8 @@ def sweep_markdown(result: dict) -> str:
     done = [r for r in runs if r.get("figures")]
     lines = [f"# Sweep: {len(result['neurons'])} neuron(s) × {len(result['seeds'])} seed(s)", "",
              (f"Neurons {', '.join(result['neurons'])}; seeds {', '.join(map(str, result['seeds']))}; split {split}; "
-              f"{len(done)} of {len(runs)} runs finished."), "",
+              f"{len(done)} of {len(runs)} runs finished."
+              + (f" Datasets (the same rows) from the sweep in {result['config']['datasets_from']}." if (result.get("config") or {}).get("datasets_from") else "")), "",
              "Each cell: median [q1, q3] (min to max) over the runs.", ""]
     methods = [m for m in summary if not m.startswith(("self_vs_", "selectivity:"))]
     methods = (["self"] if "self" in methods else []) + [m for m in methods if m != "self"]
@@ -260,7 +291,8 @@ def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     values = recipe_values(config, overrides)
-    neurons = config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
+    sources = source_datasets(config.datasets_from, config.neurons) if config.datasets_from else {}
+    neurons = list(sources) or config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
     runs = []
     for neuron in neurons:
         for seed in config.seeds:
@@ -269,7 +301,7 @@ def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
             if (folder / "metrics.json").exists():
                 run["status"] = "skipped (finished before)"
             else:
-                dataset = _finished_dataset(out, neuron, config.seeds)
+                dataset = sources.get(neuron) or _finished_dataset(out, neuron, config.seeds)
                 print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
                 try:
                     run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),

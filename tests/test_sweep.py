@@ -120,3 +120,36 @@ def test_a_second_sweep_skips_the_finished_runs(swept, capsys):
     assert {r["status"] for r in result["runs"]} == {"skipped (finished before)"} and len(result["runs"]) == 4
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/metrics.json")} == before
     assert result["summary"]["self"]["mse"]["n"] == 4
+
+
+def test_datasets_from_sweeps_another_sweeps_neurons_on_its_rows(swept, tmp_path):
+    """A second sweep (here: other training settings) takes the first sweep's neurons and datasets: no scan, no
+    new dataset, every run of both sweeps on the same rows."""
+    from nsr_hf.cli import main
+
+    argv, source, _ = swept
+    recipe = argv[1]
+    out = tmp_path / "second"
+    assert main(["sweep", recipe, "--datasets_from", str(source), "--seeds", "3", "--output_dir", str(out), "--learning_rate", "5e-3"]) == 0
+    first, second = json.loads((source / "sweep.json").read_text()), json.loads((out / "sweep.json").read_text())
+    assert second["neurons"] == first["neurons"] and not (out / "scan").exists()
+    for run in second["runs"]:
+        folder = Path(run["output_dir"])
+        config = json.loads((folder / "metrics.json").read_text())["config"]
+        assert Path(config["dataset"]).parent.parent == source / run["neuron"] and not (folder / "dataset").exists()
+    assert f"Datasets (the same rows) from the sweep in {source}" in (out / "sweep.md").read_text()
+
+
+def test_datasets_from_errors_name_what_is_missing(swept, tmp_path):
+    from nsr_hf.sweep import source_datasets
+
+    _, source, _ = swept
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        source_datasets(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no sweep.json.*--neurons"):
+        source_datasets(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"no finished run with a dataset for neuron\(s\) \['9.99999'\]"):
+        source_datasets(source, ["9.99999"])
+    neuron = json.loads((source / "sweep.json").read_text())["neurons"][1]
+    assert source_datasets(source, [neuron]) == {neuron: source / neuron / "seed-0" / "dataset"}
