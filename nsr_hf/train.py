@@ -62,6 +62,7 @@ class TrainConfig:
     position: str = field(default="last", metadata={"help": "The labelled token: 'last' or an integer index"})
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
     split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
     read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
     expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
@@ -145,6 +146,14 @@ class TrainConfig:
                      "select_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        fractions = [float(f) for f in self.split_fractions]
+        if len(fractions) != 3 or any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must be 3 numbers in [0, 1] (train, validation, test) that sum to 1, got {self.split_fractions}.")
+        if 0 in fractions:
+            raise ValueError(f"split_fractions {fractions} gives {('train', 'validation', 'test')[fractions.index(0)]} no documents: "
+                             "train fits the head, bins and z-scores, validation chooses the probes' regularisation, test is where "
+                             "the evaluation reports.")
+        self.split_fractions = fractions
         if self.dataset is None and self.dataset_documents < 10:
             raise ValueError("dataset_documents must be at least 10 (three splits need documents).")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -327,7 +336,7 @@ def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: "str |
 
     corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
     docs = corpus.iter_documents(limit=config.dataset_documents)
-    train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed) == "train"][: config.scan_documents]
+    train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed, config.split_fractions) == "train"][: config.scan_documents]
     if not train_docs:
         raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
     scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers, position="last" if config.position == "last" else "all",
@@ -435,7 +444,7 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
     (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
     run_dataset(DatasetConfig(neurons=[str(neuron)], model=config.model, corpus=config.corpus, text_field=config.text_field,
                               position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
-                              split_seed=config.split_seed, num_bins=config.num_bins, output_dir=str(out / "dataset"), overwrite=True),
+                              split_seed=config.split_seed, split_fractions=config.split_fractions, num_bins=config.num_bins, output_dir=str(out / "dataset"), overwrite=True),
                 model=model, tokenizer=tokenizer)
     dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank

@@ -136,6 +136,11 @@ def test_new_choices_are_validated():
     with pytest.raises(ValueError, match="expected_value_loss_weight applies to the token head only"):
         parse_config(["--head_type", "regression", "--expected_value_loss_weight", "1"])
     assert parse_config(["--head_type", "token", "--expected_value_loss_weight", "0.5", "--unfreeze", "lora_after_target"]).expected_value_loss_weight == 0.5
+    assert parse_config(["--split_fractions", "0.4,0.1,0.5"]).split_fractions == [0.4, 0.1, 0.5]
+    with pytest.raises(ValueError, match="split_fractions must be 3 numbers"):
+        parse_config(["--split_fractions", "0.5,0.6,0.1"])
+    with pytest.raises(ValueError, match="gives test no documents"):
+        parse_config(["--split_fractions", "0.9", "0.1", "0"])
     with pytest.raises(ValueError, match="lora_after_target' chooses its blocks"):  # refused before any scan or dataset is written
         parse_config(["--unfreeze", "lora_after_target", "--unfreeze_k", "3"])
 
