@@ -40,12 +40,11 @@ from transformers.utils import ModelOutput
 
 from nsr_hf.architectures import arch_spec, get_layers, num_layers
 from nsr_hf.capture import Neuron, encode_texts, label_positions as rule_positions, position_ids_from_mask, validate_neuron
-from nsr_hf.report_tokens import check_report_tokens, default_report_tokens
+from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
 
 logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ("regression", "classification", "token")
-DEFAULT_PROMPT_SUFFIX = "\nNeuron {neuron} level:"
 
 
 class ActivationPredictorConfig(PretrainedConfig):

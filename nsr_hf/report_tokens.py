@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+DEFAULT_PROMPT_SUFFIX = "\nNeuron {neuron} level:"  # the token head's question, after the labelled token
 DIGIT_SETS = ([f" {i}" for i in range(10)], [str(i) for i in range(10)])
 ON_OFF_SETS = ([" off", " on"], ["off", "on"])
 

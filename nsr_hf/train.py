@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 from nsr_hf.models import EMBEDDED_NAME
+from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class TrainConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
     read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
+    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Token head: the text after the labelled token that asks for the report ({neuron} is filled in). An empty string reports as the labelled token's own next token (the representation the regression head and the ridge probe read)"})
     expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
     head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
     unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora, lora_after_target or gradual (nsr_hf.unfreezing)"})
@@ -117,6 +119,14 @@ class TrainConfig:
             raise ValueError(f"expected_value_loss_weight must be >= 0, got {self.expected_value_loss_weight!r}.")
         if self.expected_value_loss_weight and self.head_type != "token":
             raise ValueError(f"expected_value_loss_weight applies to the token head only (head_type is {self.head_type!r}): leave it at 0.")
+        if self.prompt_suffix != DEFAULT_PROMPT_SUFFIX and self.head_type != "token":
+            raise ValueError(f"prompt_suffix applies to the token head only (head_type is {self.head_type!r}): leave it out.")
+        if self.prompt_suffix:
+            try:
+                self.prompt_suffix.format(neuron="0.0")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"prompt_suffix {self.prompt_suffix!r} is not a valid format string ({err!r}): the only field "
+                                 "is {neuron}; write a literal brace as {{ or }}.") from None
         if self.head_init not in ("random", "probe"):
             raise ValueError(f"head_init must be 'random' or 'probe', got {self.head_init!r}.")
         if self.head_init == "probe" and self.head_type != "regression":
@@ -523,7 +533,9 @@ def run_train(config: TrainConfig) -> dict:
     read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
     predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
                                               position=position, label_transform=metadata["transform"], num_bins=config.num_bins,
-                                              expected_value_loss_weight=config.expected_value_loss_weight, dataset_name=config.dataset or str(out / "dataset"))
+                                              expected_value_loss_weight=config.expected_value_loss_weight,
+                                              prompt_suffix=config.prompt_suffix,
+                                              dataset_name=config.dataset or str(out / "dataset"))
     if config.head_init == "probe":
         probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
         print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)

@@ -174,6 +174,23 @@ def test_token_prompt_is_the_text_up_to_the_labelled_token_then_the_suffix(tiny)
         assert ids[i, : int(mask[i].sum())].tolist() == expected
 
 
+def test_an_empty_prompt_suffix_reports_at_the_labelled_token_from_the_regression_heads_representation(tiny):
+    """prompt_suffix "": the report is the labelled token's own next token, read from exactly the representation the
+    regression head and the ridge probe read (final norm of the read layer at that token), times the report rows."""
+    model, tok = tiny
+    bare = _predictor(tiny, "token", prompt_suffix="", read_layer=0)
+    batch = encode_texts(tok, TEXTS, padding_side="left")
+    with torch.no_grad():
+        ids, mask = bare.report_prompts(batch["input_ids"], batch["attention_mask"])
+        logits = bare.report_logits(batch["input_ids"], batch["attention_mask"])
+        representation = bare.representation(batch["input_ids"], batch["attention_mask"])
+    assert bare.config.prompt_suffix_ids == []
+    for i, text in enumerate(TEXTS):
+        assert ids[i, : int(mask[i].sum())].tolist() == tok.encode(text)
+    rows = model.get_output_embeddings().weight[bare.config.report_token_ids]
+    torch.testing.assert_close(logits, representation @ rows.T, atol=1e-5, rtol=1e-5)
+
+
 def test_predictions_come_back_in_activation_units(tiny):
     predictor = _predictor(tiny, "regression")
     with torch.no_grad():

@@ -136,6 +136,11 @@ def test_new_choices_are_validated():
     with pytest.raises(ValueError, match="expected_value_loss_weight applies to the token head only"):
         parse_config(["--head_type", "regression", "--expected_value_loss_weight", "1"])
     assert parse_config(["--head_type", "token", "--expected_value_loss_weight", "0.5", "--unfreeze", "lora_after_target"]).expected_value_loss_weight == 0.5
+    assert parse_config(["--head_type", "token", "--prompt_suffix", ""]).prompt_suffix == ""  # empty is a value, not "unset"
+    with pytest.raises(ValueError, match="prompt_suffix applies to the token head only"):
+        parse_config(["--prompt_suffix", " Level:"])
+    with pytest.raises(ValueError, match="the only field is {neuron}"):
+        parse_config(["--head_type", "token", "--prompt_suffix", "{layer}"])
     assert parse_config(["--split_fractions", "0.4,0.1,0.5"]).split_fractions == [0.4, 0.1, 0.5]
     with pytest.raises(ValueError, match="split_fractions must be 3 numbers"):
         parse_config(["--split_fractions", "0.5,0.6,0.1"])

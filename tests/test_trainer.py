@@ -276,11 +276,13 @@ def test_run_train_builds_a_token_head_with_its_read_layer_expected_value_loss_a
 
     config, first = head_only_run
     token = replace(config, dataset=str(Path(config.output_dir) / "dataset"), head_type="token", head_init="random", read_layer="target+1",
-                    expected_value_loss_weight=0.5, unfreeze="lora_after_target", lora_r=2, evaluate=False, output_dir=str(tmp_path / "token"))
+                    expected_value_loss_weight=0.5, unfreeze="lora_after_target", lora_r=2, evaluate=False, prompt_suffix=" Say {neuron}:",
+                    output_dir=str(tmp_path / "token"))
     summary = run_train(token)
     saved = json.loads((tmp_path / "token" / "predictor" / "config.json").read_text())
     target = int(first["neurons"][0].split(".")[0])
     assert saved["expected_value_loss_weight"] == 0.5 and saved["read_layer"] == target + 1 and summary["read_layer"] == target + 1
+    assert saved["prompt_suffix"] == " Say {neuron}:" and saved["prompt_suffix_ids"]
     adapter = json.loads((tmp_path / "token" / "predictor" / "adapter_config.json").read_text())
     assert f"layers\\.(?:{target + 1})\\." in adapter["target_modules"]  # exactly the one block after the target's, up to the read layer
 
