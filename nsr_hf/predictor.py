@@ -427,6 +427,17 @@ class ActivationPredictor(PreTrainedModel):
         self.train(was_training)
         return torch.cat(out)
 
+    def _reads(self) -> str:
+        """Where the head reads, in words (the model card)."""
+        c = self.config
+        if c.head_type != "token":
+            return f"block {c.effective_read_layer} through the final norm, at the labelled token (rule: {c.position})"
+        last = c.effective_read_layer == num_layers(self.base) - 1
+        how = "the model's own next token" if last else f"an early exit: block {c.effective_read_layer}, the final norm and the LM head (the logit lens)"
+        where = (f"after the prompt: the text up to the labelled token (rule: {c.position}), then {c.prompt_suffix.format(neuron=c.neurons[0])!r}" if c.prompt_suffix
+                 else f"as the labelled token's own next token (rule: {c.position}), no question after it")
+        return f"{how}, {where}"
+
     def model_card(self, metrics: Optional[dict] = None) -> str:
         """A model card (README.md) naming the base model, the neurons, the head, the dataset and metrics.
 
@@ -459,7 +470,7 @@ class ActivationPredictor(PreTrainedModel):
             f"- Target neuron(s): {', '.join(c.neurons)}",
             f"- Head: {c.head_type}" + (f" over {c.num_bins} bins" if c.head_type != "regression" else "")
             + (f", report tokens {c.report_tokens}" if c.head_type == "token" else ""),
-            f"- Reads: block {c.effective_read_layer} through the final norm, at the labelled token (rule: {c.position})",
+            f"- Reads: {self._reads()}",
             f"- Dataset: {c.dataset_name or 'not recorded'}",
             f"- Made with nsr_hf {__version__}",
         ]

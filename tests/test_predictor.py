@@ -297,3 +297,13 @@ def test_token_head_with_a_read_layer_is_the_logit_lens_of_that_block(tiny):
         logits = model(input_ids=prompt, attention_mask=prompt_mask).logits[rows, last][:, early.config.report_token_ids]
         assert torch.allclose(full.report_logits(ids, mask), logits, atol=1e-4)
         assert not torch.allclose(early.report_logits(ids, mask), logits, atol=1e-3)
+
+
+def test_the_card_says_where_a_token_head_reads(tiny):
+    model, _ = tiny
+    last = model.config.num_hidden_layers - 1
+    asked = _predictor(tiny, "token").model_card()
+    assert "- Reads: the model's own next token, after the prompt: the text up to the labelled token (rule: last), then '\\nNeuron 1.3 level:'" in asked
+    bare = _predictor(tiny, "token", prompt_suffix="", read_layer=0).model_card()
+    assert "- Reads: an early exit: block 0, the final norm and the LM head (the logit lens), as the labelled token's own next token" in bare
+    assert f"- Reads: block {last} through the final norm, at the labelled token" in _predictor(tiny, "regression").model_card()
