@@ -226,6 +226,12 @@ class LabelTransform:
     bin ``i`` when ``edges[i] <= value < edges[i + 1]``, except that the train max goes to the last bin; values
     outside the train range go to the end bins. Edges are strictly increasing (see ``_strictly_increasing`` for
     quantiles of tied values). ``std`` is the population standard deviation (ddof 0).
+
+    ``bin_centers``: the value each bin reports (the greedy readout; the expected value weighs them), the mean of the
+    fitted values that fall in the bin: the squared-error-optimal value of a bin (Lloyd). The midpoint of the edges
+    is not: for a skewed neuron the top bin spans the long tail and its midpoint sits far above most of its values
+    (neuron 0.1524 of SmolLM2: a perfect classifier scores R² 0.52 with midpoints, 0.86 with bin means). An empty
+    bin (or a transform saved before centres were fitted) falls back to the midpoint.
     """
 
     neurons: list[str]
@@ -237,6 +243,7 @@ class LabelTransform:
     report_token_ids: Optional[list[Optional[int]]] = None
     fitted_on: str = "train"
     num_values: int = 0
+    bin_centers: Optional[list[list[float]]] = None
 
     def __post_init__(self):
         k = len(self.neurons)
@@ -248,6 +255,8 @@ class LabelTransform:
             self.report_tokens = [str(i) for i in range(self.num_bins)]
         if len(self.report_tokens) != self.num_bins:
             raise ValueError(f"{len(self.report_tokens)} report tokens for {self.num_bins} bins")
+        if self.bin_centers is not None and (len(self.bin_centers) != k or any(len(c) != self.num_bins for c in self.bin_centers)):
+            raise ValueError(f"bin_centers needs one list of {self.num_bins} values per neuron ({k} neurons)")
 
     @property
     def num_bins(self) -> int:
@@ -278,9 +287,22 @@ class LabelTransform:
             raw = np.quantile(values[:, k], quantiles) if strategy == "quantile" else np.linspace(lo[k], hi[k], num_bins + 1)
             raw[0], raw[-1] = lo[k], hi[k]
             edges.append(_strictly_increasing(raw).tolist())
-        return cls(neurons=neurons, mean=values.mean(0).tolist(), std=values.std(0).tolist(), bin_edges=edges,
-                   bin_strategy=strategy, report_tokens=list(report_tokens or [str(i) for i in range(num_bins)]),
-                   fitted_on=fitted_on, num_values=len(values))
+        fitted = cls(neurons=neurons, mean=values.mean(0).tolist(), std=values.std(0).tolist(), bin_edges=edges,
+                     bin_strategy=strategy, report_tokens=list(report_tokens or [str(i) for i in range(num_bins)]),
+                     fitted_on=fitted_on, num_values=len(values))
+        return fitted.with_bin_centers(values)
+
+    def with_bin_centers(self, values) -> "LabelTransform":
+        """A copy whose ``bin_centers`` are the means of ``values`` ``(n, K)`` (the split it was fitted on) in each
+        bin; an empty bin keeps its midpoint."""
+        values = self._as_2d(values).reshape(-1, len(self.neurons))
+        bins, centers = self.bin_of(values), self.bin_midpoints()
+        for k in range(len(self.neurons)):
+            counts = np.bincount(bins[:, k], minlength=self.num_bins)
+            sums = np.bincount(bins[:, k], weights=values[:, k], minlength=self.num_bins)
+            filled = counts > 0
+            centers[k, filled] = sums[filled] / counts[filled]
+        return LabelTransform(**{**self.to_dict(), "bin_centers": centers.tolist()})
 
     def _as_2d(self, values) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
@@ -308,9 +330,13 @@ class LabelTransform:
         return (self._as_2d(z) * np.asarray(self.std) + np.asarray(self.mean)).astype(np.float32)
 
     def bin_midpoints(self) -> np.ndarray:
-        """``(K, num_bins)`` centre of each bin in activation units (for expected-value readouts)."""
+        """``(K, num_bins)`` midpoint of each bin's edges in activation units."""
         edges = np.asarray(self.bin_edges)
         return (edges[:, 1:] + edges[:, :-1]) / 2
+
+    def centers(self) -> np.ndarray:
+        """``(K, num_bins)`` the value each bin reports: ``bin_centers`` when fitted, else the midpoints."""
+        return np.asarray(self.bin_centers, dtype=np.float64) if self.bin_centers is not None else self.bin_midpoints()
 
     def with_token_ids(self, tokenizer, strict: bool = True) -> "LabelTransform":
         """A copy with ``report_token_ids`` from ``tokenizer``: one id per report token. A token that is not one

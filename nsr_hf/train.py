@@ -529,10 +529,17 @@ def run_train(config: TrainConfig) -> dict:
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
 
+    transform = metadata["transform"]
+    if config.head_type != "regression" and not transform.get("bin_centers"):
+        from nsr_hf.dataset_generator import LabelTransform, _read_column
+
+        transform = LabelTransform.from_dict(transform).with_bin_centers(_read_column(dataset["train"], "activations", len(neurons))).to_dict()
+        print("The dataset's label transform has no bin centres (it was made before nsr_hf fitted them): each bin reports "
+              "the mean of the train split's values in it, not the midpoint of its edges.", flush=True)
     position = parse_position(config.position if not config.dataset else metadata.get("position", "last"))
     read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
     predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
-                                              position=position, label_transform=metadata["transform"], num_bins=config.num_bins,
+                                              position=position, label_transform=transform, num_bins=config.num_bins,
                                               expected_value_loss_weight=config.expected_value_loss_weight,
                                               prompt_suffix=config.prompt_suffix,
                                               dataset_name=config.dataset or str(out / "dataset"))

@@ -272,6 +272,31 @@ def test_zscore_inverts_and_the_transform_survives_json():
     np.testing.assert_array_equal(back.bin_of(values), t.bin_of(values))
 
 
+def test_each_bin_reports_the_mean_of_its_train_values_not_its_midpoint():
+    # hand-computed: 2 quantile bins of [0, 1, 2, 3, 10, 20] have edges [0, 2.5, 20]; bin means 1 and 11 (midpoints 1.25, 11.25)
+    t = LabelTransform.fit(np.array([0, 1, 2, 3, 10, 20.0]), ["0.1"], num_bins=2)
+    np.testing.assert_allclose(t.bin_edges, [[0, 2.5, 20]])
+    np.testing.assert_allclose(t.centers(), [[1, 11]])
+    np.testing.assert_allclose(t.bin_midpoints(), [[1.25, 11.25]])
+    # an empty bin keeps its midpoint; a transform saved before centres were fitted reports midpoints
+    refit = t.with_bin_centers(np.array([0.0, 2.0]))
+    np.testing.assert_allclose(refit.centers(), [[1, 11.25]])
+    old = {k: v for k, v in t.to_dict().items() if k != "bin_centers"}
+    np.testing.assert_allclose(LabelTransform.from_dict(old).centers(), t.bin_midpoints())
+    with pytest.raises(ValueError, match="bin_centers needs one list of 2 values per neuron"):
+        LabelTransform(**{**t.to_dict(), "bin_centers": [[1.0, 2.0, 3.0]]})
+
+
+def test_bin_means_are_the_better_report_for_a_skewed_neuron():
+    """A perfect classifier's R² with the reported values: a long tail puts the top bin's midpoint far above its values."""
+    rng = np.random.default_rng(0)
+    train, test = rng.lognormal(0, 1.2, 4000), rng.lognormal(0, 1.2, 1000)
+    t = LabelTransform.fit(train, ["0.1"], num_bins=10)
+    bins = t.bin_of(test)[:, 0]
+    r2 = lambda pred: 1 - ((pred - test) ** 2).sum() / ((test - test.mean()) ** 2).sum()
+    assert r2(t.centers()[0, bins]) > 0.6 and r2(t.bin_midpoints()[0, bins]) < 0  # 0.70 and -3.4
+
+
 def test_report_tokens_are_the_digits_with_their_single_token_ids(gpt2, corpus_file, tmp_path):
     _, tokenizer = gpt2
     _, gen = generate(gpt2, corpus_file, tmp_path)

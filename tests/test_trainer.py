@@ -491,3 +491,33 @@ def test_push_to_hub_uploads_the_saved_predictor_folder_with_its_card(head_only_
                       output_dir=str(tmp_path / "push")))
     assert calls[0] == ("create_repo", "me/neuron-reporter")
     assert calls[1][:2] == ("upload_folder", "me/neuron-reporter") and {"README.md", "config.json", "model.safetensors"} <= set(calls[1][2])
+
+
+def test_a_dataset_without_bin_centres_gets_the_train_means_before_a_token_head_trains(head_only_run, tmp_path, monkeypatch):
+    """Datasets made before bin centres were fitted (their transform has edges only): run_train fits the centres on
+    the train split, so the token head reports bin means, never midpoints."""
+    from dataclasses import replace
+
+    import nsr_hf.train as train_module
+    from nsr_hf.dataset_generator import LabelTransform, load_activation_dataset
+
+    config, _ = head_only_run
+    dataset_dir = Path(config.output_dir) / "dataset"
+    dataset, metadata = load_activation_dataset(dataset_dir)
+    assert metadata["transform"]["bin_centers"]  # new datasets carry them
+
+    def without_centres(*args, **kwargs):
+        ds, meta, rank = choose(*args, **kwargs)
+        meta = {**meta, "transform": {k: v for k, v in meta["transform"].items() if k != "bin_centers"}}
+        return ds, meta, rank
+
+    choose = train_module.choose_neuron_and_build_dataset
+    monkeypatch.setattr(train_module, "choose_neuron_and_build_dataset", without_centres)
+    token = replace(config, dataset=str(dataset_dir), head_type="token", head_init="random", max_steps=1, evaluate=False,
+                    unfreeze="head_only", output_dir=str(tmp_path / "old"))
+    train_module.run_train(token)
+    saved = json.loads((tmp_path / "old" / "predictor" / "config.json").read_text())
+    values = np.asarray(dataset["train"]["activations"], dtype=np.float64).reshape(len(dataset["train"]), -1)
+    expected = LabelTransform.from_dict(metadata["transform"]).with_bin_centers(values).centers()
+    np.testing.assert_allclose(saved["label_transform"]["bin_centers"], expected, rtol=1e-6)
+    np.testing.assert_allclose(saved["label_transform"]["bin_centers"], metadata["transform"]["bin_centers"], rtol=1e-6)
