@@ -349,8 +349,7 @@ def test_a_bin_head_is_scored_on_both_readouts(trained, tmp_path):
     self_ = evaluation["metrics"]["test"]["self"]
     assert {"greedy_r2", "greedy_r2_ci", "greedy_accuracy", "greedy_qwk", "accuracy", "majority_class_rate"} <= self_.keys()
     greedy = json.loads((tmp_path / "predictions.json").read_text())["by_neuron"][metadata["neurons"][0]]["test"]["self_greedy"]
-    centers = np.asarray(metadata["transform"]["bin_edges"][0])
-    centers = (centers[1:] + centers[:-1]) / 2
+    centers = np.asarray(metadata["transform"]["bin_centers"][0])  # the mean of the train values in each bin
     assert all(np.isclose(centers, g).any() for g in greedy)  # the greedy readout reports bin centres
     assert "| self (greedy) |" in (tmp_path / "report.md").read_text()
 

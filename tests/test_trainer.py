@@ -215,8 +215,7 @@ def head_only_run(tiny_model_dirs, tmp_path_factory):
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
                          num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", drift_every_n_steps=2,
-                         cross_models=[tiny_model_dirs["gpt2"]], n_bootstrap=50, split_fractions=[0.6, 0.1, 0.3],
-                         output_dir=str(tmp_path / "out"))
+                         cross_models=[tiny_model_dirs["gpt2"]], n_bootstrap=50, output_dir=str(tmp_path / "out"))
     return config, run_train(config)
 
 
@@ -228,15 +227,6 @@ def test_run_train_scans_builds_trains_evaluates_and_saves(head_only_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["neurons"] == summary["neurons"] and saved["scan_rank"] == 1
     assert (out / "scan").is_dir() and (out / "dataset" / "README.md").exists()
-    # split_fractions reach the dataset (and the scan, which reads train documents only under the same split)
-    from nsr_hf.corpus import load_corpus, split_of
-    from nsr_hf.dataset_generator import load_activation_dataset
-
-    dataset, metadata = load_activation_dataset(out / "dataset")
-    assert metadata["split_fractions"] == [0.6, 0.1, 0.3] and len(dataset["test"]) > len(dataset["validation"])
-    docs = list(load_corpus(config.corpus).iter_documents(limit=config.dataset_documents))
-    expected = {split: sum(split_of(d.doc_id, 0, [0.6, 0.1, 0.3]) == split for d in docs) for split in ("train", "validation", "test")}
-    assert {split: len(dataset[split]) for split in expected} == expected
     assert {"test_pearson", "test_r2", "test_mse"} <= saved["metrics"]["test"].keys()
     assert saved["neuron_drift"]["max_abs"] < 1e-4  # head_only: the base is frozen, the neuron cannot move
     predictor = load_predictor(str(out / "predictor"))
@@ -252,6 +242,25 @@ def test_run_train_scans_builds_trains_evaluates_and_saves(head_only_run):
     assert (out / "evaluation" / "report.md").exists() and (out / "evaluation" / "methods.png").exists()
     card = (out / "predictor" / "README.md").read_text()
     assert "## Evaluation" in card and "| **self** |" in card  # the headline table is in the model card
+
+
+def test_split_fractions_reach_the_scan_and_the_dataset(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.corpus import load_corpus, split_of
+    from nsr_hf.dataset_generator import load_activation_dataset
+    from nsr_hf.scanner import load_scan
+    from nsr_hf.train import run_train
+
+    config, _ = head_only_run
+    out = tmp_path / "fractions"
+    run_train(replace(config, split_fractions=[0.6, 0.1, 0.3], max_steps=1, evaluate=False, output_dir=str(out)))
+    dataset, metadata = load_activation_dataset(out / "dataset")
+    assert metadata["split_fractions"] == [0.6, 0.1, 0.3] and len(dataset["test"]) > len(dataset["validation"])
+    docs = list(load_corpus(config.corpus).iter_documents(limit=config.dataset_documents))
+    expected = {split: sum(split_of(d.doc_id, 0, [0.6, 0.1, 0.3]) == split for d in docs) for split in ("train", "validation", "test")}
+    assert {split: len(dataset[split]) for split in expected} == expected
+    assert load_scan(out / "scan").metadata["documents"] == min(config.scan_documents, expected["train"])  # train documents only
 
 
 def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(head_only_run, tmp_path):
