@@ -420,6 +420,11 @@ def test_report_to_wandb_offline_writes_a_run_with_the_logged_metrics(head_only_
     config, _ = head_only_run
     run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, report_to="wandb", max_steps=4,
                       logging_steps=1, drift_every_n_steps=2, output_dir=str(tmp_path / "out")))
+    import wandb
+
+    # run_train finished the run, but the wandb service process writes the offline record file asynchronously and
+    # completes it when it shuts down (at exit, or here): read it only after that, or a loaded machine reads a bare header.
+    wandb.teardown()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (log,) = runs[0].glob("run-*.wandb")  # the run's record log (protobuf; wandb >= 0.19 has no Python reader for it)
