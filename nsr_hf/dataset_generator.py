@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 OOD_SPLIT = "test_ood"
 LAYOUTS = ("rows", "column")
-BIN_STRATEGIES = ("quantile", "equal_width")
+BIN_STRATEGIES = ("quantile", "equal_width", "kmeans")
 METADATA_KEY = "nsr_hf"
 HUB_CARD_KEYS = ("configs", "dataset_info")  # written by datasets' push_to_hub; they describe the files
 BASE_COLUMNS = ("text", "doc_id", "input_ids", "attention_mask", "activations")
@@ -124,7 +124,7 @@ class DatasetConfig:
     split_seed: int = field(default=0, metadata={"help": "Seed of the document-id hash that assigns splits"})
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of train, validation and test (sum to 1)"})
     num_bins: int = field(default=10, metadata={"help": "Number of activation bins (at least 2); 10 maps to the report digits 0-9"})
-    bin_strategy: str = field(default="quantile", metadata={"help": "'quantile' (equal counts on train) or 'equal_width' (train min to max)"})
+    bin_strategy: str = field(default="quantile", metadata={"help": "'quantile' (equal counts on train), 'equal_width' (train min to max) or 'kmeans' (1-D k-means, Lloyd-Max: the bins whose means reproduce the train values with the least squared error; for a skewed neuron far closer than quantile bins)"})
     report_tokens: Optional[list[str]] = field(default=None, metadata={"help": "Token string of each bin (default: the tokenizer's single-token digits, e.g. ' 0'..' 9' or '0'..'9'; off/on for 2 bins)"})
     balance: bool = field(default=False, metadata={"help": "Equalise the train rows per bin (of the first neuron) by dropping rows from over-full bins"})
     balance_min_keep: float = field(default=0.5, metadata={"help": "Balancing keeps at least this fraction of the train rows"})
@@ -191,6 +191,39 @@ class DatasetConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # Label transforms
+
+
+def kmeans_edges(values, num_bins: int, max_iter: int = 500) -> np.ndarray:
+    """Bin edges (``num_bins + 1``, train min to max) of 1-D k-means (the Lloyd-Max quantizer): each inner edge is
+    halfway between the means of the bins on either side, so that reporting a bin's mean loses the least squared error
+    a ``num_bins``-level report can. Lloyd's iterations from two starts, the quantile bins and the equal-width bins
+    (a skewed neuron's tail wants the second), keeping the one with the smaller squared error; deterministic.
+    Each iteration costs O(num_bins log n) on the sorted values (prefix sums), so millions of values are cheap."""
+    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    lo, hi = x[0], x[-1]
+    csum, csq = np.concatenate([[0.0], np.cumsum(x)]), np.concatenate([[0.0], np.cumsum(x * x)])
+
+    def bounds(inner):  # bin i holds x[b[i]:b[i+1]]: edges[i] <= x < edges[i + 1] (the rule of LabelTransform.bin_of)
+        return np.concatenate([[0], np.searchsorted(x, inner, side="left"), [len(x)]])
+
+    def lloyd(inner):
+        inner = np.sort(inner)
+        for _ in range(max_iter):
+            b = bounds(inner)
+            counts, sums = np.diff(b), csum[b[1:]] - csum[b[:-1]]
+            centers = np.where(counts > 0, sums / np.maximum(counts, 1), (np.concatenate([[lo], inner]) + np.concatenate([inner, [hi]])) / 2)
+            new = (centers[1:] + centers[:-1]) / 2
+            if np.array_equal(new, inner):
+                break
+            inner = new
+        b = bounds(inner)
+        counts, sums = np.diff(b), csum[b[1:]] - csum[b[:-1]]
+        sse = float(np.sum((csq[b[1:]] - csq[b[:-1]]) - np.where(counts > 0, sums ** 2 / np.maximum(counts, 1), 0.0)))
+        return sse, inner
+
+    starts = (np.quantile(x, np.linspace(0.0, 1.0, num_bins + 1))[1:-1], np.linspace(lo, hi, num_bins + 1)[1:-1])
+    _, inner = min((lloyd(s) for s in starts), key=lambda r: r[0])
+    return np.concatenate([[lo], inner, [hi]])
 
 
 def _strictly_increasing(edges: np.ndarray) -> np.ndarray:
@@ -284,7 +317,12 @@ class LabelTransform:
         quantiles = np.linspace(0.0, 1.0, num_bins + 1)
         edges = []
         for k in range(len(neurons)):
-            raw = np.quantile(values[:, k], quantiles) if strategy == "quantile" else np.linspace(lo[k], hi[k], num_bins + 1)
+            if strategy == "quantile":
+                raw = np.quantile(values[:, k], quantiles)
+            elif strategy == "kmeans":
+                raw = kmeans_edges(values[:, k], num_bins)
+            else:
+                raw = np.linspace(lo[k], hi[k], num_bins + 1)
             raw[0], raw[-1] = lo[k], hi[k]
             edges.append(_strictly_increasing(raw).tolist())
         fitted = cls(neurons=neurons, mean=values.mean(0).tolist(), std=values.std(0).tolist(), bin_edges=edges,
@@ -422,7 +460,7 @@ def _column_values(table_or_column, k: int) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).reshape(-1, k)
 
 
-def _read_column(dataset, name: str, k: int, batch_size: int = 10_000) -> np.ndarray:
+def read_column(dataset, name: str, k: int, batch_size: int = 10_000) -> np.ndarray:
     """All values of a column of a (memory-mapped) Dataset, read in Arrow batches."""
     parts = [_column_values(batch[name], k) for batch in dataset.with_format("arrow").iter(batch_size=batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, k), dtype=np.float32)
@@ -768,7 +806,7 @@ class ActivationDatasetGenerator:
         for split in self.splits:
             manifests = [json.loads((self.shards_dir / s["name"] / "manifest.json").read_text()) for s in plan[split]]
             skipped[split] = sum(m["skipped_documents"] for m in manifests)
-        train_values = _read_column(joined["train"], "activations", k)
+        train_values = read_column(joined["train"], "activations", k)
         transform = LabelTransform.fit(train_values, cfg.neurons, cfg.num_bins, cfg.bin_strategy, self._report_tokens)
         transform = transform.with_token_ids(self.tokenizer, strict=self._strict_tokens)
         self.transform = transform
@@ -810,7 +848,7 @@ class ActivationDatasetGenerator:
         cfg, k = self.config, len(self.neurons)
         stats = {}
         for split, ds in out.items():
-            values = _read_column(ds, "activations", k).astype(np.float64)
+            values = read_column(ds, "activations", k).astype(np.float64)
             stats[split] = {n: ({"mean": float(values[:, j].mean()), "std": float(values[:, j].std()),
                                  "min": float(values[:, j].min()), "max": float(values[:, j].max())} if len(values) else None)
                             for j, n in enumerate(cfg.neurons)}

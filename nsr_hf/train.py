@@ -62,6 +62,7 @@ class TrainConfig:
     max_length: int = field(default=128, metadata={"help": "Texts are cut to this many tokens"})
     position: str = field(default="last", metadata={"help": "The labelled token: 'last' or an integer index"})
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
+    bin_strategy: Optional[str] = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
     split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
@@ -127,6 +128,15 @@ class TrainConfig:
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"prompt_suffix {self.prompt_suffix!r} is not a valid format string ({err!r}): the only field "
                                  "is {neuron}; write a literal brace as {{ or }}.") from None
+        if self.bin_strategy is not None:
+            from nsr_hf.dataset_generator import BIN_STRATEGIES
+
+            if self.bin_strategy not in BIN_STRATEGIES:
+                raise ValueError(f"bin_strategy must be one of {', '.join(BIN_STRATEGIES)}, got {self.bin_strategy!r}.")
+            if self.head_type == "regression":
+                raise ValueError("bin_strategy sets the bins of the classification and token heads; the regression head has none: leave it out.")
+        if self.num_bins < 2:
+            raise ValueError(f"num_bins must be at least 2, got {self.num_bins}.")
         if self.head_init not in ("random", "probe"):
             raise ValueError(f"head_init must be 'random' or 'probe', got {self.head_init!r}.")
         if self.head_init == "probe" and self.head_type != "regression":
@@ -454,7 +464,8 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
     (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
     run_dataset(DatasetConfig(neurons=[str(neuron)], model=config.model, corpus=config.corpus, text_field=config.text_field,
                               position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
-                              split_seed=config.split_seed, split_fractions=config.split_fractions, num_bins=config.num_bins, output_dir=str(out / "dataset"), overwrite=True),
+                              split_seed=config.split_seed, split_fractions=config.split_fractions, num_bins=config.num_bins, bin_strategy=config.bin_strategy or "quantile",
+                              output_dir=str(out / "dataset"), overwrite=True),
                 model=model, tokenizer=tokenizer)
     dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
@@ -529,13 +540,7 @@ def run_train(config: TrainConfig) -> dict:
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
 
-    transform = metadata["transform"]
-    if config.head_type != "regression" and not transform.get("bin_centers"):
-        from nsr_hf.dataset_generator import LabelTransform, _read_column
-
-        transform = LabelTransform.from_dict(transform).with_bin_centers(_read_column(dataset["train"], "activations", len(neurons))).to_dict()
-        print("The dataset's label transform has no bin centres (it was made before nsr_hf fitted them): each bin reports "
-              "the mean of the train split's values in it, not the midpoint of its edges.", flush=True)
+    transform = train_label_transform(config, metadata["transform"], dataset["train"], neurons)
     position = parse_position(config.position if not config.dataset else metadata.get("position", "last"))
     read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
     predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
@@ -638,6 +643,35 @@ def run_train(config: TrainConfig) -> dict:
             print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
         finish_wandb(summary)
     return summary
+
+
+def train_label_transform(config: TrainConfig, transform: dict, train, neurons: list[str]) -> dict:
+    """The label transform the heads train with: the dataset's, re-binned on its ``train`` split when the config asks
+    for other bins (``bin_strategy`` set and different from the dataset's, or another ``num_bins`` with it), and
+    given bin centres (each bin's train mean) when the dataset predates them. The dataset itself is not changed: its
+    ``bin`` column keeps its own bins, and the predictor carries the transform it was trained with."""
+    if config.head_type == "regression":
+        return transform
+    from nsr_hf.dataset_generator import LabelTransform, read_column
+
+    have = (transform.get("bin_strategy", "quantile"), len(transform["bin_edges"][0]) - 1)
+    want = (config.bin_strategy, config.num_bins)
+    if config.bin_strategy is not None and have != want:
+        fitted = LabelTransform.fit(read_column(train, "activations", len(neurons)), neurons, config.num_bins, config.bin_strategy)
+        print(f"Bins: the dataset's are {have[1]} {have[0]}; this run refits {config.num_bins} {config.bin_strategy} bins on its train "
+              "split (the dataset is not changed).", flush=True)
+        refitted = {**transform, **{k: v for k, v in fitted.to_dict().items() if k in ("bin_edges", "bin_strategy", "bin_centers", "num_values")}}
+        if config.num_bins != have[1]:  # the dataset's report tokens were one per old bin: the predictor picks new ones
+            refitted.pop("report_tokens", None), refitted.pop("report_token_ids", None)
+        return refitted
+    if config.num_bins != have[1]:
+        print(f"Bins: the dataset has {have[1]} {have[0]} bins per neuron and they are used (num_bins {config.num_bins} "
+              f"applies when a run builds its dataset; set bin_strategy to refit {config.num_bins} bins on its train split).", flush=True)
+    if not transform.get("bin_centers"):
+        transform = LabelTransform.from_dict(transform).with_bin_centers(read_column(train, "activations", len(neurons))).to_dict()
+        print("The dataset's label transform has no bin centres (it was made before nsr_hf fitted them): each bin reports "
+              "the mean of the train split's values in it, not the midpoint of its edges.", flush=True)
+    return transform
 
 
 def finish_wandb(summary: dict) -> None:
