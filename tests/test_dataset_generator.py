@@ -25,6 +25,7 @@ from nsr_hf.dataset_generator import (
     LabelTransform,
     balance_indices,
     dataset_card,
+    kmeans_edges,
     load_activation_dataset,
     merge_card_metadata,
     push_to_hub,
@@ -226,7 +227,7 @@ def test_label_transform_is_fitted_on_train_only(gpt2, corpus_file, tmp_path):
     np.testing.assert_array_equal(dd["validation"]["bin"], t.bin_of(validation))
 
 
-@pytest.mark.parametrize("strategy", ["quantile", "equal_width"])
+@pytest.mark.parametrize("strategy", ["quantile", "equal_width", "kmeans"])
 def test_every_inner_bin_edge_falls_in_its_own_bin_and_the_max_in_the_last(strategy):
     values = np.random.default_rng(0).normal(size=(500, 2))
     t = LabelTransform.fit(values, ["0.1", "0.2"], num_bins=10, strategy=strategy)
@@ -295,6 +296,31 @@ def test_bin_means_are_the_better_report_for_a_skewed_neuron():
     bins = t.bin_of(test)[:, 0]
     r2 = lambda pred: 1 - ((pred - test) ** 2).sum() / ((test - test.mean()) ** 2).sum()
     assert r2(t.centers()[0, bins]) > 0.6 and r2(t.bin_midpoints()[0, bins]) < 0  # 0.70 and -3.4
+
+
+def test_kmeans_bins_are_the_least_squares_quantizer():
+    # hand-computed: three clusters 0, 1 and 10 -> centres 0, 1, 10 and edges halfway between them
+    values = np.array([0, 0, 0, 1, 1, 1, 10, 10.0])
+    np.testing.assert_allclose(kmeans_edges(values, 3), [0, 0.5, 5.5, 10])
+    t = LabelTransform.fit(values, ["0.1"], num_bins=3, strategy="kmeans")
+    np.testing.assert_allclose(t.bin_edges, [[0, 0.5, 5.5, 10]])
+    np.testing.assert_allclose(t.centers(), [[0, 1, 10]])
+    assert t.bin_strategy == "kmeans"
+    # on a skewed neuron: every inner edge is halfway between its neighbouring bins' means (a fixed point of Lloyd), and
+    # a perfect classifier's report loses less than with quantile or equal-width bins, on held-out values too
+    rng = np.random.default_rng(0)
+    train, test = rng.lognormal(0, 1.2, 4000), rng.lognormal(0, 1.2, 1000)
+    fits = {s: LabelTransform.fit(train, ["0.1"], num_bins=10, strategy=s) for s in ("quantile", "equal_width", "kmeans")}
+    km = fits["kmeans"]
+    np.testing.assert_allclose(km.bin_edges[0][1:-1], (km.centers()[0, 1:] + km.centers()[0, :-1]) / 2, rtol=1e-9)
+    sse = {s: ((t.centers()[0, t.bin_of(x)[:, 0]] - x) ** 2).sum() for s, t in fits.items() for x in [train]}
+    r2 = {s: 1 - ((t.centers()[0, t.bin_of(test)[:, 0]] - test) ** 2).sum() / ((test - test.mean()) ** 2).sum() for s, t in fits.items()}
+    assert sse["kmeans"] < sse["equal_width"] < sse["quantile"]
+    assert r2["kmeans"] > 0.97 and r2["quantile"] < 0.75  # 0.985, 0.70
+    # deterministic, and fine with ties and with more bins than distinct values (the extra bins stay empty)
+    assert kmeans_edges(train, 10).tolist() == kmeans_edges(train[::-1].copy(), 10).tolist()
+    tied = LabelTransform.fit(np.array([0, 0, 0, 0, 5, 5, 5.0]), ["0.1"], num_bins=4, strategy="kmeans")
+    assert np.all(np.diff(tied.bin_edges[0]) > 0) and tied.bin_of(np.array([0.0, 5.0]))[:, 0].tolist() == [0, 3]
 
 
 def test_report_tokens_are_the_digits_with_their_single_token_ids(gpt2, corpus_file, tmp_path):

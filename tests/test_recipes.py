@@ -142,6 +142,13 @@ def test_new_choices_are_validated():
     with pytest.raises(ValueError, match="the only field is {neuron}"):
         parse_config(["--head_type", "token", "--prompt_suffix", "{layer}"])
     assert parse_config(["--split_fractions", "0.4,0.1,0.5"]).split_fractions == [0.4, 0.1, 0.5]
+    assert parse_config(["--head_type", "token", "--bin_strategy", "kmeans"]).bin_strategy == "kmeans"
+    with pytest.raises(ValueError, match="bin_strategy must be one of quantile, equal_width, kmeans, got 'lloyd'"):
+        parse_config(["--head_type", "token", "--bin_strategy", "lloyd"])
+    with pytest.raises(ValueError, match="the regression head has none"):
+        parse_config(["--bin_strategy", "kmeans"])
+    with pytest.raises(ValueError, match="num_bins must be at least 2"):
+        parse_config(["--head_type", "classification", "--num_bins", "1"])
     with pytest.raises(ValueError, match="split_fractions must be 3 numbers"):
         parse_config(["--split_fractions", "0.5,0.6,0.1"])
     with pytest.raises(ValueError, match="gives test no documents"):

@@ -535,3 +535,41 @@ def test_a_dataset_without_bin_centres_gets_the_train_means_before_a_token_head_
     expected = LabelTransform.from_dict(metadata["transform"]).with_bin_centers(values).centers()
     np.testing.assert_allclose(saved["label_transform"]["bin_centers"], expected, rtol=1e-6)
     np.testing.assert_allclose(saved["label_transform"]["bin_centers"], metadata["transform"]["bin_centers"], rtol=1e-6)
+
+
+def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset_alone(head_only_run, tmp_path, capsys):
+    """bin_strategy on a dataset binned otherwise: the head trains on bins refitted on the train split (the predictor
+    carries them); the dataset on disk keeps its own. Another num_bins with it gets report tokens of its own."""
+    from dataclasses import replace
+
+    from nsr_hf.dataset_generator import LabelTransform, load_activation_dataset
+    from nsr_hf.train import run_train
+
+    config, _ = head_only_run
+    dataset_dir = Path(config.output_dir) / "dataset"
+    dataset, metadata = load_activation_dataset(dataset_dir)
+    assert metadata["transform"]["bin_strategy"] == "quantile"
+    on_disk = sorted((p.name, p.read_bytes()) for p in dataset_dir.rglob("*") if p.is_file())
+    values = np.asarray(dataset["train"]["activations"], dtype=np.float64).reshape(len(dataset["train"]), -1)
+    base = replace(config, dataset=str(dataset_dir), head_type="token", head_init="random", max_steps=1, evaluate=False,
+                   unfreeze="head_only")
+
+    run_train(replace(base, bin_strategy="kmeans", output_dir=str(tmp_path / "kmeans")))
+    assert "this run refits 10 kmeans bins on its train split" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "kmeans" / "predictor" / "config.json").read_text())["label_transform"]
+    expected = LabelTransform.fit(values, metadata["neurons"], 10, "kmeans")
+    assert saved["bin_strategy"] == "kmeans"
+    np.testing.assert_allclose(saved["bin_edges"], expected.bin_edges, rtol=1e-6)
+    np.testing.assert_allclose(saved["bin_centers"], expected.bin_centers, rtol=1e-6)
+    assert saved["report_tokens"] == metadata["transform"]["report_tokens"] and saved["mean"] == metadata["transform"]["mean"]
+
+    run_train(replace(base, bin_strategy="quantile", num_bins=4, output_dir=str(tmp_path / "four")))
+    saved = json.loads((tmp_path / "four" / "predictor" / "config.json").read_text())
+    assert len(saved["label_transform"]["bin_edges"][0]) == 5 and len(saved["report_tokens"]) == 4
+    np.testing.assert_allclose(saved["label_transform"]["bin_edges"], LabelTransform.fit(values, metadata["neurons"], 4).bin_edges, rtol=1e-6)
+
+    run_train(replace(base, num_bins=4, output_dir=str(tmp_path / "unset")))  # no bin_strategy: the dataset's bins, said so
+    assert "the dataset has 10 quantile bins per neuron and they are used" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "unset" / "predictor" / "config.json").read_text())["label_transform"]
+    assert saved["bin_edges"] == metadata["transform"]["bin_edges"]
+    assert sorted((p.name, p.read_bytes()) for p in dataset_dir.rglob("*") if p.is_file()) == on_disk
