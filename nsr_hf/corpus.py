@@ -521,18 +521,22 @@ def deduplicate(docs: Iterable[Document]) -> Iterator[Document]:
             yield doc
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != len(SPLITS) or any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be {len(SPLITS)} non-negative numbers for {SPLITS} summing to 1, got {fractions}")
-    return fractions
+def check_fractions(fractions: Sequence[float], name: str = "fractions") -> tuple[float, float, float]:
+    """``fractions`` of train, validation and test as floats, or a ValueError that names ``name`` (the config key)."""
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != len(SPLITS) or any(not 0 <= f <= 1 for f in values) or abs(sum(values) - 1) > 1e-6:
+        raise ValueError(f"{name} must be {len(SPLITS)} numbers in [0, 1] for {list(SPLITS)} that sum to 1, got {fractions}")
+    return values
 
 
 def split_of(doc_id: str, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
     """``"train"``, ``"validation"`` or ``"test"`` for a document id: a hash of ``f"{seed}:{doc_id}"``
     mapped into [0, 1) and compared with the cumulative fractions. Deterministic and order-independent
     (hashlib, not Python's per-process salted ``hash``)."""
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2**64
     cumulative = 0.0
@@ -546,7 +550,7 @@ def split_of(doc_id: str, seed: int = 0, fractions: Sequence[float] = DEFAULT_FR
 def split_documents(docs: Iterable[Document], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[str, list[Document]]:
     """Deduplicate ``docs`` and group them by ``split_of``: ``{"train": [...], "validation": [...], "test": [...]}``.
     Deduplication first, so one text never lands in two splits."""
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     splits: dict[str, list[Document]] = {name: [] for name in SPLITS}
     for doc in deduplicate(docs):
         splits[split_of(doc.doc_id, seed, fractions)].append(doc)

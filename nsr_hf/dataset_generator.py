@@ -65,7 +65,7 @@ import pyarrow.compute as pc
 import torch
 
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, select_positions, validate_neuron, validate_position
-from nsr_hf.corpus import SPLITS, Document, TextSource, deduplicate, load_corpus, split_of
+from nsr_hf.corpus import SPLITS, Document, TextSource, check_fractions, deduplicate, load_corpus, split_of
 from nsr_hf.report_tokens import default_report_tokens
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ class DatasetConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or unset (all documents), got {value!r}")
-        fractions = [float(f) for f in self.split_fractions]
-        if len(fractions) != len(SPLITS) or any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ValueError(f"split_fractions must be {len(SPLITS)} numbers in [0, 1] for {list(SPLITS)} that sum to 1, got {self.split_fractions}")
+        fractions = list(check_fractions(self.split_fractions, "split_fractions"))
         if fractions[0] == 0:
             raise ValueError("split_fractions gives train no documents: the bins and z-scores are fitted on train")
         self.split_fractions = fractions

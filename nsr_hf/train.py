@@ -39,6 +39,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from nsr_hf.corpus import check_fractions
 from nsr_hf.models import EMBEDDED_NAME
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 
@@ -166,9 +167,7 @@ class TrainConfig:
                      "select_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        fractions = [float(f) for f in self.split_fractions]
-        if len(fractions) != 3 or any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ValueError(f"split_fractions must be 3 numbers in [0, 1] (train, validation, test) that sum to 1, got {self.split_fractions}.")
+        fractions = list(check_fractions(self.split_fractions, "split_fractions"))
         if 0 in fractions:
             raise ValueError(f"split_fractions {fractions} gives {('train', 'validation', 'test')[fractions.index(0)]} no documents: "
                              "train fits the head, bins and z-scores, validation chooses the probes' regularisation, test is where "

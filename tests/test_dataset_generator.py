@@ -524,7 +524,7 @@ def test_two_processes_under_accelerate_launch_split_the_shards(tiny_model_dirs,
 @pytest.mark.parametrize("overrides, message", [
     ({"position": "middle"}, "Unknown position rule 'middle'"),
     ({"num_bins": 1}, "num_bins must be an integer >= 2"),
-    ({"bin_strategy": "kmeans"}, "bin_strategy must be one of"),
+    ({"bin_strategy": "lloyd"}, "bin_strategy must be one of"),
     ({"split_fractions": [0.5, 0.2]}, "split_fractions must be 3 numbers"),
     ({"every_token_layout": "wide"}, "every_token_layout must be one of"),
     ({"balance_min_keep": 0}, "balance_min_keep"),
