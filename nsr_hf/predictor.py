@@ -468,7 +468,9 @@ class ActivationPredictor(PreTrainedModel):
             "",
             f"- Base model: `{base}`{quant}",
             f"- Target neuron(s): {', '.join(c.neurons)}",
-            f"- Head: {c.head_type}" + (f" over {c.num_bins} bins" if c.head_type != "regression" else "")
+            f"- Head: {c.head_type}" + (f" over {c.num_bins} {(c.label_transform or {}).get('bin_strategy', 'quantile')} bins "
+                                        f"(fitted on {(c.label_transform or {}).get('fitted_on', 'train')}; each reports its mean)"
+                                        if c.head_type != "regression" else "")
             + (f", report tokens {c.report_tokens}" if c.head_type == "token" else ""),
             f"- Reads: {self._reads()}",
             f"- Dataset: {c.dataset_name or 'not recorded'}",

@@ -562,6 +562,7 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
     np.testing.assert_allclose(saved["bin_edges"], expected.bin_edges, rtol=1e-6)
     np.testing.assert_allclose(saved["bin_centers"], expected.bin_centers, rtol=1e-6)
     assert saved["report_tokens"] == metadata["transform"]["report_tokens"] and saved["mean"] == metadata["transform"]["mean"]
+    assert "Head: token over 10 kmeans bins (fitted on train" in (tmp_path / "kmeans" / "predictor" / "README.md").read_text()
 
     run_train(replace(base, bin_strategy="quantile", num_bins=4, output_dir=str(tmp_path / "four")))
     saved = json.loads((tmp_path / "four" / "predictor" / "config.json").read_text())
