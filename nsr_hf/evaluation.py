@@ -656,7 +656,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
         "splits": splits,
         "rows": {s: len(dataset[s]) for s in splits},
         "predictor": {"path": config.predictor, "head_type": inner.config.head_type, "read_layer": inner.config.effective_read_layer,
-                      "base_model": inner.config.base_model_name_or_path, "dataset": config.dataset or inner.config.dataset_name},
+                      "base_model": inner.config.base_model_name_or_path, "dataset": config.dataset or inner.config.dataset_name,
+                      **({"num_bins": inner.config.num_bins, "bin_strategy": (inner.config.label_transform or {}).get("bin_strategy")}
+                         if inner.config.head_type != "regression" else {})},
         "bootstrap": {"n": n_boot, "level": level, "seed": seed, "method": "percentile, rows resampled with replacement; comparisons paired"},
         "subsets": {"top_decile": "the ceil(n/10) rows with the largest true values",
                     "random_sample": "a seeded uniform sample of as many rows as the top decile"},

@@ -4,8 +4,8 @@ Three heads:
 
 * ``regression``: a linear layer (or a small MLP) on the representation, trained on z-scored targets,
   K neurons at once.
-* ``classification``: logits over ``num_bins`` bins per neuron (equal-width or quantile edges fitted
-  on the training split), cross-entropy with optional class weights.
+* ``classification``: logits over ``num_bins`` bins per neuron (quantile, equal-width or k-means edges
+  fitted on the training split; each bin reports its train mean), cross-entropy with optional class weights.
 * ``token``: the model's own LM head emits the report. The prompt is the text up to the labelled token
   followed by a suffix that names the neuron (``"\\nNeuron 12.345 level:"``); the next token is one of
   the report tokens (digits by default). Loss: cross-entropy restricted to the report tokens, optionally
@@ -427,6 +427,13 @@ class ActivationPredictor(PreTrainedModel):
         self.train(was_training)
         return torch.cat(out)
 
+    def _bins(self) -> str:
+        """The card's words for the bins: how many, which strategy, where fitted, and what each reports."""
+        t = self.config.label_transform or {}
+        strategy = t.get("bin_strategy") or "unrecorded-strategy"
+        reports = "each reports its train mean" if t.get("bin_centers") else "each reports the midpoint of its edges"
+        return f"{self.config.num_bins} {strategy} bins (fitted on {t.get('fitted_on', 'an unrecorded split')}; {reports})"
+
     def _reads(self) -> str:
         """Where the head reads, in words (the model card)."""
         c = self.config
@@ -468,9 +475,7 @@ class ActivationPredictor(PreTrainedModel):
             "",
             f"- Base model: `{base}`{quant}",
             f"- Target neuron(s): {', '.join(c.neurons)}",
-            f"- Head: {c.head_type}" + (f" over {c.num_bins} {(c.label_transform or {}).get('bin_strategy', 'quantile')} bins "
-                                        f"(fitted on {(c.label_transform or {}).get('fitted_on', 'train')}; each reports its mean)"
-                                        if c.head_type != "regression" else "")
+            f"- Head: {c.head_type}" + (f" over {self._bins()}" if c.head_type != "regression" else "")
             + (f", report tokens {c.report_tokens}" if c.head_type == "token" else ""),
             f"- Reads: {self._reads()}",
             f"- Dataset: {c.dataset_name or 'not recorded'}",

@@ -410,7 +410,9 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
                        f"intercept {_num(f['calibration_intercept'])}; MAE {_num(f['mae'], 4)}; Spearman ρ {_num(f['spearman'])}.")]
     bins = _bin_table(metrics)
     if bins:
-        lines += ["", "Bins (train-fitted edges):", "", bins]
+        p = evaluation.get("predictor") or {}
+        kind = f"{p['num_bins']} {p.get('bin_strategy') or 'unrecorded-strategy'} bins, " if p.get("num_bins") else ""
+        lines += ["", f"Bins ({kind}train-fitted edges):", "", bins]
     subsets = _subset_table(metrics)
     if subsets:
         lines += ["", "Subsets of equal size: the top decile by true value and a random sample:", "", subsets]

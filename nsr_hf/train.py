@@ -135,7 +135,8 @@ class TrainConfig:
             if self.bin_strategy not in BIN_STRATEGIES:
                 raise ValueError(f"bin_strategy must be one of {', '.join(BIN_STRATEGIES)}, got {self.bin_strategy!r}.")
             if self.head_type == "regression":
-                raise ValueError("bin_strategy sets the bins of the classification and token heads; the regression head has none: leave it out.")
+                raise ValueError("bin_strategy sets the bins of the classification and token heads; the regression head has none: "
+                                 "leave it out (over a recipe that sets it: --bin_strategy none).")
         if self.num_bins < 2:
             raise ValueError(f"num_bins must be at least 2, got {self.num_bins}.")
         if self.head_init not in ("random", "probe"):
@@ -539,7 +540,7 @@ def run_train(config: TrainConfig) -> dict:
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
 
-    transform = train_label_transform(config, metadata["transform"], dataset["train"], neurons)
+    transform = train_label_transform(config, metadata["transform"], dataset["train"], neurons, balance=metadata.get("balance"))
     position = parse_position(config.position if not config.dataset else metadata.get("position", "last"))
     read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
     predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
@@ -644,7 +645,7 @@ def run_train(config: TrainConfig) -> dict:
     return summary
 
 
-def train_label_transform(config: TrainConfig, transform: dict, train, neurons: list[str]) -> dict:
+def train_label_transform(config: TrainConfig, transform: dict, train, neurons: list[str], balance=None) -> dict:
     """The label transform the heads train with: the dataset's, re-binned on its ``train`` split when the config asks
     for other bins (``bin_strategy`` set and different from the dataset's, or another ``num_bins`` with it), and
     given bin centres (each bin's train mean) when the dataset predates them. The dataset itself is not changed: its
@@ -656,6 +657,12 @@ def train_label_transform(config: TrainConfig, transform: dict, train, neurons: 
     have = (transform.get("bin_strategy", "quantile"), len(transform["bin_edges"][0]) - 1)
     want = (config.bin_strategy, config.num_bins)
     if config.bin_strategy is not None and have != want:
+        if balance:
+            raise ValueError(f"The dataset was balanced on its own {have[1]} {have[0]} bins (train rows dropped from full bins), so its "
+                             f"train split no longer has the neuron's distribution and {config.bin_strategy} bins fitted on it would be "
+                             f"skewed by the old ones. Build the dataset with bin_strategy {config.bin_strategy!r} and num_bins "
+                             f"{config.num_bins} (nsr dataset ... --bin_strategy {config.bin_strategy}), or leave bin_strategy unset "
+                             "to train on the dataset's bins.")
         fitted = LabelTransform.fit(read_column(train, "activations", len(neurons)), neurons, config.num_bins, config.bin_strategy)
         print(f"Bins: the dataset's are {have[1]} {have[0]}; this run refits {config.num_bins} {config.bin_strategy} bins on its train "
               "split (the dataset is not changed).", flush=True)

@@ -352,6 +352,8 @@ def test_a_bin_head_is_scored_on_both_readouts(trained, tmp_path):
     centers = np.asarray(metadata["transform"]["bin_centers"][0])  # the mean of the train values in each bin
     assert all(np.isclose(centers, g).any() for g in greedy)  # the greedy readout reports bin centres
     assert "| self (greedy) |" in (tmp_path / "report.md").read_text()
+    assert evaluation["predictor"]["num_bins"] == 10 and evaluation["predictor"]["bin_strategy"] == "quantile"
+    assert "Bins (10 quantile bins, train-fitted edges):" in (tmp_path / "report.md").read_text()
 
 
 def test_the_training_log_and_drift_json_next_to_the_predictor_are_found(trained, tmp_path):

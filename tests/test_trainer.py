@@ -562,7 +562,7 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
     np.testing.assert_allclose(saved["bin_edges"], expected.bin_edges, rtol=1e-6)
     np.testing.assert_allclose(saved["bin_centers"], expected.bin_centers, rtol=1e-6)
     assert saved["report_tokens"] == metadata["transform"]["report_tokens"] and saved["mean"] == metadata["transform"]["mean"]
-    assert "Head: token over 10 kmeans bins (fitted on train" in (tmp_path / "kmeans" / "predictor" / "README.md").read_text()
+    assert "Head: token over 10 kmeans bins (fitted on train; each reports its train mean)" in (tmp_path / "kmeans" / "predictor" / "README.md").read_text()
 
     run_train(replace(base, bin_strategy="quantile", num_bins=4, output_dir=str(tmp_path / "four")))
     saved = json.loads((tmp_path / "four" / "predictor" / "config.json").read_text())
@@ -574,3 +574,30 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
     saved = json.loads((tmp_path / "unset" / "predictor" / "config.json").read_text())["label_transform"]
     assert saved["bin_edges"] == metadata["transform"]["bin_edges"]
     assert sorted((p.name, p.read_bytes()) for p in dataset_dir.rglob("*") if p.is_file()) == on_disk
+
+
+def test_train_label_transform_refits_only_when_asked_and_refuses_a_balanced_dataset(head_only_run, capsys):
+    from dataclasses import replace
+
+    from nsr_hf.dataset_generator import LabelTransform, load_activation_dataset
+    from nsr_hf.train import train_label_transform
+
+    config, _ = head_only_run
+    dataset, metadata = load_activation_dataset(Path(config.output_dir) / "dataset")
+    transform, neurons = metadata["transform"], metadata["neurons"]
+    values = np.asarray(dataset["train"]["activations"], dtype=np.float64).reshape(len(dataset["train"]), -1)
+    classification = replace(config, head_type="classification", head_init="random")
+    # the dataset's own strategy and number of bins: nothing to refit, nothing said
+    assert train_label_transform(replace(classification, bin_strategy="quantile"), transform, dataset["train"], neurons) == transform
+    assert train_label_transform(classification, transform, dataset["train"], neurons) == transform
+    assert capsys.readouterr().out == ""
+    # the classification head refits like the token head
+    refit = train_label_transform(replace(classification, bin_strategy="equal_width", num_bins=5), transform, dataset["train"], neurons)
+    np.testing.assert_allclose(refit["bin_edges"], LabelTransform.fit(values, neurons, 5, "equal_width").bin_edges)
+    assert refit["bin_strategy"] == "equal_width" and "report_tokens" not in refit and refit["std"] == transform["std"]
+    # a dataset balanced on its own bins has a reshaped train split: refitting on it is refused, with the way out
+    with pytest.raises(ValueError, match="balanced on its own 10 quantile bins.*--bin_strategy kmeans.*leave bin_strategy unset"):
+        train_label_transform(replace(classification, bin_strategy="kmeans"), transform, dataset["train"], neurons,
+                              balance={"counts_before": [5, 1], "counts_after": [1, 1]})
+    # the regression head keeps the transform as it is
+    assert train_label_transform(config, transform, dataset["train"], neurons) is transform
