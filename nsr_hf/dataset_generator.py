@@ -217,7 +217,7 @@ def kmeans_edges(values, num_bins: int, max_atoms: int = KMEANS_ATOMS, max_iter:
         return np.linspace(lo, hi, num_bins + 1)
     shift, scale = x.mean(), hi - lo
     u = (x - shift) / scale  # centred and scaled: the prefix sums of squares keep their precision
-    # atoms: the distinct values with their counts, or runs of equal count
+    # atoms: the distinct values with their counts, or (above max_atoms) runs of the sorted values
     distinct, counts = np.unique(u, return_counts=True)
     if len(distinct) > max_atoms:  # runs cut at equal counts (the bulk) and at equal widths (the tail), half each
         by_count = np.linspace(0, len(u), max_atoms // 2 + 1).round().astype(np.int64)

@@ -598,3 +598,30 @@ def test_the_command_line_flags_build_the_config_and_run_dataset_prints_a_summar
     out = capsys.readouterr().out
     assert "train" in out and "2.7" in out and "equal_width" in out and "edges" in out
     assert dd["train"].features["bin"].length == 2 and (tmp_path / "cli" / "README.md").exists()
+
+
+def test_the_bin_ceiling_benchmark_scores_a_perfect_classifier_per_strategy(gpt2, corpus_file, tmp_path, capsys):
+    """benchmarks/bin_ceiling.py: the R² of reporting each row's own bin mean. On the split the bins were fitted on,
+    kmeans (the least squared error) is at least as good as the other two, for every neuron; the figures match a
+    direct computation and reach the JSON file."""
+    import importlib.util
+
+    generate(gpt2, corpus_file, tmp_path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bin_ceiling.py"
+    spec = importlib.util.spec_from_file_location("bin_ceiling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main([str(tmp_path / "ds"), "--split", "train", "--num_bins", "4", "--json", str(tmp_path / "c.json")])
+    by_neuron = results[str(tmp_path / "ds")]
+    assert sorted(by_neuron) == sorted(NEURONS) and json.loads((tmp_path / "c.json").read_text()) == results
+    dataset, _ = load_activation_dataset(tmp_path / "ds")
+    train = np.asarray(dataset["train"]["activations"], dtype=np.float64).reshape(len(dataset["train"]), -1)
+    for j, neuron in enumerate(NEURONS):
+        r2 = by_neuron[neuron]["r2"]
+        assert r2["kmeans"] >= max(r2["quantile"], r2["equal_width"]) - 1e-12
+        t = LabelTransform.fit(train[:, j], [neuron], 4, "quantile")
+        direct = 1 - ((t.centers()[0, t.bin_of(train[:, j])[:, 0]] - train[:, j]) ** 2).sum() / ((train[:, j] - train[:, j].mean()) ** 2).sum()
+        assert r2["quantile"] == pytest.approx(direct)
+    assert "| quantile | equal_width | kmeans |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="has no 'test_ood' split"):
+        bench.main([str(tmp_path / "ds"), "--split", "test_ood"])
