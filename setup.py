@@ -9,7 +9,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-version = re.search(r'__version__ = "([^"]+)"', Path("nsr_hf/__init__.py").read_text()).group(1)
+version = re.search(r'__version__ = "([^"]+)"', Path("nsr_hf/version.py").read_text()).group(1)
 
 setup(
     name="nsr_hf",

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from nsr_hf.dataset_generator import BIN_STRATEGIES, LabelTransform, load_activation_dataset, read_column
+from nsr_hf.data.generator import BIN_STRATEGIES, LabelTransform, load_activation_dataset, read_column
 
 
 def ceiling(train: np.ndarray, values: np.ndarray, neuron: str, num_bins: int, strategy: str) -> float:

@@ -63,8 +63,8 @@ def run_one(layer: int, num_neurons: int, documents: int, threads: int | None) -
 
     if threads:
         torch.set_num_threads(threads)
-    import nsr_hf.dataset_generator as dg
-    from nsr_hf.corpus import EmbeddedCorpus
+    import nsr_hf.data.generator as dg
+    from nsr_hf.data.corpus import EmbeddedCorpus
     from nsr_hf.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")

@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.models import load_model_and_tokenizer
-from nsr_hf.predictor import ActivationPredictor
 
 
 def step_time(fn, repeats: int) -> float:

@@ -34,7 +34,7 @@ import time
 import torch
 
 from nsr_hf.capture import model_inputs
-from nsr_hf.corpus import load_corpus
+from nsr_hf.data.corpus import load_corpus
 from nsr_hf.scanner import NeuronScanner, ScanConfig
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--random_init", action="store_true", help="random weights from the model's config")
-    parser.add_argument("--corpus", default="embedded", help="a corpus spec for nsr_hf.corpus.load_corpus")
+    parser.add_argument("--corpus", default="embedded", help="a corpus spec for nsr_hf.data.corpus.load_corpus")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--documents", type=int, default=64, help="documents for the throughput comparison")

@@ -44,7 +44,7 @@ class PlainRegressor(nn.Module):
         self.head = nn.Linear(base.config.hidden_size, 1)
 
     def forward(self, input_ids, attention_mask, labels=None):
-        from nsr_hf.predictor import truncated
+        from nsr_hf.architectures import truncated
 
         with truncated(self.base, self.read_layer):
             hidden = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -75,9 +75,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    from nsr_hf.modeling.predictor import ActivationPredictor
     from nsr_hf.models import load_model_and_tokenizer
-    from nsr_hf.predictor import ActivationPredictor
-    from nsr_hf.trainer import PredictorTrainer
+    from nsr_hf.training.trainer import PredictorTrainer
 
     base, tok = load_model_and_tokenizer(args.model)
     data = rows(tok, args.batch * (args.steps + 1), args.seq)
@@ -107,7 +107,7 @@ def main() -> None:
         trainer = PredictorTrainer(model=predictor, args=TrainingArguments("/tmp/nsr_bench_predictor", **common), train_dataset=Dataset.from_dict(data),
                                    unfreeze={"strategy": "last_k", "k": args.k}, callbacks=[timer])
         if args.monitor:
-            from nsr_hf.monitoring import DriftMonitor
+            from nsr_hf.training.monitoring import DriftMonitor
 
             DriftMonitor(Dataset.from_dict(data), every_n_steps=50).bind(trainer)
         trainer.train()

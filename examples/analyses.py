@@ -3,7 +3,7 @@
 #
 # A trained self-reporter predicts its neuron well on held-out text, but *how*? It could read the neuron's own
 # write to the residual stream, recompute the value from the neuron's inputs, or lean on the context that
-# usually makes the neuron fire. Each analysis of `nsr_hf.analysis` (and the causal test of `nsr_hf.causal`)
+# usually makes the neuron fire. Each analysis of `nsr_hf.analysis` (and the causal test of `nsr_hf.evaluation.causal`)
 # asks one such question:
 #
 # | analysis | question |
@@ -89,11 +89,11 @@ def num(value, spec: str = ".2f") -> str:
 # %%
 from transformers import set_seed
 
-from nsr_hf.dataset_generator import load_activation_dataset
+from nsr_hf.data.generator import load_activation_dataset
+from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
-from nsr_hf.predictor import load_predictor
+from nsr_hf.pipeline import run_train
 from nsr_hf.quickstart import quickstart_config
-from nsr_hf.train import run_train
 
 set_seed(0)
 if args.from_run:
@@ -125,7 +125,7 @@ print(f"neuron {neuron}, head {config.head_type} reading block {read_layer}; {le
 
 # %%
 from nsr_hf.analysis import weight_alignment
-from nsr_hf.baselines import RidgeProbe, labels_of, layer_features
+from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
 
 features = {split: layer_features(predictor, dataset[split], [read_layer], progress=False)[read_layer] for split in ("train", "validation")}
 probe = RidgeProbe().fit(features["train"], labels_of(dataset["train"]), features["validation"], labels_of(dataset["validation"]))
@@ -242,8 +242,9 @@ lap("direction_ablation")
 # slope near 0.
 
 # %%
-from nsr_hf.analysis import AnalysisResult, jsonable
-from nsr_hf.causal import causal_test, plot_causal
+from nsr_hf.analysis import AnalysisResult
+from nsr_hf.evaluation.causal import causal_test, plot_causal
+from nsr_hf.utils import to_jsonable as jsonable
 
 causal = causal_test(predictor, rows, num_values=ANALYSIS["causal_values"], max_rows=ANALYSIS["rows"])
 AnalysisResult(jsonable(causal), plot_causal(causal)).save(out, "causal_test")
@@ -283,9 +284,9 @@ say("drift_anatomy_trained_run",
 # reads, down to the target's own block, are trainable.
 from transformers import TrainingArguments
 
-from nsr_hf.causal import live_activations
-from nsr_hf.predictor import ActivationPredictor
-from nsr_hf.trainer import PredictorTrainer
+from nsr_hf.evaluation.causal import live_activations
+from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.training.trainer import PredictorTrainer
 
 set_seed(0)
 moving = ActivationPredictor.from_base(original, tokenizer, neurons=[str(neuron)], head_type=config.head_type, read_layer=read_layer,

@@ -7,7 +7,7 @@
 #
 # 1. load the embedded SmolLM2-135M and its tokenizer;
 # 2. scan the training documents for neurons worth reporting (`nsr_hf.scanner`);
-# 3. build the chosen neuron's activation dataset (`nsr_hf.dataset_generator`);
+# 3. build the chosen neuron's activation dataset (`nsr_hf.data.generator`);
 # 4. wrap the model in an `ActivationPredictor` with a regression head;
 # 5. fine-tune it with `PredictorTrainer`, unfreezing only the blocks after the target (`after_target`);
 # 6. ask it about new texts with `predict`;
@@ -93,9 +93,9 @@ lap("load")
 # representation the head will read (`target+2`), cross-validated on the same scanned documents.
 
 # %%
-from nsr_hf.corpus import load_corpus, split_of
+from nsr_hf.data.corpus import load_corpus, split_of
+from nsr_hf.pipeline import select_readable
 from nsr_hf.scanner import NeuronScanner, ScanConfig
-from nsr_hf.train import select_readable
 
 corpus = load_corpus(recipe.corpus)
 documents = list(corpus.iter_documents(limit=recipe.dataset_documents))
@@ -119,7 +119,7 @@ lap("scan")
 # saved with `save_to_disk` and a dataset card.
 
 # %%
-from nsr_hf.dataset_generator import DatasetConfig, load_activation_dataset, run_dataset
+from nsr_hf.data.generator import DatasetConfig, load_activation_dataset, run_dataset
 
 run_dataset(DatasetConfig(neurons=[neuron_name], model=recipe.model, corpus=recipe.corpus, position=recipe.position,
                           max_length=recipe.max_length, max_documents=recipe.dataset_documents, split_seed=recipe.split_seed,
@@ -139,7 +139,7 @@ lap("dataset")
 
 # %%
 from nsr_hf.capture import Neuron
-from nsr_hf.predictor import ActivationPredictor
+from nsr_hf.modeling.predictor import ActivationPredictor
 
 neuron = Neuron.parse(neuron_name)
 read_layer = recipe.read_layer_for(neuron.layer, num_layers(model))
@@ -167,8 +167,8 @@ lap("predictor")
 # %%
 from transformers import TrainingArguments
 
-from nsr_hf.monitoring import DriftMonitor
-from nsr_hf.trainer import PredictorTrainer
+from nsr_hf.training.monitoring import DriftMonitor
+from nsr_hf.training.trainer import PredictorTrainer
 
 training_args = TrainingArguments(
     output_dir=str(out / "checkpoints"), learning_rate=recipe.learning_rate, num_train_epochs=recipe.num_train_epochs,
@@ -220,7 +220,7 @@ lap("predict")
 # `report.md` with its figures.
 
 # %%
-from nsr_hf.evaluation import EvaluateConfig, run_evaluate
+from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 
 eval_config = EvaluateConfig(output_dir=str(out / "evaluation"), dataset=str(out / "dataset"), probe_layers=recipe.probe_layers,
                              cross_models=recipe.cross_models, seed=recipe.seed, batch_size=recipe.per_device_eval_batch_size,
@@ -244,7 +244,7 @@ lap("evaluate")
 # never runs code from the checkpoint. The reloaded predictor reports exactly what the trained one did.
 
 # %%
-from nsr_hf.predictor import load_predictor, save_predictor
+from nsr_hf.modeling.predictor import load_predictor, save_predictor
 
 predictor.evaluation = evaluation  # the model card shows its headline table
 save_predictor(trainer.model, str(out / "predictor"))

@@ -21,13 +21,12 @@ also removes the mean of ``x``, so for it every direction is compared after cent
 invisible to whatever reads through it); RMSNorm keeps all directions. A neuron's input direction in the residual
 basis is likewise its input weight vector folded through its block's pre-MLP norm.
 
-``rows`` is an activation-dataset split or a list of its rows (see ``nsr_hf.causal``).
+``rows`` is an activation-dataset split or a list of its rows (see ``nsr_hf.evaluation.causal``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from nsr_hf.architectures import (
     num_neurons,
 )
 from nsr_hf.capture import Intervention, Neuron, model_inputs, validate_neuron
-from nsr_hf.causal import (
+from nsr_hf.evaluation.causal import (
     activation_column,
     as_rows,
     batches,
@@ -62,31 +61,14 @@ from nsr_hf.causal import (
     target_column,
     unwrap_predictor,
 )
+from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.utils import to_jsonable
 
 PATCHING_MODES = ("set", "zero", "scale")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Results
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy and torch scalars and arrays turned into Python numbers and lists, NaN/inf into None."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def save_figure(fig, path) -> Path:
@@ -114,7 +96,7 @@ class AnalysisResult:
 
 
 def _result(numbers: dict, figure) -> AnalysisResult:
-    numbers = jsonable(numbers)
+    numbers = to_jsonable(numbers)
     json.dumps(numbers, allow_nan=False)  # fail here, not when saving, if something is not plain
     return AnalysisResult(numbers, figure)
 
@@ -564,8 +546,6 @@ def direction_ablation(predictor, rows, neuron=None, control_directions: int = 3
 
 
 def _causal_lm(model) -> nn.Module:
-    from nsr_hf.predictor import ActivationPredictor
-
     if hasattr(model, "get_base_model") and not isinstance(model, ActivationPredictor):
         model = model.get_base_model()
     return model.base if isinstance(model, ActivationPredictor) else model

@@ -8,11 +8,14 @@ Adding an architecture is adding a row to ``ARCHITECTURES``.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from nsr_hf.utils import unwrap
 
 
 @dataclass(frozen=True)
@@ -105,24 +108,13 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The causal LM under PEFT / DDP wrappers, so that the table's paths apply."""
-    while True:
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def _config(model_or_config):
-    return _unwrap(model_or_config).config if isinstance(model_or_config, nn.Module) else model_or_config
+    return unwrap(model_or_config).config if isinstance(model_or_config, nn.Module) else model_or_config
 
 
 def get_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a causal LM."""
-    model = _unwrap(model)
+    model = unwrap(model)
     return get_submodule(model, arch_spec(model).layers)
 
 
@@ -147,27 +139,27 @@ def num_neurons(model_or_config) -> int:
 
 
 def get_mlp(model: nn.Module, layer: int) -> nn.Module:
-    return get_submodule(get_layers(model)[layer], arch_spec(_unwrap(model)).mlp)
+    return get_submodule(get_layers(model)[layer], arch_spec(unwrap(model)).mlp)
 
 
 def get_neuron_module(model: nn.Module, layer: int) -> nn.Module:
     """The module whose input is the neuron vector of ``layer`` (hook its input to read neurons)."""
-    return get_submodule(get_layers(model)[layer], arch_spec(_unwrap(model)).neuron_module)
+    return get_submodule(get_layers(model)[layer], arch_spec(unwrap(model)).neuron_module)
 
 
 def get_pre_mlp_norm(model: nn.Module, layer: int) -> nn.Module:
-    return get_submodule(get_layers(model)[layer], arch_spec(_unwrap(model)).pre_mlp_norm)
+    return get_submodule(get_layers(model)[layer], arch_spec(unwrap(model)).pre_mlp_norm)
 
 
 def get_final_norm(model: nn.Module) -> nn.Module:
-    model = _unwrap(model)
+    model = unwrap(model)
     return get_submodule(model, arch_spec(model).final_norm)
 
 
 def neuron_weights(model: nn.Module, layer: int, index: int) -> dict[str, torch.Tensor]:
     """The neuron's input direction(s) (rows of the input projections) and its output direction
     (the column of the output projection), each as a vector in the residual basis."""
-    spec = arch_spec(_unwrap(model))
+    spec = arch_spec(unwrap(model))
     mlp = get_mlp(model, layer)
     out_module = get_neuron_module(model, layer)
     result = {}
@@ -182,7 +174,7 @@ def neuron_weights(model: nn.Module, layer: int, index: int) -> dict[str, torch.
 def compute_neurons(model: nn.Module, layer: int, mlp_input: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
     """The hidden activation of ``layer``'s MLP for ``mlp_input`` (the output of the pre-MLP norm),
     restricted to ``indices`` (all neurons when None) without computing the others."""
-    spec = arch_spec(_unwrap(model))
+    spec = arch_spec(unwrap(model))
     mlp = get_mlp(model, layer)
     act = getattr(mlp, spec.act)
 
@@ -209,3 +201,21 @@ def lora_target_modules(model_or_config, layers: list[int] | None = None, mlp_on
     layer_pattern = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
     alternatives = "|".join(re.escape(n) for n in names)
     return rf".*{re.escape(spec.layers)}\.{layer_pattern}\..*(?:{alternatives})$"
+
+
+@contextlib.contextmanager
+def truncated(model: nn.Module, read_layer: int):
+    """Run only blocks ``0..read_layer`` of ``model`` inside the ``with`` block (the model's own forward
+    then applies its final norm to that block's output)."""
+    spec = arch_spec(model)
+    parent_path, _, name = spec.layers.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layers = getattr(parent, name)
+    if read_layer == len(layers) - 1:
+        yield
+        return
+    setattr(parent, name, layers[: read_layer + 1])
+    try:
+        yield
+    finally:
+        setattr(parent, name, layers)

@@ -170,7 +170,7 @@ def select_positions(acts: torch.Tensor, attention_mask: torch.Tensor, position:
 # Recording
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end the forward pass once the deepest needed layer is read."""
 
 
@@ -251,7 +251,7 @@ class NeuronRecorder:
             hidden = args[0]
             self._store(layer, hidden if idx is None else hidden[..., idx.to(hidden.device)])
             if self.stop_early and layer == self.deepest:
-                raise _StopForward
+                raise StopForward
         return hook
 
     def _partial_mlp_hook(self, layer: int, idx: torch.Tensor | None):
@@ -261,7 +261,7 @@ class NeuronRecorder:
             x = args[0] if args else next(iter(kwargs.values()))
             with torch.no_grad():
                 self._store(layer, compute_neurons(self.model, layer, x, None if idx is None else idx.to(x.device)))
-            raise _StopForward
+            raise StopForward
         return hook
 
     def __enter__(self) -> "NeuronRecorder":
@@ -297,7 +297,7 @@ class NeuronRecorder:
         with self:
             try:
                 self.model(**model_inputs(inputs, device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
         missing = set(self.neurons) - set(self.activations) if self.callback is None else set()
         if missing:

@@ -20,6 +20,19 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from nsr_hf.capture import capture_activations, encode_texts, validate_neuron, validate_position
+from nsr_hf.data.corpus import load_corpus
+from nsr_hf.data.generator import DatasetConfig, run_dataset
+from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.pipeline import main as train_main
+from nsr_hf.pipeline import run_train
+from nsr_hf.quickstart import QUICKSTART, run_quickstart
+from nsr_hf.scanner import ScanConfig, run_scan
+from nsr_hf.sweep import SweepConfig, run_sweep
+from nsr_hf.sweep import main as sweep_main
+from nsr_hf.training.config import TrainConfig, usage
+
 
 @dataclass
 class CaptureConfig:
@@ -46,10 +59,6 @@ def parse_position(value: str):
 
 def run_capture(config: CaptureConfig) -> list[dict]:
     from tqdm.auto import tqdm
-
-    from nsr_hf.capture import capture_activations, encode_texts, validate_neuron, validate_position
-    from nsr_hf.corpus import load_corpus
-    from nsr_hf.models import load_model_and_tokenizer
 
     position = validate_position(parse_position(config.position))
     if position == "all":
@@ -100,9 +109,6 @@ class QuickstartCommand:
 
 
 def _quickstart(argv: list[str]) -> int:
-    from nsr_hf.quickstart import QUICKSTART, run_quickstart
-    from nsr_hf.train import usage
-
     if any(a in ("-h", "--help") for a in argv):
         print("usage: nsr quickstart [--key value ...]\n\nThe quickstart recipe (values below); any TrainConfig key overrides it.\n")
         print("\n".join(f"  {k}: {v!r}" for k, v in QUICKSTART.items()) + "\n\n" + usage())
@@ -122,12 +128,6 @@ COMMANDS = {
 
 def _register_stage_commands() -> None:
     """The stages live in their own modules, imported only when ``nsr`` runs (keeps ``import nsr_hf`` light)."""
-    from nsr_hf.dataset_generator import DatasetConfig, run_dataset
-    from nsr_hf.evaluation import EvaluateConfig, run_evaluate
-    from nsr_hf.scanner import ScanConfig, run_scan
-    from nsr_hf.sweep import SweepConfig, run_sweep
-    from nsr_hf.train import TrainConfig, run_train
-
     COMMANDS.update({
         "scan": (ScanConfig, run_scan),
         "dataset": (DatasetConfig, run_dataset),
@@ -151,11 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if argv[0] == "sweep":  # a positional recipe and TrainConfig overrides: parsed by the sweep itself
-        from nsr_hf.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
     if argv[0] == "train":  # [recipe.yaml] [--key value ...]: defaults < recipe < command line (nsr_hf/train.py)
-        from nsr_hf.train import main as train_main
 
         return train_main(argv[1:])
     if argv[0] == "quickstart":

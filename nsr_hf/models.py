@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from nsr_hf.architectures import arch_spec
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -230,8 +232,6 @@ def load_model_and_tokenizer(
     (same values to float32 round-off; see ``fuse_kernels``).
     """
     from transformers import AutoModelForCausalLM
-
-    from nsr_hf.architectures import arch_spec
 
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: ``recipes/quickstart.yaml`` run by ``nsr_hf.train.run_train``.
+"""The main job on the embedded default: ``recipes/quickstart.yaml`` run by ``nsr_hf.pipeline.run_train``.
 
     nsr quickstart                                   # SmolLM2-135M (embedded) on Python's own docs, offline
     nsr quickstart --output_dir outputs/qs2 --num_train_epochs 1    # any TrainConfig key overrides the recipe
@@ -13,6 +13,8 @@ and ``metrics.json``. The recipe's values are kept here too, so that an installe
 from __future__ import annotations
 
 from nsr_hf.models import EMBEDDED_NAME
+from nsr_hf.pipeline import run_train
+from nsr_hf.training.config import TrainConfig, check_keys, parse_overrides
 
 QUICKSTART = {
     "model": EMBEDDED_NAME,
@@ -46,7 +48,6 @@ QUICKSTART = {
 
 def quickstart_config(**overrides):
     """The quickstart's ``TrainConfig`` (``QUICKSTART`` with ``overrides``)."""
-    from nsr_hf.train import TrainConfig, check_keys
 
     check_keys(overrides, "the quickstart overrides")
     return TrainConfig(**{**QUICKSTART, **overrides})
@@ -54,6 +55,5 @@ def quickstart_config(**overrides):
 
 def run_quickstart(argv=None) -> dict:
     """``nsr quickstart [--key value ...]``: the quickstart recipe with command-line overrides."""
-    from nsr_hf.train import parse_overrides, run_train
 
     return run_train(quickstart_config(**parse_overrides(list(argv or []))))

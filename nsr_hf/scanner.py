@@ -46,12 +46,11 @@ import torch
 
 from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, position_ids_from_mask, real_token_bounds, validate_layer
-from nsr_hf.models import EMBEDDED_NAME
+from nsr_hf.data.corpus import Document, TextSource, load_corpus
+from nsr_hf.models import EMBEDDED_NAME, load_model_and_tokenizer, model_provenance
 
 if TYPE_CHECKING:
     import pandas
-
-    from nsr_hf.corpus import Document
 
 logger = logging.getLogger(__name__)
 
@@ -596,7 +595,6 @@ def plot_histograms(histograms: dict, threshold: float, path: Path, max_panels: 
 def as_source(source):
     """A ``TextSource`` from a source, a spec string for ``load_corpus``, or a list of ``Document``s / texts
     (texts get ids ``"text:<i>"``)."""
-    from nsr_hf.corpus import Document, TextSource, load_corpus
 
     if isinstance(source, TextSource):
         return source
@@ -814,8 +812,6 @@ class NeuronScanner:
         shards' statistics are gathered and merged exactly. Every process returns the same result."""
         from accelerate.utils import gather_object
 
-        from nsr_hf.models import model_provenance
-
         source = as_source(source)
         dist = distributed_state()
         world, rank = dist.num_processes, dist.process_index
@@ -874,9 +870,6 @@ def distributed_state():
 def run_scan(config: ScanConfig, model=None, tokenizer=None, source=None) -> ScanResult:
     """``nsr scan``: load the model and corpus (unless given), scan, and on the main process write the
     outputs into ``config.output_dir`` and print the table of top neurons."""
-    from nsr_hf.corpus import load_corpus
-    from nsr_hf.models import load_model_and_tokenizer
-
     dist = distributed_state()
     torch.manual_seed(config.seed)
     if model is None:

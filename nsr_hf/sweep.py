@@ -14,7 +14,7 @@ Steps (``run_sweep``), everything under ``output_dir``:
    again: an interrupted sweep resumes where it stopped. A failed run is recorded and the sweep goes on.
 3. ``sweep.json`` and ``sweep.md``: per method and figure, over the finished runs, the median, the interquartile
    range (q1, q3, iqr), min, max and mean, and a per-run table. Figures come from the run's evaluation
-   (``metrics.json["evaluation"]``, the content of ``nsr_hf.evaluation.run_evaluate``'s ``metrics.json``) when
+   (``metrics.json["evaluation"]``, the content of ``nsr_hf.evaluation.protocol.run_evaluate``'s ``metrics.json``) when
    there is one: every method's figures on ``split``, the comparisons (``self_vs_<method>``: ``delta_r2`` and
    ``beats``, 1 when the interval of the difference lies above 0) and the selectivity; otherwise the
    predictor's own figures of ``metrics.json["metrics"][split]`` (method ``self``). The target neuron's drift
@@ -39,7 +39,13 @@ from typing import Optional
 
 import numpy as np
 
-from nsr_hf.evaluation import LOW_SPREAD_RATIO
+from nsr_hf.capture import Neuron
+from nsr_hf.evaluation.protocol import LOW_SPREAD_RATIO
+from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
+from nsr_hf.scanner import TOP_FILE, load_scan
+from nsr_hf.training.config import TrainConfig, check_keys, load_recipe, parse_overrides, valid_keys
+from nsr_hf.utils import to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +67,6 @@ class SweepConfig:
     datasets_from: Optional[str] = field(default=None, metadata={"help": "Another sweep's output_dir: sweep its neurons (or --neurons) on its datasets, the same rows"})
 
     def __post_init__(self):
-        from nsr_hf.capture import Neuron
-
         if self.top_n < 1:
             raise ValueError(f"top_n must be at least 1, got {self.top_n}.")
         self.seeds = [int(s) for s in self.seeds]
@@ -82,7 +86,6 @@ class SweepConfig:
 
 def recipe_values(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
     """The recipe (if any) and the overrides, checked against ``TrainConfig`` and the keys the sweep sets itself."""
-    from nsr_hf.train import TrainConfig, check_keys, load_recipe
 
     values = load_recipe(config.recipe) if config.recipe else {}
     overrides = dict(overrides or {})
@@ -105,9 +108,6 @@ def scan_top_neurons(values: dict, top_n: int, scan_dir: Path) -> list[str]:
     """The recipe's top ``top_n`` neurons on the training documents, chosen the way ``nsr train`` chooses one: by
     the scan's ranking, or with ``select: readable`` by the readability of the scan's top ``select_candidates``
     (``scan/selection.json``). A scan (and selection) already in ``scan_dir`` is read back."""
-    from nsr_hf.scanner import TOP_FILE, load_scan
-    from nsr_hf.train import TrainConfig, scan_train_documents, select_readable
-
     config = TrainConfig(**values)
     selection = scan_dir / "selection.json"
     readable = config.select == "readable"
@@ -117,8 +117,6 @@ def scan_top_neurons(values: dict, top_n: int, scan_dir: Path) -> list[str]:
         scan = load_scan(scan_dir)
         print(f"using the scan in {scan_dir} (delete it to scan again)", flush=True)
     else:
-        from nsr_hf.models import load_model_and_tokenizer
-
         model, tokenizer = load_model_and_tokenizer(config.model)
         scan, train_docs = scan_train_documents(config, model, tokenizer, scan_dir, top_n=max(top_n, config.select_candidates))
         if readable:
@@ -285,9 +283,6 @@ def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
     ``overrides``: ``TrainConfig`` values that replace the recipe's. Returns the content of ``sweep.json``."""
     import gc
 
-    from nsr_hf.evaluation import to_jsonable
-    from nsr_hf.train import TrainConfig, run_train
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     values = recipe_values(config, overrides)
@@ -323,8 +318,6 @@ def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
 
 
 def usage() -> str:
-    from nsr_hf.train import valid_keys
-
     lines = ["usage: nsr sweep [RECIPE.yaml] [--top_n N] [--seeds S ...] [--neurons L.N ...] [--output_dir DIR] [--key value ...]", "",
              (SweepConfig.__doc__ or "").strip(), ""]
     for name, f in SweepConfig.__dataclass_fields__.items():
@@ -336,8 +329,6 @@ def usage() -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     """``nsr sweep RECIPE [--sweep flags] [--TrainConfig key value ...]``."""
     from transformers import HfArgumentParser
-
-    from nsr_hf.train import parse_overrides
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):

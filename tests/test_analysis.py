@@ -26,8 +26,8 @@ from nsr_hf.analysis import (
 )
 from nsr_hf.architectures import get_final_norm, get_layers, get_mlp, neuron_weights
 from nsr_hf.capture import Neuron
-from nsr_hf.causal import causal_test, predictor_reports
-from nsr_hf.predictor import ActivationPredictor
+from nsr_hf.evaluation.causal import causal_test, predictor_reports
+from nsr_hf.modeling.predictor import ActivationPredictor
 
 EDGES = [[i / 10 for i in range(11)]]
 
@@ -318,7 +318,7 @@ def test_results_save_as_json_and_png(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_every_analysis_runs_on_smollm2_with_a_head_only_predictor(smollm2, tmp_path):
-    from nsr_hf.unfreezing import apply_unfreezing
+    from nsr_hf.training.unfreezing import apply_unfreezing
 
     model, tok = smollm2
     neuron = Neuron(20, 100)

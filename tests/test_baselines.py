@@ -14,23 +14,21 @@ import torch
 from datasets import Dataset
 
 from nsr_hf.architectures import get_mlp, get_pre_mlp_norm
-from nsr_hf.baselines import (
+from nsr_hf.data.generator import ActivationDatasetGenerator, DatasetConfig
+from nsr_hf.evaluation.baselines import (
     METHODS,
     CrossModel,
-    RidgeProbe,
     TokenLookup,
     cross_texts,
-    labels_of,
-    layer_features,
     load_cross_model,
     probe_by_layer,
-    r2_score,
     run_baselines,
     shuffled_label_probe,
 )
-from nsr_hf.dataset_generator import ActivationDatasetGenerator, DatasetConfig
+from nsr_hf.metrics import r2_score
+from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
 from nsr_hf.models import load_model_and_tokenizer
-from nsr_hf.predictor import ActivationPredictor
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "neurons", "in", "MLP", "layer", "respond", "to", "particular", "tokens", "and", "contexts", "Python", "is", "a", "programming", "language", "its", "documentation", "explains", "modules", "classes", "functions", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 ALL_METHODS = ("mean", "token_lookup", "ridge_probe", "random_init", "shuffled_labels")
@@ -310,7 +308,7 @@ def test_the_random_init_control_is_seeded_and_leaves_the_global_rng_alone(gpt2,
 
 
 def test_a_shared_feature_cache_computes_features_once_across_neuron_columns(gpt2, activation_splits, tiny_model_dirs, monkeypatch):
-    from nsr_hf import baselines
+    from nsr_hf.evaluation import baselines
 
     model, tokenizer = gpt2
     llama = tiny_model_dirs["llama"]

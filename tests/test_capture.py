@@ -5,15 +5,7 @@ import pytest
 import torch
 
 from nsr_hf.architectures import get_layers, get_pre_mlp_norm, num_neurons
-from nsr_hf.capture import (
-    Intervention,
-    Neuron,
-    NeuronRecorder,
-    capture_activations,
-    encode_texts,
-    intervene,
-    model_inputs,
-)
+from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, capture_activations, encode_texts, intervene, model_inputs
 
 TEXTS = ["Hello world", "A much longer text about neurons and the MLP layers of a language model", "def f(x): return x"]
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from nsr_hf.architectures import arch_spec, get_layers, get_neuron_module, neuron_weights
 from nsr_hf.capture import _INTERVENED, Intervention, Neuron, capture_activations, encode_texts
-from nsr_hf.causal import (
+from nsr_hf.evaluation.causal import (
     causal_test,
     linear_fit,
     live_activations,
@@ -28,7 +28,7 @@ from nsr_hf.causal import (
     predictor_reports,
     report_under_intervention,
 )
-from nsr_hf.predictor import ActivationPredictor
+from nsr_hf.modeling.predictor import ActivationPredictor
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -1,8 +1,6 @@
 """The `nsr` command: sub-commands, flags from the config dataclasses, clear errors."""
 import json
 
-import pytest
-
 from nsr_hf.cli import main
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from nsr_hf.corpus import (
+from nsr_hf.data.corpus import (
     SPLITS,
     Document,
     EmbeddedCorpus,

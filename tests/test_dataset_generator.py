@@ -12,14 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from nsr_hf.report_tokens import default_report_tokens
 import yaml
 
-import nsr_hf.dataset_generator as dg
+import nsr_hf.data.generator as dg
 from nsr_hf.capture import capture_activations, encode_texts
-from nsr_hf.corpus import FileCorpus, split_of
-from nsr_hf.dataset_generator import (
+from nsr_hf.data.corpus import FileCorpus, split_of
+from nsr_hf.data.generator import (
     ActivationDatasetGenerator,
     DatasetConfig,
     LabelTransform,
@@ -33,6 +31,7 @@ from nsr_hf.dataset_generator import (
     save_hub_layout,
 )
 from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.report_tokens import default_report_tokens
 
 NEURONS = ["1.3", "0.5"]  # two layers, given out of layer order: the activations column keeps this order
 WORDS = ("the quick brown fox jumps over lazy dog neurons in MLP layer respond to particular tokens and contexts "

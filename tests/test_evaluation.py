@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsr_hf.evaluation import (
+from nsr_hf.evaluation.protocol import (
     LOW_SPREAD_RATIO,
     EvaluateConfig,
     bootstrap_ci,
@@ -27,7 +27,7 @@ from nsr_hf.evaluation import (
     split_spread,
     subset_indices,
 )
-from nsr_hf.trainer import regression_metrics
+from nsr_hf.metrics import regression_metrics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -202,7 +202,9 @@ def test_ties_at_the_decile_boundary_are_broken_by_row_order_and_tiny_subsets_ar
 def trained(tiny_model_dirs, tmp_path_factory):
     """nsr train on a tiny Llama (scan, dataset, head_only training) and a 60-document corpus (a few seconds)."""
     from conftest import write_word_corpus
-    from nsr_hf.train import TrainConfig, run_train
+
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
 
     tmp = tmp_path_factory.mktemp("evaluate")
     corpus = write_word_corpus(tmp / "docs.jsonl")
@@ -218,7 +220,7 @@ FAST = dict(n_bootstrap=200, causal_max_rows=16, causal_num_values=5, batch_size
 
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory, tiny_model_dirs):
-    from nsr_hf.predictor import load_predictor
+    from nsr_hf.modeling.predictor import load_predictor
 
     train_dir, _ = trained
     out = tmp_path_factory.mktemp("evaluation")
@@ -234,8 +236,8 @@ def evaluated(trained, tmp_path_factory, tiny_model_dirs):
 def test_predict_split_reads_each_rows_labelled_token_in_activation_units(trained):
     from datasets import load_from_disk
 
-    from nsr_hf.predictor import load_predictor
-    from nsr_hf.trainer import PredictorDataCollator
+    from nsr_hf.modeling.predictor import load_predictor
+    from nsr_hf.training.collator import PredictorDataCollator
 
     train_dir, _ = trained
     predictor = load_predictor(str(train_dir / "predictor"))
@@ -295,7 +297,7 @@ def test_run_evaluate_writes_the_report_and_every_plot(evaluated):
 
 
 def test_head_only_predictor_may_reuse_its_own_base_for_the_baselines(trained, tmp_path):
-    from nsr_hf.predictor import load_predictor
+    from nsr_hf.modeling.predictor import load_predictor
 
     train_dir, _ = trained
     predictor = load_predictor(str(train_dir / "predictor"))
@@ -310,7 +312,7 @@ def test_head_only_predictor_may_reuse_its_own_base_for_the_baselines(trained, t
 def test_several_neurons_are_each_evaluated_with_their_own_baselines(tiny, tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from nsr_hf.predictor import ActivationPredictor
+    from nsr_hf.modeling.predictor import ActivationPredictor
 
     model, tok = tiny
     g = torch.Generator().manual_seed(0)
@@ -334,9 +336,9 @@ def test_several_neurons_are_each_evaluated_with_their_own_baselines(tiny, tmp_p
 
 
 def test_a_bin_head_is_scored_on_both_readouts(trained, tmp_path):
-    from nsr_hf.dataset_generator import load_activation_dataset
+    from nsr_hf.data.generator import load_activation_dataset
+    from nsr_hf.modeling.predictor import ActivationPredictor, load_predictor
     from nsr_hf.models import load_model_and_tokenizer
-    from nsr_hf.predictor import ActivationPredictor, load_predictor
 
     train_dir, _ = trained
     dataset, metadata = load_activation_dataset(train_dir / "dataset")
@@ -374,7 +376,7 @@ def test_the_training_log_and_drift_json_next_to_the_predictor_are_found(trained
 def test_bad_input_gets_clear_errors(tiny, tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from nsr_hf.predictor import ActivationPredictor
+    from nsr_hf.modeling.predictor import ActivationPredictor
 
     model, tok = tiny
     predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"])
@@ -411,7 +413,8 @@ def test_nsr_evaluate_on_the_train_output(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_the_whole_protocol_on_smollm2_with_minilm_as_the_cross_model(tmp_path):
     """SmolLM2: scan, dataset and a few head_only steps, then every method including MiniLM cross-prediction."""
-    from nsr_hf.train import TrainConfig, run_train
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
 
     config = TrainConfig(scan_documents=40, dataset_documents=80, max_length=32, max_steps=6, per_device_train_batch_size=8,
                          eval_strategy="no", learning_rate=1e-3, evaluate=False, output_dir=str(tmp_path / "train"))
@@ -421,5 +424,5 @@ def test_the_whole_protocol_on_smollm2_with_minilm_as_the_cross_model(tmp_path):
     test = evaluation["metrics"]["test"]
     assert {"self", "ridge_probe", "cross:minilm", "random_init", "shuffled_labels", "token_lookup", "mean"} <= test.keys()
     assert "self_vs_cross:minilm" in evaluation["comparisons"]["test"] and len(evaluation["probe_by_layer"]) == 30
-    assert evaluation["causal"]["meaningful"] is False  # the head reads the last block: see nsr_hf.causal
+    assert evaluation["causal"]["meaningful"] is False  # the head reads the last block: see nsr_hf.evaluation.causal
     assert (tmp_path / "eval" / "report.md").exists() and (tmp_path / "eval" / "methods.png").exists()

@@ -13,10 +13,12 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainerCallback, TrainingArguments
 
 from nsr_hf.capture import Neuron, capture_activations, model_inputs
+from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.models import load_model_and_tokenizer
-from nsr_hf.monitoring import DriftMonitor, neuron_drift_stats
-from nsr_hf.predictor import ActivationPredictor
-from nsr_hf.trainer import PredictorDataCollator, PredictorTrainer, _unwrap
+from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.monitoring import DriftMonitor, neuron_drift_stats
+from nsr_hf.training.trainer import PredictorTrainer
+from nsr_hf.utils import unwrap as _unwrap
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,7 +4,7 @@ import torch
 
 from nsr_hf.architectures import get_final_norm
 from nsr_hf.capture import capture_activations, encode_texts
-from nsr_hf.predictor import ActivationPredictor, ActivationPredictorConfig, load_predictor, save_predictor
+from nsr_hf.modeling.predictor import ActivationPredictor, ActivationPredictorConfig, load_predictor, save_predictor
 
 TEXTS = ["Hello world", "A much longer text about neurons and the MLP layers of a language model", "def f(x): return x"]
 EDGES = [[i / 10 for i in range(11)]]  # ten equal bins over [0, 1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nsr_hf.train import TrainConfig, parse_config, valid_keys
+from nsr_hf.training.config import TrainConfig, parse_config, valid_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

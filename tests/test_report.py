@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from nsr_hf.evaluation import EVALUATION_KIND, compare_methods, evaluate_predictions, to_jsonable
-from nsr_hf.report import headline_table, verdicts, write_report
+from nsr_hf.evaluation.protocol import EVALUATION_KIND, compare_methods, evaluate_predictions
+from nsr_hf.evaluation.report import write_report
+from nsr_hf.methods import headline_table, verdicts
+from nsr_hf.utils import to_jsonable
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -141,7 +143,7 @@ def test_a_report_needs_metrics_by_split(tmp_path):
 
 
 def predictor_of(tiny):
-    from nsr_hf.predictor import ActivationPredictor
+    from nsr_hf.modeling.predictor import ActivationPredictor
 
     model, tok = tiny
     return ActivationPredictor.from_base(model, tok, neurons=["1.3"], label_transform={"mean": [0.5], "std": [0.29]})

@@ -17,7 +17,7 @@ from transformers import HfArgumentParser
 
 from nsr_hf.architectures import get_mlp
 from nsr_hf.capture import Neuron, capture_activations
-from nsr_hf.corpus import Document
+from nsr_hf.data.corpus import Document
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.scanner import SCORES, MomentStats, NeuronScanner, ScanConfig, load_scan, run_scan
 

@@ -12,16 +12,10 @@ import torch
 from datasets import Dataset
 from transformers import EvalPrediction, TrainingArguments
 
-from nsr_hf.predictor import ActivationPredictor
-from nsr_hf.trainer import (
-    PredictorDataCollator,
-    PredictorMetrics,
-    PredictorTrainer,
-    bin_metrics,
-    bins_of,
-    quadratic_weighted_kappa,
-    regression_metrics,
-)
+from nsr_hf.metrics import bin_metrics, bins_of, quadratic_weighted_kappa, regression_metrics
+from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.trainer import PredictorMetrics, PredictorTrainer
 
 EDGES = [[i / 10 for i in range(11)]]
 
@@ -209,7 +203,9 @@ def test_metrics_of_several_neurons_are_averaged_and_given_per_neuron():
 def head_only_run(tiny_model_dirs, tmp_path_factory):
     """run_train on a tiny Llama and a 60-document jsonl corpus: scan, dataset, head_only training (about 3 s)."""
     from conftest import write_word_corpus
-    from nsr_hf.train import TrainConfig, run_train
+
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
 
     tmp_path = tmp_path_factory.mktemp("train")
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
@@ -220,7 +216,7 @@ def head_only_run(tiny_model_dirs, tmp_path_factory):
 
 
 def test_run_train_scans_builds_trains_evaluates_and_saves(head_only_run):
-    from nsr_hf.predictor import load_predictor
+    from nsr_hf.modeling.predictor import load_predictor
 
     config, summary = head_only_run
     out = Path(config.output_dir)
@@ -247,10 +243,10 @@ def test_run_train_scans_builds_trains_evaluates_and_saves(head_only_run):
 def test_split_fractions_reach_the_scan_and_the_dataset(head_only_run, tmp_path):
     from dataclasses import replace
 
-    from nsr_hf.corpus import load_corpus, split_of
-    from nsr_hf.dataset_generator import load_activation_dataset
+    from nsr_hf.data.corpus import load_corpus, split_of
+    from nsr_hf.data.generator import load_activation_dataset
+    from nsr_hf.pipeline import run_train
     from nsr_hf.scanner import load_scan
-    from nsr_hf.train import run_train
 
     config, _ = head_only_run
     out = tmp_path / "fractions"
@@ -266,8 +262,8 @@ def test_split_fractions_reach_the_scan_and_the_dataset(head_only_run, tmp_path)
 def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(head_only_run, tmp_path):
     from dataclasses import replace
 
-    from nsr_hf.predictor import load_predictor
-    from nsr_hf.train import run_train
+    from nsr_hf.modeling.predictor import load_predictor
+    from nsr_hf.pipeline import run_train
 
     config, first = head_only_run
     lora = replace(config, dataset=str(Path(config.output_dir) / "dataset"), unfreeze="lora", lora_r=2, evaluate=False, output_dir=str(tmp_path / "lora"))
@@ -281,7 +277,7 @@ def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(he
 def test_run_train_builds_a_token_head_with_its_read_layer_expected_value_loss_and_lora_after_target(head_only_run, tmp_path):
     from dataclasses import replace
 
-    from nsr_hf.train import run_train
+    from nsr_hf.pipeline import run_train
 
     config, first = head_only_run
     token = replace(config, dataset=str(Path(config.output_dir) / "dataset"), head_type="token", head_init="random", read_layer="target+1",
@@ -374,7 +370,7 @@ def test_unknown_label_mode_is_a_clear_error(tiny, tmp_path):
 def test_resume_from_the_latest_checkpoint_continues_the_step_count(head_only_run, tmp_path):
     from dataclasses import replace
 
-    from nsr_hf.train import run_train
+    from nsr_hf.pipeline import run_train
 
     config, _ = head_only_run
     base = replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=4, save_strategy="steps",
@@ -390,7 +386,7 @@ def test_resume_from_the_latest_checkpoint_continues_the_step_count(head_only_ru
 def test_resume_without_a_checkpoint_is_a_clear_error(head_only_run, tmp_path):
     from dataclasses import replace
 
-    from nsr_hf.train import run_train
+    from nsr_hf.pipeline import run_train
 
     config, _ = head_only_run
     with pytest.raises(ValueError, match="no checkpoint"):
@@ -400,7 +396,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(head_only_run, tmp_path):
 def test_bf16_mixed_precision_runs_on_the_cpu(head_only_run, tmp_path):
     from dataclasses import replace
 
-    from nsr_hf.train import run_train
+    from nsr_hf.pipeline import run_train
 
     config, _ = head_only_run
     summary = run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, bf16=True, max_steps=3,
@@ -412,7 +408,7 @@ def test_bf16_mixed_precision_runs_on_the_cpu(head_only_run, tmp_path):
 def test_report_to_wandb_offline_writes_a_run_with_the_logged_metrics(head_only_run, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from nsr_hf.train import run_train
+    from nsr_hf.pipeline import run_train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -444,7 +440,7 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
 
     import yaml
 
-    from nsr_hf.train import run_train
+    from nsr_hf.pipeline import run_train
 
     config, _ = head_only_run
     common = dict(dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=6, learning_rate=1e-2, logging_steps=1)
@@ -466,7 +462,7 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
 
 
 def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):
-    from nsr_hf.baselines import RidgeProbe, layer_features
+    from nsr_hf.modeling.probes import RidgeProbe, layer_features
 
     model, tok = tiny
     ds, ref = _reference_dataset(model, tok, n=48)
@@ -485,10 +481,11 @@ def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):
 
 
 def test_push_to_hub_uploads_the_saved_predictor_folder_with_its_card(head_only_run, tmp_path, monkeypatch):
-    import huggingface_hub
     from dataclasses import replace
 
-    from nsr_hf.train import run_train
+    import huggingface_hub
+
+    from nsr_hf.pipeline import run_train
 
     calls = []
 
@@ -512,8 +509,8 @@ def test_a_dataset_without_bin_centres_gets_the_train_means_before_a_token_head_
     the train split, so the token head reports bin means, never midpoints."""
     from dataclasses import replace
 
-    import nsr_hf.train as train_module
-    from nsr_hf.dataset_generator import LabelTransform, load_activation_dataset
+    import nsr_hf.pipeline as train_module
+    from nsr_hf.data.generator import LabelTransform, load_activation_dataset
 
     config, _ = head_only_run
     dataset_dir = Path(config.output_dir) / "dataset"
@@ -542,8 +539,8 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
     carries them); the dataset on disk keeps its own. Another num_bins with it gets report tokens of its own."""
     from dataclasses import replace
 
-    from nsr_hf.dataset_generator import LabelTransform, load_activation_dataset
-    from nsr_hf.train import run_train
+    from nsr_hf.data.generator import LabelTransform, load_activation_dataset
+    from nsr_hf.pipeline import run_train
 
     config, _ = head_only_run
     dataset_dir = Path(config.output_dir) / "dataset"
@@ -579,8 +576,8 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
 def test_train_label_transform_refits_only_when_asked_and_refuses_a_balanced_dataset(head_only_run, capsys):
     from dataclasses import replace
 
-    from nsr_hf.dataset_generator import LabelTransform, load_activation_dataset
-    from nsr_hf.train import train_label_transform
+    from nsr_hf.data.generator import LabelTransform, load_activation_dataset
+    from nsr_hf.pipeline import train_label_transform
 
     config, _ = head_only_run
     dataset, metadata = load_activation_dataset(Path(config.output_dir) / "dataset")

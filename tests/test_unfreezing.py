@@ -9,9 +9,9 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from nsr_hf.capture import capture_activations
-from nsr_hf.predictor import ActivationPredictor
-from nsr_hf.trainer import PredictorTrainer
-from nsr_hf.unfreezing import GradualUnfreezing, apply_unfreezing
+from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.training.trainer import PredictorTrainer
+from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def function(argument): return argument + 1", "0 1 2 3 on off"]
 
@@ -144,8 +144,8 @@ def test_unknown_strategy_is_refused_with_the_valid_ones(tiny):
 
 
 def test_a_lora_predictor_saves_its_trained_head_and_adapters_and_reloads_identically(tiny, tmp_path):
-    from nsr_hf.predictor import load_predictor, save_predictor
-    from nsr_hf.trainer import apply_peft
+    from nsr_hf.modeling.predictor import load_predictor, save_predictor
+    from nsr_hf.training.trainer import apply_peft
 
     predictor = predictor_for(tiny)
     wrapped = apply_peft(predictor, apply_unfreezing(predictor, "lora", lora_r=2))

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from nsr_hf.dataset_generator import ActivationDatasetGenerator, DatasetConfig
+from nsr_hf.data.generator import ActivationDatasetGenerator, DatasetConfig
 
 
 def main(model_dir: str, corpus: str, output_dir: str) -> None:

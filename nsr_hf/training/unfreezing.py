@@ -33,16 +33,11 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from nsr_hf.architectures import arch_spec, get_layers, lora_target_modules
+from nsr_hf.utils import unwrap
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("head_only", "last_k", "after_target", "full", "lora", "lora_after_target", "gradual")
-
-
-def _inner(predictor):
-    while hasattr(predictor, "get_base_model") and callable(predictor.get_base_model):
-        predictor = predictor.get_base_model()
-    return predictor
 
 
 def _prefix(path: str) -> str:
@@ -51,14 +46,14 @@ def _prefix(path: str) -> str:
 
 
 def _lm_head_tied(predictor) -> bool:
-    base = _inner(predictor).base
+    base = unwrap(predictor).base
     out, inp = base.get_output_embeddings(), base.get_input_embeddings()
     return out is not None and inp is not None and out.weight is inp.weight
 
 
 def head_prefixes(predictor) -> list[str]:
     """Parameter-name prefixes of the head (see the module docstring for the token head)."""
-    p = _inner(predictor)
+    p = unwrap(predictor)
     if p.config.head_type != "token":
         return ["neuron_head."]
     spec = arch_spec(p.base)
@@ -71,18 +66,18 @@ def head_prefixes(predictor) -> list[str]:
 
 def last_block(predictor) -> int:
     """The last block whose output reaches the head (``read_layer``; the last block by default, also for the token head)."""
-    return _inner(predictor).config.effective_read_layer
+    return unwrap(predictor).config.effective_read_layer
 
 
 def block_prefixes(predictor, blocks) -> list[str]:
-    spec = arch_spec(_inner(predictor).base)
+    spec = arch_spec(unwrap(predictor).base)
     return [f"base.{spec.layers}.{i}." for i in blocks]
 
 
 def set_trainable(predictor, prefixes) -> list[str]:
     """Make exactly the parameters whose names start with one of ``prefixes`` trainable; return their names."""
     names = []
-    for name, param in _inner(predictor).named_parameters():
+    for name, param in unwrap(predictor).named_parameters():
         param.requires_grad_(any(name.startswith(pre) for pre in prefixes))
         if param.requires_grad:
             names.append(name)
@@ -90,7 +85,7 @@ def set_trainable(predictor, prefixes) -> list[str]:
 
 
 def _blocks_for(predictor, strategy: str, k: Optional[int]) -> list[int]:
-    p = _inner(predictor)
+    p = unwrap(predictor)
     top = last_block(p)
     if strategy in ("last_k", "lora") and k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top + 1:
@@ -112,7 +107,7 @@ def lora_config(predictor, r: int = 8, alpha: Optional[int] = None, dropout: flo
     ``after_target`` only those strictly after the highest target layer)."""
     from peft import LoraConfig
 
-    p = _inner(predictor)
+    p = unwrap(predictor)
     spec = arch_spec(p.base)
     blocks = _blocks_for(p, "after_target", None) if after_target else _blocks_for(p, "lora", k)
     if not blocks:
@@ -137,7 +132,7 @@ class GradualUnfreezing(TrainerCallback):
                  weight_decay: float = 0.0):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
-        self.predictor = _inner(predictor)
+        self.predictor = unwrap(predictor)
         self.every_n_steps = int(every_n_steps)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -190,7 +185,7 @@ def apply_unfreezing(predictor, strategy: str, *, k: Optional[int] = None, lora_
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown unfreezing strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
-    p = _inner(predictor)
+    p = unwrap(predictor)
     if strategy in ("lora", "lora_after_target"):
         if strategy == "lora_after_target" and k is not None:
             raise ValueError("lora_after_target chooses its blocks (those after the target): leave k (unfreeze_k) unset, or use lora with k.")

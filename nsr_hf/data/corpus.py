@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsr_hf.models import model_provenance
+
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 FILE_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -495,8 +497,6 @@ class SyntheticCorpus(TextSource):
                 yield Document(f"synthetic:{self.seed}:{i}:{j}", (prompt + continuation).strip())
 
     def _provenance(self) -> dict:
-        from nsr_hf.models import model_provenance
-
         return {"model": model_provenance(self.model), "prompts": list(self.prompts), "samples_per_prompt": self.samples_per_prompt,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k, "seed": self.seed}
 

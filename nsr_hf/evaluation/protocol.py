@@ -1,16 +1,16 @@
 """The evaluation protocol: how well a trained predictor reports its neuron, next to baselines and controls.
 
-    from nsr_hf.evaluation import EvaluateConfig, run_evaluate
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
     evaluation = run_evaluate(EvaluateConfig(predictor="outputs/train/predictor", output_dir="outputs/eval"))
     evaluation["metrics"]["test"]["self"]["r2"], evaluation["metrics"]["test"]["self"]["r2_ci"]
 
 ``nsr evaluate --predictor DIR --dataset DIR_OR_HUB_ID --output_dir DIR`` does the same from the command line.
 
 What is measured, on every evaluated split (``test``, and ``test_ood`` when the dataset has it), for the
-predictor (method ``"self"``) and for every baseline and control of ``nsr_hf.baselines.run_baselines`` on exactly
+predictor (method ``"self"``) and for every baseline and control of ``nsr_hf.evaluation.baselines.run_baselines`` on exactly
 the same rows:
 
-* Regression figures in activation units (``nsr_hf.trainer.regression_metrics``): Pearson r, Spearman rho, R^2,
+* Regression figures in activation units (``nsr_hf.training.trainer.regression_metrics``): Pearson r, Spearman rho, R^2,
   MSE, MAE and calibration (slope and intercept of true on predicted). A high r with a negative R^2 is a failure
   (PITFALLS 9). Percentile-bootstrap 95% confidence intervals for R^2 and r (``r2_ci``, ``pearson_ci``).
 * Bin figures, from the predictor's train-fitted bin edges (when it has them): accuracy, balanced accuracy,
@@ -30,11 +30,11 @@ the same rows:
 * Selectivity: R^2 of the real task minus R^2 of its shuffled-label control, for the ridge probe (against
   ``shuffled_labels``) and for the predictor (against ``self_shuffled``, the predictions of a predictor trained
   on shuffled labels when one is given, else the probe's shuffled control, which is then named in the output).
-* The causal test of ``nsr_hf.causal.causal_test`` (set the neuron, watch the report move).
+* The causal test of ``nsr_hf.evaluation.causal.causal_test`` (set the neuron, watch the report move).
 
 Outputs in ``output_dir``: ``metrics.json`` (everything above), ``predictions.json`` (per split and neuron: the
 true values and every method's predictions, in row order, with the ``doc_id`` of each row), and the report of
-``nsr_hf.report.write_report`` (``report.md`` and its PNGs).
+``nsr_hf.evaluation.report.write_report`` (``report.md`` and its PNGs).
 """
 from __future__ import annotations
 
@@ -49,11 +49,19 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from nsr_hf.trainer import bin_metrics, bins_of, regression_metrics
+from nsr_hf.data.generator import load_activation_dataset
+from nsr_hf.evaluation.baselines import run_baselines
+from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.report import drift_history, write_report
+from nsr_hf.metrics import bin_metrics, bins_of, regression_metrics
+from nsr_hf.modeling.predictor import load_predictor
+from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.utils import to_jsonable, unwrap
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_KIND = "nsr_hf.evaluation"
+EVALUATION_KIND = "nsr_hf.evaluation.protocol"
 DEFAULT_METHODS = ("mean", "token_lookup", "ridge_probe", "probe_by_layer", "random_init", "shuffled_labels", "cross")
 DEFAULT_SPLITS = ("test", "test_ood")
 SUBSETS = ("top_decile", "random_sample")
@@ -290,11 +298,9 @@ def predict_split(predictor, rows, batch_size: int = 32) -> tuple[np.ndarray, Op
     regression head. The predictor is run in eval mode without gradients (its mode is restored after)."""
     import torch
 
-    from nsr_hf.trainer import PredictorDataCollator, _unwrap
-
     if len(rows) == 0:
         raise ValueError("predict_split got no rows.")
-    inner = _unwrap(predictor)
+    inner = unwrap(predictor)
     collate = PredictorDataCollator(inner.tokenizer, pad_token_id=None if inner.tokenizer is not None else getattr(inner.base.config, "pad_token_id", None))
     device = next(predictor.parameters()).device
     was_training = predictor.training
@@ -334,7 +340,7 @@ class EvaluateConfig:
     output_dir: str = field(default="outputs/evaluate", metadata={"help": "Where metrics.json, predictions.json, report.md and the PNGs go"})
     splits: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={"help": "Splits to evaluate; those the dataset lacks are skipped"})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
-                               metadata={"help": "Baselines and controls of nsr_hf.baselines ('none': the predictor alone)"})
+                               metadata={"help": "Baselines and controls of nsr_hf.evaluation.baselines ('none': the predictor alone)"})
     cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for the cross-prediction control"})
     probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
     base_model: Optional[str] = field(default=None, metadata={"help": "The original base model for the baselines (default: the predictor's base_model_name_or_path)"})
@@ -352,7 +358,7 @@ class EvaluateConfig:
     training_log: Optional[str] = field(default=None, metadata={
         "help": "JSON with the Trainer's log_history (trainer_state.json or a list) for training_curves.png; default: next to the predictor"})
     drift_log: Optional[str] = field(default=None, metadata={
-        "help": "drift.json of the drift monitor (nsr_hf.monitoring) for drift.png; default: next to the predictor, else the drift/ entries of the training log"})
+        "help": "drift.json of the drift monitor (nsr_hf.training.monitoring) for drift.png; default: next to the predictor, else the drift/ entries of the training log"})
     device: Optional[str] = field(default=None, metadata={"help": "Device of a predictor loaded here (default: cuda when available)"})
 
     def __post_init__(self):
@@ -398,27 +404,6 @@ def _beside_predictor(config: EvaluateConfig, names: Sequence[str]) -> Optional[
             if (where / name).is_file():
                 return where / name
     return None
-
-
-def to_jsonable(value):
-    """Plain JSON values (numpy scalars and arrays as numbers and lists, NaN and infinities as None)."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    if hasattr(value, "tolist"):
-        return to_jsonable(value.tolist())
-    return str(value)
 
 
 def _verdict(name: str, what: str, comparison: dict, level: float) -> str:
@@ -472,7 +457,7 @@ def _quiet_if(quiet: bool):
     if not quiet:
         yield
         return
-    trainer_logger = logging.getLogger("nsr_hf.trainer")
+    trainer_logger = logging.getLogger("nsr_hf.training.trainer")
     level = trainer_logger.level
     trainer_logger.setLevel(logging.ERROR)
     try:
@@ -485,7 +470,6 @@ def _quiet_if(quiet: bool):
 
 def _original_base(config: EvaluateConfig, inner, base_model, tokenizer, wrapped: bool):
     """The frozen original base model the baselines read (see ``EvaluateConfig.base_model`` / ``base_unchanged``)."""
-    from nsr_hf.models import load_model_and_tokenizer
 
     if base_model is not None:
         return base_model, tokenizer or inner.tokenizer
@@ -537,10 +521,6 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     """
     import torch
 
-    from nsr_hf.predictor import load_predictor
-    from nsr_hf.report import drift_history, write_report
-    from nsr_hf.trainer import _unwrap
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if predictor is None:
@@ -548,11 +528,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
             raise ValueError("No predictor: pass --predictor (a folder written by nsr train, e.g. outputs/train/predictor, or a Hub id).")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         predictor = load_predictor(config.predictor, device=device)
-    inner = _unwrap(predictor)
+    inner = unwrap(predictor)
     neurons = list(inner.config.neurons)
     if dataset is None:
-        from nsr_hf.dataset_generator import load_activation_dataset
-
         source = config.dataset or inner.config.dataset_name
         if not source:
             raise ValueError("No dataset: pass --dataset (the activation dataset folder or Hub id the predictor was trained for).")
@@ -573,14 +551,12 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     shuffled = None
     if config.shuffled_predictor:
         shuffled_model = load_predictor(config.shuffled_predictor, device=next(predictor.parameters()).device)
-        if list(_unwrap(shuffled_model).config.neurons) != neurons:
-            raise ValueError(f"The shuffled-label predictor reports {_unwrap(shuffled_model).config.neurons}, not {neurons}.")
+        if list(unwrap(shuffled_model).config.neurons) != neurons:
+            raise ValueError(f"The shuffled-label predictor reports {unwrap(shuffled_model).config.neurons}, not {neurons}.")
         shuffled = {s: predict_split(shuffled_model, dataset[s], config.batch_size)[0] for s in splits}
         del shuffled_model
     baselines = {}
     if config.methods:
-        from nsr_hf.baselines import run_baselines
-
         original, original_tokenizer = _original_base(config, inner, base_model, tokenizer, wrapped=inner is not predictor)
         read_layer = inner.config.effective_read_layer
         probe_layers = range(read_layer + 1) if config.probe_layers == "up_to_read" else None
@@ -628,8 +604,6 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
         result["baselines_info"] = info.get("info") or {}
         result["causal"] = None
         if config.causal:
-            from nsr_hf.causal import causal_test
-
             causal_split = splits[0]
             try:
                 result["causal"] = causal_test(predictor, dataset[causal_split], neuron=neuron, num_values=config.causal_num_values,

@@ -1,6 +1,6 @@
 """The causal test: does the predictor's report follow the neuron when the neuron is forced to a value?
 
-    from nsr_hf.causal import causal_test, plot_causal
+    from nsr_hf.evaluation.causal import causal_test, plot_causal
     result = causal_test(predictor, dd["test"])          # clamp the first target neuron to 9 values
     result["slope"], result["slope_se"], result["natural_slope"], result["meaningful"]
     plot_causal(result).savefig("causal.png")
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
-from nsr_hf.trainer import PredictorDataCollator
+from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.training.collator import PredictorDataCollator
 
 MODES = ("set", "scale")
 SCALE_RANGE = (0.0, 2.0)
@@ -42,7 +43,6 @@ PERCENTILE_RANGE = (1.0, 99.0)
 
 def unwrap_predictor(predictor):
     """The ``ActivationPredictor`` under a PEFT wrapper (LoRA layers stay injected in its modules)."""
-    from nsr_hf.predictor import ActivationPredictor
 
     model = predictor
     if hasattr(model, "get_base_model") and not isinstance(model, ActivationPredictor):

@@ -1,6 +1,6 @@
 """``PredictorTrainer``: a small ``transformers.Trainer`` for an ``ActivationPredictor``.
 
-    from nsr_hf.trainer import PredictorDataCollator, PredictorTrainer
+    from nsr_hf.training.trainer import PredictorDataCollator, PredictorTrainer
     trainer = PredictorTrainer(model=predictor, args=TrainingArguments("out", report_to="none"),
                                train_dataset=dd["train"], eval_dataset=dd["validation"],
                                data_collator=PredictorDataCollator(tokenizer), unfreeze="head_only")
@@ -23,7 +23,6 @@ What it changes from ``Trainer`` and why:
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -31,129 +30,18 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from nsr_hf.architectures import get_neuron_module
+from nsr_hf.capture import StopForward, model_inputs
+from nsr_hf.metrics import bin_metrics, bins_of, regression_metrics
+from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
+from nsr_hf.utils import unwrap
+
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Collator
-
-
-@dataclass
-class PredictorDataCollator:
-    """Batches rows of an activation dataset for ``ActivationPredictor.forward``.
-
-    ``input_ids`` / ``attention_mask`` are right-padded to the longest row of the batch (dynamic padding) with
-    ``pad_token_id`` (the tokenizer's pad id, else its eos id, else 0); ``label_positions`` comes from
-    ``label_position`` (right padding never moves it); ``labels`` is float32 (batch, K) from ``activations``.
-    Other columns (``text``, ``doc_id``, ``bin`` ...) are ignored.
-    """
-
-    tokenizer: Any = None
-    pad_token_id: Optional[int] = None
-
-    def __post_init__(self):
-        if self.pad_token_id is None and self.tokenizer is not None:
-            self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = 0
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if not rows:
-            raise ValueError("PredictorDataCollator got an empty batch.")
-        missing = [c for c in ("input_ids", "label_position", "activations") if c not in rows[0]]
-        if missing:
-            raise ValueError(f"Rows lack column(s) {missing}: an activation dataset (nsr dataset) has input_ids, label_position and activations. "
-                             "If they exist in the dataset, set remove_unused_columns=False.")
-        length = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), length), int(self.pad_token_id), dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
-            mask[i, :n] = torch.as_tensor(np.asarray(r["attention_mask"]), dtype=torch.long) if "attention_mask" in r else 1
-        positions = torch.as_tensor([int(r["label_position"]) for r in rows], dtype=torch.long)
-        if (positions < 0).any() or (positions >= mask.sum(-1)).any():
-            raise ValueError("A label_position points outside its row's real tokens.")
-        labels = torch.as_tensor(np.asarray([np.asarray(r["activations"], dtype=np.float32).reshape(-1) for r in rows]), dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "label_positions": positions, "labels": labels}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-    logger.warning(message)
-
-
-def regression_metrics(pred, true) -> dict[str, float]:
-    """Pearson r, Spearman rho, R^2, MSE, MAE and calibration (slope and intercept of ``true`` regressed on
-    ``pred``) of one neuron, in activation units. Constant predictions or targets give defined values with a
-    warning: r = rho = 0, slope = 0 and intercept = mean(true) for constant predictions, and R^2 = 1 when the
-    errors are all zero else 0 for constant targets. Never NaN."""
-    from scipy.stats import spearmanr
-
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
-    true = np.asarray(true, dtype=np.float64).reshape(-1)
-    if pred.size == 0:
-        raise ValueError("No rows to compute metrics on.")
-    err = pred - true
-    mse, mae = float(np.mean(err**2)), float(np.mean(np.abs(err)))
-    sse, sst = float(np.sum(err**2)), float(np.sum((true - true.mean()) ** 2))
-    const_pred, const_true = np.ptp(pred) == 0, np.ptp(true) == 0
-    if const_true:
-        _warn("The targets are constant: R^2 is set to 1.0 if every prediction is exact, else 0.0; r and rho to 0.0.")
-        r2 = 1.0 if sse == 0 else 0.0
-    else:
-        r2 = 1.0 - sse / sst
-    if const_pred:
-        _warn("The predictions are constant: r and rho are set to 0.0, the calibration slope to 0.0 and its intercept to mean(true).")
-    if const_pred or const_true:
-        pearson = spearman = 0.0
-    else:
-        pearson = float(np.corrcoef(pred, true)[0, 1])
-        spearman = float(spearmanr(pred, true).statistic)
-    if const_pred:
-        slope, intercept = 0.0, float(true.mean())
-    else:
-        slope = float(np.sum((pred - pred.mean()) * (true - true.mean())) / np.sum((pred - pred.mean()) ** 2))
-        intercept = float(true.mean() - slope * pred.mean())
-    return {"pearson": pearson, "spearman": spearman, "r2": float(r2), "mse": mse, "mae": mae,
-            "calibration_slope": slope, "calibration_intercept": intercept}
-
-
-def bins_of(values, edges) -> np.ndarray:
-    """Bin index of each value for one neuron's ``edges`` (num_bins + 1): the rule of ``ActivationPredictor.bin_of``
-    (``edges[i] <= v < edges[i+1]``, the last bin includes its upper edge, values outside fall in the end bins)."""
-    edges = np.asarray(edges, dtype=np.float64)
-    return np.searchsorted(edges[1:-1], np.asarray(values, dtype=np.float64), side="right")
-
-
-def quadratic_weighted_kappa(true_bins, pred_bins, num_bins: int) -> float:
-    """Cohen's kappa with quadratic weights over ``num_bins`` ordered bins. When the expected disagreement is
-    zero (every true and predicted bin the same single bin) it is 1.0 if they agree, with a warning."""
-    true_bins, pred_bins = np.asarray(true_bins, dtype=np.int64), np.asarray(pred_bins, dtype=np.int64)
-    observed = np.zeros((num_bins, num_bins))
-    np.add.at(observed, (true_bins, pred_bins), 1)
-    observed /= observed.sum()
-    expected = np.outer(observed.sum(1), observed.sum(0))
-    i, j = np.indices((num_bins, num_bins))
-    weights = (i - j) ** 2 / (num_bins - 1) ** 2
-    denominator = float((weights * expected).sum())
-    if denominator == 0:
-        _warn("Quadratic-weighted kappa is undefined (one bin only): set to 1.0 if the bins agree, else 0.0.")
-        return 1.0 if float((weights * observed).sum()) == 0 else 0.0
-    return float(1.0 - (weights * observed).sum() / denominator)
-
-
-def bin_metrics(pred_bins, true_bins, num_bins: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean recall over the bins present in the targets) and quadratic-weighted kappa."""
-    pred_bins, true_bins = np.asarray(pred_bins).reshape(-1), np.asarray(true_bins).reshape(-1)
-    recalls = [float(np.mean(pred_bins[true_bins == b] == b)) for b in np.unique(true_bins)]
-    return {"accuracy": float(np.mean(pred_bins == true_bins)), "balanced_accuracy": float(np.mean(recalls)),
-            "qwk": quadratic_weighted_kappa(true_bins, pred_bins, num_bins)}
-
 
 @dataclass
 class PredictorMetrics:
@@ -172,7 +60,7 @@ class PredictorMetrics:
 
     @classmethod
     def for_model(cls, model) -> "PredictorMetrics":
-        config = _unwrap(model).config
+        config = unwrap(model).config
         return cls(list(config.neurons), config.head_type, (config.label_transform or {}).get("bin_edges"))
 
     def neuron_metrics(self, expected, greedy, true, j: int) -> dict[str, float]:
@@ -235,10 +123,7 @@ class LiveLabels:
 
     def forward(self, model, inputs: dict) -> tuple[Any, torch.Tensor]:
         """(outputs without loss, live values (batch, K) with gradient) for one batch."""
-        from nsr_hf.architectures import get_neuron_module
-        from nsr_hf.capture import _StopForward, model_inputs
-
-        inner = _unwrap(model)
+        inner = unwrap(model)
         neurons = inner.config.target_neurons
         positions = inputs["label_positions"].long()
         offset = torch.zeros_like(positions)
@@ -254,7 +139,7 @@ class LiveLabels:
                     rows = torch.arange(hidden.shape[0], device=hidden.device)
                     found[layer] = hidden[rows, (positions - offset).to(hidden.device)]
                     if stop_early and layer == deepest:
-                        raise _StopForward
+                        raise StopForward
             return hook
 
         stop_early, deepest = False, max(n.layer for n in neurons)
@@ -268,7 +153,7 @@ class LiveLabels:
                 stop_early = True
                 try:
                     inner.base(**model_inputs({k: inputs[k] for k in ("input_ids", "attention_mask")}), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
         finally:
             for handle in handles:
@@ -277,7 +162,7 @@ class LiveLabels:
         return outputs, live
 
     def loss(self, model, inputs: dict, return_outputs: bool = False):
-        inner = _unwrap(model)
+        inner = unwrap(model)
         outputs, live = self.forward(model, inputs)
         loss = inner.head_loss(outputs, live.detach())
         ref = inputs["labels"].float().reshape(live.shape)
@@ -299,12 +184,6 @@ class LiveLabels:
 # Trainer
 
 
-def _unwrap(model):
-    while hasattr(model, "get_base_model") and callable(model.get_base_model):
-        model = model.get_base_model()
-    return getattr(model, "module", model)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters, tied weights counted once."""
     params = {id(p): p for p in model.parameters()}.values()
@@ -317,7 +196,7 @@ def apply_peft(model, peft_config):
 
     if isinstance(model, PeftModel):
         raise ValueError("The model is already a PeftModel: pass the plain ActivationPredictor with peft_config, or a PeftModel without it.")
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if inner.neuron_head is not None and "neuron_head" not in (peft_config.modules_to_save or []):
         raise ValueError("peft_config.modules_to_save must list 'neuron_head': otherwise the predictor's head stays at its random "
                          "initialisation in the saved adapter (PITFALLS HF-7).")
@@ -329,7 +208,7 @@ class PredictorTrainer(Trainer):
 
     Args beyond ``Trainer``'s:
         peft_config: a PEFT config (e.g. ``apply_unfreezing(predictor, "lora")``); the model is wrapped with it.
-        unfreeze: an unfreezing strategy name (``nsr_hf.unfreezing.STRATEGIES``) or a dict of
+        unfreeze: an unfreezing strategy name (``nsr_hf.training.unfreezing.STRATEGIES``) or a dict of
             ``apply_unfreezing`` keyword arguments (``{"strategy": "last_k", "k": 2}``); applied before the optimizer
             is built. ``"lora"`` becomes ``peft_config``; ``"gradual"`` adds its callback.
         label_mode: ``"reference"`` (the dataset's ``activations``, from the original model) or ``"live"``
@@ -341,8 +220,6 @@ class PredictorTrainer(Trainer):
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *, data_collator=None, peft_config=None, unfreeze=None,
                  label_mode: str = "reference", live_guard_weight: float = 10.0, compute_metrics=None, callbacks=None,
                  processing_class=None, **kwargs):
-        from nsr_hf.unfreezing import GradualUnfreezing, apply_unfreezing
-
         if model is None:
             raise ValueError("PredictorTrainer needs model= (an ActivationPredictor).")
         if args is None:
@@ -368,7 +245,7 @@ class PredictorTrainer(Trainer):
         if peft_config is not None:
             model = apply_peft(model, peft_config)
         if data_collator is None:
-            tokenizer = processing_class or getattr(_unwrap(model), "tokenizer", None)
+            tokenizer = processing_class or getattr(unwrap(model), "tokenizer", None)
             data_collator = PredictorDataCollator(tokenizer)
         if compute_metrics is None:
             compute_metrics = PredictorMetrics.for_model(model)
@@ -385,7 +262,7 @@ class PredictorTrainer(Trainer):
         print(message, flush=True)
         logger.info(message)
         if trainable == 0:
-            raise ValueError("No parameter is trainable: choose an unfreezing strategy (nsr_hf.unfreezing).")
+            raise ValueError("No parameter is trainable: choose an unfreezing strategy (nsr_hf.training.unfreezing).")
         return super().train(*args, **kwargs)
 
     _live_log: dict

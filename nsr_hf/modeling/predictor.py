@@ -25,8 +25,6 @@ statistics, bin edges and bin centres) is part of the config and is saved with t
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +36,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from nsr_hf.architectures import arch_spec, get_layers, num_layers
-from nsr_hf.capture import Neuron, encode_texts, label_positions as rule_positions, position_ids_from_mask, validate_neuron
+from nsr_hf.architectures import num_layers, truncated
+from nsr_hf.capture import Neuron, encode_texts, position_ids_from_mask, validate_neuron
+from nsr_hf.capture import label_positions as rule_positions
+from nsr_hf.methods import headline_table, verdicts
+from nsr_hf.version import __version__
+from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
+from nsr_hf.models import fuse_kernels, load_model_and_tokenizer
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
 
 logger = logging.getLogger(__name__)
@@ -146,24 +149,6 @@ class ActivationPredictorOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
 
 
-@contextlib.contextmanager
-def truncated(model: nn.Module, read_layer: int):
-    """Run only blocks ``0..read_layer`` of ``model`` inside the ``with`` block (the model's own forward
-    then applies its final norm to that block's output)."""
-    spec = arch_spec(model)
-    parent_path, _, name = spec.layers.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    layers = getattr(parent, name)
-    if read_layer == len(layers) - 1:
-        yield
-        return
-    setattr(parent, name, layers[: read_layer + 1])
-    try:
-        yield
-    finally:
-        setattr(parent, name, layers)
-
-
 class ActivationPredictor(PreTrainedModel):
     """A causal LM and a head that reports the LM's own neurons (see the module docstring)."""
 
@@ -177,7 +162,6 @@ class ActivationPredictor(PreTrainedModel):
 
     def __init__(self, config: ActivationPredictorConfig):
         super().__init__(config)
-        from nsr_hf.models import fuse_kernels
 
         self.base = AutoModelForCausalLM.from_config(config.get_base_config())
         fuse_kernels(self.base)
@@ -221,7 +205,6 @@ class ActivationPredictor(PreTrainedModel):
         dataset_name: Optional[str] = None,
     ) -> "ActivationPredictor":
         """A predictor around a base causal LM (a loaded model or a name for ``load_model_and_tokenizer``)."""
-        from nsr_hf.models import load_model_and_tokenizer
 
         name = base if isinstance(base, str) else getattr(base, "name_or_path", None)
         if isinstance(base, str):
@@ -268,12 +251,11 @@ class ActivationPredictor(PreTrainedModel):
 
     @torch.no_grad()
     def init_head_from_probe(self, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
-        """Set the regression head to the closed-form ridge probe of its own representation (``nsr_hf.baselines.RidgeProbe``,
+        """Set the regression head to the closed-form ridge probe of its own representation (``nsr_hf.evaluation.baselines.RidgeProbe``,
         alpha chosen on ``validation_rows`` or by GCV), fitted on ``train_rows`` (an activation dataset split): linear
         probing before fine-tuning (LP-FT, Kumar et al. 2022), so that fine-tuning starts from the best linear readout
         of the frozen model instead of a random head, and does not distort the features to fit a random head.
         Returns the probe's alphas and validation R^2 per neuron. Regression heads with a linear head only."""
-        from nsr_hf.baselines import RidgeProbe, layer_features, labels_of
 
         if self.config.head_type != "regression" or not isinstance(self.neuron_head, nn.Linear):
             raise ValueError("init_head_from_probe needs a regression head that is one linear layer (head_hidden_size 0).")
@@ -449,17 +431,15 @@ class ActivationPredictor(PreTrainedModel):
         """A model card (README.md) naming the base model, the neurons, the head, the dataset and metrics.
 
         ``metrics``: simple figures (``{split: {name: value}}``; default ``self.evaluation_results``), shown as a
-        table; or the full evaluation of ``nsr_hf.evaluation.run_evaluate`` (default ``self.evaluation`` when it is
+        table; or the full evaluation of ``nsr_hf.evaluation.protocol.run_evaluate`` (default ``self.evaluation`` when it is
         set), shown as its headline table (every method's R², r with intervals, MSE) with the comparisons' verdicts.
         """
-        from nsr_hf import __version__
-
         c = self.config
         base = c.base_model_name_or_path or c.base_config.get("_name_or_path", "unknown")
         source = (c.base_config or {}).get("nsr_hf_source")
         quant = f"\n- Base weights: {source['quantization']} ({source['package']}/{source['file']})" if source else ""
         evaluation = getattr(self, "evaluation", None)
-        if isinstance(metrics, dict) and metrics.get("kind") == "nsr_hf.evaluation":
+        if isinstance(metrics, dict) and metrics.get("kind") == "nsr_hf.evaluation.protocol":
             evaluation, metrics = metrics, None
         metrics = metrics if metrics is not None else getattr(self, "evaluation_results", None)
         lines = [
@@ -482,8 +462,6 @@ class ActivationPredictor(PreTrainedModel):
             f"- Made with nsr_hf {__version__}",
         ]
         if evaluation:
-            from nsr_hf.report import headline_table, verdicts
-
             lines += ["", "## Evaluation", "", f"Neuron {evaluation.get('neuron')}, against baselines and controls on the same rows "
                       "(activation units; intervals: percentile bootstrap over rows). R² below 0 is worse than predicting the mean."]
             for split in evaluation.get("splits") or list(evaluation.get("metrics") or {}):
@@ -493,7 +471,7 @@ class ActivationPredictor(PreTrainedModel):
         if metrics:
             lines += ["", "## Metrics at the end of training" if evaluation else "## Evaluation", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flat(metrics).items()]
-        lines += ["", "```python", "import nsr_hf", "from nsr_hf.predictor import load_predictor", "predictor = load_predictor(PATH_OR_REPO)",
+        lines += ["", "```python", "import nsr_hf", "from nsr_hf.modeling.predictor import load_predictor", "predictor = load_predictor(PATH_OR_REPO)",
                   "predictor.predict(['Some text'])", "```", ""]
         return "\n".join(line for line in lines if line is not None)
 
@@ -566,8 +544,6 @@ def load_predictor(path: str, device=None, trust_remote_code: bool = False):
     """Load a predictor saved by ``save_pretrained`` / ``save_predictor`` (a folder or a Hub id), with its
     tokenizer when one was saved. Safetensors only; no code from the checkpoint is ever run."""
     from transformers import AutoTokenizer
-
-    from nsr_hf.models import load_model_and_tokenizer
 
     if trust_remote_code:
         raise ValueError("nsr_hf never runs code from a checkpoint; predictors load without trust_remote_code.")

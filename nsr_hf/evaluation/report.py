@@ -1,7 +1,7 @@
-"""The evaluation report: ``report.md`` and its plots, from the dict ``nsr_hf.evaluation.run_evaluate`` returns
+"""The evaluation report: ``report.md`` and its plots, from the dict ``nsr_hf.evaluation.protocol.run_evaluate`` returns
 (the content of ``metrics.json``).
 
-    from nsr_hf.report import headline_table, write_report
+    from nsr_hf.evaluation.report import headline_table, write_report
     write_report(evaluation, "outputs/eval", predictions=..., log_history=trainer.state.log_history)
     print(headline_table(evaluation))          # the table the model card carries
 
@@ -13,99 +13,25 @@ Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when it
 * ``r2_by_layer.png``: the ridge probe's R^2 when it reads each layer (read layer and target layer marked).
 * ``training_curves.png``: the Trainer's ``log_history`` (training loss, evaluation loss and metrics).
 * ``drift.png``: the drift monitor's history against ``step`` (``drift_history`` says which inputs it accepts).
-* ``causal.png``: ``nsr_hf.causal.plot_causal`` of the causal test.
+* ``causal.png``: ``nsr_hf.evaluation.causal.plot_causal`` of the causal test.
 """
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from nsr_hf.evaluation.causal import plot_causal
+from nsr_hf.methods import describe, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
+
 logger = logging.getLogger(__name__)
-
-METHOD_ORDER = ("self", "self (greedy)", "ridge_probe", "token_lookup", "mean", "random_init", "shuffled_labels", "self_shuffled")
-METHOD_DESCRIPTIONS = {
-    "self": "the fine-tuned self-reporter (expected value)",
-    "self (greedy)": "the self-reporter's most likely bin (greedy readout)",
-    "mean": "the training mean",
-    "token_lookup": "mean value per labelled token, from the training split",
-    "ridge_probe": "closed-form ridge probe of the representation the head reads (frozen original model)",
-    "random_init": "the same probe on a randomly initialised model",
-    "shuffled_labels": "the probe trained on shuffled labels (control)",
-    "self_shuffled": "a self-reporter trained on shuffled labels (control)",
-}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tables
-
-
-def _methods(metrics: dict) -> list[str]:
-    """Method rows in reading order: self, its greedy readout, the baselines, the cross models, anything else."""
-    rows = []
-    for name in metrics:
-        rows.append(name)
-        if name == "self" and "greedy_r2" in metrics[name]:
-            rows.append("self (greedy)")
-    known = [m for m in METHOD_ORDER if m in rows]
-    cross = sorted(m for m in rows if m.startswith("cross:"))
-    return known + cross + [m for m in rows if m not in known and m not in cross]
-
-
-def _figures_of(metrics: dict, method: str) -> dict:
-    """The figures of a row: ``self (greedy)`` is the ``greedy_`` keys of ``self``."""
-    if method == "self (greedy)":
-        return {k.removeprefix("greedy_"): v for k, v in metrics["self"].items() if k.startswith("greedy_")}
-    return metrics[method]
-
-
-def _num(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _with_ci(figures: dict, key: str) -> str:
-    ci = figures.get(f"{key}_ci")
-    text = _num(figures.get(key))
-    return f"{text} [{_num(ci[0])}, {_num(ci[1])}]" if ci else text
-
-
-def _describe(method: str) -> str:
-    if method.startswith("cross:"):
-        return f"another model ({method.split(':', 1)[1]}) trained on this model's labels (cross-prediction control)"
-    return METHOD_DESCRIPTIONS.get(method, "")
-
-
-def headline_table(evaluation: dict, split: str = "test") -> str:
-    """Markdown table: method x {R^2 [CI], r [CI], MSE} on ``split`` for the headline neuron."""
-    metrics = (evaluation.get("metrics") or {}).get(split)
-    if not metrics:
-        available = ", ".join(evaluation.get("metrics") or {}) or "none"
-        raise ValueError(f"The evaluation has no split {split!r} (it has: {available}).")
-    level = (evaluation.get("bootstrap") or {}).get("level", 0.95)
-    lines = [f"| method | R² [{level:.0%} CI] | r [{level:.0%} CI] | MSE |", "| --- | --- | --- | --- |"]
-    for method in _methods(metrics):
-        figures = _figures_of(metrics, method)
-        name = f"**{method}**" if method == "self" else method
-        lines.append(f"| {name} | {_with_ci(figures, 'r2')} | {_with_ci(figures, 'pearson')} | {_num(figures.get('mse'), 4)} |")
-    return "\n".join(lines)
-
-
-def verdicts(evaluation: dict, split: str = "test") -> list[str]:
-    """The plain-English verdict of every comparison on ``split`` (self against cross-report and the probe)."""
-    return [c["verdict"] for c in ((evaluation.get("comparisons") or {}).get(split) or {}).values() if c.get("verdict")]
-
 
 def _warnings(metrics: dict) -> list[str]:
     out = []
-    for method in _methods(metrics):
-        f = _figures_of(metrics, method)
+    for method in method_rows(metrics):
+        f = figures_of(metrics, method)
         if f.get("pearson", 0) > 0.5 and f.get("r2", 0) < 0:
             out.append(f"{method}: r = {f['pearson']:.2f} but R² = {f['r2']:.2f}: correlated yet wrongly scaled or shifted "
                        f"(calibration slope {f['calibration_slope']:.2f}, intercept {f['calibration_intercept']:.2f}); a failure, not a finding.")
@@ -113,28 +39,28 @@ def _warnings(metrics: dict) -> list[str]:
 
 
 def _bin_table(metrics: dict) -> Optional[str]:
-    rows = [m for m in _methods(metrics) if "accuracy" in _figures_of(metrics, m)]
+    rows = [m for m in method_rows(metrics) if "accuracy" in figures_of(metrics, m)]
     if not rows:
         return None
     lines = ["| method | accuracy | balanced accuracy | QWK | majority-class rate |", "| --- | --- | --- | --- | --- |"]
     majority = metrics["self"].get("majority_class_rate") if "self" in metrics else None
     for method in rows:
-        f = _figures_of(metrics, method)
-        lines.append(f"| {method} | {_num(f.get('accuracy'))} | {_num(f.get('balanced_accuracy'))} | {_num(f.get('qwk'))} | "
-                     f"{_num(f.get('majority_class_rate', majority))} |")
+        f = figures_of(metrics, method)
+        lines.append(f"| {method} | {fmt(f.get('accuracy'))} | {fmt(f.get('balanced_accuracy'))} | {fmt(f.get('qwk'))} | "
+                     f"{fmt(f.get('majority_class_rate', majority))} |")
     return "\n".join(lines)
 
 
 def _subset_table(metrics: dict) -> Optional[str]:
     lines = ["| method | subset | rows | R² [CI] | r [CI] | MSE | true range |", "| --- | --- | --- | --- | --- | --- | --- |"]
     notes = set()
-    for method in [m for m in _methods(metrics) if m != "self (greedy)"]:
+    for method in [m for m in method_rows(metrics) if m != "self (greedy)"]:
         for subset, f in (metrics[method].get("subsets") or {}).items():
             if "r2" not in f:
                 notes.add(f"{subset}: {f.get('note', 'no figures')}")
                 continue
-            lines.append(f"| {method} | {subset} | {f['rows']} | {_with_ci(f, 'r2')} | {_with_ci(f, 'pearson')} | {_num(f.get('mse'), 4)} | "
-                         f"{_num(f.get('true_min'))} to {_num(f.get('true_max'))} |")
+            lines.append(f"| {method} | {subset} | {f['rows']} | {with_ci(f, 'r2')} | {with_ci(f, 'pearson')} | {fmt(f.get('mse'), 4)} | "
+                         f"{fmt(f.get('true_min'))} to {fmt(f.get('true_max'))} |")
     text = "\n".join(lines) if len(lines) > 2 else ""
     return "\n\n".join(x for x in [text, "; ".join(sorted(notes))] if x) or None
 
@@ -159,7 +85,7 @@ def _causal_lines(causal: dict) -> list[str]:
     if get("natural_slope") is not None:
         lines.append(f"- slope of a faithful reporter (natural slope): {causal['natural_slope']:.3f}")
     if get("intercept") is not None:
-        lines.append(f"- intercept: {causal['intercept']:.3f}; fit R²: {_num(get('fit_r2'))}")
+        lines.append(f"- intercept: {causal['intercept']:.3f}; fit R²: {fmt(get('fit_r2'))}")
     if "meaningful" in causal:
         lines.append(f"- meaningful: {bool(causal['meaningful'])}")
     if causal.get("skipped"):
@@ -241,12 +167,12 @@ def plot_residuals(predictions: dict, path: Path) -> Path:
 def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
     """R^2 and r of every method on ``split`` with their confidence intervals (horizontal bars)."""
     metrics = evaluation["metrics"][split]
-    methods = _methods(metrics)
+    methods = method_rows(metrics)
     fig = _figure(11, 0.45 * len(methods) + 1.6)
     for i, (key, label) in enumerate((("r2", "R²"), ("pearson", "Pearson r"))):
         ax = fig.add_subplot(1, 2, i + 1)
-        values = np.array([_figures_of(metrics, m).get(key, np.nan) for m in methods], dtype=np.float64)
-        cis = [_figures_of(metrics, m).get(f"{key}_ci") for m in methods]
+        values = np.array([figures_of(metrics, m).get(key, np.nan) for m in methods], dtype=np.float64)
+        cis = [figures_of(metrics, m).get(f"{key}_ci") for m in methods]
         err = np.array([[max(v - c[0], 0), max(c[1] - v, 0)] if c else [0, 0] for v, c in zip(values, cis)]).T
         colours = ["tab:blue" if m.startswith("self") else "tab:red" if m.startswith("cross:") else "tab:grey" for m in methods]
         y = np.arange(len(methods))
@@ -375,8 +301,6 @@ def plot_drift(history: Sequence[dict], path: Path) -> Optional[Path]:
 
 
 def _plot_causal(causal: dict, path: Path) -> Optional[Path]:
-    from nsr_hf.causal import plot_causal
-
     fig = plot_causal(causal)
     try:
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -406,8 +330,8 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
         lines += ["", "Selectivity (real minus shuffled-label control, paired bootstrap):", ""] + _selectivity_lines(selectivity)
     if "self" in metrics:
         f = metrics["self"]
-        lines += ["", (f"Calibration of the self-reporter (true = intercept + slope × predicted): slope {_num(f['calibration_slope'])}, "
-                       f"intercept {_num(f['calibration_intercept'])}; MAE {_num(f['mae'], 4)}; Spearman ρ {_num(f['spearman'])}.")]
+        lines += ["", (f"Calibration of the self-reporter (true = intercept + slope × predicted): slope {fmt(f['calibration_slope'])}, "
+                       f"intercept {fmt(f['calibration_intercept'])}; MAE {fmt(f['mae'], 4)}; Spearman ρ {fmt(f['spearman'])}.")]
     bins = _bin_table(metrics)
     if bins:
         p = evaluation.get("predictor") or {}
@@ -479,8 +403,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
     lines += ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
     for split in [headline_split] + [s for s in splits if s != headline_split]:
         lines += _split_section(evaluation, split)
-    methods = _methods(evaluation["metrics"][headline_split])
-    lines += ["Methods:", ""] + [f"- **{m}**: {_describe(m)}" for m in methods if _describe(m)] + [""]
+    methods = method_rows(evaluation["metrics"][headline_split])
+    lines += ["Methods:", ""] + [f"- **{m}**: {describe(m)}" for m in methods if describe(m)] + [""]
     if evaluation.get("probe_by_layer"):
         pbl = evaluation["probe_by_layer"]
         keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
@@ -489,13 +413,13 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
             e = pbl[layer]
             alpha = e.get("alpha")
             lines.append(f"| {layer} | {alpha:.3g} | " if isinstance(alpha, (int, float)) else f"| {layer} | n/a | ")
-            lines[-1] += " | ".join(_num(e.get(k)) for k in keys) + " |"
+            lines[-1] += " | ".join(fmt(e.get(k)) for k in keys) + " |"
         lines.append("")
     if evaluation.get("causal"):
         lines += ["## Causal test", "", "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
         lines += _causal_lines(evaluation["causal"]) + [""]
     if drift_summary:
-        shown = ", ".join(f"{k} {_num(v, 4)}" for k, v in drift_summary.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)))
+        shown = ", ".join(f"{k} {fmt(v, 4)}" for k, v in drift_summary.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)))
         when = f"At step {drift_summary['step']}" if "step" in drift_summary else "After training"
         lines += ["## Drift of the target neuron", "", f"{when}: {shown}.", ""]
     by_neuron = evaluation.get("by_neuron") or {}
@@ -503,8 +427,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
         lines += ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
         for name, result in by_neuron.items():
             m = (result.get("metrics") or {}).get(headline_split) or {}
-            probe = _num(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
-            lines.append(f"| {name} | {_with_ci(m.get('self', {}), 'r2')} | {_with_ci(m.get('self', {}), 'pearson')} | {probe} |")
+            probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
+            lines.append(f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |")
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]

@@ -1,7 +1,7 @@
 """Activation datasets: a corpus turned into a ``datasets.DatasetDict`` of neuron values, with the label
 transforms fitted on train and the provenance a reviewer needs, saved, pushed and loaded like any dataset.
 
-    from nsr_hf.dataset_generator import DatasetConfig, ActivationDatasetGenerator, load_activation_dataset
+    from nsr_hf.data.generator import DatasetConfig, ActivationDatasetGenerator, load_activation_dataset
     dd = ActivationDatasetGenerator(DatasetConfig(neurons=["15.100"], output_dir="out/ds")).generate()
     dd, meta = load_activation_dataset("out/ds")          # or a Hub id, or a folder in the Hub's layout
 
@@ -65,8 +65,11 @@ import pyarrow.compute as pc
 import torch
 
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, select_positions, validate_neuron, validate_position
-from nsr_hf.corpus import SPLITS, Document, TextSource, check_fractions, deduplicate, load_corpus, split_of
+from nsr_hf.data.corpus import SPLITS, Document, TextSource, check_fractions, deduplicate, load_corpus, split_of
+from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.report_tokens import default_report_tokens
+from nsr_hf.utils import to_jsonable
+from nsr_hf.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -533,10 +536,6 @@ def _config_hash(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=str))
-
-
 class ActivationDatasetGenerator:
     """Turns a corpus into an activation ``DatasetDict`` (see the module docstring for splits and columns).
 
@@ -561,8 +560,6 @@ class ActivationDatasetGenerator:
             raise ValueError("pass both model= and tokenizer=, or neither (then config.model is loaded)")
         self._loaded_model = model is None  # else config.model names nothing: provenance comes from the model itself
         if model is None:
-            from nsr_hf.models import load_model_and_tokenizer
-
             model, tokenizer = load_model_and_tokenizer(config.model, revision=config.model_revision, device=self.state.device)
         self.model, self.tokenizer = model, tokenizer
         self.neurons = [validate_neuron(model, n) for n in config.neurons]
@@ -593,14 +590,13 @@ class ActivationDatasetGenerator:
 
     def content_config(self) -> dict:
         """What decides the rows of every shard (compared on resume)."""
-        from nsr_hf.models import model_provenance
 
         content = {name: getattr(self.config, name) for name in _CONTENT_FIELDS}
         content["model"] = model_provenance(self.model)
         content["corpus"] = self.corpus.describe()
         content["ood_corpus"] = self.ood_corpus.describe() if self.ood_corpus is not None else None
         content["tokenizer"] = {"name": getattr(self.tokenizer, "name_or_path", None), "vocab_size": len(self.tokenizer)}
-        return _jsonable(content)
+        return to_jsonable(content)
 
     # ------------------------------------------------------------------ documents and shards
 
@@ -885,8 +881,6 @@ class ActivationDatasetGenerator:
             shutil.rmtree(self.shards_dir, ignore_errors=True)
 
     def _metadata(self, out: dict, plan: dict, skipped: dict, transform: LabelTransform, balance, content: dict) -> dict:
-        import nsr_hf
-
         cfg, k = self.config, len(self.neurons)
         stats = {}
         for split, ds in out.items():
@@ -894,8 +888,8 @@ class ActivationDatasetGenerator:
             stats[split] = {n: ({"mean": float(values[:, j].mean()), "std": float(values[:, j].std()),
                                  "min": float(values[:, j].min()), "max": float(values[:, j].max())} if len(values) else None)
                             for j, n in enumerate(cfg.neurons)}
-        return _jsonable({
-            "nsr_hf_version": nsr_hf.__version__,
+        return to_jsonable({
+            "nsr_hf_version": __version__,
             "model": {**content["model"], **({"requested": cfg.model, "requested_revision": cfg.model_revision} if self._loaded_model else {})},
             "tokenizer": content["tokenizer"],
             "neurons": list(cfg.neurons),
@@ -1022,7 +1016,7 @@ def _card_body(metadata: dict) -> str:
         "from datasets import load_dataset",
         "ds = load_dataset(\"<this repo id or folder>\")",
         "# or, with the label transform and provenance:",
-        "from nsr_hf.dataset_generator import load_activation_dataset",
+        "from nsr_hf.data.generator import load_activation_dataset",
         "ds, metadata = load_activation_dataset(\"<this repo id or folder>\")",
         "```",
         "",

@@ -1,0 +1,418 @@
+"""Train a self-reporter: scan for a neuron, build its dataset, fine-tune the predictor, evaluate, save.
+
+    python nsr_hf/train.py recipes/quickstart.yaml                          # a recipe
+    python nsr_hf/train.py recipes/quickstart.yaml --learning_rate 3e-4     # a recipe and overrides
+    accelerate launch nsr_hf/train.py recipes/regression.yaml               # several processes
+    nsr train recipes/quickstart.yaml --unfreeze last_k --unfreeze_k 2
+
+Configuration is ``TrainConfig``: its defaults, then the YAML recipe, then ``--key value`` flags, each value
+coerced to the field's type (PyYAML reads ``2e-5`` as a string; an uncoercible value or an unknown key is a
+clear error naming the field).
+
+Steps (``run_train``), each written under ``output_dir``:
+
+1. ``scan/``: unless ``neuron`` names one (``"layer.index"``) or ``dataset`` is given, scan the *training*
+   documents only and take the neuron at rank ``neuron`` (``"auto"`` = 1), or with ``select: readable`` the
+   most linearly readable of the top ``select_candidates`` (``scan/selection.json``).
+2. ``dataset/``: the activation dataset (train / validation / test by document, transforms fitted on train),
+   or ``dataset`` (a folder or Hub id made by ``nsr dataset``) loaded instead.
+3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied,
+   reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), checkpoints in ``checkpoints/``
+   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count).
+4. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
+   on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs.
+5. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, the target
+   neuron's drift (its live value after training against the labels from the frozen original model) and the
+   evaluation; ``log_history.json``; ``predictor/``: the predictor (or its adapter) with its card (headline
+   table), tokenizer and label transform; pushed to the Hub with ``push_to_hub: owner/name``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from nsr_hf.architectures import num_layers
+from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, validate_neuron
+from nsr_hf.data.corpus import load_corpus, split_of
+from nsr_hf.data.generator import (
+    DatasetConfig,
+    LabelTransform,
+    load_activation_dataset,
+    parse_position,
+    read_column,
+    read_metadata,
+    run_dataset,
+)
+from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+from nsr_hf.methods import headline_table, verdicts
+from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
+from nsr_hf.modeling.probes import RidgeProbe, layer_features
+from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.scanner import ScanConfig, run_scan
+from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.config import TrainConfig, parse_config, usage
+from nsr_hf.training.monitoring import DriftMonitor
+from nsr_hf.training.trainer import PredictorTrainer, count_parameters
+from nsr_hf.utils import to_jsonable, unwrap
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: "str | os.PathLike", top_n: int = 10):
+    """(ScanResult, the scanned documents): a scan of the *training* documents only (split by document id, as the
+    dataset splits them), never validation or test ones, written to ``scan_dir``."""
+    corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
+    docs = corpus.iter_documents(limit=config.dataset_documents)
+    train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed, config.split_fractions) == "train"][: config.scan_documents]
+    if not train_docs:
+        raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
+    scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers, position="last" if config.position == "last" else "all",
+                               max_documents=len(train_docs), max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir)),
+                    model=model, tokenizer=tokenizer, source=train_docs)
+    return scan, train_docs
+
+
+def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
+    """(neuron, its scan rank): of the scan's top ``select_candidates``, the neuron that a ridge probe reads best from the
+    head's representation (the block ``read_layer_for`` gives, final-normed, at the labelled token), by ``folds``-fold
+    cross-validated R^2 on the scanned *training* documents. Writes ``scan/selection.json``."""
+    import numpy as np
+    from datasets import Dataset
+
+    candidates = [scan.neuron_at_rank(r) for r in range(1, min(config.select_candidates, len(scan.table)) + 1)]
+    n_layers = num_layers(model)
+    read = {str(n): config.read_layer_for(n.layer, n_layers) for n in candidates}
+    read = {k: (n_layers - 1 if v is None else v) for k, v in read.items()}
+    position = parse_position(config.position)
+    rows = {"input_ids": [], "attention_mask": [], "label_position": []}
+    values = []
+    for start in range(0, len(docs), 16):
+        batch = encode_texts(tokenizer, [d.text for d in docs[start : start + 16]], max_length=config.max_length)
+        cap = capture_activations(model, batch, [str(n) for n in candidates], position=position)
+        values.append(_capture_columns(cap, candidates))
+        positions = label_positions(batch["attention_mask"], position)
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            rows["input_ids"].append(batch["input_ids"][i, :n].tolist())
+            rows["attention_mask"].append([1] * n)
+            rows["label_position"].append(int(positions[i]))
+    y = np.concatenate(values)
+    features = layer_features(model, Dataset.from_dict(rows), sorted(set(read.values())), progress=False)
+    fold = np.arange(len(y)) % folds
+    table = []
+    for j, neuron in enumerate(candidates):
+        X, target = features[read[str(neuron)]], y[:, j]
+        pred = np.zeros_like(target)
+        for f in range(folds):
+            probe = RidgeProbe().fit(X[fold != f], target[fold != f])
+            pred[fold == f] = probe.predict(X[fold == f])
+        sst = float(((target - target.mean()) ** 2).sum())
+        r2 = 1 - float(((pred - target) ** 2).sum()) / sst if sst > 0 else 0.0
+        table.append({"rank": j + 1, "neuron": str(neuron), "read_layer": read[str(neuron)], "cv_r2": r2})
+    best = max(table, key=lambda row: row["cv_r2"])
+    (out / "scan").mkdir(parents=True, exist_ok=True)
+    (out / "scan" / "selection.json").write_text(json.dumps({"rule": f"best {folds}-fold ridge R^2 of the top {len(candidates)} on "
+                                                                      f"{len(y)} scanned train documents", "chosen": best, "candidates": table}, indent=2))
+    print("readability of the top candidates (5-fold ridge R^2 on the scanned train documents):\n" +
+          "\n".join(f"  rank {row['rank']:>3}  {row['neuron']:>9}  read {row['read_layer']:>2}  R^2 {row['cv_r2']:.3f}" for row in table[:10]), flush=True)
+    return best["neuron"], best["rank"]
+
+
+def _capture_columns(cap, neurons):
+    """(batch, len(neurons)) float64 numpy values of ``neurons`` from a ``Capture``, in that order."""
+    import torch
+
+    columns = []
+    for n in neurons:
+        col = cap.neuron_indices[n.layer].tolist().index(n.index)
+        columns.append(cap[n.layer][:, col].double().cpu())
+    return torch.stack(columns, 1).numpy()
+
+
+def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):
+    """(DatasetDict, metadata, scan rank or None): load ``config.dataset`` (or, when resuming, the dataset already in
+    ``out``), or scan the train documents, choose the neuron and build the dataset."""
+    if config.dataset:
+        dataset, metadata = load_activation_dataset(config.dataset)
+        labelled_by = (metadata.get("model") or {}).get("name")
+        if labelled_by and labelled_by != config.model:
+            # self-report needs labels from this very model; another model's labels make it cross-prediction
+            logger.warning("The dataset was labelled by %r but the model is %r: this trains cross-prediction, not self-report.", labelled_by, config.model)
+        return dataset, metadata, None
+    if config.resume_from_checkpoint and (out / "dataset").is_dir():
+        try:
+            read_metadata(out / "dataset")
+            dataset, metadata = load_activation_dataset(out / "dataset")
+            print(f"resuming: using the dataset in {out / 'dataset'} (neuron(s) {', '.join(metadata['neurons'])})", flush=True)
+            choice_file = out / "neuron.json"
+            return dataset, metadata, json.loads(choice_file.read_text()).get("scan_rank") if choice_file.exists() else None
+        except (ValueError, FileNotFoundError) as err:
+            logger.warning("resuming: the dataset in %s is not complete (%s): building it again.", out / "dataset", err)
+    choice = config.neuron_choice()
+    rank = None
+    if isinstance(choice, str):
+        neuron = validate_neuron(model, choice)
+    else:
+        scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
+        if config.select == "readable":
+            neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
+            neuron = validate_neuron(model, neuron)
+        else:
+            neuron, rank = scan.neuron_at_rank(choice), choice
+    print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
+    (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
+    run_dataset(DatasetConfig(neurons=[str(neuron)], model=config.model, corpus=config.corpus, text_field=config.text_field,
+                              position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
+                              split_seed=config.split_seed, split_fractions=config.split_fractions, num_bins=config.num_bins, bin_strategy=config.bin_strategy or "quantile",
+                              output_dir=str(out / "dataset"), overwrite=True),
+                model=model, tokenizer=tokenizer)
+    dataset, metadata = load_activation_dataset(out / "dataset")
+    return dataset, metadata, rank
+
+
+def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) -> dict:
+    """How far the target neurons moved: their live values in ``trained_base`` at each row's labelled token
+    against the ``activations`` column (the frozen original model's values). Units: activations."""
+    import numpy as np
+    import torch
+
+    collate = PredictorDataCollator(pad_token_id=0)
+    live, ref = [], []
+    device = next(trained_base.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        cap = capture_activations(trained_base, {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}, neurons, position=position)
+        values = []
+        for name in neurons:
+            layer, index = (int(x) for x in name.split("."))
+            col = cap.neuron_indices[layer].tolist().index(index)
+            values.append(cap[layer][:, col].float().cpu())
+        live.append(torch.stack(values, 1))
+        ref.append(batch["labels"])
+    live, ref = torch.cat(live).numpy().astype(np.float64), torch.cat(ref).numpy().astype(np.float64)
+    diff = np.abs(live - ref)
+    std = ref.std(0)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "mean_abs_over_std": float(np.mean(diff.mean(0) / np.where(std > 0, std, 1.0))), "rows": len(ref)}
+
+
+def latest_checkpoint(folder: Path) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def run_train(config: TrainConfig) -> dict:
+    """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``."""
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    if config.unfreeze == "gradual" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("gradual unfreezing adds parameters after DDP has registered them (their gradients would not be "
+                         "synchronised): run it in one process, or use last_k / after_target / lora.")
+    resume = None
+    if config.resume_from_checkpoint:
+        resume = latest_checkpoint(out / "checkpoints") if config.resume_from_checkpoint == "latest" else config.resume_from_checkpoint
+        if resume is None or not Path(resume).is_dir():
+            raise ValueError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
+                             f"({'no checkpoint-* folder in ' + str(out / 'checkpoints') if config.resume_from_checkpoint == 'latest' else 'not a folder'}). "
+                             "Train with save_strategy 'steps' or 'epoch' to write checkpoints.")
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
+    neurons = list(metadata["neurons"])
+    empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
+    if empty:
+        raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
+
+    transform = train_label_transform(config, metadata["transform"], dataset["train"], neurons, balance=metadata.get("balance"))
+    position = parse_position(config.position if not config.dataset else metadata.get("position", "last"))
+    read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
+    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
+                                              position=position, label_transform=transform, num_bins=config.num_bins,
+                                              expected_value_loss_weight=config.expected_value_loss_weight,
+                                              prompt_suffix=config.prompt_suffix,
+                                              dataset_name=config.dataset or str(out / "dataset"))
+    if config.head_init == "probe":
+        probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
+        print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
+    original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
+    del model
+    eval_strategy = config.eval_strategy if len(dataset["validation"]) else "no"
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size, per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
+        logging_steps=config.logging_steps, save_strategy=config.save_strategy, save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit, seed=config.seed, bf16=config.bf16, report_to=config.report_to,
+        remove_unused_columns=False, label_names=["labels"], run_name=f"nsr-{'-'.join(neurons)}-{config.unfreeze}",
+        # every trainable parameter reaches the loss by construction of the strategies (blocks after read_layer stay frozen)
+        ddp_find_unused_parameters=False, disable_tqdm=not sys.stderr.isatty(), dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU-only machine needs it said (transformers refuses otherwise)
+    )
+    unfreeze = {"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r, "every_n_steps": config.unfreeze_every_n_steps}
+    trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dataset["train"],
+                               eval_dataset=dataset["validation"] if len(dataset["validation"]) else None, unfreeze=unfreeze,
+                               label_mode=config.labels, live_guard_weight=config.live_guard_weight)
+    probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
+    monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
+    trainable, total = count_parameters(trainer.model)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    metrics = {}
+    for split in ("validation", "test", "test_ood"):
+        if split in dataset and len(dataset[split]):
+            metrics[split] = trainer.evaluate(dataset[split], metric_key_prefix=split)
+    inner = unwrap(trainer.model)
+    check_split = next((s for s in ("test", "validation", "train") if s in dataset and len(dataset[s])), "train")
+    inner.eval()
+    with torch.no_grad():
+        drift = neuron_drift(inner.base, dataset[check_split], neurons, position)
+    drift["split"] = check_split
+    summary = {
+        "model": model_provenance(inner.base),
+        "neurons": neurons,
+        "scan_rank": rank,
+        "select": config.select if rank else None,
+        "read_layer": inner.config.effective_read_layer,
+        "head_type": config.head_type,
+        "unfreeze": config.unfreeze,
+        "labels": config.labels,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "rows": {split: len(ds) for split, ds in dataset.items()},
+        "train": {k: v for k, v in train_result.metrics.items() if isinstance(v, (int, float))},
+        "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "resumed_from": resume,
+        "metrics": metrics,
+        "neuron_drift": drift,
+        "drift_monitor": monitor.history[-1] if monitor.history else None,
+        "config": asdict(config),
+    }
+    if trainer.is_world_process_zero():
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
+        inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
+        if config.evaluate:
+            evaluation = run_evaluate(
+                EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"), dataset=config.dataset or str(out / "dataset"),
+                               methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
+                               cross_models=config.cross_models, probe_layers=config.probe_layers, n_bootstrap=config.n_bootstrap,
+                               seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size),
+                predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original, tokenizer=tokenizer,
+                log_history=trainer.state.log_history, drift=monitor.summary())
+            summary["evaluation"] = to_jsonable(evaluation)
+            inner.evaluation = evaluation
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        save_predictor(trainer.model, str(out / "predictor"))
+
+        (out / "metrics.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+        if config.push_to_hub:
+            _push_folder(out / "predictor", config.push_to_hub)
+            print(f"pushed to https://huggingface.co/{config.push_to_hub}")
+        test = metrics.get("test") or metrics.get("validation") or {}
+        shown = {k: round(v, 4) for k, v in test.items() if k.split("_", 1)[-1] in ("pearson", "r2", "mse", "loss")}
+        print(f"\ntrain finished in {summary['seconds']} s: neuron(s) {', '.join(neurons)}, {shown}, drift max {drift['max_abs']:.3g}; "
+              f"everything is in {out}/", flush=True)
+        if config.evaluate:
+            split = next((s for s in ("test", "test_ood", "validation") if s in (evaluation.get("metrics") or {})), None)
+            if split:
+                print(f"\n{split} split, neuron {neurons[0]}:\n{headline_table(evaluation, split)}\n" +
+                      "\n".join(f"- {v}" for v in verdicts(evaluation, split)), flush=True)
+            print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
+        finish_wandb(summary)
+    return summary
+
+
+def train_label_transform(config: TrainConfig, transform: dict, train, neurons: list[str], balance=None) -> dict:
+    """The label transform the heads train with: the dataset's, re-binned on its ``train`` split when the config asks
+    for other bins (``bin_strategy`` set and different from the dataset's, or another ``num_bins`` with it), and
+    given bin centres (each bin's train mean) when the dataset predates them. The dataset itself is not changed: its
+    ``bin`` column keeps its own bins, and the predictor carries the transform it was trained with."""
+    if config.head_type == "regression":
+        return transform
+
+    have = (transform.get("bin_strategy", "quantile"), len(transform["bin_edges"][0]) - 1)
+    want = (config.bin_strategy, config.num_bins)
+    if config.bin_strategy is not None and have != want:
+        if balance:
+            raise ValueError(f"The dataset was balanced on its own {have[1]} {have[0]} bins (train rows dropped from full bins), so its "
+                             f"train split no longer has the neuron's distribution and {config.bin_strategy} bins fitted on it would be "
+                             f"skewed by the old ones. Build the dataset with bin_strategy {config.bin_strategy!r} and num_bins "
+                             f"{config.num_bins} (nsr dataset ... --bin_strategy {config.bin_strategy}), or leave bin_strategy unset "
+                             "to train on the dataset's bins.")
+        fitted = LabelTransform.fit(read_column(train, "activations", len(neurons)), neurons, config.num_bins, config.bin_strategy)
+        print(f"Bins: the dataset's are {have[1]} {have[0]}; this run refits {config.num_bins} {config.bin_strategy} bins on its train "
+              "split (the dataset is not changed).", flush=True)
+        refitted = {**transform, **{k: v for k, v in fitted.to_dict().items() if k in ("bin_edges", "bin_strategy", "bin_centers", "num_values")}}
+        if config.num_bins != have[1]:  # the dataset's report tokens were one per old bin: the predictor picks new ones
+            refitted.pop("report_tokens", None), refitted.pop("report_token_ids", None)
+        return refitted
+    if config.num_bins != have[1]:
+        print(f"Bins: the dataset has {have[1]} {have[0]} bins per neuron and they are used (num_bins {config.num_bins} "
+              f"applies when a run builds its dataset; set bin_strategy to refit {config.num_bins} bins on its train split).", flush=True)
+    if not transform.get("bin_centers"):
+        transform = LabelTransform.from_dict(transform).with_bin_centers(read_column(train, "activations", len(neurons))).to_dict()
+        print("The dataset's label transform has no bin centres (it was made before nsr_hf fitted them): each bin reports "
+              "the mean of the train split's values in it, not the midpoint of its edges.", flush=True)
+    return transform
+
+
+def finish_wandb(summary: dict) -> None:
+    """Put the test figures of every method into the wandb run's summary and close the run (the Trainer leaves it
+    open); nothing when wandb is not in use."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    figures = {}
+    for split, by_method in ((summary.get("evaluation") or {}).get("metrics") or {}).items():
+        for method, values in by_method.items():
+            for key in ("r2", "pearson", "mse"):
+                if isinstance(values, dict) and isinstance(values.get(key), (int, float)):
+                    figures[f"evaluation/{split}/{method}/{key}"] = values[key]
+    for split, values in (summary.get("metrics") or {}).items():
+        figures.update({f"final/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    wandb.run.summary.update(figures)
+    wandb.finish()
+
+
+def _push_folder(folder: Path, repo_id: str) -> None:
+    """Upload the saved predictor folder as it is: weights (or the PEFT adapter), tokenizer, label transform and the
+    model card with the evaluation's headline table."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload nsr_hf predictor")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        config = parse_config(argv)
+        run_train(config)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
