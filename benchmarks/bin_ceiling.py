@@ -15,7 +15,10 @@ import sys
 
 import numpy as np
 
-from nsr_hf.data.generator import BIN_STRATEGIES, LabelTransform, load_activation_dataset, read_column
+from nsr_hf.data.binning import BIN_STRATEGIES
+from nsr_hf.data.columns import read_column
+from nsr_hf.data.labels import LabelTransform
+from nsr_hf.data.storage import load_activation_dataset
 
 
 def ceiling(train: np.ndarray, values: np.ndarray, neuron: str, num_bins: int, strategy: str) -> float:

@@ -89,7 +89,7 @@ def num(value, spec: str = ".2f") -> str:
 # %%
 from transformers import set_seed
 
-from nsr_hf.data.generator import load_activation_dataset
+from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.pipeline import run_train

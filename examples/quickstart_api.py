@@ -119,7 +119,8 @@ lap("scan")
 # saved with `save_to_disk` and a dataset card.
 
 # %%
-from nsr_hf.data.generator import DatasetConfig, load_activation_dataset, run_dataset
+from nsr_hf.data.generator import DatasetConfig, run_dataset
+from nsr_hf.data.storage import load_activation_dataset
 
 run_dataset(DatasetConfig(neurons=[neuron_name], model=recipe.model, corpus=recipe.corpus, position=recipe.position,
                           max_length=recipe.max_length, max_documents=recipe.dataset_documents, split_seed=recipe.split_seed,

@@ -17,7 +17,7 @@ _LAZY = {
     "ScanConfig": "nsr_hf.scanner",
     "ActivationDatasetGenerator": "nsr_hf.data.generator",
     "DatasetConfig": "nsr_hf.data.generator",
-    "load_activation_dataset": "nsr_hf.data.generator",
+    "load_activation_dataset": "nsr_hf.data.storage",
     "ActivationPredictor": "nsr_hf.modeling.predictor",
     "ActivationPredictorConfig": "nsr_hf.modeling.predictor",
     "load_predictor": "nsr_hf.modeling.predictor",

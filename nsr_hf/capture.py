@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from nsr_hf.architectures import compute_neurons, get_layers, get_mlp, get_neuron_module, num_layers, num_neurons
+from nsr_hf.architectures import compute_neurons, get_mlp, get_neuron_module, num_layers, num_neurons
 
 Position = Union[str, int]
 POSITION_RULES = ("last", "all", "max", "<int>")
@@ -75,6 +75,18 @@ def validate_neuron(model_or_config, neuron) -> Neuron:
     if not 0 <= neuron.index < m:
         raise ValueError(f"Neuron index {neuron.index} is out of range for layer {neuron.layer}: this model has neurons 0..{m - 1} per layer.")
     return neuron
+
+
+def parse_position(value: "str | int") -> Position:
+    """A position rule as written in a recipe or on the command line: ``"last"`` / ``"all"`` / ``"max"``, or an
+    integer token index given as text (``"-1"`` -> ``-1``). Anything else is returned as given, for
+    ``validate_position`` to refuse with the list of rules."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value.strip()
+    return value
 
 
 def validate_position(position: Position) -> Position:
@@ -450,7 +462,3 @@ def intervene(model: nn.Module, interventions: "Intervention | Iterable[Interven
             _INTERVENED[key] -= 1
             if not _INTERVENED[key]:
                 del _INTERVENED[key]
-
-
-def all_layers(model) -> list[int]:
-    return list(range(len(get_layers(model))))

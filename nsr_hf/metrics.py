@@ -64,13 +64,6 @@ def regression_metrics(pred, true) -> dict[str, float]:
             "calibration_slope": slope, "calibration_intercept": intercept}
 
 
-def bins_of(values, edges) -> np.ndarray:
-    """Bin index of each value for one neuron's ``edges`` (num_bins + 1): the rule of ``ActivationPredictor.bin_of``
-    (``edges[i] <= v < edges[i+1]``, the last bin includes its upper edge, values outside fall in the end bins)."""
-    edges = np.asarray(edges, dtype=np.float64)
-    return np.searchsorted(edges[1:-1], np.asarray(values, dtype=np.float64), side="right")
-
-
 def quadratic_weighted_kappa(true_bins, pred_bins, num_bins: int) -> float:
     """Cohen's kappa with quadratic weights over ``num_bins`` ordered bins. When the expected disagreement is
     zero (every true and predicted bin the same single bin) it is 1.0 if they agree, with a warning."""

@@ -38,17 +38,12 @@ from pathlib import Path
 from typing import Optional
 
 from nsr_hf.architectures import num_layers
-from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, validate_neuron
+from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, validate_neuron
+from nsr_hf.data.columns import read_column
 from nsr_hf.data.corpus import load_corpus, split_of
-from nsr_hf.data.generator import (
-    DatasetConfig,
-    LabelTransform,
-    load_activation_dataset,
-    parse_position,
-    read_column,
-    read_metadata,
-    run_dataset,
-)
+from nsr_hf.data.generator import DatasetConfig, run_dataset
+from nsr_hf.data.labels import LabelTransform
+from nsr_hf.data.storage import load_activation_dataset, read_metadata
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor

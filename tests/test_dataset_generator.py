@@ -1,6 +1,7 @@
-"""Activation datasets: stored values equal a fresh capture, splits by document without duplicates, train-only
-transforms with exact bin edges, seeded balancing with a floor, save/load round trips (disk and the Hub's
-layout), the card merged on push, resumable generation, and clear errors. Tiny models, offline."""
+"""Activation datasets: stored values equal a fresh capture, splits by document without duplicates, transforms fitted
+on train only (the transform itself: tests/test_labels.py), balanced train (the rule: tests/test_balance.py), save/load
+round trips (disk and the Hub's layout), the card merged on push, resumable generation, and clear errors. Tiny
+models, offline."""
 from __future__ import annotations
 
 import json
@@ -16,20 +17,11 @@ import yaml
 
 import nsr_hf.data.generator as dg
 from nsr_hf.capture import capture_activations, encode_texts
+from nsr_hf.data.card import dataset_card, merge_card_metadata
 from nsr_hf.data.corpus import FileCorpus, split_of
-from nsr_hf.data.generator import (
-    ActivationDatasetGenerator,
-    DatasetConfig,
-    LabelTransform,
-    balance_indices,
-    dataset_card,
-    kmeans_edges,
-    load_activation_dataset,
-    merge_card_metadata,
-    push_to_hub,
-    run_dataset,
-    save_hub_layout,
-)
+from nsr_hf.data.generator import ActivationDatasetGenerator, DatasetConfig, run_dataset
+from nsr_hf.data.labels import LabelTransform
+from nsr_hf.data.storage import load_activation_dataset, push_to_hub, save_hub_layout
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.report_tokens import default_report_tokens
 
@@ -225,144 +217,6 @@ def test_label_transform_is_fitted_on_train_only(gpt2, corpus_file, tmp_path):
     np.testing.assert_allclose(dd["validation"]["activations_z"], (validation - train.mean(0)) / train.std(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(dd["validation"]["bin"], t.bin_of(validation))
 
-
-@pytest.mark.parametrize("strategy", ["quantile", "equal_width", "kmeans"])
-def test_every_inner_bin_edge_falls_in_its_own_bin_and_the_max_in_the_last(strategy):
-    values = np.random.default_rng(0).normal(size=(500, 2))
-    t = LabelTransform.fit(values, ["0.1", "0.2"], num_bins=10, strategy=strategy)
-    for k, edges in enumerate(t.bin_edges):
-        assert len(edges) == 11 and np.all(np.diff(edges) > 0)
-        column = np.zeros((len(edges), 2)) + np.array(edges)[:, None]
-        bins = t.bin_of(column)[:, k]
-        assert bins.tolist() == list(range(10)) + [9]  # edge i -> bin i; edge 10 (train max) -> bin 9
-        below = np.nextafter(np.array(edges[1:-1]), -np.inf)
-        assert t.bin_of(np.stack([below, below], -1))[:, k].tolist() == list(range(9))  # just under edge i -> bin i-1
-    all_bins = t.bin_of(values)
-    assert all_bins.min() == 0 and all_bins.max() == 9
-    if strategy == "quantile":
-        assert np.bincount(all_bins[:, 0], minlength=10).tolist() == [50] * 10
-
-
-def test_values_outside_the_train_range_go_to_the_end_bins():
-    t = LabelTransform.fit(np.arange(100.0), ["3.4"], num_bins=4)
-    assert t.bin_of(np.array([[-1e9], [-0.5], [99.5], [1e9]]))[:, 0].tolist() == [0, 0, 3, 3]
-
-
-def test_quantile_edges_of_tied_values_are_strictly_increasing_with_min_and_max_in_the_end_bins():
-    values = np.array([0.0] * 60 + list(np.linspace(0.1, 1, 30)) + [1.0] * 10)
-    t = LabelTransform.fit(values, ["1.1"], num_bins=10, strategy="quantile")
-    edges = np.array(t.bin_edges[0])
-    assert np.all(np.diff(edges) > 0) and edges[0] == 0.0 and edges[-1] == 1.0
-    bins = t.bin_of(values)[:, 0]
-    assert bins[0] == 0 and bins[-1] == 9  # the tied minimum in bin 0, the tied maximum in the last bin
-    assert np.all(np.diff(bins[np.argsort(values, kind="stable")]) >= 0)
-
-
-def test_a_constant_neuron_cannot_be_binned():
-    with pytest.raises(ValueError, match="single value"):
-        LabelTransform.fit(np.ones((20, 1)), ["2.2"])
-
-
-def test_zscore_inverts_and_the_transform_survives_json():
-    values = np.random.default_rng(1).normal(3, 2, size=(200, 2))
-    t = LabelTransform.fit(values, ["0.1", "0.2"], num_bins=5, strategy="equal_width")
-    np.testing.assert_allclose(t.inverse_zscore(t.zscore(values)), values, rtol=1e-5)
-    back = LabelTransform.from_dict(json.loads(json.dumps(t.to_dict())))
-    assert back == t
-    np.testing.assert_array_equal(back.bin_of(values), t.bin_of(values))
-
-
-def test_each_bin_reports_the_mean_of_its_train_values_not_its_midpoint():
-    # hand-computed: 2 quantile bins of [0, 1, 2, 3, 10, 20] have edges [0, 2.5, 20]; bin means 1 and 11 (midpoints 1.25, 11.25)
-    t = LabelTransform.fit(np.array([0, 1, 2, 3, 10, 20.0]), ["0.1"], num_bins=2)
-    np.testing.assert_allclose(t.bin_edges, [[0, 2.5, 20]])
-    np.testing.assert_allclose(t.centers(), [[1, 11]])
-    np.testing.assert_allclose(t.bin_midpoints(), [[1.25, 11.25]])
-    # an empty bin keeps its midpoint; a transform saved before centres were fitted reports midpoints
-    refit = t.with_bin_centers(np.array([0.0, 2.0]))
-    np.testing.assert_allclose(refit.centers(), [[1, 11.25]])
-    old = {k: v for k, v in t.to_dict().items() if k != "bin_centers"}
-    np.testing.assert_allclose(LabelTransform.from_dict(old).centers(), t.bin_midpoints())
-    with pytest.raises(ValueError, match="bin_centers needs one list of 2 values per neuron"):
-        LabelTransform(**{**t.to_dict(), "bin_centers": [[1.0, 2.0, 3.0]]})
-
-
-def test_bin_means_are_the_better_report_for_a_skewed_neuron():
-    """A perfect classifier's R² with the reported values: a long tail puts the top bin's midpoint far above its values."""
-    rng = np.random.default_rng(0)
-    train, test = rng.lognormal(0, 1.2, 4000), rng.lognormal(0, 1.2, 1000)
-    t = LabelTransform.fit(train, ["0.1"], num_bins=10)
-    bins = t.bin_of(test)[:, 0]
-    r2 = lambda pred: 1 - ((pred - test) ** 2).sum() / ((test - test.mean()) ** 2).sum()
-    assert r2(t.centers()[0, bins]) > 0.6 and r2(t.bin_midpoints()[0, bins]) < 0  # 0.70 and -3.4
-
-
-def test_kmeans_bins_are_the_least_squares_quantizer():
-    # hand-computed: three clusters 0, 1 and 10 -> centres 0, 1, 10 and edges halfway between them
-    values = np.array([0, 0, 0, 1, 1, 1, 10, 10.0])
-    np.testing.assert_allclose(kmeans_edges(values, 3), [0, 0.5, 5.5, 10])
-    t = LabelTransform.fit(values, ["0.1"], num_bins=3, strategy="kmeans")
-    np.testing.assert_allclose(t.bin_edges, [[0, 0.5, 5.5, 10]])
-    np.testing.assert_allclose(t.centers(), [[0, 1, 10]])
-    assert t.bin_strategy == "kmeans"
-    # on a skewed neuron: every inner edge is halfway between its neighbouring bins' means (a fixed point of Lloyd), and
-    # a perfect classifier's report loses less than with quantile or equal-width bins, on held-out values too
-    rng = np.random.default_rng(0)
-    train, test = rng.lognormal(0, 1.2, 4000), rng.lognormal(0, 1.2, 1000)
-    fits = {s: LabelTransform.fit(train, ["0.1"], num_bins=10, strategy=s) for s in ("quantile", "equal_width", "kmeans")}
-    km = fits["kmeans"]
-    np.testing.assert_allclose(km.bin_edges[0][1:-1], (km.centers()[0, 1:] + km.centers()[0, :-1]) / 2, rtol=1e-9)
-    sse = {s: ((t.centers()[0, t.bin_of(x)[:, 0]] - x) ** 2).sum() for s, t in fits.items() for x in [train]}
-    r2 = {s: 1 - ((t.centers()[0, t.bin_of(test)[:, 0]] - test) ** 2).sum() / ((test - test.mean()) ** 2).sum() for s, t in fits.items()}
-    assert sse["kmeans"] < sse["equal_width"] < sse["quantile"]
-    assert r2["kmeans"] > 0.97 and r2["quantile"] < 0.75  # 0.985, 0.70
-    # deterministic, and fine with ties and with more bins than distinct values (the extra bins stay empty)
-    assert kmeans_edges(train, 10).tolist() == kmeans_edges(train[::-1].copy(), 10).tolist()
-    tied = LabelTransform.fit(np.array([0, 0, 0, 0, 5, 5, 5.0]), ["0.1"], num_bins=4, strategy="kmeans")
-    assert np.all(np.diff(tied.bin_edges[0]) > 0) and tied.bin_of(np.array([0.0, 5.0]))[:, 0].tolist() == [0, 3]
-
-
-def _least_squared_error(x, num_bins):
-    """The optimum over every partition of sorted ``x`` into ``num_bins`` runs, by brute-force dynamic programming."""
-    x = np.sort(x)
-    s, q = np.r_[0, np.cumsum(x)], np.r_[0, np.cumsum(x * x)]
-    cost = lambda a, b: q[b] - q[a] - (s[b] - s[a]) ** 2 / (b - a)
-    best = [cost(0, j) if j else 0.0 for j in range(len(x) + 1)]
-    for k in range(1, num_bins):
-        best = [min((best[i] + cost(i, j) for i in range(k, j)), default=np.inf) for j in range(len(x) + 1)]
-    return best[-1]
-
-
-@pytest.mark.parametrize("case", ["bulk_and_tail", "spikes", "lognormal", "atoms"])
-def test_kmeans_bins_reach_the_least_squared_error_where_lloyd_alone_stalls(case):
-    """Against brute force. Lloyd's iterations alone, from quantile or equal-width bins, stall with empty bins on a
-    narrow bulk with outliers (2-9 times this error); above max_atoms distinct values the result is within a hair."""
-    rng = np.random.default_rng(1)
-    x = {"bulk_and_tail": lambda: np.r_[rng.normal(0, 0.05, 380), rng.lognormal(0, 1, 20)],
-         "spikes": lambda: np.r_[rng.normal(0, 0.1, 290), [5, 5.1, 9, 20, 20.5]],
-         "lognormal": lambda: rng.lognormal(0, 1.2, 300),
-         "atoms": lambda: np.r_[rng.normal(0, 0.05, 380), rng.lognormal(0, 1, 20)]}[case]()
-    t = LabelTransform.fit(x, ["0.1"], num_bins=10, strategy="kmeans", ) if case != "atoms" else None
-    if t is None:  # 400 distinct values grouped into 64 runs, then Lloyd on all of them
-        edges = kmeans_edges(x, 10, max_atoms=64)
-        t = LabelTransform(**{**LabelTransform.fit(x, ["0.1"], 10).to_dict(), "bin_edges": [edges.tolist()], "bin_centers": None}).with_bin_centers(x)
-    error = ((t.centers()[0, t.bin_of(x)[:, 0]] - x) ** 2).sum()
-    optimum = _least_squared_error(x, 10)
-    assert error == pytest.approx(optimum, rel=1e-9) if case != "atoms" else error <= 1.05 * optimum
-    assert np.all(np.bincount(t.bin_of(x)[:, 0], minlength=10) > 0)
-
-
-def test_kmeans_edges_refuses_what_it_cannot_bin():
-    with pytest.raises(ValueError, match="at least one value"):
-        kmeans_edges(np.array([]), 4)
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        kmeans_edges(np.array([0.0, np.nan, 1.0]), 4)
-    # a large offset keeps its precision (the sums are centred): the bins of a normal sample are symmetric
-    x = 1e8 + np.random.default_rng(0).normal(0, 1e-4, 2000)
-    inner = kmeans_edges(x, 4)[1:-1] - np.median(x)
-    assert abs(inner[0] + inner[2]) < 0.15 * inner[2] and abs(inner[1]) < 0.1 * inner[2]
-
-
 def test_report_tokens_are_the_digits_with_their_single_token_ids(gpt2, corpus_file, tmp_path):
     _, tokenizer = gpt2
     _, gen = generate(gpt2, corpus_file, tmp_path)
@@ -372,34 +226,8 @@ def test_report_tokens_are_the_digits_with_their_single_token_ids(gpt2, corpus_f
     assert [[i] for i in t["report_token_ids"]] == [tokenizer.encode(s, add_special_tokens=False) for s in t["report_tokens"]]
 
 
-def test_a_report_token_that_is_not_a_single_token_is_refused(gpt2):
-    _, tokenizer = gpt2
-    t = LabelTransform.fit(np.arange(10.0), ["0.1"], num_bins=2, report_tokens=["low", "zzqqxxyy"])
-    with pytest.raises(ValueError, match="zzqqxxyy"):
-        t.with_token_ids(tokenizer)
-
 
 # ------------------------------------------------------------------------------------------------ balancing
-
-
-def test_balancing_never_keeps_fewer_rows_than_its_floor():
-    rng = np.random.default_rng(0)
-    for trial in range(50):
-        num_bins = int(rng.integers(2, 12))
-        bins = rng.choice(num_bins, size=int(rng.integers(1, 400)), p=rng.dirichlet(np.ones(num_bins) * 0.3))
-        min_keep = float(rng.uniform(0.05, 1))
-        kept, before, after = balance_indices(bins, num_bins, min_keep, seed=trial)
-        assert len(kept) >= np.ceil(min_keep * len(bins)) and len(set(kept.tolist())) == len(kept)
-        assert before == np.bincount(bins, minlength=num_bins).tolist() and after == np.bincount(bins[kept], minlength=num_bins).tolist()
-        assert all(a <= b for a, b in zip(after, before))
-        assert len({a for a, b in zip(after, before) if a < b}) <= 1  # every cut bin is cut to the same cap
-
-
-def test_balancing_is_reproducible_from_its_seed():
-    bins = np.random.default_rng(0).choice(5, size=300, p=[0.6, 0.2, 0.1, 0.05, 0.05])
-    first, _, _ = balance_indices(bins, 5, 0.1, seed=7)
-    np.testing.assert_array_equal(first, balance_indices(bins, 5, 0.1, seed=7)[0])
-    assert not np.array_equal(first, balance_indices(bins, 5, 0.1, seed=8)[0])
 
 
 def test_balanced_generation_prints_counts_per_bin_and_records_them(gpt2, corpus_file, tmp_path, capsys):

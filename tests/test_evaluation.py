@@ -336,7 +336,7 @@ def test_several_neurons_are_each_evaluated_with_their_own_baselines(tiny, tmp_p
 
 
 def test_a_bin_head_is_scored_on_both_readouts(trained, tmp_path):
-    from nsr_hf.data.generator import load_activation_dataset
+    from nsr_hf.data.storage import load_activation_dataset
     from nsr_hf.modeling.predictor import ActivationPredictor, load_predictor
     from nsr_hf.models import load_model_and_tokenizer
 

@@ -12,7 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import EvalPrediction, TrainingArguments
 
-from nsr_hf.metrics import bin_metrics, bins_of, quadratic_weighted_kappa, regression_metrics
+from nsr_hf.data.labels import bins_of
+from nsr_hf.metrics import bin_metrics, quadratic_weighted_kappa, regression_metrics
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.trainer import PredictorMetrics, PredictorTrainer
@@ -244,7 +245,7 @@ def test_split_fractions_reach_the_scan_and_the_dataset(head_only_run, tmp_path)
     from dataclasses import replace
 
     from nsr_hf.data.corpus import load_corpus, split_of
-    from nsr_hf.data.generator import load_activation_dataset
+    from nsr_hf.data.storage import load_activation_dataset
     from nsr_hf.pipeline import run_train
     from nsr_hf.scanner import load_scan
 
@@ -510,7 +511,8 @@ def test_a_dataset_without_bin_centres_gets_the_train_means_before_a_token_head_
     from dataclasses import replace
 
     import nsr_hf.pipeline as train_module
-    from nsr_hf.data.generator import LabelTransform, load_activation_dataset
+    from nsr_hf.data.labels import LabelTransform
+    from nsr_hf.data.storage import load_activation_dataset
 
     config, _ = head_only_run
     dataset_dir = Path(config.output_dir) / "dataset"
@@ -539,7 +541,8 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
     carries them); the dataset on disk keeps its own. Another num_bins with it gets report tokens of its own."""
     from dataclasses import replace
 
-    from nsr_hf.data.generator import LabelTransform, load_activation_dataset
+    from nsr_hf.data.labels import LabelTransform
+    from nsr_hf.data.storage import load_activation_dataset
     from nsr_hf.pipeline import run_train
 
     config, _ = head_only_run
@@ -576,7 +579,8 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
 def test_train_label_transform_refits_only_when_asked_and_refuses_a_balanced_dataset(head_only_run, capsys):
     from dataclasses import replace
 
-    from nsr_hf.data.generator import LabelTransform, load_activation_dataset
+    from nsr_hf.data.labels import LabelTransform
+    from nsr_hf.data.storage import load_activation_dataset
     from nsr_hf.pipeline import train_label_transform
 
     config, _ = head_only_run

@@ -1,7 +1,8 @@
 """Activation datasets: a corpus turned into a ``datasets.DatasetDict`` of neuron values, with the label
 transforms fitted on train and the provenance a reviewer needs, saved, pushed and loaded like any dataset.
 
-    from nsr_hf.data.generator import DatasetConfig, ActivationDatasetGenerator, load_activation_dataset
+    from nsr_hf.data.generator import DatasetConfig, ActivationDatasetGenerator
+    from nsr_hf.data.storage import load_activation_dataset
     dd = ActivationDatasetGenerator(DatasetConfig(neurons=["15.100"], output_dir="out/ds")).generate()
     dd, meta = load_activation_dataset("out/ds")          # or a Hub id, or a folder in the Hub's layout
 
@@ -29,8 +30,8 @@ Position rules are those of ``nsr_hf.capture``. ``"max"`` with several neurons l
 every other rule. A document too short for an integer rule (``position=5`` on a 3-token text) is skipped and
 counted in the metadata (``skipped_documents``).
 
-Transforms (``LabelTransform``) are fitted on the train split only, before balancing: z-score statistics and
-``num_bins + 1`` bin edges per neuron (quantile or equal-width), and the report tokens the bins map to.
+Transforms (``nsr_hf.data.labels.LabelTransform``) are fitted on the train split only, before balancing: z-score
+statistics and ``num_bins + 1`` bin edges per neuron (``nsr_hf.data.binning``), and the report tokens the bins map to.
 
 Generation runs in shards of ``shard_size`` documents per split, each written atomically to
 ``output_dir/shards/<split>-<index>`` with a manifest: an interrupted run resumes without recomputing finished
@@ -39,33 +40,45 @@ corpus order over all splits) goes to process ``g % num_processes``. The main pr
 (memory-mapped), fits the transforms, adds their columns, balances train if asked, and saves the
 ``DatasetDict`` with its card (``README.md``) in ``output_dir``. Rows never accumulate in memory beyond one shard.
 
-Provenance and transforms live in the card's YAML under ``nsr_hf:`` and, as JSON ``{"nsr_hf": ...}``, in each
-split's ``info.description`` (which survives ``save_to_disk``; the card is what survives the Hub).
+Provenance and transforms live in the card's YAML under ``nsr_hf:`` (``nsr_hf.data.card``) and, as JSON
+``{"nsr_hf": ...}``, in each split's ``info.description`` (which survives ``save_to_disk``; the card is what survives
+the Hub; ``nsr_hf.data.storage`` reads both). The columns are described in ``nsr_hf.data.columns``.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, select_positions, validate_neuron, validate_position
+from nsr_hf.capture import (
+    Neuron,
+    capture_activations,
+    encode_texts,
+    label_positions,
+    parse_position,
+    select_positions,
+    validate_neuron,
+    validate_position,
+)
+from nsr_hf.data.balance import balance_indices, format_balance
+from nsr_hf.data.binning import BIN_STRATEGIES
+from nsr_hf.data.card import METADATA_KEY, dataset_card
+from nsr_hf.data.columns import TransformColumns, column_descriptions, fixed_list_array, list_array, read_column, token_list_array
 from nsr_hf.data.corpus import SPLITS, Document, TextSource, check_fractions, deduplicate, load_corpus, split_of
+from nsr_hf.data.labels import LabelTransform
+from nsr_hf.data.storage import push_to_hub, read_metadata
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.report_tokens import default_report_tokens
 from nsr_hf.utils import to_jsonable
@@ -75,33 +88,10 @@ logger = logging.getLogger(__name__)
 
 OOD_SPLIT = "test_ood"
 LAYOUTS = ("rows", "column")
-BIN_STRATEGIES = ("quantile", "equal_width", "kmeans")
-METADATA_KEY = "nsr_hf"
-HUB_CARD_KEYS = ("configs", "dataset_info")  # written by datasets' push_to_hub; they describe the files
-BASE_COLUMNS = ("text", "doc_id", "input_ids", "attention_mask", "activations")
-LABEL_COLUMNS = ("label_position", "label_token_id")
-TRANSFORM_COLUMNS = ("activations_z", "bin")
-CARD_TAGS = ["nsr_hf", "interpretability", "neuron-activations"]
-POSITION_TEXT = {
-    "last": "the last real token",
-    "all": "every token",
-    "max": "the token where the first neuron is largest; every neuron is read at that token",
-}
-HUB_SHARD_BYTES = 500 << 20  # datasets' default max_shard_size for push_to_hub
 # Fields that decide the rows of a shard: a resume must match them. Bins, balancing and output options are
 # applied when the shards are joined, so they may change between an interrupted run and its resume.
 _CONTENT_FIELDS = ("neurons", "text_field", "id_field", "position", "every_token_layout", "max_length", "max_documents",
                    "max_ood_documents", "split_seed", "split_fractions", "shard_size")
-
-
-def parse_position(value: "str | int"):
-    """``"last"`` / ``"all"`` / ``"max"``, or an integer token index given as text (``"-1"`` -> ``-1``)."""
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return value.strip()
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,327 +181,6 @@ class DatasetConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Label transforms
-
-
-KMEANS_ATOMS = 2048
-
-
-def kmeans_edges(values, num_bins: int, max_atoms: int = KMEANS_ATOMS, max_iter: int = 500) -> np.ndarray:
-    """Bin edges (``num_bins + 1``, train min to max) of optimal 1-D k-means: the partition whose bin means reproduce
-    ``values`` with the least squared error (the Lloyd-Max quantizer). Each inner edge is halfway between the means of
-    the bins on either side. Deterministic.
-
-    Exact (dynamic programming over the sorted values, O(num_bins * m^2) for m distinct values) when there are at most
-    ``max_atoms`` distinct values. Above that, the sorted values are grouped into at most ``max_atoms`` runs, cut at
-    equal counts (resolving the bulk) and at equal widths (resolving the tail), the exact optimum over cuts between
-    runs is found, and Lloyd's iterations on all the values polish it (they can
-    only lower the error). Lloyd's iterations alone, from quantile or equal-width bins, stall with empty bins on a
-    skewed neuron with outliers, at 2-9 times the optimal error."""
-    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
-    if len(x) == 0:
-        raise ValueError("kmeans_edges needs at least one value")
-    if not np.isfinite(x).all():
-        raise ValueError("kmeans_edges: the values hold NaN or infinite values")
-    if num_bins < 2:
-        raise ValueError(f"num_bins must be >= 2, got {num_bins}")
-    lo, hi = x[0], x[-1]
-    if lo == hi:
-        return np.linspace(lo, hi, num_bins + 1)
-    shift, scale = x.mean(), hi - lo
-    u = (x - shift) / scale  # centred and scaled: the prefix sums of squares keep their precision
-    # atoms: the distinct values with their counts, or (above max_atoms) runs of the sorted values
-    distinct, counts = np.unique(u, return_counts=True)
-    if len(distinct) > max_atoms:  # runs cut at equal counts (the bulk) and at equal widths (the tail), half each
-        by_count = np.linspace(0, len(u), max_atoms // 2 + 1).round().astype(np.int64)
-        by_width = np.searchsorted(u, np.linspace(u[0], u[-1], max_atoms // 2 + 1)[1:-1], side="left")
-        bounds = np.unique(np.concatenate([by_count, by_width, [0, len(u)]]))
-        w = np.diff(bounds).astype(np.float64)
-        s1 = np.add.reduceat(u, bounds[:-1])
-    else:
-        w, s1 = counts.astype(np.float64), distinct * counts
-    m = len(w)
-    W, S = np.concatenate([[0.0], np.cumsum(w)]), np.concatenate([[0.0], np.cumsum(s1)])
-    k = min(num_bins, m)
-    # cost[i, j]: squared error (less the constant within-atom part) of one bin over atoms i..j-1
-    i, j = np.arange(m + 1)[:, None], np.arange(m + 1)[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cost = np.where(j > i, -((S[None, :] - S[:, None]) ** 2) / (W[None, :] - W[:, None]), np.inf)
-    best = cost[0].copy()  # best[j]: one bin over atoms 0..j-1
-    back = []
-    for _ in range(1, k):
-        total = best[:, None] + cost
-        back.append(np.argmin(total, axis=0))
-        best = total[back[-1], np.arange(m + 1)]
-    cuts, end = [], m
-    for b in reversed(back):
-        end = int(b[end])
-        cuts.append(end)
-    cuts = [0, *reversed(cuts), m]
-    centres = np.array([(S[b] - S[a]) / (W[b] - W[a]) for a, b in zip(cuts[:-1], cuts[1:])])
-    inner = (centres[1:] + centres[:-1]) / 2
-    inner = _lloyd(u, inner, max_iter) if len(distinct) > max_atoms else inner
-    inner = np.concatenate([inner, np.full(num_bins - 1 - len(inner), inner[-1] if len(inner) else (u[0] + u[-1]) / 2)])
-    return np.concatenate([[lo], inner * scale + shift, [hi]])
-
-
-def _lloyd(x: np.ndarray, inner: np.ndarray, max_iter: int) -> np.ndarray:
-    """Lloyd's iterations on sorted ``x`` from inner edges ``inner`` (bins by the rule of ``LabelTransform.bin_of``)."""
-    csum = np.concatenate([[0.0], np.cumsum(x)])
-    for _ in range(max_iter):
-        b = np.concatenate([[0], np.searchsorted(x, inner, side="left"), [len(x)]])
-        counts = np.diff(b)
-        if (counts == 0).any():
-            break
-        centres = (csum[b[1:]] - csum[b[:-1]]) / counts
-        new = (centres[1:] + centres[:-1]) / 2
-        if np.array_equal(new, inner):
-            break
-        inner = new
-    return inner
-
-
-def _strictly_increasing(edges: np.ndarray) -> np.ndarray:
-    """Edges with the first and last fixed (train min and max) and the inner ones moved, by the fewest float
-    steps, into the open interval (min, max) and strictly increasing. Quantiles of tied values repeat: the
-    nudged bins stay empty and the tied values land in the lowest of them (or, tied at the max, in the last
-    bin), so the min still falls in bin 0 and the max in the last bin."""
-    edges = np.array(edges, dtype=np.float64)
-    lo, hi = edges[0], edges[-1]
-    top = np.nextafter(hi, -np.inf)
-    inner = np.clip(edges[1:-1], np.nextafter(lo, np.inf), top)
-    for i in range(1, len(inner)):
-        inner[i] = max(inner[i], np.nextafter(inner[i - 1], np.inf))
-    if len(inner):
-        inner[-1] = min(inner[-1], top)
-    for i in range(len(inner) - 2, -1, -1):
-        inner[i] = min(inner[i], np.nextafter(inner[i + 1], -np.inf))
-    out = np.concatenate([[lo], inner, [hi]])
-    if not np.all(np.diff(out) > 0):
-        raise ValueError(f"cannot place {len(edges) - 1} distinct bins between {lo!r} and {hi!r}; use fewer bins")
-    return out
-
-
-@dataclass
-class LabelTransform:
-    """z-score statistics, bin edges and report tokens of K neurons, fitted on one split (train).
-
-    >>> t = LabelTransform.fit(train_values, ["15.100"], num_bins=10)    # train_values: (n, K)
-    >>> t.bin_of(values), t.zscore(values), t.inverse_zscore(z)
-    >>> t.report_tokens[t.bin_of(values)[:, 0]]                          # the digit each row should report
-
-    Bins: ``num_bins + 1`` edges per neuron, ``edges[0]`` = train min, ``edges[-1]`` = train max. A value goes to
-    bin ``i`` when ``edges[i] <= value < edges[i + 1]``, except that the train max goes to the last bin; values
-    outside the train range go to the end bins. Edges are strictly increasing (see ``_strictly_increasing`` for
-    quantiles of tied values). ``std`` is the population standard deviation (ddof 0).
-
-    ``bin_centers``: the value each bin reports (the greedy readout; the expected value weighs them), the mean of the
-    fitted values that fall in the bin: the squared-error-optimal value of a bin (Lloyd). The midpoint of the edges
-    is not: for a skewed neuron the top bin spans the long tail and its midpoint sits far above most of its values
-    (neuron 0.1524 of SmolLM2: a perfect classifier scores R² 0.52 with midpoints, 0.86 with bin means). An empty
-    bin (or a transform saved before centres were fitted) falls back to the midpoint.
-    """
-
-    neurons: list[str]
-    mean: list[float]
-    std: list[float]
-    bin_edges: list[list[float]]
-    bin_strategy: str = "quantile"
-    report_tokens: list[str] = field(default_factory=list)
-    report_token_ids: Optional[list[Optional[int]]] = None
-    fitted_on: str = "train"
-    num_values: int = 0
-    bin_centers: Optional[list[list[float]]] = None
-
-    def __post_init__(self):
-        k = len(self.neurons)
-        if not (len(self.mean) == len(self.std) == len(self.bin_edges) == k) or k == 0:
-            raise ValueError(f"a LabelTransform needs one mean, std and edge list per neuron ({k} neurons)")
-        if len({len(e) for e in self.bin_edges}) != 1 or len(self.bin_edges[0]) < 3:
-            raise ValueError("every neuron needs the same number (>= 3) of bin edges")
-        if not self.report_tokens:
-            self.report_tokens = [str(i) for i in range(self.num_bins)]
-        if len(self.report_tokens) != self.num_bins:
-            raise ValueError(f"{len(self.report_tokens)} report tokens for {self.num_bins} bins")
-        if self.bin_centers is not None and (len(self.bin_centers) != k or any(len(c) != self.num_bins for c in self.bin_centers)):
-            raise ValueError(f"bin_centers needs one list of {self.num_bins} values per neuron ({k} neurons)")
-
-    @property
-    def num_bins(self) -> int:
-        return len(self.bin_edges[0]) - 1
-
-    @classmethod
-    def fit(cls, values, neurons: Sequence[str], num_bins: int = 10, strategy: str = "quantile",
-            report_tokens: Optional[Sequence[str]] = None, fitted_on: str = "train") -> "LabelTransform":
-        """Fit on ``values`` of shape ``(n, K)`` (or ``(n,)`` for one neuron)."""
-        neurons = [str(n) for n in neurons]
-        values = np.asarray(values, dtype=np.float64).reshape(-1, len(neurons))
-        if num_bins < 2:
-            raise ValueError(f"num_bins must be >= 2, got {num_bins}")
-        if strategy not in BIN_STRATEGIES:
-            raise ValueError(f"bin strategy must be one of {BIN_STRATEGIES}, got {strategy!r}")
-        if len(values) == 0:
-            raise ValueError(f"no values to fit the label transform on: the {fitted_on} split is empty (use more documents)")
-        if not np.isfinite(values).all():
-            raise ValueError(f"the {fitted_on} activations hold NaN or infinite values")
-        lo, hi = values.min(0), values.max(0)
-        constant = [f"{n} (= {v:g})" for n, v, h in zip(neurons, lo, hi) if h <= v]
-        if constant:
-            raise ValueError(f"neuron(s) {constant} take a single value on the {fitted_on} split: they cannot be binned or "
-                             "z-scored; choose other neurons or more documents")
-        quantiles = np.linspace(0.0, 1.0, num_bins + 1)
-        edges = []
-        for k in range(len(neurons)):
-            if strategy == "quantile":
-                raw = np.quantile(values[:, k], quantiles)
-            elif strategy == "kmeans":
-                raw = kmeans_edges(values[:, k], num_bins)
-            else:
-                raw = np.linspace(lo[k], hi[k], num_bins + 1)
-            raw[0], raw[-1] = lo[k], hi[k]
-            edges.append(_strictly_increasing(raw).tolist())
-        fitted = cls(neurons=neurons, mean=values.mean(0).tolist(), std=values.std(0).tolist(), bin_edges=edges,
-                     bin_strategy=strategy, report_tokens=list(report_tokens or [str(i) for i in range(num_bins)]),
-                     fitted_on=fitted_on, num_values=len(values))
-        return fitted.with_bin_centers(values)
-
-    def with_bin_centers(self, values) -> "LabelTransform":
-        """A copy whose ``bin_centers`` are the means of ``values`` ``(n, K)`` (the split it was fitted on) in each
-        bin; an empty bin keeps its midpoint."""
-        values = self._as_2d(values).reshape(-1, len(self.neurons))
-        bins, centers = self.bin_of(values), self.bin_midpoints()
-        for k in range(len(self.neurons)):
-            counts = np.bincount(bins[:, k], minlength=self.num_bins)
-            sums = np.bincount(bins[:, k], weights=values[:, k], minlength=self.num_bins)
-            filled = counts > 0
-            centers[k, filled] = sums[filled] / counts[filled]
-        return LabelTransform(**{**self.to_dict(), "bin_centers": centers.tolist()})
-
-    def _as_2d(self, values) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape[-1:] != (len(self.neurons),):
-            if len(self.neurons) == 1:
-                values = values[..., None]
-            else:
-                raise ValueError(f"values must end in a dimension of {len(self.neurons)} neurons, got shape {values.shape}")
-        return values
-
-    def bin_of(self, values) -> np.ndarray:
-        """Bin index (int64, same shape as ``values``; a trailing neuron dimension of K)."""
-        values = self._as_2d(values)
-        if np.isnan(values).any():
-            raise ValueError("cannot bin NaN values")
-        out = np.empty(values.shape, dtype=np.int64)
-        for k, edges in enumerate(self.bin_edges):
-            out[..., k] = np.searchsorted(np.asarray(edges[1:-1]), values[..., k], side="right")
-        return out
-
-    def zscore(self, values) -> np.ndarray:
-        return ((self._as_2d(values) - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
-
-    def inverse_zscore(self, z) -> np.ndarray:
-        return (self._as_2d(z) * np.asarray(self.std) + np.asarray(self.mean)).astype(np.float32)
-
-    def bin_midpoints(self) -> np.ndarray:
-        """``(K, num_bins)`` midpoint of each bin's edges in activation units."""
-        edges = np.asarray(self.bin_edges)
-        return (edges[:, 1:] + edges[:, :-1]) / 2
-
-    def centers(self) -> np.ndarray:
-        """``(K, num_bins)`` the value each bin reports: ``bin_centers`` when fitted, else the midpoints."""
-        return np.asarray(self.bin_centers, dtype=np.float64) if self.bin_centers is not None else self.bin_midpoints()
-
-    def with_token_ids(self, tokenizer, strict: bool = True) -> "LabelTransform":
-        """A copy with ``report_token_ids`` from ``tokenizer``: one id per report token. A token that is not one
-        token of this vocabulary raises (``strict``) or gets ``None`` with a warning."""
-        ids, bad = [], []
-        for token in self.report_tokens:
-            encoded = tokenizer.encode(token, add_special_tokens=False)
-            ids.append(encoded[0] if len(encoded) == 1 else None)
-            if len(encoded) != 1:
-                bad.append(f"{token!r} -> {encoded}")
-        if bad:
-            message = (f"report tokens that are not a single token of this tokenizer: {', '.join(bad)}. "
-                       "Choose single-token strings with --report_tokens (one per bin), or fewer bins.")
-            if strict:
-                raise ValueError(message)
-            warnings.warn(message)
-        return LabelTransform(**{**self.to_dict(), "report_token_ids": ids})
-
-    def to_dict(self) -> dict:
-        return copy.deepcopy(asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LabelTransform":
-        return cls(**data)
-
-
-def balance_indices(bins, num_bins: int, min_keep: float, seed: int) -> tuple[np.ndarray, list[int], list[int]]:
-    """Rows to keep so that bins are as equal as the floor allows: every bin is cut to a common cap ``t``
-    (rows drawn with ``numpy.random.default_rng(seed)``), ``t`` being the smallest cap that keeps at least
-    ``ceil(min_keep * n)`` rows. Returns ``(sorted row indices, counts before, counts after)``."""
-    bins = np.asarray(bins, dtype=np.int64).reshape(-1)
-    if not 0 < min_keep <= 1:
-        raise ValueError(f"min_keep must be in (0, 1], got {min_keep}")
-    counts = np.bincount(bins, minlength=num_bins)
-    if len(bins) == 0:
-        return np.zeros(0, dtype=np.int64), counts.tolist(), counts.tolist()
-    floor = math.ceil(min_keep * len(bins))
-    lo, hi = int(counts[counts > 0].min()), int(counts.max())
-    while lo < hi:  # smallest cap whose kept total reaches the floor (the total grows with the cap)
-        mid = (lo + hi) // 2
-        if np.minimum(counts, mid).sum() >= floor:
-            hi = mid
-        else:
-            lo = mid + 1
-    rng = np.random.default_rng(seed)
-    keep = []
-    for b in range(len(counts)):
-        rows = np.flatnonzero(bins == b)
-        keep.append(rng.choice(rows, lo, replace=False) if len(rows) > lo else rows)
-    kept = np.sort(np.concatenate(keep))
-    return kept, counts.tolist(), np.bincount(bins[kept], minlength=num_bins).tolist()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arrow columns (built from numpy: datasets' row writer turns every numpy row into a Python list, PITFALLS HF-13)
-
-
-def _lists(flat: np.ndarray, lengths: np.ndarray, value_type) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
-
-
-def _fixed(values: np.ndarray, value_type) -> pa.Array:
-    values = np.asarray(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), values.shape[-1])
-
-
-def _token_lists(values: np.ndarray, lengths: np.ndarray, value_type) -> pa.Array:
-    """``(total_tokens, K)`` values as one list of K-lists per document."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), _fixed(values, value_type))
-
-
-def _column_values(table_or_column, k: int) -> np.ndarray:
-    """``(n, K)`` numpy values of an ``activations``-like column (fixed K-lists, or per-token lists of them)."""
-    column = table_or_column
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    while pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type):
-        column = pc.list_flatten(column)
-    return column.to_numpy(zero_copy_only=False).reshape(-1, k)
-
-
-def read_column(dataset, name: str, k: int, batch_size: int = 10_000) -> np.ndarray:
-    """All values of a column of a (memory-mapped) Dataset, read in Arrow batches."""
-    parts = [_column_values(batch[name], k) for batch in dataset.with_format("arrow").iter(batch_size=batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, k), dtype=np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -572,7 +241,8 @@ class ActivationDatasetGenerator:
         if corpus is None:
             corpus = load_corpus(config.corpus, text_field=config.text_field, id_field=config.id_field, model=model, tokenizer=tokenizer)
         if ood_corpus is None and config.ood_corpus:
-            ood_corpus = load_corpus(config.ood_corpus, text_field=config.text_field, id_field=config.id_field, model=model, tokenizer=tokenizer)
+            ood_corpus = load_corpus(config.ood_corpus, text_field=config.text_field, id_field=config.id_field, model=model,
+                                     tokenizer=tokenizer)
         self.corpus = corpus
         self.ood_corpus = ood_corpus
         self.splits = list(SPLITS) + ([OOD_SPLIT] if ood_corpus is not None else [])
@@ -703,16 +373,16 @@ class ActivationDatasetGenerator:
         columns = {
             "text": pa.array(texts, pa.string()),
             "doc_id": pa.array(doc_ids, pa.string()),
-            "input_ids": _lists(id_rows, row_lengths, pa.int32()),
-            "attention_mask": _lists(np.ones(len(id_rows), dtype=np.int8), row_lengths, pa.int8()),
+            "input_ids": list_array(id_rows, row_lengths, pa.int32()),
+            "attention_mask": list_array(np.ones(len(id_rows), dtype=np.int8), row_lengths, pa.int8()),
         }
         if layout == "column":
-            columns["activations"] = _token_lists(values.astype(np.float32), lengths, pa.float32())
+            columns["activations"] = token_list_array(values.astype(np.float32), lengths, pa.float32())
         else:
             row_starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]]).astype(np.int64)
             columns["label_position"] = pa.array(positions, pa.int32())
             columns["label_token_id"] = pa.array(id_rows[row_starts + positions], pa.int32())
-            columns["activations"] = _fixed(values.astype(np.float32), pa.float32())
+            columns["activations"] = fixed_list_array(values.astype(np.float32), pa.float32())
         return pa.table(columns, schema=self.schema()), skipped
 
     def _write_shard(self, shard: _Shard, content_hash: str) -> dict:
@@ -854,13 +524,14 @@ class ActivationDatasetGenerator:
         out = {}
         for split, ds in joined.items():
             ds = ds.with_format("arrow").map(
-                _TransformColumns(transform, cfg.layout), batched=True, batch_size=1000, desc=f"bins ({split})",
+                TransformColumns(transform, cfg.layout), batched=True, batch_size=1000, desc=f"bins ({split})",
                 cache_file_name=str(cache / f"{split}.arrow"), new_fingerprint=_config_hash({"split": split, "content": content,
                                                                                              "transform": transform.to_dict()}),
             ).with_format(None)
             out[split] = ds
         if cfg.balance:
-            keep, before, after = balance_indices(transform.bin_of(train_values)[:, 0], cfg.num_bins, cfg.balance_min_keep, cfg.balance_seed)
+            first_bins = transform.bin_of(train_values)[:, 0]
+            keep, before, after = balance_indices(first_bins, cfg.num_bins, cfg.balance_min_keep, cfg.balance_seed)
             out["train"] = out["train"].select(keep)
             balance = {"neuron": cfg.neurons[0], "min_keep": cfg.balance_min_keep, "seed": cfg.balance_seed,
                        "rows_before": len(train_values), "rows_after": len(keep), "before": before, "after": after}
@@ -890,7 +561,8 @@ class ActivationDatasetGenerator:
                             for j, n in enumerate(cfg.neurons)}
         return to_jsonable({
             "nsr_hf_version": __version__,
-            "model": {**content["model"], **({"requested": cfg.model, "requested_revision": cfg.model_revision} if self._loaded_model else {})},
+            "model": {**content["model"],
+                      **({"requested": cfg.model, "requested_revision": cfg.model_revision} if self._loaded_model else {})},
             "tokenizer": content["tokenizer"],
             "neurons": list(cfg.neurons),
             "layers": sorted({n.layer for n in self.neurons}),
@@ -914,27 +586,6 @@ class ActivationDatasetGenerator:
         })
 
 
-class _TransformColumns:
-    """``map`` function adding ``activations_z`` and ``bin`` to an Arrow batch (picklable, no closure)."""
-
-    def __init__(self, transform: LabelTransform, layout: str):
-        self.transform, self.layout = transform, layout
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        k = len(self.transform.neurons)
-        values = _column_values(batch["activations"], k)
-        z, bins = self.transform.zscore(values), self.transform.bin_of(values).astype(np.int32)
-        if self.layout == "column":
-            lengths = pc.list_value_length(batch["activations"]).to_numpy(zero_copy_only=False)
-            z_col, bin_col = _token_lists(z, lengths, pa.float32()), _token_lists(bins, lengths, pa.int32())
-        else:
-            z_col, bin_col = _fixed(z, pa.float32()), _fixed(bins, pa.int32())
-        for name in TRANSFORM_COLUMNS:
-            if name in batch.column_names:
-                batch = batch.drop_columns([name])
-        return batch.append_column("activations_z", z_col).append_column("bin", bin_col)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -953,264 +604,7 @@ def remove_generated(output_dir: "str | os.PathLike") -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Cards, metadata, saving and loading
-
-
-def column_descriptions(layout: str) -> dict[str, str]:
-    columns = {
-        "text": "the document's original text (not cut)",
-        "doc_id": "the document's id in its corpus (splits are assigned by it)",
-        "input_ids": "token ids the model saw: encode_texts(text, max_length), no padding",
-        "attention_mask": "all ones, same length as input_ids (for HF collators)",
-    }
-    if layout == "column":
-        columns["activations"] = "per token of input_ids, the K neuron values (float32)"
-        columns["activations_z"] = "per token, z-scores with train mean and std"
-        columns["bin"] = "per token, bin index per neuron (train edges)"
-    else:
-        columns["label_position"] = "index in input_ids of the labelled token" + (" (one row per token)" if layout == "rows" else "")
-        columns["label_token_id"] = "input_ids[label_position]"
-        columns["activations"] = "the K neuron values at label_position (float32)"
-        columns["activations_z"] = "z-scores with train mean and std (float32)"
-        columns["bin"] = "bin index per neuron (train edges); report_tokens[bin] is the report"
-    return columns
-
-
-def required_columns(layout: Optional[str] = None) -> list[str]:
-    """Columns an activation dataset must have (``layout`` ``None``: the per-document/per-row set)."""
-    columns = list(BASE_COLUMNS)
-    if layout != "column":
-        columns += list(LABEL_COLUMNS)
-    return columns
-
-
-def validate_columns(dataset_dict, layout: Optional[str] = None) -> None:
-    """Raise a ``ValueError`` naming the missing columns (and those present) of each split that lacks some."""
-    needed = required_columns(layout)
-    problems = []
-    for split, ds in dataset_dict.items():
-        missing = [c for c in needed if c not in ds.column_names]
-        if missing:
-            problems.append(f"split {split!r} lacks {missing} (it has {ds.column_names})")
-    if problems:
-        raise ValueError("not an nsr_hf activation dataset: " + "; ".join(problems) +
-                         f". An activation dataset has the columns {needed}; make one with `nsr dataset`.")
-
-
-def _card_yaml(metadata: dict) -> dict:
-    neurons = ", ".join(metadata.get("neurons", []))
-    model = (metadata.get("model") or {}).get("name")
-    return {"pretty_name": f"Neuron activations of {model} ({neurons})", "tags": list(CARD_TAGS), METADATA_KEY: metadata}
-
-
-def _card_body(metadata: dict) -> str:
-    m = metadata
-    model = m.get("model") or {}
-    transform = m.get("transform") or {}
-    lines = [
-        f"# Neuron activations: {model.get('name')} — {', '.join(m.get('neurons', []))}",
-        "",
-        "Generated by `nsr dataset` of nsr_hf (neuron self-report: a model fine-tuned to report its own MLP neurons). Load it with",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        "ds = load_dataset(\"<this repo id or folder>\")",
-        "# or, with the label transform and provenance:",
-        "from nsr_hf.data.generator import load_activation_dataset",
-        "ds, metadata = load_activation_dataset(\"<this repo id or folder>\")",
-        "```",
-        "",
-        "## Provenance",
-        "",
-        f"- model: `{model.get('name')}` revision `{model.get('revision')}`; quantisation: {model.get('quantization') or 'none'}",
-        f"- neurons (layer.index, MLP hidden activation): {', '.join(m.get('neurons', []))}; layers {m.get('layers')}",
-        (f"- labelled token: position rule `{m.get('position')}` ({POSITION_TEXT.get(str(m.get('position')), 'that index among real tokens')}; "
-         f"{m.get('layout')} layout); texts cut to {m.get('max_length')} tokens, never padded"),
-        f"- corpus: `{json.dumps(m.get('corpus'))}`",
-        f"- out-of-domain corpus: `{json.dumps(m.get('ood_corpus'))}`",
-        f"- splits by document id (seed {m.get('split_seed')}, fractions {m.get('split_fractions')}) after removing exact duplicates",
-        f"- nsr_hf {m.get('nsr_hf_version')}",
-        "",
-        "## Splits",
-        "",
-        "| split | rows | documents | skipped (too short) |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for split in m.get("splits", []):
-        lines.append(f"| {split} | {m['num_rows'].get(split)} | {m['num_documents'].get(split)} | {m['skipped_documents'].get(split)} |")
-    lines += ["", "## Columns", ""] + [f"- `{name}`: {text}" for name, text in (m.get("columns") or {}).items()]
-    if transform:
-        lines += ["", f"## Label transform (fitted on {transform.get('fitted_on')} only: {transform.get('num_values')} values)", "",
-                  (f"Bins: {transform.get('bin_strategy')}, {len(transform['bin_edges'][0]) - 1} per neuron; a value v is in bin i when "
-                   "edge[i] <= v < edge[i+1] (the train max in the last bin, values outside the train range in the end bins)."),
-                  f"Report tokens per bin: {transform.get('report_tokens')} (ids {transform.get('report_token_ids')}).", "",
-                  "| neuron | train mean | train std | bin edges |", "| --- | ---: | ---: | --- |"]
-        for j, n in enumerate(transform["neurons"]):
-            edges = ", ".join(f"{e:.4g}" for e in transform["bin_edges"][j])
-            lines.append(f"| {n} | {transform['mean'][j]:.4g} | {transform['std'][j]:.4g} | {edges} |")
-    if m.get("balance"):
-        b = m["balance"]
-        lines += ["", (f"Train balanced by the bins of {b['neuron']} (seed {b['seed']}, floor {b['min_keep']}): "
-                       f"{b['rows_before']} -> {b['rows_after']} rows; per bin before {b['before']}, after {b['after']}.")]
-    lines += ["", "The full configuration and per-split statistics are in the `nsr_hf` block of this card's metadata.", ""]
-    return "\n".join(lines)
-
-
-def _card_from_yaml(data: dict, body: str):
-    import yaml
-    from huggingface_hub import DatasetCard
-
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
-    return DatasetCard(f"---\n{text}---\n\n{body}")
-
-
-def dataset_card(metadata: dict):
-    """The ``DatasetCard`` of an activation dataset: YAML with ``pretty_name``, ``tags`` and our ``nsr_hf`` block
-    (provenance, neurons, position, transform), and a readable body."""
-    return _card_from_yaml(_card_yaml(metadata), _card_body(metadata))
-
-
-def merge_card_metadata(auto_yaml: dict, ours: dict) -> dict:
-    """Card YAML that keeps what ``push_to_hub`` wrote (``configs`` and ``dataset_info`` describe the files and
-    win over ours) and adds our keys; ``tags`` are united, other keys of ours replace theirs."""
-    merged = copy.deepcopy(dict(auto_yaml or {}))
-    for key, value in (ours or {}).items():
-        if key in HUB_CARD_KEYS and key in merged:
-            continue
-        if key == "tags" and isinstance(merged.get(key), list):
-            merged[key] = merged[key] + [t for t in value if t not in merged[key]]
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _card_parts(card) -> tuple[dict, str]:
-    if card is None:
-        return {}, ""
-    if isinstance(card, str):
-        from huggingface_hub import DatasetCard
-
-        card = DatasetCard(card)
-    return card.data.to_dict(), card.text
-
-
-def _metadata_of(dataset_dict) -> dict:
-    for ds in dataset_dict.values():
-        try:
-            return json.loads(ds.info.description or "")[METADATA_KEY]
-        except (ValueError, KeyError, TypeError):
-            continue
-    return {}
-
-
-def save_hub_layout(dataset_dict, folder: "str | os.PathLike", card=None, max_shard_size: int = HUB_SHARD_BYTES) -> Path:
-    """Write ``dataset_dict`` as ``push_to_hub`` lays it out in a repo: ``data/<split>-XXXXX-of-YYYYY.parquet`` and a
-    README.md whose YAML has ``configs`` and ``dataset_info`` merged with ``card``'s (default: the card made from
-    the datasets' metadata). ``datasets.load_dataset(folder)`` then loads it like the Hub repo."""
-    from datasets import DatasetInfo, SplitDict, SplitInfo
-    from datasets.info import DatasetInfosDict
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCardData
-
-    folder = Path(folder)
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    for old in (folder / "data").glob("*.parquet"):
-        old.unlink()
-    if card is None:
-        card = dataset_card(_metadata_of(dataset_dict))
-    ours, body = _card_parts(card)
-    info = DatasetInfo(config_name="default", splits=SplitDict(), download_size=0, dataset_size=0)
-    for split, ds in dataset_dict.items():
-        info.features = ds.features
-        nbytes = ds.data.nbytes
-        num_shards = max(1, math.ceil(nbytes / max_shard_size))
-        for index in range(num_shards):
-            path = folder / "data" / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
-            ds.shard(num_shards=num_shards, index=index, contiguous=True).to_parquet(str(path))
-            info.download_size += path.stat().st_size
-        info.splits.add(SplitInfo(name=split, num_bytes=nbytes, num_examples=len(ds)))
-        info.dataset_size += nbytes
-    info.size_in_bytes = info.download_size + info.dataset_size
-    auto = DatasetCardData()
-    DatasetInfosDict({"default": info}).to_dataset_card_data(auto)
-    MetadataConfigs({"default": {"data_files": [{"split": s, "path": f"data/{s}-*"} for s in dataset_dict]}}).to_dataset_card_data(auto)
-    _card_from_yaml(merge_card_metadata(auto.to_dict(), ours), body).save(folder / "README.md")
-    return folder
-
-
-def push_to_hub(dataset_dict, repo_id: str, card=None, *, private: bool = False, token: Optional[str] = None,
-                commit_message: str = "Upload nsr_hf activation dataset"):
-    """``DatasetDict.push_to_hub``, then the card: the auto-written one is loaded, our YAML merged into it
-    (``merge_card_metadata``: its ``configs``/``dataset_info`` kept) and its text replaced by ours."""
-    from huggingface_hub import DatasetCard
-
-    if card is None:
-        card = dataset_card(_metadata_of(dataset_dict))
-    ours, body = _card_parts(card)
-    dataset_dict.push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)
-    auto = DatasetCard.load(repo_id, repo_type="dataset", token=token)
-    merged = _card_from_yaml(merge_card_metadata(auto.data.to_dict(), ours), body)
-    merged.push_to_hub(repo_id, repo_type="dataset", token=token, commit_message="Dataset card (nsr_hf provenance and label transform)")
-    return merged
-
-
-def read_metadata(path: "str | os.PathLike", dataset_dict=None) -> dict:
-    """Our ``nsr_hf`` block from the README.md in ``path``, else from the splits' ``info.description``."""
-    readme = Path(path) / "README.md"
-    if readme.exists():
-        from huggingface_hub import DatasetCard
-
-        data = DatasetCard.load(readme).data.to_dict()
-        if METADATA_KEY in data:
-            return data[METADATA_KEY]
-    return _metadata_of(dataset_dict) if dataset_dict is not None else {}
-
-
-def load_activation_dataset(path_or_repo_id: "str | os.PathLike", *, cache_dir: Optional[str] = None,
-                            revision: Optional[str] = None, token: Optional[str] = None):
-    """``(DatasetDict, metadata)`` from a ``save_to_disk`` folder, a local folder in the Hub's layout, or a Hub id.
-
-    >>> dd, meta = load_activation_dataset("outputs/dataset")
-    >>> transform = LabelTransform.from_dict(meta["transform"])
-
-    The columns are checked (a missing one is named) and so is the presence of our metadata.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(str(path))
-        dataset_dict = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-        metadata = read_metadata(path, dataset_dict)
-    elif path.is_dir():
-        dataset_dict = load_dataset(str(path), cache_dir=cache_dir)
-        metadata = read_metadata(path)
-    elif path.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{str(path_or_repo_id)!r} is not a dataset folder (save_to_disk or Hub layout)")
-    else:
-        from huggingface_hub import DatasetCard
-
-        dataset_dict = load_dataset(str(path_or_repo_id), cache_dir=cache_dir, revision=revision, token=token)
-        metadata = DatasetCard.load(str(path_or_repo_id), repo_type="dataset", token=token).data.to_dict().get(METADATA_KEY, {})
-    if isinstance(dataset_dict, Dataset):
-        dataset_dict = DatasetDict({"train": dataset_dict})
-    validate_columns(dataset_dict, (metadata or {}).get("layout"))
-    if not metadata:
-        raise ValueError(f"{path_or_repo_id}: no '{METADATA_KEY}' metadata in its README.md card or dataset info; "
-                         "the label transform and provenance are unknown (was it made by `nsr dataset`?)")
-    return dataset_dict, metadata
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Command line
-
-
-def format_balance(balance: dict, report_tokens: Sequence[str]) -> str:
-    lines = [(f"balancing train by the bins of {balance['neuron']} (seed {balance['seed']}, keep >= {balance['min_keep']:.0%}): "
-              f"{balance['rows_before']} -> {balance['rows_after']} rows"), f"{'bin':>5} {'token':>6} {'before':>8} {'after':>8}"]
-    for i, (b, a) in enumerate(zip(balance["before"], balance["after"])):
-        lines.append(f"{i:>5} {report_tokens[i]!s:>6} {b:>8} {a:>8}")
-    return "\n".join(lines)
 
 
 def format_summary(dataset_dict, metadata: dict, output_dir: Optional[str] = None) -> str:
@@ -1220,7 +614,8 @@ def format_summary(dataset_dict, metadata: dict, output_dir: Optional[str] = Non
              f"max_length {metadata['max_length']}"), "",
              f"{'split':<10} {'rows':>8} {'documents':>10} {'skipped':>8}"]
     for split in metadata["splits"]:
-        lines.append(f"{split:<10} {len(dataset_dict[split]):>8} {metadata['num_documents'][split]:>10} {metadata['skipped_documents'][split]:>8}")
+        documents, skipped = metadata["num_documents"][split], metadata["skipped_documents"][split]
+        lines.append(f"{split:<10} {len(dataset_dict[split]):>8} {documents:>10} {skipped:>8}")
     lines += ["", f"{'neuron':<10} {'split':<10} {'mean':>10} {'std':>10} {'min':>10} {'max':>10}"]
     for n in metadata["neurons"]:
         for split in metadata["splits"]:

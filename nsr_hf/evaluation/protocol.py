@@ -49,11 +49,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from nsr_hf.data.generator import load_activation_dataset
+from nsr_hf.data.labels import bins_of
+from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
 from nsr_hf.evaluation.report import drift_history, write_report
-from nsr_hf.metrics import bin_metrics, bins_of, regression_metrics
+from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.training.collator import PredictorDataCollator

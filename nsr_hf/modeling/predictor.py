@@ -39,6 +39,7 @@ from transformers.utils import ModelOutput
 from nsr_hf.architectures import num_layers, truncated
 from nsr_hf.capture import Neuron, encode_texts, position_ids_from_mask, validate_neuron
 from nsr_hf.capture import label_positions as rule_positions
+from nsr_hf.data.labels import bins_of, centers_of, zscore_of
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.version import __version__
 from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
@@ -277,24 +278,23 @@ class ActivationPredictor(PreTrainedModel):
     # -- label transform -------------------------------------------------------------------------
 
     def _transform_tensor(self, key: str, ref: torch.Tensor) -> torch.Tensor:
+        """A field of the label transform as a float32 tensor on ``ref``'s device."""
         return torch.as_tensor(self.config.label_transform[key], dtype=torch.float32, device=ref.device)
 
     def zscore(self, values: torch.Tensor) -> torch.Tensor:
-        return (values - self._transform_tensor("mean", values)) / self._transform_tensor("std", values)
+        """z-scores (float32) of ``values`` (batch, K) with the train mean and std: ``nsr_hf.data.labels.zscore_of``."""
+        transform = self.config.label_transform
+        return zscore_of(values, transform["mean"], transform["std"])
 
     def bin_of(self, values: torch.Tensor) -> torch.Tensor:
-        """Bin index of each value, (batch, K): ``edges[i] <= v < edges[i+1]``; the last bin includes its
-        upper edge and values beyond the training range fall in the end bins."""
-        edges = self._transform_tensor("bin_edges", values)  # (K, bins+1)
-        inner = edges[:, 1:-1]
-        return torch.stack([torch.bucketize(values[:, j].contiguous(), inner[j].contiguous(), right=True) for j in range(values.shape[1])], 1)
+        """Bin index of each value, (batch, K), by the train-fitted edges: ``nsr_hf.data.labels.bins_of``
+        (``edges[i] <= v < edges[i+1]``; the last bin includes its upper edge, values beyond the edges fall in the end bins)."""
+        return bins_of(values, self.config.label_transform["bin_edges"])
 
     def bin_centers(self, ref: torch.Tensor) -> torch.Tensor:
-        """(K, bins) activation value that each bin reports."""
-        if self.config.label_transform.get("bin_centers"):
-            return self._transform_tensor("bin_centers", ref)
-        edges = self._transform_tensor("bin_edges", ref)
-        return (edges[:, 1:] + edges[:, :-1]) / 2
+        """(K, bins) activation value that each bin reports (``nsr_hf.data.labels.centers_of``), float32 on ``ref``'s device."""
+        transform = self.config.label_transform
+        return torch.as_tensor(centers_of(transform["bin_edges"], transform.get("bin_centers")), dtype=torch.float32, device=ref.device)
 
     # -- forward ---------------------------------------------------------------------------------
 

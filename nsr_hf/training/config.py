@@ -16,7 +16,7 @@ from typing import Optional
 
 from nsr_hf.capture import Neuron
 from nsr_hf.data.corpus import check_fractions
-from nsr_hf.data.generator import BIN_STRATEGIES
+from nsr_hf.data.binning import BIN_STRATEGIES
 from nsr_hf.modeling.predictor import HEAD_TYPES
 from nsr_hf.models import EMBEDDED_NAME
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX

@@ -32,7 +32,8 @@ from transformers import Trainer, TrainingArguments
 
 from nsr_hf.architectures import get_neuron_module
 from nsr_hf.capture import StopForward, model_inputs
-from nsr_hf.metrics import bin_metrics, bins_of, regression_metrics
+from nsr_hf.data.labels import bins_of
+from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 from nsr_hf.utils import unwrap
