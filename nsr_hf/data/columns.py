@@ -18,6 +18,7 @@ TRANSFORM_COLUMNS = ("activations_z", "bin")
 
 
 def column_descriptions(layout: str) -> dict[str, str]:
+    """What each column holds, for ``layout`` ``"document"``, ``"rows"`` or ``"column"`` (the card lists them)."""
     columns = {
         "text": "the document's original text (not cut)",
         "doc_id": "the document's id in its corpus (splits are assigned by it)",
@@ -63,12 +64,14 @@ def validate_columns(dataset_dict, layout: Optional[str] = None) -> None:
 
 
 def list_array(flat: np.ndarray, lengths: np.ndarray, value_type) -> pa.Array:
+    """``flat`` values cut into one list per row of ``lengths``."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
 def fixed_list_array(values: np.ndarray, value_type) -> pa.Array:
+    """``(n, K)`` values as n fixed-length K-lists."""
     values = np.asarray(values)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), values.shape[-1])
 
