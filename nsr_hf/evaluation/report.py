@@ -18,8 +18,8 @@ Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when it
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def _warnings(metrics: dict) -> list[str]:
     return out
 
 
-def _bin_table(metrics: dict) -> Optional[str]:
+def _bin_table(metrics: dict) -> str | None:
     rows = [m for m in method_rows(metrics) if "accuracy" in figures_of(metrics, m)]
     if not rows:
         return None
@@ -51,7 +51,7 @@ def _bin_table(metrics: dict) -> Optional[str]:
     return "\n".join(lines)
 
 
-def _subset_table(metrics: dict) -> Optional[str]:
+def _subset_table(metrics: dict) -> str | None:
     lines = ["| method | subset | rows | R² [CI] | r [CI] | MSE | true range |", "| --- | --- | --- | --- | --- | --- | --- |"]
     notes = set()
     for method in [m for m in method_rows(metrics) if m != "self (greedy)"]:
@@ -116,7 +116,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_pred_vs_true(predictions: dict, path: Path, r2: Optional[dict] = None) -> Path:
+def plot_pred_vs_true(predictions: dict, path: Path, r2: dict | None = None) -> Path:
     """``predictions``: {split: {"true", "self", optional "self_greedy", "ridge_probe"}}; one panel per split."""
     splits = list(predictions)
     fig = _figure(4.6 * len(splits), 4.4)
@@ -188,7 +188,7 @@ def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
     return _save(fig, path)
 
 
-def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: Optional[int] = None, target_layer: Optional[int] = None) -> Path:
+def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: int | None = None, target_layer: int | None = None) -> Path:
     """The ridge probe's R^2 by the layer it reads, for every ``*_r2`` key of ``probe_by_layer``."""
     layers = sorted(probe_by_layer, key=lambda x: int(x))
     keys = sorted({k for entry in probe_by_layer.values() for k in entry if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
@@ -216,7 +216,7 @@ def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: Optional[int]
     return _save(fig, path)
 
 
-def plot_training_curves(log_history: Sequence[dict], path: Path) -> Optional[Path]:
+def plot_training_curves(log_history: Sequence[dict], path: Path) -> Path | None:
     """Training loss and evaluation loss against the step (left) and the evaluation's r / R^2 (right)."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [e for e in log_history if "eval_loss" in e and "step" in e]
@@ -248,7 +248,7 @@ def plot_training_curves(log_history: Sequence[dict], path: Path) -> Optional[Pa
 DRIFT_SKIP = ("step", "epoch", "seconds")
 
 
-def drift_history(drift=None, log_history: Optional[Sequence[dict]] = None) -> tuple[list[dict], Optional[dict]]:
+def drift_history(drift=None, log_history: Sequence[dict] | None = None) -> tuple[list[dict], dict | None]:
     """``(history, summary)`` of the target neuron's drift from whatever the caller has: the drift monitor's
     history (a list of ``{"step", ...}``, keys with or without the ``drift/`` prefix the Trainer's log adds), its
     ``drift.json`` (a dict with ``history``), a one-off summary such as the train stage's ``neuron_drift``
@@ -279,7 +279,7 @@ def _drift_panel(key: str) -> int:
     return 0
 
 
-def plot_drift(history: Sequence[dict], path: Path) -> Optional[Path]:
+def plot_drift(history: Sequence[dict], path: Path) -> Path | None:
     """The drift history against ``step``, in up to three panels: the target neuron (mean shift, std ratio,
     correlation, largest change), the head's agreement with the live and the reference neuron, the LM loss."""
     keys = sorted({k for e in history for k, v in e.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -300,7 +300,7 @@ def plot_drift(history: Sequence[dict], path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def _plot_causal(causal: dict, path: Path) -> Optional[Path]:
+def _plot_causal(causal: dict, path: Path) -> Path | None:
     fig = plot_causal(causal)
     try:
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -343,7 +343,7 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
     return lines + [""]
 
 
-def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = None, log_history: Optional[Sequence[dict]] = None,
+def write_report(evaluation: dict, output_dir, *, predictions: dict | None = None, log_history: Sequence[dict] | None = None,
                  drift=None) -> Path:
     """Write ``report.md`` and the PNGs (module docstring) into ``output_dir``; returns the report's path.
 
