@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -59,6 +58,7 @@ from transformers import TrainerCallback
 
 from nsr_hf.architectures import truncated
 from nsr_hf.capture import Neuron, NeuronRecorder, model_inputs
+from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.utils import unwrap
 
@@ -132,16 +132,6 @@ def _batches(rows: Sequence[dict], size: int):
 # Statistics
 
 
-def _pearson(a: np.ndarray, b: np.ndarray, what: str) -> float:
-    """Pearson r; 0.0 with a warning when either side is constant (undefined, never NaN)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        message = f"{what}: one side is constant over the probe rows, so the correlation is undefined; set to 0.0."
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        logger.warning(message)
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def neuron_drift_stats(live, reference) -> dict[str, float]:
     """Drift of one neuron over paired rows: ``mean_shift`` (in reference standard deviations), ``std_ratio``,
     ``correlation`` (Pearson) and ``max_abs_change`` (activation units). The reference must not be constant."""
@@ -151,16 +141,13 @@ def neuron_drift_stats(live, reference) -> dict[str, float]:
     if not std > 0:
         raise ValueError("The reference values are constant: drift in units of their standard deviation is undefined.")
     return {"mean_shift": float((live.mean() - reference.mean()) / std), "std_ratio": float(live.std() / std),
-            "correlation": _pearson(live, reference, "live vs reference neuron"),
+            "correlation": pearson_r(live, reference, "live vs reference neuron over the probe rows"),
             "max_abs_change": float(np.max(np.abs(live - reference)))}
 
 
 def _agreement(report: np.ndarray, target: np.ndarray, what: str) -> tuple[float, float]:
-    """(Pearson r, R^2) of the head's report against ``target``; R^2 = 0 for a constant target unless exact."""
-    sse = float(np.sum((target - report) ** 2))
-    sst = float(np.sum((target - target.mean()) ** 2))
-    r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else 0.0)
-    return _pearson(report, target, what), r2
+    """(Pearson r, R^2) of the head's report against ``target``, by the rule of ``nsr_hf.metrics`` for constant sides."""
+    return pearson_r(report, target, what), r2_score(target, report)
 
 
 # ----------------------------------------------------------------------------------------------------------
