@@ -53,7 +53,6 @@ from nsr_hf.evaluation.causal import (
     batches,
     linear_fit,
     live_activations,
-    new_figure,
     path_to_report,
     predictor_reports,
     report_under_intervention,
@@ -63,6 +62,7 @@ from nsr_hf.evaluation.causal import (
 )
 from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.plotting import new_figure, save_figure
 from nsr_hf.utils import to_jsonable
 
 PATCHING_MODES = ("set", "zero", "scale")
@@ -70,14 +70,6 @@ PATCHING_MODES = ("set", "zero", "scale")
 
 # ----------------------------------------------------------------------------------------------------------
 # Results
-
-
-def save_figure(fig, path) -> Path:
-    """Write ``fig`` as a PNG (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 
 from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
 from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.plotting import new_figure
 from nsr_hf.training.collator import PredictorDataCollator
 
 MODES = ("set", "scale")
@@ -335,17 +336,6 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         "meaningful": meaningful,
         "note": note,
     }
-
-
-def new_figure(width: float = 6.0, height: float = 4.5, ncols: int = 1):
-    """A matplotlib ``(Figure, axes)`` on the Agg canvas (no pyplot state, safe without a display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols)
-    return fig, axes
 
 
 def plot_causal(result: dict):

@@ -12,7 +12,8 @@ Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when it
 * ``methods.png``: R^2 and r of every method with their bootstrap confidence intervals.
 * ``r2_by_layer.png``: the ridge probe's R^2 when it reads each layer (read layer and target layer marked).
 * ``training_curves.png``: the Trainer's ``log_history`` (training loss, evaluation loss and metrics).
-* ``drift.png``: the drift monitor's history against ``step`` (``drift_history`` says which inputs it accepts).
+* ``drift.png``: the drift monitor's figure (``nsr_hf.training.monitoring.plot_drift``) of its history (``drift_history``
+  says which inputs it accepts).
 * ``causal.png``: ``nsr_hf.evaluation.causal.plot_causal`` of the causal test.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 
 from nsr_hf.evaluation.causal import plot_causal
 from nsr_hf.methods import describe, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
+from nsr_hf.plotting import figure, save_figure
+from nsr_hf.training.monitoring import DRIFT_SKIP, plot_drift
 
 logger = logging.getLogger(__name__)
 
@@ -101,25 +104,10 @@ def _causal_lines(causal: dict) -> list[str]:
 # Plots
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def plot_pred_vs_true(predictions: dict, path: Path, r2: dict | None = None) -> Path:
     """``predictions``: {split: {"true", "self", optional "self_greedy", "ridge_probe"}}; one panel per split."""
     splits = list(predictions)
-    fig = _figure(4.6 * len(splits), 4.4)
+    fig = figure(4.6 * len(splits), 4.4)
     for i, split in enumerate(splits):
         p = predictions[split]
         true = np.asarray(p["true"], dtype=np.float64)
@@ -140,13 +128,13 @@ def plot_pred_vs_true(predictions: dict, path: Path, r2: dict | None = None) -> 
         title = f"{split}" + (f": R² = {r2[split]:.3f}" if r2 and split in r2 else "")
         ax.set_title(title)
         ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
 def plot_residuals(predictions: dict, path: Path) -> Path:
     """Residuals (self − true) against the true value (top) and their histogram (bottom), one column per split."""
     splits = list(predictions)
-    fig = _figure(4.6 * len(splits), 6.4)
+    fig = figure(4.6 * len(splits), 6.4)
     for i, split in enumerate(splits):
         true = np.asarray(predictions[split]["true"], dtype=np.float64)
         residual = np.asarray(predictions[split]["self"], dtype=np.float64) - true
@@ -161,14 +149,14 @@ def plot_residuals(predictions: dict, path: Path) -> Path:
         ax.axvline(0, color="black", linewidth=1)
         ax.set_xlabel("predicted − true")
         ax.set_ylabel("rows")
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
 def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
     """R^2 and r of every method on ``split`` with their confidence intervals (horizontal bars)."""
     metrics = evaluation["metrics"][split]
     methods = method_rows(metrics)
-    fig = _figure(11, 0.45 * len(methods) + 1.6)
+    fig = figure(11, 0.45 * len(methods) + 1.6)
     for i, (key, label) in enumerate((("r2", "R²"), ("pearson", "Pearson r"))):
         ax = fig.add_subplot(1, 2, i + 1)
         values = np.array([figures_of(metrics, m).get(key, np.nan) for m in methods], dtype=np.float64)
@@ -185,14 +173,14 @@ def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
         ax.set_xlabel(f"{label} ({split})")
         if key == "r2" and min(lows) < -1:
             ax.set_title("values below −1 are cut off", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
 def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: int | None = None, target_layer: int | None = None) -> Path:
     """The ridge probe's R^2 by the layer it reads, for every ``*_r2`` key of ``probe_by_layer``."""
     layers = sorted(probe_by_layer, key=lambda x: int(x))
     keys = sorted({k for entry in probe_by_layer.values() for k in entry if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
-    fig = _figure(6.4, 4.0)
+    fig = figure(6.4, 4.0)
     ax = fig.add_subplot()
     x = [int(layer) for layer in layers]
     lowest = 0.0
@@ -213,7 +201,7 @@ def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: int | None = 
     ax.set_ylabel("R²")
     ax.set_title("ridge probe R² by layer")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
 def plot_training_curves(log_history: Sequence[dict], path: Path) -> Path | None:
@@ -223,7 +211,7 @@ def plot_training_curves(log_history: Sequence[dict], path: Path) -> Path | None
     metric_keys = [k for k in ("eval_r2", "eval_pearson", "eval_spearman", "eval_accuracy", "eval_qwk") if any(k in e for e in evals)]
     if not train and not evals:
         return None
-    fig = _figure(11 if metric_keys else 6, 4.0)
+    fig = figure(11 if metric_keys else 6, 4.0)
     ax = fig.add_subplot(1, 2 if metric_keys else 1, 1)
     if train:
         ax.plot(*zip(*train), label="training loss")
@@ -242,10 +230,7 @@ def plot_training_curves(log_history: Sequence[dict], path: Path) -> Path | None
         ax.set_xlabel("step")
         ax.set_title("validation figures during training")
         ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-DRIFT_SKIP = ("step", "epoch", "seconds")
+    return save_figure(fig, path, crop=False)
 
 
 def drift_history(drift=None, log_history: Sequence[dict] | None = None) -> tuple[list[dict], dict | None]:
@@ -271,45 +256,8 @@ def drift_history(drift=None, log_history: Sequence[dict] | None = None) -> tupl
     return history, summary
 
 
-def _drift_panel(key: str) -> int:
-    if "head_" in key:
-        return 1
-    if key.startswith("lm_loss"):
-        return 2
-    return 0
-
-
-def plot_drift(history: Sequence[dict], path: Path) -> Path | None:
-    """The drift history against ``step``, in up to three panels: the target neuron (mean shift, std ratio,
-    correlation, largest change), the head's agreement with the live and the reference neuron, the LM loss."""
-    keys = sorted({k for e in history for k, v in e.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if not keys:
-        return None
-    titles = ("target neuron (live vs the frozen original)", "head's report vs the neuron", "language-model loss")
-    panels = sorted({_drift_panel(k) for k in keys})
-    fig = _figure(5.2 * len(panels), 4.0)
-    for i, panel in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for key in [k for k in keys if _drift_panel(k) == panel]:
-            points = [(e["step"], e[key]) for e in history if "step" in e and isinstance(e.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=key)
-        ax.set_xlabel("step")
-        ax.set_title(titles[panel], fontsize=9)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _plot_causal(causal: dict, path: Path) -> Path | None:
-    fig = plot_causal(causal)
-    try:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    finally:
-        if fig.canvas.manager is not None:  # a pyplot figure: release it
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-    return path
+def _plot_causal(causal: dict, path: Path) -> Path:
+    return save_figure(plot_causal(causal), path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,7 +336,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
     if log_history:
         attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
     if history:
-        attempt("drift.png", lambda p: plot_drift(history, p))
+        attempt("drift.png", lambda p: plot_drift(history, [], p))
     if (evaluation.get("causal") or {}).get("mean_report"):
         attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
 
