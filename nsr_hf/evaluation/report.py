@@ -1,7 +1,8 @@
 """The evaluation report: ``report.md`` and its plots, from the dict ``nsr_hf.evaluation.protocol.run_evaluate`` returns
 (the content of ``metrics.json``).
 
-    from nsr_hf.evaluation.report import headline_table, write_report
+    from nsr_hf.evaluation.report import write_report
+    from nsr_hf.methods import headline_table
     write_report(evaluation, "outputs/eval", predictions=..., log_history=trainer.state.log_history)
     print(headline_table(evaluation))          # the table the model card carries
 
