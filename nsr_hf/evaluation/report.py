@@ -292,6 +292,75 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
     return lines + [""]
 
 
+def _write_plots(evaluation: dict, out: Path, splits: list[str], headline_split: str, predictions: dict | None,
+                 log_history: Sequence[dict] | None, history: list[dict]) -> dict[str, Path]:
+    """Every PNG whose data is there, by name; a plot whose optional dependency is missing is skipped with a warning."""
+    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
+    info = evaluation.get("predictor") or {}
+    plots: dict[str, Path] = {}
+
+    def attempt(name: str, make):
+        try:
+            written = make(out / name)
+        except ImportError as err:  # an optional stage (e.g. the causal module) is missing: say so, keep the report
+            logger.warning("%s not written: %s", name, err)
+            return
+        if written is not None:
+            plots[name] = written
+
+    if predictions:
+        shown = {s: predictions[s] for s in splits if s in predictions}
+        r2 = {s: evaluation["metrics"][s]["self"]["r2"] for s in shown if "self" in evaluation["metrics"][s]}
+        if shown:
+            attempt("pred_vs_true.png", lambda p: plot_pred_vs_true(shown, p, r2))
+            attempt("residuals.png", lambda p: plot_residuals(shown, p))
+    attempt("methods.png", lambda p: plot_methods(evaluation, p, headline_split))
+    if evaluation.get("probe_by_layer"):
+        target_layer = int(str(neuron).split(".")[0]) if "." in str(neuron) else None
+        attempt("r2_by_layer.png", lambda p: plot_r2_by_layer(evaluation["probe_by_layer"], p, info.get("read_layer"), target_layer))
+    if log_history:
+        attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
+    if history:
+        attempt("drift.png", lambda p: plot_drift(history, [], p))
+    if (evaluation.get("causal") or {}).get("mean_report"):
+        attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
+    return plots
+
+
+def _header_lines(evaluation: dict) -> list[str]:
+    info = evaluation.get("predictor") or {}
+    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
+    lines = [f"# Self-report of neuron {neuron}", ""]
+    lines += [f"- Predictor: `{info.get('path') or 'in memory'}` ({info.get('head_type')} head, reads block {info.get('read_layer')})",
+              f"- Base model: `{info.get('base_model')}`; dataset: `{info.get('dataset')}`",
+              "- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
+    boot = evaluation.get("bootstrap") or {}
+    if boot.get("n"):
+        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "
+                     "differences between methods use the same resamples for both (paired)")
+    return lines + ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
+
+
+def _probe_by_layer_lines(pbl: dict) -> list[str]:
+    keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
+    lines = ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for layer in sorted(pbl, key=lambda x: int(x)):
+        e = pbl[layer]
+        alpha = e.get("alpha")
+        lines.append(f"| {layer} | {alpha:.3g} | " if isinstance(alpha, (int, float)) else f"| {layer} | n/a | ")
+        lines[-1] += " | ".join(fmt(e.get(k)) for k in keys) + " |"
+    return lines + [""]
+
+
+def _every_neuron_lines(by_neuron: dict, headline_split: str) -> list[str]:
+    lines = ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
+    for name, result in by_neuron.items():
+        m = (result.get("metrics") or {}).get(headline_split) or {}
+        probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
+        lines.append(f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |")
+    return lines + [""]
+
+
 def write_report(evaluation: dict, output_dir, *, predictions: dict | None = None, log_history: Sequence[dict] | None = None,
                  drift=None) -> Path:
     """Write ``report.md`` and the PNGs (module docstring) into ``output_dir``; returns the report's path.
@@ -309,61 +378,17 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
     splits = [s for s in (evaluation.get("splits") or list(evaluation.get("metrics") or {})) if s in (evaluation.get("metrics") or {})]
     if not splits:
         raise ValueError("The evaluation holds no metrics by split: pass what run_evaluate returns (or its metrics.json).")
-    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
-    info = evaluation.get("predictor") or {}
     history, drift_summary = drift_history(drift, log_history)
-    plots: dict[str, Path] = {}
-
-    def attempt(name: str, make):
-        try:
-            written = make(out / name)
-        except ImportError as err:  # an optional stage (e.g. the causal module) is missing: say so, keep the report
-            logger.warning("%s not written: %s", name, err)
-            return
-        if written is not None:
-            plots[name] = written
-
     headline_split = "test" if "test" in splits else splits[0]
-    if predictions:
-        shown = {s: predictions[s] for s in splits if s in predictions}
-        r2 = {s: evaluation["metrics"][s]["self"]["r2"] for s in shown if "self" in evaluation["metrics"][s]}
-        if shown:
-            attempt("pred_vs_true.png", lambda p: plot_pred_vs_true(shown, p, r2))
-            attempt("residuals.png", lambda p: plot_residuals(shown, p))
-    attempt("methods.png", lambda p: plot_methods(evaluation, p, headline_split))
-    if evaluation.get("probe_by_layer"):
-        target_layer = int(str(neuron).split(".")[0]) if "." in str(neuron) else None
-        attempt("r2_by_layer.png", lambda p: plot_r2_by_layer(evaluation["probe_by_layer"], p, info.get("read_layer"), target_layer))
-    if log_history:
-        attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
-    if history:
-        attempt("drift.png", lambda p: plot_drift(history, [], p))
-    if (evaluation.get("causal") or {}).get("mean_report"):
-        attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
+    plots = _write_plots(evaluation, out, splits, headline_split, predictions, log_history, history)
 
-    lines = [f"# Self-report of neuron {neuron}", ""]
-    lines += [f"- Predictor: `{info.get('path') or 'in memory'}` ({info.get('head_type')} head, reads block {info.get('read_layer')})",
-              f"- Base model: `{info.get('base_model')}`; dataset: `{info.get('dataset')}`",
-              "- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
-    boot = evaluation.get("bootstrap") or {}
-    if boot.get("n"):
-        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "
-                     "differences between methods use the same resamples for both (paired)")
-    lines += ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
+    lines = _header_lines(evaluation)
     for split in [headline_split] + [s for s in splits if s != headline_split]:
         lines += _split_section(evaluation, split)
     methods = method_rows(evaluation["metrics"][headline_split])
     lines += ["Methods:", ""] + [f"- **{m}**: {describe(m)}" for m in methods if describe(m)] + [""]
     if evaluation.get("probe_by_layer"):
-        pbl = evaluation["probe_by_layer"]
-        keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
-        lines += ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
-        for layer in sorted(pbl, key=lambda x: int(x)):
-            e = pbl[layer]
-            alpha = e.get("alpha")
-            lines.append(f"| {layer} | {alpha:.3g} | " if isinstance(alpha, (int, float)) else f"| {layer} | n/a | ")
-            lines[-1] += " | ".join(fmt(e.get(k)) for k in keys) + " |"
-        lines.append("")
+        lines += _probe_by_layer_lines(evaluation["probe_by_layer"])
     if evaluation.get("causal"):
         lines += ["## Causal test", "", "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
         lines += _causal_lines(evaluation["causal"]) + [""]
@@ -373,12 +398,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
         lines += ["## Drift of the target neuron", "", f"{when}: {shown}.", ""]
     by_neuron = evaluation.get("by_neuron") or {}
     if len(by_neuron) > 1:
-        lines += ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
-        for name, result in by_neuron.items():
-            m = (result.get("metrics") or {}).get(headline_split) or {}
-            probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
-            lines.append(f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |")
-        lines.append("")
+        lines += _every_neuron_lines(by_neuron, headline_split)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     path = out / "report.md"
