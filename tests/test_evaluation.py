@@ -205,7 +205,7 @@ def trained(tiny_model_dirs, tmp_path_factory):
     return Path(config.output_dir), summary
 
 
-FAST = dict(n_bootstrap=200, causal_max_rows=16, causal_num_values=5, batch_size=16)
+FAST = {"n_bootstrap": 200, "causal_max_rows": 16, "causal_num_values": 5, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")

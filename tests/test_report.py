@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from nsr_hf.evaluation.protocol import EVALUATION_KIND
+from nsr_hf.evaluation.report import write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions
 from nsr_hf.evaluation.statistics import compare_methods
-from nsr_hf.evaluation.report import write_report
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.utils import to_jsonable
 
