@@ -53,7 +53,6 @@ from nsr_hf.evaluation.causal import (
     batches,
     linear_fit,
     live_activations,
-    new_figure,
     path_to_report,
     predictor_reports,
     report_under_intervention,
@@ -61,7 +60,9 @@ from nsr_hf.evaluation.causal import (
     target_column,
     unwrap_predictor,
 )
+from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.plotting import new_figure, save_figure
 from nsr_hf.utils import to_jsonable
 
 PATCHING_MODES = ("set", "zero", "scale")
@@ -69,14 +70,6 @@ PATCHING_MODES = ("set", "zero", "scale")
 
 # ----------------------------------------------------------------------------------------------------------
 # Results
-
-
-def save_figure(fig, path) -> Path:
-    """Write ``fig`` as a PNG (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
 
 
 @dataclass
@@ -347,11 +340,9 @@ def projection_analysis(predictor, rows, neuron=None, batch_size: int = 16, max_
     correlation = {name: [linear_fit(stream[:, i] @ d, true)["r"] for i in range(stream.shape[1])] for name, d in directions.items()}
     report = predictor_reports(model, rows, neuron, batch_size)
     head_fit = linear_fit(report, true)
-    sst = float(np.sum((true - true.mean()) ** 2))
     labels = ["embeddings"] + list(range(stream.shape[1] - 1))
     numbers = {"neuron": str(neuron), "rows": len(rows), "read_layer": model.config.effective_read_layer, "layers": labels,
-               "correlation": correlation, "head_output_r": head_fit["r"],
-               "head_output_r2": 1.0 - float(np.sum((report - true) ** 2)) / sst if sst > 0 else None}
+               "correlation": correlation, "head_output_r": head_fit["r"], "head_output_r2": r2_score(true, report)}
 
     fig, ax = new_figure(7, 4.5)
     x = np.arange(len(labels)) - 1  # embeddings at -1, block i at i
@@ -451,9 +442,7 @@ def _slope_summary(fit: dict) -> dict:
 
 
 def _accuracy(report: np.ndarray, true: np.ndarray) -> dict:
-    sst = float(np.sum((true - true.mean()) ** 2))
-    return {"r2": 1.0 - float(np.sum((report - true) ** 2)) / sst if sst > 0 else None,
-            "r": linear_fit(report, true)["r"], "mse": float(np.mean((report - true) ** 2))}
+    return {"r2": r2_score(true, report), "r": linear_fit(report, true)["r"], "mse": float(np.mean((report - true) ** 2))}
 
 
 def _retained(after: float | None, before: float | None) -> float | None:

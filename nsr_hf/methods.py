@@ -1,4 +1,9 @@
-"""The evaluation's methods in words, and the headline every summary of an evaluation prints.
+"""The registry of evaluation methods, and the headline every summary of an evaluation prints.
+
+``METHODS`` is the one list of what an evaluation scores: the self-reporter, its greedy readout, the baselines and
+the controls, in the order the report shows them. The evaluation (``EvaluateConfig.methods``, ``run_baselines``),
+the report, the model card, ``nsr train``'s last lines and the sweep read it; a new baseline is a row here and its
+code in ``nsr_hf.evaluation.baselines``.
 
 ``headline_table`` and ``verdicts`` read the dict ``nsr_hf.evaluation.protocol.run_evaluate`` returns (the content of
 its ``metrics.json``); the report, the model card, ``nsr train``'s last lines and the sweep all print them, so they
@@ -7,30 +12,63 @@ sit below every one of those layers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-METHOD_ORDER = ("self", "self (greedy)", "ridge_probe", "token_lookup", "mean", "random_init", "shuffled_labels", "self_shuffled")
-METHOD_DESCRIPTIONS = {
-    "self": "the fine-tuned self-reporter (expected value)",
-    "self (greedy)": "the self-reporter's most likely bin (greedy readout)",
-    "mean": "the training mean",
-    "token_lookup": "mean value per labelled token, from the training split",
-    "ridge_probe": "closed-form ridge probe of the representation the head reads (frozen original model)",
-    "random_init": "the same probe on a randomly initialised model",
-    "shuffled_labels": "the probe trained on shuffled labels (control)",
-    "self_shuffled": "a self-reporter trained on shuffled labels (control)",
-}
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluation method.
+
+    ``name``: its key in ``metrics.json`` (``cross`` gives one row ``cross:<model>`` per cross model);
+    ``description``: the report's line about it; ``needs``: what it reads (``"predictor"``: the trained predictor,
+    ``"labels"``: the training labels alone, ``"features"``: the original model's representation, ``"cross model"``:
+    another model, ``"shuffled predictor"``: a predictor trained on shuffled labels); ``baseline``: run by
+    ``run_baselines`` and chosen with ``EvaluateConfig.methods``; ``default``: on unless the user says otherwise;
+    ``has_predictions``: it predicts every row, so it is a row of the tables (``probe_by_layer`` gives R² per layer).
+    """
+
+    name: str
+    description: str
+    needs: str
+    baseline: bool = True
+    default: bool = True
+    has_predictions: bool = True
+
+
+METHODS = (
+    Method("self", "the fine-tuned self-reporter (expected value)", "predictor", baseline=False),
+    Method("self (greedy)", "the self-reporter's most likely bin (greedy readout)", "predictor", baseline=False),
+    Method("ridge_probe", "closed-form ridge probe of the representation the head reads (frozen original model)", "features"),
+    Method("token_lookup", "mean value per labelled token, from the training split", "labels"),
+    Method("mean", "the training mean", "labels"),
+    Method("random_init", "the same probe on a randomly initialised model", "features"),
+    Method("shuffled_labels", "the probe trained on shuffled labels (control)", "features"),
+    Method("self_shuffled", "a self-reporter trained on shuffled labels (control)", "shuffled predictor", baseline=False, default=False),
+    Method("probe_by_layer", "the ridge probe at every layer (R² by layer)", "features", has_predictions=False),
+    Method("cross", "another model trained on this model's labels (cross-prediction control)", "cross model"),
+)
+METHOD_ORDER = tuple(m.name for m in METHODS if m.has_predictions and m.name != "cross")
+METHOD_DESCRIPTIONS = {m.name: m.description for m in METHODS if m.has_predictions and m.name != "cross"}
+BASELINE_METHODS = tuple(m.name for m in METHODS if m.baseline)
+DEFAULT_BASELINES = tuple(m.name for m in METHODS if m.baseline and m.default)
+
+
+def display_order(names) -> list[str]:
+    """``names`` in the report's order: the registry's rows, then the ``cross:<model>`` rows sorted, then anything else."""
+    names = list(names)
+    known = [m for m in METHOD_ORDER if m in names]
+    cross = sorted(m for m in names if m.startswith("cross:"))
+    return known + cross + [m for m in names if m not in known and m not in cross]
 
 
 def method_rows(metrics: dict) -> list[str]:
     """Method rows in reading order: self, its greedy readout, the baselines, the cross models, anything else."""
     rows = []
-    for name in metrics:
+    for name, figures in metrics.items():
         rows.append(name)
-        if name == "self" and "greedy_r2" in metrics[name]:
+        if name == "self" and "greedy_r2" in figures:
             rows.append("self (greedy)")
-    known = [m for m in METHOD_ORDER if m in rows]
-    cross = sorted(m for m in rows if m.startswith("cross:"))
-    return known + cross + [m for m in rows if m not in known and m not in cross]
+    return display_order(rows)
 
 
 def figures_of(metrics: dict, method: str) -> dict:
@@ -41,6 +79,7 @@ def figures_of(metrics: dict, method: str) -> dict:
 
 
 def fmt(value, digits: int = 3) -> str:
+    """A figure as the tables show it: ``n/a`` for None or a non-finite value, integers as they are."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -49,12 +88,14 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def with_ci(figures: dict, key: str) -> str:
+    """``figures[key]`` followed by its ``[low, high]`` interval when ``figures`` has ``<key>_ci``."""
     ci = figures.get(f"{key}_ci")
     text = fmt(figures.get(key))
     return f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else text
 
 
 def describe(method: str) -> str:
+    """The report's line about ``method`` (a ``cross:<model>`` row names its model)."""
     if method.startswith("cross:"):
         return f"another model ({method.split(':', 1)[1]}) trained on this model's labels (cross-prediction control)"
     return METHOD_DESCRIPTIONS.get(method, "")

@@ -46,6 +46,7 @@ from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import load_activation_dataset, read_metadata
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
+from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
@@ -111,9 +112,7 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
         for f in range(folds):
             probe = RidgeProbe().fit(X[fold != f], target[fold != f])
             pred[fold == f] = probe.predict(X[fold == f])
-        sst = float(((target - target.mean()) ** 2).sum())
-        r2 = 1 - float(((pred - target) ** 2).sum()) / sst if sst > 0 else 0.0
-        table.append({"rank": j + 1, "neuron": str(neuron), "read_layer": read[str(neuron)], "cv_r2": r2})
+        table.append({"rank": j + 1, "neuron": str(neuron), "read_layer": read[str(neuron)], "cv_r2": r2_score(target, pred)})
     best = max(table, key=lambda row: row["cv_r2"])
     (out / "scan").mkdir(parents=True, exist_ok=True)
     (out / "scan" / "selection.json").write_text(json.dumps({"rule": f"best {folds}-fold ridge R^2 of the top {len(candidates)} on "

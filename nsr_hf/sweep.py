@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from nsr_hf.capture import Neuron
-from nsr_hf.evaluation.protocol import LOW_SPREAD_RATIO
+from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
 from nsr_hf.scanner import TOP_FILE, load_scan

@@ -16,7 +16,6 @@ from datasets import Dataset
 from nsr_hf.architectures import get_mlp, get_pre_mlp_norm
 from nsr_hf.data.generator import ActivationDatasetGenerator, DatasetConfig
 from nsr_hf.evaluation.baselines import (
-    METHODS,
     CrossModel,
     TokenLookup,
     cross_texts,
@@ -25,6 +24,7 @@ from nsr_hf.evaluation.baselines import (
     run_baselines,
     shuffled_label_probe,
 )
+from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
@@ -353,7 +353,7 @@ def test_an_empty_validation_split_falls_back_to_generalized_cross_validation(gp
 
 def test_an_unknown_method_is_refused_naming_the_valid_ones(gpt2, activation_splits):
     model, tokenizer = gpt2
-    with pytest.raises(ValueError, match="unknown baseline method.*'linear'.*" + ", ".join(METHODS)):
+    with pytest.raises(ValueError, match="unknown baseline method.*'linear'.*" + ", ".join(BASELINE_METHODS)):
         run_baselines(model, tokenizer, activation_splits, read_layer=1, methods=("mean", "linear"))
 
 

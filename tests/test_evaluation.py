@@ -13,20 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from nsr_hf.evaluation.protocol import (
-    LOW_SPREAD_RATIO,
-    EvaluateConfig,
-    bootstrap_ci,
-    compare_methods,
-    evaluate_predictions,
-    majority_class_rate,
-    paired_bootstrap_difference,
-    predict_split,
-    run_evaluate,
-    selectivity,
-    split_spread,
-    subset_indices,
-)
+from nsr_hf.evaluation.predictions import predict_split
+from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO, evaluate_predictions, majority_class_rate, split_spread, subset_indices
+from nsr_hf.evaluation.statistics import bootstrap_ci, compare_methods, paired_bootstrap_difference, selectivity
 from nsr_hf.metrics import regression_metrics
 
 
@@ -215,7 +205,7 @@ def trained(tiny_model_dirs, tmp_path_factory):
     return Path(config.output_dir), summary
 
 
-FAST = dict(n_bootstrap=200, causal_max_rows=16, causal_num_values=5, batch_size=16)
+FAST = {"n_bootstrap": 200, "causal_max_rows": 16, "causal_num_values": 5, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")

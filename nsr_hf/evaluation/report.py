@@ -1,7 +1,8 @@
 """The evaluation report: ``report.md`` and its plots, from the dict ``nsr_hf.evaluation.protocol.run_evaluate`` returns
 (the content of ``metrics.json``).
 
-    from nsr_hf.evaluation.report import headline_table, write_report
+    from nsr_hf.evaluation.report import write_report
+    from nsr_hf.methods import headline_table
     write_report(evaluation, "outputs/eval", predictions=..., log_history=trainer.state.log_history)
     print(headline_table(evaluation))          # the table the model card carries
 
@@ -12,19 +13,22 @@ Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when it
 * ``methods.png``: R^2 and r of every method with their bootstrap confidence intervals.
 * ``r2_by_layer.png``: the ridge probe's R^2 when it reads each layer (read layer and target layer marked).
 * ``training_curves.png``: the Trainer's ``log_history`` (training loss, evaluation loss and metrics).
-* ``drift.png``: the drift monitor's history against ``step`` (``drift_history`` says which inputs it accepts).
+* ``drift.png``: the drift monitor's figure (``nsr_hf.training.monitoring.plot_drift``) of its history (``drift_history``
+  says which inputs it accepts).
 * ``causal.png``: ``nsr_hf.evaluation.causal.plot_causal`` of the causal test.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
 from nsr_hf.evaluation.causal import plot_causal
 from nsr_hf.methods import describe, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
+from nsr_hf.plotting import figure, save_figure
+from nsr_hf.training.monitoring import DRIFT_SKIP, plot_drift
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def _warnings(metrics: dict) -> list[str]:
     return out
 
 
-def _bin_table(metrics: dict) -> Optional[str]:
+def _bin_table(metrics: dict) -> str | None:
     rows = [m for m in method_rows(metrics) if "accuracy" in figures_of(metrics, m)]
     if not rows:
         return None
@@ -51,7 +55,7 @@ def _bin_table(metrics: dict) -> Optional[str]:
     return "\n".join(lines)
 
 
-def _subset_table(metrics: dict) -> Optional[str]:
+def _subset_table(metrics: dict) -> str | None:
     lines = ["| method | subset | rows | R² [CI] | r [CI] | MSE | true range |", "| --- | --- | --- | --- | --- | --- | --- |"]
     notes = set()
     for method in [m for m in method_rows(metrics) if m != "self (greedy)"]:
@@ -101,25 +105,10 @@ def _causal_lines(causal: dict) -> list[str]:
 # Plots
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_pred_vs_true(predictions: dict, path: Path, r2: Optional[dict] = None) -> Path:
+def plot_pred_vs_true(predictions: dict, path: Path, r2: dict | None = None) -> Path:
     """``predictions``: {split: {"true", "self", optional "self_greedy", "ridge_probe"}}; one panel per split."""
     splits = list(predictions)
-    fig = _figure(4.6 * len(splits), 4.4)
+    fig = figure(4.6 * len(splits), 4.4)
     for i, split in enumerate(splits):
         p = predictions[split]
         true = np.asarray(p["true"], dtype=np.float64)
@@ -140,13 +129,13 @@ def plot_pred_vs_true(predictions: dict, path: Path, r2: Optional[dict] = None) 
         title = f"{split}" + (f": R² = {r2[split]:.3f}" if r2 and split in r2 else "")
         ax.set_title(title)
         ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
 def plot_residuals(predictions: dict, path: Path) -> Path:
     """Residuals (self − true) against the true value (top) and their histogram (bottom), one column per split."""
     splits = list(predictions)
-    fig = _figure(4.6 * len(splits), 6.4)
+    fig = figure(4.6 * len(splits), 6.4)
     for i, split in enumerate(splits):
         true = np.asarray(predictions[split]["true"], dtype=np.float64)
         residual = np.asarray(predictions[split]["self"], dtype=np.float64) - true
@@ -161,14 +150,14 @@ def plot_residuals(predictions: dict, path: Path) -> Path:
         ax.axvline(0, color="black", linewidth=1)
         ax.set_xlabel("predicted − true")
         ax.set_ylabel("rows")
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
 def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
     """R^2 and r of every method on ``split`` with their confidence intervals (horizontal bars)."""
     metrics = evaluation["metrics"][split]
     methods = method_rows(metrics)
-    fig = _figure(11, 0.45 * len(methods) + 1.6)
+    fig = figure(11, 0.45 * len(methods) + 1.6)
     for i, (key, label) in enumerate((("r2", "R²"), ("pearson", "Pearson r"))):
         ax = fig.add_subplot(1, 2, i + 1)
         values = np.array([figures_of(metrics, m).get(key, np.nan) for m in methods], dtype=np.float64)
@@ -185,14 +174,14 @@ def plot_methods(evaluation: dict, path: Path, split: str = "test") -> Path:
         ax.set_xlabel(f"{label} ({split})")
         if key == "r2" and min(lows) < -1:
             ax.set_title("values below −1 are cut off", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
-def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: Optional[int] = None, target_layer: Optional[int] = None) -> Path:
+def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: int | None = None, target_layer: int | None = None) -> Path:
     """The ridge probe's R^2 by the layer it reads, for every ``*_r2`` key of ``probe_by_layer``."""
     layers = sorted(probe_by_layer, key=lambda x: int(x))
     keys = sorted({k for entry in probe_by_layer.values() for k in entry if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
-    fig = _figure(6.4, 4.0)
+    fig = figure(6.4, 4.0)
     ax = fig.add_subplot()
     x = [int(layer) for layer in layers]
     lowest = 0.0
@@ -213,17 +202,17 @@ def plot_r2_by_layer(probe_by_layer: dict, path: Path, read_layer: Optional[int]
     ax.set_ylabel("R²")
     ax.set_title("ridge probe R² by layer")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
-def plot_training_curves(log_history: Sequence[dict], path: Path) -> Optional[Path]:
+def plot_training_curves(log_history: Sequence[dict], path: Path) -> Path | None:
     """Training loss and evaluation loss against the step (left) and the evaluation's r / R^2 (right)."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [e for e in log_history if "eval_loss" in e and "step" in e]
     metric_keys = [k for k in ("eval_r2", "eval_pearson", "eval_spearman", "eval_accuracy", "eval_qwk") if any(k in e for e in evals)]
     if not train and not evals:
         return None
-    fig = _figure(11 if metric_keys else 6, 4.0)
+    fig = figure(11 if metric_keys else 6, 4.0)
     ax = fig.add_subplot(1, 2 if metric_keys else 1, 1)
     if train:
         ax.plot(*zip(*train), label="training loss")
@@ -242,13 +231,10 @@ def plot_training_curves(log_history: Sequence[dict], path: Path) -> Optional[Pa
         ax.set_xlabel("step")
         ax.set_title("validation figures during training")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, crop=False)
 
 
-DRIFT_SKIP = ("step", "epoch", "seconds")
-
-
-def drift_history(drift=None, log_history: Optional[Sequence[dict]] = None) -> tuple[list[dict], Optional[dict]]:
+def drift_history(drift=None, log_history: Sequence[dict] | None = None) -> tuple[list[dict], dict | None]:
     """``(history, summary)`` of the target neuron's drift from whatever the caller has: the drift monitor's
     history (a list of ``{"step", ...}``, keys with or without the ``drift/`` prefix the Trainer's log adds), its
     ``drift.json`` (a dict with ``history``), a one-off summary such as the train stage's ``neuron_drift``
@@ -271,45 +257,8 @@ def drift_history(drift=None, log_history: Optional[Sequence[dict]] = None) -> t
     return history, summary
 
 
-def _drift_panel(key: str) -> int:
-    if "head_" in key:
-        return 1
-    if key.startswith("lm_loss"):
-        return 2
-    return 0
-
-
-def plot_drift(history: Sequence[dict], path: Path) -> Optional[Path]:
-    """The drift history against ``step``, in up to three panels: the target neuron (mean shift, std ratio,
-    correlation, largest change), the head's agreement with the live and the reference neuron, the LM loss."""
-    keys = sorted({k for e in history for k, v in e.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if not keys:
-        return None
-    titles = ("target neuron (live vs the frozen original)", "head's report vs the neuron", "language-model loss")
-    panels = sorted({_drift_panel(k) for k in keys})
-    fig = _figure(5.2 * len(panels), 4.0)
-    for i, panel in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for key in [k for k in keys if _drift_panel(k) == panel]:
-            points = [(e["step"], e[key]) for e in history if "step" in e and isinstance(e.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=key)
-        ax.set_xlabel("step")
-        ax.set_title(titles[panel], fontsize=9)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _plot_causal(causal: dict, path: Path) -> Optional[Path]:
-    fig = plot_causal(causal)
-    try:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    finally:
-        if fig.canvas.manager is not None:  # a pyplot figure: release it
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-    return path
+def _plot_causal(causal: dict, path: Path) -> Path:
+    return save_figure(plot_causal(causal), path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,7 +292,76 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
     return lines + [""]
 
 
-def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = None, log_history: Optional[Sequence[dict]] = None,
+def _write_plots(evaluation: dict, out: Path, splits: list[str], headline_split: str, predictions: dict | None,
+                 log_history: Sequence[dict] | None, history: list[dict]) -> dict[str, Path]:
+    """Every PNG whose data is there, by name; a plot whose optional dependency is missing is skipped with a warning."""
+    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
+    info = evaluation.get("predictor") or {}
+    plots: dict[str, Path] = {}
+
+    def attempt(name: str, make):
+        try:
+            written = make(out / name)
+        except ImportError as err:  # an optional stage (e.g. the causal module) is missing: say so, keep the report
+            logger.warning("%s not written: %s", name, err)
+            return
+        if written is not None:
+            plots[name] = written
+
+    if predictions:
+        shown = {s: predictions[s] for s in splits if s in predictions}
+        r2 = {s: evaluation["metrics"][s]["self"]["r2"] for s in shown if "self" in evaluation["metrics"][s]}
+        if shown:
+            attempt("pred_vs_true.png", lambda p: plot_pred_vs_true(shown, p, r2))
+            attempt("residuals.png", lambda p: plot_residuals(shown, p))
+    attempt("methods.png", lambda p: plot_methods(evaluation, p, headline_split))
+    if evaluation.get("probe_by_layer"):
+        target_layer = int(str(neuron).split(".")[0]) if "." in str(neuron) else None
+        attempt("r2_by_layer.png", lambda p: plot_r2_by_layer(evaluation["probe_by_layer"], p, info.get("read_layer"), target_layer))
+    if log_history:
+        attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
+    if history:
+        attempt("drift.png", lambda p: plot_drift(history, [], p))
+    if (evaluation.get("causal") or {}).get("mean_report"):
+        attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
+    return plots
+
+
+def _header_lines(evaluation: dict) -> list[str]:
+    info = evaluation.get("predictor") or {}
+    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
+    lines = [f"# Self-report of neuron {neuron}", ""]
+    lines += [f"- Predictor: `{info.get('path') or 'in memory'}` ({info.get('head_type')} head, reads block {info.get('read_layer')})",
+              f"- Base model: `{info.get('base_model')}`; dataset: `{info.get('dataset')}`",
+              "- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
+    boot = evaluation.get("bootstrap") or {}
+    if boot.get("n"):
+        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "
+                     "differences between methods use the same resamples for both (paired)")
+    return lines + ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
+
+
+def _probe_by_layer_lines(pbl: dict) -> list[str]:
+    keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
+    lines = ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for layer in sorted(pbl, key=lambda x: int(x)):
+        e = pbl[layer]
+        alpha = e.get("alpha")
+        lines.append(f"| {layer} | {alpha:.3g} | " if isinstance(alpha, (int, float)) else f"| {layer} | n/a | ")
+        lines[-1] += " | ".join(fmt(e.get(k)) for k in keys) + " |"
+    return lines + [""]
+
+
+def _every_neuron_lines(by_neuron: dict, headline_split: str) -> list[str]:
+    lines = ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
+    for name, result in by_neuron.items():
+        m = (result.get("metrics") or {}).get(headline_split) or {}
+        probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
+        lines.append(f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |")
+    return lines + [""]
+
+
+def write_report(evaluation: dict, output_dir, *, predictions: dict | None = None, log_history: Sequence[dict] | None = None,
                  drift=None) -> Path:
     """Write ``report.md`` and the PNGs (module docstring) into ``output_dir``; returns the report's path.
 
@@ -360,61 +378,17 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
     splits = [s for s in (evaluation.get("splits") or list(evaluation.get("metrics") or {})) if s in (evaluation.get("metrics") or {})]
     if not splits:
         raise ValueError("The evaluation holds no metrics by split: pass what run_evaluate returns (or its metrics.json).")
-    neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
-    info = evaluation.get("predictor") or {}
     history, drift_summary = drift_history(drift, log_history)
-    plots: dict[str, Path] = {}
-
-    def attempt(name: str, make):
-        try:
-            written = make(out / name)
-        except ImportError as err:  # an optional stage (e.g. the causal module) is missing: say so, keep the report
-            logger.warning("%s not written: %s", name, err)
-            return
-        if written is not None:
-            plots[name] = written
-
     headline_split = "test" if "test" in splits else splits[0]
-    if predictions:
-        shown = {s: predictions[s] for s in splits if s in predictions}
-        r2 = {s: evaluation["metrics"][s]["self"]["r2"] for s in shown if "self" in evaluation["metrics"][s]}
-        if shown:
-            attempt("pred_vs_true.png", lambda p: plot_pred_vs_true(shown, p, r2))
-            attempt("residuals.png", lambda p: plot_residuals(shown, p))
-    attempt("methods.png", lambda p: plot_methods(evaluation, p, headline_split))
-    if evaluation.get("probe_by_layer"):
-        target_layer = int(str(neuron).split(".")[0]) if "." in str(neuron) else None
-        attempt("r2_by_layer.png", lambda p: plot_r2_by_layer(evaluation["probe_by_layer"], p, info.get("read_layer"), target_layer))
-    if log_history:
-        attempt("training_curves.png", lambda p: plot_training_curves(log_history, p))
-    if history:
-        attempt("drift.png", lambda p: plot_drift(history, p))
-    if (evaluation.get("causal") or {}).get("mean_report"):
-        attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
+    plots = _write_plots(evaluation, out, splits, headline_split, predictions, log_history, history)
 
-    lines = [f"# Self-report of neuron {neuron}", ""]
-    lines += [f"- Predictor: `{info.get('path') or 'in memory'}` ({info.get('head_type')} head, reads block {info.get('read_layer')})",
-              f"- Base model: `{info.get('base_model')}`; dataset: `{info.get('dataset')}`",
-              "- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
-    boot = evaluation.get("bootstrap") or {}
-    if boot.get("n"):
-        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "
-                     "differences between methods use the same resamples for both (paired)")
-    lines += ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
+    lines = _header_lines(evaluation)
     for split in [headline_split] + [s for s in splits if s != headline_split]:
         lines += _split_section(evaluation, split)
     methods = method_rows(evaluation["metrics"][headline_split])
     lines += ["Methods:", ""] + [f"- **{m}**: {describe(m)}" for m in methods if describe(m)] + [""]
     if evaluation.get("probe_by_layer"):
-        pbl = evaluation["probe_by_layer"]
-        keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
-        lines += ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
-        for layer in sorted(pbl, key=lambda x: int(x)):
-            e = pbl[layer]
-            alpha = e.get("alpha")
-            lines.append(f"| {layer} | {alpha:.3g} | " if isinstance(alpha, (int, float)) else f"| {layer} | n/a | ")
-            lines[-1] += " | ".join(fmt(e.get(k)) for k in keys) + " |"
-        lines.append("")
+        lines += _probe_by_layer_lines(evaluation["probe_by_layer"])
     if evaluation.get("causal"):
         lines += ["## Causal test", "", "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
         lines += _causal_lines(evaluation["causal"]) + [""]
@@ -424,12 +398,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: Optional[dict] = 
         lines += ["## Drift of the target neuron", "", f"{when}: {shown}.", ""]
     by_neuron = evaluation.get("by_neuron") or {}
     if len(by_neuron) > 1:
-        lines += ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
-        for name, result in by_neuron.items():
-            m = (result.get("metrics") or {}).get(headline_split) or {}
-            probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
-            lines.append(f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |")
-        lines.append("")
+        lines += _every_neuron_lines(by_neuron, headline_split)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     path = out / "report.md"

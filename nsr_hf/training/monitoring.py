@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -59,6 +58,8 @@ from transformers import TrainerCallback
 
 from nsr_hf.architectures import truncated
 from nsr_hf.capture import Neuron, NeuronRecorder, model_inputs
+from nsr_hf.metrics import pearson_r, r2_score
+from nsr_hf.plotting import figure, save_figure
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.utils import unwrap
 
@@ -132,16 +133,6 @@ def _batches(rows: Sequence[dict], size: int):
 # Statistics
 
 
-def _pearson(a: np.ndarray, b: np.ndarray, what: str) -> float:
-    """Pearson r; 0.0 with a warning when either side is constant (undefined, never NaN)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        message = f"{what}: one side is constant over the probe rows, so the correlation is undefined; set to 0.0."
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        logger.warning(message)
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def neuron_drift_stats(live, reference) -> dict[str, float]:
     """Drift of one neuron over paired rows: ``mean_shift`` (in reference standard deviations), ``std_ratio``,
     ``correlation`` (Pearson) and ``max_abs_change`` (activation units). The reference must not be constant."""
@@ -151,16 +142,13 @@ def neuron_drift_stats(live, reference) -> dict[str, float]:
     if not std > 0:
         raise ValueError("The reference values are constant: drift in units of their standard deviation is undefined.")
     return {"mean_shift": float((live.mean() - reference.mean()) / std), "std_ratio": float(live.std() / std),
-            "correlation": _pearson(live, reference, "live vs reference neuron"),
+            "correlation": pearson_r(live, reference, "live vs reference neuron over the probe rows"),
             "max_abs_change": float(np.max(np.abs(live - reference)))}
 
 
 def _agreement(report: np.ndarray, target: np.ndarray, what: str) -> tuple[float, float]:
-    """(Pearson r, R^2) of the head's report against ``target``; R^2 = 0 for a constant target unless exact."""
-    sse = float(np.sum((target - report) ** 2))
-    sst = float(np.sum((target - target.mean()) ** 2))
-    r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else 0.0)
-    return _pearson(report, target, what), r2
+    """(Pearson r, R^2) of the head's report against ``target``, by the rule of ``nsr_hf.metrics`` for constant sides."""
+    return pearson_r(report, target, what), r2_score(target, report)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,33 +405,63 @@ def _finite(value):
     return value
 
 
-def plot_drift(history: Sequence[dict], neurons: Sequence[str], path) -> Path:
-    """Panels against the step: mean shift, std ratio and correlation of each neuron (with the no-drift value
-    dashed), the head's r against the live neuron and against the reference, and the LM loss."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+DRIFT_SKIP = ("step", "epoch", "seconds")
+_NEURON_PANELS = (("mean_shift", "mean shift (reference std)", 0.0), ("std_ratio", "std ratio (live / reference)", 1.0),
+                  ("correlation", "correlation (live vs reference)", 1.0))
+_HEAD_LINES = (("head_r_live", "vs live neuron", "o"), ("head_r_reference", "vs reference labels", "s"))
 
+
+def _drift_keys(history: Sequence[dict]) -> list[str]:
+    return sorted({k for e in history for k, v in e.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def _other_keys(keys: Sequence[str]) -> list[str]:
+    """Keys outside the monitor's own families (e.g. an older record's ``max_abs``): drawn in a panel of their own."""
+    known = (*NEURON_KEYS, *HEAD_KEYS)
+    return [k for k in keys if k.rsplit("/", 1)[-1] not in known and not k.startswith("lm_loss")]
+
+
+def plot_drift(history: Sequence[dict], neurons: Sequence[str], path) -> Path | None:
+    """Panels against the step, each drawn when the history has its keys: mean shift, std ratio and correlation of
+    each neuron (with the no-drift value dashed), the head's r against the live neuron and against the reference, the
+    LM loss, and any other number. ``neurons`` default to the ``<neuron>/...`` keys' names. None when nothing is plotted."""
+    history = [e for e in history if isinstance(e, dict) and "step" in e]
+    keys = _drift_keys(history)
+    if not keys:
+        return None
+    neurons = list(neurons) or sorted({k.split("/", 1)[0] for k in keys if "/" in k and k.rsplit("/", 1)[-1] in NEURON_KEYS})
     steps = [h["step"] for h in history]
-    fig = Figure(figsize=(18, 3.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 5)
-    for ax, key, title, ideal in zip(axes, NEURON_KEYS[:3], ("mean shift (reference std)", "std ratio (live / reference)",
-                                                              "correlation (live vs reference)"), (0.0, 1.0, 1.0)):
+    panels = [(key, title, ideal) for key, title, ideal in _NEURON_PANELS if any(f"{n}/{key}" in keys for n in neurons)]
+    head = [line for line in _HEAD_LINES if line[0] in keys]
+    other = _other_keys(keys)
+    count = len(panels) + bool(head) + ("lm_loss" in keys) + bool(other)
+    fig = figure(3.6 * count, 3.2)
+    axes = list(np.atleast_1d(fig.subplots(1, count)))
+    for ax, (key, title, ideal) in zip(axes, panels):
         for name in neurons:
             ax.plot(steps, [h.get(f"{name}/{key}", np.nan) for h in history], marker="o", ms=3, label=name)
         ax.axhline(ideal, color="grey", ls="--", lw=0.8)
         ax.set_title(title, fontsize=9)
-    axes[3].plot(steps, [h["head_r_live"] for h in history], marker="o", ms=3, label="vs live neuron")
-    axes[3].plot(steps, [h["head_r_reference"] for h in history], marker="s", ms=3, label="vs reference labels")
-    axes[3].set_title("head agreement (Pearson r)", fontsize=9)
-    axes[4].plot(steps, [h["lm_loss"] for h in history], marker="o", ms=3, color="black")
-    axes[4].set_title("LM loss on held-out text", fontsize=9)
+    if panels and len(neurons) <= 8:
+        axes[0].legend(fontsize=7)
+    rest = axes[len(panels):]
+    if head:
+        ax = rest.pop(0)
+        for key, label, marker in head:
+            ax.plot(steps, [h.get(key, np.nan) for h in history], marker=marker, ms=3, label=label)
+        ax.set_title("head agreement (Pearson r)", fontsize=9)
+        ax.legend(fontsize=7)
+    if "lm_loss" in keys:
+        ax = rest.pop(0)
+        ax.plot(steps, [h.get("lm_loss", np.nan) for h in history], marker="o", ms=3, color="black")
+        ax.set_title("LM loss on held-out text", fontsize=9)
+    if other:
+        ax = rest.pop(0)
+        for key in other:
+            ax.plot(steps, [h.get(key, np.nan) for h in history], marker=".", label=key)
+        ax.set_title("other drift figures", fontsize=9)
+        ax.legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    if len(neurons) <= 8:
-        axes[0].legend(fontsize=7)
-    axes[3].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, dpi=100, crop=False)
