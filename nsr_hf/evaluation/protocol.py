@@ -51,7 +51,6 @@ from typing import Optional
 
 import numpy as np
 
-from nsr_hf.data.labels import bins_of
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
