@@ -24,8 +24,9 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
-from typing import Iterable, Optional
 
 from transformers import HfArgumentParser
 
@@ -44,13 +45,14 @@ def shipped_recipe(name: str) -> Path:
                             f"({Path(sys.prefix) / 'share' / 'nsr_hf' / RECIPES_FOLDER}): reinstall nsr_hf (pip install -e .).")
 
 
-def load_recipe(path: "str | os.PathLike") -> dict:
+def load_recipe(path: str | os.PathLike) -> dict:
     """The recipe's values: a flat YAML mapping of config fields (not yet checked or typed)."""
     import yaml
 
     data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a flat mapping of config fields (key: value per line), got {type(data).__name__}.")
+    if not isinstance(data, dict):  # a ValueError, as for every other mistake in a recipe: the commands report those
+        raise ValueError(  # noqa: TRY004
+            f"{path}: a recipe is a flat mapping of config fields (key: value per line), got {type(data).__name__}.")
     return data
 
 
@@ -147,6 +149,8 @@ class RecipeParser(HfArgumentParser):
             return "true" if value else "false"
         if isinstance(value, dict):
             return json.dumps(value)
+        if isinstance(value, Enum):
+            return str(value.value)
         return str(value)
 
     def _split_lists(self, args: list[str]) -> list[str]:
@@ -189,6 +193,8 @@ class RecipeParser(HfArgumentParser):
         for key, value in given.items():
             if isinstance(value, list) and value == [None]:  # --layers none
                 given[key] = None
+            elif isinstance(value, Enum):  # a Trainer option with choices: its plain value, as a recipe writes it
+                given[key] = value.value
         return [{name: given[name] for name in names if name in given} for _, names in self._owners]
 
     def parse(self, args: list[str], where: str = "the command line") -> tuple:
@@ -199,7 +205,7 @@ class RecipeParser(HfArgumentParser):
         """``given_values`` of a mapping (a recipe's values, or overrides as a dict)."""
         return self.given_values(self.mapping_to_args(values, where), where)
 
-    def help_with(self, values: Optional[dict] = None) -> str:
+    def help_with(self, values: dict | None = None) -> str:
         """The ``--help`` text, showing ``values`` (e.g. a recipe's) as the defaults."""
         if values:
             saved = {action: action.default for action in self._actions}

@@ -1,6 +1,7 @@
-"""Recipes: every recipe in recipes/ parses into a TrainConfig; defaults < YAML < --key value; values are coerced
-to the field types (PyYAML reads 2e-5 as a string) or rejected naming the field; unknown keys list the valid ones;
-nsr_hf/train.py runs as a script (nsr_hf/ first on sys.path, PITFALLS HF-1)."""
+"""Recipes: every recipe in recipes/ parses into a TrainConfig (a transformers.TrainingArguments); defaults < YAML <
+--key value; values are read by the field types (PyYAML reads 2e-5 as a string) or rejected naming the field; unknown
+keys list the valid ones; every Trainer option is a recipe key that reaches the Trainer; the quickstart runs the shipped
+recipe; nsr_hf/train.py runs as a script (nsr_hf/ first on sys.path, PITFALLS HF-1)."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nsr_hf.training.config import TrainConfig, parse_config, valid_keys
+from nsr_hf.parsing import RecipeParser, shipped_recipe
+from nsr_hf.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+PARSER = RecipeParser(TrainConfig)
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """``[recipe.yaml] [--key value ...]`` as ``nsr train`` reads it."""
+    (config,) = PARSER.parse(argv)
+    return config
 
 
 def write(tmp_path, text: str) -> str:
@@ -28,11 +37,12 @@ def test_there_are_recipes():
     assert {p.name for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")} >= {"cpu_2proc.yaml", "multi_gpu.yaml", "fsdp.yaml"}
 
 
-def test_the_packaged_quickstart_is_the_recipe():
-    from nsr_hf.quickstart import QUICKSTART, quickstart_config
+def test_the_quickstart_runs_the_shipped_recipe_file():
+    from nsr_hf.quickstart import RECIPE, quickstart_config
 
-    assert parse_config([str(ROOT / "recipes" / "quickstart.yaml")]) == quickstart_config()
-    assert set(yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())) == set(QUICKSTART)
+    assert shipped_recipe(RECIPE) == ROOT / "recipes" / "quickstart.yaml"  # a checkout reads the file itself, not a copy
+    assert quickstart_config() == parse_config([str(ROOT / "recipes" / "quickstart.yaml")])
+    assert quickstart_config(["--seed", "4"]).seed == 4 and quickstart_config(seed=5).seed == 5
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -46,7 +56,7 @@ def test_every_accelerate_config_loads(config):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses_and_every_key_is_a_config_field(recipe):
     raw = yaml.safe_load(recipe.read_text())
-    assert set(raw) <= set(valid_keys())
+    assert set(raw) <= set(PARSER.keys())
     config = parse_config([str(recipe)])
     for key, value in raw.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -12,7 +12,6 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from transformers import TrainingArguments
@@ -40,31 +39,31 @@ class TrainConfig(TrainingArguments):
     corpus: str = field(default="embedded", metadata={"help": "'embedded', a local file, 'synthetic', or a Hub dataset ('hub:NAME[:CONFIG[:SPLIT]]')"})
     text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
     neuron: str = field(default="auto", metadata={"help": "'auto' (the scan's best), a scan rank (e.g. 3), or a neuron 'layer.index' (quote it in YAML)"})
-    layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers to scan (default: all)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "Layers to scan (default: all)"})
     select: str = field(default="score", metadata={"help": "How 'auto' / a rank picks the neuron: 'score' (the scan's ranking) or 'readable' (of the top select_candidates, the one a ridge probe reads best from the head's representation, cross-validated on the scanned train documents)"})
     select_candidates: int = field(default=20, metadata={"help": "select 'readable': how many of the scan's top neurons compete"})
     scan_documents: int = field(default=600, metadata={"help": "Training documents to scan"})
 
     # -- the activation dataset
-    dataset: Optional[str] = field(default=None, metadata={"help": "Load this activation dataset (folder or Hub id) instead of building one"})
+    dataset: str | None = field(default=None, metadata={"help": "Load this activation dataset (folder or Hub id) instead of building one"})
     dataset_documents: int = field(default=1500, metadata={"help": "Documents of the built dataset (all splits)"})
     max_length: int = field(default=128, metadata={"help": "Texts are cut to this many tokens"})
     position: str = field(default="last", metadata={"help": "The labelled token: 'last' or an integer index"})
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
-    bin_strategy: Optional[str] = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
+    bin_strategy: str | None = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
     split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
 
     # -- the predictor's head
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
-    read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
+    read_layer: str | None = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Token head: the text after the labelled token that asks for the report ({neuron} is filled in). An empty string reports as the labelled token's own next token (the representation the regression head and the ridge probe read)"})
     expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
     head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
 
     # -- what trains, and on which labels
     unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora, lora_after_target or gradual (nsr_hf.training.unfreezing)"})
-    unfreeze_k: Optional[int] = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
+    unfreeze_k: int | None = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
     unfreeze_every_n_steps: int = field(default=50, metadata={"help": "gradual: steps between two blocks joining"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     labels: str = field(default="reference", metadata={"help": "'reference' (the dataset's values, from the original model) or 'live' (recomputed from the current weights each step)"})
@@ -73,15 +72,15 @@ class TrainConfig(TrainingArguments):
 
     # -- the evaluation after training
     evaluate: bool = field(default=True, metadata={"help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
-    eval_methods: Optional[list[str]] = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.evaluation.baselines.METHODS)"})
+    eval_methods: list[str] | None = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.evaluation.baselines.METHODS)"})
     cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for cross-prediction: 'minilm' (offline) or any HF id"})
     probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all' or 'up_to_read' (cheaper: only blocks up to the read layer)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the confidence intervals"})
 
     # -- TrainingArguments with the defaults of a self-reporter (the Trainer's own help, where it says more)
     output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})
-    push_to_hub: Optional[str] = field(default=None, metadata={"help": "Push the saved predictor (not the Trainer's checkpoints) to this Hub repo id (owner/name)"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; the dataset already in output_dir is reused"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Push the saved predictor (not the Trainer's checkpoints) to this Hub repo id (owner/name)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; the dataset already in output_dir is reused"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over train"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per step and process"})
@@ -90,12 +89,12 @@ class TrainConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps"})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps' or 'epoch' (needed to resume)"})
     save_steps: float = field(default=500, metadata={"help": "With save_strategy 'steps'"})
-    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
     seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation and of the data order"})
     report_to: str = field(default="none", metadata={"help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset's columns: the collator reads labels, positions and bins from them"})
-    label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"], metadata={"help": "The batch keys the Trainer treats as labels"})
-    ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={"help": "Every trainable parameter reaches the loss by construction of the unfreezing strategies (blocks after read_layer stay frozen)"})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "The batch keys the Trainer treats as labels"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "Every trainable parameter reaches the loss by construction of the unfreezing strategies (blocks after read_layer stay frozen)"})
 
     def __post_init__(self):
         self._check_pipeline_fields()
@@ -173,7 +172,7 @@ class TrainConfig(TrainingArguments):
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
 
-    def read_layer_rule(self) -> "tuple[str, int] | None":
+    def read_layer_rule(self) -> tuple[str, int] | None:
         """``None`` (the last block), ``("abs", L)`` or ``("target", K)`` for ``'target+K'``."""
         if self.read_layer is None:
             return None
@@ -188,7 +187,7 @@ class TrainConfig(TrainingArguments):
                 return ("target", int(rest[1:]))
         raise ValueError(f"read_layer must be a block index, 'target+K' (e.g. target+2) or none, got {self.read_layer!r}.")
 
-    def read_layer_for(self, target_layer: int, num_layers: int) -> Optional[int]:
+    def read_layer_for(self, target_layer: int, num_layers: int) -> int | None:
         """The block the head reads for a target neuron in ``target_layer`` (``None``: the last)."""
         rule = self.read_layer_rule()
         if rule is None:
@@ -201,7 +200,7 @@ class TrainConfig(TrainingArguments):
             raise ValueError(f"read_layer {layer} is out of range: the model has blocks 0..{num_layers - 1}.")
         return layer
 
-    def neuron_choice(self) -> "int | str":
+    def neuron_choice(self) -> int | str:
         """The scan rank to take (an int) or a neuron name ``"layer.index"``."""
 
         text = str(self.neuron).strip()
