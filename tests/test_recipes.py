@@ -170,3 +170,69 @@ def test_new_choices_are_validated():
 def test_list_values_on_the_command_line():
     config = parse_config(["--layers", "0", "1", "2", "--cross_models", "minilm,gpt2", "--eval_methods", "mean", "--bf16"])
     assert config.layers == [0, 1, 2] and config.cross_models == ["minilm", "gpt2"] and config.eval_methods == ["mean"] and config.bf16 is True
+
+
+def test_a_recipe_that_is_not_a_mapping_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="a recipe is a flat mapping"):
+        parse_config([write(tmp_path, "- learning_rate\n- 0.1\n")])
+
+
+def test_an_optional_key_is_unset_with_none_in_the_recipe_or_on_the_command_line(tmp_path):
+    assert parse_config([write(tmp_path, "layers: null\nunfreeze_k: ~\n")]).layers is None
+    assert parse_config(["--layers", "none", "--unfreeze_k", "none"]).unfreeze_k is None
+    config = parse_config([write(tmp_path, "head_type: token\nbin_strategy: kmeans\n"), "--bin_strategy", "none"])
+    assert config.bin_strategy is None  # the command line unsets what the recipe set
+
+
+def test_every_trainer_option_is_a_recipe_key_checked_by_transformers(tmp_path):
+    config = parse_config([write(tmp_path, "lr_scheduler_type: cosine\nmax_grad_norm: 0.5\ngradient_checkpointing: true\noptim: adafactor\n")])
+    assert (config.lr_scheduler_type, config.max_grad_norm, config.gradient_checkpointing, config.optim) == ("cosine", 0.5, True, "adafactor")
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        parse_config(["--lr_scheduler_type", "sometimes"])  # the Trainer's own choices
+    with pytest.raises(ValueError, match="fp16 and bf16"):
+        parse_config(["--fp16", "--bf16"])  # the Trainer's own validation
+
+
+def test_trainer_options_of_a_recipe_reach_the_trainers_arguments(tiny_model_dirs, tmp_path, monkeypatch):
+    """The arguments the PredictorTrainer really gets in run_train carry the recipe's Trainer options."""
+    from conftest import write_word_corpus
+
+    from nsr_hf import pipeline
+
+    seen = {}
+
+    class RecordingTrainer(pipeline.PredictorTrainer):
+        def __init__(self, *args, **kwargs):
+            seen["args"] = kwargs["args"]
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "PredictorTrainer", RecordingTrainer)
+    corpus = write_word_corpus(tmp_path / "docs.jsonl", n=30)
+    recipe = write(tmp_path, f"model: {tiny_model_dirs['llama']}\ncorpus: {corpus}\nneuron: '1.3'\ndataset_documents: 30\nmax_length: 16\n"
+                             "max_steps: 2\nevaluate: false\nlr_scheduler_type: cosine\nmax_grad_norm: 0.25\nwarmup_steps: 1\n"
+                             f"weight_decay: 0.01\nrun_name: my-run\noutput_dir: {tmp_path / 'out'}\n")
+    summary = pipeline.run_train(parse_config([recipe, "--adam_beta2", "0.99"]))
+    args = seen["args"]
+    assert (args.lr_scheduler_type, args.max_grad_norm, args.warmup_steps, args.weight_decay) == ("cosine", 0.25, 1, 0.01)
+    assert args.adam_beta2 == 0.99 and args.run_name == "my-run" and args.max_steps == 2 == summary["global_step"]
+    # what the run decides: checkpoints under output_dir/checkpoints, the self-reporter's defaults, no push of the Trainer's own
+    assert args.output_dir == str(tmp_path / "out" / "checkpoints") and args.push_to_hub is False
+    assert args.remove_unused_columns is False and args.label_names == ["labels"] and args.ddp_find_unused_parameters is False
+    assert summary["config"]["lr_scheduler_type"] == "cosine"  # metrics.json records every key
+
+
+def test_help_lists_every_key_with_its_help_the_trainers_too():
+    text = PARSER.format_help()
+    for key in ("--neuron", "--unfreeze", "--learning_rate", "--lr_scheduler_type", "--max_grad_norm", "--gradient_checkpointing", "--optim"):
+        assert key in text, key
+    assert "'auto' (the scan's best)" in text  # our help
+    assert "(default: 0.001)" in text  # the self-reporter's default learning rate, not the Trainer's
+
+
+def test_scan_recipe_values_are_read_by_their_field_types(tmp_path):
+    from nsr_hf.scanner import ScanConfig
+
+    (config,) = RecipeParser(ScanConfig).parse([write(tmp_path, "threshold: 2e-1\ntop_n: '5'\nlayers: [2, 0]\n")])
+    assert config.threshold == 0.2 and config.top_n == 5 and config.layers == [0, 2]
+    with pytest.raises(ValueError, match="top_n"):
+        RecipeParser(ScanConfig).parse(["--top_n", "five"])

@@ -210,7 +210,7 @@ def head_only_run(tiny_model_dirs, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("train")
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
-                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", drift_every_n_steps=2,
+                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="head_only", drift_every_n_steps=2,
                          cross_models=[tiny_model_dirs["gpt2"]], n_bootstrap=50, output_dir=str(tmp_path / "out"))
     return config, run_train(config)
 
