@@ -28,19 +28,17 @@ from nsr_hf.pipeline import main as train_main
 from nsr_hf.pipeline import run_train
 from nsr_hf.quickstart import quickstart_help, run_quickstart
 from nsr_hf.scanner import ScanConfig, run_scan
+from nsr_hf.shared_config import CorpusFields
 from nsr_hf.sweep import SweepConfig, run_sweep
 from nsr_hf.sweep import main as sweep_main
 from nsr_hf.training.config import TrainConfig
 
 
 @dataclass
-class CaptureConfig:
+class CaptureConfig(CorpusFields):
     """Print (and optionally save) neuron values for the documents of a corpus."""
 
-    neurons: list[str] = field(metadata={"help": "Neurons as layer.index, e.g. 12.345 12.7"})
-    model: str = field(default="smollm2-135m", metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.csv/.parquet file, 'synthetic', or a Hub dataset"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
+    neurons: list[str] = field(kw_only=True, metadata={"help": "Neurons as layer.index, e.g. 12.345 12.7"})
     max_documents: int = field(default=8, metadata={"help": "How many documents to read"})
     position: str = field(default="last", metadata={"help": "'last', 'max', or an integer token index (0 first, -1 last)"})
     max_length: int = field(default=256, metadata={"help": "Texts are cut to this many tokens"})

@@ -54,6 +54,7 @@ from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.parsing import RecipeParser
 from nsr_hf.scanner import ScanConfig, run_scan
+from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, values_of
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.config import TrainConfig
 from nsr_hf.training.monitoring import DriftMonitor
@@ -75,10 +76,21 @@ def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: str | 
     train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed, config.split_fractions) == "train"][: config.scan_documents]
     if not train_docs:
         raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
-    scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers, position="last" if config.position == "last" else "all",
-                               max_documents=len(train_docs), max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir)),
-                    model=model, tokenizer=tokenizer, source=train_docs)
+    scan = run_scan(scan_config(config, len(train_docs), top_n, scan_dir), model=model, tokenizer=tokenizer, source=train_docs)
     return scan, train_docs
+
+
+def scan_config(config: TrainConfig, documents: int, top_n: int, scan_dir: str | os.PathLike) -> ScanConfig:
+    """The ``ScanConfig`` of a train run: its model and corpus, layers and lengths, over ``documents`` train documents."""
+    return ScanConfig(**values_of(config, CorpusFields), layers=config.layers, position="last" if config.position == "last" else "all",
+                      max_documents=documents, max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir))
+
+
+def dataset_config(config: TrainConfig, neuron, out: Path) -> DatasetConfig:
+    """The ``DatasetConfig`` of a train run: ``neuron``'s dataset from its model, corpus and split, into ``out/dataset``."""
+    return DatasetConfig(neurons=[str(neuron)], **values_of(config, CorpusFields), **values_of(config, SplitFields), position=config.position,
+                         max_length=config.max_length, max_documents=config.dataset_documents, num_bins=config.num_bins,
+                         bin_strategy=config.bin_strategy or "quantile", output_dir=str(out / "dataset"), overwrite=True)
 
 
 def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
@@ -170,11 +182,7 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
             neuron, rank = scan.neuron_at_rank(choice), choice
     print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
     (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
-    run_dataset(DatasetConfig(neurons=[str(neuron)], model=config.model, corpus=config.corpus, text_field=config.text_field,
-                              position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
-                              split_seed=config.split_seed, split_fractions=config.split_fractions, num_bins=config.num_bins, bin_strategy=config.bin_strategy or "quantile",
-                              output_dir=str(out / "dataset"), overwrite=True),
-                model=model, tokenizer=tokenizer)
+    run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
     dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
 
@@ -365,8 +373,7 @@ def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:
     """The ``EvaluateConfig`` of a train run: its evaluation keys, and the predictor and dataset it writes."""
     return EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"), dataset=config.dataset or str(out / "dataset"),
                           methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
-                          cross_models=config.cross_models, probe_layers=config.probe_layers, n_bootstrap=config.n_bootstrap,
-                          seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size)
+                          **values_of(config, EvaluationFields), seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size)
 
 
 def save_and_push(config: TrainConfig, out: Path, trainer, summary: dict) -> None:

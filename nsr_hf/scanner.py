@@ -47,7 +47,8 @@ import torch
 from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, position_ids_from_mask, real_token_bounds, validate_layer
 from nsr_hf.data.corpus import Document, TextSource, load_corpus
-from nsr_hf.models import EMBEDDED_NAME, load_model_and_tokenizer, model_provenance
+from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.shared_config import CorpusFields
 
 if TYPE_CHECKING:
     import pandas
@@ -74,12 +75,9 @@ STAT_COLUMNS = ("count", "mean", "std", "variance", "min", "max", "skewness", "k
 
 
 @dataclass
-class ScanConfig:
+class ScanConfig(CorpusFields):
     """Scan a corpus for the MLP neurons worth self-reporting (statistics, scores, top examples, plots)."""
 
-    model: str = field(default=EMBEDDED_NAME, metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.csv/.parquet file, 'synthetic', or a Hub dataset"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
     max_documents: Optional[int] = field(default=2000, metadata={"help": "Scan at most this many documents (after dropping duplicates); 0 or None: all"})
     layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers to scan, e.g. --layers 10 11 12 (None: all layers)"})
     position: str = field(default="all", metadata={"help": "'all': every real token; 'last': the last real token of each document"})
@@ -110,20 +108,6 @@ class ScanConfig:
             raise ValueError(f"Unknown score {self.score!r}: choose one of {', '.join(SCORES)}.")
         if self.position not in POSITIONS:
             raise ValueError(f"Unknown position rule {self.position!r} for a scan: use 'all' (every real token) or 'last' (last real token).")
-        # Recipes read from YAML may carry numbers as strings (PyYAML reads "2e-1" as one): coerce, or say which field is wrong.
-        for name, kind in (("threshold", float), ("seed_variance_weight", float), ("dead_std_ratio", float), ("top_n", int),
-                           ("top_k_examples", int), ("example_window", int), ("batch_size", int), ("max_length", int),
-                           ("histogram_documents", int), ("seed", int), ("max_documents", int)):
-            value = getattr(self, name)
-            if value is None and name == "max_documents":
-                continue
-            try:
-                number = kind(value)
-                if kind is int and (isinstance(value, bool) or number != float(value)):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}.") from None
-            setattr(self, name, number)
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}.")
         if not 0.0 <= self.seed_variance_weight <= 1.0:

@@ -112,10 +112,10 @@ def test_invalid_choices_are_rejected():
 
 def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "--learning_rate" in result.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
     assert bad.returncode == 2 and "Valid keys" in bad.stderr
 
 

@@ -20,24 +20,23 @@ from nsr_hf.capture import Neuron
 from nsr_hf.data.corpus import check_fractions
 from nsr_hf.data.generator import BIN_STRATEGIES
 from nsr_hf.modeling.predictor import HEAD_TYPES
-from nsr_hf.models import EMBEDDED_NAME
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
+from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields
 from nsr_hf.training.unfreezing import STRATEGIES
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(TrainingArguments):
+class TrainConfig(TrainingArguments, CorpusFields, SplitFields, EvaluationFields):
     """Train a self-reporter for one neuron: scan, dataset, fine-tune, evaluate (a recipe's fields).
 
-    Besides the keys below, every ``transformers.TrainingArguments`` option is a key (``nsr train --help`` lists them).
+    Besides the keys below and those it shares with the stages (``nsr_hf.shared_config``: model, corpus, text_field;
+    split_seed, split_fractions; cross_models, probe_layers, n_bootstrap), every ``transformers.TrainingArguments``
+    option is a key (``nsr train --help`` lists them all).
     """
 
-    # -- the model, the corpus and the neuron
-    model: str = field(default=EMBEDDED_NAME, metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a local file, 'synthetic', or a Hub dataset ('hub:NAME[:CONFIG[:SPLIT]]')"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
+    # -- the neuron
     neuron: str = field(default="auto", metadata={"help": "'auto' (the scan's best), a scan rank (e.g. 3), or a neuron 'layer.index' (quote it in YAML)"})
     layers: list[int] | None = field(default=None, metadata={"help": "Layers to scan (default: all)"})
     select: str = field(default="score", metadata={"help": "How 'auto' / a rank picks the neuron: 'score' (the scan's ranking) or 'readable' (of the top select_candidates, the one a ridge probe reads best from the head's representation, cross-validated on the scanned train documents)"})
@@ -51,8 +50,6 @@ class TrainConfig(TrainingArguments):
     position: str = field(default="last", metadata={"help": "The labelled token: 'last' or an integer index"})
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
     bin_strategy: str | None = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
 
     # -- the predictor's head
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
@@ -73,9 +70,6 @@ class TrainConfig(TrainingArguments):
     # -- the evaluation after training
     evaluate: bool = field(default=True, metadata={"help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
     eval_methods: list[str] | None = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.evaluation.baselines.METHODS)"})
-    cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for cross-prediction: 'minilm' (offline) or any HF id"})
-    probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all' or 'up_to_read' (cheaper: only blocks up to the read layer)"})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the confidence intervals"})
 
     # -- TrainingArguments with the defaults of a self-reporter (the Trainer's own help, where it says more)
     output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})
