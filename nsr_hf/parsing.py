@@ -104,8 +104,18 @@ class RecipeParser(HfArgumentParser):
         self._owners.append((dtype, [f.name for f in own]))
         self._hints.update({f.name: hints[f.name] for f in own})
         parser = self.add_argument_group(dtype._argument_group_name) if hasattr(dtype, "_argument_group_name") else self
-        for f in own:
+        # the options a library class brings (TrainingArguments' hundred) are listed after the command's own, in a group
+        library = {f.name: base for base in reversed(dtype.__mro__[1:]) if dataclasses.is_dataclass(base)
+                   and not base.__module__.startswith("nsr_hf") for f in dataclasses.fields(base)}
+        redeclared = set(vars(dtype).get("__annotations__", {}))
+        inherited = [f for f in own if f.name in library and f.name not in redeclared]
+        groups = {}
+        for f in [f for f in own if f not in inherited] + inherited:
             f.type = hints[f.name]
+            if f in inherited:
+                base = library[f.name]
+                name = f"{base.__name__} (the {base.__module__.split('.')[0]} options, validated and documented there)"
+                parser = groups.get(name) or groups.setdefault(name, self.add_argument_group(name))
             self._parse_dataclass_field(parser, f)
 
     # -- what a user may write

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None, prog: str = "python nsr_hf/train.py") ->
         (config,) = parser.parse(argv)
         run_train(config)
     except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"{prog.split()[-1].removesuffix('.py')}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(TrainingArguments, CorpusFields, SplitFields, EvaluationFields):
+class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields):  # fields in the order corpus, split, evaluation
     """Train a self-reporter for one neuron: scan, dataset, fine-tune, evaluate (a recipe's fields).
 
     Besides the keys below and those it shares with the stages (``nsr_hf.shared_config``: model, corpus, text_field;
