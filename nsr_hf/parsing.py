@@ -145,7 +145,12 @@ class RecipeParser(HfArgumentParser):
                 if key == "neuron":  # YAML reads 12.340 as the float 12.34: the neuron would silently become 12.34
                     raise ValueError(f"neuron: write a neuron as a quoted string ('12.340'): YAML read {value!r} as a number.")
                 raise ValueError(f"{key}: write {value!r} as a quoted string in {where}: YAML read it as a number.")
-            items = value if isinstance(value, (list, tuple)) else [value]
+            if isinstance(value, (list, tuple)):
+                items = list(value)
+            elif isinstance(value, str) and _is_list(hint) and value.strip().lower() not in NONE_WORDS:
+                items = value.replace(",", " ").split()  # a list written as one string: "0.8, 0.1, 0.1"
+            else:
+                items = [value]
             if not items:
                 raise ValueError(f"{key}: an empty list in {where}; leave the key out, or write null to unset it.")
             words += [f"--{key}", *(self._word(item) for item in items)]
@@ -189,11 +194,14 @@ class RecipeParser(HfArgumentParser):
             recipe = self.mapping_to_args(load_recipe(args[0]), args[0])
             args = args[1:]
         self._check_keys([a[2:].partition("=")[0] for a in args if a.startswith("--")], where)
+        return self._parse_words(recipe + self._split_lists(args), where)
+
+    def _parse_words(self, words: list[str], where: str) -> list[dict]:
         saved = {action: action.default for action in self._actions}
         for action in self._actions:  # only what the recipe or the command line says: the dataclass keeps its defaults
             action.default = argparse.SUPPRESS
         try:
-            namespace, rest = self.parse_known_args(self._split_lists(recipe + args))
+            namespace, rest = self.parse_known_args(words)
         finally:
             for action, default in saved.items():
                 action.default = default
@@ -213,7 +221,7 @@ class RecipeParser(HfArgumentParser):
 
     def read_mapping(self, values: dict, where: str) -> list[dict]:
         """``given_values`` of a mapping (a recipe's values, or overrides as a dict)."""
-        return self.given_values(self.mapping_to_args(values, where), where)
+        return self._parse_words(self.mapping_to_args(values, where), where)
 
     def help_with(self, values: dict | None = None) -> str:
         """The ``--help`` text, showing ``values`` (e.g. a recipe's) as the defaults."""

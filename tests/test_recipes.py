@@ -236,3 +236,8 @@ def test_scan_recipe_values_are_read_by_their_field_types(tmp_path):
     assert config.threshold == 0.2 and config.top_n == 5 and config.layers == [0, 2]
     with pytest.raises(ValueError, match="top_n"):
         RecipeParser(ScanConfig).parse(["--top_n", "five"])
+
+
+def test_a_recipe_writes_a_list_as_a_yaml_list_or_one_comma_separated_string(tmp_path):
+    assert parse_config([write(tmp_path, "split_fractions: 0.6, 0.2, 0.2\n")]).split_fractions == [0.6, 0.2, 0.2]
+    assert parse_config([write(tmp_path, "cross_models: [minilm, gpt2]\n")]).cross_models == ["minilm", "gpt2"]
