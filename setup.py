@@ -3,6 +3,10 @@
 torch is deliberately a loose requirement: install the build you want first (the Makefile installs
 ``torch==2.13.0``, the CPU build on this project's machines); a bare ``torch`` requirement on a fresh
 machine would otherwise pull a multi-GB CUDA build.
+
+The recipes (``recipes/*.yaml``, ``recipes/accelerate/*.yaml``) are installed as data files under
+``<prefix>/share/nsr_hf/recipes``, where ``nsr quickstart`` finds them in an installed package
+(``nsr_hf.parsing.shipped_recipe``; a source checkout or an editable install reads ``recipes/`` itself).
 """
 import re
 from pathlib import Path
@@ -18,6 +22,10 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["nsr_hf", "nsr_hf.*"]),
+    data_files=[
+        ("share/nsr_hf/recipes", sorted(str(p) for p in Path("recipes").glob("*.yaml"))),
+        ("share/nsr_hf/recipes/accelerate", sorted(str(p) for p in Path("recipes/accelerate").glob("*.yaml"))),
+    ],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

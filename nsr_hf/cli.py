@@ -8,7 +8,8 @@
     nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 --output_dir outputs/sweep
 
 Flags are the fields of the stage's config dataclass (``nsr <command> --help`` lists them with their
-help), parsed by ``transformers.HfArgumentParser``.
+help); every command also takes a YAML recipe of those fields first, and the flags override it. One parser reads
+them all: ``nsr_hf.parsing.RecipeParser`` (a ``transformers.HfArgumentParser``).
 """
 from __future__ import annotations
 
@@ -16,37 +17,33 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
-
-from transformers import HfArgumentParser
 
 from nsr_hf.capture import capture_activations, encode_texts, validate_neuron, validate_position
 from nsr_hf.data.corpus import load_corpus
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.parsing import RecipeParser
 from nsr_hf.pipeline import main as train_main
 from nsr_hf.pipeline import run_train
-from nsr_hf.quickstart import QUICKSTART, run_quickstart
+from nsr_hf.quickstart import quickstart_help, run_quickstart
 from nsr_hf.scanner import ScanConfig, run_scan
+from nsr_hf.shared_config import CorpusFields
 from nsr_hf.sweep import SweepConfig, run_sweep
 from nsr_hf.sweep import main as sweep_main
-from nsr_hf.training.config import TrainConfig, usage
+from nsr_hf.training.config import TrainConfig
 
 
 @dataclass
-class CaptureConfig:
+class CaptureConfig(CorpusFields):
     """Print (and optionally save) neuron values for the documents of a corpus."""
 
-    neurons: list[str] = field(metadata={"help": "Neurons as layer.index, e.g. 12.345 12.7"})
-    model: str = field(default="smollm2-135m", metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.csv/.parquet file, 'synthetic', or a Hub dataset"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
+    neurons: list[str] = field(kw_only=True, metadata={"help": "Neurons as layer.index, e.g. 12.345 12.7"})
     max_documents: int = field(default=8, metadata={"help": "How many documents to read"})
     position: str = field(default="last", metadata={"help": "'last', 'max', or an integer token index (0 first, -1 last)"})
     max_length: int = field(default=256, metadata={"help": "Texts are cut to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass"})
-    output: Optional[str] = field(default=None, metadata={"help": "Write the values here as JSON"})
+    output: str | None = field(default=None, metadata={"help": "Write the values here as JSON"})
 
 
 def parse_position(value: str):
@@ -77,7 +74,7 @@ def run_capture(config: CaptureConfig) -> list[dict]:
         for i, doc in enumerate(chunk):
             values = {}
             for n in neurons:
-                col = [j for j, idx in enumerate(cap.neuron_indices[n.layer].tolist()) if idx == n.index][0]
+                col = cap.neuron_indices[n.layer].tolist().index(n.index)
                 pos = int(cap.positions[n.layer][i, col])
                 values[str(n)] = {
                     "value": float(cap[n.layer][i, col]),
@@ -110,8 +107,7 @@ class QuickstartCommand:
 
 def _quickstart(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print("usage: nsr quickstart [--key value ...]\n\nThe quickstart recipe (values below); any TrainConfig key overrides it.\n")
-        print("\n".join(f"  {k}: {v!r}" for k, v in QUICKSTART.items()) + "\n\n" + usage())
+        print(quickstart_help())
         return 0
     try:
         run_quickstart(argv)
@@ -121,52 +117,54 @@ def _quickstart(argv: list[str]) -> int:
     return 0
 
 
+def _stage(name: str, argv: list[str]) -> int:
+    """``nsr <stage> [recipe.yaml] [--flag value ...]`` for the stages configured by one dataclass."""
+    config_cls, run = COMMANDS[name]
+    parser = RecipeParser(config_cls, prog=f"nsr {name}", description=(config_cls.__doc__ or "").strip())
+    if any(a in ("-h", "--help") for a in argv):
+        print(parser.format_help())
+        return 0
+    try:
+        (config,) = parser.parse(argv)  # __post_init__ validates
+        run(config)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"nsr {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "capture": (CaptureConfig, run_capture),
+    "scan": (ScanConfig, run_scan),
+    "dataset": (DatasetConfig, run_dataset),
+    "quickstart": (QuickstartCommand, None),
+    "train": (TrainConfig, run_train),
+    "evaluate": (EvaluateConfig, run_evaluate),
+    "sweep": (SweepConfig, run_sweep),
 }
 
 
-def _register_stage_commands() -> None:
-    """The stages live in their own modules, imported only when ``nsr`` runs (keeps ``import nsr_hf`` light)."""
-    COMMANDS.update({
-        "scan": (ScanConfig, run_scan),
-        "dataset": (DatasetConfig, run_dataset),
-        "quickstart": (QuickstartCommand, None),
-        "train": (TrainConfig, run_train),
-        "evaluate": (EvaluateConfig, run_evaluate),
-        "sweep": (SweepConfig, run_sweep),
-    })
+def usage() -> str:
+    lines = ["usage: nsr <command> [recipe.yaml] [--flag value ...]", "", "commands:"]
+    lines += [f"  {name:<12} {(config_cls.__doc__ or '').strip().splitlines()[0]}" for name, (config_cls, _) in COMMANDS.items()]
+    return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags."])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _register_stage_commands()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: nsr <command> [--flag value ...]\n\ncommands:")
-        for name, (config_cls, _) in COMMANDS.items():
-            print(f"  {name:<12} {(config_cls.__doc__ or '').strip().splitlines()[0]}")
-        print("\n`nsr <command> --help` lists a command's flags.")
+        print(usage())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nnsr: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    if argv[0] == "sweep":  # a positional recipe and TrainConfig overrides: parsed by the sweep itself
-
+    if argv[0] == "sweep":  # [recipe.yaml] [--sweep flags] [--TrainConfig key value ...]
         return sweep_main(argv[1:])
     if argv[0] == "train":  # [recipe.yaml] [--key value ...]: defaults < recipe < command line (nsr_hf/train.py)
-
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="nsr train")
     if argv[0] == "quickstart":
         return _quickstart(argv[1:])
-    config_cls, run = COMMANDS[argv[0]]
-    parser = HfArgumentParser(config_cls, prog=f"nsr {argv[0]}", description=(config_cls.__doc__ or "").strip())
-    try:
-        (config,) = parser.parse_args_into_dataclasses(args=argv[1:])  # __post_init__ validates
-        run(config)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"nsr {argv[0]}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return _stage(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@
     accelerate launch nsr_hf/train.py recipes/regression.yaml               # several processes
     nsr train recipes/quickstart.yaml --unfreeze last_k --unfreeze_k 2
 
-Configuration is ``TrainConfig``: its defaults, then the YAML recipe, then ``--key value`` flags, each value
-coerced to the field's type (PyYAML reads ``2e-5`` as a string; an uncoercible value or an unknown key is a
-clear error naming the field).
+Configuration is ``TrainConfig`` (a ``transformers.TrainingArguments``, so every Trainer option is a key): its
+defaults, then the YAML recipe, then ``--key value`` flags, read by ``nsr_hf.parsing.RecipeParser``.
 
 Steps (``run_train``), each written under ``output_dir``:
 
@@ -33,9 +32,8 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
-from typing import Optional
 
 from nsr_hf.architectures import num_layers
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, validate_neuron
@@ -50,9 +48,11 @@ from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.parsing import RecipeParser
 from nsr_hf.scanner import ScanConfig, run_scan
+from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, values_of
 from nsr_hf.training.collator import PredictorDataCollator
-from nsr_hf.training.config import TrainConfig, parse_config, usage
+from nsr_hf.training.config import TrainConfig
 from nsr_hf.training.monitoring import DriftMonitor
 from nsr_hf.training.trainer import PredictorTrainer, count_parameters
 from nsr_hf.utils import to_jsonable, unwrap
@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 # The pipeline
 
 
-def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: "str | os.PathLike", top_n: int = 10):
+def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: str | os.PathLike, top_n: int = 10):
     """(ScanResult, the scanned documents): a scan of the *training* documents only (split by document id, as the
     dataset splits them), never validation or test ones, written to ``scan_dir``."""
     corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
@@ -72,10 +72,21 @@ def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: "str |
     train_docs = [d for d in docs if split_of(d.doc_id, config.split_seed, config.split_fractions) == "train"][: config.scan_documents]
     if not train_docs:
         raise ValueError(f"The corpus {config.corpus!r} gave no training documents to scan: raise dataset_documents.")
-    scan = run_scan(ScanConfig(model=config.model, corpus=config.corpus, layers=config.layers, position="last" if config.position == "last" else "all",
-                               max_documents=len(train_docs), max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir)),
-                    model=model, tokenizer=tokenizer, source=train_docs)
+    scan = run_scan(scan_config(config, len(train_docs), top_n, scan_dir), model=model, tokenizer=tokenizer, source=train_docs)
     return scan, train_docs
+
+
+def scan_config(config: TrainConfig, documents: int, top_n: int, scan_dir: str | os.PathLike) -> ScanConfig:
+    """The ``ScanConfig`` of a train run: its model and corpus, layers and lengths, over ``documents`` train documents."""
+    return ScanConfig(**values_of(config, CorpusFields), layers=config.layers, position="last" if config.position == "last" else "all",
+                      max_documents=documents, max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir))
+
+
+def dataset_config(config: TrainConfig, neuron, out: Path) -> DatasetConfig:
+    """The ``DatasetConfig`` of a train run: ``neuron``'s dataset from its model, corpus and split, into ``out/dataset``."""
+    return DatasetConfig(neurons=[str(neuron)], **values_of(config, CorpusFields), **values_of(config, SplitFields), position=config.position,
+                         max_length=config.max_length, max_documents=config.dataset_documents, num_bins=config.num_bins,
+                         bin_strategy=config.bin_strategy or "quantile", output_dir=str(out / "dataset"), overwrite=True)
 
 
 def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
@@ -165,11 +176,7 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
             neuron, rank = scan.neuron_at_rank(choice), choice
     print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
     (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
-    run_dataset(DatasetConfig(neurons=[str(neuron)], model=config.model, corpus=config.corpus, text_field=config.text_field,
-                              position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
-                              split_seed=config.split_seed, split_fractions=config.split_fractions, num_bins=config.num_bins, bin_strategy=config.bin_strategy or "quantile",
-                              output_dir=str(out / "dataset"), overwrite=True),
-                model=model, tokenizer=tokenizer)
+    run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
     dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
 
@@ -200,7 +207,7 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
             "mean_abs_over_std": float(np.mean(diff.mean(0) / np.where(std > 0, std, 1.0))), "rows": len(ref)}
 
 
-def latest_checkpoint(folder: Path) -> Optional[str]:
+def latest_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -208,76 +215,126 @@ def latest_checkpoint(folder: Path) -> Optional[str]:
 
 def run_train(config: TrainConfig) -> dict:
     """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``."""
-    import torch
-    from transformers import TrainingArguments, set_seed
-
     start = time.perf_counter()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(config.seed)
-    if config.unfreeze == "gradual" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("gradual unfreezing adds parameters after DDP has registered them (their gradients would not be "
-                         "synchronised): run it in one process, or use last_k / after_target / lora.")
-    resume = None
-    if config.resume_from_checkpoint:
-        resume = latest_checkpoint(out / "checkpoints") if config.resume_from_checkpoint == "latest" else config.resume_from_checkpoint
-        if resume is None or not Path(resume).is_dir():
-            raise ValueError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
-                             f"({'no checkpoint-* folder in ' + str(out / 'checkpoints') if config.resume_from_checkpoint == 'latest' else 'not a folder'}). "
-                             "Train with save_strategy 'steps' or 'epoch' to write checkpoints.")
+    out = prepare_output_dir(config)
+    resume = checkpoint_to_resume(config, out)
     model, tokenizer = load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
-    neurons = list(metadata["neurons"])
-    empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
-    if empty:
-        raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
-
-    transform = train_label_transform(config, metadata["transform"], dataset["train"], neurons, balance=metadata.get("balance"))
-    position = parse_position(config.position if not config.dataset else metadata.get("position", "last"))
-    read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
-    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
-                                              position=position, label_transform=transform, num_bins=config.num_bins,
-                                              expected_value_loss_weight=config.expected_value_loss_weight,
-                                              prompt_suffix=config.prompt_suffix,
-                                              dataset_name=config.dataset or str(out / "dataset"))
-    if config.head_init == "probe":
-        probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
-        print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
+    neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
+    predictor = build_predictor(config, model, tokenizer, dataset, metadata, out)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
     del model
-    eval_strategy = config.eval_strategy if len(dataset["validation"]) else "no"
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size, per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
-        logging_steps=config.logging_steps, save_strategy=config.save_strategy, save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, seed=config.seed, bf16=config.bf16, report_to=config.report_to,
-        remove_unused_columns=False, label_names=["labels"], run_name=f"nsr-{'-'.join(neurons)}-{config.unfreeze}",
-        # every trainable parameter reaches the loss by construction of the strategies (blocks after read_layer stay frozen)
-        ddp_find_unused_parameters=False, disable_tqdm=not sys.stderr.isatty(), dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU-only machine needs it said (transformers refuses otherwise)
-    )
-    unfreeze = {"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r, "every_n_steps": config.unfreeze_every_n_steps}
-    trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dataset["train"],
-                               eval_dataset=dataset["validation"] if len(dataset["validation"]) else None, unfreeze=unfreeze,
+    trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
+                               train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
+                               unfreeze={"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r,
+                                         "every_n_steps": config.unfreeze_every_n_steps},
                                label_mode=config.labels, live_guard_weight=config.live_guard_weight)
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
     trainable, total = count_parameters(trainer.model)
     train_result = trainer.train(resume_from_checkpoint=resume)
 
-    metrics = {}
-    for split in ("validation", "test", "test_ood"):
-        if split in dataset and len(dataset[split]):
-            metrics[split] = trainer.evaluate(dataset[split], metric_key_prefix=split)
+    metrics = {split: trainer.evaluate(dataset[split], metric_key_prefix=split)
+               for split in ("validation", "test", "test_ood") if split in dataset and len(dataset[split])}
+    drift = drift_after_training(trainer, dataset, neurons, position)
+    summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
+                            neurons=neurons, rank=rank, parameters=(trainable, total), resume=resume)
+    if trainer.is_world_process_zero():
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
+        inner = unwrap(trainer.model)
+        inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
+        evaluation = None
+        if config.evaluate:
+            evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
+            summary["evaluation"] = to_jsonable(evaluation)
+            inner.evaluation = evaluation
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        save_and_push(config, out, trainer, summary)
+        print_result(config, out, summary, evaluation)
+        finish_wandb(summary)
+    return summary
+
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    """``output_dir``, created; the seed set; a setting that cannot run in this launch refused before any work."""
+    from transformers import set_seed
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    if config.unfreeze == "gradual" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("gradual unfreezing adds parameters after DDP has registered them (their gradients would not be "
+                         "synchronised): run it in one process, or use last_k / after_target / lora.")
+    return out
+
+
+def checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
+    """The checkpoint folder ``resume_from_checkpoint`` names (``latest``: the newest in ``output_dir/checkpoints``)."""
+    if not config.resume_from_checkpoint:
+        return None
+    latest = config.resume_from_checkpoint == "latest"
+    resume = latest_checkpoint(out / "checkpoints") if latest else config.resume_from_checkpoint
+    if resume is None or not Path(resume).is_dir():
+        raise ValueError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
+                         f"({'no checkpoint-* folder in ' + str(out / 'checkpoints') if latest else 'not a folder'}). "
+                         "Train with save_strategy 'steps' or 'epoch' to write checkpoints.")
+    return resume
+
+
+def labelled_position(config: TrainConfig, metadata: dict):
+    """The labelled token: the config's, or a loaded dataset's own."""
+    return parse_position(config.position if not config.dataset else metadata.get("position", "last"))
+
+
+def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path) -> ActivationPredictor:
+    """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
+    when ``head_init: probe``."""
+    empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
+    if empty:
+        raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
+    neurons = list(metadata["neurons"])
+    transform = train_label_transform(config, metadata["transform"], dataset["train"], neurons, balance=metadata.get("balance"))
+    read_layer = config.read_layer_for(max(Neuron.parse(n).layer for n in neurons), num_layers(model))
+    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
+                                              position=labelled_position(config, metadata), label_transform=transform,
+                                              num_bins=config.num_bins, expected_value_loss_weight=config.expected_value_loss_weight,
+                                              prompt_suffix=config.prompt_suffix, dataset_name=config.dataset or str(out / "dataset"))
+    if config.head_init == "probe":
+        probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
+        print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
+    return predictor
+
+
+def trainer_arguments(config: TrainConfig, out: Path, neurons: list[str], has_validation: bool):
+    """The Trainer's ``TrainingArguments``: every Trainer option of the config as it is, except what the run decides:
+    checkpoints in ``output_dir/checkpoints``, no evaluation during training without validation rows, the run's
+    name, and no push of the Trainer's own (the saved predictor is pushed: ``save_and_push``)."""
+    from transformers import TrainingArguments
+
+    values = {f.name: getattr(config, f.name) for f in fields(TrainingArguments) if f.init}
+    values.update(output_dir=str(out / "checkpoints"), eval_strategy=config.eval_strategy if has_validation else "no", push_to_hub=False,
+                  run_name=config.run_name or f"nsr-{'-'.join(neurons)}-{config.unfreeze}")
+    return TrainingArguments(**values)
+
+
+def drift_after_training(trainer, dataset, neurons: list[str], position) -> dict:
+    """``neuron_drift`` of the trained base on the test split (else validation, else train)."""
+    import torch
+
     inner = unwrap(trainer.model)
     check_split = next((s for s in ("test", "validation", "train") if s in dataset and len(dataset[s])), "train")
     inner.eval()
     with torch.no_grad():
         drift = neuron_drift(inner.base, dataset[check_split], neurons, position)
     drift["split"] = check_split
-    summary = {
+    return drift
+
+
+def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: dict, drift: dict, monitor, *, neurons, rank,
+                  parameters, resume) -> dict:
+    """The summary ``metrics.json`` holds (the evaluation and the time are added once they are known)."""
+    inner = unwrap(trainer.model)
+    return {
         "model": model_provenance(inner.base),
         "neurons": neurons,
         "scan_rank": rank,
@@ -286,8 +343,8 @@ def run_train(config: TrainConfig) -> dict:
         "head_type": config.head_type,
         "unfreeze": config.unfreeze,
         "labels": config.labels,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "trainable_parameters": parameters[0],
+        "total_parameters": parameters[1],
         "rows": {split: len(ds) for split, ds in dataset.items()},
         "train": {k: v for k, v in train_result.metrics.items() if isinstance(v, (int, float))},
         "global_step": trainer.state.global_step,
@@ -296,40 +353,45 @@ def run_train(config: TrainConfig) -> dict:
         "metrics": metrics,
         "neuron_drift": drift,
         "drift_monitor": monitor.history[-1] if monitor.history else None,
-        "config": asdict(config),
+        "config": config.to_dict(),
     }
-    if trainer.is_world_process_zero():
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
-        inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
-        if config.evaluate:
-            evaluation = run_evaluate(
-                EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"), dataset=config.dataset or str(out / "dataset"),
-                               methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
-                               cross_models=config.cross_models, probe_layers=config.probe_layers, n_bootstrap=config.n_bootstrap,
-                               seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size),
-                predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original, tokenizer=tokenizer,
-                log_history=trainer.state.log_history, drift=monitor.summary())
-            summary["evaluation"] = to_jsonable(evaluation)
-            inner.evaluation = evaluation
-        summary["seconds"] = round(time.perf_counter() - start, 1)
-        save_predictor(trainer.model, str(out / "predictor"))
 
-        (out / "metrics.json").write_text(json.dumps(to_jsonable(summary), indent=2))
-        if config.push_to_hub:
-            _push_folder(out / "predictor", config.push_to_hub)
-            print(f"pushed to https://huggingface.co/{config.push_to_hub}")
-        test = metrics.get("test") or metrics.get("validation") or {}
-        shown = {k: round(v, 4) for k, v in test.items() if k.split("_", 1)[-1] in ("pearson", "r2", "mse", "loss")}
-        print(f"\ntrain finished in {summary['seconds']} s: neuron(s) {', '.join(neurons)}, {shown}, drift max {drift['max_abs']:.3g}; "
-              f"everything is in {out}/", flush=True)
-        if config.evaluate:
-            split = next((s for s in ("test", "test_ood", "validation") if s in (evaluation.get("metrics") or {})), None)
-            if split:
-                print(f"\n{split} split, neuron {neurons[0]}:\n{headline_table(evaluation, split)}\n" +
-                      "\n".join(f"- {v}" for v in verdicts(evaluation, split)), flush=True)
-            print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
-        finish_wandb(summary)
-    return summary
+
+def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor) -> dict:
+    """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded."""
+    return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
+                        tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary())
+
+
+def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:
+    """The ``EvaluateConfig`` of a train run: its evaluation keys, and the predictor and dataset it writes."""
+    return EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"), dataset=config.dataset or str(out / "dataset"),
+                          methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
+                          **values_of(config, EvaluationFields), seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size)
+
+
+def save_and_push(config: TrainConfig, out: Path, trainer, summary: dict) -> None:
+    """``predictor/`` (with its card), ``metrics.json``, and the predictor pushed when ``push_to_hub`` names a repo."""
+    save_predictor(trainer.model, str(out / "predictor"))
+    (out / "metrics.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    if config.push_to_hub:
+        _push_folder(out / "predictor", config.push_to_hub)
+        print(f"pushed to https://huggingface.co/{config.push_to_hub}")
+
+
+def print_result(config: TrainConfig, out: Path, summary: dict, evaluation: dict | None) -> None:
+    """The closing lines: the held-out figures, the drift, and with an evaluation its headline table and verdicts."""
+    metrics, neurons, drift = summary["metrics"], summary["neurons"], summary["neuron_drift"]
+    test = metrics.get("test") or metrics.get("validation") or {}
+    shown = {k: round(v, 4) for k, v in test.items() if k.split("_", 1)[-1] in ("pearson", "r2", "mse", "loss")}
+    print(f"\ntrain finished in {summary['seconds']} s: neuron(s) {', '.join(neurons)}, {shown}, drift max {drift['max_abs']:.3g}; "
+          f"everything is in {out}/", flush=True)
+    if config.evaluate:
+        split = next((s for s in ("test", "test_ood", "validation") if s in (evaluation.get("metrics") or {})), None)
+        if split:
+            print(f"\n{split} split, neuron {neurons[0]}:\n{headline_table(evaluation, split)}\n" +
+                  "\n".join(f"- {v}" for v in verdicts(evaluation, split)), flush=True)
+        print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
 
 
 def train_label_transform(config: TrainConfig, transform: dict, train, neurons: list[str], balance=None) -> dict:
@@ -394,16 +456,19 @@ def _push_folder(folder: Path, repo_id: str) -> None:
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload nsr_hf predictor")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python nsr_hf/train.py") -> int:
+    """``[recipe.yaml] [--key value ...]`` -> ``run_train`` (``nsr train``, ``nsr_hf/train.py``, ``accelerate launch``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = RecipeParser(TrainConfig, prog=prog, usage=f"{prog} [recipe.yaml] [--key value ...]",
+                          description=(TrainConfig.__doc__ or "").strip())
     if any(a in ("-h", "--help") for a in argv):
-        print(usage())
+        print(parser.format_help())
         return 0
     try:
-        config = parse_config(argv)
+        (config,) = parser.parse(argv)
         run_train(config)
     except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -35,16 +35,16 @@ import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from nsr_hf.capture import Neuron
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.parsing import RecipeParser, load_recipe
 from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
 from nsr_hf.scanner import TOP_FILE, load_scan
-from nsr_hf.training.config import TrainConfig, check_keys, load_recipe, parse_overrides, valid_keys
+from nsr_hf.training.config import TrainConfig
 from nsr_hf.utils import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,13 @@ TABLE_FIGURES = (("r2", "R²"), ("pearson", "r"), ("mse", "MSE"))
 class SweepConfig:
     """Train one recipe over the top N scanned neurons and several seeds; summarise the figures (median, spread)."""
 
-    recipe: Optional[str] = field(default=None, metadata={"help": "The training recipe (YAML of TrainConfig fields); also the first positional argument"})
+    recipe: str | None = field(default=None, metadata={"help": "The training recipe (YAML of TrainConfig fields); also the first positional argument"})
     top_n: int = field(default=5, metadata={"help": "Neurons: the scan's ranks 1..top_n"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds of every neuron"})
-    neurons: Optional[list[str]] = field(default=None, metadata={"help": "Sweep these neurons (layer.index) instead of scanning"})
+    neurons: list[str] | None = field(default=None, metadata={"help": "Sweep these neurons (layer.index) instead of scanning"})
     split: str = field(default="test", metadata={"help": "The split whose figures are summarised"})
     output_dir: str = field(default="outputs/sweep", metadata={"help": "Where scan/, the runs, sweep.json and sweep.md go"})
-    datasets_from: Optional[str] = field(default=None, metadata={"help": "Another sweep's output_dir: sweep its neurons (or --neurons) on its datasets, the same rows"})
+    datasets_from: str | None = field(default=None, metadata={"help": "Another sweep's output_dir: sweep its neurons (or --neurons) on its datasets, the same rows"})
 
     def __post_init__(self):
         if self.top_n < 1:
@@ -84,12 +84,20 @@ class SweepConfig:
 # The runs
 
 
-def recipe_values(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
-    """The recipe (if any) and the overrides, checked against ``TrainConfig`` and the keys the sweep sets itself."""
+def sweep_parser(prog: str = "nsr sweep") -> RecipeParser:
+    """The sweep's parser: its own flags, then every ``TrainConfig`` key (the sweep's ``output_dir`` is its own)."""
+    return RecipeParser((SweepConfig, TrainConfig), prog=prog,
+                        usage=f"{prog} [RECIPE.yaml] [--top_n N] [--seeds S ...] [--neurons L.N ...] [--output_dir DIR] [--key value ...]",
+                        description=(SweepConfig.__doc__ or "").strip() + " Any TrainConfig key replaces the recipe's value, "
+                        f"except those the sweep sets itself ({', '.join(RESERVED_KEYS)}).")
 
-    values = load_recipe(config.recipe) if config.recipe else {}
-    overrides = dict(overrides or {})
-    check_keys(overrides, "the sweep's overrides")
+
+def recipe_values(config: SweepConfig, overrides: dict | None = None) -> dict:
+    """The recipe (if any) and the overrides as ``TrainConfig`` values, checked against ``TrainConfig`` and the keys
+    the sweep sets itself."""
+    parser = RecipeParser(TrainConfig)
+    values = parser.read_mapping(load_recipe(config.recipe), config.recipe)[0] if config.recipe else {}
+    overrides = parser.read_mapping(dict(overrides or {}), "the sweep's overrides")[0]
     for key, how in RESERVED_KEYS.items():
         if key in overrides:
             raise ValueError(f"{key} is set by the sweep itself: use {how}.")
@@ -134,7 +142,7 @@ def run_dir(output_dir, neuron: str, seed: int) -> Path:
     return Path(output_dir) / neuron / f"seed-{seed}"
 
 
-def _finished_dataset(output_dir, neuron: str, seeds=None) -> Optional[Path]:
+def _finished_dataset(output_dir, neuron: str, seeds=None) -> Path | None:
     """The dataset of a finished run of ``neuron`` (any of ``seeds``; every seed when None), to be loaded by its other runs."""
     if seeds is None:
         folders = sorted(Path(output_dir, neuron).glob("seed-*"))
@@ -146,7 +154,7 @@ def _finished_dataset(output_dir, neuron: str, seeds=None) -> Optional[Path]:
     return None
 
 
-def source_datasets(source, neurons: Optional[list[str]] = None) -> dict[str, Path]:
+def source_datasets(source, neurons: list[str] | None = None) -> dict[str, Path]:
     """``--datasets_from``: each neuron's dataset in the sweep at ``source`` (its ``sweep.json`` neurons unless
     ``neurons`` are named). Every error names what is missing, before any run starts."""
     source = Path(source)
@@ -220,7 +228,7 @@ def summarise_runs(runs: list[dict]) -> dict[str, dict[str, dict]]:
     return {method: {figure: spread(values) for figure, values in figures.items()} for method, figures in collected.items()}
 
 
-def _cell(stats: Optional[dict], digits: int = 3) -> str:
+def _cell(stats: dict | None, digits: int = 3) -> str:
     if not stats:
         return "n/a"
     return (f"{stats['median']:.{digits}f} [{stats['q1']:.{digits}f}, {stats['q3']:.{digits}f}] "
@@ -278,37 +286,15 @@ def sweep_markdown(result: dict) -> str:
 # The sweep
 
 
-def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
+def run_sweep(config: SweepConfig, overrides: dict | None = None) -> dict:
     """``nsr sweep``: scan once, train every (neuron, seed) not yet finished, summarise (module docstring).
     ``overrides``: ``TrainConfig`` values that replace the recipe's. Returns the content of ``sweep.json``."""
-    import gc
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     values = recipe_values(config, overrides)
     sources = source_datasets(config.datasets_from, config.neurons) if config.datasets_from else {}
     neurons = list(sources) or config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
-    runs = []
-    for neuron in neurons:
-        for seed in config.seeds:
-            folder = run_dir(out, neuron, seed)
-            run = {"neuron": neuron, "seed": seed, "output_dir": str(folder)}
-            if (folder / "metrics.json").exists():
-                run["status"] = "skipped (finished before)"
-            else:
-                dataset = sources.get(neuron) or _finished_dataset(out, neuron, config.seeds)
-                print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
-                try:
-                    run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),
-                                             **({"dataset": str(dataset)} if dataset else {})}))
-                    run["status"] = "trained"
-                except Exception as err:  # one failed run must not lose the others: record it, go on
-                    logger.error("sweep run %s seed %d failed:\n%s", neuron, seed, traceback.format_exc())
-                    run["status"], run["error"] = "failed", f"{type(err).__name__}: {err}"
-                gc.collect()
-            if (folder / "metrics.json").exists():
-                run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
-            runs.append(run)
+    runs = [train_one(config, values, out, neuron, seed, sources.get(neuron)) for neuron in neurons for seed in config.seeds]
     result = {"config": asdict(config), "recipe": values, "neurons": neurons, "seeds": config.seeds, "split": config.split,
               "runs": runs, "failed": sum(1 for r in runs if r.get("error")), "summary": summarise_runs(runs)}
     (out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
@@ -317,30 +303,43 @@ def run_sweep(config: SweepConfig, overrides: Optional[dict] = None) -> dict:
     return result
 
 
-def usage() -> str:
-    lines = ["usage: nsr sweep [RECIPE.yaml] [--top_n N] [--seeds S ...] [--neurons L.N ...] [--output_dir DIR] [--key value ...]", "",
-             (SweepConfig.__doc__ or "").strip(), ""]
-    for name, f in SweepConfig.__dataclass_fields__.items():
-        lines.append(f"  --{name:<14} {f.metadata.get('help', '')}")
-    lines += ["", "Any other --key value replaces the recipe's value (TrainConfig keys): " + ", ".join(k for k in valid_keys() if k not in RESERVED_KEYS)]
-    return "\n".join(lines)
+def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: int, source: Path | None = None) -> dict:
+    """One run of the sweep (``run_train`` into ``<neuron>/seed-<seed>``) unless it finished before; its record in
+    ``sweep.json``, with its figures when it has a ``metrics.json``. A failed run is recorded, not raised."""
+    import gc
+
+    folder = run_dir(out, neuron, seed)
+    run = {"neuron": neuron, "seed": seed, "output_dir": str(folder)}
+    if (folder / "metrics.json").exists():
+        run["status"] = "skipped (finished before)"
+    else:
+        dataset = source or _finished_dataset(out, neuron, config.seeds)
+        print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
+        try:
+            run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),
+                                     **({"dataset": str(dataset)} if dataset else {})}))
+            run["status"] = "trained"
+        except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
+            logger.error("sweep run %s seed %d failed:\n%s", neuron, seed, traceback.format_exc())
+            run["status"], run["error"] = "failed", f"{type(err).__name__}: {err}"
+        gc.collect()
+    if (folder / "metrics.json").exists():
+        run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
+    return run
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``nsr sweep RECIPE [--sweep flags] [--TrainConfig key value ...]``."""
-    from transformers import HfArgumentParser
-
+def main(argv: list[str] | None = None) -> int:
+    """``nsr sweep [RECIPE.yaml] [--sweep flags] [--TrainConfig key value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = sweep_parser()
     if any(a in ("-h", "--help") for a in argv):
-        print(usage())
+        print(parser.format_help())
         return 0
     try:
-        if argv and not argv[0].startswith("--"):
+        if argv and not argv[0].startswith("-"):
             argv = ["--recipe", argv[0], *argv[1:]]
-        # allow_abbrev=False: a recipe key such as --seed must not be read as an abbreviation of --seeds
-        parser = HfArgumentParser(SweepConfig, prog="nsr sweep", allow_abbrev=False)
-        config, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        result = run_sweep(config, parse_overrides(remaining))
+        sweep_values, overrides = parser.given_values(argv)
+        result = run_sweep(SweepConfig(**sweep_values), overrides)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"nsr sweep: error: {err}", file=sys.stderr)
         return 2

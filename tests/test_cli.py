@@ -67,3 +67,30 @@ def test_train_takes_a_recipe_and_overrides(tmp_path, capsys):
     recipe.write_text("learning_rate: 2e-5\nunfreeze: nonsense\n")
     assert main(["train", str(recipe)]) == 2
     assert "unfreeze must be one of" in capsys.readouterr().err
+
+
+def test_train_help_lists_our_keys_and_the_trainers(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--head_type" in out and "--lr_scheduler_type" in out and "--gradient_checkpointing" in out
+
+
+def test_quickstart_help_lists_the_recipes_values_and_every_key(capsys):
+    assert main(["quickstart", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "select: 'readable'" in out and "output_dir: 'outputs/quickstart'" in out  # the recipe's values
+    assert "(default: readable)" in out  # shown as the defaults of the keys
+    assert "--max_grad_norm" in out and "--unfreeze" in out
+
+
+def test_sweep_help_lists_its_flags_and_the_recipe_keys(capsys):
+    assert main(["sweep", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--top_n" in out and "--seeds" in out and "--learning_rate" in out and "--lr_scheduler_type" in out
+
+
+def test_a_stage_reads_a_recipe_too(tmp_path, capsys):
+    recipe = tmp_path / "scan.yaml"
+    recipe.write_text("score: loudness\n")
+    assert main(["scan", str(recipe)]) == 2
+    assert "Unknown score 'loudness'" in capsys.readouterr().err

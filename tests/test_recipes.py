@@ -1,6 +1,7 @@
-"""Recipes: every recipe in recipes/ parses into a TrainConfig; defaults < YAML < --key value; values are coerced
-to the field types (PyYAML reads 2e-5 as a string) or rejected naming the field; unknown keys list the valid ones;
-nsr_hf/train.py runs as a script (nsr_hf/ first on sys.path, PITFALLS HF-1)."""
+"""Recipes: every recipe in recipes/ parses into a TrainConfig (a transformers.TrainingArguments); defaults < YAML <
+--key value; values are read by the field types (PyYAML reads 2e-5 as a string) or rejected naming the field; unknown
+keys list the valid ones; every Trainer option is a recipe key that reaches the Trainer; the quickstart runs the shipped
+recipe; nsr_hf/train.py runs as a script (nsr_hf/ first on sys.path, PITFALLS HF-1)."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nsr_hf.training.config import TrainConfig, parse_config, valid_keys
+from nsr_hf.parsing import RecipeParser, shipped_recipe
+from nsr_hf.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+PARSER = RecipeParser(TrainConfig)
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """``[recipe.yaml] [--key value ...]`` as ``nsr train`` reads it."""
+    (config,) = PARSER.parse(argv)
+    return config
 
 
 def write(tmp_path, text: str) -> str:
@@ -28,11 +37,12 @@ def test_there_are_recipes():
     assert {p.name for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")} >= {"cpu_2proc.yaml", "multi_gpu.yaml", "fsdp.yaml"}
 
 
-def test_the_packaged_quickstart_is_the_recipe():
-    from nsr_hf.quickstart import QUICKSTART, quickstart_config
+def test_the_quickstart_runs_the_shipped_recipe_file():
+    from nsr_hf.quickstart import RECIPE, quickstart_config
 
-    assert parse_config([str(ROOT / "recipes" / "quickstart.yaml")]) == quickstart_config()
-    assert set(yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())) == set(QUICKSTART)
+    assert shipped_recipe(RECIPE) == ROOT / "recipes" / "quickstart.yaml"  # a checkout reads the file itself, not a copy
+    assert quickstart_config() == parse_config([str(ROOT / "recipes" / "quickstart.yaml")])
+    assert quickstart_config(["--seed", "4"]).seed == 4 and quickstart_config(seed=5).seed == 5
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -46,7 +56,7 @@ def test_every_accelerate_config_loads(config):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses_and_every_key_is_a_config_field(recipe):
     raw = yaml.safe_load(recipe.read_text())
-    assert set(raw) <= set(valid_keys())
+    assert set(raw) <= set(PARSER.keys())
     config = parse_config([str(recipe)])
     for key, value in raw.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -102,10 +112,10 @@ def test_invalid_choices_are_rejected():
 
 def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "--learning_rate" in result.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
     assert bad.returncode == 2 and "Valid keys" in bad.stderr
 
 
@@ -160,3 +170,74 @@ def test_new_choices_are_validated():
 def test_list_values_on_the_command_line():
     config = parse_config(["--layers", "0", "1", "2", "--cross_models", "minilm,gpt2", "--eval_methods", "mean", "--bf16"])
     assert config.layers == [0, 1, 2] and config.cross_models == ["minilm", "gpt2"] and config.eval_methods == ["mean"] and config.bf16 is True
+
+
+def test_a_recipe_that_is_not_a_mapping_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="a recipe is a flat mapping"):
+        parse_config([write(tmp_path, "- learning_rate\n- 0.1\n")])
+
+
+def test_an_optional_key_is_unset_with_none_in_the_recipe_or_on_the_command_line(tmp_path):
+    assert parse_config([write(tmp_path, "layers: null\nunfreeze_k: ~\n")]).layers is None
+    assert parse_config(["--layers", "none", "--unfreeze_k", "none"]).unfreeze_k is None
+    config = parse_config([write(tmp_path, "head_type: token\nbin_strategy: kmeans\n"), "--bin_strategy", "none"])
+    assert config.bin_strategy is None  # the command line unsets what the recipe set
+
+
+def test_every_trainer_option_is_a_recipe_key_checked_by_transformers(tmp_path):
+    config = parse_config([write(tmp_path, "lr_scheduler_type: cosine\nmax_grad_norm: 0.5\ngradient_checkpointing: true\noptim: adafactor\n")])
+    assert (config.lr_scheduler_type, config.max_grad_norm, config.gradient_checkpointing, config.optim) == ("cosine", 0.5, True, "adafactor")
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        parse_config(["--lr_scheduler_type", "sometimes"])  # the Trainer's own choices
+    with pytest.raises(ValueError, match="fp16 and bf16"):
+        parse_config(["--fp16", "--bf16"])  # the Trainer's own validation
+
+
+def test_trainer_options_of_a_recipe_reach_the_trainers_arguments(tiny_model_dirs, tmp_path, monkeypatch):
+    """The arguments the PredictorTrainer really gets in run_train carry the recipe's Trainer options."""
+    from conftest import write_word_corpus
+
+    from nsr_hf import pipeline
+
+    seen = {}
+
+    class RecordingTrainer(pipeline.PredictorTrainer):
+        def __init__(self, *args, **kwargs):
+            seen["args"] = kwargs["args"]
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "PredictorTrainer", RecordingTrainer)
+    corpus = write_word_corpus(tmp_path / "docs.jsonl", n=30)
+    recipe = write(tmp_path, f"model: {tiny_model_dirs['llama']}\ncorpus: {corpus}\nneuron: '1.3'\ndataset_documents: 30\nmax_length: 16\n"
+                             "max_steps: 2\nevaluate: false\nlr_scheduler_type: cosine\nmax_grad_norm: 0.25\nwarmup_steps: 1\n"
+                             f"weight_decay: 0.01\nrun_name: my-run\noutput_dir: {tmp_path / 'out'}\n")
+    summary = pipeline.run_train(parse_config([recipe, "--adam_beta2", "0.99"]))
+    args = seen["args"]
+    assert (args.lr_scheduler_type, args.max_grad_norm, args.warmup_steps, args.weight_decay) == ("cosine", 0.25, 1, 0.01)
+    assert args.adam_beta2 == 0.99 and args.run_name == "my-run" and args.max_steps == 2 == summary["global_step"]
+    # what the run decides: checkpoints under output_dir/checkpoints, the self-reporter's defaults, no push of the Trainer's own
+    assert args.output_dir == str(tmp_path / "out" / "checkpoints") and args.push_to_hub is False
+    assert args.remove_unused_columns is False and args.label_names == ["labels"] and args.ddp_find_unused_parameters is False
+    assert summary["config"]["lr_scheduler_type"] == "cosine"  # metrics.json records every key
+
+
+def test_help_lists_every_key_with_its_help_the_trainers_too():
+    text = PARSER.format_help()
+    for key in ("--neuron", "--unfreeze", "--learning_rate", "--lr_scheduler_type", "--max_grad_norm", "--gradient_checkpointing", "--optim"):
+        assert key in text, key
+    assert "'auto' (the scan's best)" in text  # our help
+    assert "(default: 0.001)" in text  # the self-reporter's default learning rate, not the Trainer's
+
+
+def test_scan_recipe_values_are_read_by_their_field_types(tmp_path):
+    from nsr_hf.scanner import ScanConfig
+
+    (config,) = RecipeParser(ScanConfig).parse([write(tmp_path, "threshold: 2e-1\ntop_n: '5'\nlayers: [2, 0]\n")])
+    assert config.threshold == 0.2 and config.top_n == 5 and config.layers == [0, 2]
+    with pytest.raises(ValueError, match="top_n"):
+        RecipeParser(ScanConfig).parse(["--top_n", "five"])
+
+
+def test_a_recipe_writes_a_list_as_a_yaml_list_or_one_comma_separated_string(tmp_path):
+    assert parse_config([write(tmp_path, "split_fractions: 0.6, 0.2, 0.2\n")]).split_fractions == [0.6, 0.2, 0.2]
+    assert parse_config([write(tmp_path, "cross_models: [minilm, gpt2]\n")]).cross_models == ["minilm", "gpt2"]

@@ -308,10 +308,13 @@ def test_scan_config_builds_a_command_line():
     assert config.max_documents is None  # 0 on the command line: the whole corpus
 
 
-def test_recipe_values_given_as_strings_are_coerced_or_rejected_clearly():
-    assert ScanConfig(threshold="2e-1", top_n="5").threshold == 0.2
-    with pytest.raises(ValueError, match="top_n must be an integer"):
-        ScanConfig(top_n="five")
+def test_recipe_values_given_as_strings_are_read_by_their_field_types_or_rejected_clearly():
+    from nsr_hf.parsing import RecipeParser
+
+    (config,) = RecipeParser(ScanConfig).parse(["--threshold", "2e-1", "--top_n", "5"])
+    assert config.threshold == 0.2 and config.top_n == 5
+    with pytest.raises(ValueError, match="top_n"):
+        RecipeParser(ScanConfig).parse(["--top_n", "five"])
 
 
 @pytest.mark.slow

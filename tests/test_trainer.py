@@ -211,7 +211,7 @@ def head_only_run(tiny_model_dirs, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("train")
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
-                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate="1e-2", unfreeze="head_only", drift_every_n_steps=2,
+                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="head_only", drift_every_n_steps=2,
                          cross_models=[tiny_model_dirs["gpt2"]], n_bootstrap=50, output_dir=str(tmp_path / "out"))
     return config, run_train(config)
 
@@ -442,12 +442,15 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
     import yaml
 
     from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
 
     config, _ = head_only_run
     common = dict(dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=6, learning_rate=1e-2, logging_steps=1)
     single = run_train(replace(config, per_device_train_batch_size=16, output_dir=str(tmp_path / "one"), **common))
     recipe = tmp_path / "tiny.yaml"
-    values = {**{k: v for k, v in vars(config).items() if v is not None}, **common, "per_device_train_batch_size": 8, "output_dir": str(tmp_path / "two")}
+    defaults = TrainConfig().to_dict()  # the recipe of this config: the keys it sets away from their defaults
+    values = {**{k: v for k, v in config.to_dict().items() if v != defaults[k]}, **common, "per_device_train_batch_size": 8,
+              "output_dir": str(tmp_path / "two")}
     recipe.write_text(yaml.safe_dump(values))
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

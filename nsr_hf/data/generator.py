@@ -81,6 +81,7 @@ from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import push_to_hub, read_metadata
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.report_tokens import default_report_tokens
+from nsr_hf.shared_config import CorpusFields, SplitFields
 from nsr_hf.utils import to_jsonable
 from nsr_hf.version import __version__
 
@@ -99,14 +100,11 @@ _CONTENT_FIELDS = ("neurons", "text_field", "id_field", "position", "every_token
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(CorpusFields, SplitFields):
     """Generate a dataset of neuron activations (train/validation/test by document) with train-fitted bins."""
 
-    neurons: list[str] = field(metadata={"help": "Neurons as layer.index, e.g. 15.100 15.7 (one or more; the activations column keeps this order)"})
-    model: str = field(default="smollm2-135m", metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
+    neurons: list[str] = field(kw_only=True, metadata={"help": "Neurons as layer.index, e.g. 15.100 15.7 (one or more; the activations column keeps this order)"})
     model_revision: Optional[str] = field(default=None, metadata={"help": "Model revision (branch, tag or commit) for Hub models"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.json/.csv/.parquet file, 'synthetic', or a Hub dataset ('hub:NAME[:CONFIG[:SPLIT]]')"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
     id_field: Optional[str] = field(default=None, metadata={"help": "Column that holds a stable document id (splits hash it); default: the row index"})
     ood_corpus: Optional[str] = field(default=None, metadata={"help": "A second corpus whose documents all go to an out-of-domain 'test_ood' split"})
     position: str = field(default="last", metadata={"help": "Labelled token: 'last' (last real token), 'max' (argmax of the first neuron), 'all' (every token), or an integer index (0 first, -1 last)"})
@@ -114,8 +112,6 @@ class DatasetConfig:
     max_length: int = field(default=128, metadata={"help": "Texts are cut to this many tokens (at token boundaries; never padded in storage)"})
     max_documents: Optional[int] = field(default=None, metadata={"help": "At most this many documents from the corpus (after de-duplication); all when unset"})
     max_ood_documents: Optional[int] = field(default=None, metadata={"help": "At most this many documents from the out-of-domain corpus"})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the document-id hash that assigns splits"})
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of train, validation and test (sum to 1)"})
     num_bins: int = field(default=10, metadata={"help": "Number of activation bins (at least 2); 10 maps to the report digits 0-9"})
     bin_strategy: str = field(default="quantile", metadata={"help": "'quantile' (equal counts on train), 'equal_width' (train min to max) or 'kmeans' (1-D k-means, Lloyd-Max: the bins whose means reproduce the train values with the least squared error; for a skewed neuron far closer than quantile bins)"})
     report_tokens: Optional[list[str]] = field(default=None, metadata={"help": "Token string of each bin (default: the tokenizer's single-token digits, e.g. ' 0'..' 9' or '0'..'9'; off/on for 2 bins)"})

@@ -61,6 +61,7 @@ from nsr_hf.evaluation.statistics import compare_methods, selectivity
 from nsr_hf.methods import DEFAULT_BASELINES
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.shared_config import EvaluationFields
 from nsr_hf.utils import unwrap, write_json
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ DEFAULT_SPLITS = ("test", "test_ood")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(EvaluationFields):
     """Evaluate a trained predictor on a dataset's test splits, next to baselines and controls; write a report."""
 
     predictor: Optional[str] = field(default=None, metadata={"help": "The predictor: a folder written by nsr train (…/predictor) or a Hub id"})
@@ -84,12 +85,9 @@ class EvaluateConfig:
     splits: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={"help": "Splits to evaluate; those the dataset lacks are skipped"})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
                                metadata={"help": "Baselines and controls of nsr_hf.evaluation.baselines ('none': the predictor alone)"})
-    cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for the cross-prediction control"})
-    probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
     base_model: Optional[str] = field(default=None, metadata={"help": "The original base model for the baselines (default: the predictor's base_model_name_or_path)"})
     base_unchanged: bool = field(default=False, metadata={
         "help": "The predictor's base weights are the original ones (head_only training): use them for the baselines instead of loading the original again"})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for every confidence interval (0: no intervals)"})
     confidence_level: float = field(default=0.95, metadata={"help": "Level of the confidence intervals"})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap, the random subset, the baselines and the causal test"})
     causal: bool = field(default=True, metadata={"help": "Run the causal test (set the neuron, watch the report)"})

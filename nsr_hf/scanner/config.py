@@ -5,19 +5,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nsr_hf.models import EMBEDDED_NAME
 from nsr_hf.scanner.scores import SCORES
+from nsr_hf.shared_config import CorpusFields
 
 POSITIONS = ("all", "last")
 
 
 @dataclass
-class ScanConfig:
+class ScanConfig(CorpusFields):
     """Scan a corpus for the MLP neurons worth self-reporting (statistics, scores, top examples, plots)."""
 
-    model: str = field(default=EMBEDDED_NAME, metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.csv/.parquet file, 'synthetic', or a Hub dataset"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
     max_documents: Optional[int] = field(default=2000, metadata={"help": "Scan at most this many documents (after dropping duplicates); 0 or None: all"})
     layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers to scan, e.g. --layers 10 11 12 (None: all layers)"})
     position: str = field(default="all", metadata={"help": "'all': every real token; 'last': the last real token of each document"})
@@ -28,7 +25,6 @@ class ScanConfig:
                   "centre on 0 with a std of 0.1 to 0.5 per layer"},
     )
     score: str = field(default="composite", metadata={"help": f"Ranking score, one of: {', '.join(SCORES)}"})
-    seed_variance_weight: float = field(default=0.5, metadata={"help": "Weight of normalised variance in the 'seed' score (range gets 1 - this)"})
     dead_std_ratio: float = field(
         default=1e-3,
         metadata={"help": "A neuron whose std is at most this times the median std of the scanned neurons is dead "
@@ -48,24 +44,8 @@ class ScanConfig:
             raise ValueError(f"Unknown score {self.score!r}: choose one of {', '.join(SCORES)}.")
         if self.position not in POSITIONS:
             raise ValueError(f"Unknown position rule {self.position!r} for a scan: use 'all' (every real token) or 'last' (last real token).")
-        # Recipes read from YAML may carry numbers as strings (PyYAML reads "2e-1" as one): coerce, or say which field is wrong.
-        for name, kind in (("threshold", float), ("seed_variance_weight", float), ("dead_std_ratio", float), ("top_n", int),
-                           ("top_k_examples", int), ("example_window", int), ("batch_size", int), ("max_length", int),
-                           ("histogram_documents", int), ("seed", int), ("max_documents", int)):
-            value = getattr(self, name)
-            if value is None and name == "max_documents":
-                continue
-            try:
-                number = kind(value)
-                if kind is int and (isinstance(value, bool) or number != float(value)):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}.") from None
-            setattr(self, name, number)
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}.")
-        if not 0.0 <= self.seed_variance_weight <= 1.0:
-            raise ValueError(f"seed_variance_weight must be in [0, 1], got {self.seed_variance_weight}.")
         if not 0.0 <= self.dead_std_ratio < 1.0:
             raise ValueError(f"dead_std_ratio must be in [0, 1), got {self.dead_std_ratio}.")
         for name in ("top_n", "top_k_examples", "batch_size", "max_length"):

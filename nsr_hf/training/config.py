@@ -1,92 +1,105 @@
-"""``TrainConfig``: a training recipe's fields, and how a recipe and ``--key value`` flags become one.
+"""``TrainConfig``: a training recipe's fields, in the Trainer's own style.
 
-Configuration is ``TrainConfig``: its defaults, then the YAML recipe, then ``--key value`` flags, each value
-coerced to the field's type (PyYAML reads ``2e-5`` as a string; an uncoercible value or an unknown key is a
-clear error naming the field).
+``TrainConfig`` subclasses ``transformers.TrainingArguments`` (as TRL's ``SFTConfig`` does): every Trainer option
+(``lr_scheduler_type``, ``max_grad_norm``, ``gradient_checkpointing``, ``optim``, ``bf16``, ...) is a recipe key,
+validated and documented by transformers itself, and reaches the ``PredictorTrainer``. The fields below add the
+pipeline's own keys in groups, and give some Trainer options the defaults that suit a self-reporter. A recipe and
+``--key value`` flags become a ``TrainConfig`` through ``nsr_hf.parsing.RecipeParser`` (defaults < recipe < command line).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
-from typing import Optional
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
 
 from nsr_hf.capture import Neuron
 from nsr_hf.data.corpus import check_fractions
 from nsr_hf.data.binning import BIN_STRATEGIES
 from nsr_hf.modeling.predictor import HEAD_TYPES
-from nsr_hf.models import EMBEDDED_NAME
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
+from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields
 from nsr_hf.training.unfreezing import STRATEGIES
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    """Train a self-reporter for one neuron: scan, dataset, fine-tune, evaluate (a recipe's fields)."""
+class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields):  # fields in the order corpus, split, evaluation
+    """Train a self-reporter for one neuron: scan, dataset, fine-tune, evaluate (a recipe's fields).
 
-    model: str = field(default=EMBEDDED_NAME, metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a local file, 'synthetic', or a Hub dataset ('hub:NAME[:CONFIG[:SPLIT]]')"})
-    text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
+    Besides the keys below and those it shares with the stages (``nsr_hf.shared_config``: model, corpus, text_field;
+    split_seed, split_fractions; cross_models, probe_layers, n_bootstrap), every ``transformers.TrainingArguments``
+    option is a key (``nsr train --help`` lists them all).
+    """
+
+    # -- the neuron
     neuron: str = field(default="auto", metadata={"help": "'auto' (the scan's best), a scan rank (e.g. 3), or a neuron 'layer.index' (quote it in YAML)"})
-    layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers to scan (default: all)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "Layers to scan (default: all)"})
     select: str = field(default="score", metadata={"help": "How 'auto' / a rank picks the neuron: 'score' (the scan's ranking) or 'readable' (of the top select_candidates, the one a ridge probe reads best from the head's representation, cross-validated on the scanned train documents)"})
     select_candidates: int = field(default=20, metadata={"help": "select 'readable': how many of the scan's top neurons compete"})
     scan_documents: int = field(default=600, metadata={"help": "Training documents to scan"})
-    dataset: Optional[str] = field(default=None, metadata={"help": "Load this activation dataset (folder or Hub id) instead of building one"})
+
+    # -- the activation dataset
+    dataset: str | None = field(default=None, metadata={"help": "Load this activation dataset (folder or Hub id) instead of building one"})
     dataset_documents: int = field(default=1500, metadata={"help": "Documents of the built dataset (all splits)"})
     max_length: int = field(default=128, metadata={"help": "Texts are cut to this many tokens"})
     position: str = field(default="last", metadata={"help": "The labelled token: 'last' or an integer index"})
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
-    bin_strategy: Optional[str] = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the split by document id"})
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
+    bin_strategy: str | None = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
+
+    # -- the predictor's head
     head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
-    read_layer: Optional[str] = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
+    read_layer: str | None = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Token head: the text after the labelled token that asks for the report ({neuron} is filled in). An empty string reports as the labelled token's own next token (the representation the regression head and the ridge probe read)"})
     expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
     head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
+
+    # -- what trains, and on which labels
     unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora, lora_after_target or gradual (nsr_hf.training.unfreezing)"})
-    unfreeze_k: Optional[int] = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
+    unfreeze_k: int | None = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
     unfreeze_every_n_steps: int = field(default=50, metadata={"help": "gradual: steps between two blocks joining"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     labels: str = field(default="reference", metadata={"help": "'reference' (the dataset's values, from the original model) or 'live' (recomputed from the current weights each step)"})
     live_guard_weight: float = field(default=10.0, metadata={"help": "labels 'live': weight of the guard that keeps the neuron's mean and spread (0: off)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over train"})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use num_train_epochs)"})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per step and process"})
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Rows per evaluation batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step"})
-    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation during training: 'no', 'steps' or 'epoch'"})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "With eval_strategy 'steps'"})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps"})
-    seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation and of the data order"})
     drift_every_n_steps: int = field(default=50, metadata={"help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.training.monitoring)"})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps' or 'epoch' (needed to resume)"})
-    save_steps: int = field(default=500, metadata={"help": "With save_strategy 'steps'"})
-    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; the dataset already in output_dir is reused"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)"})
-    report_to: str = field(default="none", metadata={"help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})
-    output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written"})
-    push_to_hub: Optional[str] = field(default=None, metadata={"help": "Push the saved predictor to this Hub repo id (owner/name)"})
+
+    # -- the evaluation after training
     evaluate: bool = field(default=True, metadata={"help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
-    eval_methods: Optional[list[str]] = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.evaluation.baselines.METHODS)"})
-    cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for cross-prediction: 'minilm' (offline) or any HF id"})
-    probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all' or 'up_to_read' (cheaper: only blocks up to the read layer)"})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the confidence intervals"})
+    eval_methods: list[str] | None = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.evaluation.baselines.METHODS)"})
+
+    # -- TrainingArguments with the defaults of a self-reporter (the Trainer's own help, where it says more)
+    output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Push the saved predictor (not the Trainer's checkpoints) to this Hub repo id (owner/name)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; the dataset already in output_dir is reused"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over train"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per step and process"})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Rows per evaluation batch (also the probes' and the evaluation's batches)"})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation during training: 'no', 'steps' or 'epoch'"})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps"})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps' or 'epoch' (needed to resume)"})
+    save_steps: float = field(default=500, metadata={"help": "With save_strategy 'steps'"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
+    seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation and of the data order"})
+    report_to: str = field(default="none", metadata={"help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset's columns: the collator reads labels, positions and bins from them"})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "The batch keys the Trainer treats as labels"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "Every trainable parameter reaches the loss by construction of the unfreezing strategies (blocks after read_layer stay frozen)"})
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_pipeline_fields()
+        if not torch.cuda.is_available():  # bf16 autocast on a CPU-only machine needs it said (transformers refuses otherwise)
+            self.use_cpu = True
+        if self.disable_tqdm is None:  # progress bars in a terminal, not in logs
+            self.disable_tqdm = not sys.stderr.isatty()
+        super().__post_init__()
+
+    def _check_pipeline_fields(self):
+        """The pipeline's own rules (the Trainer's options are checked by ``TrainingArguments.__post_init__``)."""
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}.")
         if self.unfreeze not in STRATEGIES:
@@ -153,7 +166,7 @@ class TrainConfig:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
 
-    def read_layer_rule(self) -> "tuple[str, int] | None":
+    def read_layer_rule(self) -> tuple[str, int] | None:
         """``None`` (the last block), ``("abs", L)`` or ``("target", K)`` for ``'target+K'``."""
         if self.read_layer is None:
             return None
@@ -168,7 +181,7 @@ class TrainConfig:
                 return ("target", int(rest[1:]))
         raise ValueError(f"read_layer must be a block index, 'target+K' (e.g. target+2) or none, got {self.read_layer!r}.")
 
-    def read_layer_for(self, target_layer: int, num_layers: int) -> Optional[int]:
+    def read_layer_for(self, target_layer: int, num_layers: int) -> int | None:
         """The block the head reads for a target neuron in ``target_layer`` (``None``: the last)."""
         rule = self.read_layer_rule()
         if rule is None:
@@ -181,7 +194,7 @@ class TrainConfig:
             raise ValueError(f"read_layer {layer} is out of range: the model has blocks 0..{num_layers - 1}.")
         return layer
 
-    def neuron_choice(self) -> "int | str":
+    def neuron_choice(self) -> int | str:
         """The scan rank to take (an int) or a neuron name ``"layer.index"``."""
 
         text = str(self.neuron).strip()
@@ -195,123 +208,3 @@ class TrainConfig:
             return str(Neuron.parse(text))
         except ValueError:
             raise ValueError(f"neuron must be 'auto', a scan rank (1, 2, ...) or 'layer.index', got {self.neuron!r}.") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Recipes: defaults < YAML < --key value
-
-
-_NONE = ("none", "null", "~", "")
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def coerce(name: str, value, annotation):
-    """``value`` (from YAML or the command line) as ``annotation``; a ValueError names the field otherwise."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            return None
-        (annotation,) = [a for a in args if a is not type(None)]
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-
-    def fail(expected: str):
-        return ValueError(f"{name}: expected {expected}, got {value!r}.")
-
-    if origin is list:
-        items = value.replace(",", " ").split() if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise fail(f"a list of {args[0].__name__}")
-        return [coerce(name, item, args[0]) for item in items]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise fail("true or false")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise fail("an integer")
-        try:
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-                return int(value)
-            if float(number) != int(number):
-                raise ValueError
-            return int(number)
-        except (TypeError, ValueError, OverflowError):
-            raise fail("an integer") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise fail("a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise fail("a number") from None
-    if annotation is str:
-        if isinstance(value, float) and name == "neuron":
-            # YAML reads 12.340 as the float 12.34: the neuron would silently become 12.34
-            raise ValueError(f"neuron: write a neuron as a quoted string ('12.340'): YAML read {value!r} as a number.")
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise fail("a string")
-        return str(value)
-    return value
-
-
-def valid_keys() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
-
-
-def check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - set(valid_keys()))
-    if unknown:
-        raise ValueError(f"Unknown key(s) {unknown} in {where}. Valid keys: {', '.join(valid_keys())}.")
-
-
-def load_recipe(path: "str | os.PathLike") -> dict:
-    """The recipe's values (a flat YAML mapping of ``TrainConfig`` fields), keys checked."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a flat mapping of TrainConfig fields, got {type(data).__name__}.")
-    check_keys(data, str(path))
-    return data
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """``--key value`` / ``--key=value`` pairs (a flag with no value means true; ``--key a b`` gives a list)."""
-    values, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"Expected --key value, got {arg!r}.")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            values_of_key = []
-            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                values_of_key.append(argv[i + 1])
-                i += 1
-            # --flag alone means true; --key a b c is a list (as --key a,b,c)
-            value = "true" if not values_of_key else values_of_key[0] if len(values_of_key) == 1 else values_of_key
-        values[key.replace("-", "_")] = value
-        i += 1
-    check_keys(values, "the command line")
-    return values
-
-
-def parse_config(argv: list[str]) -> TrainConfig:
-    """``[recipe.yaml] [--key value ...]`` -> ``TrainConfig`` (defaults < recipe < command line)."""
-    values = {}
-    if argv and not argv[0].startswith("--"):
-        values.update(load_recipe(argv[0]))
-        argv = argv[1:]
-    values.update(parse_overrides(argv))
-    return TrainConfig(**values)
-
-
-def usage() -> str:
-    lines = ["usage: python nsr_hf/train.py [recipe.yaml] [--key value ...]", "", (TrainConfig.__doc__ or "").strip(), "", "keys:"]
-    for f in fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        lines.append(f"  --{f.name:<30} {f.metadata.get('help', '')} (default: {default!r})")
-    return "\n".join(lines)
