@@ -155,7 +155,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
 
 
-def _head_module(model) -> nn.Module:
+def _head_module(model) -> nn.Module | None:
     head = model.neuron_head
     if hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper: the trained copy
         names = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter", "default")]
@@ -171,27 +171,9 @@ def head_direction(predictor, neuron=None) -> tuple[np.ndarray, dict]:
     neuron's per-bin rows (centred over bins), signed so that higher bins project higher; ``explained`` is its share
     of the rows' variance. The token head and MLP heads have no single weight vector: ValueError."""
     model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    config = model.config
-    if config.head_type == "token":
-        raise ValueError("The token head reports through the LM head: there is no head weight vector to align. "
-                         "Use projection_analysis, activation_patching or direction_ablation instead.")
-    head = _head_module(model)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(  # noqa: TRY004 (a configuration the analysis cannot use, not a wrong argument type)
-            f"The head is a {type(head).__name__} (head_hidden_size={config.head_hidden_size}), not a linear map: "
-            "it has no single weight vector to align.")
-    weight = head.weight.detach().double().cpu().numpy()
-    if config.head_type == "regression":
-        return weight[column], {"source": "regression head row"}
-    rows = weight.reshape(len(config.neurons), config.num_bins, -1)[column]
-    centred = rows - rows.mean(0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    direction = vt[0]
-    if np.corrcoef(centred @ direction, np.arange(config.num_bins))[0, 1] < 0:
-        direction = -direction
-    explained = float(s[0] ** 2 / np.sum(s**2)) if np.sum(s**2) > 0 else None
-    return direction, {"source": "first principal direction of the classification head's bin rows", "explained": explained}
+    _, column = target_column(model, neuron)
+    # the head's own answer (Head.direction); the token head has none and says why before a module is looked at
+    return model.head.direction(_head_module(model), column)
 
 
 def _probe_vector(probe_direction, size: int) -> np.ndarray:

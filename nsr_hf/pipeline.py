@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from nsr_hf.architectures import num_layers
-from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, validate_neuron
+from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, read_live_neurons, validate_neuron
 from nsr_hf.data.corpus import load_corpus, split_of
 from nsr_hf.data.generator import (
     DatasetConfig,
@@ -188,16 +188,11 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
 
     collate = PredictorDataCollator(pad_token_id=0)
     live, ref = [], []
-    device = next(trained_base.parameters()).device
     for start in range(0, len(rows), batch_size):
         batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-        cap = capture_activations(trained_base, {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}, neurons, position=position)
-        values = []
-        for name in neurons:
-            layer, index = (int(x) for x in name.split("."))
-            col = cap.neuron_indices[layer].tolist().index(index)
-            values.append(cap[layer][:, col].float().cpu())
-        live.append(torch.stack(values, 1))
+        # the labelled token by the recipe's position rule, as the dataset was labelled
+        at = label_positions(batch["attention_mask"], position)
+        live.append(read_live_neurons(trained_base, neurons, batch, at)[1].cpu())
         ref.append(batch["labels"])
     live, ref = torch.cat(live).numpy().astype(np.float64), torch.cat(ref).numpy().astype(np.float64)
     diff = np.abs(live - ref)

@@ -28,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
+from nsr_hf.capture import Intervention, Neuron, intervene, read_live_neurons
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.training.collator import PredictorDataCollator
 
@@ -197,19 +197,10 @@ def live_activations(predictor, rows, neurons: Sequence, batch_size: int = 16) -
     from the original model) at each row's labelled token."""
     model = unwrap_predictor(predictor)
     rows = as_rows(rows)
-    neurons = [Neuron.parse(n) for n in neurons]
     out = []
     with _eval_mode(model):
         for _, _, batch in batches(model, rows, batch_size):
-            recorder = NeuronRecorder(model.base, neurons, stop_early=True)
-            acts = recorder.run(batch)
-            rows_index = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
-            pos = batch["label_positions"]
-            columns = []
-            for n in neurons:
-                order = recorder.neurons[n.layer].tolist().index(n.index)
-                columns.append(acts[n.layer][rows_index, pos.to(acts[n.layer].device), order].float().cpu())
-            out.append(torch.stack(columns, 1).numpy())
+            out.append(read_live_neurons(model.base, neurons, batch, batch["label_positions"])[1].cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -252,29 +243,8 @@ def linear_fit(x, y) -> dict:
 
 def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
     """``(meaningful, note)``: whether a clamped value of ``neuron`` reaches the report only through computation."""
-    config = unwrap_predictor(predictor).config
-    layer, read = neuron.layer, config.effective_read_layer
-    if config.head_type == "token":
-        if layer < read:
-            return True, (f"Token head: the report is read at the prompt's last token after block {read}, which sees the labelled "
-                          f"token's clamped neuron only through attention in blocks {layer + 1}..{read}.")
-        if layer == read:
-            return False, (f"Token head reading block {read}, the target's own block: the report is read at the prompt's last token, "
-                           "and no later attention can carry the labelled token's MLP output there, so the slope is 0 by construction.")
-        return False, (f"Token head reading block {read}, before the target layer {layer}: the intervention cannot reach the report, "
-                       "so the slope is 0 by construction.")
-    if read > layer:
-        return True, (f"The head reads block {read}'s output, after the target layer {layer}: the clamped value reaches it through "
-                      f"the residual stream and blocks {layer + 1}..{read}.")
-    if read == layer:
-        return False, (f"The head reads the output of block {layer}, the target's own block. That output is the residual stream plus "
-                       "the MLP output, in which the neuron enters as activation x its output weight vector (w_out) with nothing "
-                       "computed after it: clamping the neuron moves the representation by exactly (v - a) * w_out before the "
-                       "final norm. The slope is then fixed by the head's weights alone (with a linear final norm it equals "
-                       "head . (g * w_out) * std), i.e. by how well the readout aligns with w_out, which any linear probe of this "
-                       "layer shares; it is not evidence that the model computes with or reports its neuron. Read a later layer.")
-    return False, (f"The head reads block {read}, before the target layer {layer}: the intervention cannot reach the "
-                   "representation and the slope is 0 by construction.")
+    model = unwrap_predictor(predictor)
+    return model.head.report_path(neuron.layer, model.config.effective_read_layer)
 
 
 def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsr_hf.architectures import get_final_norm, num_layers, truncated
-from nsr_hf.capture import position_ids_from_mask
+from nsr_hf.capture import pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
 
 DEFAULT_ALPHAS = np.logspace(-3, 5, 17)
@@ -108,13 +108,8 @@ def causal_lm(model) -> nn.Module:
 
 
 def padded_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``."""
-    length = max(len(r) for r in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, r in enumerate(ids):
-        input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    """Right-padded ``input_ids`` and ``attention_mask`` (``nsr_hf.capture.pad_right``) on ``device``."""
+    input_ids, mask = pad_right(ids, pad_id)
     return input_ids.to(device), mask.to(device)
 
 

@@ -57,8 +57,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from nsr_hf.architectures import truncated
-from nsr_hf.capture import Neuron, NeuronRecorder, model_inputs
+from nsr_hf.capture import model_inputs, pad_right, read_live_neurons
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.utils import unwrap
 
@@ -113,13 +112,7 @@ def _real_length(row: dict) -> int:
 
 def _pad(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` (padding is never read: positions and losses use the mask)."""
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
-        mask[i, :n] = torch.as_tensor(np.asarray(r["attention_mask"]), dtype=torch.long) if "attention_mask" in r else 1
+    ids, mask = pad_right([r["input_ids"] for r in rows], 0, [r.get("attention_mask") for r in rows])
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -258,32 +251,20 @@ class DriftMonitor(TrainerCallback):
 
     def _probe_pass(self, inner, neurons: list[str], device) -> tuple[np.ndarray, np.ndarray]:
         """(live neuron values, head's report), each (rows, K) in activation units."""
-        parsed = [Neuron.parse(n) for n in neurons]
-        top = max(n.layer for n in parsed)
-        # The reading heads run the text itself through the blocks up to read_layer: when that covers the target
-        # layers, the neurons are recorded in the same forward as the report. The token head reads a prompt.
-        same_pass = inner.config.head_type != "token" and top <= inner.config.effective_read_layer
         collate = PredictorDataCollator(pad_token_id=0)
         live, report = [], []
         for rows in _batches(self.probe, self.batch_size):
-            batch = collate(rows)
-            ids, mask, positions = (batch[k].to(device) for k in ("input_ids", "attention_mask", "label_positions"))
-            recorder = NeuronRecorder(inner.base, neurons)
-            if same_pass:
-                with recorder:
-                    report.append(inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu())
-            else:
-                report.append(inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu())
-                # Through the modules' own forwards (never the weight-only shortcut of capture's stop_early, which
-                # would skip a LoRA adapter on the target layer's MLP input), stopping after the highest target block.
-                with truncated(inner.base, top), recorder:
-                    inner.base.base_model(**model_inputs({"input_ids": ids, "attention_mask": mask}), use_cache=False)
-            rows_index = torch.arange(ids.shape[0], device=device)
-            values = []
-            for n in parsed:
-                col = recorder.neurons[n.layer].tolist().index(n.index)
-                values.append(recorder.activations[n.layer][rows_index, positions, col].float().cpu())
-            live.append(torch.stack(values, 1))
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            ids, mask, positions = (batch[k] for k in ("input_ids", "attention_mask", "label_positions"))
+
+            def head_pass(ids=ids, mask=mask, positions=positions):
+                return inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu()
+
+            # the neurons come from the head's own pass when it runs their blocks, else from a partial pass of the text
+            predictions, values = read_live_neurons(inner.base, neurons, batch, positions, run=head_pass,
+                                                    offset=inner.head.label_offset(mask))
+            report.append(predictions)
+            live.append(values.cpu())
         return torch.cat(live).numpy().astype(np.float64), torch.cat(report).numpy().astype(np.float64)
 
     def _lm_loss(self, base, device) -> float:
