@@ -153,7 +153,9 @@ def test_the_token_head_trains_the_final_norm_and_never_a_tied_lm_head(tiny):
 def test_the_token_head_trains_an_untied_lm_head(tiny_model_dirs):
     model, tok = load_model_and_tokenizer(tiny_model_dirs["gpt_neox"])
     predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], head_type="token", label_transform=dict(TRANSFORM))
-    assert predictor.head.trainable_prefixes(predictor)[1:] == ["base.embed_out."]
+    norm, lm_head = predictor.head.trainable_prefixes(predictor)
+    assert norm == f"base.{arch_spec(predictor.base).final_norm}."
+    assert [p for n, p in predictor.named_parameters() if n.startswith(lm_head)] == [predictor.base.get_output_embeddings().weight]
 
 
 # -- the label offset -----------------------------------------------------------------------------------

@@ -256,6 +256,10 @@ class ActivationPredictor(PreTrainedModel):
     def zscore(self, values: torch.Tensor) -> torch.Tensor:
         return (values - self._transform_tensor("mean", values)) / self._transform_tensor("std", values)
 
+    def unzscore(self, z: torch.Tensor) -> torch.Tensor:
+        """Activation values from z-scores: the inverse of ``zscore`` (the regression head's readout)."""
+        return z * self._transform_tensor("std", z) + self._transform_tensor("mean", z)
+
     def bin_of(self, values: torch.Tensor) -> torch.Tensor:
         """Bin index of each value, (batch, K): ``edges[i] <= v < edges[i+1]``; the last bin includes its
         upper edge and values beyond the training range fall in the end bins."""

@@ -26,15 +26,15 @@ What one measurement holds (keys of ``history`` entries; logged with the prefix 
 
 The measurement runs under ``torch.no_grad()`` with the model in eval mode; every module's train/eval mode is
 restored afterwards, and no random number is drawn, so training with the monitor is the same as without it.
-The predictor is taken out of PEFT and DDP wrappers (``nsr_hf.training.trainer._unwrap``); with PEFT the LoRA layers stay
+The predictor is taken out of PEFT and DDP wrappers (``nsr_hf.utils.unwrap``); with PEFT the LoRA layers stay
 injected in it, so the report and the live neurons are those of the adapted model. Sharded parameters (FSDP,
 DeepSpeed ZeRO-3) are not supported: every process must hold the whole model. Every process measures (each holds
 a replica, so it costs no extra wall time) and logs; only the main process writes the files.
 
 Cost of one measurement (P probe rows, L held-out rows; a forward pass costs about a third of a training step per
-row): for the regression and classification heads one predictor forward over the P rows gives the head's report
-*and* the live neurons (recorded on the way); the token head, or a ``read_layer`` below a target layer, adds a
-forward through the blocks up to the highest target layer. The LM loss is one full forward (with the LM head) over
+row): one predictor forward over the P rows gives the head's report *and* the live neurons (read on the way by
+``nsr_hf.capture.read_live_neurons``, in the text the head runs: the token head's prompt holds the text up to the
+labelled token); a ``read_layer`` below a target layer adds a forward through the blocks up to the highest target layer. The LM loss is one full forward (with the LM head) over
 the L rows. That is about (P + L) / 3 rows' worth of training, against ``every_n_steps * batch`` rows trained
 between two measurements: with the defaults (P = 128, L = 32, every 50 steps) and 16 rows per step, ~7% of the
 training compute (~3% with 32 rows per step), plus one measurement at the start and, if needed, one at the end.
