@@ -51,6 +51,7 @@ from nsr_hf.evaluation.causal import (
     activation_column,
     as_rows,
     batches,
+    labelled_sample,
     linear_fit,
     live_activations,
     new_figure,
@@ -318,12 +319,7 @@ def projection_analysis(predictor, rows, neuron=None, batch_size: int = 16, max_
 
     ``numbers["correlation"][direction]`` is a list over ``numbers["layers"]`` (``"embeddings"``, then block
     indices); None where a projection is constant. ``head_output_r`` / ``head_output_r2``: the report itself."""
-    model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    rows = subsample(rows, max_rows, seed)
-    if len(rows) < 3:
-        raise ValueError(f"projection_analysis needs at least 3 rows for a correlation, got {len(rows)}.")
-    true = activation_column(rows, column)
+    model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed, 3, "projection_analysis (a correlation)")
     stream = residual_stream(model, rows, batch_size)
     directions = neuron_directions(model, neuron)
     correlation = {name: [linear_fit(stream[:, i] @ d, true)["r"] for i in range(stream.shape[1])] for name, d in directions.items()}
@@ -375,7 +371,8 @@ def activation_patching(predictor, rows, neuron=None, modes: Sequence[str] = PAT
     neuron, column = target_column(model, neuron)
     size = num_neurons(model.base)
     if not 0 <= int(control_neurons) <= size - 1:
-        raise ValueError(f"control_neurons must be between 0 and {size - 1} (the other neurons of layer {neuron.layer}), got {control_neurons}.")
+        raise ValueError(f"control_neurons must be between 0 and {size - 1} (the other neurons of layer {neuron.layer}), "
+                         f"got {control_neurons}.")
     rows = subsample(rows, max_rows, seed)
     true = activation_column(rows, column)
     rng = np.random.default_rng(seed)
@@ -474,12 +471,8 @@ def direction_ablation(predictor, rows, neuron=None, control_directions: int = 3
     target layer the neuron has written nothing yet, and the ablation removes a direction of whatever is there."""
     if int(control_directions) < 0:
         raise ValueError(f"control_directions must be >= 0, got {control_directions}.")
-    model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    rows = subsample(rows, max_rows, seed)
-    if len(rows) < 2:
-        raise ValueError(f"direction_ablation needs at least 2 rows to measure accuracy, got {len(rows)}.")
-    true = activation_column(rows, column)
+    model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed, minimum=2,
+                                                        what="direction_ablation (to measure accuracy)")
     read = model.config.effective_read_layer
     block = get_layers(model.base)[read]
     out = layer_vectors(model.base, neuron.layer)["out"][neuron.index]

@@ -76,7 +76,8 @@ def validate_neuron(model_or_config, neuron) -> Neuron:
     validate_layer(model_or_config, neuron.layer)
     m = num_neurons(model_or_config)
     if not 0 <= neuron.index < m:
-        raise ValueError(f"Neuron index {neuron.index} is out of range for layer {neuron.layer}: this model has neurons 0..{m - 1} per layer.")
+        raise ValueError(f"Neuron index {neuron.index} is out of range for layer {neuron.layer}: "
+                         f"this model has neurons 0..{m - 1} per layer.")
     return neuron
 
 
@@ -296,7 +297,8 @@ class NeuronRecorder:
                 # the shortcut recomputes the neurons from the plain weights: not when an intervention or a PEFT
                 # adapter (a wrapped layer with `base_layer`) changes how the MLP computes them
                 adapted = any(hasattr(m, "base_layer") for m in get_mlp(self.model, layer).modules())
-                shortcut = self.stop_early and layer == self.deepest and id(get_neuron_module(self.model, layer)) not in _INTERVENED and not adapted
+                intervened = id(get_neuron_module(self.model, layer)) in _INTERVENED
+                shortcut = self.stop_early and layer == self.deepest and not intervened and not adapted
                 if shortcut:
                     handle = get_mlp(self.model, layer).register_forward_pre_hook(self._partial_mlp_hook(layer, idx), with_kwargs=True)
                 else:

@@ -102,6 +102,18 @@ def subsample(rows, max_rows: int, seed: int = 0) -> list[dict]:
     return as_rows(rows)
 
 
+def labelled_sample(predictor, rows, neuron=None, max_rows: int = 64, seed: int = 0, minimum: int = 1, what: str = "this test"):
+    """``(model, neuron, column, rows, true)``: the ``ActivationPredictor`` under any wrapper, the neuron (default: its first
+    target) and its report column, at most ``max_rows`` of ``rows`` (``subsample``) and their true activations of it.
+    ``what`` needs at least ``minimum`` rows: a ValueError naming it otherwise."""
+    model = unwrap_predictor(predictor)
+    neuron, column = target_column(model, neuron)
+    rows = subsample(rows, max_rows, seed)
+    if len(rows) < minimum:
+        raise ValueError(f"{what} needs at least {minimum} rows, got {len(rows)}.")
+    return model, neuron, column, rows, activation_column(rows, column)
+
+
 def _collator(model) -> PredictorDataCollator:
     return PredictorDataCollator(model.tokenizer) if model.tokenizer is not None else PredictorDataCollator(pad_token_id=0)
 
@@ -262,10 +274,7 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         raise ValueError(f"Unknown mode {mode!r}: use 'set' (clamp to values) or 'scale' (multiply by factors).")
     if int(num_values) < 2:
         raise ValueError(f"num_values must be at least 2 to fit a slope, got {num_values}.")
-    model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    rows = subsample(rows, max_rows, seed)
-    true = activation_column(rows, column)
+    model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed)
     natural = report_under_intervention(model, rows, [], batch_size, neuron)
     if mode == "set":
         low, high = np.percentile(true, PERCENTILE_RANGE)
@@ -277,8 +286,8 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         values = np.linspace(*SCALE_RANGE, int(num_values))
         live = live_activations(model, rows, [neuron], batch_size)[:, 0]
         given = values[:, None] * live[None, :]
-    reports = np.stack([report_under_intervention(model, rows, Intervention(neuron.layer, [neuron.index], mode, float(v)), batch_size, neuron)
-                        for v in values])
+    reports = np.stack([report_under_intervention(model, rows, Intervention(neuron.layer, [neuron.index], mode, float(v)), batch_size,
+                                                  neuron) for v in values])
     fit = linear_fit(given.ravel(), reports.ravel())
     if fit["slope"] is None:
         raise ValueError(f"The values given to {neuron} do not vary (is the neuron 0 on every row?): no slope to fit.")

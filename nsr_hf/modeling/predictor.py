@@ -315,7 +315,8 @@ class ActivationPredictor(PreTrainedModel):
     # -- convenience -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, texts: Sequence[str], tokenizer=None, batch_size: int = 16, max_length: Optional[int] = None, greedy: bool = False) -> torch.Tensor:
+    def predict(self, texts: Sequence[str], tokenizer=None, batch_size: int = 16, max_length: Optional[int] = None,
+                greedy: bool = False) -> torch.Tensor:
         """Predicted neuron values (activation units) for ``texts``, shape (len(texts), K), read at the
         position rule's token (``"last"`` by default). ``greedy`` returns the most likely bin's value."""
         tokenizer = tokenizer or self.tokenizer
@@ -375,7 +376,8 @@ class ActivationPredictor(PreTrainedModel):
         if metrics:
             lines += ["", "## Metrics at the end of training" if evaluation else "## Evaluation", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flat(metrics).items()]
-        lines += ["", "```python", "import nsr_hf", "from nsr_hf.modeling.predictor import load_predictor", "predictor = load_predictor(PATH_OR_REPO)",
+        lines += ["", "```python", "import nsr_hf", "from nsr_hf.modeling.predictor import load_predictor",
+                  "predictor = load_predictor(PATH_OR_REPO)",
                   "predictor.predict(['Some text'])", "```", ""]
         return "\n".join(line for line in lines if line is not None)
 

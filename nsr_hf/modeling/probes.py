@@ -85,7 +85,8 @@ def labels_of(rows, neuron_column: int = 0) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"the 'activations' column must hold K numbers per row, got shape {array.shape}.")
     if not 0 <= neuron_column < array.shape[1]:
-        raise ValueError(f"neuron_column {neuron_column} is out of range: the rows hold {array.shape[1]} neuron value(s) (0..{array.shape[1] - 1}).")
+        raise ValueError(f"neuron_column {neuron_column} is out of range: the rows hold {array.shape[1]} neuron value(s) "
+                         f"(0..{array.shape[1] - 1}).")
     y = array[:, neuron_column]
     if not np.isfinite(y).all():
         raise ValueError("the 'activations' column holds NaN or infinite values.")

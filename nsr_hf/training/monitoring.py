@@ -34,8 +34,9 @@ a replica, so it costs no extra wall time) and logs; only the main process write
 Cost of one measurement (P probe rows, L held-out rows; a forward pass costs about a third of a training step per
 row): one predictor forward over the P rows gives the head's report *and* the live neurons (read on the way by
 ``nsr_hf.capture.read_live_neurons``, in the text the head runs: the token head's prompt holds the text up to the
-labelled token); a ``read_layer`` below a target layer adds a forward through the blocks up to the highest target layer. The LM loss is one full forward (with the LM head) over
-the L rows. That is about (P + L) / 3 rows' worth of training, against ``every_n_steps * batch`` rows trained
+labelled token); a ``read_layer`` below a target layer adds a forward through the blocks up to the highest target
+layer. The LM loss is one full forward (with the LM head) over the L rows. That is about (P + L) / 3 rows' worth
+of training, against ``every_n_steps * batch`` rows trained
 between two measurements: with the defaults (P = 128, L = 32, every 50 steps) and 16 rows per step, ~7% of the
 training compute (~3% with 32 rows per step), plus one measurement at the start and, if needed, one at the end.
 Measured on the CPU with a 4-block, 256-wide GPT-2, 48-token rows, full unfreezing, 16 rows per step: one
@@ -80,7 +81,8 @@ def _select_rows(rows, required: Sequence[str], name: str, limit: int) -> list[d
     if isinstance(rows, (DatasetDict, dict)):
         raise ValueError(f"{name} is a dict (of splits?): pass one split, e.g. dataset['validation'], or a list of row dicts.")
     if isinstance(rows, IterableDataset):
-        raise ValueError(f"{name} is an IterableDataset: the monitor needs a fixed probe set; use .take(n) and Dataset.from_list, or a map-style split.")
+        raise ValueError(f"{name} is an IterableDataset: the monitor needs a fixed probe set; use .take(n) and Dataset.from_list, "
+                         "or a map-style split.")
     if isinstance(rows, Dataset):
         columns = rows.column_names
         n = len(rows)
@@ -216,7 +218,8 @@ class DriftMonitor(TrainerCallback):
         lm.sort(key=lambda r: len(r["input_ids"]))
         self.lm_tokens = sum(max(_real_length(r) - 1, 0) for r in lm)
         if self.lm_tokens == 0:
-            raise ValueError("The LM rows hold no next-token pair (every row has fewer than 2 tokens): pass longer held-out text as lm_rows.")
+            raise ValueError("The LM rows hold no next-token pair (every row has fewer than 2 tokens): "
+                             "pass longer held-out text as lm_rows.")
         self.lm_rows = lm
 
         self.trainer = None
@@ -274,7 +277,8 @@ class DriftMonitor(TrainerCallback):
             logits = base(**model_inputs(batch), use_cache=False).logits
             real = batch["attention_mask"].bool()
             pairs = real[:, :-1] & real[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][pairs].float(), batch["input_ids"][:, 1:][pairs], reduction="sum"))
+            next_tokens = batch["input_ids"][:, 1:][pairs]
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][pairs].float(), next_tokens, reduction="sum"))
         return total / self.lm_tokens
 
     def measure(self, model) -> dict[str, float]:

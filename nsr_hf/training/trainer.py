@@ -168,7 +168,8 @@ def apply_peft(model, peft_config):
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
-        raise ValueError("The model is already a PeftModel: pass the plain ActivationPredictor with peft_config, or a PeftModel without it.")
+        raise ValueError("The model is already a PeftModel: pass the plain ActivationPredictor with peft_config, "
+                         "or a PeftModel without it.")
     inner = unwrap(model)
     if inner.neuron_head is not None and "neuron_head" not in (peft_config.modules_to_save or []):
         raise ValueError("peft_config.modules_to_save must list 'neuron_head': otherwise the predictor's head stays at its random "

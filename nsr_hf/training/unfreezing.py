@@ -177,7 +177,8 @@ def apply_unfreezing(predictor, strategy: str, *, k: Optional[int] = None, lora_
     p = unwrap(predictor)
     if strategy in ("lora", "lora_after_target"):
         if strategy == "lora_after_target" and k is not None:
-            raise ValueError("lora_after_target chooses its blocks (those after the target): leave k (unfreeze_k) unset, or use lora with k.")
+            raise ValueError("lora_after_target chooses its blocks (those after the target): leave k (unfreeze_k) unset, "
+                             "or use lora with k.")
         return lora_config(p, r=lora_r, alpha=lora_alpha, k=k, after_target=strategy == "lora_after_target")
     if strategy == "gradual":
         return GradualUnfreezing(p, every_n_steps=every_n_steps)
