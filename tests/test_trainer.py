@@ -377,6 +377,18 @@ def test_token_head_live_labels_are_read_in_its_prompt_where_its_label_offset_pu
     np.testing.assert_allclose(live[:, 0].numpy(), ref, atol=1e-4)
 
 
+def test_neuron_drift_of_an_unchanged_base_is_zero_and_of_a_moved_neuron_its_change(tiny):
+    from nsr_hf.capture import Intervention, intervene
+    from nsr_hf.pipeline import neuron_drift
+
+    model, tok = tiny
+    ds, ref = _reference_dataset(model, tok, n=12)
+    assert neuron_drift(model, ds, ["1.3"], "last", batch_size=5)["max_abs"] < 1e-5
+    with intervene(model, Intervention(1, [3], "add", 0.5)):
+        moved = neuron_drift(model, ds, ["1.3"], "last", batch_size=5)
+    assert moved["max_abs"] == pytest.approx(0.5, abs=1e-5) and moved["mean_abs"] == pytest.approx(0.5, abs=1e-5)
+
+
 def test_unknown_label_mode_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="label_mode must be one of reference, live"):
         PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), train_dataset=activation_dataset(tiny[1]), label_mode="current")
