@@ -51,6 +51,7 @@ from nsr_hf.evaluation.causal import (
     activation_column,
     as_rows,
     batches,
+    labelled_sample,
     linear_fit,
     live_activations,
     path_to_report,
@@ -148,7 +149,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
 
 
-def _head_module(model) -> nn.Module:
+def _head_module(model) -> nn.Module | None:
     head = model.neuron_head
     if hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper: the trained copy
         names = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter", "default")]
@@ -164,27 +165,9 @@ def head_direction(predictor, neuron=None) -> tuple[np.ndarray, dict]:
     neuron's per-bin rows (centred over bins), signed so that higher bins project higher; ``explained`` is its share
     of the rows' variance. The token head and MLP heads have no single weight vector: ValueError."""
     model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    config = model.config
-    if config.head_type == "token":
-        raise ValueError("The token head reports through the LM head: there is no head weight vector to align. "
-                         "Use projection_analysis, activation_patching or direction_ablation instead.")
-    head = _head_module(model)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(  # noqa: TRY004 (a configuration the analysis cannot use, not a wrong argument type)
-            f"The head is a {type(head).__name__} (head_hidden_size={config.head_hidden_size}), not a linear map: "
-            "it has no single weight vector to align.")
-    weight = head.weight.detach().double().cpu().numpy()
-    if config.head_type == "regression":
-        return weight[column], {"source": "regression head row"}
-    rows = weight.reshape(len(config.neurons), config.num_bins, -1)[column]
-    centred = rows - rows.mean(0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    direction = vt[0]
-    if np.corrcoef(centred @ direction, np.arange(config.num_bins))[0, 1] < 0:
-        direction = -direction
-    explained = float(s[0] ** 2 / np.sum(s**2)) if np.sum(s**2) > 0 else None
-    return direction, {"source": "first principal direction of the classification head's bin rows", "explained": explained}
+    _, column = target_column(model, neuron)
+    # the head's own answer (Head.direction); the token head has none and says why before a module is looked at
+    return model.head.direction(_head_module(model), column)
 
 
 def _probe_vector(probe_direction, size: int) -> np.ndarray:
@@ -329,12 +312,7 @@ def projection_analysis(predictor, rows, neuron=None, batch_size: int = 16, max_
 
     ``numbers["correlation"][direction]`` is a list over ``numbers["layers"]`` (``"embeddings"``, then block
     indices); None where a projection is constant. ``head_output_r`` / ``head_output_r2``: the report itself."""
-    model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    rows = subsample(rows, max_rows, seed)
-    if len(rows) < 3:
-        raise ValueError(f"projection_analysis needs at least 3 rows for a correlation, got {len(rows)}.")
-    true = activation_column(rows, column)
+    model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed, 3, "projection_analysis (a correlation)")
     stream = residual_stream(model, rows, batch_size)
     directions = neuron_directions(model, neuron)
     correlation = {name: [linear_fit(stream[:, i] @ d, true)["r"] for i in range(stream.shape[1])] for name, d in directions.items()}
@@ -384,7 +362,8 @@ def activation_patching(predictor, rows, neuron=None, modes: Sequence[str] = PAT
     neuron, column = target_column(model, neuron)
     size = num_neurons(model.base)
     if not 0 <= int(control_neurons) <= size - 1:
-        raise ValueError(f"control_neurons must be between 0 and {size - 1} (the other neurons of layer {neuron.layer}), got {control_neurons}.")
+        raise ValueError(f"control_neurons must be between 0 and {size - 1} (the other neurons of layer {neuron.layer}), "
+                         f"got {control_neurons}.")
     rows = subsample(rows, max_rows, seed)
     true = activation_column(rows, column)
     rng = np.random.default_rng(seed)
@@ -481,12 +460,8 @@ def direction_ablation(predictor, rows, neuron=None, control_directions: int = 3
     target layer the neuron has written nothing yet, and the ablation removes a direction of whatever is there."""
     if int(control_directions) < 0:
         raise ValueError(f"control_directions must be >= 0, got {control_directions}.")
-    model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    rows = subsample(rows, max_rows, seed)
-    if len(rows) < 2:
-        raise ValueError(f"direction_ablation needs at least 2 rows to measure accuracy, got {len(rows)}.")
-    true = activation_column(rows, column)
+    model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed, minimum=2,
+                                                        what="direction_ablation (to measure accuracy)")
     read = model.config.effective_read_layer
     block = get_layers(model.base)[read]
     out = layer_vectors(model.base, neuron.layer)["out"][neuron.index]

@@ -1,6 +1,6 @@
 """Reading and setting MLP neurons during a forward pass.
 
-Three things live here, all built on PyTorch forward hooks that are always removed on exit (also when
+These live here, all built on PyTorch forward hooks that are always removed on exit (also when
 the forward raises):
 
 * ``encode_texts`` / ``model_inputs``: the one tokenisation rule and the one way of calling the model.
@@ -8,6 +8,8 @@ the forward raises):
   batch it sits in nor on the padding side.
 * ``capture_activations``: neuron values of chosen layers at chosen positions, stopping the forward
   after the deepest layer it needs (and computing only the requested neurons of that layer).
+* ``read_live_neurons``: the target neurons' values now, at each row's labelled token (live labels, drift, causal
+  tests); ``pad_right``: the one rule that right-pads token rows into ``input_ids`` / ``attention_mask``.
 * ``intervene``: set, scale or shift chosen neurons during a forward pass (for causal tests).
 
 Position rules (``position=``), the same everywhere in nsr_hf:
@@ -27,6 +29,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,7 +76,8 @@ def validate_neuron(model_or_config, neuron) -> Neuron:
     validate_layer(model_or_config, neuron.layer)
     m = num_neurons(model_or_config)
     if not 0 <= neuron.index < m:
-        raise ValueError(f"Neuron index {neuron.index} is out of range for layer {neuron.layer}: this model has neurons 0..{m - 1} per layer.")
+        raise ValueError(f"Neuron index {neuron.index} is out of range for layer {neuron.layer}: "
+                         f"this model has neurons 0..{m - 1} per layer.")
     return neuron
 
 
@@ -131,6 +135,29 @@ def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | None 
     if device is not None:
         inputs = {k: v.to(device) for k, v in inputs.items()}
     return inputs
+
+
+def pad_right(rows: Sequence, pad_id: int = 0, masks: Sequence | None = None, *, dtype: torch.dtype = torch.long,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``: token rows right-padded with ``pad_id`` to the longest one: the one padding rule.
+
+    ``rows`` are token-id sequences (lists, arrays or tensors); ``masks``, when given, their attention masks (``None``
+    for a row = all real), else every token of a row is real. Right padding never moves a row's labelled token.
+    """
+    if not len(rows):
+        raise ValueError("pad_right got no rows: give at least one token row.")
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), int(pad_id), dtype=dtype, device=device)
+    mask = torch.zeros((len(rows), length), dtype=dtype, device=device)
+    for i, row in enumerate(rows):
+        n = len(row)
+        ids[i, :n] = torch.as_tensor(row if isinstance(row, torch.Tensor) else np.asarray(row), dtype=dtype, device=device)
+        given = None if masks is None else masks[i]
+        if given is None:
+            mask[i, :n] = 1
+        else:
+            mask[i, :n] = torch.as_tensor(given if isinstance(given, torch.Tensor) else np.asarray(given), dtype=dtype, device=device)
+    return ids, mask
 
 
 def real_token_bounds(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +309,8 @@ class NeuronRecorder:
                 # the shortcut recomputes the neurons from the plain weights: not when an intervention or a PEFT
                 # adapter (a wrapped layer with `base_layer`) changes how the MLP computes them
                 adapted = any(hasattr(m, "base_layer") for m in get_mlp(self.model, layer).modules())
-                shortcut = self.stop_early and layer == self.deepest and id(get_neuron_module(self.model, layer)) not in _INTERVENED and not adapted
+                intervened = id(get_neuron_module(self.model, layer)) in _INTERVENED
+                shortcut = self.stop_early and layer == self.deepest and not intervened and not adapted
                 if shortcut:
                     handle = get_mlp(self.model, layer).register_forward_pre_hook(self._partial_mlp_hook(layer, idx), with_kwargs=True)
                 else:
@@ -372,6 +400,59 @@ def capture_activations(
     for layer, acts in raw.items():
         values[layer], positions[layer] = select_positions(acts, mask, position)
     return Capture(values, None if position == "all" else positions, recorder.neurons, mask)
+
+
+def read_live_neurons(model: nn.Module, neurons, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, *,
+                      run: Callable[[], object] | None = None, offset: torch.Tensor | None = None,
+                      keep_grad: bool = False) -> tuple[object, torch.Tensor]:
+    """``(output of run or None, values)``: the live values of ``neurons`` in ``model`` (a causal LM, its weights as they
+    are now) at each row's labelled token, ``(batch, K)`` float32 in the order of ``neurons``: the one live-neuron reader.
+
+    ``positions`` (batch,) are the labelled tokens in ``inputs`` (``input_ids``, ``attention_mask``). ``run``, when given,
+    is a forward pass through ``model``'s blocks to read them in (e.g. the predictor's own forward, so that labels and
+    report come from one pass); in that pass a row's labelled token sits at ``positions - offset`` (e.g. a prompt that
+    starts at the text's first real token). When there is no ``run``, or its pass never reaches a target layer, one pass
+    of ``model`` over ``inputs`` reads them, through the modules' own forwards (so adapters and interventions count),
+    ended as soon as the deepest target neuron is computed. ``keep_grad`` keeps the values' gradient (live labels train
+    through them); otherwise they are detached and that extra pass runs without gradient.
+    """
+    neurons = [Neuron.parse(n) for n in neurons]
+    layers = sorted({n.layer for n in neurons})
+    found: dict[int, torch.Tensor] = {}
+    state = {"offset": offset, "stop": False}
+
+    def hook_for(layer):
+        def hook(module, args):
+            if layer not in found:
+                hidden = args[0]
+                at = positions if state["offset"] is None else positions - state["offset"].to(positions.device)
+                value = hidden[torch.arange(hidden.shape[0], device=hidden.device), at.to(hidden.device)]
+                found[layer] = value if keep_grad else value.detach()
+                if state["stop"] and layer == layers[-1]:
+                    raise StopForward
+        return hook
+
+    handles = [get_neuron_module(model, layer).register_forward_pre_hook(hook_for(layer)) for layer in layers]
+    output = None
+    try:
+        if run is not None:
+            output = run()
+        if len(found) < len(layers):
+            # the pass read a layer before a target one (or there was none): one more, partial, pass reaches it
+            found.clear()
+            state.update(offset=None, stop=True)
+            with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
+                try:
+                    model(**model_inputs(inputs, next(model.parameters()).device), use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        raise RuntimeError(f"The forward pass never reached layer(s) {missing}.")
+    return output, torch.stack([found[n.layer][:, n.index] for n in neurons], 1).float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ causal test, the analyses, the pipeline's neuron selection) is computed here, so
 * **No rows**: a ``ValueError`` (there is nothing to measure; callers that may meet an empty split say so themselves).
 
 Degenerate figures come with a ``RuntimeWarning`` (and a log line) from the scalar functions; the row-wise variants
-(``r2_rows`` ...) apply the same rule silently, since a bootstrap meets constant resamples by design. One exception
-remains: ``nsr_hf.evaluation.causal.linear_fit`` still leaves r and R^2 None when a side does not vary.
+(``r2_rows`` ...) apply the same rule silently, since a bootstrap meets constant resamples by design.
 
 Why defined values and not NaN: the Trainer compares ``eval_r2`` between checkpoints (``metric_for_best_model``) and
 NaN makes every comparison false; a percentile bootstrap over values that can be NaN has no interval; and a constant

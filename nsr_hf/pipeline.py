@@ -36,7 +36,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from nsr_hf.architectures import num_layers
-from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, validate_neuron
+from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
 from nsr_hf.data.columns import read_column
 from nsr_hf.data.corpus import load_corpus, split_of
 from nsr_hf.data.generator import DatasetConfig, run_dataset
@@ -45,6 +45,7 @@ from nsr_hf.data.storage import load_activation_dataset, read_metadata
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.metrics import r2_score
+from nsr_hf.modeling.heads import head_class
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
@@ -189,16 +190,11 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
 
     collate = PredictorDataCollator(pad_token_id=0)
     live, ref = [], []
-    device = next(trained_base.parameters()).device
     for start in range(0, len(rows), batch_size):
         batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-        cap = capture_activations(trained_base, {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}, neurons, position=position)
-        values = []
-        for name in neurons:
-            layer, index = (int(x) for x in name.split("."))
-            col = cap.neuron_indices[layer].tolist().index(index)
-            values.append(cap[layer][:, col].float().cpu())
-        live.append(torch.stack(values, 1))
+        # the labelled token by the recipe's position rule, as the dataset was labelled
+        at = label_positions(batch["attention_mask"], position)
+        live.append(read_live_neurons(trained_base, neurons, batch, at)[1].cpu())
         ref.append(batch["labels"])
     live, ref = torch.cat(live).numpy().astype(np.float64), torch.cat(ref).numpy().astype(np.float64)
     diff = np.abs(live - ref)
@@ -399,7 +395,7 @@ def train_label_transform(config: TrainConfig, transform: dict, train, neurons: 
     for other bins (``bin_strategy`` set and different from the dataset's, or another ``num_bins`` with it), and
     given bin centres (each bin's train mean) when the dataset predates them. The dataset itself is not changed: its
     ``bin`` column keeps its own bins, and the predictor carries the transform it was trained with."""
-    if config.head_type == "regression":
+    if not head_class(config.head_type).has_bins:
         return transform
 
     have = (transform.get("bin_strategy", "quantile"), len(transform["bin_edges"][0]) - 1)

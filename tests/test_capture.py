@@ -5,7 +5,18 @@ import pytest
 import torch
 
 from nsr_hf.architectures import get_layers, get_pre_mlp_norm, num_neurons
-from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, capture_activations, encode_texts, intervene, model_inputs
+from nsr_hf.capture import (
+    Intervention,
+    Neuron,
+    NeuronRecorder,
+    capture_activations,
+    encode_texts,
+    intervene,
+    label_positions,
+    model_inputs,
+    pad_right,
+    read_live_neurons,
+)
 
 TEXTS = ["Hello world", "A much longer text about neurons and the MLP layers of a language model", "def f(x): return x"]
 
@@ -271,3 +282,80 @@ def test_unknown_intervention_mode_is_a_clear_error():
 def test_neuron_names_parse_both_ways():
     assert Neuron.parse("12.345") == Neuron(12, 345) == Neuron.parse("L12.N345") == Neuron.parse("L12N345") == Neuron.parse((12, 345))
     assert str(Neuron(3, 7)) == "3.7"
+
+
+# -- the one padding rule -------------------------------------------------------------------------------
+
+
+def test_pad_right_pads_each_row_after_its_tokens_and_masks_the_padding():
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_id=9)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_pad_right_keeps_a_rows_own_attention_mask():
+    _, mask = pad_right([[5, 6, 7], [8, 4]], masks=[[1, 1, 0], None])
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 0]]
+
+
+def test_pad_right_of_tensors_keeps_their_dtype_and_device_when_asked():
+    rows = [torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]
+    ids, mask = pad_right(rows, dtype=torch.int32, device=torch.device("cpu"))
+    assert ids.dtype == mask.dtype == torch.int32 and ids.tolist() == [[1, 2], [3, 0]]
+
+
+def test_pad_right_of_no_rows_is_a_clear_error():
+    with pytest.raises(ValueError, match="no rows"):
+        pad_right([])
+
+
+# -- the one live-neuron reader --------------------------------------------------------------------------
+
+
+def test_live_neurons_are_the_captured_values_at_each_rows_labelled_token(tiny):
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    positions = label_positions(batch["attention_mask"], "last")
+    _, live = read_live_neurons(model, ["1.3", "0.5"], batch, positions)
+    cap = capture_activations(model, batch, ["1.3", "0.5"])
+    torch.testing.assert_close(live, torch.stack([cap[1][:, 0], cap[0][:, 0]], 1).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_live_neurons_are_read_in_a_given_pass_at_the_shifted_labelled_token(tiny):
+    """A pass over the texts moved right by one token (a BOS in front) reads each labelled token at position + 1."""
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    positions = label_positions(batch["attention_mask"], "last")
+    bos = torch.zeros_like(batch["input_ids"][:, :1])
+    shifted = {"input_ids": torch.cat([bos, batch["input_ids"]], 1),
+               "attention_mask": torch.cat([torch.ones_like(bos), batch["attention_mask"]], 1)}
+    output, live = read_live_neurons(model, ["1.3"], batch, positions, run=lambda: model(**model_inputs(shifted)),
+                                     offset=-torch.ones_like(positions))
+    expected = capture_activations(model, shifted, ["1.3"], position="last")[1][:, 0]
+    assert output is not None
+    torch.testing.assert_close(live[:, 0], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_live_neurons_a_given_pass_does_not_reach_are_read_in_one_more_pass_of_the_text(tiny):
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    positions = label_positions(batch["attention_mask"], "last")
+    with torch.no_grad():
+        _, alone = read_live_neurons(model, ["2.3"], batch, positions)
+        _, after = read_live_neurons(model, ["2.3"], batch, positions, run=lambda: None)
+    torch.testing.assert_close(after, alone)
+
+
+def test_live_neurons_keep_their_gradient_only_when_asked(tiny):
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    positions = label_positions(batch["attention_mask"], "last")
+    assert read_live_neurons(model, ["1.3"], batch, positions, keep_grad=True)[1].requires_grad
+    assert not read_live_neurons(model, ["1.3"], batch, positions)[1].requires_grad
+
+
+def test_live_neuron_hooks_are_removed_after_reading(tiny):
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    read_live_neurons(model, ["1.3"], batch, label_positions(batch["attention_mask"], "last"))
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -12,7 +12,6 @@ import torch
 from nsr_hf.data.binning import kmeans_edges
 from nsr_hf.data.labels import LabelTransform, bins_of, centers_of, zscore_of
 
-
 # ------------------------------------------------------------------------------------------------ bins and z-scores
 
 

@@ -16,7 +16,7 @@ from nsr_hf.data.labels import bins_of
 from nsr_hf.metrics import bin_metrics, quadratic_weighted_kappa, regression_metrics
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.training.collator import PredictorDataCollator
-from nsr_hf.training.trainer import PredictorMetrics, PredictorTrainer
+from nsr_hf.training.trainer import LiveLabels, PredictorMetrics, PredictorTrainer
 
 EDGES = [[i / 10 for i in range(11)]]
 
@@ -358,6 +358,36 @@ def test_live_labels_equal_reference_labels_when_the_base_is_frozen(tiny, tmp_pa
     out = trainer.predict(ds)
     np.testing.assert_allclose(out.label_ids.reshape(-1), ref, atol=1e-5)
     assert trainer.live_labels.last["live_guard"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_token_head_live_labels_are_read_in_its_prompt_where_its_label_offset_puts_the_labelled_token(tiny):
+    """Left padding moves every row right; the token head's prompt starts at the first real token, so the labelled
+    token sits `label_offset` to the left there, and the live labels read in that one pass are the reference values."""
+    model, tok = tiny
+    ds, ref = _reference_dataset(model, tok, n=8)
+    predictor = predictor_for(tiny, "token")
+    batch = PredictorDataCollator(pad_token_id=0)([ds[i] for i in range(len(ds))])
+    real = batch["attention_mask"].sum(-1)
+    pad = batch["input_ids"].shape[1] - real
+    left = {"input_ids": torch.stack([row.roll(int(p)) for row, p in zip(batch["input_ids"], pad)]),
+            "attention_mask": torch.stack([row.roll(int(p)) for row, p in zip(batch["attention_mask"], pad)]),
+            "label_positions": batch["label_positions"] + pad}
+    assert torch.equal(predictor.head.label_offset(left["attention_mask"]), pad)
+    with torch.no_grad():
+        _, live = LiveLabels().forward(predictor, left)
+    np.testing.assert_allclose(live[:, 0].numpy(), ref, atol=1e-4)
+
+
+def test_neuron_drift_of_an_unchanged_base_is_zero_and_of_a_moved_neuron_its_change(tiny):
+    from nsr_hf.capture import Intervention, intervene
+    from nsr_hf.pipeline import neuron_drift
+
+    model, tok = tiny
+    ds, ref = _reference_dataset(model, tok, n=12)
+    assert neuron_drift(model, ds, ["1.3"], "last", batch_size=5)["max_abs"] < 1e-5
+    with intervene(model, Intervention(1, [3], "add", 0.5)):
+        moved = neuron_drift(model, ds, ["1.3"], "last", batch_size=5)
+    assert moved["max_abs"] == pytest.approx(0.5, abs=1e-5) and moved["mean_abs"] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_unknown_label_mode_is_a_clear_error(tiny, tmp_path):

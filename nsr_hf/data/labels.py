@@ -39,6 +39,14 @@ def zscore_of(values, mean, std):
     return ((np.asarray(values, dtype=np.float64) - mean) / std).astype(np.float32)
 
 
+def unzscore_of(z, mean, std):
+    """Activation values from z-scores, the inverse of ``zscore_of``: ``z * std + mean`` per neuron, in ``z``'s float
+    precision (a tensor keeps its gradient and device: the regression head's readout), float32 for numpy input."""
+    if isinstance(z, torch.Tensor):
+        return z * torch.as_tensor(std, dtype=z.dtype, device=z.device) + torch.as_tensor(mean, dtype=z.dtype, device=z.device)
+    return (np.asarray(z) * np.asarray(std) + np.asarray(mean)).astype(np.float32)
+
+
 def bins_of(values, edges):
     """Bin index (int64) of each value: ``edges[i] <= v < edges[i + 1]``, the last bin includes its upper edge,
     values outside the edges fall in the end bins.
@@ -184,7 +192,7 @@ class LabelTransform:
         return zscore_of(self._as_2d(values), self.mean, self.std)
 
     def inverse_zscore(self, z) -> np.ndarray:
-        return (self._as_2d(z) * np.asarray(self.std) + np.asarray(self.mean)).astype(np.float32)
+        return unzscore_of(self._as_2d(z), self.mean, self.std)
 
     def bin_midpoints(self) -> np.ndarray:
         """``(K, num_bins)`` midpoint of each bin's edges in activation units."""

@@ -28,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from nsr_hf.capture import Intervention, Neuron, NeuronRecorder, intervene
+from nsr_hf.capture import Intervention, Neuron, intervene, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.plotting import new_figure
@@ -102,6 +102,18 @@ def subsample(rows, max_rows: int, seed: int = 0) -> list[dict]:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=int(max_rows), replace=False))
         rows = rows.select(keep) if hasattr(rows, "select") and hasattr(rows, "column_names") else [rows[int(i)] for i in keep]
     return as_rows(rows)
+
+
+def labelled_sample(predictor, rows, neuron=None, max_rows: int = 64, seed: int = 0, minimum: int = 1, what: str = "this test"):
+    """``(model, neuron, column, rows, true)``: the ``ActivationPredictor`` under any wrapper, the neuron (default: its first
+    target) and its report column, at most ``max_rows`` of ``rows`` (``subsample``) and their true activations of it.
+    ``what`` needs at least ``minimum`` rows: a ValueError naming it otherwise."""
+    model = unwrap_predictor(predictor)
+    neuron, column = target_column(model, neuron)
+    rows = subsample(rows, max_rows, seed)
+    if len(rows) < minimum:
+        raise ValueError(f"{what} needs at least {minimum} rows, got {len(rows)}.")
+    return model, neuron, column, rows, activation_column(rows, column)
 
 
 def _collator(model) -> PredictorDataCollator:
@@ -199,19 +211,10 @@ def live_activations(predictor, rows, neurons: Sequence, batch_size: int = 16) -
     from the original model) at each row's labelled token."""
     model = unwrap_predictor(predictor)
     rows = as_rows(rows)
-    neurons = [Neuron.parse(n) for n in neurons]
     out = []
     with _eval_mode(model):
         for _, _, batch in batches(model, rows, batch_size):
-            recorder = NeuronRecorder(model.base, neurons, stop_early=True)
-            acts = recorder.run(batch)
-            rows_index = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
-            pos = batch["label_positions"]
-            columns = []
-            for n in neurons:
-                order = recorder.neurons[n.layer].tolist().index(n.index)
-                columns.append(acts[n.layer][rows_index, pos.to(acts[n.layer].device), order].float().cpu())
-            out.append(torch.stack(columns, 1).numpy())
+            out.append(read_live_neurons(model.base, neurons, batch, batch["label_positions"])[1].cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -225,7 +228,8 @@ def _varies(x: np.ndarray) -> bool:
 
 def linear_fit(x, y) -> dict:
     """OLS of ``y`` on ``x``: slope, intercept, slope_se, r, r2, n. ``slope``/``slope_se``/``intercept`` are None when
-    ``x`` does not vary; ``r``/``r2`` are None when either side does not vary (undefined, not zero)."""
+    ``x`` does not vary (and so are ``r``/``r2``: there is no fit); when ``y`` does not vary, ``r`` and ``r2`` follow
+    ``nsr_hf.metrics``' rule for constant targets (r 0; R² 1, since the flat line fits them exactly)."""
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     if x.size != y.size or x.size == 0:
@@ -241,9 +245,8 @@ def linear_fit(x, y) -> dict:
     residual = y - (intercept + slope * x)
     sse = float(residual @ residual)
     out.update(slope=slope, intercept=intercept, slope_se=float(np.sqrt(sse / (n - 2) / sxx)) if n > 2 else None)
-    if _varies(y):
-        out["r"] = pearson_r(x, y)
-        out["r2"] = r2_score(y, intercept + slope * x)
+    out["r"] = pearson_r(x, y)
+    out["r2"] = r2_score(y, intercept + slope * x)
     return out
 
 
@@ -253,29 +256,8 @@ def linear_fit(x, y) -> dict:
 
 def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
     """``(meaningful, note)``: whether a clamped value of ``neuron`` reaches the report only through computation."""
-    config = unwrap_predictor(predictor).config
-    layer, read = neuron.layer, config.effective_read_layer
-    if config.head_type == "token":
-        if layer < read:
-            return True, (f"Token head: the report is read at the prompt's last token after block {read}, which sees the labelled "
-                          f"token's clamped neuron only through attention in blocks {layer + 1}..{read}.")
-        if layer == read:
-            return False, (f"Token head reading block {read}, the target's own block: the report is read at the prompt's last token, "
-                           "and no later attention can carry the labelled token's MLP output there, so the slope is 0 by construction.")
-        return False, (f"Token head reading block {read}, before the target layer {layer}: the intervention cannot reach the report, "
-                       "so the slope is 0 by construction.")
-    if read > layer:
-        return True, (f"The head reads block {read}'s output, after the target layer {layer}: the clamped value reaches it through "
-                      f"the residual stream and blocks {layer + 1}..{read}.")
-    if read == layer:
-        return False, (f"The head reads the output of block {layer}, the target's own block. That output is the residual stream plus "
-                       "the MLP output, in which the neuron enters as activation x its output weight vector (w_out) with nothing "
-                       "computed after it: clamping the neuron moves the representation by exactly (v - a) * w_out before the "
-                       "final norm. The slope is then fixed by the head's weights alone (with a linear final norm it equals "
-                       "head . (g * w_out) * std), i.e. by how well the readout aligns with w_out, which any linear probe of this "
-                       "layer shares; it is not evidence that the model computes with or reports its neuron. Read a later layer.")
-    return False, (f"The head reads block {read}, before the target layer {layer}: the intervention cannot reach the "
-                   "representation and the slope is 0 by construction.")
+    model = unwrap_predictor(predictor)
+    return model.head.report_path(neuron.layer, model.config.effective_read_layer)
 
 
 def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
@@ -293,10 +275,7 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         raise ValueError(f"Unknown mode {mode!r}: use 'set' (clamp to values) or 'scale' (multiply by factors).")
     if int(num_values) < 2:
         raise ValueError(f"num_values must be at least 2 to fit a slope, got {num_values}.")
-    model = unwrap_predictor(predictor)
-    neuron, column = target_column(model, neuron)
-    rows = subsample(rows, max_rows, seed)
-    true = activation_column(rows, column)
+    model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed)
     natural = report_under_intervention(model, rows, [], batch_size, neuron)
     if mode == "set":
         low, high = np.percentile(true, PERCENTILE_RANGE)
@@ -308,8 +287,8 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         values = np.linspace(*SCALE_RANGE, int(num_values))
         live = live_activations(model, rows, [neuron], batch_size)[:, 0]
         given = values[:, None] * live[None, :]
-    reports = np.stack([report_under_intervention(model, rows, Intervention(neuron.layer, [neuron.index], mode, float(v)), batch_size, neuron)
-                        for v in values])
+    reports = np.stack([report_under_intervention(model, rows, Intervention(neuron.layer, [neuron.index], mode, float(v)), batch_size,
+                                                  neuron) for v in values])
     fit = linear_fit(given.ravel(), reports.ravel())
     if fit["slope"] is None:
         raise ValueError(f"The values given to {neuron} do not vary (is the neuron 0 on every row?): no slope to fit.")

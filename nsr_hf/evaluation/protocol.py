@@ -317,7 +317,7 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
     headline = neurons[0]
     predictor = {"path": config.predictor, "head_type": inner.config.head_type, "read_layer": inner.config.effective_read_layer,
                  "base_model": inner.config.base_model_name_or_path, "dataset": config.dataset or inner.config.dataset_name}
-    if inner.config.head_type != "regression":
+    if inner.head.has_bins:
         predictor.update(num_bins=inner.config.num_bins, bin_strategy=(inner.config.label_transform or {}).get("bin_strategy"))
     evaluation = {
         "kind": EVALUATION_KIND,

@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 
 from nsr_hf import metrics
-from nsr_hf.evaluation.statistics import as_rows, bootstrap_ci
 from nsr_hf.data.labels import bins_of
+from nsr_hf.evaluation.statistics import as_rows, bootstrap_ci
 from nsr_hf.metrics import bin_metrics, regression_metrics
 
 

@@ -1,6 +1,6 @@
 """``ActivationPredictor``: a causal LM plus a head that reports the model's own neurons.
 
-Three heads:
+Three heads (``nsr_hf.modeling.heads``, which owns each head's module, logits, loss and readouts):
 
 * ``regression``: a linear layer (or a small MLP) on the representation, trained on z-scored targets,
   K neurons at once.
@@ -30,25 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from nsr_hf.architectures import num_layers, truncated
-from nsr_hf.capture import Neuron, encode_texts, position_ids_from_mask, validate_neuron
-from nsr_hf.capture import label_positions as rule_positions
-from nsr_hf.data.labels import bins_of, centers_of, zscore_of
+from nsr_hf.architectures import num_layers
+from nsr_hf.capture import Neuron, encode_texts, validate_neuron
+from nsr_hf.data.labels import bins_of, centers_of, unzscore_of, zscore_of
 from nsr_hf.methods import headline_table, verdicts
-from nsr_hf.version import __version__
-from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
+from nsr_hf.modeling.heads import HEAD_TYPES, Head, TokenHead, head_class, read_residual
 from nsr_hf.models import fuse_kernels, load_model_and_tokenizer
-from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
+from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
+from nsr_hf.version import __version__
 
 logger = logging.getLogger(__name__)
 
-HEAD_TYPES = ("regression", "classification", "token")
+__all__ = ["HEAD_TYPES", "ActivationPredictor", "ActivationPredictorConfig", "ActivationPredictorOutput", "load_predictor",
+           "save_predictor"]
 
 
 class ActivationPredictorConfig(PretrainedConfig):
@@ -61,7 +60,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         neurons: target neurons as ``"layer.index"`` strings (K of them; the token head takes one).
         read_layer: the block whose output (through the final norm) the head reads; ``None`` = last.
         position: the labelled token when the batch gives no ``label_positions``: ``"last"`` or an int.
-        head_type: ``"regression"``, ``"classification"`` or ``"token"``.
+        head_type: a registered head (``nsr_hf.modeling.heads.HEADS``): ``"regression"``, ``"classification"`` or ``"token"``.
         head_hidden_size: 0 for a linear head, else the hidden width of a two-layer MLP head.
         num_bins: bins per neuron for the classification and token heads (at least 2).
         class_weights: optional per-bin weights for the cross-entropy.
@@ -94,8 +93,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         dataset_name: Optional[str] = None,
         **kwargs,
     ):
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f"Unknown head_type {head_type!r}: use one of {', '.join(HEAD_TYPES)}.")
+        head_class(head_type)  # an unknown head is refused before anything else
         if int(num_bins) < 2:
             raise ValueError(f"num_bins must be at least 2, got {num_bins}.")
         self.base_model_name_or_path = base_model_name_or_path
@@ -121,8 +119,7 @@ class ActivationPredictorConfig(PretrainedConfig):
                 raise ValueError(f"read_layer {read_layer!r} is out of range: the base model has layers 0..{num_layers(base) - 1}.")
             for n in self.neurons:
                 validate_neuron(base, n)
-        if head_type == "token" and len(self.neurons) > 1:
-            raise ValueError("The token head reports one neuron per prompt: give one neuron, or use the regression head for several.")
+        self.head.check_config()
 
     def get_base_config(self) -> PretrainedConfig:
         config = dict(self.base_config)
@@ -131,6 +128,11 @@ class ActivationPredictorConfig(PretrainedConfig):
     @property
     def target_neurons(self) -> list[Neuron]:
         return [Neuron.parse(n) for n in self.neurons]
+
+    @property
+    def head(self) -> Head:
+        """The head this config names (``nsr_hf.modeling.heads``)."""
+        return head_class(self.head_type)(self)
 
     @property
     def effective_read_layer(self) -> int:
@@ -166,17 +168,15 @@ class ActivationPredictor(PreTrainedModel):
 
         self.base = AutoModelForCausalLM.from_config(config.get_base_config())
         fuse_kernels(self.base)
-        hidden = self.base.config.hidden_size
-        k = len(config.neurons)
-        out = {"regression": k, "classification": k * config.num_bins, "token": 0}[config.head_type]
-        if out == 0:
-            self.neuron_head = None
-        elif config.head_hidden_size:
-            self.neuron_head = nn.Sequential(nn.Linear(hidden, config.head_hidden_size), nn.GELU(), nn.Linear(config.head_hidden_size, out))
-        else:
-            self.neuron_head = nn.Linear(hidden, out)
+        # the head's own module keeps the name `neuron_head`, so that saved predictors keep their parameter names
+        self.neuron_head = config.head.build(self.base.config.hidden_size)
         self.tokenizer = None  # attached by from_base / load_predictor, used by predict()
         self.post_init()
+
+    @property
+    def head(self) -> Head:
+        """The head (``nsr_hf.modeling.heads``): its logits, loss, readouts, trainable parameters and the rest."""
+        return self.config.head
 
     def _init_weights(self, module):
         # Only the head is ours; the base model's weights come from the base checkpoint.
@@ -213,20 +213,11 @@ class ActivationPredictor(PreTrainedModel):
         if isinstance(neurons, (str, Neuron)):
             neurons = [neurons]
         neurons = [str(validate_neuron(base, n)) for n in neurons]
-        if head_type in ("classification", "token") and not (label_transform and label_transform.get("bin_edges")):
-            raise ValueError(f"The {head_type} head needs bin edges: pass label_transform with 'bin_edges' fitted on the training split.")
         if label_transform and label_transform.get("bin_edges"):
             num_bins = len(label_transform["bin_edges"][0]) - 1
-        report_ids = suffix_ids = None
-        if head_type == "token":
-            if tokenizer is None:
-                raise ValueError("The token head needs the tokenizer (report tokens and prompt).")
-            # explicit tokens > the dataset's (stored with its label transform) > the tokenizer's default
-            report_tokens = list(report_tokens or (label_transform or {}).get("report_tokens") or default_report_tokens(tokenizer, num_bins))
-            if len(report_tokens) != num_bins:
-                raise ValueError(f"{len(report_tokens)} report tokens for {num_bins} bins: give one per bin.")
-            report_ids = check_report_tokens(tokenizer, report_tokens)
-            suffix_ids = tokenizer.encode(prompt_suffix.format(neuron=neurons[0]), add_special_tokens=False)
+        derived = {"report_tokens": report_tokens, "report_token_ids": None, "prompt_suffix_ids": None}
+        derived.update(head_class(head_type).prepare(tokenizer=tokenizer, neurons=neurons, label_transform=label_transform,
+                                                     num_bins=num_bins, report_tokens=report_tokens, prompt_suffix=prompt_suffix))
         config = ActivationPredictorConfig(
             base_model_name_or_path=name,
             base_config=base.config.to_dict(),
@@ -237,10 +228,8 @@ class ActivationPredictor(PreTrainedModel):
             head_hidden_size=head_hidden_size,
             num_bins=num_bins,
             class_weights=class_weights,
-            report_tokens=report_tokens,
-            report_token_ids=report_ids,
             prompt_suffix=prompt_suffix,
-            prompt_suffix_ids=suffix_ids,
+            **derived,
             expected_value_loss_weight=expected_value_loss_weight,
             label_transform=label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)},
             dataset_name=dataset_name,
@@ -258,33 +247,19 @@ class ActivationPredictor(PreTrainedModel):
         of the frozen model instead of a random head, and does not distort the features to fit a random head.
         Returns the probe's alphas and validation R^2 per neuron. Regression heads with a linear head only."""
 
-        if self.config.head_type != "regression" or not isinstance(self.neuron_head, nn.Linear):
-            raise ValueError("init_head_from_probe needs a regression head that is one linear layer (head_hidden_size 0).")
-        read = self.config.effective_read_layer
-        X = layer_features(self.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
-        X_val = None if validation_rows is None or len(validation_rows) == 0 else layer_features(self.base, validation_rows, [read], batch_size=batch_size, progress=False)[read]
-        mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
-        info = {}
-        weight = self.neuron_head.weight
-        for j, name in enumerate(self.config.neurons):
-            y = (labels_of(train_rows, j) - mean[j]) / std[j]
-            y_val = None if X_val is None else (labels_of(validation_rows, j) - mean[j]) / std[j]
-            probe = RidgeProbe().fit(X, y, X_val, y_val)
-            weight[j] = torch.as_tensor(probe.coef_, dtype=weight.dtype, device=weight.device)
-            self.neuron_head.bias[j] = float(probe.intercept_)
-            info[name] = {"alpha": float(probe.alpha), "validation_r2": None if X_val is None else float(probe.val_r2)}
-        return info
+        return self.head.init_from_probe(self, train_rows, validation_rows, batch_size)
 
     # -- label transform -------------------------------------------------------------------------
-
-    def _transform_tensor(self, key: str, ref: torch.Tensor) -> torch.Tensor:
-        """A field of the label transform as a float32 tensor on ``ref``'s device."""
-        return torch.as_tensor(self.config.label_transform[key], dtype=torch.float32, device=ref.device)
 
     def zscore(self, values: torch.Tensor) -> torch.Tensor:
         """z-scores (float32) of ``values`` (batch, K) with the train mean and std: ``nsr_hf.data.labels.zscore_of``."""
         transform = self.config.label_transform
         return zscore_of(values, transform["mean"], transform["std"])
+
+    def unzscore(self, z: torch.Tensor) -> torch.Tensor:
+        """Activation values from z-scores: the inverse of ``zscore`` (the regression head's readout)."""
+        transform = self.config.label_transform
+        return unzscore_of(z, transform["mean"], transform["std"])
 
     def bin_of(self, values: torch.Tensor) -> torch.Tensor:
         """Bin index of each value, (batch, K), by the train-fitted edges: ``nsr_hf.data.labels.bins_of``
@@ -298,53 +273,20 @@ class ActivationPredictor(PreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def _positions(self, attention_mask: torch.Tensor, label_positions: Optional[torch.Tensor]) -> torch.Tensor:
-        if label_positions is not None:
-            return label_positions.long().reshape(-1)
-        return rule_positions(attention_mask, self.config.position)
-
     def representation(self, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
         """(batch, hidden): the final-normed residual stream after ``read_layer`` at the labelled token."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        with truncated(self.base, self.config.effective_read_layer):
-            hidden = self.base.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False
-            ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, self._positions(attention_mask, label_positions).to(hidden.device)]
+        return read_residual(self, input_ids, attention_mask, label_positions)
 
     def report_prompts(self, input_ids, attention_mask, label_positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The token head's prompts: each text up to its labelled token, then the suffix (right-padded)."""
-        positions = self._positions(attention_mask, label_positions)
-        first = attention_mask.long().argmax(-1)
-        suffix = torch.as_tensor(self.config.prompt_suffix_ids, dtype=input_ids.dtype, device=input_ids.device)
-        rows = [torch.cat([input_ids[i, int(first[i]) : int(positions[i]) + 1], suffix]) for i in range(input_ids.shape[0])]
-        length = max(len(r) for r in rows)
-        pad = self.base.config.pad_token_id if getattr(self.base.config, "pad_token_id", None) is not None else 0
-        ids = torch.full((len(rows), length), pad, dtype=input_ids.dtype, device=input_ids.device)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-        return ids, mask
+        return TokenHead(self.config).prompts(self, input_ids, attention_mask, label_positions)
 
     def report_logits(self, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
-        """(batch, bins): the LM head's logits of the report tokens after the prompt. Only those rows of
-        the output embedding are multiplied, never the full vocabulary. With the default ``read_layer`` (the last
-        block) these are the model's own next-token logits; a lower ``read_layer`` is an early exit: blocks
+        """(batch, bins): the LM head's logits of the report tokens after the prompt (``TokenHead.report_logits``). Only
+        those rows of the output embedding are multiplied, never the full vocabulary. With the default ``read_layer``
+        (the last block) these are the model's own next-token logits; a lower ``read_layer`` is an early exit: blocks
         ``0..read_layer``, the final norm and the LM head (the logit lens), which free generation does not use."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        ids, mask = self.report_prompts(input_ids, attention_mask, label_positions)
-        with truncated(self.base, self.config.effective_read_layer):
-            hidden = self.base.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
-        last = mask.sum(-1) - 1
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        lm_head = self.base.get_output_embeddings()
-        report_ids = torch.as_tensor(self.config.report_token_ids, device=h.device)
-        bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[report_ids]
-        return nn.functional.linear(h, lm_head.weight[report_ids], bias)
+        return TokenHead(self.config).report_logits(self, input_ids, attention_mask, label_positions)
 
     def forward(self, input_ids, attention_mask=None, label_positions=None, labels=None, **kwargs) -> ActivationPredictorOutput:
         """``labels``: (batch, K) neuron values in activation units; the head's loss is computed from them
@@ -356,43 +298,22 @@ class ActivationPredictor(PreTrainedModel):
 
     def head_forward(self, input_ids, attention_mask=None, label_positions=None) -> ActivationPredictorOutput:
         """The head's output without a loss: ``predictions`` (expected value) and, for bins, ``greedy_predictions``."""
-        config = self.config
-        greedy = None
-        if config.head_type == "regression":
-            logits = self.neuron_head(self.representation(input_ids, attention_mask, label_positions))
-            predictions = logits * self._transform_tensor("std", logits) + self._transform_tensor("mean", logits)
-        else:
-            if config.head_type == "classification":
-                logits = self.neuron_head(self.representation(input_ids, attention_mask, label_positions))
-                logits = logits.reshape(logits.shape[0], len(config.neurons), config.num_bins)
-            else:
-                logits = self.report_logits(input_ids, attention_mask, label_positions)[:, None, :]
-            centers = self.bin_centers(logits)  # (K, bins)
-            probs = logits.float().softmax(-1)
-            predictions = (probs * centers).sum(-1)
-            greedy = centers.gather(1, logits.argmax(-1).T).T
+        head = self.head
+        logits = head.logits(self, input_ids, attention_mask, label_positions)
+        predictions, greedy = head.readouts(self, logits)
         return ActivationPredictorOutput(predictions=predictions, greedy_predictions=greedy, logits=logits)
 
     def head_loss(self, output: ActivationPredictorOutput, labels: torch.Tensor) -> torch.Tensor:
         """The training loss of ``output`` (from ``head_forward``) against ``labels`` (batch, K) in activation
         units: MSE on z-scores (regression), cross-entropy over the train-fitted bins (classification and token,
         plus the optional expected-value term)."""
-        config = self.config
-        logits = output.logits
-        labels = labels.float().reshape(logits.shape[0], -1)
-        if config.head_type == "regression":
-            return nn.functional.mse_loss(logits, self.zscore(labels))
-        target = self.bin_of(labels)
-        weight = None if config.class_weights is None else torch.as_tensor(config.class_weights, dtype=torch.float32, device=logits.device)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, config.num_bins).float(), target.reshape(-1), weight=weight)
-        if config.head_type == "token" and config.expected_value_loss_weight:
-            loss = loss + config.expected_value_loss_weight * nn.functional.mse_loss(self.zscore(output.predictions), self.zscore(labels))
-        return loss
+        return self.head.loss(self, output, labels.float().reshape(output.logits.shape[0], -1))
 
     # -- convenience -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, texts: Sequence[str], tokenizer=None, batch_size: int = 16, max_length: Optional[int] = None, greedy: bool = False) -> torch.Tensor:
+    def predict(self, texts: Sequence[str], tokenizer=None, batch_size: int = 16, max_length: Optional[int] = None,
+                greedy: bool = False) -> torch.Tensor:
         """Predicted neuron values (activation units) for ``texts``, shape (len(texts), K), read at the
         position rule's token (``"last"`` by default). ``greedy`` returns the most likely bin's value."""
         tokenizer = tokenizer or self.tokenizer
@@ -408,24 +329,6 @@ class ActivationPredictor(PreTrainedModel):
             out.append((result.greedy_predictions if greedy and result.greedy_predictions is not None else result.predictions).cpu())
         self.train(was_training)
         return torch.cat(out)
-
-    def _bins(self) -> str:
-        """The card's words for the bins: how many, which strategy, where fitted, and what each reports."""
-        t = self.config.label_transform or {}
-        strategy = t.get("bin_strategy") or "unrecorded-strategy"
-        reports = "each reports its train mean" if t.get("bin_centers") else "each reports the midpoint of its edges"
-        return f"{self.config.num_bins} {strategy} bins (fitted on {t.get('fitted_on', 'an unrecorded split')}; {reports})"
-
-    def _reads(self) -> str:
-        """Where the head reads, in words (the model card)."""
-        c = self.config
-        if c.head_type != "token":
-            return f"block {c.effective_read_layer} through the final norm, at the labelled token (rule: {c.position})"
-        last = c.effective_read_layer == num_layers(self.base) - 1
-        how = "the model's own next token" if last else f"an early exit: block {c.effective_read_layer}, the final norm and the LM head (the logit lens)"
-        where = (f"after the prompt: the text up to the labelled token (rule: {c.position}), then {c.prompt_suffix.format(neuron=c.neurons[0])!r}" if c.prompt_suffix
-                 else f"as the labelled token's own next token (rule: {c.position}), no question after it")
-        return f"{how}, {where}"
 
     def model_card(self, metrics: Optional[dict] = None) -> str:
         """A model card (README.md) naming the base model, the neurons, the head, the dataset and metrics.
@@ -455,9 +358,8 @@ class ActivationPredictor(PreTrainedModel):
             "",
             f"- Base model: `{base}`{quant}",
             f"- Target neuron(s): {', '.join(c.neurons)}",
-            f"- Head: {c.head_type}" + (f" over {self._bins()}" if c.head_type != "regression" else "")
-            + (f", report tokens {c.report_tokens}" if c.head_type == "token" else ""),
-            f"- Reads: {self._reads()}",
+            f"- Head: {self.head.card_words(self)}",
+            f"- Reads: {self.head.reads_in_words(self)}",
             f"- Dataset: {c.dataset_name or 'not recorded'}",
             f"- Made with nsr_hf {__version__}",
         ]
@@ -471,7 +373,8 @@ class ActivationPredictor(PreTrainedModel):
         if metrics:
             lines += ["", "## Metrics at the end of training" if evaluation else "## Evaluation", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flat(metrics).items()]
-        lines += ["", "```python", "import nsr_hf", "from nsr_hf.modeling.predictor import load_predictor", "predictor = load_predictor(PATH_OR_REPO)",
+        lines += ["", "```python", "import nsr_hf", "from nsr_hf.modeling.predictor import load_predictor",
+                  "predictor = load_predictor(PATH_OR_REPO)",
                   "predictor.predict(['Some text'])", "```", ""]
         return "\n".join(line for line in lines if line is not None)
 

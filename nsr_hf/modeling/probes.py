@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsr_hf.architectures import get_final_norm, num_layers, truncated
-from nsr_hf.capture import position_ids_from_mask
+from nsr_hf.capture import pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
 
 DEFAULT_ALPHAS = np.logspace(-3, 5, 17)
@@ -85,7 +85,8 @@ def labels_of(rows, neuron_column: int = 0) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"the 'activations' column must hold K numbers per row, got shape {array.shape}.")
     if not 0 <= neuron_column < array.shape[1]:
-        raise ValueError(f"neuron_column {neuron_column} is out of range: the rows hold {array.shape[1]} neuron value(s) (0..{array.shape[1] - 1}).")
+        raise ValueError(f"neuron_column {neuron_column} is out of range: the rows hold {array.shape[1]} neuron value(s) "
+                         f"(0..{array.shape[1] - 1}).")
     y = array[:, neuron_column]
     if not np.isfinite(y).all():
         raise ValueError("the 'activations' column holds NaN or infinite values.")
@@ -108,13 +109,8 @@ def causal_lm(model) -> nn.Module:
 
 
 def padded_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``."""
-    length = max(len(r) for r in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, r in enumerate(ids):
-        input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    """Right-padded ``input_ids`` and ``attention_mask`` (``nsr_hf.capture.pad_right``) on ``device``."""
+    input_ids, mask = pad_right(ids, pad_id)
     return input_ids.to(device), mask.to(device)
 
 

@@ -7,6 +7,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from nsr_hf.capture import pad_right
+
 
 @dataclass
 class PredictorDataCollator:
@@ -32,17 +34,12 @@ class PredictorDataCollator:
             raise ValueError("PredictorDataCollator got an empty batch.")
         missing = [c for c in ("input_ids", "label_position", "activations") if c not in rows[0]]
         if missing:
-            raise ValueError(f"Rows lack column(s) {missing}: an activation dataset (nsr dataset) has input_ids, label_position and activations. "
-                             "If they exist in the dataset, set remove_unused_columns=False.")
-        length = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), length), int(self.pad_token_id), dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
-            mask[i, :n] = torch.as_tensor(np.asarray(r["attention_mask"]), dtype=torch.long) if "attention_mask" in r else 1
+            raise ValueError(f"Rows lack column(s) {missing}: an activation dataset (nsr dataset) has input_ids, label_position and "
+                             "activations. If they exist in the dataset, set remove_unused_columns=False.")
+        ids, mask = pad_right([r["input_ids"] for r in rows], self.pad_token_id, [r.get("attention_mask") for r in rows])
         positions = torch.as_tensor([int(r["label_position"]) for r in rows], dtype=torch.long)
         if (positions < 0).any() or (positions >= mask.sum(-1)).any():
             raise ValueError("A label_position points outside its row's real tokens.")
-        labels = torch.as_tensor(np.asarray([np.asarray(r["activations"], dtype=np.float32).reshape(-1) for r in rows]), dtype=torch.float32)
+        labels = np.asarray([np.asarray(r["activations"], dtype=np.float32).reshape(-1) for r in rows])
+        labels = torch.as_tensor(labels, dtype=torch.float32)
         return {"input_ids": ids, "attention_mask": mask, "label_positions": positions, "labels": labels}

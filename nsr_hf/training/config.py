@@ -17,9 +17,9 @@ import torch
 from transformers import TrainingArguments
 
 from nsr_hf.capture import Neuron
-from nsr_hf.data.corpus import check_fractions
 from nsr_hf.data.binning import BIN_STRATEGIES
-from nsr_hf.modeling.predictor import HEAD_TYPES
+from nsr_hf.data.corpus import check_fractions
+from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields
 from nsr_hf.training.unfreezing import STRATEGIES
@@ -52,7 +52,7 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
     bin_strategy: str | None = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
 
     # -- the predictor's head
-    head_type: str = field(default="regression", metadata={"help": "'regression', 'classification' or 'token'"})
+    head_type: str = field(default="regression", metadata={"help": f"The head: one of {', '.join(HEAD_TYPES)} (nsr_hf.modeling.heads)"})
     read_layer: str | None = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
     prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Token head: the text after the labelled token that asks for the report ({neuron} is filled in). An empty string reports as the labelled token's own next token (the representation the regression head and the ridge probe read)"})
     expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
@@ -108,10 +108,6 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
             raise ValueError(f"labels must be 'reference' or 'live', got {self.labels!r}.")
         if not float(self.expected_value_loss_weight) >= 0:
             raise ValueError(f"expected_value_loss_weight must be >= 0, got {self.expected_value_loss_weight!r}.")
-        if self.expected_value_loss_weight and self.head_type != "token":
-            raise ValueError(f"expected_value_loss_weight applies to the token head only (head_type is {self.head_type!r}): leave it at 0.")
-        if self.prompt_suffix != DEFAULT_PROMPT_SUFFIX and self.head_type != "token":
-            raise ValueError(f"prompt_suffix applies to the token head only (head_type is {self.head_type!r}): leave it out.")
         if self.prompt_suffix:
             try:
                 self.prompt_suffix.format(neuron="0.0")
@@ -121,15 +117,11 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         if self.bin_strategy is not None:
             if self.bin_strategy not in BIN_STRATEGIES:
                 raise ValueError(f"bin_strategy must be one of {', '.join(BIN_STRATEGIES)}, got {self.bin_strategy!r}.")
-            if self.head_type == "regression":
-                raise ValueError("bin_strategy sets the bins of the classification and token heads; the regression head has none: "
-                                 "leave it out (over a recipe that sets it: --bin_strategy none).")
         if self.num_bins < 2:
             raise ValueError(f"num_bins must be at least 2, got {self.num_bins}.")
         if self.head_init not in ("random", "probe"):
             raise ValueError(f"head_init must be 'random' or 'probe', got {self.head_init!r}.")
-        if self.head_init == "probe" and self.head_type != "regression":
-            raise ValueError("head_init 'probe' initialises a regression head: use head_init 'random' for classification and token heads.")
+        head_class(self.head_type).check_training(self)  # what this head refuses (nsr_hf.modeling.heads.Head.check_training)
         if self.select not in ("score", "readable"):
             raise ValueError(f"select must be 'score' or 'readable', got {self.select!r}.")
         if self.probe_layers not in ("all", "up_to_read"):

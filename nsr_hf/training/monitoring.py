@@ -26,16 +26,17 @@ What one measurement holds (keys of ``history`` entries; logged with the prefix 
 
 The measurement runs under ``torch.no_grad()`` with the model in eval mode; every module's train/eval mode is
 restored afterwards, and no random number is drawn, so training with the monitor is the same as without it.
-The predictor is taken out of PEFT and DDP wrappers (``nsr_hf.training.trainer._unwrap``); with PEFT the LoRA layers stay
+The predictor is taken out of PEFT and DDP wrappers (``nsr_hf.utils.unwrap``); with PEFT the LoRA layers stay
 injected in it, so the report and the live neurons are those of the adapted model. Sharded parameters (FSDP,
 DeepSpeed ZeRO-3) are not supported: every process must hold the whole model. Every process measures (each holds
 a replica, so it costs no extra wall time) and logs; only the main process writes the files.
 
 Cost of one measurement (P probe rows, L held-out rows; a forward pass costs about a third of a training step per
-row): for the regression and classification heads one predictor forward over the P rows gives the head's report
-*and* the live neurons (recorded on the way); the token head, or a ``read_layer`` below a target layer, adds a
-forward through the blocks up to the highest target layer. The LM loss is one full forward (with the LM head) over
-the L rows. That is about (P + L) / 3 rows' worth of training, against ``every_n_steps * batch`` rows trained
+row): one predictor forward over the P rows gives the head's report *and* the live neurons (read on the way by
+``nsr_hf.capture.read_live_neurons``, in the text the head runs: the token head's prompt holds the text up to the
+labelled token); a ``read_layer`` below a target layer adds a forward through the blocks up to the highest target
+layer. The LM loss is one full forward (with the LM head) over the L rows. That is about (P + L) / 3 rows' worth
+of training, against ``every_n_steps * batch`` rows trained
 between two measurements: with the defaults (P = 128, L = 32, every 50 steps) and 16 rows per step, ~7% of the
 training compute (~3% with 32 rows per step), plus one measurement at the start and, if needed, one at the end.
 Measured on the CPU with a 4-block, 256-wide GPT-2, 48-token rows, full unfreezing, 16 rows per step: one
@@ -56,8 +57,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from nsr_hf.architectures import truncated
-from nsr_hf.capture import Neuron, NeuronRecorder, model_inputs
+from nsr_hf.capture import model_inputs, pad_right, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.plotting import figure, save_figure
 from nsr_hf.training.collator import PredictorDataCollator
@@ -82,7 +82,8 @@ def _select_rows(rows, required: Sequence[str], name: str, limit: int) -> list[d
     if isinstance(rows, (DatasetDict, dict)):
         raise ValueError(f"{name} is a dict (of splits?): pass one split, e.g. dataset['validation'], or a list of row dicts.")
     if isinstance(rows, IterableDataset):
-        raise ValueError(f"{name} is an IterableDataset: the monitor needs a fixed probe set; use .take(n) and Dataset.from_list, or a map-style split.")
+        raise ValueError(f"{name} is an IterableDataset: the monitor needs a fixed probe set; use .take(n) and Dataset.from_list, "
+                         "or a map-style split.")
     if isinstance(rows, Dataset):
         columns = rows.column_names
         n = len(rows)
@@ -114,13 +115,7 @@ def _real_length(row: dict) -> int:
 
 def _pad(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` (padding is never read: positions and losses use the mask)."""
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
-        mask[i, :n] = torch.as_tensor(np.asarray(r["attention_mask"]), dtype=torch.long) if "attention_mask" in r else 1
+    ids, mask = pad_right([r["input_ids"] for r in rows], 0, [r.get("attention_mask") for r in rows])
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -211,7 +206,8 @@ class DriftMonitor(TrainerCallback):
         lm.sort(key=lambda r: len(r["input_ids"]))
         self.lm_tokens = sum(max(_real_length(r) - 1, 0) for r in lm)
         if self.lm_tokens == 0:
-            raise ValueError("The LM rows hold no next-token pair (every row has fewer than 2 tokens): pass longer held-out text as lm_rows.")
+            raise ValueError("The LM rows hold no next-token pair (every row has fewer than 2 tokens): "
+                             "pass longer held-out text as lm_rows.")
         self.lm_rows = lm
 
         self.trainer = None
@@ -246,32 +242,20 @@ class DriftMonitor(TrainerCallback):
 
     def _probe_pass(self, inner, neurons: list[str], device) -> tuple[np.ndarray, np.ndarray]:
         """(live neuron values, head's report), each (rows, K) in activation units."""
-        parsed = [Neuron.parse(n) for n in neurons]
-        top = max(n.layer for n in parsed)
-        # The reading heads run the text itself through the blocks up to read_layer: when that covers the target
-        # layers, the neurons are recorded in the same forward as the report. The token head reads a prompt.
-        same_pass = inner.config.head_type != "token" and top <= inner.config.effective_read_layer
         collate = PredictorDataCollator(pad_token_id=0)
         live, report = [], []
         for rows in _batches(self.probe, self.batch_size):
-            batch = collate(rows)
-            ids, mask, positions = (batch[k].to(device) for k in ("input_ids", "attention_mask", "label_positions"))
-            recorder = NeuronRecorder(inner.base, neurons)
-            if same_pass:
-                with recorder:
-                    report.append(inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu())
-            else:
-                report.append(inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu())
-                # Through the modules' own forwards (never the weight-only shortcut of capture's stop_early, which
-                # would skip a LoRA adapter on the target layer's MLP input), stopping after the highest target block.
-                with truncated(inner.base, top), recorder:
-                    inner.base.base_model(**model_inputs({"input_ids": ids, "attention_mask": mask}), use_cache=False)
-            rows_index = torch.arange(ids.shape[0], device=device)
-            values = []
-            for n in parsed:
-                col = recorder.neurons[n.layer].tolist().index(n.index)
-                values.append(recorder.activations[n.layer][rows_index, positions, col].float().cpu())
-            live.append(torch.stack(values, 1))
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            ids, mask, positions = (batch[k] for k in ("input_ids", "attention_mask", "label_positions"))
+
+            def head_pass(ids=ids, mask=mask, positions=positions):
+                return inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu()
+
+            # the neurons come from the head's own pass when it runs their blocks, else from a partial pass of the text
+            predictions, values = read_live_neurons(inner.base, neurons, batch, positions, run=head_pass,
+                                                    offset=inner.head.label_offset(mask))
+            report.append(predictions)
+            live.append(values.cpu())
         return torch.cat(live).numpy().astype(np.float64), torch.cat(report).numpy().astype(np.float64)
 
     def _lm_loss(self, base, device) -> float:
@@ -281,7 +265,8 @@ class DriftMonitor(TrainerCallback):
             logits = base(**model_inputs(batch), use_cache=False).logits
             real = batch["attention_mask"].bool()
             pairs = real[:, :-1] & real[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][pairs].float(), batch["input_ids"][:, 1:][pairs], reduction="sum"))
+            next_tokens = batch["input_ids"][:, 1:][pairs]
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][pairs].float(), next_tokens, reduction="sum"))
         return total / self.lm_tokens
 
     def measure(self, model) -> dict[str, float]:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from nsr_hf.architectures import get_neuron_module
-from nsr_hf.capture import StopForward, model_inputs
+from nsr_hf.capture import read_live_neurons
 from nsr_hf.data.labels import bins_of
 from nsr_hf.metrics import bin_metrics, regression_metrics
+from nsr_hf.modeling.heads import head_class
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 from nsr_hf.utils import unwrap
@@ -49,8 +49,8 @@ class PredictorMetrics:
     """``compute_metrics`` for ``PredictorTrainer``. ``predictions`` are (rows, 2, K): the expected value and the
     greedy value (NaN for the regression head) in activation units; ``label_ids`` are (rows, K).
 
-    Keys: the regression metrics of the expected value (``pearson``, ``r2`` ...); for the classification and token
-    heads also ``greedy_*`` (the same for the greedy readout) and the bin metrics of both readouts (``accuracy``,
+    Keys: the regression metrics of the expected value (``pearson``, ``r2`` ...); for a head with bins (classification,
+    token: ``Head.has_bins``) also ``greedy_*`` (the same for the greedy readout) and the bin metrics of both readouts (``accuracy``,
     ``balanced_accuracy``, ``qwk`` and ``greedy_accuracy`` ...), bins from the label transform's train-fitted edges.
     With several neurons every key is the mean over neurons, and ``<neuron>/<key>`` gives each one.
     """
@@ -66,9 +66,10 @@ class PredictorMetrics:
 
     def neuron_metrics(self, expected, greedy, true, j: int) -> dict[str, float]:
         out = regression_metrics(expected, true)
-        if self.head_type != "regression" and not np.all(np.isnan(greedy)):
+        has_bins = head_class(self.head_type).has_bins
+        if has_bins and not np.all(np.isnan(greedy)):
             out.update({f"greedy_{k}": v for k, v in regression_metrics(greedy, true).items()})
-        if self.head_type != "regression" and self.bin_edges is not None:
+        if has_bins and self.bin_edges is not None:
             edges = self.bin_edges[j]
             num_bins = len(edges) - 1
             true_bins = bins_of(true, edges)
@@ -125,42 +126,14 @@ class LiveLabels:
     def forward(self, model, inputs: dict) -> tuple[Any, torch.Tensor]:
         """(outputs without loss, live values (batch, K) with gradient) for one batch."""
         inner = unwrap(model)
-        neurons = inner.config.target_neurons
         positions = inputs["label_positions"].long()
-        offset = torch.zeros_like(positions)
-        if inner.config.head_type == "token":
-            # the report prompt starts at each row's first real token (report_prompts)
-            offset = inputs["attention_mask"].long().argmax(-1)
-        found: dict[int, torch.Tensor] = {}
 
-        def hook_for(layer):
-            def hook(module, args):
-                if layer not in found:
-                    hidden = args[0]
-                    rows = torch.arange(hidden.shape[0], device=hidden.device)
-                    found[layer] = hidden[rows, (positions - offset).to(hidden.device)]
-                    if stop_early and layer == deepest:
-                        raise StopForward
-            return hook
+        def own_forward():
+            return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], label_positions=positions)
 
-        stop_early, deepest = False, max(n.layer for n in neurons)
-        handles = [get_neuron_module(inner.base, layer).register_forward_pre_hook(hook_for(layer)) for layer in {n.layer for n in neurons}]
-        try:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], label_positions=positions)
-            if len(found) < len(handles):
-                # the head reads a layer before a target one: one more (partial) pass reaches it
-                found.clear()
-                offset = torch.zeros_like(positions)
-                stop_early = True
-                try:
-                    inner.base(**model_inputs({k: inputs[k] for k in ("input_ids", "attention_mask")}), use_cache=False)
-                except StopForward:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        live = torch.stack([found[n.layer][:, n.index] for n in neurons], 1).float()
-        return outputs, live
+        # read in the head's own pass, where the labelled token sits `label_offset` to the left (the token head's prompt)
+        return read_live_neurons(inner.base, inner.config.target_neurons, inputs, positions, run=own_forward,
+                                 offset=inner.head.label_offset(inputs["attention_mask"]), keep_grad=True)
 
     def loss(self, model, inputs: dict, return_outputs: bool = False):
         inner = unwrap(model)
@@ -196,7 +169,8 @@ def apply_peft(model, peft_config):
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
-        raise ValueError("The model is already a PeftModel: pass the plain ActivationPredictor with peft_config, or a PeftModel without it.")
+        raise ValueError("The model is already a PeftModel: pass the plain ActivationPredictor with peft_config, "
+                         "or a PeftModel without it.")
     inner = unwrap(model)
     if inner.neuron_head is not None and "neuron_head" not in (peft_config.modules_to_save or []):
         raise ValueError("peft_config.modules_to_save must list 'neuron_head': otherwise the predictor's head stays at its random "

@@ -33,6 +33,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from nsr_hf.architectures import arch_spec, get_layers, lora_target_modules
+from nsr_hf.modeling.heads import lm_head_tied
 from nsr_hf.utils import unwrap
 
 logger = logging.getLogger(__name__)
@@ -45,23 +46,11 @@ def _prefix(path: str) -> str:
     return f"base.{path}."
 
 
-def _lm_head_tied(predictor) -> bool:
-    base = unwrap(predictor).base
-    out, inp = base.get_output_embeddings(), base.get_input_embeddings()
-    return out is not None and inp is not None and out.weight is inp.weight
-
-
 def head_prefixes(predictor) -> list[str]:
-    """Parameter-name prefixes of the head (see the module docstring for the token head)."""
+    """Parameter-name prefixes of the head, as the head names them (``Head.trainable_prefixes``; see the module
+    docstring for the token head)."""
     p = unwrap(predictor)
-    if p.config.head_type != "token":
-        return ["neuron_head."]
-    spec = arch_spec(p.base)
-    prefixes = [_prefix(spec.final_norm)]
-    if not _lm_head_tied(p):
-        name = next(n for n, m in p.base.named_modules() if m is p.base.get_output_embeddings())
-        prefixes.append(f"base.{name}.")
-    return prefixes
+    return p.head.trainable_prefixes(p)
 
 
 def last_block(predictor) -> int:
@@ -188,14 +177,15 @@ def apply_unfreezing(predictor, strategy: str, *, k: Optional[int] = None, lora_
     p = unwrap(predictor)
     if strategy in ("lora", "lora_after_target"):
         if strategy == "lora_after_target" and k is not None:
-            raise ValueError("lora_after_target chooses its blocks (those after the target): leave k (unfreeze_k) unset, or use lora with k.")
+            raise ValueError("lora_after_target chooses its blocks (those after the target): leave k (unfreeze_k) unset, "
+                             "or use lora with k.")
         return lora_config(p, r=lora_r, alpha=lora_alpha, k=k, after_target=strategy == "lora_after_target")
     if strategy == "gradual":
         return GradualUnfreezing(p, every_n_steps=every_n_steps)
     if strategy == "full":
         # everything that can reach the head: not the blocks after read_layer, nor an untied LM head a reading head never uses
         unused = block_prefixes(p, range(last_block(p) + 1, len(get_layers(p.base))))
-        if p.config.head_type != "token" and not _lm_head_tied(p):
+        if not p.head.uses_lm_head and not lm_head_tied(p.base):
             unused += [f"base.{n}." for n, m in p.base.named_modules() if m is p.base.get_output_embeddings()]
         return [n for n, param in p.named_parameters() if param.requires_grad_(not any(n.startswith(u) for u in unused)).requires_grad]
     prefixes = head_prefixes(p)

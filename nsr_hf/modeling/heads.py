@@ -1,0 +1,406 @@
+"""The heads of an ``ActivationPredictor``: one class per head, and the registry that names them.
+
+* ``regression`` (``RegressionHead``): a linear layer (or a small MLP) on the representation, trained on z-scored
+  targets, K neurons at once.
+* ``classification`` (``ClassificationHead``): logits over ``num_bins`` bins per neuron (edges fitted on the training
+  split; each bin reports its train mean), cross-entropy with optional class weights.
+* ``token`` (``TokenHead``): the model's own LM head emits the report after a prompt (the text up to the labelled
+  token, then a suffix that names the neuron); cross-entropy over the report tokens, optionally plus the squared
+  error of the expected value.
+
+A head owns everything that differs between heads: the module it adds (kept as the predictor's ``neuron_head``, so
+saved predictors keep their parameter names), its logits from what it reads, its loss, its readouts in activation
+units, the parameters it trains, the offset between a row's labelled token and that token in the sequence the head
+runs, whether a clamped neuron can reach its report, its weight direction, whether bin metrics apply, its words in the
+model card, and its checks of a predictor's and a training recipe's settings. The rest of the package asks the head
+(``predictor.head``, or ``head_class(name)`` before a predictor exists).
+
+Adding a head: subclass ``Head`` here, decorate it with ``@register_head``, and test it in ``tests/test_heads.py``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from nsr_hf.architectures import arch_spec, num_layers, truncated
+from nsr_hf.capture import label_positions as rule_positions
+from nsr_hf.capture import pad_right, position_ids_from_mask
+from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
+from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
+
+HEADS: dict[str, type["Head"]] = {}
+
+
+def register_head(cls: type["Head"]) -> type["Head"]:
+    """Class decorator: make ``cls`` the head named ``cls.name`` (``head_type``) for the predictor and the recipes."""
+    HEADS[cls.name] = cls
+    return cls
+
+
+def head_class(name: str) -> type["Head"]:
+    """The head class registered as ``name``; a ValueError naming the registered heads otherwise."""
+    if name not in HEADS:
+        raise ValueError(f"Unknown head_type {name!r}: use one of {', '.join(HEADS)}.")
+    return HEADS[name]
+
+
+def lm_head_tied(base) -> bool:
+    """Whether the causal LM's output embedding is its input embedding (training one trains the other)."""
+    out, inp = base.get_output_embeddings(), base.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def labelled_positions(config, attention_mask: torch.Tensor, label_positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """(batch,) each row's labelled token: ``label_positions`` when given, else the config's position rule."""
+    if label_positions is not None:
+        return label_positions.long().reshape(-1)
+    return rule_positions(attention_mask, config.position)
+
+
+def read_residual(predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+    """(batch, hidden): the final-normed residual stream after ``read_layer`` at the labelled token."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with truncated(predictor.base, predictor.config.effective_read_layer):
+        hidden = predictor.base.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False
+        ).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, labelled_positions(predictor.config, attention_mask, label_positions).to(hidden.device)]
+
+
+def bins_in_words(config) -> str:
+    """The model card's words for the bins: how many, which strategy, where fitted, and what each reports."""
+    t = config.label_transform or {}
+    strategy = t.get("bin_strategy") or "unrecorded-strategy"
+    reports = "each reports its train mean" if t.get("bin_centers") else "each reports the midpoint of its edges"
+    return f"{config.num_bins} {strategy} bins (fitted on {t.get('fitted_on', 'an unrecorded split')}; {reports})"
+
+
+class Head:
+    """What every head answers (see the module docstring). ``config`` is the predictor's ``ActivationPredictorConfig``.
+
+    Class attributes: ``name`` (the ``head_type``), ``has_bins`` (bins, a greedy readout and bin metrics),
+    ``uses_lm_head`` (the report goes through the base model's LM head), ``takes_prompt`` (``prompt_suffix`` and
+    ``expected_value_loss_weight`` apply), ``probe_init`` (``head_init: probe`` can set it).
+    """
+
+    name: ClassVar[str] = ""
+    has_bins: ClassVar[bool] = False
+    uses_lm_head: ClassVar[bool] = False
+    takes_prompt: ClassVar[bool] = False
+    probe_init: ClassVar[bool] = False
+
+    def __init__(self, config):
+        self.config = config
+
+    # -- settings --------------------------------------------------------------------------------
+
+    def check_config(self) -> None:
+        """Refuse a predictor config this head cannot run (called by ``ActivationPredictorConfig``)."""
+
+    @classmethod
+    def prepare(cls, *, tokenizer, neurons: list[str], label_transform: Optional[dict], num_bins: int, report_tokens=None,
+                prompt_suffix: str = DEFAULT_PROMPT_SUFFIX) -> dict:
+        """The config fields this head derives when a predictor is built around a base model (``from_base``);
+        a ValueError for settings it cannot use."""
+        return {}
+
+    @classmethod
+    def check_training(cls, config) -> None:
+        """Refuse a training recipe (``TrainConfig``) that sets what this head does not use (``head_type`` is ``cls.name``)."""
+        if config.expected_value_loss_weight and not cls.takes_prompt:
+            raise ValueError(f"expected_value_loss_weight applies to the token head only (head_type is {cls.name!r}): leave it at 0.")
+        if config.prompt_suffix != DEFAULT_PROMPT_SUFFIX and not cls.takes_prompt:
+            raise ValueError(f"prompt_suffix applies to the token head only (head_type is {cls.name!r}): leave it out.")
+        if config.bin_strategy is not None and not cls.has_bins:
+            raise ValueError("bin_strategy sets the bins of the classification and token heads; the regression head has none: "
+                             "leave it out (over a recipe that sets it: --bin_strategy none).")
+        if config.head_init == "probe" and not cls.probe_init:
+            raise ValueError("head_init 'probe' initialises a regression head: use head_init 'random' for classification and token heads.")
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def build(self, hidden: int) -> Optional[nn.Module]:
+        """The module the head adds on a representation of width ``hidden`` (``None``: it adds none)."""
+        return None
+
+    def trainable_prefixes(self, predictor) -> list[str]:
+        """Parameter-name prefixes of the head in ``predictor`` (what ``head_only`` trains)."""
+        return ["neuron_head."]
+
+    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
+        """Set the head to the ridge probe of its representation (``ActivationPredictor.init_head_from_probe``)."""
+        raise ValueError("init_head_from_probe needs a regression head that is one linear layer (head_hidden_size 0).")
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        """The head's raw output for a batch (see ``ActivationPredictorOutput.logits``)."""
+        raise NotImplementedError
+
+    def readouts(self, predictor, logits: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(expected value, greedy value or None)``, each (batch, K) in activation units."""
+        raise NotImplementedError
+
+    def loss(self, predictor, output, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``output`` against ``labels`` (batch, K) in activation units."""
+        raise NotImplementedError
+
+    def label_offset(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch,) how far left of its place in the batch each row's labelled token sits in the sequence this head
+        runs through the blocks (0: the head runs the text itself)."""
+        return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
+
+    # -- questions -------------------------------------------------------------------------------
+
+    def report_path(self, layer: int, read: int) -> tuple[bool, str]:
+        """``(meaningful, note)``: whether a clamped neuron of ``layer`` reaches the report, read at block ``read``,
+        only through computation."""
+        if read > layer:
+            return True, (f"The head reads block {read}'s output, after the target layer {layer}: the clamped value reaches it through "
+                          f"the residual stream and blocks {layer + 1}..{read}.")
+        if read == layer:
+            return False, (f"The head reads the output of block {layer}, the target's own block. That output is the residual stream plus "
+                           "the MLP output, in which the neuron enters as activation x its output weight vector (w_out) with nothing "
+                           "computed after it: clamping the neuron moves the representation by exactly (v - a) * w_out before the "
+                           "final norm. The slope is then fixed by the head's weights alone (with a linear final norm it equals "
+                           "head . (g * w_out) * std), i.e. by how well the readout aligns with w_out, which any linear probe of this "
+                           "layer shares; it is not evidence that the model computes with or reports its neuron. Read a later layer.")
+        return False, (f"The head reads block {read}, before the target layer {layer}: the intervention cannot reach the "
+                       "representation and the slope is 0 by construction.")
+
+    def direction(self, module: nn.Module, column: int) -> tuple[np.ndarray, dict]:
+        """The head's weight vector for report column ``column`` in the representation basis, and how it was taken."""
+        raise NotImplementedError
+
+    def card_words(self, predictor) -> str:
+        """The model card's "Head:" line."""
+        return self.name
+
+    def reads_in_words(self, predictor) -> str:
+        """The model card's "Reads:" line: where the head reads, in words."""
+        c = self.config
+        return f"block {c.effective_read_layer} through the final norm, at the labelled token (rule: {c.position})"
+
+
+def linear_weight(module: nn.Module, config) -> np.ndarray:
+    """The weight matrix of a linear head; a ValueError for an MLP head, which has no single weight vector."""
+    if not isinstance(module, nn.Linear):
+        raise ValueError(  # noqa: TRY004 (a configuration the analysis cannot use, not a wrong argument type)
+            f"The head is a {type(module).__name__} (head_hidden_size={config.head_hidden_size}), not a linear map: "
+            "it has no single weight vector to align.")
+    return module.weight.detach().double().cpu().numpy()
+
+
+class ReadingHead(Head):
+    """A head with its own module on the representation (``read_residual``): K x ``outputs_per_neuron`` outputs."""
+
+    outputs_per_neuron: ClassVar[int] = 1
+
+    def build(self, hidden: int) -> nn.Module:
+        out = len(self.config.neurons) * self.outputs_per_neuron
+        if self.config.head_hidden_size:
+            return nn.Sequential(nn.Linear(hidden, self.config.head_hidden_size), nn.GELU(), nn.Linear(self.config.head_hidden_size, out))
+        return nn.Linear(hidden, out)
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions))
+
+
+@register_head
+class RegressionHead(ReadingHead):
+    """Regression: (batch, K) z-scores, MSE against the z-scored labels; the readout undoes the z-score."""
+
+    name = "regression"
+    probe_init = True
+
+    def readouts(self, predictor, logits):
+        return predictor.unzscore(logits), None
+
+    def loss(self, predictor, output, labels):
+        return nn.functional.mse_loss(output.logits, predictor.zscore(labels))
+
+    def direction(self, module, column):
+        return linear_weight(module, self.config)[column], {"source": "regression head row"}
+
+    @torch.no_grad()
+    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
+        if not isinstance(predictor.neuron_head, nn.Linear):
+            return super().init_from_probe(predictor, train_rows, validation_rows, batch_size)
+        read = self.config.effective_read_layer
+        X = layer_features(predictor.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
+        X_val = None if validation_rows is None or len(validation_rows) == 0 else layer_features(
+            predictor.base, validation_rows, [read], batch_size=batch_size, progress=False)[read]
+        mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
+        info = {}
+        head = predictor.neuron_head
+        for j, name in enumerate(self.config.neurons):
+            y = (labels_of(train_rows, j) - mean[j]) / std[j]
+            y_val = None if X_val is None else (labels_of(validation_rows, j) - mean[j]) / std[j]
+            probe = RidgeProbe().fit(X, y, X_val, y_val)
+            head.weight[j] = torch.as_tensor(probe.coef_, dtype=head.weight.dtype, device=head.weight.device)
+            head.bias[j] = float(probe.intercept_)
+            info[name] = {"alpha": float(probe.alpha), "validation_r2": None if X_val is None else float(probe.val_r2)}
+        return info
+
+
+class BinHead(Head):
+    """A head over the train-fitted bins: logits (batch, K, bins), cross-entropy; readouts are the expected bin value
+    and the value of the most likely bin."""
+
+    has_bins = True
+
+    @classmethod
+    def prepare(cls, *, tokenizer, neurons, label_transform, num_bins, report_tokens=None, prompt_suffix=DEFAULT_PROMPT_SUFFIX) -> dict:
+        if not (label_transform and label_transform.get("bin_edges")):
+            raise ValueError(f"The {cls.name} head needs bin edges: pass label_transform with 'bin_edges' fitted on the training split.")
+        return {}
+
+    def readouts(self, predictor, logits):
+        centers = predictor.bin_centers(logits)  # (K, bins)
+        probs = logits.float().softmax(-1)
+        return (probs * centers).sum(-1), centers.gather(1, logits.argmax(-1).T).T
+
+    def loss(self, predictor, output, labels):
+        config, logits = self.config, output.logits
+        weight = None if config.class_weights is None else torch.as_tensor(config.class_weights, dtype=torch.float32, device=logits.device)
+        return nn.functional.cross_entropy(logits.reshape(-1, config.num_bins).float(), predictor.bin_of(labels).reshape(-1), weight=weight)
+
+    def card_words(self, predictor) -> str:
+        return f"{self.name} over {bins_in_words(self.config)}"
+
+
+@register_head
+class ClassificationHead(BinHead, ReadingHead):
+    """Classification: ``num_bins`` logits per neuron from the representation."""
+
+    name = "classification"
+
+    @property
+    def outputs_per_neuron(self) -> int:
+        return self.config.num_bins
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None):
+        logits = super().logits(predictor, input_ids, attention_mask, label_positions)
+        return logits.reshape(logits.shape[0], len(self.config.neurons), self.config.num_bins)
+
+    def direction(self, module, column):
+        """The first principal direction of the neuron's per-bin rows (centred over bins), signed so that higher bins
+        project higher; ``explained`` is its share of the rows' variance."""
+        config = self.config
+        rows = linear_weight(module, config).reshape(len(config.neurons), config.num_bins, -1)[column]
+        centred = rows - rows.mean(0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        direction = vt[0]
+        if np.corrcoef(centred @ direction, np.arange(config.num_bins))[0, 1] < 0:
+            direction = -direction
+        explained = float(s[0] ** 2 / np.sum(s**2)) if np.sum(s**2) > 0 else None
+        return direction, {"source": "first principal direction of the classification head's bin rows", "explained": explained}
+
+
+@register_head
+class TokenHead(BinHead):
+    """Token: the model's own LM head, restricted to the report tokens (one per bin), after the report prompt.
+
+    With the default ``read_layer`` (the last block) the logits are the model's own next-token logits; a lower
+    ``read_layer`` is an early exit (blocks ``0..read_layer``, the final norm and the LM head: the logit lens)."""
+
+    name = "token"
+    uses_lm_head = True
+    takes_prompt = True
+
+    def check_config(self) -> None:
+        if len(self.config.neurons) > 1:
+            raise ValueError("The token head reports one neuron per prompt: give one neuron, or use the regression head for several.")
+
+    @classmethod
+    def prepare(cls, *, tokenizer, neurons, label_transform, num_bins, report_tokens=None, prompt_suffix=DEFAULT_PROMPT_SUFFIX) -> dict:
+        super().prepare(tokenizer=tokenizer, neurons=neurons, label_transform=label_transform, num_bins=num_bins)
+        if tokenizer is None:
+            raise ValueError("The token head needs the tokenizer (report tokens and prompt).")
+        # explicit tokens > the dataset's (stored with its label transform) > the tokenizer's default
+        report_tokens = list(report_tokens or (label_transform or {}).get("report_tokens") or default_report_tokens(tokenizer, num_bins))
+        if len(report_tokens) != num_bins:
+            raise ValueError(f"{len(report_tokens)} report tokens for {num_bins} bins: give one per bin.")
+        return {"report_tokens": report_tokens, "report_token_ids": check_report_tokens(tokenizer, report_tokens),
+                "prompt_suffix_ids": tokenizer.encode(prompt_suffix.format(neuron=neurons[0]), add_special_tokens=False)}
+
+    def trainable_prefixes(self, predictor) -> list[str]:
+        # the LM head trains only when untied: a tied one is the input embedding, which moves every neuron
+        base = predictor.base
+        prefixes = [f"base.{arch_spec(base).final_norm}."]
+        if not lm_head_tied(base):
+            prefixes.append(f"base.{next(n for n, m in base.named_modules() if m is base.get_output_embeddings())}.")
+        return prefixes
+
+    def label_offset(self, attention_mask):
+        # the report prompt starts at each row's first real token (prompts)
+        return attention_mask.long().argmax(-1)
+
+    def prompts(self, predictor, input_ids, attention_mask, label_positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The report prompts: each text up to its labelled token, then the suffix (right-padded)."""
+        positions = labelled_positions(self.config, attention_mask, label_positions)
+        first = self.label_offset(attention_mask)
+        suffix = torch.as_tensor(self.config.prompt_suffix_ids, dtype=input_ids.dtype, device=input_ids.device)
+        rows = [torch.cat([input_ids[i, int(first[i]) : int(positions[i]) + 1], suffix]) for i in range(input_ids.shape[0])]
+        pad = getattr(predictor.base.config, "pad_token_id", None)
+        return pad_right(rows, 0 if pad is None else pad, dtype=input_ids.dtype, device=input_ids.device)
+
+    def report_logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        """(batch, bins): the LM head's logits of the report tokens after the prompt. Only those rows of the output
+        embedding are multiplied, never the full vocabulary."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ids, mask = self.prompts(predictor, input_ids, attention_mask, label_positions)
+        with truncated(predictor.base, self.config.effective_read_layer):
+            hidden = predictor.base.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                               use_cache=False).last_hidden_state
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(-1) - 1]
+        lm_head = predictor.base.get_output_embeddings()
+        report_ids = torch.as_tensor(self.config.report_token_ids, device=h.device)
+        bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[report_ids]
+        return nn.functional.linear(h, lm_head.weight[report_ids], bias)
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None):
+        return self.report_logits(predictor, input_ids, attention_mask, label_positions)[:, None, :]
+
+    def loss(self, predictor, output, labels):
+        loss = super().loss(predictor, output, labels)
+        weight = self.config.expected_value_loss_weight
+        if weight:
+            loss = loss + weight * nn.functional.mse_loss(predictor.zscore(output.predictions), predictor.zscore(labels))
+        return loss
+
+    def report_path(self, layer, read):
+        if layer < read:
+            return True, (f"Token head: the report is read at the prompt's last token after block {read}, which sees the labelled "
+                          f"token's clamped neuron only through attention in blocks {layer + 1}..{read}.")
+        if layer == read:
+            return False, (f"Token head reading block {read}, the target's own block: the report is read at the prompt's last token, "
+                           "and no later attention can carry the labelled token's MLP output there, so the slope is 0 by construction.")
+        return False, (f"Token head reading block {read}, before the target layer {layer}: the intervention cannot reach the report, "
+                       "so the slope is 0 by construction.")
+
+    def direction(self, module, column):
+        raise ValueError("The token head reports through the LM head: there is no head weight vector to align. "
+                         "Use projection_analysis, activation_patching or direction_ablation instead.")
+
+    def card_words(self, predictor) -> str:
+        return f"{super().card_words(predictor)}, report tokens {self.config.report_tokens}"
+
+    def reads_in_words(self, predictor) -> str:
+        c = self.config
+        last = c.effective_read_layer == num_layers(predictor.base) - 1
+        how = ("the model's own next token" if last
+               else f"an early exit: block {c.effective_read_layer}, the final norm and the LM head (the logit lens)")
+        where = (f"after the prompt: the text up to the labelled token (rule: {c.position}), "
+                 f"then {c.prompt_suffix.format(neuron=c.neurons[0])!r}"
+                 if c.prompt_suffix else f"as the labelled token's own next token (rule: {c.position}), no question after it")
+        return f"{how}, {where}"
+
+
+HEAD_TYPES = tuple(HEADS)
