@@ -64,7 +64,7 @@ from nsr_hf.evaluation.causal import (
 from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.plotting import new_figure, save_figure
-from nsr_hf.utils import to_jsonable
+from nsr_hf.utils import to_jsonable, write_json
 
 PATCHING_MODES = ("set", "zero", "scale")
 
@@ -85,7 +85,7 @@ class AnalysisResult:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         json_path = directory / f"{name}.json"
-        json_path.write_text(json.dumps(self.numbers, indent=2, allow_nan=False))
+        write_json(json_path, self.numbers, indent=2)
         return {"json": json_path, "png": save_figure(self.figure, directory / f"{name}.png")}
 
 

@@ -13,12 +13,10 @@ them all: ``nsr_hf.parsing.RecipeParser`` (a ``transformers.HfArgumentParser``).
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from nsr_hf.capture import capture_activations, encode_texts, validate_neuron, validate_position
+from nsr_hf.capture import capture_activations, encode_texts, parse_position, validate_neuron, validate_position
 from nsr_hf.data.corpus import load_corpus
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
@@ -32,6 +30,7 @@ from nsr_hf.shared_config import CorpusFields
 from nsr_hf.sweep import SweepConfig, run_sweep
 from nsr_hf.sweep import main as sweep_main
 from nsr_hf.training.config import TrainConfig
+from nsr_hf.utils import write_json
 
 
 @dataclass
@@ -44,14 +43,6 @@ class CaptureConfig(CorpusFields):
     max_length: int = field(default=256, metadata={"help": "Texts are cut to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass"})
     output: str | None = field(default=None, metadata={"help": "Write the values here as JSON"})
-
-
-def parse_position(value: str):
-    """``"last"`` / ``"max"`` / ``"all"`` or an integer given as text on the command line."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return value
 
 
 def run_capture(config: CaptureConfig) -> list[dict]:
@@ -84,8 +75,7 @@ def run_capture(config: CaptureConfig) -> list[dict]:
             rows.append({"doc_id": doc.doc_id, "text": doc.text, "neurons": values})
     print(format_capture_table(rows, neurons))
     if config.output:
-        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.output).write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=2))
+        write_json(config.output, {"config": asdict(config), "rows": rows}, indent=2)
     return rows
 
 

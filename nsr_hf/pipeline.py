@@ -56,7 +56,7 @@ from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.config import TrainConfig
 from nsr_hf.training.monitoring import DriftMonitor
 from nsr_hf.training.trainer import PredictorTrainer, count_parameters
-from nsr_hf.utils import to_jsonable, unwrap
+from nsr_hf.utils import to_jsonable, unwrap, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
         table.append({"rank": j + 1, "neuron": str(neuron), "read_layer": read[str(neuron)], "cv_r2": r2_score(target, pred)})
     best = max(table, key=lambda row: row["cv_r2"])
     (out / "scan").mkdir(parents=True, exist_ok=True)
-    (out / "scan" / "selection.json").write_text(json.dumps({"rule": f"best {folds}-fold ridge R^2 of the top {len(candidates)} on "
-                                                                      f"{len(y)} scanned train documents", "chosen": best, "candidates": table}, indent=2))
+    rule = f"best {folds}-fold ridge R^2 of the top {len(candidates)} on {len(y)} scanned train documents"
+    write_json(out / "scan" / "selection.json", {"rule": rule, "chosen": best, "candidates": table})
     print("readability of the top candidates (5-fold ridge R^2 on the scanned train documents):\n" +
           "\n".join(f"  rank {row['rank']:>3}  {row['neuron']:>9}  read {row['read_layer']:>2}  R^2 {row['cv_r2']:.3f}" for row in table[:10]), flush=True)
     return best["neuron"], best["rank"]
@@ -176,7 +176,7 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
         else:
             neuron, rank = scan.neuron_at_rank(choice), choice
     print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
-    (out / "neuron.json").write_text(json.dumps({"neuron": str(neuron), "scan_rank": rank, "select": config.select}))
+    write_json(out / "neuron.json", {"neuron": str(neuron), "scan_rank": rank, "select": config.select}, indent=None)
     run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
     dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
@@ -236,7 +236,7 @@ def run_train(config: TrainConfig) -> dict:
     summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
                             neurons=neurons, rank=rank, parameters=(trainable, total), resume=resume)
     if trainer.is_world_process_zero():
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str))
+        write_json(out / "log_history.json", trainer.state.log_history, indent=1)
         inner = unwrap(trainer.model)
         inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
         evaluation = None
@@ -369,7 +369,7 @@ def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:
 def save_and_push(config: TrainConfig, out: Path, trainer, summary: dict) -> None:
     """``predictor/`` (with its card), ``metrics.json``, and the predictor pushed when ``push_to_hub`` names a repo."""
     save_predictor(trainer.model, str(out / "predictor"))
-    (out / "metrics.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    write_json(out / "metrics.json", summary)
     if config.push_to_hub:
         _push_folder(out / "predictor", config.push_to_hub)
         print(f"pushed to https://huggingface.co/{config.push_to_hub}")

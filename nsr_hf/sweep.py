@@ -40,12 +40,13 @@ import numpy as np
 
 from nsr_hf.capture import Neuron
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
+from nsr_hf.methods import display_order
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser, load_recipe
 from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
 from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.training.config import TrainConfig
-from nsr_hf.utils import to_jsonable
+from nsr_hf.utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +245,7 @@ def sweep_markdown(result: dict) -> str:
               f"{len(done)} of {len(runs)} runs finished."
               + (f" Datasets (the same rows) from the sweep in {result['config']['datasets_from']}." if (result.get("config") or {}).get("datasets_from") else "")), "",
              "Each cell: median [q1, q3] (min to max) over the runs.", ""]
-    methods = [m for m in summary if not m.startswith(("self_vs_", "selectivity:"))]
-    methods = (["self"] if "self" in methods else []) + [m for m in methods if m != "self"]
+    methods = display_order(m for m in summary if not m.startswith(("self_vs_", "selectivity:")))
     lines += ["| method | runs | " + " | ".join(label for _, label in TABLE_FIGURES) + " |", "| --- | --- |" + " --- |" * len(TABLE_FIGURES)]
     for method in methods:
         stats = summary[method]
@@ -297,7 +297,7 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None) -> dict:
     runs = [train_one(config, values, out, neuron, seed, sources.get(neuron)) for neuron in neurons for seed in config.seeds]
     result = {"config": asdict(config), "recipe": values, "neurons": neurons, "seeds": config.seeds, "split": config.split,
               "runs": runs, "failed": sum(1 for r in runs if r.get("error")), "summary": summarise_runs(runs)}
-    (out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
+    write_json(out / "sweep.json", result, indent=2)
     (out / "sweep.md").write_text(sweep_markdown(result))
     print(f"\nsweep: {len(runs) - result['failed']} of {len(runs)} runs finished; summary in {out / 'sweep.md'}", flush=True)
     return result

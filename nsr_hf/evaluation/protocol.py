@@ -58,7 +58,7 @@ from nsr_hf.evaluation.predictions import predict_split, targets_of
 from nsr_hf.evaluation.report import drift_history, write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions, quiet_if, split_spread
 from nsr_hf.evaluation.statistics import compare_methods, selectivity
-from nsr_hf.methods import DEFAULT_BASELINES
+from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.shared_config import EvaluationFields
@@ -84,7 +84,7 @@ class EvaluateConfig(EvaluationFields):
     output_dir: str = field(default="outputs/evaluate", metadata={"help": "Where metrics.json, predictions.json, report.md and the PNGs go"})
     splits: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={"help": "Splits to evaluate; those the dataset lacks are skipped"})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
-                               metadata={"help": "Baselines and controls of nsr_hf.evaluation.baselines ('none': the predictor alone)"})
+                               metadata={"help": f"Baselines and controls ({', '.join(BASELINE_METHODS)}; registry nsr_hf.methods.METHODS; 'none': the predictor alone)"})
     base_model: Optional[str] = field(default=None, metadata={"help": "The original base model for the baselines (default: the predictor's base_model_name_or_path)"})
     base_unchanged: bool = field(default=False, metadata={
         "help": "The predictor's base weights are the original ones (head_only training): use them for the baselines instead of loading the original again"})
@@ -108,9 +108,9 @@ class EvaluateConfig(EvaluationFields):
             raise ValueError("splits is empty: name at least one split to evaluate, e.g. --splits test.")
         methods = [str(m) for m in self.methods]
         self.methods = [] if [m.lower() for m in methods] in ([], ["none"]) else methods
-        unknown = [m for m in self.methods if m not in DEFAULT_METHODS]
+        unknown = [m for m in self.methods if m not in BASELINE_METHODS]
         if unknown:
-            raise ValueError(f"Unknown method(s) {unknown}: choose from {', '.join(DEFAULT_METHODS)} (or 'none').")
+            raise ValueError(f"Unknown method(s) {unknown}: choose from {', '.join(BASELINE_METHODS)} (or 'none').")
         if self.probe_layers not in ("all", "up_to_read"):
             raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {self.probe_layers!r}.")
         if self.n_bootstrap < 0:

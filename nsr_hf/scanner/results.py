@@ -12,6 +12,7 @@ import numpy as np
 
 from nsr_hf.capture import Neuron
 from nsr_hf.scanner.plots import plot_histograms, plot_score_heatmap
+from nsr_hf.utils import write_json
 
 if TYPE_CHECKING:
     import pandas
@@ -95,7 +96,7 @@ class ScanResult:
         out.mkdir(parents=True, exist_ok=True)
         self.table.to_parquet(out / TABLE_FILE, index=False)
         payload = {"config": self.config, **self.metadata, "top_neurons": self.top_neurons}
-        (out / TOP_FILE).write_text(json.dumps(payload, indent=2, allow_nan=False))
+        write_json(out / TOP_FILE, payload, indent=2)
         plot_score_heatmap(self.table, self.score, out / HEATMAP_FILE)
         if self.histograms:
             plot_histograms(self.histograms, self.config["threshold"], out / HISTOGRAM_FILE)

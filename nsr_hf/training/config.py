@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 from nsr_hf.capture import Neuron
 from nsr_hf.data.binning import BIN_STRATEGIES
 from nsr_hf.data.corpus import check_fractions
+from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields
@@ -69,7 +70,7 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
 
     # -- the evaluation after training
     evaluate: bool = field(default=True, metadata={"help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
-    eval_methods: list[str] | None = field(default=None, metadata={"help": "Baselines and controls to run (default: all; see nsr_hf.evaluation.baselines.METHODS)"})
+    eval_methods: list[str] | None = field(default=None, metadata={"help": f"Baselines and controls to run: {', '.join(BASELINE_METHODS)} (default: all; registry: nsr_hf.methods.METHODS)"})
 
     # -- TrainingArguments with the defaults of a self-reporter (the Trainer's own help, where it says more)
     output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})

@@ -45,9 +45,7 @@ The probe statistics are paired (the same rows before and after), so 128 rows ar
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +59,7 @@ from nsr_hf.capture import model_inputs, pad_right, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.plotting import figure, save_figure
 from nsr_hf.training.collator import PredictorDataCollator
-from nsr_hf.utils import unwrap
+from nsr_hf.utils import unwrap, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -373,21 +371,10 @@ class DriftMonitor(TrainerCallback):
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         json_path = out / JSON_FILE
-        json_path.write_text(json.dumps(_finite(self.summary()), indent=2, allow_nan=False))
+        write_json(json_path, self.summary(), indent=2)
         plot_path = out / PLOT_FILE
         plot_drift(self.history, self.neurons or [], plot_path)
         return json_path, plot_path
-
-
-def _finite(value):
-    """NaN and infinities (a diverged run) become null, so the file stays strict JSON."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 DRIFT_SKIP = ("step", "epoch", "seconds")
