@@ -15,8 +15,8 @@ start, the middle and the end, it times:
 The FLOP floor is the forward FLOPs of the work the capture must do (every block before the layer, the
 attention of the layer, and the requested part of its MLP) over this machine's float32 matmul rate,
 measured on back-to-back 2048-square matmuls for a few seconds (``sustained``; the fastest single one,
-``burst``, is reported too: on this 2-core machine it is about 1.25x the sustained rate). Targets (issue "Foundation"): capture of layer L of N costs at most
-(L+1)/N + 10% of the full forward, and reaches at least 0.85 of the floor's tokens/s.
+``burst``, is reported too: on this 2-core machine it is about 1.25x the sustained rate). Targets (issue "Foundation"):
+capture of layer L of N costs at most (L+1)/N + 10% of the full forward, and reaches at least 0.85 of the floor's tokens/s.
 
 ``gemm replay``: the capture's own matrix multiplies (recorded with a dispatch mode: same shapes, same strides, same
 order) replayed back-to-back with nothing else. Their rate is what this machine's BLAS reaches on these shapes, an
@@ -78,7 +78,8 @@ class GemmRecorder:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func in gemms:
-                    calls.append((func, [(tuple(a.shape), tuple(a.stride())) if isinstance(a, torch.Tensor) else a for a in args], dict(kwargs or {})))
+                    calls.append((func, [(tuple(a.shape), tuple(a.stride())) if isinstance(a, torch.Tensor) else a for a in args],
+                                  dict(kwargs or {})))
                 return func(*args, **(kwargs or {}))
 
         with _Mode():
@@ -234,7 +235,8 @@ def bench_model(name: str, plain, model, batch: dict, layers: list[int], repeats
         rows.append(row)
         f = row["fraction_of_floor"]
         print(
-            f"{name:>17} layer {layer:>2}/{n_layers}  tok/s: full {tokens / t_full:6.0f}, hf early stop {row['tokens_per_s']['hf_early_stop']:6.0f}, "
+            f"{name:>17} layer {layer:>2}/{n_layers}  tok/s: full {tokens / t_full:6.0f}, "
+            f"hf early stop {row['tokens_per_s']['hf_early_stop']:6.0f}, "
             f"nsr 1 neuron {row['tokens_per_s']['nsr_capture']:6.0f}, nsr all {row['tokens_per_s']['nsr_capture_all']:6.0f} | "
             f"nsr cost {row['cost_vs_full']['nsr_capture']:.3f} of full (allowed {row['allowed_cost_vs_full']:.3f}) | "
             + " | ".join(

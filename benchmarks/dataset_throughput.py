@@ -155,9 +155,10 @@ def main() -> None:
     runs = [(k, min(args.sizes)) for k in args.neurons] + [(min(args.neurons), n) for n in sorted(args.sizes)[1:]]
     results = []
     for k, n in runs:
-        command = [sys.executable, __file__, "--one", str(args.layer), str(k), str(n)] + (["--threads", str(args.threads)] if args.threads else [])
+        command = [sys.executable, __file__, "--one", str(args.layer), str(k), str(n)] + (
+            ["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(command, capture_output=True, text=True, env=env)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [text for text in out.stdout.splitlines() if text.startswith("RESULT ")]
         if out.returncode or not line:
             sys.exit(f"run {k} neurons x {n} documents failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(line[0][len("RESULT "):]))

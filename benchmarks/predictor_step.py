@@ -49,18 +49,20 @@ def main() -> None:
 
     base.train()
     t_full = step_time(full_step, args.repeats)
-    print(f"full model (all {base.config.num_hidden_layers} blocks + LM head): {t_full:.2f} s per forward+backward of {args.batch}x{args.seq} tokens")
+    print(f"full model (all {base.config.num_hidden_layers} blocks + LM head): "
+          f"{t_full:.2f} s per forward+backward of {args.batch}x{args.seq} tokens")
     results = {"batch": args.batch, "seq": args.seq, "full_s": t_full, "rows": []}
     for blocks in [int(b) for b in args.blocks.split(",")]:
         predictor = ActivationPredictor.from_base(base, tok, neurons=["5.0"], read_layer=blocks - 1).train()
 
-        def step():
+        def step(predictor=predictor):
             predictor(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
 
         t = step_time(step, args.repeats)
         results["rows"].append({"blocks": blocks, "seconds": t, "ratio_to_full": t / t_full})
-        print(f"head after block {blocks:>2}: {t:.2f} s per step, {t / t_full:.2f} of the full model (blocks ratio {blocks / base.config.num_hidden_layers:.2f})")
-        del predictor
+        print(f"head after block {blocks:>2}: {t:.2f} s per step, {t / t_full:.2f} of the full model "
+              f"(blocks ratio {blocks / base.config.num_hidden_layers:.2f})")
+        del predictor, step
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -173,10 +173,12 @@ def main() -> None:
 
     result["memory"] = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    passed = ["--model", args.model, "--corpus", args.corpus, "--device", args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size)]
+    passed = ["--model", args.model, "--corpus", args.corpus, "--device", args.device, "--dtype", args.dtype,
+              "--batch_size", str(args.batch_size)]
     passed += ["--random_init"] if args.random_init else []
     for size in args.memory_sizes:
-        out = subprocess.run([sys.executable, __file__, "--memory_run", str(size), *passed], capture_output=True, text=True, env=env, check=False)
+        out = subprocess.run([sys.executable, __file__, "--memory_run", str(size), *passed], capture_output=True, text=True, env=env,
+                             check=False)
         if out.returncode != 0:
             raise RuntimeError(f"memory run of {size} documents failed:\n{out.stderr[-3000:]}")
         run = json.loads(out.stdout.strip().splitlines()[-1])

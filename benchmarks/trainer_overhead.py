@@ -89,7 +89,8 @@ def main() -> None:
         # plain Trainer
         torch.manual_seed(0)
         plain = PlainRegressor(base, args.read_layer)
-        names = [f"base.model.layers.{i}." for i in range(args.read_layer - args.k + 1, args.read_layer + 1)] + ["base.model.norm.", "head."]
+        names = [f"base.model.layers.{i}." for i in range(args.read_layer - args.k + 1, args.read_layer + 1)] + [
+            "base.model.norm.", "head."]
         for name, p in plain.named_parameters():
             p.requires_grad_(any(name.startswith(n) for n in names))
         plain_data = Dataset.from_dict({"input_ids": data["input_ids"], "attention_mask": data["attention_mask"],
@@ -104,8 +105,8 @@ def main() -> None:
         predictor = ActivationPredictor.from_base(base, tok, neurons=[f"{max(args.read_layer - args.k, 0)}.0"], read_layer=args.read_layer)
         predictor.config.label_transform = {"mean": [0.0], "std": [1.0]}
         timer = StepTimer()
-        trainer = PredictorTrainer(model=predictor, args=TrainingArguments("/tmp/nsr_bench_predictor", **common), train_dataset=Dataset.from_dict(data),
-                                   unfreeze={"strategy": "last_k", "k": args.k}, callbacks=[timer])
+        trainer = PredictorTrainer(model=predictor, args=TrainingArguments("/tmp/nsr_bench_predictor", **common),
+                                   train_dataset=Dataset.from_dict(data), unfreeze={"strategy": "last_k", "k": args.k}, callbacks=[timer])
         if args.monitor:
             from nsr_hf.training.monitoring import DriftMonitor
 
@@ -116,7 +117,8 @@ def main() -> None:
         del predictor, trainer
 
     plain_s = statistics.median(results["plain Trainer"])
-    print(f"\n{args.model}: last {args.k} blocks up to block {args.read_layer} + norm + head ({trainable:,} trainable), batch {args.batch}x{args.seq}, "
+    print(f"\n{args.model}: last {args.k} blocks up to block {args.read_layer} + norm + head ({trainable:,} trainable), "
+          f"batch {args.batch}x{args.seq}, "
           f"{len(results['plain Trainer'])} timed steps each")
     print(f"{'trainer':<20} {'median s/step':>14} {'min':>8} {'overhead':>9}")
     out = {"model": args.model, "read_layer": args.read_layer, "k": args.k, "batch": args.batch, "seq": args.seq, "rows": []}

@@ -139,7 +139,8 @@ probe_cos = n["probe"]["cosine_with_head"]
 say("weight_alignment",
     f"the head's direction is {'aligned' if aligned else 'not aligned'} with the neuron's output vector "
     f"(cos {num(cos)}, z = {num(z, '.1f')}, p = {num(p, '.3g')}, rank {rank} of {n['layer_neurons']} in layer {neuron.layer}); "
-    f"the ridge probe (validation R^2 {num(probe.val_r2)}) points {'the same way' if probe_cos is not None and abs(probe_cos) > 0.5 else 'elsewhere'} "
+    f"the ridge probe (validation R^2 {num(probe.val_r2)}) points "
+    f"{'the same way' if probe_cos is not None and abs(probe_cos) > 0.5 else 'elsewhere'} "
     f"(cos {num(probe_cos)} with the head) and has cos {num(n['probe']['cosine']['out'])} with the output vector")
 lap("weight_alignment")
 
@@ -198,7 +199,8 @@ else:
     verdict = "does not move with the neuron"
 say("activation_patching",
     f"the report {verdict} (slope {num(slope, '.3f')} ± {num(se, '.3f')} per unit of activation, r = {num(target['r'])}; "
-    f"controls |slope| up to {num(max(control_slopes, default=None), '.3f')})" + ("" if n["meaningful"] else f" [not meaningful: {n['note']}]"))
+    f"controls |slope| up to {num(max(control_slopes, default=None), '.3f')})"
+    + ("" if n["meaningful"] else f" [not meaningful: {n['note']}]"))
 lap("activation_patching")
 
 # %% [markdown]
@@ -220,7 +222,8 @@ retained, control_retained = n["r2_retained"], n["control_r2_retained_mean"]
 controls = "n/a" if control_retained is None else f"{control_retained:.0%}"
 if retained is None:
     line = (f"the report's R^2 before ablation is {num(n['before']['r2'])} (not above 0): there is no accuracy to retain. "
-            f"With the output direction removed at block {n['read_layer']} its r goes from {num(n['before']['r'])} to {num(n['after']['r'])}")
+            f"With the output direction removed at block {n['read_layer']} its r goes from {num(n['before']['r'])} "
+            f"to {num(n['after']['r'])}")
 else:
     if retained < 0.5:
         verdict = f"collapses (R^2 keeps {retained:.0%}): the head reads the neuron's write directly"
@@ -315,7 +318,8 @@ say("drift_anatomy",
 lap("drift_anatomy")
 
 # %%
-summary = {"budget": args.budget, "run": str(run), "neuron": str(neuron), "read_layer": read_layer, "readings": readings, "seconds": timings}
+summary = {"budget": args.budget, "run": str(run), "neuron": str(neuron), "read_layer": read_layer, "readings": readings,
+           "seconds": timings}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print("\n".join(f"{name}: {line}" for name, line in readings.items()))
 print(f"\ndone in {sum(timings.values()):.0f} s ({', '.join(f'{k} {v:g} s' for k, v in timings.items())}); "

@@ -205,7 +205,8 @@ texts = [
     "for i in range(10):\n    total += i",
 ]
 reports = predictor.predict(texts, max_length=recipe.max_length)[:, 0]
-truth = capture_activations(model, encode_texts(tokenizer, texts, max_length=recipe.max_length), [neuron_name], position="last")[neuron.layer][:, 0]
+truth = capture_activations(model, encode_texts(tokenizer, texts, max_length=recipe.max_length), [neuron_name],
+                            position="last")[neuron.layer][:, 0]
 for text, report, value in zip(texts, reports.tolist(), truth.tolist()):
     print(f"  report {report:+.3f}   true {value:+.3f}   {text[:60]!r}")
 lap("predict")
@@ -269,4 +270,5 @@ summary = {
     "seconds": timings,
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
-print(f"\ndone in {sum(timings.values()):.0f} s ({', '.join(f'{k} {v:g} s' for k, v in timings.items())}); summary in {out / 'summary.json'}")
+print(f"\ndone in {sum(timings.values()):.0f} s ({', '.join(f'{k} {v:g} s' for k, v in timings.items())}); "
+      f"summary in {out / 'summary.json'}")

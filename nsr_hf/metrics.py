@@ -30,7 +30,8 @@ from scipy.stats import rankdata, spearmanr
 logger = logging.getLogger(__name__)
 
 CONSTANT_TARGETS = "The targets are constant: R^2 is set to 1.0 if every prediction is exact, else 0.0; r and rho to 0.0."
-CONSTANT_PREDICTIONS = "The predictions are constant: r and rho are set to 0.0, the calibration slope to 0.0 and its intercept to mean(true)."
+CONSTANT_PREDICTIONS = ("The predictions are constant: r and rho are set to 0.0, "
+                        "the calibration slope to 0.0 and its intercept to mean(true).")
 
 
 def _warn(message: str) -> None:

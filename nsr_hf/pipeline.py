@@ -85,9 +85,10 @@ def scan_config(config: TrainConfig, documents: int, top_n: int, scan_dir: str |
 
 def dataset_config(config: TrainConfig, neuron, out: Path) -> DatasetConfig:
     """The ``DatasetConfig`` of a train run: ``neuron``'s dataset from its model, corpus and split, into ``out/dataset``."""
-    return DatasetConfig(neurons=[str(neuron)], **values_of(config, CorpusFields), **values_of(config, SplitFields), position=config.position,
-                         max_length=config.max_length, max_documents=config.dataset_documents, num_bins=config.num_bins,
-                         bin_strategy=config.bin_strategy or "quantile", output_dir=str(out / "dataset"), overwrite=True)
+    return DatasetConfig(neurons=[str(neuron)], **values_of(config, CorpusFields), **values_of(config, SplitFields),
+                         position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
+                         num_bins=config.num_bins, bin_strategy=config.bin_strategy or "quantile", output_dir=str(out / "dataset"),
+                         overwrite=True)
 
 
 def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
@@ -130,7 +131,8 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     rule = f"best {folds}-fold ridge R^2 of the top {len(candidates)} on {len(y)} scanned train documents"
     write_json(out / "scan" / "selection.json", {"rule": rule, "chosen": best, "candidates": table})
     print("readability of the top candidates (5-fold ridge R^2 on the scanned train documents):\n" +
-          "\n".join(f"  rank {row['rank']:>3}  {row['neuron']:>9}  read {row['read_layer']:>2}  R^2 {row['cv_r2']:.3f}" for row in table[:10]), flush=True)
+          "\n".join(f"  rank {row['rank']:>3}  {row['neuron']:>9}  read {row['read_layer']:>2}  R^2 {row['cv_r2']:.3f}"
+                    for row in table[:10]), flush=True)
     return best["neuron"], best["rank"]
 
 
@@ -153,7 +155,8 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
         labelled_by = (metadata.get("model") or {}).get("name")
         if labelled_by and labelled_by != config.model:
             # self-report needs labels from this very model; another model's labels make it cross-prediction
-            logger.warning("The dataset was labelled by %r but the model is %r: this trains cross-prediction, not self-report.", labelled_by, config.model)
+            logger.warning("The dataset was labelled by %r but the model is %r: this trains cross-prediction, not self-report.",
+                           labelled_by, config.model)
         return dataset, metadata, None
     if config.resume_from_checkpoint and (out / "dataset").is_dir():
         try:
@@ -361,9 +364,11 @@ def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata,
 
 def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:
     """The ``EvaluateConfig`` of a train run: its evaluation keys, and the predictor and dataset it writes."""
-    return EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"), dataset=config.dataset or str(out / "dataset"),
+    return EvaluateConfig(output_dir=str(out / "evaluation"), predictor=str(out / "predictor"),
+                          dataset=config.dataset or str(out / "dataset"),
                           methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
-                          **values_of(config, EvaluationFields), seed=config.seed, base_unchanged=config.unfreeze == "head_only", batch_size=config.per_device_eval_batch_size)
+                          **values_of(config, EvaluationFields), seed=config.seed, base_unchanged=config.unfreeze == "head_only",
+                          batch_size=config.per_device_eval_batch_size)
 
 
 def save_and_push(config: TrainConfig, out: Path, trainer, summary: dict) -> None:
@@ -410,7 +415,8 @@ def train_label_transform(config: TrainConfig, transform: dict, train, neurons: 
         fitted = LabelTransform.fit(read_column(train, "activations", len(neurons)), neurons, config.num_bins, config.bin_strategy)
         print(f"Bins: the dataset's are {have[1]} {have[0]}; this run refits {config.num_bins} {config.bin_strategy} bins on its train "
               "split (the dataset is not changed).", flush=True)
-        refitted = {**transform, **{k: v for k, v in fitted.to_dict().items() if k in ("bin_edges", "bin_strategy", "bin_centers", "num_values")}}
+        refitted = {**transform,
+                    **{k: v for k, v in fitted.to_dict().items() if k in ("bin_edges", "bin_strategy", "bin_centers", "num_values")}}
         if config.num_bins != have[1]:  # the dataset's report tokens were one per old bin: the predictor picks new ones
             refitted.pop("report_tokens", None), refitted.pop("report_token_ids", None)
         return refitted

@@ -22,7 +22,8 @@ RECIPE = "quickstart.yaml"
 def quickstart_parser() -> RecipeParser:
     """The parser of ``nsr quickstart``: ``TrainConfig`` keys over the quickstart recipe."""
     return RecipeParser(TrainConfig, prog="nsr quickstart", usage="nsr quickstart [--key value ...]",
-                        description="The quickstart recipe (recipes/quickstart.yaml: its values are the defaults below); any TrainConfig key overrides it.")
+                        description="The quickstart recipe (recipes/quickstart.yaml: its values are the defaults below); "
+                                    "any TrainConfig key overrides it.")
 
 
 def quickstart_config(argv=(), **overrides) -> TrainConfig:

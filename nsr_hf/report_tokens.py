@@ -20,7 +20,8 @@ def _single(tokenizer, token: str) -> bool:
 def default_report_tokens(tokenizer, num_bins: int) -> list[str]:
     """The default report tokens for ``num_bins`` bins in this tokenizer (a clear error when none fit)."""
     if num_bins > 10:
-        raise ValueError(f"No default report tokens for {num_bins} bins: pass report_tokens (one single token per bin), or use at most 10 bins.")
+        raise ValueError(f"No default report tokens for {num_bins} bins: "
+                         "pass report_tokens (one single token per bin), or use at most 10 bins.")
     candidates = ON_OFF_SETS + DIGIT_SETS if num_bins == 2 else DIGIT_SETS
     for tokens in candidates:
         if all(_single(tokenizer, t) for t in tokens[:num_bins]):

@@ -18,7 +18,8 @@ class CorpusFields:
     """The model whose neurons are read, and the corpus of documents it reads."""
 
     model: str = field(default=EMBEDDED_NAME, metadata={"help": "HF model id, local folder, or 'smollm2-135m' (embedded)"})
-    corpus: str = field(default="embedded", metadata={"help": "'embedded', a .txt/.jsonl/.json/.csv/.parquet file, 'synthetic', or a Hub dataset ('hub:NAME[:CONFIG[:SPLIT]]')"})
+    corpus: str = field(default="embedded", metadata={
+        "help": "'embedded', a .txt/.jsonl/.json/.csv/.parquet file, 'synthetic', or a Hub dataset ('hub:NAME[:CONFIG[:SPLIT]]')"})
     text_field: str = field(default="text", metadata={"help": "Column that holds the text (files and Hub datasets)"})
 
 
@@ -27,15 +28,19 @@ class SplitFields:
     """The split of the documents by a hash of their id (the same split in the scan, the dataset and training)."""
 
     split_seed: int = field(default=0, metadata={"help": "Seed of the document-id hash that assigns splits"})
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Fractions of the documents in train, validation and test (sum to 1). A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1], metadata={
+        "help": "Fractions of the documents in train, validation and test (sum to 1). "
+                "A larger test split gives a sparse neuron's rare large values a chance to appear in it"})
 
 
 @dataclass
 class EvaluationFields:
     """The evaluation's cross-prediction control, R²-by-layer probe and confidence intervals."""
 
-    cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={"help": "Other models for the cross-prediction control: 'minilm' (offline) or any HF id"})
-    probe_layers: str = field(default="all", metadata={"help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
+    cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={
+        "help": "Other models for the cross-prediction control: 'minilm' (offline) or any HF id"})
+    probe_layers: str = field(default="all", metadata={
+        "help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for every confidence interval (0: no intervals)"})
 
 

@@ -59,13 +59,15 @@ TABLE_FIGURES = (("r2", "R²"), ("pearson", "r"), ("mse", "MSE"))
 class SweepConfig:
     """Train one recipe over the top N scanned neurons and several seeds; summarise the figures (median, spread)."""
 
-    recipe: str | None = field(default=None, metadata={"help": "The training recipe (YAML of TrainConfig fields); also the first positional argument"})
+    recipe: str | None = field(default=None, metadata={
+        "help": "The training recipe (YAML of TrainConfig fields); also the first positional argument"})
     top_n: int = field(default=5, metadata={"help": "Neurons: the scan's ranks 1..top_n"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds of every neuron"})
     neurons: list[str] | None = field(default=None, metadata={"help": "Sweep these neurons (layer.index) instead of scanning"})
     split: str = field(default="test", metadata={"help": "The split whose figures are summarised"})
     output_dir: str = field(default="outputs/sweep", metadata={"help": "Where scan/, the runs, sweep.json and sweep.md go"})
-    datasets_from: str | None = field(default=None, metadata={"help": "Another sweep's output_dir: sweep its neurons (or --neurons) on its datasets, the same rows"})
+    datasets_from: str | None = field(default=None, metadata={
+        "help": "Another sweep's output_dir: sweep its neurons (or --neurons) on its datasets, the same rows"})
 
     def __post_init__(self):
         if self.top_n < 1:
@@ -180,7 +182,8 @@ def source_datasets(source, neurons: list[str] | None = None) -> dict[str, Path]
 
 
 def _numbers(d: dict) -> dict:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows" and math.isfinite(v)}
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows" and math.isfinite(v)}
 
 
 def run_figures(summary: dict, split: str = "test") -> dict[str, dict[str, float]]:
@@ -243,14 +246,17 @@ def sweep_markdown(result: dict) -> str:
     lines = [f"# Sweep: {len(result['neurons'])} neuron(s) × {len(result['seeds'])} seed(s)", "",
              (f"Neurons {', '.join(result['neurons'])}; seeds {', '.join(map(str, result['seeds']))}; split {split}; "
               f"{len(done)} of {len(runs)} runs finished."
-              + (f" Datasets (the same rows) from the sweep in {result['config']['datasets_from']}." if (result.get("config") or {}).get("datasets_from") else "")), "",
+              + (f" Datasets (the same rows) from the sweep in {result['config']['datasets_from']}."
+                 if (result.get("config") or {}).get("datasets_from") else "")), "",
              "Each cell: median [q1, q3] (min to max) over the runs.", ""]
     methods = display_order(m for m in summary if not m.startswith(("self_vs_", "selectivity:")))
-    lines += ["| method | runs | " + " | ".join(label for _, label in TABLE_FIGURES) + " |", "| --- | --- |" + " --- |" * len(TABLE_FIGURES)]
+    lines += ["| method | runs | " + " | ".join(label for _, label in TABLE_FIGURES) + " |",
+              "| --- | --- |" + " --- |" * len(TABLE_FIGURES)]
     for method in methods:
         stats = summary[method]
         n = max((s["n"] for s in stats.values()), default=0)
-        lines.append(f"| {method} | {n} | " + " | ".join(_cell(stats.get(key), 4 if key == "mse" else 3) for key, _ in TABLE_FIGURES) + " |")
+        lines.append(f"| {method} | {n} | "
+                     + " | ".join(_cell(stats.get(key), 4 if key == "mse" else 3) for key, _ in TABLE_FIGURES) + " |")
     comparisons = [m for m in summary if m.startswith("self_vs_")]
     if comparisons:
         lines += ["", "| comparison | ΔR² | runs where self-report is better (CI above 0) |", "| --- | --- | --- |"]
@@ -262,12 +268,14 @@ def sweep_markdown(result: dict) -> str:
     if selectivity:
         lines += ["", "| selectivity | R²(real) − R²(shuffled control) |", "| --- | --- |"]
         lines += [f"| {name.split(':', 1)[1]} | {_cell(summary[name].get('selectivity'))} |" for name in selectivity]
-    low = [f"{r['neuron']} (seed {r['seed']})" for r in done if (r["figures"].get("self") or {}).get("spread_ratio", 1.0) < LOW_SPREAD_RATIO]
+    low = [f"{r['neuron']} (seed {r['seed']})" for r in done
+           if (r["figures"].get("self") or {}).get("spread_ratio", 1.0) < LOW_SPREAD_RATIO]
     if low:
         lines += ["", (f"⚠ {len(low)} run(s) on a {split} split where the neuron's std is below {LOW_SPREAD_RATIO} of its training std: "
                        f"{', '.join(low)}. R² divides by that small variance and can be strongly negative for small errors; "
                        "read MSE there.")]
-    lines += ["", "## Runs", "", f"| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | {split} std / train std | drift max |",
+    lines += ["", "## Runs", "",
+              f"| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | {split} std / train std | drift max |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         f = run.get("figures") or {}

@@ -262,7 +262,8 @@ def test_drift_reports_exactly_the_change_made_to_the_input_vector(tiny):
     assert v["change_norm"] == pytest.approx(float(delta.norm()), rel=1e-5)
     assert v["cosine"] == pytest.approx(float(old @ new / old.norm() / new.norm()), abs=1e-6)
     assert v["relative_norm_change"] == pytest.approx(float((new.norm() - old.norm()) / old.norm()), rel=1e-4)
-    others = np.delete(layer_vectors(trained, TARGET.layer)[name].numpy() - layer_vectors(model, TARGET.layer)[name].numpy(), TARGET.index, 0)
+    others = np.delete(layer_vectors(trained, TARGET.layer)[name].numpy() - layer_vectors(model, TARGET.layer)[name].numpy(),
+                       TARGET.index, 0)
     norms = np.linalg.norm(others, axis=1)
     assert v["change_z"] == pytest.approx((float(delta.norm()) - norms.mean()) / norms.std(ddof=1), rel=1e-4)
     assert v["change_percentile"] == 100.0
@@ -276,7 +277,8 @@ def test_drift_includes_an_unmerged_lora_adapter(tiny_model_dirs):
     from nsr_hf.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_model_dirs["gpt2"])
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=lora_target_modules(model, mlp_only=True), fan_in_fan_out=True))
+    peft_model = get_peft_model(copy.deepcopy(model),
+                                LoraConfig(r=2, target_modules=lora_target_modules(model, mlp_only=True), fan_in_fan_out=True))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -30,7 +30,9 @@ from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
 from nsr_hf.models import load_model_and_tokenizer
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "neurons", "in", "MLP", "layer", "respond", "to", "particular", "tokens", "and", "contexts", "Python", "is", "a", "programming", "language", "its", "documentation", "explains", "modules", "classes", "functions", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "neurons", "in", "MLP", "layer", "respond", "to", "particular",
+         "tokens", "and", "contexts", "Python", "is", "a", "programming", "language", "its", "documentation", "explains", "modules",
+         "classes", "functions", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 ALL_METHODS = ("mean", "token_lookup", "ridge_probe", "random_init", "shuffled_labels")
 
 

@@ -152,7 +152,8 @@ def test_early_stopped_capture_sees_a_lora_adapter_on_the_mlp_input(tiny):
 
     model, tok = tiny
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=lora_target_modules(model, mlp_only=True),
-                                                                  fan_in_fan_out=model.config.model_type == "gpt2", init_lora_weights=False))
+                                                                  fan_in_fan_out=model.config.model_type == "gpt2",
+                                                                  init_lora_weights=False))
     batch = encode_texts(tok, TEXTS)
     early = capture_activations(peft_model, batch, ["1.3"], position="last", stop_early=True)[1]
     full = capture_activations(peft_model, batch, ["1.3"], position="last", stop_early=False)[1]
@@ -260,7 +261,8 @@ def test_scale_and_add_modes(tiny):
 
 @pytest.mark.parametrize(
     "neurons, message",
-    [({7: None}, "Layer 7 is out of range: this model has layers 0..2"), ("1.5000", "Neuron index 5000 is out of range"), ("abc", "Cannot read a neuron")],
+    [({7: None}, "Layer 7 is out of range: this model has layers 0..2"), ("1.5000", "Neuron index 5000 is out of range"),
+     ("abc", "Cannot read a neuron")],
 )
 def test_out_of_range_layer_or_index_is_a_clear_error(tiny, neurons, message):
     model, tok = tiny

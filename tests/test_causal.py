@@ -127,7 +127,8 @@ def labelled_rows(model, tok, neurons=(TARGET,), texts=TEXTS) -> list[dict]:
     rows = []
     for i, text in enumerate(texts):
         n = int(batch["attention_mask"][i].sum())
-        values = [float(cap[Neuron.parse(x).layer][i, list(cap.neuron_indices[Neuron.parse(x).layer].tolist()).index(Neuron.parse(x).index)])
+        values = [float(cap[Neuron.parse(x).layer][i,
+                                                    list(cap.neuron_indices[Neuron.parse(x).layer].tolist()).index(Neuron.parse(x).index)])
                   for x in neurons]
         rows.append({"text": text, "input_ids": batch["input_ids"][i, :n].tolist(), "attention_mask": [1] * n,
                      "label_position": n - 1, "activations": values})
@@ -297,7 +298,9 @@ def test_linear_fit_matches_numpy_and_follows_the_metrics_rule_for_a_flat_side()
 def test_a_token_head_reading_the_targets_own_block_is_not_meaningful(tiny):
     model, tok = tiny
     transform = {"mean": [0.0], "std": [1.0], "bin_edges": [[i / 10 for i in range(11)]]}
-    for read, expected, words in ((TARGET.layer + 1, True, "through attention"), (TARGET.layer, False, "own block"), (0, TARGET.layer == 0, "")):
-        predictor = ActivationPredictor.from_base(model, tok, neurons=[str(TARGET)], head_type="token", label_transform=transform, read_layer=read)
+    for read, expected, words in ((TARGET.layer + 1, True, "through attention"), (TARGET.layer, False, "own block"),
+                                  (0, TARGET.layer == 0, "")):
+        predictor = ActivationPredictor.from_base(model, tok, neurons=[str(TARGET)], head_type="token", label_transform=transform,
+                                                  read_layer=read)
         meaningful, note = path_to_report(predictor, TARGET)
         assert meaningful is expected and words in note

@@ -44,7 +44,8 @@ def corpus_rows(n: int = 60, seed: int = 0, prefix: str = "doc") -> list[dict]:
 def corpus_file(tmp_path_factory) -> Path:
     """60 documents plus 6 exact duplicates of some of them under new ids (and one with extra spaces)."""
     rows = corpus_rows()
-    duplicates = [{"id": f"dup{i}", "text": rows[i]["text"]} for i in range(5)] + [{"id": "dup-space", "text": "  " + rows[7]["text"] + " "}]
+    duplicates = [{"id": f"dup{i}", "text": rows[i]["text"]} for i in range(5)] + [
+        {"id": "dup-space", "text": "  " + rows[7]["text"] + " "}]
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", rows + duplicates)
 
 
@@ -296,7 +297,8 @@ def test_push_to_hub_pushes_the_data_then_our_card_merged_into_the_auto_written_
 
     dd, gen = generate(gpt2, corpus_file, tmp_path)
     calls = []
-    auto_text = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\ndataset_info:\n  dataset_size: 10\n---\n"
+    auto_text = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+                 "dataset_info:\n  dataset_size: 10\n---\n")
     monkeypatch.setattr(DatasetDict, "push_to_hub", lambda self, repo_id, **kw: calls.append(("data", repo_id, kw["private"])))
     monkeypatch.setattr(DatasetCard, "load", classmethod(lambda cls, repo_id, **kw: calls.append(("load", repo_id)) or cls(auto_text)))
     monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: calls.append(("card", repo_id, str(self))))
@@ -447,7 +449,8 @@ def test_the_bin_ceiling_benchmark_scores_a_perfect_classifier_per_strategy(gpt2
         r2 = by_neuron[neuron]["r2"]
         assert r2["kmeans"] >= max(r2["quantile"], r2["equal_width"]) - 1e-12
         t = LabelTransform.fit(train[:, j], [neuron], 4, "quantile")
-        direct = 1 - ((t.centers()[0, t.bin_of(train[:, j])[:, 0]] - train[:, j]) ** 2).sum() / ((train[:, j] - train[:, j].mean()) ** 2).sum()
+        direct = 1 - (((t.centers()[0, t.bin_of(train[:, j])[:, 0]] - train[:, j]) ** 2).sum()
+                      / ((train[:, j] - train[:, j].mean()) ** 2).sum())
         assert r2["quantile"] == pytest.approx(direct)
     assert "| quantile | equal_width | kmeans |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="has no 'test_ood' split"):

@@ -41,7 +41,8 @@ def all_numbers(d) -> list[float]:
 
 def test_every_figure_matches_a_hand_computed_case():
     # pred [0, 1, 1, 3] against true [0, 1, 2, 3]: one error of -1
-    m = evaluate_predictions([0.0, 1.0, 1.0, 3.0], [0.0, 1.0, 2.0, 3.0], greedy=[0.0, 1.0, 3.0, 3.0], bin_edges=[0.0, 1.5, 3.0], n_bootstrap=50)
+    m = evaluate_predictions([0.0, 1.0, 1.0, 3.0], [0.0, 1.0, 2.0, 3.0], greedy=[0.0, 1.0, 3.0, 3.0], bin_edges=[0.0, 1.5, 3.0],
+                             n_bootstrap=50)
     assert m["rows"] == 4
     assert m["mse"] == pytest.approx(0.25) and m["mae"] == pytest.approx(0.25)
     assert m["r2"] == pytest.approx(1 - 1 / 5)  # SSE 1, SST 5
@@ -264,7 +265,8 @@ def test_run_evaluate_scores_the_predictor_and_every_baseline_on_the_same_rows(e
     assert evaluation["metrics"]["test"]["self"]["r2"] == test["self"]["r2"]
     assert not any(isinstance(x, float) and not math.isfinite(x) for x in all_numbers(saved))
     spread = saved["spread"]["test"]
-    assert spread["std"] == pytest.approx(np.std(predictions["true"])) and spread["ratio"] == pytest.approx(spread["std"] / spread["train_std"])
+    assert (spread["std"] == pytest.approx(np.std(predictions["true"]))
+            and spread["ratio"] == pytest.approx(spread["std"] / spread["train_std"]))
 
 
 def test_a_split_where_the_neuron_barely_varies_is_flagged_not_hidden():
@@ -279,11 +281,13 @@ def test_a_split_where_the_neuron_barely_varies_is_flagged_not_hidden():
 
 def test_run_evaluate_writes_the_report_and_every_plot(evaluated):
     out, _, other = evaluated
-    for name in ("report.md", "pred_vs_true.png", "residuals.png", "r2_by_layer.png", "training_curves.png", "drift.png", "methods.png", "causal.png"):
+    for name in ("report.md", "pred_vs_true.png", "residuals.png", "r2_by_layer.png", "training_curves.png", "drift.png", "methods.png",
+                 "causal.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "| **self** |" in report and f"cross-report ({other})" in report and "## Causal test" in report and "![methods.png](methods.png)" in report
+    assert ("| **self** |" in report and f"cross-report ({other})" in report and "## Causal test" in report
+            and "![methods.png](methods.png)" in report)
 
 
 def test_head_only_predictor_may_reuse_its_own_base_for_the_baselines(trained, tmp_path):
@@ -310,8 +314,9 @@ def test_several_neurons_are_each_evaluated_with_their_own_baselines(tiny, tmp_p
     def split(n):
         ids = [torch.randint(1, len(tok), (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
         acts = [[(r[-1] % 10) / 10, -(r[-1] % 7) / 7] for r in ids]
-        return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "label_position": [len(r) - 1 for r in ids],
-                                  "label_token_id": [r[-1] for r in ids], "activations": acts, "doc_id": [f"d{i}" for i in range(n)]})
+        return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
+                                  "label_position": [len(r) - 1 for r in ids], "label_token_id": [r[-1] for r in ids], "activations": acts,
+                                  "doc_id": [f"d{i}" for i in range(n)]})
 
     dataset = DatasetDict({"train": split(40), "validation": split(12), "test": split(20)})
     metadata = {"neurons": ["2.5", "1.3"]}  # the dataset's column order differs from the predictor's

@@ -168,7 +168,8 @@ def test_embedded_smollm2_capture_equals_recomputation_from_weights(smollm2):
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(cap[layer][mask].double(), expected[mask], atol=1e-4, rtol=1e-4)
     # and left padding gives the same values as right padding on the real model
-    left = capture_activations(model, encode_texts(tok, batch_texts := ["The capital of France is Paris.", "x"], padding_side="left"), {layer: [0, 100]})
+    left = capture_activations(model, encode_texts(tok, batch_texts := ["The capital of France is Paris.", "x"], padding_side="left"),
+                               {layer: [0, 100]})
     right = capture_activations(model, encode_texts(tok, batch_texts, padding_side="right"), {layer: [0, 100]})
     torch.testing.assert_close(left[layer], right[layer], atol=1e-4, rtol=1e-4)
 

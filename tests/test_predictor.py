@@ -68,7 +68,8 @@ def test_token_head_default_report_tokens_are_single_tokens_of_this_tokenizer(ti
     predictor = _predictor(tiny, "token")
     tok = tiny[1]
     assert len(predictor.config.report_tokens) == 10
-    assert [tok.encode(t, add_special_tokens=False) for t in predictor.config.report_tokens] == [[i] for i in predictor.config.report_token_ids]
+    assert [tok.encode(t, add_special_tokens=False) for t in predictor.config.report_tokens] == [
+        [i] for i in predictor.config.report_token_ids]
 
 
 @pytest.mark.parametrize("head", ["regression", "classification", "token"])
@@ -109,7 +110,8 @@ def test_lora_predictor_round_trips_as_adapter_or_merged(tiny, tiny_model_dirs, 
     predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], label_transform={"mean": [0.5], "std": [0.29]})
     predictor.config.base_model_name_or_path = tiny_model_dirs[arch]
     lora = LoraConfig(
-        r=4, target_modules=lora_target_modules(model), modules_to_save=["neuron_head"], fan_in_fan_out=arch == "gpt2", init_lora_weights=False
+        r=4, target_modules=lora_target_modules(model), modules_to_save=["neuron_head"], fan_in_fan_out=arch == "gpt2",
+        init_lora_weights=False
     )
     peft_model = get_peft_model(predictor, lora)
     before = peft_model.get_base_model().predict(TEXTS)
@@ -220,8 +222,10 @@ def test_model_card_names_base_neuron_head_dataset_and_metrics(tiny, tmp_path):
     [
         ({"head_type": "ranking"}, "Unknown head_type 'ranking'"),
         ({"read_layer": 9}, "read_layer 9 is out of range"),
-        ({"head_type": "classification", "label_transform": {"mean": [0], "std": [1], "bin_edges": [[0.0, 1.0]]}}, "num_bins must be at least 2"),
-        ({"head_type": "token", "report_tokens": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "Neuron level"]}, "is 3 tokens|is 2 tokens|tokens in this"),
+        ({"head_type": "classification", "label_transform": {"mean": [0], "std": [1], "bin_edges": [[0.0, 1.0]]}},
+         "num_bins must be at least 2"),
+        ({"head_type": "token", "report_tokens": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "Neuron level"]},
+         "is 3 tokens|is 2 tokens|tokens in this"),
         ({"neurons": ["1.999"]}, "Neuron index 999 is out of range"),
         ({"head_type": "classification", "label_transform": {"mean": [0], "std": [1]}}, "needs bin edges"),
     ],
@@ -304,7 +308,9 @@ def test_the_card_says_where_a_token_head_reads(tiny):
     model, _ = tiny
     last = model.config.num_hidden_layers - 1
     asked = _predictor(tiny, "token").model_card()
-    assert "- Reads: the model's own next token, after the prompt: the text up to the labelled token (rule: last), then '\\nNeuron 1.3 level:'" in asked
+    assert ("- Reads: the model's own next token, after the prompt: the text up to the labelled token (rule: last), "
+            "then '\\nNeuron 1.3 level:'") in asked
     bare = _predictor(tiny, "token", prompt_suffix="", read_layer=0).model_card()
-    assert "- Reads: an early exit: block 0, the final norm and the LM head (the logit lens), as the labelled token's own next token" in bare
+    assert ("- Reads: an early exit: block 0, the final norm and the LM head (the logit lens), "
+            "as the labelled token's own next token") in bare
     assert f"- Reads: block {last} through the final norm, at the labelled token" in _predictor(tiny, "regression").model_card()

@@ -112,10 +112,12 @@ def test_invalid_choices_are_rejected():
 
 def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "--learning_rate" in result.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    bad = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--lerning_rate", "1"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120, check=False)
     assert bad.returncode == 2 and "Valid keys" in bad.stderr
 
 
@@ -145,7 +147,8 @@ def test_new_choices_are_validated():
         parse_config(["--head_type", "token", "--expected_value_loss_weight", "-1"])
     with pytest.raises(ValueError, match="expected_value_loss_weight applies to the token head only"):
         parse_config(["--head_type", "regression", "--expected_value_loss_weight", "1"])
-    assert parse_config(["--head_type", "token", "--expected_value_loss_weight", "0.5", "--unfreeze", "lora_after_target"]).expected_value_loss_weight == 0.5
+    assert parse_config(["--head_type", "token", "--expected_value_loss_weight", "0.5", "--unfreeze", "lora_after_target"]
+                        ).expected_value_loss_weight == 0.5
     assert parse_config(["--head_type", "token", "--prompt_suffix", ""]).prompt_suffix == ""  # empty is a value, not "unset"
     with pytest.raises(ValueError, match="prompt_suffix applies to the token head only"):
         parse_config(["--prompt_suffix", " Level:"])
@@ -169,7 +172,8 @@ def test_new_choices_are_validated():
 
 def test_list_values_on_the_command_line():
     config = parse_config(["--layers", "0", "1", "2", "--cross_models", "minilm,gpt2", "--eval_methods", "mean", "--bf16"])
-    assert config.layers == [0, 1, 2] and config.cross_models == ["minilm", "gpt2"] and config.eval_methods == ["mean"] and config.bf16 is True
+    assert (config.layers == [0, 1, 2] and config.cross_models == ["minilm", "gpt2"] and config.eval_methods == ["mean"]
+            and config.bf16 is True)
 
 
 def test_a_recipe_that_is_not_a_mapping_is_a_clear_error(tmp_path):
@@ -185,8 +189,10 @@ def test_an_optional_key_is_unset_with_none_in_the_recipe_or_on_the_command_line
 
 
 def test_every_trainer_option_is_a_recipe_key_checked_by_transformers(tmp_path):
-    config = parse_config([write(tmp_path, "lr_scheduler_type: cosine\nmax_grad_norm: 0.5\ngradient_checkpointing: true\noptim: adafactor\n")])
-    assert (config.lr_scheduler_type, config.max_grad_norm, config.gradient_checkpointing, config.optim) == ("cosine", 0.5, True, "adafactor")
+    config = parse_config([write(tmp_path,
+                                 "lr_scheduler_type: cosine\nmax_grad_norm: 0.5\ngradient_checkpointing: true\noptim: adafactor\n")])
+    assert (config.lr_scheduler_type, config.max_grad_norm, config.gradient_checkpointing, config.optim) == (
+        "cosine", 0.5, True, "adafactor")
     with pytest.raises(ValueError, match="lr_scheduler_type"):
         parse_config(["--lr_scheduler_type", "sometimes"])  # the Trainer's own choices
     with pytest.raises(ValueError, match="fp16 and bf16"):
@@ -223,7 +229,8 @@ def test_trainer_options_of_a_recipe_reach_the_trainers_arguments(tiny_model_dir
 
 def test_help_lists_every_key_with_its_help_the_trainers_too():
     text = PARSER.format_help()
-    for key in ("--neuron", "--unfreeze", "--learning_rate", "--lr_scheduler_type", "--max_grad_norm", "--gradient_checkpointing", "--optim"):
+    for key in ("--neuron", "--unfreeze", "--learning_rate", "--lr_scheduler_type", "--max_grad_norm", "--gradient_checkpointing",
+                "--optim"):
         assert key in text, key
     assert "'auto' (the scan's best)" in text  # our help
     assert "(default: 0.001)" in text  # the self-reporter's default learning rate, not the Trainer's

@@ -30,15 +30,18 @@ def small_evaluation(greedy: bool = False) -> tuple[dict, dict]:
     metrics = {}
     for method, values in preds.items():
         with pytest.warns(RuntimeWarning) if method == "mean" else _nothing():
-            metrics[method] = evaluate_predictions(values, true, greedy=greedy_values if method == "self" else None, bin_edges=edges, n_bootstrap=200)
+            metrics[method] = evaluate_predictions(values, true, greedy=greedy_values if method == "self" else None, bin_edges=edges,
+                                                   n_bootstrap=200)
     evaluation = {
         "kind": EVALUATION_KIND, "neurons": ["2.7"], "neuron": "2.7", "splits": ["test"], "rows": {"test": 60},
-        "predictor": {"path": "p", "head_type": "classification" if greedy else "regression", "read_layer": 3, "base_model": "m", "dataset": "d"},
+        "predictor": {"path": "p", "head_type": "classification" if greedy else "regression", "read_layer": 3, "base_model": "m",
+                      "dataset": "d"},
         "bootstrap": {"n": 200, "level": 0.95, "seed": 0},
         "metrics": {"test": metrics},
         "comparisons": {"test": compare_methods(preds, true, n_bootstrap=200, seed=0)},
         "selectivity": {"test": {}},
-        "probe_by_layer": {0: {"alpha": 1.0, "validation_r2": 0.1, "test_r2": 0.2}, 3: {"alpha": 10.0, "validation_r2": 0.6, "test_r2": 0.5}},
+        "probe_by_layer": {0: {"alpha": 1.0, "validation_r2": 0.1, "test_r2": 0.2},
+                           3: {"alpha": 10.0, "validation_r2": 0.6, "test_r2": 0.5}},
         "causal": None,
     }
     predictions = {"test": {"true": true, **preds, **({"self_greedy": greedy_values} if greedy else {})}}
@@ -74,7 +77,8 @@ def test_the_greedy_readout_gets_its_own_row():
 
 def test_a_low_spread_split_gets_its_warning_in_the_report(tmp_path):
     evaluation, predictions = small_evaluation()
-    evaluation["spread"] = {"test": {"std": 0.1, "train_std": 0.64, "ratio": 0.16, "warning": "On test the neuron's std is 0.1, 0.16 of its training std"}}
+    evaluation["spread"] = {"test": {"std": 0.1, "train_std": 0.64, "ratio": 0.16,
+                                     "warning": "On test the neuron's std is 0.1, 0.16 of its training std"}}
     write_report(evaluation, tmp_path, predictions=predictions)
     assert "- ⚠ On test the neuron's std is 0.1, 0.16 of its training std" in (tmp_path / "report.md").read_text()
 
@@ -109,8 +113,10 @@ def test_drift_plot_from_a_history_or_a_drift_json(tmp_path, drift):
 
 def test_drift_json_of_the_drift_monitor_gives_the_three_panels_and_the_last_measurement(tmp_path):
     evaluation, _ = small_evaluation()
-    entry = lambda step, shift: {"step": step, "epoch": step / 10, "2.7/mean_shift": shift, "2.7/std_ratio": 1.0, "head_r_live": 0.8,
-                                 "head_r2_reference": 0.6, "lm_loss": 3.0 + shift, "lm_loss_delta": shift, "seconds": 0.1}
+    def entry(step, shift):
+        return {"step": step, "epoch": step / 10, "2.7/mean_shift": shift, "2.7/std_ratio": 1.0, "head_r_live": 0.8,
+                "head_r2_reference": 0.6, "lm_loss": 3.0 + shift, "lm_loss_delta": shift, "seconds": 0.1}
+
     drift_json = {"neurons": ["2.7"], "history": [entry(0, 0.0), entry(10, 0.5)], "final": entry(10, 0.5)}
     write_report(evaluation, tmp_path, drift=drift_json)
     report = (tmp_path / "report.md").read_text()

@@ -166,7 +166,9 @@ def test_two_accelerate_processes_give_the_single_process_scan(tiny_model_dirs, 
     for name in ("count", "mean", "variance", "min", "max", "skewness", "kurtosis", "frac_above", "rank"):
         np.testing.assert_allclose(a[name].to_numpy(), b[name].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
     # Examples: identical up to which of several identical contexts (same tokens so far) a tie keeps.
-    same_context = lambda result: [[(e["value"], e["token_index"], e["token"], e["before"]) for e in n["examples"]] for n in result.top_neurons]
+    def same_context(result):
+        return [[(e["value"], e["token_index"], e["token"], e["before"]) for e in n["examples"]] for n in result.top_neurons]
+
     assert same_context(two) == same_context(single)
 
 

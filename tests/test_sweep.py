@@ -102,7 +102,8 @@ def test_sweep_trains_every_neuron_and_seed_and_summarises(swept):
         assert saved["config"]["learning_rate"] == 1e-2  # the override reached every run
     # the second seed of a neuron loads the dataset its first seed built
     first, second = result["runs"][0], result["runs"][1]
-    assert json.loads((Path(second["output_dir"]) / "metrics.json").read_text())["config"]["dataset"] == str(Path(first["output_dir"]) / "dataset")
+    assert json.loads((Path(second["output_dir"]) / "metrics.json").read_text())["config"]["dataset"] == str(
+        Path(first["output_dir"]) / "dataset")
     values = [r["figures"]["self"]["mse"] for r in result["runs"]]
     assert result["summary"]["self"]["mse"] == spread(values)
     table = (out / "sweep.md").read_text()

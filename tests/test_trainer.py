@@ -87,7 +87,8 @@ def test_collator_uses_the_tokenizer_pad_id_and_rejects_positions_on_padding(tin
 
 
 def test_trainer_sets_the_arguments_the_activation_columns_need(tiny, tmp_path):
-    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), train_dataset=activation_dataset(tiny[1]), unfreeze="head_only")
+    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), train_dataset=activation_dataset(tiny[1]),
+                               unfreeze="head_only")
     assert trainer.args.remove_unused_columns is False and trainer.args.label_names == ["labels"]
     assert trainer.model_accepts_loss_kwargs is False
 
@@ -95,13 +96,14 @@ def test_trainer_sets_the_arguments_the_activation_columns_need(tiny, tmp_path):
 def test_training_lowers_the_eval_loss_and_prints_the_trainable_parameter_count(tiny, tmp_path, capsys):
     torch.manual_seed(0)
     train, evaluation = activation_dataset(tiny[1], 96), activation_dataset(tiny[1], 32, seed=1)
-    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path, max_steps=120, learning_rate=5e-3), train_dataset=train, eval_dataset=evaluation,
-                               unfreeze={"strategy": "last_k", "k": 1})
+    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path, max_steps=120, learning_rate=5e-3), train_dataset=train,
+                               eval_dataset=evaluation, unfreeze={"strategy": "last_k", "k": 1})
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
     assert after["eval_loss"] < 0.8 * before["eval_loss"]
-    assert {"eval_pearson", "eval_spearman", "eval_r2", "eval_mse", "eval_mae", "eval_calibration_slope", "eval_calibration_intercept"} <= after.keys()
+    assert {"eval_pearson", "eval_spearman", "eval_r2", "eval_mse", "eval_mae", "eval_calibration_slope",
+            "eval_calibration_intercept"} <= after.keys()
     assert "trainable parameters:" in capsys.readouterr().out
 
 
@@ -140,7 +142,8 @@ def test_gradient_accumulation_does_not_rescale_the_loss_of_float_labels(tiny, t
 
 def test_a_peft_wrapped_predictor_still_reports_eval_loss(tiny, tmp_path):
     evaluation = activation_dataset(tiny[1], 16)
-    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), eval_dataset=evaluation, unfreeze={"strategy": "lora", "lora_r": 2})
+    trainer = PredictorTrainer(model=predictor_for(tiny), args=args(tmp_path), eval_dataset=evaluation,
+                               unfreeze={"strategy": "lora", "lora_r": 2})
     assert "eval_loss" in trainer.evaluate()
 
 
@@ -267,7 +270,8 @@ def test_run_train_with_lora_on_a_saved_dataset_saves_an_adapter_that_reloads(he
     from nsr_hf.pipeline import run_train
 
     config, first = head_only_run
-    lora = replace(config, dataset=str(Path(config.output_dir) / "dataset"), unfreeze="lora", lora_r=2, evaluate=False, output_dir=str(tmp_path / "lora"))
+    lora = replace(config, dataset=str(Path(config.output_dir) / "dataset"), unfreeze="lora", lora_r=2, evaluate=False,
+                   output_dir=str(tmp_path / "lora"))
     summary = run_train(lora)
     assert summary["neurons"] == first["neurons"] and summary["scan_rank"] is None
     assert (tmp_path / "lora" / "predictor" / "adapter_config.json").exists()
@@ -484,7 +488,8 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
     recipe.write_text(yaml.safe_dump(values))
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "recipes/accelerate/cpu_2proc.yaml"),
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
+                           "--config_file", str(root / "recipes/accelerate/cpu_2proc.yaml"),
                            str(root / "nsr_hf/train.py"), str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -532,8 +537,8 @@ def test_push_to_hub_uploads_the_saved_predictor_folder_with_its_card(head_only_
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     config, _ = head_only_run
-    run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=2, push_to_hub="me/neuron-reporter",
-                      output_dir=str(tmp_path / "push")))
+    run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=2,
+                      push_to_hub="me/neuron-reporter", output_dir=str(tmp_path / "push")))
     assert calls[0] == ("create_repo", "me/neuron-reporter")
     assert calls[1][:2] == ("upload_folder", "me/neuron-reporter") and {"README.md", "config.json", "model.safetensors"} <= set(calls[1][2])
 
@@ -595,12 +600,14 @@ def test_bin_strategy_rebins_a_dataset_on_its_train_split_and_leaves_the_dataset
     np.testing.assert_allclose(saved["bin_edges"], expected.bin_edges, rtol=1e-6)
     np.testing.assert_allclose(saved["bin_centers"], expected.bin_centers, rtol=1e-6)
     assert saved["report_tokens"] == metadata["transform"]["report_tokens"] and saved["mean"] == metadata["transform"]["mean"]
-    assert "Head: token over 10 kmeans bins (fitted on train; each reports its train mean)" in (tmp_path / "kmeans" / "predictor" / "README.md").read_text()
+    assert "Head: token over 10 kmeans bins (fitted on train; each reports its train mean)" in (
+        tmp_path / "kmeans" / "predictor" / "README.md").read_text()
 
     run_train(replace(base, bin_strategy="quantile", num_bins=4, output_dir=str(tmp_path / "four")))
     saved = json.loads((tmp_path / "four" / "predictor" / "config.json").read_text())
     assert len(saved["label_transform"]["bin_edges"][0]) == 5 and len(saved["report_tokens"]) == 4
-    np.testing.assert_allclose(saved["label_transform"]["bin_edges"], LabelTransform.fit(values, metadata["neurons"], 4).bin_edges, rtol=1e-6)
+    np.testing.assert_allclose(saved["label_transform"]["bin_edges"], LabelTransform.fit(values, metadata["neurons"], 4).bin_edges,
+                               rtol=1e-6)
 
     run_train(replace(base, num_bins=4, output_dir=str(tmp_path / "unset")))  # no bin_strategy: the dataset's bins, said so
     assert "the dataset has 10 quantile bins per neuron and they are used" in capsys.readouterr().out

@@ -127,7 +127,8 @@ def test_gradual_unfreezing_adds_each_new_block_to_the_running_optimizer(tiny, t
     predictor = predictor_for(tiny)
     callback = apply_unfreezing(predictor, "gradual", every_n_steps=2)
     assert isinstance(callback, GradualUnfreezing)
-    trainer = PredictorTrainer(model=predictor, args=args(tmp_path, steps=5), train_dataset=activation_dataset(tiny[1]), callbacks=[callback])
+    trainer = PredictorTrainer(model=predictor, args=args(tmp_path, steps=5), train_dataset=activation_dataset(tiny[1]),
+                               callbacks=[callback])
     changed = train_and_compare(trainer)
     assert [block for _, block in callback.history] == [2, 1]  # joined at steps 2 and 4, from the top
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -103,26 +103,41 @@ _CONTENT_FIELDS = ("neurons", "text_field", "id_field", "position", "every_token
 class DatasetConfig(CorpusFields, SplitFields):
     """Generate a dataset of neuron activations (train/validation/test by document) with train-fitted bins."""
 
-    neurons: list[str] = field(kw_only=True, metadata={"help": "Neurons as layer.index, e.g. 15.100 15.7 (one or more; the activations column keeps this order)"})
+    neurons: list[str] = field(kw_only=True, metadata={
+        "help": "Neurons as layer.index, e.g. 15.100 15.7 (one or more; the activations column keeps this order)"})
     model_revision: Optional[str] = field(default=None, metadata={"help": "Model revision (branch, tag or commit) for Hub models"})
-    id_field: Optional[str] = field(default=None, metadata={"help": "Column that holds a stable document id (splits hash it); default: the row index"})
-    ood_corpus: Optional[str] = field(default=None, metadata={"help": "A second corpus whose documents all go to an out-of-domain 'test_ood' split"})
-    position: str = field(default="last", metadata={"help": "Labelled token: 'last' (last real token), 'max' (argmax of the first neuron), 'all' (every token), or an integer index (0 first, -1 last)"})
-    every_token_layout: str = field(default="rows", metadata={"help": "For position 'all': 'rows' (one row per token) or 'column' (one row per document, per-token lists)"})
-    max_length: int = field(default=128, metadata={"help": "Texts are cut to this many tokens (at token boundaries; never padded in storage)"})
-    max_documents: Optional[int] = field(default=None, metadata={"help": "At most this many documents from the corpus (after de-duplication); all when unset"})
+    id_field: Optional[str] = field(default=None, metadata={
+        "help": "Column that holds a stable document id (splits hash it); default: the row index"})
+    ood_corpus: Optional[str] = field(default=None, metadata={
+        "help": "A second corpus whose documents all go to an out-of-domain 'test_ood' split"})
+    position: str = field(default="last", metadata={
+        "help": "Labelled token: 'last' (last real token), 'max' (argmax of the first neuron), 'all' (every token), "
+                "or an integer index (0 first, -1 last)"})
+    every_token_layout: str = field(default="rows", metadata={
+        "help": "For position 'all': 'rows' (one row per token) or 'column' (one row per document, per-token lists)"})
+    max_length: int = field(default=128, metadata={
+        "help": "Texts are cut to this many tokens (at token boundaries; never padded in storage)"})
+    max_documents: Optional[int] = field(default=None, metadata={
+        "help": "At most this many documents from the corpus (after de-duplication); all when unset"})
     max_ood_documents: Optional[int] = field(default=None, metadata={"help": "At most this many documents from the out-of-domain corpus"})
     num_bins: int = field(default=10, metadata={"help": "Number of activation bins (at least 2); 10 maps to the report digits 0-9"})
-    bin_strategy: str = field(default="quantile", metadata={"help": "'quantile' (equal counts on train), 'equal_width' (train min to max) or 'kmeans' (1-D k-means, Lloyd-Max: the bins whose means reproduce the train values with the least squared error; for a skewed neuron far closer than quantile bins)"})
-    report_tokens: Optional[list[str]] = field(default=None, metadata={"help": "Token string of each bin (default: the tokenizer's single-token digits, e.g. ' 0'..' 9' or '0'..'9'; off/on for 2 bins)"})
-    balance: bool = field(default=False, metadata={"help": "Equalise the train rows per bin (of the first neuron) by dropping rows from over-full bins"})
+    bin_strategy: str = field(default="quantile", metadata={
+        "help": "'quantile' (equal counts on train), 'equal_width' (train min to max) or 'kmeans' (1-D k-means, Lloyd-Max: the bins whose "
+                "means reproduce the train values with the least squared error; for a skewed neuron far closer than quantile bins)"})
+    report_tokens: Optional[list[str]] = field(default=None, metadata={
+        "help": "Token string of each bin (default: the tokenizer's single-token digits, e.g. ' 0'..' 9' or '0'..'9'; off/on for 2 bins)"})
+    balance: bool = field(default=False, metadata={
+        "help": "Equalise the train rows per bin (of the first neuron) by dropping rows from over-full bins"})
     balance_min_keep: float = field(default=0.5, metadata={"help": "Balancing keeps at least this fraction of the train rows"})
     balance_seed: int = field(default=0, metadata={"help": "Seed of the rows balancing drops"})
     batch_size: int = field(default=16, metadata={"help": "Texts per forward pass"})
     shard_size: int = field(default=256, metadata={"help": "Documents per shard (the unit of resuming and of work per process)"})
-    output_dir: str = field(default="outputs/dataset", metadata={"help": "Folder of the saved dataset (save_to_disk layout, with README.md and shards/ while running)"})
-    overwrite: bool = field(default=False, metadata={"help": "Delete a previous dataset or unfinished shards in output_dir instead of refusing or resuming"})
-    keep_shards: bool = field(default=False, metadata={"help": "Keep output_dir/shards after saving (a rerun then only re-fits bins and re-saves)"})
+    output_dir: str = field(default="outputs/dataset", metadata={
+        "help": "Folder of the saved dataset (save_to_disk layout, with README.md and shards/ while running)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Delete a previous dataset or unfinished shards in output_dir instead of refusing or resuming"})
+    keep_shards: bool = field(default=False, metadata={
+        "help": "Keep output_dir/shards after saving (a rerun then only re-fits bins and re-saves)"})
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Push the dataset and its card to this Hub repo id (owner/name)"})
     private: bool = field(default=False, metadata={"help": "Make the pushed repo private"})
 
@@ -152,13 +167,15 @@ class DatasetConfig(CorpusFields, SplitFields):
             raise ValueError("split_fractions gives train no documents: the bins and z-scores are fitted on train")
         self.split_fractions = fractions
         if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or self.num_bins < 2:
-            raise ValueError(f"num_bins must be an integer >= 2, got {self.num_bins!r} (one bin says nothing about the value; 10 gives digits 0-9)")
+            raise ValueError(f"num_bins must be an integer >= 2, got {self.num_bins!r} "
+                             "(one bin says nothing about the value; 10 gives digits 0-9)")
         if self.bin_strategy not in BIN_STRATEGIES:
             raise ValueError(f"bin_strategy must be one of {BIN_STRATEGIES}, got {self.bin_strategy!r}")
         if self.report_tokens is not None and (len(self.report_tokens) != self.num_bins or len(set(self.report_tokens)) != self.num_bins):
             raise ValueError(f"report_tokens must be {self.num_bins} distinct strings (one per bin), got {self.report_tokens}")
         if not 0 < self.balance_min_keep <= 1:
-            raise ValueError(f"balance_min_keep is the fraction of train rows balancing must keep: a number in (0, 1], got {self.balance_min_keep}")
+            raise ValueError("balance_min_keep is the fraction of train rows balancing must keep: "
+                             f"a number in (0, 1], got {self.balance_min_keep}")
         if self.balance and self.position == "all" and self.every_token_layout == "column":
             raise ValueError("balance works on rows with one value per neuron: with position 'all' use every_token_layout 'rows'")
         if not str(self.output_dir).strip():

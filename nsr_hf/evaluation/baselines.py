@@ -180,7 +180,8 @@ class CrossModel:
                 if batch["input_ids"].shape[1] == 0:
                     batch = {k: torch.zeros((len(index), 1), dtype=v.dtype) for k, v in batch.items()}
                     mask = batch["attention_mask"]
-                batch["input_ids"][empty, 0] = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+                batch["input_ids"][empty, 0] = (self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None
+                                                else self.tokenizer.pad_token_id)
                 mask[empty, 0] = 1
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids") and k in accepted}
             last_hidden = self.model(**inputs).last_hidden_state.double()

@@ -16,7 +16,8 @@ def predict_split(predictor, rows, batch_size: int = 32) -> tuple[np.ndarray, np
     if len(rows) == 0:
         raise ValueError("predict_split got no rows.")
     inner = unwrap(predictor)
-    collate = PredictorDataCollator(inner.tokenizer, pad_token_id=None if inner.tokenizer is not None else getattr(inner.base.config, "pad_token_id", None))
+    collate = PredictorDataCollator(inner.tokenizer,
+                                    pad_token_id=None if inner.tokenizer is not None else getattr(inner.base.config, "pad_token_id", None))
     device = next(predictor.parameters()).device
     was_training = predictor.training
     predictor.eval()

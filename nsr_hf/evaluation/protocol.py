@@ -11,8 +11,9 @@ predictor (method ``"self"``) and for every baseline and control of ``nsr_hf.eva
 the same rows:
 
 * Regression figures in activation units (``nsr_hf.metrics.regression_metrics``, with its one rule for constant
-  targets or predictions): Pearson r, Spearman rho, R^2, MSE, MAE and calibration (slope and intercept of true on predicted). A high r with a negative R^2 is a failure
-  (PITFALLS 9). Percentile-bootstrap 95% confidence intervals for R^2 and r (``r2_ci``, ``pearson_ci``).
+  targets or predictions): Pearson r, Spearman rho, R^2, MSE, MAE and calibration (slope and intercept of true on predicted).
+  A high r with a negative R^2 is a failure (PITFALLS 9). Percentile-bootstrap 95% confidence intervals for R^2 and r
+  (``r2_ci``, ``pearson_ci``).
 * Bin figures, from the predictor's train-fitted bin edges (when it has them): accuracy, balanced accuracy,
   quadratic-weighted kappa, and ``majority_class_rate``: the share of these rows whose true bin is the most
   frequent true bin *among these rows*, i.e. the accuracy of the best constant bin chosen with hindsight. It is
@@ -79,15 +80,21 @@ DEFAULT_SPLITS = ("test", "test_ood")
 class EvaluateConfig(EvaluationFields):
     """Evaluate a trained predictor on a dataset's test splits, next to baselines and controls; write a report."""
 
-    predictor: Optional[str] = field(default=None, metadata={"help": "The predictor: a folder written by nsr train (…/predictor) or a Hub id"})
-    dataset: Optional[str] = field(default=None, metadata={"help": "The activation dataset (folder or Hub id); default: the one named in the predictor's config"})
-    output_dir: str = field(default="outputs/evaluate", metadata={"help": "Where metrics.json, predictions.json, report.md and the PNGs go"})
-    splits: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={"help": "Splits to evaluate; those the dataset lacks are skipped"})
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
-                               metadata={"help": f"Baselines and controls ({', '.join(BASELINE_METHODS)}; registry nsr_hf.methods.METHODS; 'none': the predictor alone)"})
-    base_model: Optional[str] = field(default=None, metadata={"help": "The original base model for the baselines (default: the predictor's base_model_name_or_path)"})
+    predictor: Optional[str] = field(default=None, metadata={
+        "help": "The predictor: a folder written by nsr train (…/predictor) or a Hub id"})
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "The activation dataset (folder or Hub id); default: the one named in the predictor's config"})
+    output_dir: str = field(default="outputs/evaluate", metadata={
+        "help": "Where metrics.json, predictions.json, report.md and the PNGs go"})
+    splits: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={
+        "help": "Splits to evaluate; those the dataset lacks are skipped"})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={
+        "help": f"Baselines and controls ({', '.join(BASELINE_METHODS)}; registry nsr_hf.methods.METHODS; 'none': the predictor alone)"})
+    base_model: Optional[str] = field(default=None, metadata={
+        "help": "The original base model for the baselines (default: the predictor's base_model_name_or_path)"})
     base_unchanged: bool = field(default=False, metadata={
-        "help": "The predictor's base weights are the original ones (head_only training): use them for the baselines instead of loading the original again"})
+        "help": "The predictor's base weights are the original ones (head_only training): "
+                "use them for the baselines instead of loading the original again"})
     confidence_level: float = field(default=0.95, metadata={"help": "Level of the confidence intervals"})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap, the random subset, the baselines and the causal test"})
     causal: bool = field(default=True, metadata={"help": "Run the causal test (set the neuron, watch the report)"})
@@ -97,9 +104,11 @@ class EvaluateConfig(EvaluationFields):
     shuffled_predictor: Optional[str] = field(default=None, metadata={
         "help": "A predictor trained the same way on shuffled labels: the predictor's own selectivity control"})
     training_log: Optional[str] = field(default=None, metadata={
-        "help": "JSON with the Trainer's log_history (trainer_state.json or a list) for training_curves.png; default: next to the predictor"})
+        "help": "JSON with the Trainer's log_history (trainer_state.json or a list) for training_curves.png; "
+                "default: next to the predictor"})
     drift_log: Optional[str] = field(default=None, metadata={
-        "help": "drift.json of the drift monitor (nsr_hf.training.monitoring) for drift.png; default: next to the predictor, else the drift/ entries of the training log"})
+        "help": "drift.json of the drift monitor (nsr_hf.training.monitoring) for drift.png; "
+                "default: next to the predictor, else the drift/ entries of the training log"})
     device: Optional[str] = field(default=None, metadata={"help": "Device of a predictor loaded here (default: cuda when available)"})
 
     def __post_init__(self):
@@ -165,7 +174,8 @@ def _original_base(config: EvaluateConfig, inner, base_model, tokenizer, wrapped
         return load_model_and_tokenizer(name, device=device)
     except (OSError, ValueError) as err:
         raise ValueError(f"Could not load the original base model {name!r} for the baselines ({err}). Pass --base_model with a "
-                         "folder or Hub id of it, --base_unchanged true when the predictor's base was never trained, or --methods none.") from err
+                         "folder or Hub id of it, --base_unchanged true when the predictor's base was never trained, "
+                         "or --methods none.") from err
 
 
 def _dataset_columns(neurons: Sequence[str], metadata: dict | None, width: int) -> list[int]:
@@ -178,7 +188,8 @@ def _dataset_columns(neurons: Sequence[str], metadata: dict | None, width: int) 
         return list(range(len(neurons)))
     missing = [n for n in neurons if n not in names]
     if missing:
-        raise ValueError(f"The dataset labels neuron(s) {names}, not the predictor's {missing}: evaluate on the dataset the predictor was trained for.")
+        raise ValueError(f"The dataset labels neuron(s) {names}, not the predictor's {missing}: "
+                         "evaluate on the dataset the predictor was trained for.")
     return [names.index(n) for n in neurons]
 
 
@@ -267,7 +278,8 @@ def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: 
     return result
 
 
-def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j: int, column: int, preds, shuffled, baselines) -> tuple[dict, dict]:
+def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j: int, column: int, preds, shuffled,
+                   baselines) -> tuple[dict, dict]:
     """``(result, predictions)`` of neuron ``j``: its figures, comparisons, selectivity, spread and causal test by split,
     and every method's predictions by split (``predictions.json``)."""
     neuron = inner.config.neurons[j]
@@ -284,7 +296,8 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
         metrics = {}
         for method, values in methods.items():
             with quiet_if(method == "mean"):  # constant by construction: its r = 0 needs no warning
-                metrics[method] = evaluate_predictions(values, true, greedy=greedy[:, j] if (method == "self" and greedy is not None) else None,
+                metrics[method] = evaluate_predictions(values, true,
+                                                       greedy=greedy[:, j] if (method == "self" and greedy is not None) else None,
                                                        bin_edges=edges, n_bootstrap=n_boot, seed=seed, level=level)
         result["metrics"][s] = metrics
         result["spread"][s] = split_spread(true, train_std, s)

@@ -38,7 +38,8 @@ def _warnings(metrics: dict) -> list[str]:
         f = figures_of(metrics, method)
         if f.get("pearson", 0) > 0.5 and f.get("r2", 0) < 0:
             out.append(f"{method}: r = {f['pearson']:.2f} but R² = {f['r2']:.2f}: correlated yet wrongly scaled or shifted "
-                       f"(calibration slope {f['calibration_slope']:.2f}, intercept {f['calibration_intercept']:.2f}); a failure, not a finding.")
+                       f"(calibration slope {f['calibration_slope']:.2f}, intercept {f['calibration_intercept']:.2f}); "
+                       "a failure, not a finding.")
     return out
 
 
@@ -85,7 +86,8 @@ def _causal_lines(causal: dict) -> list[str]:
     lines = []
     slope, se = get("slope"), get("slope_se")
     if slope is not None:
-        lines.append(f"- slope of the mean report on the set value: {slope:.3f}" + (f" ± {se:.3f} (standard error)" if se is not None else ""))
+        lines.append(f"- slope of the mean report on the set value: {slope:.3f}"
+                     + (f" ± {se:.3f} (standard error)" if se is not None else ""))
     if get("natural_slope") is not None:
         lines.append(f"- slope of a faithful reporter (natural slope): {causal['natural_slope']:.3f}")
     if get("intercept") is not None:
@@ -336,14 +338,16 @@ def _header_lines(evaluation: dict) -> list[str]:
               "- Rows: " + ", ".join(f"{s} {n}" for s, n in (evaluation.get("rows") or {}).items())]
     boot = evaluation.get("bootstrap") or {}
     if boot.get("n"):
-        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, {boot['n']} resamples (seed {boot.get('seed')}); "
+        lines.append(f"- Intervals: {boot.get('level', 0.95):.0%} percentile bootstrap over rows, "
+                     f"{boot['n']} resamples (seed {boot.get('seed')}); "
                      "differences between methods use the same resamples for both (paired)")
     return lines + ["- Units: activation units of the neuron (MSE in squared units); R² below 0 is worse than predicting the mean", ""]
 
 
 def _probe_by_layer_lines(pbl: dict) -> list[str]:
     keys = sorted({k for e in pbl.values() for k in e if k.endswith("_r2")}, key=lambda k: (k != "validation_r2", k))
-    lines = ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    lines = ["## Ridge probe by layer", "", "| layer | alpha | " + " | ".join(keys) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
     for layer in sorted(pbl, key=lambda x: int(x)):
         e = pbl[layer]
         alpha = e.get("alpha")
@@ -353,7 +357,8 @@ def _probe_by_layer_lines(pbl: dict) -> list[str]:
 
 
 def _every_neuron_lines(by_neuron: dict, headline_split: str) -> list[str]:
-    lines = ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |", "| --- | --- | --- | --- |"]
+    lines = ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |",
+             "| --- | --- | --- | --- |"]
     for name, result in by_neuron.items():
         m = (result.get("metrics") or {}).get(headline_split) or {}
         probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
@@ -390,7 +395,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
     if evaluation.get("probe_by_layer"):
         lines += _probe_by_layer_lines(evaluation["probe_by_layer"])
     if evaluation.get("causal"):
-        lines += ["## Causal test", "", "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
+        lines += ["## Causal test", "",
+                  "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
         lines += _causal_lines(evaluation["causal"]) + [""]
     if drift_summary:
         shown = ", ".join(f"{k} {fmt(v, 4)}" for k, v in drift_summary.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)))

@@ -150,6 +150,7 @@ def selectivity(predictions: dict, true, *, n_bootstrap: int, seed: int, level: 
             diff = paired_bootstrap_difference(predictions[real], predictions[control], true, "r2", n=n_bootstrap, seed=seed, level=level)
         else:
             t = np.asarray(true, dtype=np.float64)[None]
-            diff = {"difference": float(r2_rows(np.asarray(predictions[real])[None], t)[0] - r2_rows(np.asarray(predictions[control])[None], t)[0])}
+            diff = {"difference": float(r2_rows(np.asarray(predictions[real])[None], t)[0]
+                                        - r2_rows(np.asarray(predictions[control])[None], t)[0])}
         out[real] = {"selectivity": diff.pop("difference"), "control": control, **diff}
     return out

@@ -15,7 +15,8 @@ POSITIONS = ("all", "last")
 class ScanConfig(CorpusFields):
     """Scan a corpus for the MLP neurons worth self-reporting (statistics, scores, top examples, plots)."""
 
-    max_documents: Optional[int] = field(default=2000, metadata={"help": "Scan at most this many documents (after dropping duplicates); 0 or None: all"})
+    max_documents: Optional[int] = field(default=2000, metadata={
+        "help": "Scan at most this many documents (after dropping duplicates); 0 or None: all"})
     layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers to scan, e.g. --layers 10 11 12 (None: all layers)"})
     position: str = field(default="all", metadata={"help": "'all': every real token; 'last': the last real token of each document"})
     threshold: float = field(
@@ -35,15 +36,18 @@ class ScanConfig(CorpusFields):
     example_window: int = field(default=8, metadata={"help": "Tokens of context shown on each side of an example's token"})
     batch_size: int = field(default=8, metadata={"help": "Documents per forward pass"})
     max_length: int = field(default=256, metadata={"help": "Documents are cut to this many tokens"})
-    histogram_documents: int = field(default=200, metadata={"help": "Documents read again for the top neurons' histograms (0: no histograms)"})
-    output_dir: Optional[str] = field(default="outputs/scan", metadata={"help": "Where to write the table, top_neurons.json and plots (None: do not write)"})
+    histogram_documents: int = field(default=200, metadata={
+        "help": "Documents read again for the top neurons' histograms (0: no histograms)"})
+    output_dir: Optional[str] = field(default="outputs/scan", metadata={
+        "help": "Where to write the table, top_neurons.json and plots (None: do not write)"})
     seed: int = field(default=0, metadata={"help": "Random seed (the synthetic corpus samples with it)"})
 
     def __post_init__(self):
         if self.score not in SCORES:
             raise ValueError(f"Unknown score {self.score!r}: choose one of {', '.join(SCORES)}.")
         if self.position not in POSITIONS:
-            raise ValueError(f"Unknown position rule {self.position!r} for a scan: use 'all' (every real token) or 'last' (last real token).")
+            raise ValueError(f"Unknown position rule {self.position!r} for a scan: "
+                             "use 'all' (every real token) or 'last' (last real token).")
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}.")
         if not 0.0 <= self.dead_std_ratio < 1.0:

@@ -38,9 +38,12 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
     """
 
     # -- the neuron
-    neuron: str = field(default="auto", metadata={"help": "'auto' (the scan's best), a scan rank (e.g. 3), or a neuron 'layer.index' (quote it in YAML)"})
+    neuron: str = field(default="auto", metadata={
+        "help": "'auto' (the scan's best), a scan rank (e.g. 3), or a neuron 'layer.index' (quote it in YAML)"})
     layers: list[int] | None = field(default=None, metadata={"help": "Layers to scan (default: all)"})
-    select: str = field(default="score", metadata={"help": "How 'auto' / a rank picks the neuron: 'score' (the scan's ranking) or 'readable' (of the top select_candidates, the one a ridge probe reads best from the head's representation, cross-validated on the scanned train documents)"})
+    select: str = field(default="score", metadata={
+        "help": "How 'auto' / a rank picks the neuron: 'score' (the scan's ranking) or 'readable' (of the top select_candidates, the one a "
+                "ridge probe reads best from the head's representation, cross-validated on the scanned train documents)"})
     select_candidates: int = field(default=20, metadata={"help": "select 'readable': how many of the scan's top neurons compete"})
     scan_documents: int = field(default=600, metadata={"help": "Training documents to scan"})
 
@@ -50,46 +53,73 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
     max_length: int = field(default=128, metadata={"help": "Texts are cut to this many tokens"})
     position: str = field(default="last", metadata={"help": "The labelled token: 'last' or an integer index"})
     num_bins: int = field(default=10, metadata={"help": "Bins of the classification and token heads"})
-    bin_strategy: str | None = field(default=None, metadata={"help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its train split at train time; the dataset is not changed"})
+    bin_strategy: str | None = field(default=None, metadata={
+        "help": "Bins of the classification and token heads: 'quantile' (equal counts), 'equal_width' or 'kmeans' (1-D k-means: the least "
+                "squared error of reporting a bin's mean; the best for a skewed neuron's R²). Unset: the dataset's bins ('quantile' when "
+                "the run builds the dataset). Set on a dataset binned otherwise (or into another num_bins), the bins are refitted on its "
+                "train split at train time; the dataset is not changed"})
 
     # -- the predictor's head
     head_type: str = field(default="regression", metadata={"help": f"The head: one of {', '.join(HEAD_TYPES)} (nsr_hf.modeling.heads)"})
-    read_layer: str | None = field(default=None, metadata={"help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
-    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={"help": "Token head: the text after the labelled token that asks for the report ({neuron} is filled in). An empty string reports as the labelled token's own next token (the representation the regression head and the ridge probe read)"})
-    expected_value_loss_weight: float = field(default=0.0, metadata={"help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
-    head_init: str = field(default="random", metadata={"help": "Regression head: 'random' or 'probe' (the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
+    read_layer: str | None = field(default=None, metadata={
+        "help": "Block whose output the head reads: an index, 'target+K' (K blocks after the target's), or none (the last). For the token "
+                "head a block below the last is an early exit (final norm + LM head on that block: the logit lens)"})
+    prompt_suffix: str = field(default=DEFAULT_PROMPT_SUFFIX, metadata={
+        "help": "Token head: the text after the labelled token that asks for the report ({neuron} is filled in). An empty string reports "
+                "as the labelled token's own next token (the representation the regression head and the ridge probe read)"})
+    expected_value_loss_weight: float = field(default=0.0, metadata={
+        "help": "Token head: weight of the squared error of the expected value (z-scored) added to the cross-entropy"})
+    head_init: str = field(default="random", metadata={
+        "help": "Regression head: 'random' or 'probe' "
+                "(the closed-form ridge probe of its representation on train, then fine-tuning: LP-FT)"})
 
     # -- what trains, and on which labels
-    unfreeze: str = field(default="head_only", metadata={"help": "head_only, last_k, after_target, full, lora, lora_after_target or gradual (nsr_hf.training.unfreezing)"})
+    unfreeze: str = field(default="head_only", metadata={
+        "help": "head_only, last_k, after_target, full, lora, lora_after_target or gradual (nsr_hf.training.unfreezing)"})
     unfreeze_k: int | None = field(default=None, metadata={"help": "Blocks for last_k (and lora: LoRA on the last k blocks only)"})
     unfreeze_every_n_steps: int = field(default=50, metadata={"help": "gradual: steps between two blocks joining"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    labels: str = field(default="reference", metadata={"help": "'reference' (the dataset's values, from the original model) or 'live' (recomputed from the current weights each step)"})
-    live_guard_weight: float = field(default=10.0, metadata={"help": "labels 'live': weight of the guard that keeps the neuron's mean and spread (0: off)"})
-    drift_every_n_steps: int = field(default=50, metadata={"help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.training.monitoring)"})
+    labels: str = field(default="reference", metadata={
+        "help": "'reference' (the dataset's values, from the original model) or 'live' (recomputed from the current weights each step)"})
+    live_guard_weight: float = field(default=10.0, metadata={
+        "help": "labels 'live': weight of the guard that keeps the neuron's mean and spread (0: off)"})
+    drift_every_n_steps: int = field(default=50, metadata={
+        "help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.training.monitoring)"})
 
     # -- the evaluation after training
-    evaluate: bool = field(default=True, metadata={"help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
-    eval_methods: list[str] | None = field(default=None, metadata={"help": f"Baselines and controls to run: {', '.join(BASELINE_METHODS)} (default: all; registry: nsr_hf.methods.METHODS)"})
+    evaluate: bool = field(default=True, metadata={
+        "help": "Run the evaluation protocol (baselines, controls, causal test, report) after training"})
+    eval_methods: list[str] | None = field(default=None, metadata={
+        "help": f"Baselines and controls to run: {', '.join(BASELINE_METHODS)} (default: all; registry: nsr_hf.methods.METHODS)"})
 
     # -- TrainingArguments with the defaults of a self-reporter (the Trainer's own help, where it says more)
-    output_dir: str = field(default="outputs/train", metadata={"help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Push the saved predictor (not the Trainer's checkpoints) to this Hub repo id (owner/name)"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; the dataset already in output_dir is reused"})
+    output_dir: str = field(default="outputs/train", metadata={
+        "help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})
+    push_to_hub: str | None = field(default=None, metadata={
+        "help": "Push the saved predictor (not the Trainer's checkpoints) to this Hub repo id (owner/name)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; "
+                "the dataset already in output_dir is reused"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over train"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per step and process"})
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Rows per evaluation batch (also the probes' and the evaluation's batches)"})
+    per_device_eval_batch_size: int = field(default=32, metadata={
+        "help": "Rows per evaluation batch (also the probes' and the evaluation's batches)"})
     eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation during training: 'no', 'steps' or 'epoch'"})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps"})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps' or 'epoch' (needed to resume)"})
     save_steps: float = field(default=500, metadata={"help": "With save_strategy 'steps'"})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
     seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation and of the data order"})
-    report_to: str = field(default="none", metadata={"help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset's columns: the collator reads labels, positions and bins from them"})
-    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "The batch keys the Trainer treats as labels"})
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "Every trainable parameter reaches the loss by construction of the unfreezing strategies (blocks after read_layer stay frozen)"})
+    report_to: str = field(default="none", metadata={
+        "help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Keep the dataset's columns: the collator reads labels, positions and bins from them"})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={
+        "help": "The batch keys the Trainer treats as labels"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "Every trainable parameter reaches the loss by construction of the unfreezing strategies "
+                "(blocks after read_layer stay frozen)"})
 
     def __post_init__(self):
         self._check_pipeline_fields()
@@ -130,7 +160,8 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         if self.save_strategy not in ("no", "steps", "epoch"):
             raise ValueError(f"save_strategy must be 'no', 'steps' or 'epoch', got {self.save_strategy!r}.")
         if self.resume_from_checkpoint and self.unfreeze == "gradual":
-            raise ValueError("resume_from_checkpoint is not supported with gradual unfreezing (the optimizer's groups depend on the step): use last_k or lora.")
+            raise ValueError("resume_from_checkpoint is not supported with gradual unfreezing "
+                             "(the optimizer's groups depend on the step): use last_k or lora.")
         self.read_layer_rule()  # validates
         if self.unfreeze == "last_k" and self.unfreeze_k is None:
             raise ValueError("unfreeze 'last_k' needs unfreeze_k (how many blocks, counted down from the block the head reads).")
@@ -182,7 +213,8 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         layer = rule[1] if rule[0] == "abs" else target_layer + rule[1]
         if layer >= num_layers:
             if rule[0] == "target":
-                logger.warning("read_layer %s is past the last block for a target in layer %d: reading the last block.", self.read_layer, target_layer)
+                logger.warning("read_layer %s is past the last block for a target in layer %d: reading the last block.",
+                               self.read_layer, target_layer)
                 return num_layers - 1
             raise ValueError(f"read_layer {layer} is out of range: the model has blocks 0..{num_layers - 1}.")
         return layer

@@ -384,7 +384,8 @@ _HEAD_LINES = (("head_r_live", "vs live neuron", "o"), ("head_r_reference", "vs 
 
 
 def _drift_keys(history: Sequence[dict]) -> list[str]:
-    return sorted({k for e in history for k, v in e.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return sorted({k for e in history for k, v in e.items()
+                   if k not in DRIFT_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
 def _other_keys(keys: Sequence[str]) -> list[str]:
