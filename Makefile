@@ -1,6 +1,6 @@
 # Two commands for a newcomer on a fresh machine:
 #   make quickstart   set up .venv and run the main job on the embedded default (SmolLM2-135M, offline)
-#   make test         set up .venv and run the whole test suite (fast and slow tests)
+#   make test         set up .venv, run ruff, then the whole test suite (fast and slow tests)
 # Both are quick the second time: the environment is only rebuilt when setup.py changes.
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsr_hf-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,10 @@ $(STAMP): setup.py Makefile
 quickstart: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/nsr quickstart --output_dir outputs/quickstart
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nsr_hf tests benchmarks examples
+
+test: lint
 	$(OFFLINE) $(PY) -m pytest -m "slow or not slow" -q
 
 test-fast: $(STAMP)

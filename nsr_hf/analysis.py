@@ -61,7 +61,7 @@ from nsr_hf.evaluation.causal import (
     target_column,
     unwrap_predictor,
 )
-from nsr_hf.metrics import r2_score
+from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.plotting import new_figure, save_figure
 from nsr_hf.utils import to_jsonable, write_json
@@ -421,7 +421,7 @@ def _slope_summary(fit: dict) -> dict:
 
 
 def _accuracy(report: np.ndarray, true: np.ndarray) -> dict:
-    return {"r2": r2_score(true, report), "r": linear_fit(report, true)["r"], "mse": float(np.mean((report - true) ** 2))}
+    return {"r2": r2_score(true, report), "r": pearson_r(report, true), "mse": float(np.mean((report - true) ** 2))}
 
 
 def _retained(after: float | None, before: float | None) -> float | None:

@@ -160,7 +160,6 @@ class ActivationPredictor(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     # Float labels with a **kwargs forward would make Trainer count tokens from them (PITFALLS HF-4).
-    model_accepts_loss_kwargs = False  # transformers < 5 reads this name
     accepts_loss_kwargs = False
 
     def __init__(self, config: ActivationPredictorConfig):
