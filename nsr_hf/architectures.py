@@ -49,44 +49,27 @@ class ArchSpec:
     fan_in_fan_out: bool = False
 
 
+# One row per architecture: where the blocks and the final norm are; the MLP (its input projections, activation and
+# the module whose input is the neuron vector); the modules LoRA targets.
 _LLAMA = ArchSpec(
-    layers="model.layers",
-    final_norm="model.norm",
-    mlp="mlp",
-    pre_mlp_norm="post_attention_layernorm",
-    neuron_module="mlp.down_proj",
-    mlp_kind="gated",
-    mlp_in=("gate_proj", "up_proj"),
-    act="act_fn",
+    layers="model.layers", final_norm="model.norm", pre_mlp_norm="post_attention_layernorm",
+    mlp="mlp", mlp_kind="gated", mlp_in=("gate_proj", "up_proj"), act="act_fn", neuron_module="mlp.down_proj",
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
-        layers="transformer.h",
-        final_norm="transformer.ln_f",
-        mlp="mlp",
-        pre_mlp_norm="ln_2",
-        neuron_module="mlp.c_proj",
-        mlp_kind="conv1d",
-        mlp_in=("c_fc",),
-        act="act",
-        lora_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-        fan_in_fan_out=True,
+        layers="transformer.h", final_norm="transformer.ln_f", pre_mlp_norm="ln_2",
+        mlp="mlp", mlp_kind="conv1d", mlp_in=("c_fc",), act="act", neuron_module="mlp.c_proj",
+        lora_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), fan_in_fan_out=True,
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gpt_neox": ArchSpec(
-        layers="gpt_neox.layers",
-        final_norm="gpt_neox.final_layer_norm",
-        mlp="mlp",
-        pre_mlp_norm="post_attention_layernorm",
-        neuron_module="mlp.dense_4h_to_h",
-        mlp_kind="linear",
-        mlp_in=("dense_h_to_4h",),
-        act="act",
+        layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", pre_mlp_norm="post_attention_layernorm",
+        mlp="mlp", mlp_kind="linear", mlp_in=("dense_h_to_4h",), act="act", neuron_module="mlp.dense_4h_to_h",
         lora_targets=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     ),
 }
