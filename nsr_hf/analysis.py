@@ -62,9 +62,8 @@ from nsr_hf.evaluation.causal import (
     unwrap_predictor,
 )
 from nsr_hf.metrics import pearson_r, r2_score
-from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.plotting import new_figure, save_figure
-from nsr_hf.utils import to_jsonable, write_json
+from nsr_hf.utils import causal_lm, to_jsonable, write_json
 
 PATCHING_MODES = ("set", "zero", "scale")
 
@@ -509,12 +508,6 @@ def direction_ablation(predictor, rows, neuron=None, control_directions: int = 3
 # Drift
 
 
-def _causal_lm(model) -> nn.Module:
-    if hasattr(model, "get_base_model") and not isinstance(model, ActivationPredictor):
-        model = model.get_base_model()
-    return model.base if isinstance(model, ActivationPredictor) else model
-
-
 def drift_anatomy(original_model, trained_model, neuron) -> AnalysisResult:
     """How training moved ``neuron``'s weights (causal LMs or predictors, same architecture and shapes).
 
@@ -524,7 +517,7 @@ def drift_anatomy(original_model, trained_model, neuron) -> AnalysisResult:
     ``layer_change_std``, ``change_z`` (None when the others did not move at all) and ``change_percentile`` (share of
     the others that moved strictly less, in %). Input biases (GPT-2) get ``old``/``new``/``change``; the block's
     pre-MLP norm weight gets its ``relative_change``. ``changed``: any of the neuron's weights moved."""
-    old_lm, new_lm = _causal_lm(original_model), _causal_lm(trained_model)
+    old_lm, new_lm = causal_lm(original_model), causal_lm(trained_model)
     if arch_spec(old_lm) is not arch_spec(new_lm) or num_layers(old_lm) != num_layers(new_lm):
         raise ValueError("The two models have different architectures: drift needs the original and the trained version of one model.")
     neuron = validate_neuron(old_lm, neuron)

@@ -91,10 +91,6 @@ def format_capture_table(rows: list[dict], neurons) -> str:
     return "\n".join(lines)
 
 
-class QuickstartCommand:
-    """The main job on the embedded default: recipes/quickstart.yaml (scan, dataset, train, evaluate) into outputs/quickstart."""
-
-
 def _quickstart(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(quickstart_help())
@@ -123,20 +119,25 @@ def _stage(name: str, argv: list[str]) -> int:
     return 0
 
 
+# name -> (its config dataclass, what runs it); the quickstart is a recipe of TrainConfig, so it has no dataclass of its own
 COMMANDS = {
     "capture": (CaptureConfig, run_capture),
     "scan": (ScanConfig, run_scan),
     "dataset": (DatasetConfig, run_dataset),
-    "quickstart": (QuickstartCommand, None),
+    "quickstart": (None, run_quickstart),
     "train": (TrainConfig, run_train),
     "evaluate": (EvaluateConfig, run_evaluate),
     "sweep": (SweepConfig, run_sweep),
 }
+QUICKSTART_SUMMARY = ("The main job on the embedded default: recipes/quickstart.yaml (scan, dataset, train, evaluate) "
+                      "into outputs/quickstart.")
 
 
 def usage() -> str:
     lines = ["usage: nsr <command> [recipe.yaml] [--flag value ...]", "", "commands:"]
-    lines += [f"  {name:<12} {(config_cls.__doc__ or '').strip().splitlines()[0]}" for name, (config_cls, _) in COMMANDS.items()]
+    for name, (config_cls, _) in COMMANDS.items():
+        summary = QUICKSTART_SUMMARY if config_cls is None else (config_cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {name:<12} {summary}")
     return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags."])
 
 

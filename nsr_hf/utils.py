@@ -25,6 +25,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The causal LM under every wrapper (``unwrap``) and inside an ``ActivationPredictor`` (its ``base``)."""
+    model = unwrap(model)
+    if getattr(getattr(model, "config", None), "model_type", None) == "nsr_activation_predictor":
+        return unwrap(model.base)
+    return model
+
+
 def to_jsonable(value: Any) -> Any:
     """Plain JSON values: numpy and torch scalars and arrays as numbers and lists, NaN and infinities as None, paths
     and other objects as their text."""

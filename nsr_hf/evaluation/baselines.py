@@ -39,7 +39,6 @@ from nsr_hf.modeling.probes import (
     FEATURE_COLUMNS,
     RidgeProbe,
     as_vector,
-    causal_lm,
     checked_rows,
     column_values,
     labels_of,
@@ -48,6 +47,7 @@ from nsr_hf.modeling.probes import (
     require_columns,
 )
 from nsr_hf.models import resolve_model_path
+from nsr_hf.utils import causal_lm
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.plotting import new_figure
 from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.utils import unwrap
 
 MODES = ("set", "scale")
 SCALE_RANGE = (0.0, 2.0)
@@ -46,9 +47,7 @@ PERCENTILE_RANGE = (1.0, 99.0)
 def unwrap_predictor(predictor):
     """The ``ActivationPredictor`` under a PEFT wrapper (LoRA layers stay injected in its modules)."""
 
-    model = predictor
-    if hasattr(model, "get_base_model") and not isinstance(model, ActivationPredictor):
-        model = model.get_base_model()
+    model = unwrap(predictor)
     if not isinstance(model, ActivationPredictor):
         raise TypeError(f"Expected an ActivationPredictor (or a PEFT model around one), got {type(predictor).__name__}.")
     return model

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from nsr_hf.architectures import get_final_norm, num_layers, truncated
 from nsr_hf.capture import pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
+from nsr_hf.utils import causal_lm
 
 DEFAULT_ALPHAS = np.logspace(-3, 5, 17)
 FEATURE_COLUMNS = ("input_ids", "attention_mask", "label_position")
@@ -95,17 +95,6 @@ def labels_of(rows, neuron_column: int = 0) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------
 # Features of the self model
-
-
-def causal_lm(model) -> nn.Module:
-    """The causal LM inside PEFT wrappers or an ``ActivationPredictor``."""
-    while True:
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif getattr(getattr(model, "config", None), "model_type", None) == "nsr_activation_predictor":
-            model = model.base
-        else:
-            return model
 
 
 def padded_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
