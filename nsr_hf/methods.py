@@ -101,8 +101,34 @@ def describe(method: str) -> str:
     return METHOD_DESCRIPTIONS.get(method, "")
 
 
+FAITHFULNESS_READERS = {"self": "**self**", "compare": "plainly trained predictor", "ridge_probe": "ridge probe (natural rows)",
+                        "ridge_probe_intervened": "ridge probe (intervened rows)"}
+
+
+def faithfulness_table(evaluation: dict, split: str = "test") -> str | None:
+    """Markdown table of the faithfulness section on ``split`` (``nsr_hf.evaluation.faithfulness``): each reader's
+    counterfactual R² [CI] and R² against the natural value, and the report's slope ratio [CI]; None without one."""
+    section = (evaluation.get("faithfulness") or {}).get(split)
+    if not isinstance(section, dict) or "methods" not in section:
+        return None
+    level = (evaluation.get("bootstrap") or {}).get("level", 0.95)
+    flag = "" if section.get("meaningful", True) else " (not meaningful: the set value cannot reach the report through computation)"
+    lines = [f"Faithfulness: {section['rows']} {split} rows with neuron {section['neuron']} set to {section['source']} values{flag}", "",
+             f"| reader | counterfactual R² [{level:.0%} CI] | R² against the natural value | slope ratio [{level:.0%} CI] |",
+             "| --- | --- | --- | --- |"]
+    ratio = section.get("slope_ratio") or {}
+    for method in [m for m in FAITHFULNESS_READERS if m in section["methods"]]:
+        figures = section["methods"][method]
+        slope = "n/a"
+        if method == "self" and ratio.get("ratio") is not None:
+            slope = fmt(ratio["ratio"]) + (f" [{fmt(ratio['low'])}, {fmt(ratio['high'])}]" if ratio.get("low") is not None else "")
+        lines.append(f"| {FAITHFULNESS_READERS[method]} | {with_ci(figures, 'r2')} | {fmt(figures.get('r2_vs_natural'))} | {slope} |")
+    return "\n".join(lines)
+
+
 def headline_table(evaluation: dict, split: str = "test") -> str:
-    """Markdown table: method x {R^2 [CI], r [CI], MSE} on ``split`` for the headline neuron."""
+    """Markdown table: method x {R^2 [CI], r [CI], MSE} on ``split`` for the headline neuron; beside it, when the
+    evaluation has one, the faithfulness table (``faithfulness_table``): accuracy and faithfulness side by side."""
     metrics = (evaluation.get("metrics") or {}).get(split)
     if not metrics:
         available = ", ".join(evaluation.get("metrics") or {}) or "none"
@@ -113,9 +139,18 @@ def headline_table(evaluation: dict, split: str = "test") -> str:
         figures = figures_of(metrics, method)
         name = f"**{method}**" if method == "self" else method
         lines.append(f"| {name} | {with_ci(figures, 'r2')} | {with_ci(figures, 'pearson')} | {fmt(figures.get('mse'), 4)} |")
-    return "\n".join(lines)
+    faithfulness = faithfulness_table(evaluation, split)
+    return "\n".join(lines) + (f"\n\n{faithfulness}" if faithfulness else "")
 
 
 def verdicts(evaluation: dict, split: str = "test") -> list[str]:
-    """The plain-English verdict of every comparison on ``split`` (self against cross-report and the probe)."""
-    return [c["verdict"] for c in ((evaluation.get("comparisons") or {}).get(split) or {}).values() if c.get("verdict")]
+    """The plain-English verdict of every comparison on ``split`` (self against cross-report and the probe), then the
+    faithfulness verdict (which readers follow the neuron when it is set) when the evaluation has one."""
+    out = [c["verdict"] for c in ((evaluation.get("comparisons") or {}).get(split) or {}).values() if c.get("verdict")]
+    faithfulness = evaluation.get("faithfulness") or {}
+    section = faithfulness.get(split)
+    if isinstance(section, dict) and section.get("verdict"):
+        out.append(section["verdict"])
+    elif faithfulness.get("skipped"):
+        out.append(f"Faithfulness not measured: {faithfulness['skipped']}")
+    return out

@@ -260,7 +260,7 @@ def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
 
 
 def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
-                batch_size: int = 16) -> dict:
+                batch_size: int = 16, per_row: bool = False) -> dict:
     """Clamp (``"set"``) or scale (``"scale"``) ``neuron`` at the labelled token and regress the report on its value.
 
     Returns a JSON-able dict: ``values`` (clamped values, or scale factors), ``mean_activation`` (the mean value the
@@ -269,6 +269,8 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
     per-row slopes, which does not), ``intercept``, ``fit_r2``, ``natural_slope`` / ``natural_intercept`` /
     ``natural_r2`` (report on the true activation, no intervention), ``mode``, ``neuron``, ``rows``, ``meaningful``,
     ``note``. Scaling multiplies the neuron's live value in ``predictor.base``; the fit uses that product.
+    With ``per_row``, ``per_row`` holds the rows' figures (lists): ``given`` and ``reports`` (values x rows), ``true`` and
+    ``natural`` (rows), from which ``nsr_hf.evaluation.statistics.slope_ratio_ci`` bootstraps the slope ratio.
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}: use 'set' (clamp to values) or 'scale' (multiply by factors).")
@@ -295,6 +297,7 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
     row_slopes = np.asarray([s for s in row_slopes if s is not None])
     nat = linear_fit(true, natural)
     meaningful, note = path_to_report(model, neuron)
+    rows_out = {"per_row": {"given": given.tolist(), "reports": reports.tolist(), "true": true.tolist(), "natural": natural.tolist()}}
     return {
         "neuron": str(neuron),
         "mode": mode,
@@ -313,6 +316,7 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         "natural_r2": nat["r2"],
         "meaningful": meaningful,
         "note": note,
+        **(rows_out if per_row else {}),
     }
 
 

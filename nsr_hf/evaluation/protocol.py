@@ -32,6 +32,10 @@ the same rows:
   ``shuffled_labels``) and for the predictor (against ``self_shuffled``, the predictions of a predictor trained
   on shuffled labels when one is given, else the probe's shuffled control, which is then named in the output).
 * The causal test of ``nsr_hf.evaluation.causal.causal_test`` (set the neuron, watch the report move).
+* Faithfulness (``nsr_hf.evaluation.faithfulness``, ``faithfulness`` by split): on ``counterfactual_rows`` held-out rows
+  whose neuron is set to counterfactual values, the counterfactual R² of the report and of two ridge probes of the same
+  representation, the causal test's slope ratio, each with an interval, and a verdict in words. The natural figures
+  above do not depend on it.
 
 Outputs in ``output_dir``: ``metrics.json`` (everything above), ``predictions.json`` (per split and neuron: the
 true values and every method's predictions, in row order, with the ``doc_id`` of each row), and the report of
@@ -52,9 +56,11 @@ from typing import Optional
 
 import numpy as np
 
+from nsr_hf.data.counterfactuals import check_source
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.faithfulness import faithfulness_section
 from nsr_hf.evaluation.predictions import predict_split, targets_of
 from nsr_hf.evaluation.report import drift_history, write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions, quiet_if, split_spread
@@ -100,6 +106,14 @@ class EvaluateConfig(EvaluationFields):
     causal: bool = field(default=True, metadata={"help": "Run the causal test (set the neuron, watch the report)"})
     causal_num_values: int = field(default=9, metadata={"help": "Causal test: values the neuron is set to"})
     causal_max_rows: int = field(default=64, metadata={"help": "Causal test: rows of the test split used"})
+    counterfactual_rows: int = field(default=256, metadata={
+        "help": "Faithfulness: held-out rows per split (and train rows for the probes) with the neuron set to counterfactual "
+                "values (0: no faithfulness section)"})
+    counterfactual_source: Optional[str] = field(default=None, metadata={
+        "help": "Faithfulness: where the set values come from (interchange, uniform, shift); default: the predictor's training "
+                "source, else interchange"})
+    compare_predictor: Optional[str] = field(default=None, metadata={
+        "help": "Faithfulness: a plainly trained predictor scored on the same counterfactual rows"})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward pass"})
     shuffled_predictor: Optional[str] = field(default=None, metadata={
         "help": "A predictor trained the same way on shuffled labels: the predictor's own selectivity control"})
@@ -126,6 +140,10 @@ class EvaluateConfig(EvaluationFields):
             raise ValueError(f"n_bootstrap must be 0 (no intervals) or more, got {self.n_bootstrap}.")
         if not 0 < self.confidence_level < 1:
             raise ValueError(f"confidence_level must be between 0 and 1 (e.g. 0.95), got {self.confidence_level}.")
+        if self.counterfactual_rows < 0:
+            raise ValueError(f"counterfactual_rows must be 0 (no faithfulness section) or more, got {self.counterfactual_rows}.")
+        if self.counterfactual_source is not None:
+            check_source(self.counterfactual_source)
         for name in ("batch_size", "causal_num_values", "causal_max_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -270,7 +288,7 @@ def _methods_on_split(split: str, j: int, true: np.ndarray, expected, shuffled, 
 def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: str) -> dict:
     try:
         result = causal_test(predictor, rows, neuron=neuron, num_values=config.causal_num_values, max_rows=config.causal_max_rows,
-                             seed=config.seed, batch_size=config.batch_size)
+                             seed=config.seed, batch_size=config.batch_size, per_row=config.counterfactual_rows > 0)
     except ValueError as err:  # e.g. the neuron does not vary over these rows: say so, keep every other figure
         logger.warning("Causal test of %s skipped: %s", neuron, err)
         result = {"neuron": neuron, "skipped": str(err)}
@@ -279,7 +297,7 @@ def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: 
 
 
 def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j: int, column: int, preds, shuffled,
-                   baselines) -> tuple[dict, dict]:
+                   baselines, compare=None) -> tuple[dict, dict]:
     """``(result, predictions)`` of neuron ``j``: its figures, comparisons, selectivity, spread and causal test by split,
     and every method's predictions by split (``predictions.json``)."""
     neuron = inner.config.neurons[j]
@@ -310,7 +328,28 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
     result["probe_by_layer"] = info.get("probe_by_layer") or {}
     result["baselines_info"] = info.get("info") or {}
     result["causal"] = _causal_result(config, predictor, dataset[splits[0]], neuron, splits[0]) if config.causal else None
+    per_row = (result["causal"] or {}).pop("per_row", None)
+    if config.counterfactual_rows:
+        causal = {splits[0]: {"per_row": per_row}} if per_row else None
+        result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare)
+        # the counterfactual rows' values go to predictions.json (under "counterfactual"), not into metrics.json
+        predictions["counterfactual"] = {s: section.pop("predictions") for s, section in result["faithfulness"].items()
+                                         if isinstance(section, dict) and "predictions" in section}
     return result, predictions
+
+
+def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neuron: str, column: int, causal, compare) -> dict:
+    """The faithfulness section by split, or ``{"skipped": why}`` when it cannot run (no train split, a neuron that never varies)."""
+    if "train" not in dataset or len(dataset["train"]) < 2:
+        return {"skipped": "the dataset has no train split to fit the counterfactual values and the probes on"}
+    try:
+        return faithfulness_section(predictor, {s: dataset[s] for s in splits}, dataset["train"], neuron=neuron, column=column,
+                                    max_rows=config.counterfactual_rows, source=config.counterfactual_source, seed=config.seed,
+                                    batch_size=config.batch_size, n_bootstrap=config.n_bootstrap, level=config.confidence_level,
+                                    causal=causal, compare=compare)
+    except ValueError as err:  # e.g. the neuron does not vary on train: say so, keep every other figure
+        logger.warning("Faithfulness of %s skipped: %s", neuron, err)
+        return {"skipped": str(err)}
 
 
 def _training_logs(config: EvaluateConfig, log_history, drift) -> tuple[list | None, object]:
@@ -382,17 +421,22 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     preds = {s: predict_split(predictor, dataset[s], config.batch_size) for s in splits}
     shuffled = _shuffled_predictions(config, predictor, dataset, splits, neurons)
     baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer)
+    compare = (load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
+               if config.compare_predictor and config.counterfactual_rows else None)
     per_neuron, all_predictions = {}, {}
     for j, neuron in enumerate(neurons):
         per_neuron[neuron], all_predictions[neuron] = _neuron_result(config, predictor, inner, dataset, splits, j, columns[j], preds,
-                                                                     shuffled, baselines.get(neuron))
+                                                                     shuffled, baselines.get(neuron), compare)
 
     log_history, drift = _training_logs(config, log_history, drift)
     history, drift_summary = drift_history(drift, log_history)
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
     write_json(out / "metrics.json", evaluation)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
-    write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions}, indent=None)
-    write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history, drift=history or drift_summary)
+    counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
+    write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
+                                          **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
+    write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history, drift=history or drift_summary,
+                 counterfactual=counterfactual.get(neurons[0]))
     print(f"evaluation of {', '.join(neurons)} written to {out}/ (metrics.json, report.md)", flush=True)
     return evaluation

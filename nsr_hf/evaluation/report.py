@@ -16,6 +16,7 @@ Plots (PNG, matplotlib's Agg canvas, no pyplot state), each written only when it
 * ``drift.png``: the drift monitor's figure (``nsr_hf.training.monitoring.plot_drift``) of its history (``drift_history``
   says which inputs it accepts).
 * ``causal.png``: ``nsr_hf.evaluation.causal.plot_causal`` of the causal test.
+* ``faithfulness.png``: ``plot_faithfulness``: the report against the value the neuron was set to, self next to the probes.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.evaluation.causal import plot_causal
-from nsr_hf.methods import describe, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
+from nsr_hf.methods import describe, faithfulness_table, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
 from nsr_hf.plotting import figure, save_figure
 from nsr_hf.training.monitoring import DRIFT_SKIP, plot_drift
 
@@ -259,6 +260,55 @@ def drift_history(drift=None, log_history: Sequence[dict] | None = None) -> tupl
     return history, summary
 
 
+FAITHFULNESS_PANELS = (("self", "self (report)"), ("compare", "plainly trained predictor"),
+                       ("ridge_probe", "ridge probe, natural rows"), ("ridge_probe_intervened", "ridge probe, intervened rows"))
+
+
+def plot_faithfulness(counterfactual: dict, path: Path, section: dict | None = None) -> Path | None:
+    """Report against the value the neuron was set to, with the identity line: one panel per reader (self next to the
+    probes). ``counterfactual``: {"set": (rows,), "self": (rows,), optional "ridge_probe", ...} of one split."""
+    panels = [(k, label) for k, label in FAITHFULNESS_PANELS if k in counterfactual]
+    if not panels or "set" not in counterfactual:
+        return None
+    set_to = np.asarray(counterfactual["set"], dtype=np.float64)
+    values = np.concatenate([set_to] + [np.asarray(counterfactual[k], dtype=np.float64) for k, _ in panels])
+    low, high = float(values.min()), float(values.max())
+    pad = 0.05 * (high - low or 1.0)
+    fig = figure(3.8 * len(panels), 3.8)
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.scatter(set_to, np.asarray(counterfactual[key]), s=8, alpha=0.6, color="tab:blue" if key == "self" else "tab:grey")
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="black", linewidth=1, label="identity (y = x)")
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_xlabel("value the neuron was set to")
+        if i == 0:
+            ax.set_ylabel("report (activation units)")
+        r2 = ((section or {}).get("methods") or {}).get(key, {}).get("r2")
+        ax.set_title(label + (f": R² = {r2:.3f}" if r2 is not None else ""), fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    return save_figure(fig, path, crop=False)
+
+
+def _faithfulness_lines(evaluation: dict, splits: list[str]) -> list[str]:
+    section = evaluation.get("faithfulness") or {}
+    lines = ["## Faithfulness", "",
+             "Accuracy on natural rows does not say why the report is right: a reporter that recomputes its neuron from the "
+             "context scores as well as one that reads it. Here the neuron is set, at the labelled token, to values its context "
+             "does not predict; a reporter that reads the neuron reports the value that was set (counterfactual R², slope ratio "
+             "near 1), one that recomputes it reports the natural value (R² against the natural value).", ""]
+    if section.get("skipped"):
+        return lines + [f"- skipped: {section['skipped']}", ""]
+    for split in splits:
+        table = faithfulness_table(evaluation, split)
+        if table:
+            lines += [table, "", f"- {section[split]['verdict']}"]
+            if not section[split].get("meaningful", True):
+                lines.append(f"- ⚠ {section[split]['note']}")
+            lines.append("")
+    return lines
+
+
 def _plot_causal(causal: dict, path: Path) -> Path:
     return save_figure(plot_causal(causal), path)
 
@@ -295,7 +345,7 @@ def _split_section(evaluation: dict, split: str) -> list[str]:
 
 
 def _write_plots(evaluation: dict, out: Path, splits: list[str], headline_split: str, predictions: dict | None,
-                 log_history: Sequence[dict] | None, history: list[dict]) -> dict[str, Path]:
+                 log_history: Sequence[dict] | None, history: list[dict], counterfactual: dict | None = None) -> dict[str, Path]:
     """Every PNG whose data is there, by name; a plot whose optional dependency is missing is skipped with a warning."""
     neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
     info = evaluation.get("predictor") or {}
@@ -326,6 +376,9 @@ def _write_plots(evaluation: dict, out: Path, splits: list[str], headline_split:
         attempt("drift.png", lambda p: plot_drift(history, [], p))
     if (evaluation.get("causal") or {}).get("mean_report"):
         attempt("causal.png", lambda p: _plot_causal(evaluation["causal"], p))
+    if counterfactual and headline_split in counterfactual:
+        section = (evaluation.get("faithfulness") or {}).get(headline_split)
+        attempt("faithfulness.png", lambda p: plot_faithfulness(counterfactual[headline_split], p, section))
     return plots
 
 
@@ -367,7 +420,7 @@ def _every_neuron_lines(by_neuron: dict, headline_split: str) -> list[str]:
 
 
 def write_report(evaluation: dict, output_dir, *, predictions: dict | None = None, log_history: Sequence[dict] | None = None,
-                 drift=None) -> Path:
+                 drift=None, counterfactual: dict | None = None) -> Path:
     """Write ``report.md`` and the PNGs (module docstring) into ``output_dir``; returns the report's path.
 
     Args:
@@ -377,6 +430,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
         log_history: the Trainer's ``log_history`` for ``training_curves.png``.
         drift: the drift monitor's history, its ``drift.json``, or a summary without history (``drift_history``); when
             None, the ``drift/...`` entries of ``log_history`` are used.
+        counterfactual: {split: {"set", "self", "ridge_probe", ...}} of the headline neuron's faithfulness rows
+            (``predictions.json``'s ``counterfactual[neuron]``), for ``faithfulness.png``.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +440,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
         raise ValueError("The evaluation holds no metrics by split: pass what run_evaluate returns (or its metrics.json).")
     history, drift_summary = drift_history(drift, log_history)
     headline_split = "test" if "test" in splits else splits[0]
-    plots = _write_plots(evaluation, out, splits, headline_split, predictions, log_history, history)
+    plots = _write_plots(evaluation, out, splits, headline_split, predictions, log_history, history, counterfactual)
 
     lines = _header_lines(evaluation)
     for split in [headline_split] + [s for s in splits if s != headline_split]:
@@ -398,6 +453,8 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
         lines += ["## Causal test", "",
                   "The neuron is set to a range of values during the forward pass; a reporter that reads it moves with it.", ""]
         lines += _causal_lines(evaluation["causal"]) + [""]
+    if evaluation.get("faithfulness"):
+        lines += _faithfulness_lines(evaluation, [headline_split] + [s for s in splits if s != headline_split])
     if drift_summary:
         shown = ", ".join(f"{k} {fmt(v, 4)}" for k, v in drift_summary.items() if k not in DRIFT_SKIP and isinstance(v, (int, float)))
         when = f"At step {drift_summary['step']}" if "step" in drift_summary else "After training"

@@ -154,3 +154,49 @@ def selectivity(predictions: dict, true, *, n_bootstrap: int, seed: int, level: 
                                         - r2_rows(np.asarray(predictions[control])[None], t)[0])}
         out[real] = {"selectivity": diff.pop("difference"), "control": control, **diff}
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The causal test's slope ratio
+
+
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """OLS slope of ``y`` on ``x`` along the last axis of ``(resamples, m)`` arrays; NaN where ``x`` does not vary."""
+    dx = x - x.mean(-1, keepdims=True)
+    sxx = (dx * dx).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sxx > 0, (dx * (y - y.mean(-1, keepdims=True))).sum(-1) / sxx, np.nan)
+
+
+def slope_ratio_ci(given, reports, true, natural, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """The causal test's slope over its natural slope, with a row-bootstrap interval.
+
+    ``given`` and ``reports`` are ``(values, rows)``: the value each row's neuron was set to and the report under it;
+    ``true`` and ``natural`` are ``(rows,)``: each row's true value and its report without intervention. A resample
+    draws rows (with every value of each row), refits both slopes and takes their ratio; resamples whose natural
+    slope is 0 or undefined are left out (``dropped``). ``ratio`` is None when the natural slope of all rows is."""
+    given, reports = np.asarray(given, dtype=np.float64), np.asarray(reports, dtype=np.float64)
+    true, natural = as_rows(true, natural)
+    if given.shape != reports.shape or given.ndim != 2 or given.shape[1] != true.size:
+        raise ValueError(f"given and reports must be (values, {true.size}) arrays, got {given.shape} and {reports.shape}.")
+    causal = float(_slopes(given.reshape(1, -1), reports.reshape(1, -1))[0])
+    nat = float(_slopes(true[None], natural[None])[0])
+    out = {"ratio": None, "causal_slope": causal, "natural_slope": nat, "low": None, "high": None, "level": level,
+           "n_bootstrap": n, "dropped": 0}
+    if not np.isfinite(nat) or nat == 0 or not np.isfinite(causal):
+        return out
+    out["ratio"] = causal / nat
+    if not n:
+        return out
+    ratios = []
+    for idx in _resampled(true.size, n, seed):
+        x = given[:, idx].transpose(1, 0, 2).reshape(idx.shape[0], -1)
+        y = reports[:, idx].transpose(1, 0, 2).reshape(idx.shape[0], -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios.append(_slopes(x, y) / _slopes(true[idx], natural[idx]))
+    ratios = np.concatenate(ratios)
+    finite = ratios[np.isfinite(ratios)]
+    out["dropped"] = int(ratios.size - finite.size)
+    if finite.size:
+        out["low"], out["high"] = _interval(finite, level)
+    return out

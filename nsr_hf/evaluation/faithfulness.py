@@ -1,0 +1,218 @@
+"""Faithfulness: does the report follow the neuron when the neuron is set to a value its context does not predict?
+
+    from nsr_hf.evaluation.faithfulness import faithfulness_section
+    section = faithfulness_section(predictor, {"test": dd["test"]}, dd["train"], causal={"test": causal_result})
+    section["test"]["methods"]["self"]["r2"], section["test"]["slope_ratio"]["ratio"], section["test"]["verdict"]
+
+Accuracy (R² on natural rows) says a reporter gives the right number; it does not say it gives it for the right reason.
+A reporter that recomputes its neuron from the context scores as well on natural rows as one that reads the neuron.
+On held-out rows whose target neuron is *set* at the labelled token to counterfactual values
+(``nsr_hf.data.counterfactuals.CounterfactualValues``, fitted on the train split, drawn from seeded uniform numbers),
+only a reporter that reads the neuron is right. The figures, each with a bootstrap interval:
+
+* ``methods.self``: the counterfactual R² (and r, MSE) of the report against the value that was set; ``r2_vs_natural``
+  is its R² against the row's natural value (high when the report follows the context instead);
+* ``slope_ratio``: the causal test's slope over its natural slope (``nsr_hf.evaluation.causal.causal_test``), with a
+  row-bootstrap interval (``nsr_hf.evaluation.statistics.slope_ratio_ci``);
+* on the same rows, outside readers of the same representation (the predictor's base at the head's read layer, read
+  with the neuron set): ``ridge_probe`` (fitted on natural train rows) and ``ridge_probe_intervened`` (fitted on train
+  rows with the neuron set to drawn values, labels = the set values: the honest outside reader); and ``compare``, a
+  plainly trained predictor, when one is given.
+
+The causal test's honesty is kept: when ``path_to_report`` says the set value cannot reach the report, or that the head
+reads the target's own block (the write is read trivially), ``meaningful`` is False and the verdict says so.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from nsr_hf.capture import Intervention, Neuron, intervene
+from nsr_hf.data.counterfactuals import CounterfactualValues, check_source
+from nsr_hf.evaluation.causal import (
+    activation_column,
+    as_rows,
+    path_to_report,
+    report_under_intervention,
+    subsample,
+    target_column,
+    unwrap_predictor,
+)
+from nsr_hf.evaluation.statistics import bootstrap_ci, slope_ratio_ci
+from nsr_hf.metrics import regression_metrics
+from nsr_hf.modeling.probes import RidgeProbe, layer_features
+
+DEFAULT_ROWS = 256
+FOLLOWS, IGNORES = 0.8, 0.2  # a figure at or above FOLLOWS follows the neuron; at or below IGNORES it does not
+PROBES = ("ridge_probe", "ridge_probe_intervened")
+WORDS = {"self": "the report", "ridge_probe": "the ridge probe fitted on natural rows",
+         "ridge_probe_intervened": "the ridge probe fitted on intervened rows", "compare": "the plainly trained predictor"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The counterfactual values and the representation under them
+
+
+def counterfactual_source(predictor, source: str | None = None) -> tuple[str, float]:
+    """``(source, shift_scale)``: ``source`` when given, else the predictor's training source
+    (``config.intervention["source"]``), else ``"interchange"``."""
+    intervention = getattr(unwrap_predictor(predictor).config, "intervention", None) or {}
+    chosen = source or intervention.get("source") or "interchange"
+    return check_source(chosen), float(intervention.get("shift_scale") or 1.0)
+
+
+def fit_values(predictor, train_rows, column: int, neuron: Neuron, source: str | None = None) -> CounterfactualValues:
+    """``CounterfactualValues`` of ``neuron`` fitted on the train split's ``activations`` column ``column``."""
+    chosen, shift_scale = counterfactual_source(predictor, source)
+    train = train_rows["activations"] if hasattr(train_rows, "column_names") else [r["activations"] for r in train_rows]
+    values = np.asarray([np.asarray(v, dtype=np.float64).reshape(-1)[column] for v in train])
+    return CounterfactualValues.fit(values, [str(neuron)], source=chosen, shift_scale=shift_scale)
+
+
+def draw_values(values: CounterfactualValues, natural: np.ndarray, seed: int) -> np.ndarray:
+    """(rows,) values to set, drawn with seeded uniform numbers (the same seed and rows give the same values)."""
+    u = torch.as_tensor(np.random.default_rng(seed).random((natural.size, 1)))
+    return values.draw(torch.as_tensor(natural[:, None]), u)[:, 0].double().numpy()
+
+
+def representation(model, rows: list[dict], read_layer: int, neuron: Neuron | None = None, values: np.ndarray | None = None,
+                   batch_size: int = 16) -> np.ndarray:
+    """(rows, hidden): what the head reads (``layer_features`` of ``model.base`` at ``read_layer``), with ``neuron`` set to
+    ``values`` (one per row) at each row's labelled token when given. ``layer_features`` orders rows by length; the
+    batches here are cut from rows already in that order, so each row's value is set in its own forward."""
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    out = None
+    for start in range(0, len(rows), batch_size):
+        index = order[start:start + batch_size]
+        chunk = [rows[i] for i in index]
+        columns = {"input_ids": [list(r["input_ids"]) for r in chunk],
+                   "attention_mask": [list(r.get("attention_mask") or [1] * len(r["input_ids"])) for r in chunk],
+                   "label_position": [int(r["label_position"]) for r in chunk]}
+        context = contextlib.nullcontext() if values is None else intervene(model.base, Intervention(
+            neuron.layer, [neuron.index], "set", torch.as_tensor(values[index], dtype=torch.float32)[:, None],
+            positions=torch.as_tensor(columns["label_position"])))
+        with context:
+            features = layer_features(model.base, columns, [read_layer], batch_size=len(chunk), progress=False)[read_layer]
+        out = np.zeros((len(rows), features.shape[1])) if out is None else out
+        out[index] = features
+    return out
+
+
+def fit_probes(model, train_rows, neuron: Neuron, column: int, values: CounterfactualValues, *, max_rows: int, seed: int,
+               batch_size: int) -> tuple[dict[str, RidgeProbe], dict]:
+    """The two outside readers, on at most ``max_rows`` train rows: ``ridge_probe`` (natural features, natural labels)
+    and ``ridge_probe_intervened`` (features with the neuron set to drawn values, labels = those values); alpha by GCV."""
+    rows = subsample(train_rows, max_rows, seed)
+    natural = activation_column(rows, column)
+    set_to = draw_values(values, natural, seed + 2)
+    read_layer = model.config.effective_read_layer
+    probes = {"ridge_probe": RidgeProbe().fit(representation(model, rows, read_layer, batch_size=batch_size), natural),
+              "ridge_probe_intervened": RidgeProbe().fit(representation(model, rows, read_layer, neuron, set_to, batch_size), set_to)}
+    info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows)} for name, p in probes.items()}
+    info["ridge_probe_intervened"]["labels"] = "the values set"
+    return probes, {"probes": info, "train_set_values": set_to}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures and words
+
+
+def _figures(pred: np.ndarray, set_to: np.ndarray, natural: np.ndarray, n_bootstrap: int, seed: int, level: float) -> dict:
+    figures = {k: v for k, v in regression_metrics(pred, set_to).items() if k in ("r2", "pearson", "mse", "mae")}
+    figures["r2_vs_natural"] = regression_metrics(pred, natural)["r2"]
+    if n_bootstrap:
+        ci = bootstrap_ci(pred, set_to, "r2", n=n_bootstrap, seed=seed, level=level)
+        figures["r2_ci"] = [ci["low"], ci["high"]]
+    return figures
+
+
+def _interval(low, high) -> str:
+    return f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+
+
+def _degree(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return "follows" if value >= FOLLOWS else "does not follow" if value <= IGNORES else "follows only in part"
+
+
+def verdict(result: dict) -> str:
+    """One sentence on the report (slope ratio, else counterfactual R²), then one per outside reader."""
+    if not result.get("meaningful", True):
+        return (f"Faithfulness cannot be shown here: {result.get('note', 'the set value cannot reach the report through computation')} "
+                "The figures are kept, but they are not evidence that the report reads the neuron.")
+    methods = result["methods"]
+    self_figures = methods["self"]
+    r2 = f"counterfactual R² {self_figures['r2']:.2f}{_interval(*(self_figures.get('r2_ci') or (None, None)))}"
+    ratio = result.get("slope_ratio") or {}
+    if ratio.get("ratio") is not None:
+        what = f"slope ratio {ratio['ratio']:.2f}{_interval(ratio.get('low'), ratio.get('high'))}"
+        degree = _degree(min(ratio["ratio"], self_figures["r2"]))  # both must be high to claim it
+    else:
+        what, degree = r2, _degree(self_figures["r2"])
+    if degree == "follows":
+        sentence = f"The report follows the neuron when it is set: {what}, {r2}."
+    elif degree == "does not follow":
+        context = " it recomputes the value from the context" if self_figures.get("r2_vs_natural", 0) > self_figures["r2"] else \
+            " it does not move with the value that was set"
+        sentence = f"The report does not follow the neuron ({what}, {r2}):{context}."
+    else:
+        sentence = f"The report follows the neuron only in part: {what}, {r2}."
+    others = [f"{WORDS[m]} {_degree(f['r2'])} it (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
+    return sentence + (" Next to it, " + "; ".join(others) + "." if others else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The section
+
+
+def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: dict | None = None, *, neuron=None,
+                         column: int | None = None, max_rows: int = DEFAULT_ROWS, seed: int = 0, batch_size: int = 16,
+                         n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None) -> dict:
+    """The faithfulness figures of one split (module docstring): counterfactual R² of the report and of each reader,
+    the slope ratio of ``causal`` (a ``causal_test(..., per_row=True)`` result on this split) and the verdict.
+    ``column`` is the neuron's column in the rows' ``activations`` (default: its report column)."""
+    model = unwrap_predictor(predictor)
+    neuron, report_column = target_column(model, neuron)
+    column = report_column if column is None else column
+    rows = subsample(as_rows(rows), max_rows, seed)
+    natural = activation_column(rows, column)
+    set_to = draw_values(values, natural, seed + 1)
+    iv = Intervention(neuron.layer, [neuron.index], "set", set_to)
+    predictions = {"self": report_under_intervention(model, rows, iv, batch_size, neuron)}
+    if probes:
+        features = representation(model, rows, model.config.effective_read_layer, neuron, set_to, batch_size)
+        predictions.update({name: probe.predict(features) for name, probe in probes.items()})
+    if compare is not None:
+        predictions["compare"] = report_under_intervention(compare, rows, iv, batch_size, neuron)
+    meaningful, note = path_to_report(model, neuron)
+    result = {"neuron": str(neuron), "rows": len(rows), "source": values.source, "values": values.to_dict(),
+              "meaningful": meaningful, "note": note,
+              "methods": {m: _figures(p, set_to, natural, n_bootstrap, seed, level) for m, p in predictions.items()}}
+    per_row = (causal or {}).get("per_row")
+    result["slope_ratio"] = (slope_ratio_ci(per_row["given"], per_row["reports"], per_row["true"], per_row["natural"],
+                                            n=n_bootstrap, seed=seed, level=level) if per_row else None)
+    result["verdict"] = verdict(result)
+    result["predictions"] = {"set": set_to.tolist(), "natural": natural.tolist(), **{m: p.tolist() for m, p in predictions.items()}}
+    return result
+
+
+def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, column: int | None = None, max_rows: int = DEFAULT_ROWS,
+                         source: str | None = None, seed: int = 0, batch_size: int = 16, n_bootstrap: int = 1000, level: float = 0.95,
+                         causal: dict | None = None, compare=None) -> dict:
+    """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
+    probes fitted once on ``train_rows`` (at most ``max_rows`` of them). ``causal``: {split: per-row causal result}."""
+    model = unwrap_predictor(predictor)
+    neuron, report_column = target_column(model, neuron)
+    column = report_column if column is None else column
+    values = fit_values(model, train_rows, column, neuron, source)
+    probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=max_rows, seed=seed, batch_size=batch_size)
+    out = {}
+    for name, rows in splits.items():
+        out[name] = faithfulness_on_rows(model, rows, values, probes, neuron=neuron, column=column, max_rows=max_rows, seed=seed,
+                                         batch_size=batch_size, n_bootstrap=n_bootstrap, level=level, causal=(causal or {}).get(name),
+                                         compare=compare)
+        out[name]["probes"] = info["probes"]
+    return out

@@ -1,0 +1,128 @@
+"""Faithfulness: the counterfactual R² is the report against the value that was set; a neuron whose value cannot reach
+the head gets a slope ratio near 0 and a verdict that says so; the probe of intervened rows is fitted on the set values;
+the section leaves the natural figures alone; the report, the headline and the sweep show it; JSON stays strict.
+
+The known-answer models come from test_causal.py: a predictor whose report is exactly the target neuron's value.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_causal import COORD, SCALE, TARGET, known_answer, labelled_rows, linear_predictor, unit
+
+from nsr_hf.architectures import get_neuron_module
+from nsr_hf.evaluation import faithfulness
+from nsr_hf.evaluation.causal import causal_test, predictor_reports
+from nsr_hf.evaluation.faithfulness import faithfulness_on_rows, faithfulness_section, fit_values
+from nsr_hf.evaluation.statistics import slope_ratio_ci
+from nsr_hf.metrics import regression_metrics
+from nsr_hf.methods import headline_table, verdicts
+
+FAST = {"n_bootstrap": 100, "batch_size": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def section_of(predictor, rows, **kw):
+    causal = causal_test(predictor, rows, num_values=5, per_row=True)
+    return faithfulness_section(predictor, {"test": rows}, rows, causal={"test": causal}, **FAST, **kw)["test"]
+
+
+def test_a_report_that_is_the_set_value_gets_counterfactual_r2_one_and_slope_ratio_one(tiny):
+    predictor, rows = known_answer(tiny)
+    section = section_of(predictor, rows)
+    assert section["methods"]["self"]["r2"] == pytest.approx(1.0, abs=1e-4)
+    assert section["slope_ratio"]["ratio"] == pytest.approx(1.0, abs=0.05)
+    assert section["meaningful"] is True and "follows the neuron when it is set" in section["verdict"]
+
+
+def test_a_constant_report_gets_the_metrics_rule_against_the_set_values(tiny):
+    model, tok = tiny
+    predictor = linear_predictor(model, tok, torch.zeros(model.config.hidden_size), read_layer=2)
+    rows = labelled_rows(predictor.base, tok)
+    values = fit_values(predictor, rows, 0, TARGET)
+    result = faithfulness_on_rows(predictor, rows, values, **FAST)
+    reported = np.asarray(result["predictions"]["self"])
+    assert np.ptp(reported) == 0
+    with pytest.warns(RuntimeWarning):
+        expected = regression_metrics(reported, result["predictions"]["set"])["r2"]
+    assert result["methods"]["self"]["r2"] == expected
+
+
+def test_a_neuron_whose_output_weights_are_zero_gets_a_slope_ratio_near_zero_and_the_verdict_says_so(tiny):
+    model, tok = tiny
+    with torch.no_grad():  # the neuron writes nothing: its value cannot reach the head
+        module = get_neuron_module(model, TARGET.layer)
+        (module.weight[TARGET.index] if model.config.model_type == "gpt2" else module.weight[:, TARGET.index]).zero_()
+    head = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    predictor = linear_predictor(model, tok, head, read_layer=2)
+    rows = labelled_rows(predictor.base, tok)
+    reports = predictor_reports(predictor, rows)
+    for row, value in zip(rows, reports):  # a perfect recomputer: the labels are what it reports from the context
+        row["activations"] = [float(value)]
+    section = section_of(predictor, rows)
+    assert abs(section["slope_ratio"]["ratio"]) < 0.05 and section["slope_ratio"]["natural_slope"] == pytest.approx(1.0)
+    assert "does not follow the neuron" in section["verdict"] and "recomputes the value from the context" in section["verdict"]
+
+
+def test_reading_the_target_layer_is_flagged_and_the_verdict_claims_nothing(tiny):
+    model, tok = tiny
+    predictor = linear_predictor(model, tok, unit(COORD, model.config.hidden_size) / SCALE, read_layer=TARGET.layer)
+    section = section_of(predictor, labelled_rows(predictor.base, tok))
+    assert section["meaningful"] is False
+    assert section["verdict"].startswith("Faithfulness cannot be shown here") and "target's own block" in section["verdict"]
+
+
+def test_the_probe_of_intervened_rows_is_fitted_on_the_set_values(tiny, monkeypatch):
+    predictor, rows = known_answer(tiny)
+    fitted = []
+    original = faithfulness.RidgeProbe.fit
+
+    def spy(self, X, y, *args, **kw):
+        fitted.append(np.asarray(y))
+        return original(self, X, y, *args, **kw)
+
+    monkeypatch.setattr(faithfulness.RidgeProbe, "fit", spy)
+    values = fit_values(predictor, rows, 0, TARGET)
+    _, info = faithfulness.fit_probes(predictor, rows, TARGET, 0, values, max_rows=64, seed=0, batch_size=4)
+    natural = np.array([r["activations"][0] for r in rows])
+    np.testing.assert_allclose(fitted[0], natural)  # the natural probe: natural labels
+    np.testing.assert_allclose(fitted[1], info["train_set_values"])  # the intervened probe: the set values
+    assert not np.allclose(fitted[1], natural)
+
+
+def test_the_representation_is_read_with_each_rows_own_value_set(tiny):
+    predictor, rows = known_answer(tiny)
+    set_to = np.linspace(-3, 3, len(rows))
+    features = faithfulness.representation(predictor, rows, 2, TARGET, set_to, batch_size=5)
+    np.testing.assert_allclose(features[:, COORD] / SCALE, set_to, atol=1e-4)  # rows are reordered by length inside
+
+
+def test_slope_ratio_interval_holds_the_ratio():
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=40)
+    given = np.repeat(np.linspace(-2, 2, 5)[:, None], 40, 1)
+    ratio = slope_ratio_ci(given, 0.5 * given + rng.normal(scale=0.1, size=given.shape), true, true + rng.normal(scale=0.1, size=40),
+                           n=200)
+    assert ratio["low"] <= ratio["ratio"] <= ratio["high"] and ratio["ratio"] == pytest.approx(0.5, abs=0.1)
+    assert slope_ratio_ci(given, given, true, np.zeros(40), n=50)["ratio"] is None  # no natural slope: no ratio
+
+
+def test_the_section_is_strict_json_and_the_headline_shows_it(tiny):
+    predictor, rows = known_answer(tiny)
+    section = section_of(predictor, rows)
+    section.pop("predictions")
+    json.dumps(section, allow_nan=False)
+    evaluation = {"metrics": {"test": {"self": {"r2": 0.9, "pearson": 0.95, "mse": 0.1}}}, "faithfulness": {"test": section}}
+    table = headline_table(evaluation)
+    assert "counterfactual R²" in table and "slope ratio" in table and "ridge probe (intervened rows)" in table
+    assert section["verdict"] in verdicts(evaluation)
