@@ -18,7 +18,8 @@ Steps (``run_sweep``), everything under ``output_dir``:
    there is one: every method's figures on ``split``, the comparisons (``self_vs_<method>``: ``delta_r2`` and
    ``beats``, 1 when the interval of the difference lies above 0) and the selectivity; otherwise the
    predictor's own figures of ``metrics.json["metrics"][split]`` (method ``self``). The target neuron's drift
-   is figure ``drift_max_abs`` of ``self``.
+   is figure ``drift_max_abs`` of ``self``. Faithfulness (``nsr_hf.evaluation.faithfulness``): ``slope_ratio`` and
+   ``counterfactual_r2`` of ``self``, and ``counterfactual_r2`` of each outside reader as ``faithfulness:<reader>``.
 
 ``--datasets_from DIR`` sweeps another sweep's neurons on that sweep's datasets (no scan, no new dataset): the runs of
 both sweeps score exactly the same rows, e.g. a token head next to the regression head of the same neurons::
@@ -202,6 +203,7 @@ def run_figures(summary: dict, split: str = "test") -> dict[str, dict[str, float
         ratio = ((evaluation.get("spread") or {}).get(split) or {}).get("ratio")
         if ratio is not None:
             figures.setdefault("self", {})["spread_ratio"] = float(ratio)
+        _faithfulness_figures(figures, evaluation, split)
     else:
         m = (summary.get("metrics") or {}).get(split) or {}
         figures["self"] = {k.removeprefix(f"{split}_"): v for k, v in _numbers(m).items()}
@@ -209,6 +211,20 @@ def run_figures(summary: dict, split: str = "test") -> dict[str, dict[str, float
     if isinstance(drift.get("max_abs"), (int, float)):
         figures.setdefault("self", {})["drift_max_abs"] = float(drift["max_abs"])
     return figures
+
+
+def _faithfulness_figures(figures: dict, evaluation: dict, split: str) -> None:
+    """Add the faithfulness section's figures (``nsr_hf.evaluation.faithfulness``): ``slope_ratio`` and ``counterfactual_r2``
+    to ``self``, and ``counterfactual_r2`` of every other reader as method ``faithfulness:<reader>``."""
+    section = (evaluation.get("faithfulness") or {}).get(split)
+    if not isinstance(section, dict) or "methods" not in section:
+        return
+    for reader, m in section["methods"].items():
+        if isinstance(m.get("r2"), (int, float)) and math.isfinite(m["r2"]):
+            figures.setdefault("self" if reader == "self" else f"faithfulness:{reader}", {})["counterfactual_r2"] = float(m["r2"])
+    ratio = (section.get("slope_ratio") or {}).get("ratio")
+    if isinstance(ratio, (int, float)) and math.isfinite(ratio):
+        figures.setdefault("self", {})["slope_ratio"] = float(ratio)
 
 
 def spread(values) -> dict:
@@ -239,6 +255,15 @@ def _cell(stats: dict | None, digits: int = 3) -> str:
             f"({stats['min']:.{digits}f} to {stats['max']:.{digits}f})")
 
 
+def _faithfulness_summary(summary: dict) -> list[str]:
+    """The faithfulness table of ``sweep.md``: the report's slope ratio and counterfactual R², and each reader's."""
+    readers = [("self", summary.get("self") or {})] + [(m.split(":", 1)[1], summary[m]) for m in summary if m.startswith("faithfulness:")]
+    if not any("counterfactual_r2" in stats or "slope_ratio" in stats for _, stats in readers):
+        return []
+    lines = ["", "| faithfulness: reader | counterfactual R² | slope ratio |", "| --- | --- | --- |"]
+    return lines + [f"| {name} | {_cell(stats.get('counterfactual_r2'))} | {_cell(stats.get('slope_ratio'))} |" for name, stats in readers]
+
+
 def sweep_markdown(result: dict) -> str:
     """``sweep.md``: the summary per method, the comparisons, and one row per run."""
     summary, runs, split = result["summary"], result["runs"], result["split"]
@@ -249,7 +274,7 @@ def sweep_markdown(result: dict) -> str:
               + (f" Datasets (the same rows) from the sweep in {result['config']['datasets_from']}."
                  if (result.get("config") or {}).get("datasets_from") else "")), "",
              "Each cell: median [q1, q3] (min to max) over the runs.", ""]
-    methods = display_order(m for m in summary if not m.startswith(("self_vs_", "selectivity:")))
+    methods = display_order(m for m in summary if not m.startswith(("self_vs_", "selectivity:", "faithfulness:")))
     lines += ["| method | runs | " + " | ".join(label for _, label in TABLE_FIGURES) + " |",
               "| --- | --- |" + " --- |" * len(TABLE_FIGURES)]
     for method in methods:
@@ -264,6 +289,7 @@ def sweep_markdown(result: dict) -> str:
             s = summary[name]
             beats = f"{s['beats']['mean']:.0%} of {s['beats']['n']}" if "beats" in s else "n/a"
             lines.append(f"| {name} | {_cell(s.get('delta_r2'))} | {beats} |")
+    lines += _faithfulness_summary(summary)
     selectivity = [m for m in summary if m.startswith("selectivity:")]
     if selectivity:
         lines += ["", "| selectivity | R²(real) − R²(shuffled control) |", "| --- | --- |"]
@@ -275,8 +301,9 @@ def sweep_markdown(result: dict) -> str:
                        f"{', '.join(low)}. R² divides by that small variance and can be strongly negative for small errors; "
                        "read MSE there.")]
     lines += ["", "## Runs", "",
-              f"| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | {split} std / train std | drift max |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              f"| neuron | seed | status | self R² | self r | self MSE | ridge probe R² | slope ratio | counterfactual R² | "
+              f"{split} std / train std | drift max |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         f = run.get("figures") or {}
         s, probe = f.get("self", {}), f.get("ridge_probe", {})
@@ -286,7 +313,8 @@ def sweep_markdown(result: dict) -> str:
 
         status = "error: " + run["error"].splitlines()[-1][:80] if run.get("error") else run["status"]
         lines.append(f"| {run['neuron']} | {run['seed']} | {status} | {num(s, 'r2')} | {num(s, 'pearson')} | {num(s, 'mse', 4)} | "
-                     f"{num(probe, 'r2')} | {num(s, 'spread_ratio', 2)} | {num(s, 'drift_max_abs', 4)} |")
+                     f"{num(probe, 'r2')} | {num(s, 'slope_ratio')} | {num(s, 'counterfactual_r2')} | {num(s, 'spread_ratio', 2)} | "
+                     f"{num(s, 'drift_max_abs', 4)} |")
     return "\n".join(lines) + "\n"
 
 

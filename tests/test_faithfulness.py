@@ -18,8 +18,8 @@ from nsr_hf.evaluation import faithfulness
 from nsr_hf.evaluation.causal import causal_test, predictor_reports
 from nsr_hf.evaluation.faithfulness import faithfulness_on_rows, faithfulness_section, fit_values
 from nsr_hf.evaluation.statistics import slope_ratio_ci
-from nsr_hf.metrics import regression_metrics
 from nsr_hf.methods import headline_table, verdicts
+from nsr_hf.metrics import regression_metrics
 
 FAST = {"n_bootstrap": 100, "batch_size": 8}
 
@@ -126,3 +126,79 @@ def test_the_section_is_strict_json_and_the_headline_shows_it(tiny):
     table = headline_table(evaluation)
     assert "counterfactual R²" in table and "slope ratio" in table and "ridge probe (intervened rows)" in table
     assert section["verdict"] in verdicts(evaluation)
+
+
+# -- run_evaluate -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_evaluations(tiny_model_dirs, tmp_path_factory):
+    """A tiny trained predictor evaluated with and without the faithfulness section."""
+    from conftest import write_word_corpus
+
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+    from nsr_hf.modeling.predictor import load_predictor
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("faithfulness")
+    corpus = write_word_corpus(tmp / "docs.jsonl")
+    config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
+                         num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, read_layer=2, unfreeze="head_only",
+                         evaluate=False, output_dir=str(tmp / "train"))
+    run_train(config)
+    path = str(tmp / "train" / "predictor")
+    fast = {"n_bootstrap": 50, "causal_max_rows": 16, "causal_num_values": 3, "methods": ["mean", "ridge_probe"], "base_unchanged": True}
+    on = run_evaluate(EvaluateConfig(predictor=path, output_dir=str(tmp / "on"), counterfactual_rows=32, compare_predictor=path, **fast),
+                      predictor=load_predictor(path))
+    off = run_evaluate(EvaluateConfig(predictor=path, output_dir=str(tmp / "off"), counterfactual_rows=0, **fast),
+                       predictor=load_predictor(path))
+    return tmp, on, off
+
+
+def test_run_evaluate_writes_the_section_in_strict_json_under_the_headline_neuron_and_per_neuron(two_evaluations):
+    tmp, on, _ = two_evaluations
+    saved = json.loads((tmp / "on" / "metrics.json").read_text())  # the reader refuses NaN: json.loads(parse_constant=...)
+    json.dumps(saved, allow_nan=False)
+    test = saved["faithfulness"]["test"]
+    assert {"self", "compare", "ridge_probe", "ridge_probe_intervened"} == test["methods"].keys()
+    assert test["slope_ratio"]["ratio"] is not None and test["verdict"]
+    assert saved["by_neuron"][saved["neuron"]]["faithfulness"]["test"]["verdict"] == test["verdict"]
+    assert "per_row" not in saved["causal"] and "predictions" not in test
+    counterfactual = json.loads((tmp / "on" / "predictions.json").read_text())["counterfactual"][saved["neuron"]]["test"]
+    assert len(counterfactual["set"]) == test["rows"] == min(32, saved["rows"]["test"])
+
+
+def test_the_natural_figures_are_the_same_with_and_without_the_section(two_evaluations):
+    _, on, off = two_evaluations
+    assert "faithfulness" not in off
+    for key in ("metrics", "comparisons", "selectivity", "spread", "probe_by_layer"):
+        assert on[key] == off[key], key
+    assert {k: v for k, v in on["causal"].items()} == off["causal"]
+
+
+def test_the_report_has_a_faithfulness_section_and_plot(two_evaluations):
+    tmp, _, off = two_evaluations
+    report = (tmp / "on" / "report.md").read_text()
+    assert "## Faithfulness" in report and "![faithfulness.png](faithfulness.png)" in report and "slope ratio" in report
+    assert (tmp / "on" / "faithfulness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Faithfulness" not in (tmp / "off" / "report.md").read_text()
+
+
+def test_the_sweep_summarises_slope_ratio_and_counterfactual_r2_next_to_r2():
+    from nsr_hf.sweep import run_figures, summarise_runs, sweep_markdown
+
+    def run(seed, ratio, r2):
+        section = {"methods": {"self": {"r2": r2}, "ridge_probe": {"r2": 0.1}, "ridge_probe_intervened": {"r2": 0.5}},
+                   "slope_ratio": {"ratio": ratio}}
+        evaluation = {"metrics": {"test": {"self": {"r2": 0.9}}}, "faithfulness": {"test": section}}
+        return {"neuron": "7.268", "seed": seed, "status": "finished", "figures": run_figures({"evaluation": evaluation})}
+
+    runs = [run(0, 0.9, 0.8), run(1, 1.0, 0.9)]
+    summary = summarise_runs(runs)
+    assert summary["self"]["slope_ratio"]["median"] == pytest.approx(0.95)
+    assert summary["self"]["counterfactual_r2"]["median"] == pytest.approx(0.85)
+    assert summary["faithfulness:ridge_probe_intervened"]["counterfactual_r2"]["median"] == pytest.approx(0.5)
+    text = sweep_markdown({"summary": summary, "runs": runs, "split": "test", "neurons": ["7.268"], "seeds": [0, 1]})
+    assert "| faithfulness: reader | counterfactual R² | slope ratio |" in text and "| ridge_probe_intervened | 0.500" in text
+    assert "| 7.268 | 0 | finished | 0.900 | n/a | n/a | n/a | 0.900 | 0.800 |" in text

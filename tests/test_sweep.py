@@ -50,7 +50,7 @@ def test_a_run_on_a_low_spread_test_split_is_flagged_in_the_sweep_table():
     result = {"summary": summarise_runs(runs), "runs": runs, "split": "test", "neurons": ["0.1270", "7.268"], "seeds": [0]}
     text = sweep_markdown(result)
     assert "⚠ 1 run(s) on a test split" in text and "0.1270 (seed 0)" in text and "7.268 (seed 0)" not in text.split("## Runs")[0]
-    assert "| 0.1270 | 0 | finished | -2.500 | n/a | n/a | n/a | 0.16 | n/a |" in text
+    assert "| 0.1270 | 0 | finished | -2.500 | n/a | n/a | n/a | n/a | n/a | 0.16 | n/a |" in text  # no faithfulness: n/a
 
 
 def test_summary_is_per_method_and_figure_over_the_finished_runs():
