@@ -132,10 +132,11 @@ def _interval(low, high) -> str:
     return f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
 
 
-def _degree(value: float | None) -> str | None:
+def _degree(value: float | None, what: str = "the neuron") -> str | None:
+    """``follows <what>``, ``does not follow <what>`` or ``follows <what> only in part`` by ``FOLLOWS`` and ``IGNORES``."""
     if value is None:
         return None
-    return "follows" if value >= FOLLOWS else "does not follow" if value <= IGNORES else "follows only in part"
+    return f"follows {what}" if value >= FOLLOWS else f"does not follow {what}" if value <= IGNORES else f"follows {what} only in part"
 
 
 def verdict(result: dict) -> str:
@@ -152,15 +153,16 @@ def verdict(result: dict) -> str:
         degree = _degree(min(ratio["ratio"], self_figures["r2"]))  # both must be high to claim it
     else:
         what, degree = r2, _degree(self_figures["r2"])
-    if degree == "follows":
+    if degree.startswith("follows the neuron only"):
+        sentence = f"The report follows the neuron only in part when it is set: {what}, {r2}."
+    elif degree.startswith("follows"):
         sentence = f"The report follows the neuron when it is set: {what}, {r2}."
-    elif degree == "does not follow":
-        context = " it recomputes the value from the context" if self_figures.get("r2_vs_natural", 0) > self_figures["r2"] else \
-            " it does not move with the value that was set"
-        sentence = f"The report does not follow the neuron ({what}, {r2}):{context}."
     else:
-        sentence = f"The report follows the neuron only in part: {what}, {r2}."
-    others = [f"{WORDS[m]} {_degree(f['r2'])} it (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
+        recomputes = self_figures.get("r2_vs_natural", 0) >= 0.5 and self_figures["r2_vs_natural"] > self_figures["r2"]
+        context = ("it recomputes the value from the context (R² against the natural value "
+                   f"{self_figures['r2_vs_natural']:.2f})" if recomputes else "it does not move with the value that was set")
+        sentence = f"The report does not follow the neuron ({what}, {r2}): {context}."
+    others = [f"{WORDS[m]} {_degree(f['r2'], 'it')} (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
     return sentence + (" Next to it, " + "; ".join(others) + "." if others else "")
 
 
