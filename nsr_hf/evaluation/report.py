@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.evaluation.causal import plot_causal
-from nsr_hf.methods import describe, faithfulness_table, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
+from nsr_hf.methods import describe, figures_of, fmt, headline_table, method_rows, verdicts, with_ci
 from nsr_hf.plotting import figure, save_figure
 from nsr_hf.training.monitoring import DRIFT_SKIP, plot_drift
 
@@ -291,22 +291,31 @@ def plot_faithfulness(counterfactual: dict, path: Path, section: dict | None = N
 
 
 def _faithfulness_lines(evaluation: dict, splits: list[str]) -> list[str]:
+    """What the faithfulness figures of the split sections (``faithfulness_table``) mean and how they were made."""
     section = evaluation.get("faithfulness") or {}
     lines = ["## Faithfulness", "",
              "Accuracy on natural rows does not say why the report is right: a reporter that recomputes its neuron from the "
              "context scores as well as one that reads it. Here the neuron is set, at the labelled token, to values its context "
-             "does not predict; a reporter that reads the neuron reports the value that was set (counterfactual R², slope ratio "
-             "near 1), one that recomputes it reports the natural value (R² against the natural value).", ""]
+             "does not predict; a reporter that reads the neuron reports the value that was set (counterfactual R² and slope "
+             "ratio near 1), one that recomputes it reports the natural value (R² against the natural value). The tables are in "
+             "the split sections, next to the accuracy table.", ""]
     if section.get("skipped"):
         return lines + [f"- skipped: {section['skipped']}", ""]
-    for split in splits:
-        table = faithfulness_table(evaluation, split)
-        if table:
-            lines += [table, "", f"- {section[split]['verdict']}"]
-            if not section[split].get("meaningful", True):
-                lines.append(f"- ⚠ {section[split]['note']}")
-            lines.append("")
-    return lines
+    for split in [s for s in splits if isinstance(section.get(s), dict) and "methods" in section[s]]:
+        f = section[split]
+        values = f.get("values") or {}
+        probes = f.get("probes") or {}
+        train_rows = next((p.get("train_rows") for p in probes.values()), None)
+        lines.append(f"- {split}: {f['rows']} rows; values drawn by `{f['source']}` from the train split "
+                     f"({values.get('train_rows', 'n/a')} rows; 1st–99th percentile {fmt((values.get('low') or [None])[0])} to "
+                     f"{fmt((values.get('high') or [None])[0])})" + (f"; probes fitted on {train_rows} train rows" if train_rows else ""))
+        ratio = f.get("slope_ratio") or {}
+        if ratio.get("ratio") is not None:
+            lines.append(f"  - slope ratio: causal slope {fmt(ratio['causal_slope'])} / natural slope {fmt(ratio['natural_slope'])} "
+                         f"(the causal test's rows; {ratio.get('dropped', 0)} resamples without a natural slope left out)")
+        if not f.get("meaningful", True):
+            lines.append(f"  - ⚠ not meaningful: {f['note']}")
+    return lines + [""]
 
 
 def _plot_causal(causal: dict, path: Path) -> Path:
@@ -410,12 +419,20 @@ def _probe_by_layer_lines(pbl: dict) -> list[str]:
 
 
 def _every_neuron_lines(by_neuron: dict, headline_split: str) -> list[str]:
-    lines = ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |",
-             "| --- | --- | --- | --- |"]
+    faithful = any(isinstance((r.get("faithfulness") or {}).get(headline_split), dict) for r in by_neuron.values())
+    extra = " slope ratio [CI] | counterfactual R² [CI] |" if faithful else ""
+    lines = ["## Every neuron", "", f"| neuron | self R² [CI] ({headline_split}) | self r [CI] | ridge probe R² |{extra}",
+             "| --- | --- | --- | --- |" + (" --- | --- |" if faithful else "")]
     for name, result in by_neuron.items():
         m = (result.get("metrics") or {}).get(headline_split) or {}
         probe = fmt(m["ridge_probe"]["r2"]) if "ridge_probe" in m else "n/a"
-        lines.append(f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |")
+        line = f"| {name} | {with_ci(m.get('self', {}), 'r2')} | {with_ci(m.get('self', {}), 'pearson')} | {probe} |"
+        if faithful:
+            f = (result.get("faithfulness") or {}).get(headline_split) or {}
+            ratio = f.get("slope_ratio") or {}
+            slope = fmt(ratio.get("ratio")) + (f" [{fmt(ratio['low'])}, {fmt(ratio['high'])}]" if ratio.get("low") is not None else "")
+            line += f" {slope} | {with_ci((f.get('methods') or {}).get('self', {}), 'r2')} |"
+        lines.append(line)
     return lines + [""]
 
 
