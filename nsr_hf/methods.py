@@ -7,7 +7,8 @@ code in ``nsr_hf.evaluation.baselines``.
 
 ``headline_table`` and ``verdicts`` read the dict ``nsr_hf.evaluation.protocol.run_evaluate`` returns (the content of
 its ``metrics.json``); the report, the model card, ``nsr train``'s last lines and the sweep all print them, so they
-sit below every one of those layers.
+sit below every one of those layers. Next to the accuracy table they show the faithfulness table (``faithfulness_table``:
+slope ratio and counterfactual R² of the report and the probes, ``nsr_hf.evaluation.faithfulness``) and its verdict.
 """
 from __future__ import annotations
 

@@ -202,3 +202,14 @@ def test_the_sweep_summarises_slope_ratio_and_counterfactual_r2_next_to_r2():
     text = sweep_markdown({"summary": summary, "runs": runs, "split": "test", "neurons": ["7.268"], "seeds": [0, 1]})
     assert "| faithfulness: reader | counterfactual R² | slope ratio |" in text and "| ridge_probe_intervened | 0.500" in text
     assert "| 7.268 | 0 | finished | 0.900 | n/a | n/a | n/a | 0.900 | 0.800 |" in text
+
+
+def test_a_token_head_gets_the_same_section_through_its_expected_value(tiny):
+    from nsr_hf.modeling.predictor import ActivationPredictor
+
+    model, tok = tiny
+    transform = {"mean": [0.0], "std": [1.0], "bin_edges": [[i / 10 for i in range(11)]]}
+    predictor = ActivationPredictor.from_base(model, tok, neurons=[str(TARGET)], head_type="token", label_transform=transform, read_layer=2)
+    section = section_of(predictor, labelled_rows(model, tok))
+    assert {"self", "ridge_probe", "ridge_probe_intervened"} == section["methods"].keys() and section["meaningful"] is True
+    assert section["verdict"].startswith("The report")
