@@ -2,13 +2,14 @@
 
 - ``CorpusFields``: the model and the corpus (``ScanConfig``, ``DatasetConfig``, ``TrainConfig``, ``nsr capture``);
 - ``SplitFields``: how documents are split into train / validation / test (``DatasetConfig``, ``TrainConfig``);
-- ``EvaluationFields``: the evaluation's controls and intervals (``EvaluateConfig``, ``TrainConfig``).
+- ``EvaluationFields``: the evaluation's controls, intervals and faithfulness section (``EvaluateConfig``, ``TrainConfig``).
 
 Each stage validates its fields in its own ``__post_init__``; a recipe's keys are the same in every stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from nsr_hf.models import EMBEDDED_NAME
 
@@ -35,13 +36,19 @@ class SplitFields:
 
 @dataclass
 class EvaluationFields:
-    """The evaluation's cross-prediction control, R²-by-layer probe and confidence intervals."""
+    """The evaluation's cross-prediction control, R²-by-layer probe, confidence intervals and faithfulness section."""
 
     cross_models: list[str] = field(default_factory=lambda: ["minilm"], metadata={
         "help": "Other models for the cross-prediction control: 'minilm' (offline) or any HF id"})
     probe_layers: str = field(default="all", metadata={
         "help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for every confidence interval (0: no intervals)"})
+    counterfactual_rows: int = field(default=256, metadata={
+        "help": "Faithfulness: held-out rows per split (and train rows for the probes) with the neuron set to counterfactual "
+                "values (0: no faithfulness section)"})
+    counterfactual_source: Optional[str] = field(default=None, metadata={
+        "help": "Faithfulness: where the set values come from (interchange, uniform, shift); default: the predictor's training "
+                "source, else interchange"})
 
 
 def values_of(config, shared: type) -> dict:

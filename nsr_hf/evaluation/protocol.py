@@ -106,12 +106,6 @@ class EvaluateConfig(EvaluationFields):
     causal: bool = field(default=True, metadata={"help": "Run the causal test (set the neuron, watch the report)"})
     causal_num_values: int = field(default=9, metadata={"help": "Causal test: values the neuron is set to"})
     causal_max_rows: int = field(default=64, metadata={"help": "Causal test: rows of the test split used"})
-    counterfactual_rows: int = field(default=256, metadata={
-        "help": "Faithfulness: held-out rows per split (and train rows for the probes) with the neuron set to counterfactual "
-                "values (0: no faithfulness section)"})
-    counterfactual_source: Optional[str] = field(default=None, metadata={
-        "help": "Faithfulness: where the set values come from (interchange, uniform, shift); default: the predictor's training "
-                "source, else interchange"})
     compare_predictor: Optional[str] = field(default=None, metadata={
         "help": "Faithfulness: a plainly trained predictor scored on the same counterfactual rows"})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward pass"})

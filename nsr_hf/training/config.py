@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 from nsr_hf.capture import Neuron
 from nsr_hf.data.binning import BIN_STRATEGIES
 from nsr_hf.data.corpus import check_fractions
+from nsr_hf.data.counterfactuals import check_source
 from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
@@ -157,6 +158,10 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
             raise ValueError(f"select must be 'score' or 'readable', got {self.select!r}.")
         if self.probe_layers not in ("all", "up_to_read"):
             raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {self.probe_layers!r}.")
+        if self.counterfactual_rows < 0:  # checked here too, so that a typo fails before training, not in the evaluation after it
+            raise ValueError(f"counterfactual_rows must be 0 (no faithfulness section) or more, got {self.counterfactual_rows}.")
+        if self.counterfactual_source is not None:
+            check_source(self.counterfactual_source)
         if self.save_strategy not in ("no", "steps", "epoch"):
             raise ValueError(f"save_strategy must be 'no', 'steps' or 'epoch', got {self.save_strategy!r}.")
         if self.resume_from_checkpoint and self.unfreeze == "gradual":
