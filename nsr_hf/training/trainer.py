@@ -228,7 +228,8 @@ class PredictorTrainer(Trainer):
         self.live_labels = LiveLabels(live_guard_weight) if label_mode == "live" else None
         callbacks = list(callbacks or [])
         if interventions is not None and not isinstance(interventions, InterventionSampler):
-            raise ValueError(f"interventions must be an InterventionSampler (nsr_hf.training.interventions), got {type(interventions).__name__}.")
+            raise ValueError("interventions must be an InterventionSampler (nsr_hf.training.interventions), "
+                             f"got {type(interventions).__name__}.")
         self.interventions = interventions if interventions is not None and interventions.rate > 0 else None
         if self.interventions is not None and args.gradient_checkpointing:
             raise ValueError("Intervention training cannot run with gradient_checkpointing: the blocks are recomputed in the backward "
@@ -293,7 +294,8 @@ class PredictorTrainer(Trainer):
         inner = unwrap(model)
         plan = self.interventions.plan(inputs, dtype=next(inner.base.parameters()).dtype)
         self._intervention_log.append(plan.fraction)
-        positions = inputs["label_positions"].long() - inner.head.label_offset(inputs["attention_mask"]).to(inputs["label_positions"].device)
+        positions = inputs["label_positions"].long()
+        positions = positions - inner.head.label_offset(inputs["attention_mask"]).to(positions.device)
         with intervene(inner.base, plan.interventions(inner.config.target_neurons, positions)):
             return self.natural_loss(model, {**inputs, "labels": plan.labels}, return_outputs)
 
