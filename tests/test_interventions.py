@@ -240,6 +240,18 @@ def test_intervention_keys_are_validated_with_clear_messages(keys, message):
         TrainConfig(**keys)
 
 
+def test_the_pipeline_refuses_intervention_training_of_a_head_that_reads_before_the_target(tiny):
+    from nsr_hf.pipeline import intervention_sampler
+
+    model, tok = tiny
+    ds, values = reference_dataset(model, tok, n=8)
+    with pytest.raises(ValueError, match="before the layer of neuron"):
+        intervention_sampler(TrainConfig(intervention_rate=0.5), predictor_on(model, tok, values, read_layer=0), ds, ["1.3"])
+    sampler = intervention_sampler(TrainConfig(intervention_rate=0.5, intervention_source="shift"), predictor_on(model, tok, values), ds,
+                                   ["1.3"])
+    assert sampler.values.source == "shift" and sampler.rate == 0.5
+
+
 # -- faithfulness on a tiny model -----------------------------------------------------------------------------------
 
 

@@ -100,8 +100,9 @@ class InterventionSampler:
     def describe(self) -> dict:
         """What the predictor's config and ``metrics.json`` record: ``rate``, ``source``, ``shift_scale``, ``seed`` and the
         fitted values' summary (``CounterfactualValues.to_dict``)."""
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in self.values.to_dict().items()}  # as JSON reads it back
         return {"rate": self.rate, "source": self.values.source, "shift_scale": self.values.shift_scale, "seed": self.seed,
-                "values": self.values.to_dict()}
+                "values": values}
 
 
 def check_rate(rate) -> float:

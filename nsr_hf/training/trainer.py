@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import nested_gather
 
 from nsr_hf.capture import intervene, read_live_neurons
 from nsr_hf.data.labels import bins_of
@@ -277,9 +278,17 @@ class PredictorTrainer(Trainer):
             logs = {**logs, **{key: float(np.mean(values)) for key, values in self._live_log.items()}}
             self._live_log = {}
         if self.interventions is not None and "loss" in logs and self._intervention_log:
-            logs = {**logs, "intervened_fraction": float(np.mean(self._intervention_log))}
-            self._intervention_log = []
+            logs = {**logs, "intervened_fraction": self._intervened_fraction()}
         super().log(logs, start_time)
+
+    def _intervened_fraction(self) -> float:
+        """The fraction of set (row, neuron) pairs since the last log, over every process (each draws the same number of
+        batches of the same size, and every process logs: the gather is collective)."""
+        fraction = torch.tensor(float(np.mean(self._intervention_log)), device=self.args.device)
+        self._intervention_log = []
+        if self.args.world_size > 1:
+            fraction = nested_gather(fraction[None], self.args.parallel_mode).mean()
+        return float(fraction)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.interventions is not None and model.training:
