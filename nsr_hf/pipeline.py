@@ -17,7 +17,9 @@ Steps (``run_train``), each written under ``output_dir``:
    or ``dataset`` (a folder or Hub id made by ``nsr dataset``) loaded instead.
 3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied,
    reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), checkpoints in ``checkpoints/``
-   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count).
+   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count). With
+   ``intervention_rate`` > 0, intervention training (``nsr_hf.training.interventions``): counterfactual values fitted on
+   the train split's activations, recorded in the predictor's config (``intervention``) and in ``metrics.json``.
 4. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
    on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs.
 5. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, the target
