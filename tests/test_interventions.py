@@ -217,6 +217,25 @@ def test_lora_and_several_neurons_train_on_the_set_values_and_log_the_intervened
     assert len(logged) == 4 and all(0 < f < 1 for f in logged)
 
 
+@pytest.mark.parametrize("tiny", ["gpt2"], indirect=True)
+@pytest.mark.parametrize("strategy", ["head_only", "last_k", "after_target", "full", "lora", "lora_after_target", "gradual"])
+def test_every_unfreezing_strategy_trains_on_the_set_values(tiny, tmp_path, strategy):
+    model, tok = tiny
+    ds, values = reference_dataset(model, tok, n=16)
+    sampler = sampler_for(values)
+    unfreeze = {"strategy": strategy, "k": 1 if strategy == "last_k" else None, "every_n_steps": 1}
+    trainer = PredictorTrainer(model=predictor_on(model, tok, values), args=args(tmp_path, max_steps=2), train_dataset=ds,
+                               unfreeze=unfreeze, interventions=sampler)
+    batch = collate(ds, range(8))
+    plan = sampler.plan(batch)
+    trainer.model.train()
+    with intervene(unwrap(trainer.model).base, plan.interventions(["1.3"], batch["label_positions"])):
+        by_hand = trainer.model(**{**batch, "labels": plan.labels}).loss
+    assert torch.equal(trainer.compute_loss(trainer.model, batch), by_hand)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
 def test_gradient_checkpointing_with_interventions_is_refused(tiny, tmp_path):
     model, tok = tiny
     ds, values = reference_dataset(model, tok, n=8)
