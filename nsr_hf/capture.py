@@ -10,7 +10,8 @@ the forward raises):
   after the deepest layer it needs (and computing only the requested neurons of that layer).
 * ``read_live_neurons``: the target neurons' values now, at each row's labelled token (live labels, drift, causal
   tests); ``pad_right``: the one rule that right-pads token rows into ``input_ids`` / ``attention_mask``.
-* ``intervene``: set, scale or shift chosen neurons during a forward pass (for causal tests).
+* ``intervene``: set, scale or shift chosen neurons during a forward pass, in every row or chosen rows (causal tests,
+  intervention training).
 
 Position rules (``position=``), the same everywhere in nsr_hf:
 
@@ -469,6 +470,9 @@ class Intervention:
         mode: ``"set"`` (clamp to ``value``), ``"scale"`` (multiply by ``value``) or ``"add"``.
         value: a number, or a tensor broadcastable to ``(batch, len(indices))`` for per-text values.
         positions: ``None`` to act at every token, or a ``(batch,)`` tensor of token indices (one per text).
+        rows: ``None`` to act on every text, or a bool tensor ``(batch,)`` (which texts) or ``(batch, len(indices))``
+            (which neurons of which texts): the others keep their natural values exactly (intervention training sets
+            the neuron in some rows of a batch and leaves the rest natural).
     """
 
     layer: int
@@ -476,12 +480,15 @@ class Intervention:
     mode: str = "set"
     value: float | torch.Tensor = 0.0
     positions: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.mode not in ("set", "scale", "add"):
             raise ValueError(f"Unknown intervention mode {self.mode!r}: use 'set', 'scale' or 'add'.")
         if isinstance(self.indices, int):
             self.indices = [self.indices]
+        if self.rows is not None and torch.as_tensor(self.rows).dtype != torch.bool:
+            raise ValueError("Intervention rows must be a bool tensor (True: intervene on that row), e.g. mask > 0.5.")
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
@@ -489,16 +496,32 @@ class Intervention:
         value = torch.as_tensor(self.value, dtype=hidden.dtype, device=hidden.device)
         if value.dim() == 1 and value.shape[0] == hidden.shape[0] and len(idx) != hidden.shape[0]:
             value = value[:, None]  # one value per text
+        selected = self._selected_rows(hidden.shape[0], len(idx), hidden.device)  # (batch, k) or None
         if self.positions is None:
             current = hidden[..., idx]
             if value.dim() == 2:
                 value = value[:, None, :]
-            hidden[..., idx] = self._combine(current, value)
+            changed = self._combine(current, value)
+            hidden[..., idx] = changed if selected is None else torch.where(selected[:, None, :], changed, current)
         else:
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
             pos = self.positions.to(hidden.device).reshape(-1, 1)
-            hidden[rows, pos, idx[None, :]] = self._combine(hidden[rows, pos, idx[None, :]], value)
+            current = hidden[rows, pos, idx[None, :]]
+            changed = self._combine(current, value)
+            hidden[rows, pos, idx[None, :]] = changed if selected is None else torch.where(selected, changed, current)
         return hidden
+
+    def _selected_rows(self, batch: int, k: int, device) -> torch.Tensor | None:
+        """``rows`` as a (batch, k) bool tensor (``None``: every row)."""
+        if self.rows is None:
+            return None
+        rows = torch.as_tensor(self.rows, device=device).bool()
+        if rows.dim() == 1:
+            rows = rows[:, None]
+        if rows.dim() != 2 or rows.shape[0] != batch or rows.shape[1] not in (1, k):
+            raise ValueError(f"Intervention rows must be a bool tensor of shape ({batch},) or ({batch}, {k}) for this batch of {batch} "
+                             f"texts and {k} neuron(s); got shape {tuple(rows.shape)}.")
+        return rows.expand(batch, k)
 
     def _combine(self, current: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if self.mode == "set":

@@ -17,7 +17,9 @@ Steps (``run_train``), each written under ``output_dir``:
    or ``dataset`` (a folder or Hub id made by ``nsr dataset``) loaded instead.
 3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied,
    reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), checkpoints in ``checkpoints/``
-   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count).
+   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count). With
+   ``intervention_rate`` > 0, intervention training (``nsr_hf.training.interventions``): counterfactual values fitted on
+   the train split's activations, recorded in the predictor's config (``intervention``) and in ``metrics.json``.
 4. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
    on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs.
 5. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, the target
@@ -39,6 +41,7 @@ from nsr_hf.architectures import num_layers
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
 from nsr_hf.data.columns import read_column
 from nsr_hf.data.corpus import load_corpus, split_of
+from nsr_hf.data.counterfactuals import CounterfactualValues
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import load_activation_dataset, read_metadata
@@ -54,6 +57,7 @@ from nsr_hf.scanner import ScanConfig, run_scan
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, values_of
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.config import TrainConfig
+from nsr_hf.training.interventions import InterventionSampler
 from nsr_hf.training.monitoring import DriftMonitor
 from nsr_hf.training.trainer import PredictorTrainer, count_parameters
 from nsr_hf.utils import to_jsonable, unwrap, write_json
@@ -227,7 +231,8 @@ def run_train(config: TrainConfig) -> dict:
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
                                unfreeze={"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r,
                                          "every_n_steps": config.unfreeze_every_n_steps},
-                               label_mode=config.labels, live_guard_weight=config.live_guard_weight)
+                               label_mode=config.labels, live_guard_weight=config.live_guard_weight,
+                               interventions=intervention_sampler(config, predictor, dataset["train"], neurons))
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
     trainable, total = count_parameters(trainer.model)
@@ -304,6 +309,24 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
     return predictor
 
 
+def intervention_sampler(config: TrainConfig, predictor: ActivationPredictor, train, neurons: list[str]) -> InterventionSampler | None:
+    """Intervention training's sampler (``intervention_rate`` > 0), its values fitted on the train split's activations and
+    recorded in the predictor's config (``intervention``); ``None`` when off. Refuses a head that reads a block before a
+    target neuron's layer: the set value could not reach it."""
+    if not config.intervention_rate:
+        return None
+    read = predictor.config.effective_read_layer
+    early = [n for n in neurons if Neuron.parse(n).layer > read]
+    if early:
+        raise ValueError(f"intervention_rate > 0: the head reads block {read}, before the layer of neuron(s) {', '.join(early)}, so the "
+                         "set value cannot reach it. Read a later block (read_layer target+2, or none for the last).")
+    values = CounterfactualValues.fit(read_column(train, "activations", len(neurons)), neurons, source=config.intervention_source,
+                                      shift_scale=config.intervention_shift_scale)
+    sampler = InterventionSampler(values, config.intervention_rate, seed=config.seed)
+    predictor.config.intervention = sampler.describe()
+    return sampler
+
+
 def trainer_arguments(config: TrainConfig, out: Path, neurons: list[str], has_validation: bool):
     """The Trainer's ``TrainingArguments``: every Trainer option of the config as it is, except what the run decides:
     checkpoints in ``output_dir/checkpoints``, no evaluation during training without validation rows, the run's
@@ -342,6 +365,7 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
         "head_type": config.head_type,
         "unfreeze": config.unfreeze,
         "labels": config.labels,
+        **({"intervention": inner.config.intervention} if inner.config.intervention else {}),
         "trainable_parameters": parameters[0],
         "total_parameters": parameters[1],
         "rows": {split: len(ds) for split, ds in dataset.items()},

@@ -248,6 +248,41 @@ def test_per_text_values_at_chosen_positions(tiny):
     torch.testing.assert_close(patched[1][0, 0], unchanged[0, 0])  # other tokens untouched
 
 
+def test_intervention_rows_set_the_chosen_rows_and_leave_the_others_exactly_natural(tiny):
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    natural = capture_activations(model, batch, {1: [4, 5]}, stop_early=False)
+    positions = natural.positions[1][:, 0]
+    rows = torch.tensor([True, False, True])
+    with intervene(model, Intervention(1, [4, 5], "set", torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), positions, rows=rows)):
+        patched = capture_activations(model, batch, {1: [4, 5]}, stop_early=False)
+    assert patched[1][0].tolist() == [1.0, 2.0] and patched[1][2].tolist() == [5.0, 6.0]
+    assert torch.equal(patched[1][1], natural[1][1])  # the row left out: bit for bit natural
+
+
+def test_intervention_rows_per_neuron_choose_which_neurons_of_which_rows(tiny):
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS)
+    natural = capture_activations(model, batch, {1: [4, 5]}, position="all", stop_early=False)[1]
+    rows = torch.tensor([[True, False], [False, True], [False, False]])
+    with intervene(model, Intervention(1, [4, 5], "set", 9.0, rows=rows)):
+        patched = capture_activations(model, batch, {1: [4, 5]}, position="all", stop_early=False)[1]
+    mask = batch["attention_mask"].bool()
+    assert (patched[0][mask[0]][:, 0] == 9).all() and (patched[1][mask[1]][:, 1] == 9).all()
+    assert torch.equal(patched[0][mask[0]][:, 1], natural[0][mask[0]][:, 1])
+    assert torch.equal(patched[1][mask[1]][:, 0], natural[1][mask[1]][:, 0])
+    assert torch.equal(patched[2][mask[2]], natural[2][mask[2]])
+
+
+def test_intervention_rows_of_the_wrong_shape_or_type_are_a_clear_error(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        Intervention(1, [4], "set", 1.0, rows=torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match=r"shape \(3,\) or \(3, 1\)"):
+        with intervene(model, Intervention(1, [4], "set", 1.0, rows=torch.tensor([True, False]))):
+            capture_activations(model, TEXTS, {1: [4]}, tokenizer=tok, stop_early=False)
+
+
 def test_scale_and_add_modes(tiny):
     model, tok = tiny
     base = capture_activations(model, TEXTS, {1: [2]}, tokenizer=tok)[1]

@@ -248,3 +248,19 @@ def test_scan_recipe_values_are_read_by_their_field_types(tmp_path):
 def test_a_recipe_writes_a_list_as_a_yaml_list_or_one_comma_separated_string(tmp_path):
     assert parse_config([write(tmp_path, "split_fractions: 0.6, 0.2, 0.2\n")]).split_fractions == [0.6, 0.2, 0.2]
     assert parse_config([write(tmp_path, "cross_models: [minilm, gpt2]\n")]).cross_models == ["minilm", "gpt2"]
+
+
+def test_the_faithful_quickstart_is_the_quickstart_with_intervention_training():
+    plain = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    faithful = yaml.safe_load((ROOT / "recipes" / "quickstart_faithful.yaml").read_text())
+    added = {"intervention_rate": 0.5, "intervention_source": "interchange"}
+    assert {k: v for k, v in faithful.items() if k not in added} == {**plain, "output_dir": "outputs/quickstart_faithful"}
+    config = parse_config([str(ROOT / "recipes" / "quickstart_faithful.yaml")])
+    assert (config.intervention_rate, config.intervention_source) == (0.5, "interchange")
+    assert parse_config([str(ROOT / "recipes" / "quickstart.yaml")]).intervention_rate == 0  # the plain quickstart stays plain
+
+
+@pytest.mark.parametrize("name", ["regression.yaml", "classification.yaml", "token_digits.yaml", "lora.yaml"])
+def test_the_gpu_recipes_offer_intervention_training_as_a_commented_line(name):
+    text = (ROOT / "recipes" / name).read_text()
+    assert "# intervention_rate: 0.5" in text and "intervention_rate" not in yaml.safe_load(text)

@@ -465,9 +465,9 @@ def test_report_to_wandb_offline_writes_a_run_with_the_logged_metrics(head_only_
     assert b"final/test_r2" in records  # the run's summary, written before the run is closed
 
 
-def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tmp_path):
-    """accelerate launch --multi_gpu --num_processes 2 on this CPU-only machine (gloo, PITFALLS 14): two processes
-    of 8 rows each make the same optimizer steps as one process of 16 rows."""
+def one_and_two_processes(head_only_run, tmp_path, **keys) -> tuple[dict, dict]:
+    """The metrics.json of run_train in one process of 16 rows and of `accelerate launch --multi_gpu --num_processes 2`
+    of 8 rows each, on this CPU-only machine (gloo, PITFALLS 14), both for 6 steps on the head_only run's dataset."""
     import os
     import subprocess
     import sys
@@ -479,7 +479,8 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
     from nsr_hf.training.config import TrainConfig
 
     config, _ = head_only_run
-    common = dict(dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=6, learning_rate=1e-2, logging_steps=1)
+    common = dict(dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=6, learning_rate=1e-2, logging_steps=1,
+                  **keys)
     single = run_train(replace(config, per_device_train_batch_size=16, output_dir=str(tmp_path / "one"), **common))
     recipe = tmp_path / "tiny.yaml"
     defaults = TrainConfig().to_dict()  # the recipe of this config: the keys it sets away from their defaults
@@ -495,9 +496,50 @@ def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tm
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2 and single["world_size"] == 1  # two processes really ran
     assert two["global_step"] == single["global_step"] == 6
+    return single, two
+
+
+def test_two_processes_run_a_tiny_recipe_and_match_one_process(head_only_run, tmp_path):
+    """Two processes of 8 rows each make the same optimizer steps as one process of 16 rows."""
+    single, two = one_and_two_processes(head_only_run, tmp_path)
     # same rows per step, gradients averaged over the processes: the same model within float tolerance
     for key in ("test_mse", "test_r2", "test_pearson"):
         assert two["metrics"]["test"][key] == pytest.approx(single["metrics"]["test"][key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_two_processes_of_intervention_training_match_one_process_of_twice_the_batch(head_only_run, tmp_path):
+    """Each row's draw is a function of the row alone: the two processes set the same rows to the same values as the one
+    process (the same fraction at every step) and train the same head."""
+    single, two = one_and_two_processes(head_only_run, tmp_path, intervention_rate=0.5)
+    assert two["intervention"] == single["intervention"]
+    fractions = [[h["intervened_fraction"] for h in json.loads((tmp_path / run / "log_history.json").read_text()) if "loss" in h]
+                 for run in ("one", "two")]
+    assert len(fractions[0]) == 6 and fractions[0] == pytest.approx(fractions[1], abs=1e-6) and 0 < np.mean(fractions[0]) < 1
+    for key in ("test_mse", "test_r2", "test_pearson"):
+        assert two["metrics"]["test"][key] == pytest.approx(single["metrics"]["test"][key], rel=1e-3, abs=1e-4), key
+
+
+def test_run_train_with_intervention_training_records_it_in_the_predictor_metrics_and_card(head_only_run, tmp_path):
+    from dataclasses import replace
+
+    from nsr_hf.modeling.predictor import load_predictor
+    from nsr_hf.pipeline import run_train
+
+    config, plain = head_only_run
+    summary = run_train(replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=4, logging_steps=1,
+                                intervention_rate=0.5, intervention_source="uniform", output_dir=str(tmp_path / "out")))
+    recorded = summary["intervention"]
+    assert {k: recorded[k] for k in ("rate", "source", "shift_scale")} == {"rate": 0.5, "source": "uniform", "shift_scale": 1.0}
+    assert recorded["values"]["neurons"] == summary["neurons"] and recorded["values"]["train_rows"] == summary["rows"]["train"]
+    predictor = load_predictor(str(tmp_path / "out" / "predictor"))
+    assert predictor.config.intervention == recorded  # the faithfulness evaluation draws from the same source
+    assert "intervention training (rate 0.5, source uniform)" in (tmp_path / "out" / "predictor" / "README.md").read_text()
+    logged = [h for h in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in h]
+    assert logged and all(0 <= h["intervened_fraction"] <= 1 for h in logged)
+    # off (the default): nothing of it in metrics.json, the predictor's config or its card
+    assert "intervention" not in plain and load_predictor(str(Path(config.output_dir) / "predictor")).config.intervention is None
+    assert "intervention training" not in (Path(config.output_dir) / "predictor" / "README.md").read_text()
 
 
 def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):

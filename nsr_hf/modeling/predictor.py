@@ -69,6 +69,9 @@ class ActivationPredictorConfig(PretrainedConfig):
         expected_value_loss_weight: weight of the squared error of the expected value (token head).
         label_transform: fitted on the training split: ``mean``, ``std`` (K each), ``bin_edges``
             (K lists of num_bins+1), optional ``bin_centers`` (K lists of num_bins; default midpoints).
+        intervention: ``None`` (trained on natural rows only) or how intervention training set the neuron
+            (``nsr_hf.training.interventions``): ``rate``, ``source``, ``shift_scale``, ``seed`` and ``values`` (the fitted
+            ``CounterfactualValues.to_dict()``); the faithfulness evaluation draws its counterfactual rows from the same source.
     """
 
     model_type = "nsr_activation_predictor"
@@ -91,6 +94,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         expected_value_loss_weight: float = 0.0,
         label_transform: Optional[dict] = None,
         dataset_name: Optional[str] = None,
+        intervention: Optional[dict] = None,
         **kwargs,
     ):
         head_class(head_type)  # an unknown head is refused before anything else
@@ -112,6 +116,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         self.expected_value_loss_weight = float(expected_value_loss_weight)
         self.label_transform = label_transform
         self.dataset_name = dataset_name
+        self.intervention = intervention
         super().__init__(**kwargs)
         if base_config is not None:
             base = self.get_base_config()
@@ -359,6 +364,9 @@ class ActivationPredictor(PreTrainedModel):
             f"- Target neuron(s): {', '.join(c.neurons)}",
             f"- Head: {self.head.card_words(self)}",
             f"- Reads: {self.head.reads_in_words(self)}",
+            *([f"- Training: intervention training (rate {c.intervention['rate']}, source {c.intervention['source']}): that share of "
+               "training rows had the neuron set to a value its context does not predict and were labelled with it"]
+              if c.intervention else []),
             f"- Dataset: {c.dataset_name or 'not recorded'}",
             f"- Made with nsr_hf {__version__}",
         ]

@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from nsr_hf.capture import Neuron
 from nsr_hf.data.binning import BIN_STRATEGIES
 from nsr_hf.data.corpus import check_fractions
-from nsr_hf.data.counterfactuals import check_source
+from nsr_hf.data.counterfactuals import SOURCES, check_source
 from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
@@ -84,6 +84,15 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         "help": "'reference' (the dataset's values, from the original model) or 'live' (recomputed from the current weights each step)"})
     live_guard_weight: float = field(default=10.0, metadata={
         "help": "labels 'live': weight of the guard that keeps the neuron's mean and spread (0: off)"})
+    intervention_rate: float = field(default=0.0, metadata={
+        "help": "Intervention training: the probability that a training row's target neuron is set, at the labelled token, to a "
+                "value its context does not predict, and the row labelled with that value (0: off; 0.5: half the rows). Teaches "
+                "the report to follow the neuron rather than recompute it from the context (nsr_hf.training.interventions)"})
+    intervention_source: str = field(default="interchange", metadata={
+        "help": f"Intervention training: where set values come from: {', '.join(SOURCES)} (interchange: another training row's "
+                "value of the neuron; uniform: over the train split's 1st-99th percentile; shift: the natural value plus a normal shift)"})
+    intervention_shift_scale: float = field(default=1.0, metadata={
+        "help": "intervention_source 'shift': the shift's standard deviation, in training standard deviations of the neuron"})
     drift_every_n_steps: int = field(default=50, metadata={
         "help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.training.monitoring)"})
 
@@ -174,6 +183,7 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
             raise ValueError("unfreeze 'lora_after_target' chooses its blocks (every block after the target's): drop unfreeze_k, "
                              "or use unfreeze 'lora' with unfreeze_k.")
         self.neuron_choice()  # validates
+        self._check_interventions()
         if self.position != "last":
             try:
                 int(self.position)
@@ -194,6 +204,26 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
             raise ValueError("dataset_documents must be at least 10 (three splits need documents).")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+
+    def _check_interventions(self):
+        """Intervention training's keys, and the combinations it cannot train."""
+        rate = self.intervention_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise ValueError(f"intervention_rate must be a number from 0 (off) to 1 (every training row), got {rate!r}; e.g. 0.5.")
+        if self.intervention_source not in SOURCES:
+            raise ValueError(f"intervention_source must be one of {', '.join(SOURCES)}, got {self.intervention_source!r}.")
+        if not (self.intervention_shift_scale > 0 and math.isfinite(self.intervention_shift_scale)):
+            raise ValueError(f"intervention_shift_scale must be a positive number of training standard deviations, "
+                             f"got {self.intervention_shift_scale!r}.")
+        if not rate:
+            return
+        if self.gradient_checkpointing:
+            raise ValueError("intervention_rate > 0 cannot run with gradient_checkpointing: the blocks are recomputed in the backward "
+                             "pass without the interventions. Turn gradient_checkpointing off.")
+        rule, choice = self.read_layer_rule(), self.neuron_choice()
+        if rule is not None and rule[0] == "abs" and isinstance(choice, str) and rule[1] < Neuron.parse(choice).layer:
+            raise ValueError(f"intervention_rate > 0 with read_layer {rule[1]}, before the target neuron's layer "
+                             f"{Neuron.parse(choice).layer}: the set value cannot reach the head. Read a later block (e.g. target+2).")
 
     def read_layer_rule(self) -> tuple[str, int] | None:
         """``None`` (the last block), ``("abs", L)`` or ``("target", K)`` for ``'target+K'``."""

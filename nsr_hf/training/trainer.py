@@ -19,22 +19,28 @@ What it changes from ``Trainer`` and why:
 * ``label_mode="live"``: the labels are the target neurons' values in the *current* weights, read in the same
   forward pass (detached: no gradient through the label), instead of the dataset's reference values from the
   original model. See ``LiveLabels`` for the guard against flattening the neuron.
+* ``interventions=`` (an ``InterventionSampler``): in training steps only, some rows' target neurons are set at the
+  labelled token and those rows are trained on the set value (``nsr_hf.training.interventions``); evaluation and
+  ``prediction_step`` always see the natural model.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import nested_gather
 
-from nsr_hf.capture import read_live_neurons
+from nsr_hf.capture import intervene, read_live_neurons
 from nsr_hf.data.labels import bins_of
 from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.modeling.heads import head_class
 from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.interventions import InterventionSampler
 from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 from nsr_hf.utils import unwrap
 
@@ -178,6 +184,16 @@ def apply_peft(model, peft_config):
     return get_peft_model(model, peft_config)
 
 
+class InterventionEpochs(TrainerCallback):
+    """Tells the intervention sampler which epoch begins: a row's draws change from epoch to epoch, reproducibly."""
+
+    def __init__(self, sampler: InterventionSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.epoch = int(math.floor(state.epoch + 1e-6)) if state.epoch else 0
+
+
 class PredictorTrainer(Trainer):
     """``Trainer`` for ``ActivationPredictor`` (see the module docstring).
 
@@ -190,11 +206,14 @@ class PredictorTrainer(Trainer):
             (recomputed from the current weights at every step; see ``LiveLabels``). With live labels, evaluation
             also compares the report with the live neuron; the reference comparison is the drift monitor's.
         live_guard_weight: weight of the live-label guard against flattening the neuron (``LiveLabels``).
+        interventions: an ``InterventionSampler`` (``nsr_hf.training.interventions``): intervention training, in training
+            steps only; with live labels the label of a set neuron is the set value, read in the same pass. The fraction
+            of set (row, neuron) pairs is logged with the training loss as ``intervened_fraction``.
     """
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *, data_collator=None, peft_config=None, unfreeze=None,
-                 label_mode: str = "reference", live_guard_weight: float = 10.0, compute_metrics=None, callbacks=None,
-                 processing_class=None, **kwargs):
+                 label_mode: str = "reference", live_guard_weight: float = 10.0, interventions: InterventionSampler | None = None,
+                 compute_metrics=None, callbacks=None, processing_class=None, **kwargs):
         if model is None:
             raise ValueError("PredictorTrainer needs model= (an ActivationPredictor).")
         if args is None:
@@ -209,6 +228,16 @@ class PredictorTrainer(Trainer):
             raise ValueError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}.")
         self.live_labels = LiveLabels(live_guard_weight) if label_mode == "live" else None
         callbacks = list(callbacks or [])
+        if interventions is not None and not isinstance(interventions, InterventionSampler):
+            raise ValueError("interventions must be an InterventionSampler (nsr_hf.training.interventions), "
+                             f"got {type(interventions).__name__}.")
+        self.interventions = interventions if interventions is not None and interventions.rate > 0 else None
+        if self.interventions is not None and args.gradient_checkpointing:
+            raise ValueError("Intervention training cannot run with gradient_checkpointing: the blocks are recomputed in the backward "
+                             "pass, after the interventions are lifted, so the gradients would be those of the natural model. "
+                             "Turn gradient_checkpointing off (or set intervention_rate 0).")
+        if self.interventions is not None:
+            callbacks.append(InterventionEpochs(self.interventions))
         if unfreeze is not None:
             plan = apply_unfreezing(model, **(unfreeze if isinstance(unfreeze, dict) else {"strategy": unfreeze}))
             if isinstance(plan, GradualUnfreezing):
@@ -230,6 +259,7 @@ class PredictorTrainer(Trainer):
         # reads `accepts_loss_kwargs` (not `model_accepts_loss_kwargs`) and sees forward's **kwargs, so force it.
         self.model_accepts_loss_kwargs = False
         self._live_log = {}
+        self._intervention_log: list[float] = []
 
     def train(self, *args, **kwargs):
         trainable, total = count_parameters(self.model)
@@ -247,9 +277,39 @@ class PredictorTrainer(Trainer):
         if self.live_labels is not None and "loss" in logs and getattr(self, "_live_log", None):
             logs = {**logs, **{key: float(np.mean(values)) for key, values in self._live_log.items()}}
             self._live_log = {}
+        if self.interventions is not None and "loss" in logs and self._intervention_log:
+            logs = {**logs, "intervened_fraction": self._intervened_fraction()}
         super().log(logs, start_time)
 
+    def _intervened_fraction(self) -> float:
+        """The fraction of set (row, neuron) pairs since the last log, over every process (each draws the same number of
+        batches of the same size, and every process logs: the gather is collective)."""
+        fraction = torch.tensor(float(np.mean(self._intervention_log)), device=self.args.device)
+        self._intervention_log = []
+        if self.args.world_size > 1:
+            fraction = nested_gather(fraction[None], self.args.parallel_mode).mean()
+        return float(fraction)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.interventions is not None and model.training:
+            return self.intervened_loss(model, inputs, return_outputs)
+        return self.natural_loss(model, inputs, return_outputs)
+
+    def intervened_loss(self, model, inputs, return_outputs=False):
+        """The loss of a training batch in which the sampler's rows have their target neurons set at the labelled token
+        (in the sequence the head runs: the token head's prompt starts ``label_offset`` tokens in) and are labelled with
+        the set values. The read-back pass of live labels, when the head's pass does not reach a target layer, runs the
+        text itself: the same positions, since the collator pads on the right (offset 0 for every head)."""
+        inner = unwrap(model)
+        plan = self.interventions.plan(inputs, dtype=next(inner.base.parameters()).dtype)
+        self._intervention_log.append(plan.fraction)
+        positions = inputs["label_positions"].long()
+        positions = positions - inner.head.label_offset(inputs["attention_mask"]).to(positions.device)
+        with intervene(inner.base, plan.interventions(inner.config.target_neurons, positions)):
+            return self.natural_loss(model, {**inputs, "labels": plan.labels}, return_outputs)
+
+    def natural_loss(self, model, inputs, return_outputs=False):
+        """The loss of a batch as it is (reference or live labels)."""
         if self.live_labels is not None:
             loss = self.live_labels.loss(model, inputs, return_outputs)
             if model.training:
