@@ -114,3 +114,13 @@ def smollm2():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs the embedded SmolLM2 or runs long; `make test` runs them, plain `pytest` skips them")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models run
+    faster on one thread, and on a shared machine thread contention costs them up to 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,12 +32,7 @@ from nsr_hf.modeling.predictor import ActivationPredictor
 EDGES = [[i / 10 for i in range(11)]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def output_reading_predictor(model, tok, **kw):

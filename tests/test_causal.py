@@ -49,12 +49,7 @@ COORD, SCALE = 5, 2.0
 OTHER_COORD = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 # -- known-answer constructions (shared with test_analysis.py) ----------------------------------------------

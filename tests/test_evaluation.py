@@ -19,13 +19,7 @@ from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO, evaluate_predictions, ma
 from nsr_hf.evaluation.statistics import bootstrap_ci, compare_methods, paired_bootstrap_difference, selectivity
 from nsr_hf.metrics import regression_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def all_numbers(d) -> list[float]:

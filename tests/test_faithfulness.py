@@ -24,12 +24,7 @@ from nsr_hf.metrics import regression_metrics
 FAST = {"n_bootstrap": 100, "batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def section_of(predictor, rows, **kw):

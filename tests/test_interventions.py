@@ -21,13 +21,7 @@ from nsr_hf.training.interventions import InterventionSampler
 from nsr_hf.training.trainer import PredictorTrainer
 from nsr_hf.utils import unwrap
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def token_rows(tok, n: int, seed: int = 0) -> dict:

@@ -20,13 +20,7 @@ from nsr_hf.training.monitoring import DriftMonitor, neuron_drift_stats
 from nsr_hf.training.trainer import PredictorTrainer
 from nsr_hf.utils import unwrap as _unwrap
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def load(tiny_model_dirs, arch="gpt2"):

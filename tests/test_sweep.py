@@ -6,17 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from nsr_hf.sweep import SweepConfig, run_figures, run_sweep, spread, summarise_runs, sweep_markdown
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def test_spread_is_the_median_quartiles_and_range():

@@ -21,12 +21,7 @@ from nsr_hf.training.trainer import LiveLabels, PredictorMetrics, PredictorTrain
 EDGES = [[i / 10 for i in range(11)]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def activation_dataset(tok, n=48, seed=0, extra_columns=True) -> Dataset:

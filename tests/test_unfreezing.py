@@ -16,12 +16,7 @@ from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def function(argument): return argument + 1", "0 1 2 3 on off"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def activation_dataset(tok, n=32, seed=0) -> Dataset:
