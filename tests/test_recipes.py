@@ -110,6 +110,13 @@ def test_invalid_choices_are_rejected():
         TrainConfig(head_type="ranking")
 
 
+def test_a_bad_faithfulness_setting_fails_before_training_not_in_the_evaluation_after_it():
+    with pytest.raises(ValueError, match="Unknown counterfactual source 'bogus': use one of interchange, uniform, shift"):
+        TrainConfig(output_dir="out", counterfactual_source="bogus")
+    with pytest.raises(ValueError, match="counterfactual_rows must be 0 .no faithfulness section. or more, got -1"):
+        TrainConfig(output_dir="out", counterfactual_rows=-1)
+
+
 def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "nsr_hf" / "train.py"), "--help"], capture_output=True, text=True, env=env,
