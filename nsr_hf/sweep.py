@@ -207,6 +207,9 @@ def run_figures(summary: dict, split: str = "test") -> dict[str, dict[str, float
     else:
         m = (summary.get("metrics") or {}).get(split) or {}
         figures["self"] = {k.removeprefix(f"{split}_"): v for k, v in _numbers(m).items()}
+    runtime = (summary.get("train") or {}).get("train_runtime")
+    if isinstance(runtime, (int, float)):
+        figures.setdefault("self", {})["train_seconds"] = float(runtime)
     drift = summary.get("neuron_drift") or {}
     if isinstance(drift.get("max_abs"), (int, float)):
         figures.setdefault("self", {})["drift_max_abs"] = float(drift["max_abs"])
@@ -225,6 +228,11 @@ def _faithfulness_figures(figures: dict, evaluation: dict, split: str) -> None:
     ratio = (section.get("slope_ratio") or {}).get("ratio")
     if isinstance(ratio, (int, float)) and math.isfinite(ratio):
         figures.setdefault("self", {})["slope_ratio"] = float(ratio)
+    for reader, c in (section.get("comparisons") or {}).items():
+        if isinstance(c.get("difference"), (int, float)) and math.isfinite(c["difference"]):
+            figures[f"faithfulness:self_vs_{reader}"] = {"delta_counterfactual_r2": float(c["difference"])}
+            if c.get("low") is not None:
+                figures[f"faithfulness:self_vs_{reader}"]["beats"] = float(c["low"] > 0)
 
 
 def spread(values) -> dict:

@@ -208,3 +208,37 @@ def test_a_token_head_gets_the_same_section_through_its_expected_value(tiny):
     section = section_of(predictor, labelled_rows(model, tok))
     assert {"self", "ridge_probe", "ridge_probe_intervened"} == section["methods"].keys() and section["meaningful"] is True
     assert section["verdict"].startswith("The report")
+
+
+def test_the_report_is_compared_with_each_outside_reader_on_the_same_rows(tiny):
+    predictor, rows = known_answer(tiny)
+    section = section_of(predictor, rows)
+    methods, comparisons = section["methods"], section["comparisons"]
+    assert comparisons.keys() == {"ridge_probe", "ridge_probe_intervened"}
+    for reader, c in comparisons.items():
+        assert c["difference"] == pytest.approx(methods["self"]["r2"] - methods[reader]["r2"], abs=1e-9)
+        assert c["low"] <= c["difference"] <= c["high"]
+    honest = comparisons["ridge_probe_intervened"]
+    expected = "beats" if honest["low"] > 0 else "is worse than" if honest["high"] < 0 else "within noise"
+    assert "honest outside reader" in section["verdict"] and expected in section["verdict"]
+    assert f"{honest['difference']:+.2f}" in section["verdict"]
+
+
+def test_the_outside_readers_see_as_many_train_rows_as_the_reporter(tiny):
+    predictor, rows = known_answer(tiny)
+    assert len(rows) > 8
+    causal = causal_test(predictor, rows, num_values=5, per_row=True)
+    section = faithfulness_section(predictor, {"test": rows}, rows, causal={"test": causal}, max_rows=8, **FAST)["test"]
+    assert section["rows"] == 8  # the held-out rows are capped by max_rows ...
+    assert all(p["train_rows"] == len(rows) for p in section["probes"].values())  # ... the readers' training rows are not
+
+
+def test_the_sweep_records_training_time_and_the_comparison_with_each_reader():
+    from nsr_hf.sweep import run_figures
+
+    section = {"methods": {"self": {"r2": 0.9}, "ridge_probe_intervened": {"r2": 0.5}}, "slope_ratio": {"ratio": 1.0},
+               "comparisons": {"ridge_probe_intervened": {"difference": 0.4, "low": 0.2, "high": 0.6}}}
+    figures = run_figures({"evaluation": {"metrics": {"test": {"self": {"r2": 0.9}}}, "faithfulness": {"test": section}},
+                           "train": {"train_runtime": 123.4}})
+    assert figures["self"]["train_seconds"] == 123.4
+    assert figures["faithfulness:self_vs_ridge_probe_intervened"] == {"delta_counterfactual_r2": 0.4, "beats": 1.0}

@@ -18,6 +18,9 @@ only a reporter that reads the neuron is right. The figures, each with a bootstr
   with the neuron set): ``ridge_probe`` (fitted on natural train rows) and ``ridge_probe_intervened`` (fitted on train
   rows with the neuron set to drawn values, labels = the set values: the honest outside reader); and ``compare``, a
   plainly trained predictor, when one is given.
+* ``comparisons``: the report's counterfactual R² minus each outside reader's, on the same rows, with a paired
+  bootstrap interval (``nsr_hf.evaluation.statistics.paired_bootstrap_difference``). The readers are fitted on up to
+  ``PROBE_ROWS`` train rows: as many rows as the reporter trained on, so the comparison is one of equal data.
 
 The causal test's honesty is kept: when ``path_to_report`` says the set value cannot reach the report, or that the head
 reads the target's own block (the write is read trivially), ``meaningful`` is False and the verdict says so.
@@ -40,11 +43,12 @@ from nsr_hf.evaluation.causal import (
     target_column,
     unwrap_predictor,
 )
-from nsr_hf.evaluation.statistics import bootstrap_ci, slope_ratio_ci
+from nsr_hf.evaluation.statistics import bootstrap_ci, paired_bootstrap_difference, slope_ratio_ci
 from nsr_hf.metrics import regression_metrics
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 
 DEFAULT_ROWS = 256
+PROBE_ROWS = 4096  # the outside readers are fitted on up to this many train rows: as many as the reporter trained on, here
 FOLLOWS, IGNORES = 0.8, 0.2  # a figure at or above FOLLOWS follows the neuron; at or below IGNORES it does not
 PROBES = ("ridge_probe", "ridge_probe_intervened")
 WORDS = {"self": "the report", "ridge_probe": "the ridge probe fitted on natural rows",
@@ -103,7 +107,8 @@ def representation(model, rows: list[dict], read_layer: int, neuron: Neuron | No
 def fit_probes(model, train_rows, neuron: Neuron, column: int, values: CounterfactualValues, *, max_rows: int, seed: int,
                batch_size: int) -> tuple[dict[str, RidgeProbe], dict]:
     """The two outside readers, on at most ``max_rows`` train rows: ``ridge_probe`` (natural features, natural labels)
-    and ``ridge_probe_intervened`` (features with the neuron set to drawn values, labels = those values); alpha by GCV."""
+    and ``ridge_probe_intervened`` (features with the neuron set to drawn values, labels = those values); alpha by GCV.
+    A reader of equal cost sees the rows the reporter trained on, so ``max_rows`` is ``PROBE_ROWS`` in the section."""
     rows = subsample(train_rows, max_rows, seed)
     natural = activation_column(rows, column)
     set_to = draw_values(values, natural, seed + 2)
@@ -163,7 +168,17 @@ def verdict(result: dict) -> str:
                    f"{self_figures['r2_vs_natural']:.2f})" if recomputes else "it does not move with the value that was set")
         sentence = f"The report does not follow the neuron ({what}, {r2}): {context}."
     others = [f"{WORDS[m]} {_degree(f['r2'], 'it')} (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
-    return sentence + (" Next to it, " + "; ".join(others) + "." if others else "")
+    sentence += " Next to it, " + "; ".join(others) + "." if others else ""
+    honest = (result.get("comparisons") or {}).get("ridge_probe_intervened")
+    if honest and honest.get("low") is not None:
+        d = f"ΔR² {honest['difference']:+.2f} [{honest['low']:.2f}, {honest['high']:.2f}]"
+        sentence += (f" The report beats the honest outside reader (the ridge probe fitted on intervened rows) on these rows: {d}."
+                     if honest["low"] > 0 else
+                     f" The report is worse than the honest outside reader (the ridge probe fitted on intervened rows) on these rows: {d}."
+                     if honest["high"] < 0 else
+                     f" The report and the honest outside reader (the ridge probe fitted on intervened rows) are within noise of "
+                     f"each other on these rows: {d}.")
+    return sentence
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,6 +208,9 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
     result = {"neuron": str(neuron), "rows": len(rows), "source": values.source, "values": values.to_dict(),
               "meaningful": meaningful, "note": note,
               "methods": {m: _figures(p, set_to, natural, n_bootstrap, seed, level) for m, p in predictions.items()}}
+    if n_bootstrap:  # self against each outside reader on the same rows: paired bootstrap of the counterfactual R² difference
+        result["comparisons"] = {m: paired_bootstrap_difference(predictions["self"], p, set_to, "r2", n=n_bootstrap, seed=seed, level=level)
+                                 for m, p in predictions.items() if m != "self"}
     per_row = (causal or {}).get("per_row")
     result["slope_ratio"] = (slope_ratio_ci(per_row["given"], per_row["reports"], per_row["true"], per_row["natural"],
                                             n=n_bootstrap, seed=seed, level=level) if per_row else None)
@@ -202,15 +220,15 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
 
 
 def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, column: int | None = None, max_rows: int = DEFAULT_ROWS,
-                         source: str | None = None, seed: int = 0, batch_size: int = 16, n_bootstrap: int = 1000, level: float = 0.95,
+                         probe_rows: int = PROBE_ROWS, source: str | None = None, seed: int = 0, batch_size: int = 16, n_bootstrap: int = 1000, level: float = 0.95,
                          causal: dict | None = None, compare=None) -> dict:
     """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
-    probes fitted once on ``train_rows`` (at most ``max_rows`` of them). ``causal``: {split: per-row causal result}."""
+    probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split). ``causal``: {split: per-row causal result}."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
     values = fit_values(model, train_rows, column, neuron, source)
-    probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=max_rows, seed=seed, batch_size=batch_size)
+    probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=probe_rows, seed=seed, batch_size=batch_size)
     out = {}
     for name, rows in splits.items():
         out[name] = faithfulness_on_rows(model, rows, values, probes, neuron=neuron, column=column, max_rows=max_rows, seed=seed,
