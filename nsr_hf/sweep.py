@@ -19,7 +19,9 @@ Steps (``run_sweep``), everything under ``output_dir``:
    ``beats``, 1 when the interval of the difference lies above 0) and the selectivity; otherwise the
    predictor's own figures of ``metrics.json["metrics"][split]`` (method ``self``). The target neuron's drift
    is figure ``drift_max_abs`` of ``self``. Faithfulness (``nsr_hf.evaluation.faithfulness``): ``slope_ratio`` and
-   ``counterfactual_r2`` of ``self``, and ``counterfactual_r2`` of each outside reader as ``faithfulness:<reader>``.
+   ``counterfactual_r2`` of ``self``, and ``counterfactual_r2`` of each outside reader as ``faithfulness:<reader>``;
+   the report's difference from each reader (``delta_counterfactual_r2``, ``beats``) as
+   ``faithfulness:self_vs_<reader>``. ``train_seconds`` of ``self``: the Trainer's training time.
 
 ``--datasets_from DIR`` sweeps another sweep's neurons on that sweep's datasets (no scan, no new dataset): the runs of
 both sweeps score exactly the same rows, e.g. a token head next to the regression head of the same neurons::
@@ -266,10 +268,18 @@ def _cell(stats: dict | None, digits: int = 3) -> str:
 def _faithfulness_summary(summary: dict) -> list[str]:
     """The faithfulness table of ``sweep.md``: the report's slope ratio and counterfactual R², and each reader's."""
     readers = [("self", summary.get("self") or {})] + [(m.split(":", 1)[1], summary[m]) for m in summary if m.startswith("faithfulness:")]
-    if not any("counterfactual_r2" in stats or "slope_ratio" in stats for _, stats in readers):
+    readers = [(name, stats) for name, stats in readers if "counterfactual_r2" in stats or "slope_ratio" in stats]
+    if not readers:
         return []
     lines = ["", "| faithfulness: reader | counterfactual R² | slope ratio |", "| --- | --- | --- |"]
-    return lines + [f"| {name} | {_cell(stats.get('counterfactual_r2'))} | {_cell(stats.get('slope_ratio'))} |" for name, stats in readers]
+    lines += [f"| {name} | {_cell(stats.get('counterfactual_r2'))} | {_cell(stats.get('slope_ratio'))} |" for name, stats in readers]
+    comparisons = [(m.split(":", 1)[1], summary[m]) for m in summary if m.startswith("faithfulness:self_vs_")]
+    if comparisons:
+        lines += ["", "| faithfulness: comparison | Δ counterfactual R² | runs where the report is better (CI above 0) |", "| --- | --- | --- |"]
+        for name, s in comparisons:
+            beats = f"{s['beats']['mean']:.0%} of {s['beats']['n']}" if "beats" in s else "n/a"
+            lines.append(f"| {name} | {_cell(s.get('delta_counterfactual_r2'))} | {beats} |")
+    return lines
 
 
 def sweep_markdown(result: dict) -> str:

@@ -242,3 +242,15 @@ def test_the_sweep_records_training_time_and_the_comparison_with_each_reader():
                            "train": {"train_runtime": 123.4}})
     assert figures["self"]["train_seconds"] == 123.4
     assert figures["faithfulness:self_vs_ridge_probe_intervened"] == {"delta_counterfactual_r2": 0.4, "beats": 1.0}
+
+
+def test_the_sweep_table_lists_readers_and_the_comparisons_apart():
+    from nsr_hf.sweep import run_figures, summarise_runs, sweep_markdown
+
+    section = {"methods": {"self": {"r2": 0.9}, "ridge_probe_intervened": {"r2": 0.5}}, "slope_ratio": {"ratio": 1.0},
+               "comparisons": {"ridge_probe_intervened": {"difference": 0.4, "low": 0.2, "high": 0.6}}}
+    runs = [{"neuron": "7.268", "seed": 0, "status": "finished",
+             "figures": run_figures({"evaluation": {"metrics": {"test": {"self": {"r2": 0.9}}}, "faithfulness": {"test": section}}})}]
+    text = sweep_markdown({"summary": summarise_runs(runs), "runs": runs, "split": "test", "neurons": ["7.268"], "seeds": [0]})
+    assert "| self_vs_ridge_probe_intervened | 0.400" in text and "| 100% of 1 |" in text
+    assert "| self_vs_ridge_probe_intervened | n/a" not in text  # not listed as a reader
