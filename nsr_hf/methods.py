@@ -115,15 +115,19 @@ def faithfulness_table(evaluation: dict, split: str = "test") -> str | None:
     level = (evaluation.get("bootstrap") or {}).get("level", 0.95)
     flag = "" if section.get("meaningful", True) else " (not meaningful: the set value cannot reach the report through computation)"
     lines = [f"Faithfulness: {section['rows']} {split} rows with neuron {section['neuron']} set to {section['source']} values{flag}", "",
-             f"| reader | counterfactual R² [{level:.0%} CI] | R² against the natural value | slope ratio [{level:.0%} CI] |",
-             "| --- | --- | --- | --- |"]
-    ratio = section.get("slope_ratio") or {}
+             f"| reader | counterfactual R² [{level:.0%} CI] | R² against the natural value | slope ratio [{level:.0%} CI] | "
+             f"report − reader, counterfactual R² [{level:.0%} CI] |",
+             "| --- | --- | --- | --- | --- |"]
+    ratio, comparisons = section.get("slope_ratio") or {}, section.get("comparisons") or {}
     for method in [m for m in FAITHFULNESS_READERS if m in section["methods"]]:
         figures = section["methods"][method]
         slope = "n/a"
         if method == "self" and ratio.get("ratio") is not None:
             slope = fmt(ratio["ratio"]) + (f" [{fmt(ratio['low'])}, {fmt(ratio['high'])}]" if ratio.get("low") is not None else "")
-        lines.append(f"| {FAITHFULNESS_READERS[method]} | {with_ci(figures, 'r2')} | {fmt(figures.get('r2_vs_natural'))} | {slope} |")
+        c = comparisons.get(method)
+        delta = "n/a" if not c else fmt(c["difference"]) + (f" [{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else "")
+        lines.append(f"| {FAITHFULNESS_READERS[method]} | {with_ci(figures, 'r2')} | {fmt(figures.get('r2_vs_natural'))} | {slope} "
+                     f"| {delta} |")
     return "\n".join(lines)
 
 

@@ -275,7 +275,8 @@ def _faithfulness_summary(summary: dict) -> list[str]:
     lines += [f"| {name} | {_cell(stats.get('counterfactual_r2'))} | {_cell(stats.get('slope_ratio'))} |" for name, stats in readers]
     comparisons = [(m.split(":", 1)[1], summary[m]) for m in summary if m.startswith("faithfulness:self_vs_")]
     if comparisons:
-        lines += ["", "| faithfulness: comparison | Δ counterfactual R² | runs where the report is better (CI above 0) |", "| --- | --- | --- |"]
+        lines += ["", "| faithfulness: comparison | Δ counterfactual R² | runs where the report is better (CI above 0) |",
+                  "| --- | --- | --- |"]
         for name, s in comparisons:
             beats = f"{s['beats']['mean']:.0%} of {s['beats']['n']}" if "beats" in s else "n/a"
             lines.append(f"| {name} | {_cell(s.get('delta_counterfactual_r2'))} | {beats} |")

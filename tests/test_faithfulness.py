@@ -121,6 +121,9 @@ def test_the_section_is_strict_json_and_the_headline_shows_it(tiny):
     table = headline_table(evaluation)
     assert "counterfactual R²" in table and "slope ratio" in table and "ridge probe (intervened rows)" in table
     assert section["verdict"] in verdicts(evaluation)
+    honest = section["comparisons"]["ridge_probe_intervened"]
+    row = next(line for line in table.splitlines() if line.startswith("| ridge probe (intervened rows)"))
+    assert row.rstrip(" |").endswith(f"{honest['difference']:.3f} [{honest['low']:.3f}, {honest['high']:.3f}]")
 
 
 # -- run_evaluate -------------------------------------------------------------------------------------------------

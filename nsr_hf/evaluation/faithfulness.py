@@ -220,10 +220,11 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
 
 
 def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, column: int | None = None, max_rows: int = DEFAULT_ROWS,
-                         probe_rows: int = PROBE_ROWS, source: str | None = None, seed: int = 0, batch_size: int = 16, n_bootstrap: int = 1000, level: float = 0.95,
-                         causal: dict | None = None, compare=None) -> dict:
+                         probe_rows: int = PROBE_ROWS, source: str | None = None, seed: int = 0, batch_size: int = 16,
+                         n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None) -> dict:
     """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
-    probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split). ``causal``: {split: per-row causal result}."""
+    probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split).
+    ``causal``: {split: per-row causal result}."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column

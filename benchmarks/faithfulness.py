@@ -1,0 +1,166 @@
+"""Accuracy against faithfulness: plain training against intervention training, on the same neurons, rows and seeds.
+
+    python benchmarks/faithfulness.py --output_dir outputs/bench_faithful                       # everything below
+    python benchmarks/faithfulness.py --heads regression --neurons 7.268 --seeds 0              # one pair of runs
+    python benchmarks/faithfulness.py --output_dir outputs/bench_faithful --table_only          # re-read finished runs
+
+For every head (``--heads``: ``regression`` = recipes/quickstart.yaml, ``token_exit`` = recipes/quickstart_token_exit.yaml,
+``token`` = recipes/quickstart_token.yaml, the model's own next token: ~40 min a run on 2 CPU cores) two sweeps run
+(``nsr_hf.sweep.run_sweep``): ``<head>-plain`` with ``intervention_rate`` 0 and ``<head>-faithful`` with the faithful
+recipe's intervention settings (recipes/quickstart_faithful.yaml: rate, source, epochs, learning rate where it sets them).
+Every sweep after the first takes the first one's datasets (``--datasets_from``), so all runs of a neuron score exactly the
+same held-out rows. A finished run is not run again: the benchmark resumes where it stopped.
+
+The evaluation is cut to what the table needs (``--eval_methods ridge_probe``: the natural figures, the ridge probe, and
+the faithfulness section with both outside readers); the drift monitor runs once at the end of training.
+
+Written to ``output_dir``: ``faithfulness.json`` (every figure of every run, with intervals) and ``faithfulness.md``, one
+row per neuron x head x seed x training: natural R², counterfactual R², slope ratio, the ridge probe's natural R² and its
+counterfactual R², the counterfactual R² of the ridge probe fitted on intervened rows, the report minus that reader
+(paired bootstrap interval), and the training time. The README's figures come from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nsr_hf.parsing import load_recipe
+from nsr_hf.sweep import SweepConfig, run_dir, run_sweep
+from nsr_hf.utils import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"regression": "recipes/quickstart.yaml", "token_exit": "recipes/quickstart_token_exit.yaml",
+           "token": "recipes/quickstart_token.yaml"}
+FAITHFUL = "recipes/quickstart_faithful.yaml"
+# The keys the faithful recipe sets on top of the plain quickstart: the intervention and what it needs to be learnt.
+TRAINING_KEYS = ("intervention_rate", "intervention_source", "intervention_shift_scale", "num_train_epochs", "learning_rate")
+NEURONS = ("7.268", "0.1524", "0.333", "0.1194", "6.868")  # the quickstart's neuron and four of the first sweep's
+CHEAP = {"eval_methods": ["ridge_probe"], "drift_every_n_steps": 100000}
+
+
+def faithful_overrides(head: str) -> dict:
+    """The faithful recipe's intervention (and, for the regression head, training) settings that differ from the plain
+    recipe of ``head``. The token heads keep their own learning rate and epochs, with the intervention added."""
+    faithful, plain = load_recipe(str(ROOT / FAITHFUL)), load_recipe(str(ROOT / RECIPES[head]))
+    keys = TRAINING_KEYS if head == "regression" else TRAINING_KEYS[:3]
+    return {k: faithful[k] for k in keys if k in faithful and faithful[k] != plain.get(k)}
+
+
+def _ci(d: dict | None, key: str = "r2_ci"):
+    return None if not d or d.get(key) is None else [float(x) for x in d[key]]
+
+
+def run_row(folder: Path, split: str = "test") -> dict | None:
+    """The table's figures of one finished run (``metrics.json``), or None."""
+    path = folder / "metrics.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    evaluation = summary.get("evaluation") or {}
+    natural = ((evaluation.get("metrics") or {}).get(split)) or {}
+    section = ((evaluation.get("faithfulness") or {}).get(split)) or {}
+    methods, ratio = section.get("methods") or {}, section.get("slope_ratio") or {}
+    honest = (section.get("comparisons") or {}).get("ridge_probe_intervened") or {}
+    self_natural = natural.get("self") or {}
+    return {
+        "natural_r2": self_natural.get("r2"), "natural_r2_ci": _ci(self_natural),
+        "counterfactual_r2": (methods.get("self") or {}).get("r2"), "counterfactual_r2_ci": _ci(methods.get("self")),
+        "slope_ratio": ratio.get("ratio"), "slope_ratio_ci": [ratio.get("low"), ratio.get("high")] if ratio else None,
+        "probe_natural_r2": (natural.get("ridge_probe") or {}).get("r2"),
+        "probe_counterfactual_r2": (methods.get("ridge_probe") or {}).get("r2"),
+        "intervened_probe_counterfactual_r2": (methods.get("ridge_probe_intervened") or {}).get("r2"),
+        "self_minus_intervened_probe": honest.get("difference"),
+        "self_minus_intervened_probe_ci": [honest.get("low"), honest.get("high")] if honest else None,
+        "train_seconds": (summary.get("train") or {}).get("train_runtime"),
+        "intervention": summary.get("intervention"),
+        "meaningful": section.get("meaningful"),
+    }
+
+
+def _num(x, digits=3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _with_ci(x, ci) -> str:
+    if x is None:
+        return "n/a"
+    return _num(x) + (f" [{_num(ci[0], 2)}, {_num(ci[1], 2)}]" if ci and None not in ci else "")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| neuron | head | seed | training | natural R² | counterfactual R² | slope ratio | probe R² (natural) | "
+             "probe CF R² | intervened-row probe CF R² | self − that probe (CF R²) | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['neuron']} | {r['head']} | {r['seed']} | {r['training']} | {_with_ci(r['natural_r2'], r['natural_r2_ci'])} | "
+                     f"{_with_ci(r['counterfactual_r2'], r['counterfactual_r2_ci'])} | {_with_ci(r['slope_ratio'], r['slope_ratio_ci'])} | "
+                     f"{_num(r['probe_natural_r2'])} | {_num(r['probe_counterfactual_r2'])} | "
+                     f"{_num(r['intervened_probe_counterfactual_r2'])} | "
+                     f"{_with_ci(r['self_minus_intervened_probe'], r['self_minus_intervened_probe_ci'])} | {_num(r['train_seconds'], 0)} |")
+    return "\n".join(lines)
+
+
+def medians(rows: list[dict]) -> str:
+    """Median of each figure per head and training, over neurons and seeds."""
+    keys = ("natural_r2", "counterfactual_r2", "slope_ratio", "intervened_probe_counterfactual_r2", "self_minus_intervened_probe",
+            "train_seconds")
+    lines = ["| head | training | runs | " + " | ".join(keys) + " |", "| --- | --- | --- |" + " --- |" * len(keys)]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["head"], r["training"]), []).append(r)
+    for (head, training), group in groups.items():
+        cells = []
+        for k in keys:
+            values = [r[k] for r in group if r[k] is not None]
+            cells.append(_num(float(np.median(values)), 0 if k == "train_seconds" else 3) if values else "n/a")
+        lines.append(f"| {head} | {training} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="outputs/bench_faithful")
+    parser.add_argument("--neurons", nargs="+", default=list(NEURONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--heads", nargs="+", default=["regression", "token_exit"], choices=sorted(RECIPES))
+    parser.add_argument("--trainings", nargs="+", default=["plain", "faithful"], choices=["plain", "faithful"])
+    parser.add_argument("--table_only", action="store_true", help="only read the finished runs and write the table")
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first: Path | None = None
+    rows = []
+    for head in args.heads:
+        for training in args.trainings:
+            folder = out / f"{head}-{training}"
+            overrides = {**CHEAP, "intervention_rate": 0.0} if training == "plain" else {**CHEAP, **faithful_overrides(head)}
+            # both trainings are scored on counterfactual rows drawn as in the faithful training
+            overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL)).get("intervention_source", "interchange")
+            if not args.table_only:
+                source = first if first is not None else next(
+                    (out / f"{h}-{t}" for h in args.heads for t in args.trainings if (out / f"{h}-{t}" / "sweep.json").exists()), None)
+                print(f"\n== {head}, {training} training: {overrides}", flush=True)
+                run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=args.neurons, seeds=args.seeds, output_dir=str(folder),
+                                      datasets_from=str(source) if source and source != folder else None), overrides)
+                first = first or folder
+            for neuron in args.neurons:
+                for seed in args.seeds:
+                    row = run_row(run_dir(folder, neuron, seed))
+                    if row is not None:
+                        rows.append({"neuron": neuron, "head": head, "seed": seed, "training": training, **row})
+    rows.sort(key=lambda r: (args.neurons.index(r["neuron"]), r["head"], r["seed"], r["training"] != "plain"))
+    write_json(out / "faithfulness.json", {"neurons": args.neurons, "seeds": args.seeds, "heads": args.heads, "rows": rows}, indent=2)
+    text = (f"# Accuracy against faithfulness ({len(rows)} runs)\n\nTest split (held-out documents). CF: counterfactual rows "
+            "(the neuron set at the labelled token to drawn values). Intervals: 95% bootstrap.\n\n"
+            f"{medians(rows)}\n\n{table(rows)}\n")
+    (out / "faithfulness.md").write_text(text)
+    print(text)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
