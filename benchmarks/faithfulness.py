@@ -50,6 +50,24 @@ def faithful_overrides(head: str) -> dict:
     return {k: faithful[k] for k in keys if k in faithful and faithful[k] != plain.get(k)}
 
 
+def overrides_for(head: str, training: str) -> dict:
+    """The recipe keys that a run of ``training`` (``plain`` or ``faithful``) sets on ``head``'s recipe; both are scored on
+    counterfactual rows drawn as in the faithful training."""
+    overrides = {**CHEAP, "intervention_rate": 0.0} if training == "plain" else {**CHEAP, **faithful_overrides(head)}
+    overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL)).get("intervention_source", "interchange")
+    return overrides
+
+
+def _dataset_source(out: Path, neuron: str, folder: Path) -> str | None:
+    """A sweep folder under ``out`` (not ``folder`` itself) with a finished run of ``neuron`` that has its dataset: the
+    runs of every head and training then score the same rows. None: ``folder``'s run builds it."""
+    for other in sorted(out.iterdir()):
+        if other != folder and other.is_dir() and any((d / "dataset").is_dir() and (d / "metrics.json").exists()
+                                                      for d in (other / neuron).glob("seed-*")):
+            return str(other)
+    return None
+
+
 def _ci(d: dict | None, key: str = "r2_ci"):
     return None if not d or d.get(key) is None else [float(x) for x in d[key]]
 
@@ -132,26 +150,28 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    first: Path | None = None
-    rows = []
-    for head in args.heads:
-        for training in args.trainings:
-            folder = out / f"{head}-{training}"
-            overrides = {**CHEAP, "intervention_rate": 0.0} if training == "plain" else {**CHEAP, **faithful_overrides(head)}
-            # both trainings are scored on counterfactual rows drawn as in the faithful training
-            overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL)).get("intervention_source", "interchange")
-            if not args.table_only:
-                source = first if first is not None else next(
-                    (out / f"{h}-{t}" for h in args.heads for t in args.trainings if (out / f"{h}-{t}" / "sweep.json").exists()), None)
-                print(f"\n== {head}, {training} training: {overrides}", flush=True)
-                run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=args.neurons, seeds=args.seeds, output_dir=str(folder),
-                                      datasets_from=str(source) if source and source != folder else None), overrides)
-                first = first or folder
+    folders = {(head, training): out / f"{head}-{training}" for head in args.heads for training in args.trainings}
+    if not args.table_only:
+        # seed-major: every neuron's first seed before any second seed, so a benchmark cut short still covers the neurons
+        for seed in args.seeds:
             for neuron in args.neurons:
-                for seed in args.seeds:
-                    row = run_row(run_dir(folder, neuron, seed))
-                    if row is not None:
-                        rows.append({"neuron": neuron, "head": head, "seed": seed, "training": training, **row})
+                for (head, training), folder in folders.items():
+                    if (run_dir(folder, neuron, seed) / "metrics.json").exists():
+                        continue
+                    print(f"\n== neuron {neuron}, seed {seed}, {head} head, {training} training", flush=True)
+                    run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=[neuron], seeds=[seed], output_dir=str(folder),
+                                          datasets_from=_dataset_source(out, neuron, folder)), overrides_for(head, training))
+    rows = []
+    for (head, training), folder in folders.items():
+        finished = [n for n in args.neurons if all((run_dir(folder, n, s) / "metrics.json").exists() for s in args.seeds)]
+        if finished and not args.table_only:  # sweep.json and sweep.md over every finished run of this head and training
+            run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=finished, seeds=args.seeds, output_dir=str(folder)),
+                      overrides_for(head, training))
+        for neuron in args.neurons:
+            for seed in args.seeds:
+                row = run_row(run_dir(folder, neuron, seed))
+                if row is not None:
+                    rows.append({"neuron": neuron, "head": head, "seed": seed, "training": training, **row})
     rows.sort(key=lambda r: (args.neurons.index(r["neuron"]), r["head"], r["seed"], r["training"] != "plain"))
     write_json(out / "faithfulness.json", {"neurons": args.neurons, "seeds": args.seeds, "heads": args.heads, "rows": rows}, indent=2)
     text = (f"# Accuracy against faithfulness ({len(rows)} runs)\n\nTest split (held-out documents). CF: counterfactual rows "
