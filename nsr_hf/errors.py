@@ -132,6 +132,13 @@ def explain(err: BaseException) -> str | None:
     return None
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars a failure left open, so that the message starts on a line of its own."""
+    progress = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(progress, "tqdm", None), "_instances", None) or ()):
+        bar.close()
+
+
 def error_boundary(prog: str, run: Callable[[], int | None], *, debug: bool = False) -> int:
     """Run a command's work and return its exit code: ``run()``'s (0 for ``None``); 2 with one line on stderr
     (``<prog>: error: <what was wrong>. <what to do>``) for an expected failure; 130 with "interrupted: rerun the same
@@ -141,12 +148,14 @@ def error_boundary(prog: str, run: Callable[[], int | None], *, debug: bool = Fa
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"\n{prog}: interrupted: rerun the same command to resume.", file=sys.stderr, flush=True)
+        _close_progress_bars()
+        print(f"{prog}: interrupted: rerun the same command to resume.", file=sys.stderr, flush=True)
         return INTERRUPTED
     except Exception as err:
         message = None if debug else explain(err)
         if message is None:
             raise
+        _close_progress_bars()
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         for note in getattr(err, "__notes__", ()):  # what was kept and how to go on (e.g. a train run's saved predictor)
             print(f"{prog}: {note}", file=sys.stderr, flush=True)

@@ -266,7 +266,12 @@ def run_train(config: TrainConfig) -> dict:
             # the weights are saved: only the card (now with the evaluation's headline table) and metrics.json change
             (out / "predictor" / "README.md").write_text(inner.model_card())
             write_json(out / "metrics.json", summary)
-        push_trained(config, out)
+        try:
+            push_trained(config, out)
+        except Exception as err:
+            err.add_note(f"The run is complete and saved in {out}; push the predictor later with: "
+                         f"hf upload {config.push_to_hub} {out / 'predictor'}")
+            raise
         print_result(config, out, summary, evaluation)
         finish_wandb(summary)
     return summary
