@@ -143,7 +143,8 @@ def usage() -> str:
     for name, (config_cls, _) in COMMANDS.items():
         summary = QUICKSTART_SUMMARY if config_cls is None else (config_cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:<12} {summary}")
-    return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags."])
+    return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags; `--debug` on any command (or NSR_DEBUG=1) shows "
+                               "the full traceback of an error."])
 
 
 def main(argv: list[str] | None = None) -> int:

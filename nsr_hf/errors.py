@@ -119,6 +119,8 @@ def explain(err: BaseException) -> str | None:
         return f"{err.filename!r} is a folder, where a file belongs: give a file's path."
     if isinstance(err, NotADirectoryError):
         return f"{err.filename!r}: part of this path is a file, where a folder belongs: give a folder's path."
+    if isinstance(err, FileExistsError) and err.filename and Path(err.filename).is_file():
+        return f"{err.filename!r} is a file, where a folder belongs: give a folder's path (or move the file away)."
     if isinstance(err, PermissionError):
         return f"no permission to use {err.filename!r}: choose another path, or change its permissions."
     if isinstance(err, FileNotFoundError) and err.filename and not str(err).startswith(("'", '"')) and "[Errno" in str(err):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from nsr_hf.errors import UserError
+from nsr_hf.errors import MissingPathError, UserError
 
 NONE_WORDS = ("none", "null", "~", "")
 RECIPES_FOLDER = "recipes"
@@ -54,7 +54,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
     if Path(path).is_dir():
         raise UserError(f"recipe {str(path)!r} is a folder: give a YAML file of config keys (e.g. recipes/quickstart.yaml).")
     if not Path(path).is_file():
-        raise UserError(f"recipe {str(path)!r} not found: a first word that does not start with -- is read as a YAML recipe; "
+        raise MissingPathError(f"recipe {str(path)!r} not found: a first word that does not start with -- is read as a YAML recipe; "
                         "check its path, or give only --key value flags.")
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}

@@ -305,6 +305,21 @@ def test_capture_output_that_is_a_folder_is_refused_before_the_model_runs(tmp_pa
 # -- the boundary itself
 
 
+def test_an_output_dir_that_is_a_file_is_named(failed_evaluation_run, tiny_model_dirs, tmp_path, capsys):
+    _, out = failed_evaluation_run
+    taken = tmp_path / "notes.txt"
+    taken.write_text("my notes\n")
+    commands = [["scan", "--model", tiny_model_dirs["gpt2"], "--corpus", "synthetic", "--layers", "1", "--max_documents", "4"],
+                ["evaluate", "--predictor", out / "predictor", "--dataset", out / "dataset", "--methods", "none"],
+                ["train", "--model", tiny_model_dirs["gpt2"], "--neuron", "1.3"]]
+    for command in commands:
+        code, err = run_cli(capsys, *command, "--output_dir", taken)
+        assert code == 2
+        assert error_lines(err)[-1] == (f"nsr {command[0]}: error: '{taken}' is a file, where a folder belongs: give a folder's path "
+                                        "(or move the file away).")
+    assert taken.read_text() == "my notes\n"
+
+
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
     def interrupted(config):
         raise KeyboardInterrupt
@@ -313,6 +328,14 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
     code, err = run_cli(capsys, "scan", "--output_dir", "unused")
     assert code == 130
     assert error_lines(err) == ["nsr scan: interrupted: rerun the same command to resume."]
+
+
+def test_a_real_ctrl_c_exits_130_with_one_line():
+    script = ("import os, signal, sys, time; from nsr_hf.errors import error_boundary; "
+              "sys.exit(error_boundary('nsr train', lambda: os.kill(os.getpid(), signal.SIGINT) or time.sleep(30)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 130 and done.stderr == "nsr train: interrupted: rerun the same command to resume.\n"
 
 
 def test_debug_flag_or_env_shows_the_traceback(monkeypatch, capsys):
@@ -364,6 +387,11 @@ def test_push_to_hub_while_offline_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and TRACEBACK not in err
     assert err.startswith("nsr train: error: the Hugging Face Hub could not be used:") and "HF_HUB_OFFLINE=1" in err
+
+
+def test_the_usage_mentions_debug(capsys):
+    assert main(["--help"]) == 0
+    assert "`--debug` on any command (or NSR_DEBUG=1)" in capsys.readouterr().out
 
 
 def test_the_train_script_reports_a_mistake_in_one_line_in_a_real_process(tmp_path):
