@@ -57,13 +57,13 @@ def hub_offline() -> bool:
 
 
 def looks_local(name: str | os.PathLike) -> bool:
-    """Whether ``name`` is meant as a path on this machine rather than a Hub id ``owner/name``: it exists, starts
-    with ``.``, ``/`` or ``~``, has more or fewer than one ``/``, or its first part is a folder here (``out/nothere``
-    when ``out/`` exists)."""
+    """Whether ``name`` is meant as a path on this machine rather than a Hub id (``owner/name``, or a bare legacy id such as
+    ``gpt2``): it exists, starts with ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a folder here
+    (``out/nothere`` when ``out/`` exists)."""
     text = str(name)
-    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1:
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
         return True
-    return Path(text.split("/")[0]).is_dir()
+    return "/" in text and Path(text.split("/")[0]).is_dir()
 
 
 def require_folder(name: str | os.PathLike, what: str, fix: str) -> None:

@@ -137,7 +137,8 @@ def check_model_name(name_or_path: str) -> None:
     local-looking path (``./x``, ``out/model``) that is not a folder. Hub ids (``gpt2``, ``owner/name``) pass."""
     if Path(name_or_path).expanduser().is_dir():
         return
-    if difflib.get_close_matches(name_or_path.lower(), [EMBEDDED_NAME], n=1, cutoff=0.6):
+    # only a bare name: 'HuggingFaceTB/SmolLM2-135M' is a Hub id that merely looks like the embedded name
+    if "/" not in name_or_path and difflib.get_close_matches(name_or_path.lower(), [EMBEDDED_NAME], n=1, cutoff=0.6):
         raise UserError(f"model {name_or_path!r} is neither a folder nor the embedded model: did you mean {EMBEDDED_NAME!r}?")
     require_folder(name_or_path, "model", f"Give a model folder (save_pretrained), a Hub id such as 'gpt2', or the embedded "
                                           f"{EMBEDDED_NAME!r}.")

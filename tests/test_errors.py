@@ -120,6 +120,17 @@ def test_a_near_miss_of_the_embedded_name_gets_did_you_mean(capsys):
                                 "'smollm2-135m'?"]
 
 
+def test_hub_ids_and_folders_are_never_taken_for_a_near_miss(tmp_path, monkeypatch):
+    from nsr_hf.models import check_model_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135").mkdir()
+    for name in ("HuggingFaceTB/SmolLM2-135M", "gpt2", "smollm2-135", "EleutherAI/pythia-70m"):
+        check_model_name(name)  # no error: a Hub id, or a folder here
+    with pytest.raises(UserError, match="did you mean 'smollm2-135m'"):
+        check_model_name("SmolLM2-135M")
+
+
 def test_a_model_that_is_not_cached_while_offline_names_offline_mode_and_the_embedded_model(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err = run_cli(capsys, "capture", "--model", "nobody/no-such-model", "--neurons", "1.3")

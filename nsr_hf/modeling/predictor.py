@@ -477,7 +477,8 @@ def load_predictor(path: str, device=None, trust_remote_code: bool = False):
         raise ValueError("nsr_hf never runs code from a checkpoint; predictors load without trust_remote_code.")
     folder = Path(path)
     # a path that is not there (``out/nothere`` when out/ exists, ``./x``) is never tried as a Hub id
-    if looks_local(path) and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+    local = looks_local(path) or str(path).count("/") != 1
+    if local and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"No predictor in {path!r}: expected a folder written by nsr train (<output_dir>/predictor) or "
                                 "save_predictor, holding config.json or adapter_config.json; or a Hub id 'owner/name'.")
     check_predictor_config(folder)
