@@ -111,10 +111,9 @@ def explain(err: BaseException) -> str | None:
     """The message for an expected failure (a user's mistake), or ``None`` for an unexpected one (a bug: it keeps its
     traceback)."""
     if _is_hub_error(err):
-        hint = ("The Hub is off (HF_HUB_OFFLINE=1) and this is not in the local cache: give a local folder, or unset "
-                "HF_HUB_OFFLINE to download it." if hub_offline() else
-                "Check the name (owner/name), your connection, and for a private repo your token (HF_TOKEN).")
-        return f"the Hugging Face Hub could not be used: {first_line(err)}. {hint}"
+        hint = ("The Hub is off (HF_HUB_OFFLINE=1): give local folders in place of Hub ids, or unset HF_HUB_OFFLINE to reach it."
+                if hub_offline() else "Check the name (owner/name), your connection, and for a private repo your token (HF_TOKEN).")
+        return f"the Hugging Face Hub could not be used ({first_line(err).rstrip('.')}). {hint}"
     if isinstance(err, IsADirectoryError):
         return f"{err.filename!r} is a folder, where a file belongs: give a file's path."
     if isinstance(err, NotADirectoryError):

@@ -397,12 +397,28 @@ def test_push_to_hub_while_offline_is_one_line(tmp_path, monkeypatch, capsys):
     code = error_boundary("nsr train", lambda: _push_folder(tmp_path, "me/predictor"))
     err = capsys.readouterr().err
     assert code == 2 and TRACEBACK not in err
-    assert err.startswith("nsr train: error: the Hugging Face Hub could not be used:") and "HF_HUB_OFFLINE=1" in err
+    assert err.startswith("nsr train: error: the Hugging Face Hub could not be used (") and "HF_HUB_OFFLINE=1" in err
 
 
 def test_the_usage_mentions_debug(capsys):
     assert main(["--help"]) == 0
     assert "`--debug` on any command (or NSR_DEBUG=1)" in capsys.readouterr().out
+
+
+def test_a_push_while_offline_keeps_the_finished_run_and_says_how_to_push_it(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=60)
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "train", "--model", tiny_model_dirs["gpt2"], "--corpus", corpus, "--neuron", "1.3", "--dataset_documents",
+                        "60", "--max_length", "32", "--num_train_epochs", "1", "--evaluate", "false", "--push_to_hub", "me/predictor",
+                        "--output_dir", out)
+    assert code == 2
+    error, note = error_lines(err)[-2:]
+    assert error.startswith("nsr train: error: the Hugging Face Hub could not be used (") and "HF_HUB_OFFLINE=1" in error
+    assert note == (f"nsr train: The run is complete and saved in {out}; push the predictor later with: "
+                    f"hf upload me/predictor {out / 'predictor'}")
+    assert (out / "predictor" / "model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
 def test_the_train_script_reports_a_mistake_in_one_line_in_a_real_process(tmp_path):
