@@ -20,12 +20,13 @@ Steps (``run_train``), each written under ``output_dir``:
    when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count). With
    ``intervention_rate`` > 0, intervention training (``nsr_hf.training.interventions``): counterfactual values fitted on
    the train split's activations, recorded in the predictor's config (``intervention``) and in ``metrics.json``.
-4. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
-   on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs.
-5. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, the target
-   neuron's drift (its live value after training against the labels from the frozen original model) and the
-   evaluation; ``log_history.json``; ``predictor/``: the predictor (or its adapter) with its card (headline
-   table), tokenizer and label transform; pushed to the Hub with ``push_to_hub: owner/name``.
+4. ``predictor/``: the predictor (or its adapter) with its card, tokenizer and label transform; ``metrics.json``:
+   validation and test metrics (activation units), the trainable parameter count, the target neuron's drift (its live
+   value after training against the labels from the frozen original model); ``log_history.json``. All written before
+   the evaluation, so that an evaluation that fails never costs the training (the error says how to rerun it).
+5. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
+   on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs; then the predictor's card gets
+   the headline table and ``metrics.json`` the evaluation. Pushed to the Hub with ``push_to_hub: owner/name``.
 """
 from __future__ import annotations
 

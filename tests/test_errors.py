@@ -75,6 +75,20 @@ def test_the_rerun_command_of_a_failed_evaluation_works(failed_evaluation_run, c
     assert snapshot(out / "predictor") == predictor  # evaluating reads the predictor, never rewrites it
 
 
+def test_a_successful_run_writes_the_evaluation_into_metrics_and_the_card_as_before(tiny_model_dirs, tmp_path, capsys):
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=60)
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "train", "--model", tiny_model_dirs["gpt2"], "--corpus", corpus, "--neuron", "1.3", "--dataset_documents",
+                        "60", "--max_length", "32", "--num_train_epochs", "1", "--eval_methods", "mean", "--n_bootstrap", "20",
+                        "--output_dir", out)
+    assert code == 0, err
+    summary = json.loads((out / "metrics.json").read_text())
+    assert list(summary)[-2:] == ["evaluation", "seconds"]  # the order metrics.json has always had
+    assert summary["evaluation"]["kind"] == "nsr_hf.evaluation.protocol"
+    card = (out / "predictor" / "README.md").read_text()
+    assert "## Evaluation" in card and "| **self** |" in card and "## Metrics at the end of training" in card
+
+
 def test_the_failed_evaluation_message_names_the_cross_model_and_the_rerun(tiny_model_dirs, tmp_path, capsys, monkeypatch):
     # the message of the fixture's run, read here where capsys sees it: a cheap evaluation failure after a real training
     import nsr_hf.pipeline as pipeline
