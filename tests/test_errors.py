@@ -270,7 +270,7 @@ def test_a_train_run_folder_given_as_the_dataset_points_at_its_dataset(failed_ev
     code, err = run_cli(capsys, "evaluate", "--predictor", out / "predictor", "--dataset", out)
     assert code == 2
     line = error_lines(err)[-1]
-    assert f"'{out}' is a folder but not a dataset" in line and f"did you mean '{out / 'dataset'}'?" in line
+    assert line == f"nsr evaluate: error: '{out}' is a folder but not a dataset: did you mean '{out / 'dataset'}', the dataset inside it?"
 
 
 def test_a_failed_evaluate_leaves_earlier_results_byte_identical(failed_evaluation_run, tmp_path, capsys):

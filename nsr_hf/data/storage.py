@@ -113,9 +113,11 @@ def load_activation_dataset(path_or_repo_id: "str | os.PathLike", *, cache_dir: 
             dataset_dict = load_dataset(str(path), cache_dir=cache_dir)
         except (ValueError, FileNotFoundError) as err:  # datasets' words for a folder it cannot read as a dataset
             inner = next((str(p.parent) for p in sorted(path.glob("*/dataset_dict.json"))), None)
-            hint = f"did you mean {inner!r}? " if inner else ""
-            raise UserError(f"{str(path_or_repo_id)!r} is a folder but not a dataset ({first_line(err)}): {hint}give the folder "
-                            "nsr dataset (or nsr train, as <output_dir>/dataset) wrote.") from err
+            if inner:  # a train run's folder: its dataset is inside
+                raise UserError(f"{str(path_or_repo_id)!r} is a folder but not a dataset: did you mean {inner!r}, the dataset "
+                                "inside it?") from err
+            raise UserError(f"{str(path_or_repo_id)!r} is a folder but not a dataset ({first_line(err)}): give the folder nsr dataset "
+                            "(or nsr train, as <output_dir>/dataset) wrote.") from err
         metadata = read_metadata(path)
     elif path.exists() or looks_local(path_or_repo_id):  # a path that is not there is never tried as a Hub id
         raise FileNotFoundError(f"{str(path_or_repo_id)!r} is not a dataset folder (save_to_disk or Hub layout): check the path; "
