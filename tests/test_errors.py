@@ -363,9 +363,18 @@ def test_a_real_ctrl_c_exits_130_with_one_line():
     assert done.returncode == 130 and done.stderr == "nsr train: interrupted: rerun the same command to resume.\n"
 
 
-def test_debug_flag_or_env_shows_the_traceback(monkeypatch, capsys):
+def test_debug_flag_or_env_shows_the_traceback(tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="did you mean 'smollm2-135m'"):
         main(["capture", "--model", "smollm2-135", "--neurons", "1.3", "--debug"])
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("layers: [1, 2\n")
+    for command in ("sweep", "train"):  # the commands with their own parsers strip --debug too, wherever it stands
+        with pytest.raises(UserError, match="not valid YAML"):
+            main([command, "--debug", str(recipe)])
+    with pytest.raises(ValueError, match="a scan rank counts from 1"):
+        main(["quickstart", "--neuron", "0", "--debug"])
+    monkeypatch.setenv("NSR_DEBUG", "0")
+    assert main(["capture", "--model", "smollm2-135", "--neurons", "1.3"]) == 2
     monkeypatch.setenv("NSR_DEBUG", "1")
     with pytest.raises(UserError, match="did you mean 'smollm2-135m'"):
         main(["capture", "--model", "smollm2-135", "--neurons", "1.3"])
