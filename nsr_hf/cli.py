@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from nsr_hf.capture import capture_activations, encode_texts, parse_position, validate_neuron, validate_position
 from nsr_hf.data.corpus import load_corpus
 from nsr_hf.data.generator import DatasetConfig, run_dataset
+from nsr_hf.errors import UserError, debug_requested, error_boundary
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser
@@ -51,6 +53,9 @@ def run_capture(config: CaptureConfig) -> list[dict]:
     position = validate_position(parse_position(config.position))
     if position == "all":
         raise ValueError("nsr capture prints one value per document: use position 'last', 'max' or an integer.")
+    if config.output and Path(config.output).is_dir():  # found now, not after the model ran
+        raise UserError(f"--output {config.output!r} is a folder: give the path of a JSON file to write "
+                        f"(e.g. {config.output}/values.json).")
     model, tokenizer = load_model_and_tokenizer(config.model)
     neurons = [validate_neuron(model, n) for n in config.neurons]
     corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
@@ -92,31 +97,31 @@ def format_capture_table(rows: list[dict], neurons) -> str:
 
 
 def _quickstart(argv: list[str]) -> int:
+    argv, debug = debug_requested(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(quickstart_help())
         return 0
-    try:
+
+    def run() -> None:
         run_quickstart(argv)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"nsr quickstart: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return error_boundary("nsr quickstart", run, debug=debug)
 
 
 def _stage(name: str, argv: list[str]) -> int:
     """``nsr <stage> [recipe.yaml] [--flag value ...]`` for the stages configured by one dataclass."""
     config_cls, run = COMMANDS[name]
+    argv, debug = debug_requested(argv)
     parser = RecipeParser(config_cls, prog=f"nsr {name}", description=(config_cls.__doc__ or "").strip())
     if any(a in ("-h", "--help") for a in argv):
         print(parser.format_help())
         return 0
-    try:
+
+    def parse_and_run() -> None:
         (config,) = parser.parse(argv)  # __post_init__ validates
         run(config)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"nsr {name}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return error_boundary(f"nsr {name}", parse_and_run, debug=debug)
 
 
 # name -> (its config dataclass, what runs it); the quickstart is a recipe of TrainConfig, so it has no dataclass of its own
@@ -138,7 +143,8 @@ def usage() -> str:
     for name, (config_cls, _) in COMMANDS.items():
         summary = QUICKSTART_SUMMARY if config_cls is None else (config_cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:<12} {summary}")
-    return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags."])
+    return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags; `--debug` on any command (or NSR_DEBUG=1) shows "
+                               "the full traceback of an error."])
 
 
 def main(argv: list[str] | None = None) -> int:

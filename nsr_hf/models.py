@@ -11,7 +11,9 @@ tokens through the mask, so left- and right-padded batches give the same values.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from nsr_hf.architectures import arch_spec
+from nsr_hf.errors import UserError, first_line, hub_failure, require_folder
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,44 @@ def _convert_gguf(gguf: Path, out: Path, package_version: str) -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A loadable id or folder for ``name_or_path`` (the reserved embedded name becomes its cache folder)."""
-    return str(embedded_model_path()) if name_or_path == EMBEDDED_NAME else name_or_path
+    """A loadable id or folder for ``name_or_path`` (the reserved embedded name becomes its cache folder); a near-miss of
+    the embedded name, or a path that is not there, is refused here, before the Hub is asked."""
+    if name_or_path == EMBEDDED_NAME:
+        return str(embedded_model_path())
+    check_model_name(name_or_path)
+    return name_or_path
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Refuse a model name that cannot be meant: a near-miss of the embedded ``smollm2-135m`` ("did you mean"), or a
+    local-looking path (``./x``, ``out/model``) that is not a folder. Hub ids (``gpt2``, ``owner/name``) pass."""
+    if Path(name_or_path).expanduser().is_dir():
+        return
+    # only a bare name: 'HuggingFaceTB/SmolLM2-135M' is a Hub id that merely looks like the embedded name
+    if "/" not in name_or_path and difflib.get_close_matches(name_or_path.lower(), [EMBEDDED_NAME], n=1, cutoff=0.6):
+        raise UserError(f"model {name_or_path!r} is neither a folder nor the embedded model: did you mean {EMBEDDED_NAME!r}?")
+    require_folder(name_or_path, "model", f"Give a model folder (save_pretrained), a Hub id such as 'gpt2', or the embedded "
+                                          f"{EMBEDDED_NAME!r}.")
+
+
+@contextlib.contextmanager
+def model_loading(name_or_path: str, what: str = "model"):
+    """Turn the loaders' errors about a model the user named into one ``UserError`` that says which case it is: a folder
+    without weights, a damaged weights file, or a name that is neither a folder nor reachable on the Hub."""
+    try:
+        yield
+    except OSError as err:
+        if Path(name_or_path).expanduser().is_dir():
+            raise UserError(f"{what} {name_or_path!r} is a folder but not a loadable model ({first_line(err)}): it needs config.json "
+                            "and model.safetensors (or pytorch_model.bin), as save_pretrained writes them; save or copy it again."
+                            ) from err
+        embedded = f"(The embedded model {EMBEDDED_NAME!r} needs no download.)" if what == "model" else ""
+        raise hub_failure(what, name_or_path, err, embedded) from err
+    except Exception as err:
+        if type(err).__module__.startswith("safetensors"):
+            raise UserError(f"{what} {name_or_path!r}: its weights file is damaged ({first_line(err)}): it was cut short or is not "
+                            "safetensors; save or download it again.") from err
+        raise
 
 
 def model_provenance(model) -> dict:
@@ -202,7 +241,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side:
     """The tokenizer of a model, with a pad token set (the EOS token when there is none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), revision=revision)
+    path = resolve_model_path(name_or_path)
+    with model_loading(name_or_path, "tokenizer of"):
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token; set one before use.")
@@ -236,7 +277,8 @@ def load_model_and_tokenizer(
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    with model_loading(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     arch_spec(model)  # fail early, naming the supported architectures
     tokenizer = load_tokenizer(name_or_path, revision=revision, padding_side=padding_side)
     if model.config.pad_token_id is None:

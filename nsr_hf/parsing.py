@@ -30,6 +30,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from nsr_hf.errors import MissingPathError, UserError
+
 NONE_WORDS = ("none", "null", "~", "")
 RECIPES_FOLDER = "recipes"
 
@@ -49,7 +51,19 @@ def load_recipe(path: str | os.PathLike) -> dict:
     """The recipe's values: a flat YAML mapping of config fields (not yet checked or typed)."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if Path(path).is_dir():
+        raise UserError(f"recipe {str(path)!r} is a folder: give a YAML file of config keys (e.g. recipes/quickstart.yaml).")
+    if not Path(path).is_file():
+        raise MissingPathError(f"recipe {str(path)!r} not found: a first word that does not start with -- is read as a YAML recipe; "
+                        "check its path, or give only --key value flags.")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"recipe {str(path)!r} is not valid YAML ({problem}{where}): a recipe is one 'key: value' per line; "
+                        "quote values that hold ':' or '#'.") from None
     if not isinstance(data, dict):  # a ValueError, as for every other mistake in a recipe: the commands report those
         raise ValueError(  # noqa: TRY004
             f"{path}: a recipe is a flat mapping of config fields (key: value per line), got {type(data).__name__}.")

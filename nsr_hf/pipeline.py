@@ -20,12 +20,13 @@ Steps (``run_train``), each written under ``output_dir``:
    when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count). With
    ``intervention_rate`` > 0, intervention training (``nsr_hf.training.interventions``): counterfactual values fitted on
    the train split's activations, recorded in the predictor's config (``intervention``) and in ``metrics.json``.
-4. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
-   on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs.
-5. ``metrics.json``: validation and test metrics (activation units), the trainable parameter count, the target
-   neuron's drift (its live value after training against the labels from the frozen original model) and the
-   evaluation; ``log_history.json``; ``predictor/``: the predictor (or its adapter) with its card (headline
-   table), tokenizer and label transform; pushed to the Hub with ``push_to_hub: owner/name``.
+4. ``predictor/``: the predictor (or its adapter) with its card, tokenizer and label transform; ``metrics.json``:
+   validation and test metrics (activation units), the trainable parameter count, the target neuron's drift (its live
+   value after training against the labels from the frozen original model); ``log_history.json``. All written before
+   the evaluation, so that an evaluation that fails never costs the training (the error says how to rerun it).
+5. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
+   on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs; then the predictor's card gets
+   the headline table and ``metrics.json`` the evaluation. Pushed to the Hub with ``push_to_hub: owner/name``.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from nsr_hf.data.counterfactuals import CounterfactualValues
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import load_activation_dataset, read_metadata
+from nsr_hf.errors import debug_requested, error_boundary
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.metrics import r2_score
@@ -247,16 +249,41 @@ def run_train(config: TrainConfig) -> dict:
         write_json(out / "log_history.json", trainer.state.log_history, indent=1)
         inner = unwrap(trainer.model)
         inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
+        # the trained predictor and its training figures are on disk before the evaluation runs: an evaluation that fails
+        # (a typo in an option, a cross model that cannot be loaded) never costs the training
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        save_trained(out, trainer, summary)
         evaluation = None
         if config.evaluate:
-            evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
+            try:
+                evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
+            except Exception as err:
+                err.add_note(evaluation_kept_note(config, out))
+                raise
             summary["evaluation"] = to_jsonable(evaluation)
             inner.evaluation = evaluation
-        summary["seconds"] = round(time.perf_counter() - start, 1)
-        save_and_push(config, out, trainer, summary)
+            summary.pop("seconds")  # the time comes last in metrics.json, as it always has
+            summary["seconds"] = round(time.perf_counter() - start, 1)
+            # the weights are saved: only the card (now with the evaluation's headline table) and metrics.json change
+            (out / "predictor" / "README.md").write_text(inner.model_card())
+            write_json(out / "metrics.json", summary)
+        try:
+            push_trained(config, out)
+        except Exception as err:
+            err.add_note(f"The run is complete and saved in {out}; push the predictor later with: "
+                         f"hf upload {config.push_to_hub} {out / 'predictor'}")
+            raise
         print_result(config, out, summary, evaluation)
         finish_wandb(summary)
     return summary
+
+
+def evaluation_kept_note(config: TrainConfig, out: Path) -> str:
+    """What a failed evaluation of a finished training leaves, and the command that runs the evaluation again."""
+    dataset = config.dataset or out / "dataset"
+    return (f"The training is kept: the predictor is in {out / 'predictor'} and its training figures in {out / 'metrics.json'}. "
+            f"Fix the evaluation option and run the evaluation alone: nsr evaluate --predictor {out / 'predictor'} --dataset {dataset} "
+            f"--output_dir {out / 'evaluation'} (with the evaluation options of your recipe).")
 
 
 def prepare_output_dir(config: TrainConfig) -> Path:
@@ -330,7 +357,7 @@ def intervention_sampler(config: TrainConfig, predictor: ActivationPredictor, tr
 def trainer_arguments(config: TrainConfig, out: Path, neurons: list[str], has_validation: bool):
     """The Trainer's ``TrainingArguments``: every Trainer option of the config as it is, except what the run decides:
     checkpoints in ``output_dir/checkpoints``, no evaluation during training without validation rows, the run's
-    name, and no push of the Trainer's own (the saved predictor is pushed: ``save_and_push``)."""
+    name, and no push of the Trainer's own (the saved predictor is pushed: ``push_trained``)."""
     from transformers import TrainingArguments
 
     values = {f.name: getattr(config, f.name) for f in fields(TrainingArguments) if f.init}
@@ -395,10 +422,14 @@ def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:
                           batch_size=config.per_device_eval_batch_size)
 
 
-def save_and_push(config: TrainConfig, out: Path, trainer, summary: dict) -> None:
-    """``predictor/`` (with its card), ``metrics.json``, and the predictor pushed when ``push_to_hub`` names a repo."""
+def save_trained(out: Path, trainer, summary: dict) -> None:
+    """``predictor/`` (with its card) and ``metrics.json``."""
     save_predictor(trainer.model, str(out / "predictor"))
     write_json(out / "metrics.json", summary)
+
+
+def push_trained(config: TrainConfig, out: Path) -> None:
+    """The saved predictor pushed when ``push_to_hub`` names a repo."""
     if config.push_to_hub:
         _push_folder(out / "predictor", config.push_to_hub)
         print(f"pushed to https://huggingface.co/{config.push_to_hub}")
@@ -484,19 +515,18 @@ def _push_folder(folder: Path, repo_id: str) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "python nsr_hf/train.py") -> int:
     """``[recipe.yaml] [--key value ...]`` -> ``run_train`` (``nsr train``, ``nsr_hf/train.py``, ``accelerate launch``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = RecipeParser(TrainConfig, prog=prog, usage=f"{prog} [recipe.yaml] [--key value ...]",
+    argv, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    parser = RecipeParser(TrainConfig, prog=prog, usage=f"{prog} [recipe.yaml] [--key value ...] [--debug]",
                           description=(TrainConfig.__doc__ or "").strip())
     if any(a in ("-h", "--help") for a in argv):
         print(parser.format_help())
         return 0
-    try:
+
+    def parse_and_run() -> None:
         (config,) = parser.parse(argv)
         run_train(config)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return error_boundary(prog, parse_and_run, debug=debug)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.capture import Neuron
+from nsr_hf.errors import debug_requested, error_boundary
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
 from nsr_hf.models import load_model_and_tokenizer
@@ -384,18 +385,17 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``nsr sweep [RECIPE.yaml] [--sweep flags] [--TrainConfig key value ...]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``nsr sweep [RECIPE.yaml] [--sweep flags] [--TrainConfig key value ...] [--debug]``."""
+    argv, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))
     parser = sweep_parser()
     if any(a in ("-h", "--help") for a in argv):
         print(parser.format_help())
         return 0
-    try:
-        if argv and not argv[0].startswith("-"):
-            argv = ["--recipe", argv[0], *argv[1:]]
-        sweep_values, overrides = parser.given_values(argv)
+
+    def parse_and_run() -> int:
+        words = ["--recipe", argv[0], *argv[1:]] if argv and not argv[0].startswith("-") else argv
+        sweep_values, overrides = parser.given_values(words)
         result = run_sweep(SweepConfig(**sweep_values), overrides)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"nsr sweep: error: {err}", file=sys.stderr)
-        return 2
-    return 1 if result["failed"] else 0
+        return 1 if result["failed"] else 0
+
+    return error_boundary("nsr sweep", parse_and_run, debug=debug)

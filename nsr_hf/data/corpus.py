@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsr_hf.errors import UserTypeError
 from nsr_hf.models import model_provenance
 
 SPLITS = ("train", "validation", "test")
@@ -301,7 +302,8 @@ def _row_documents(rows: Iterable[dict], text_field: str, id_field: str | None, 
         if text is None:
             continue
         if not isinstance(text, str):
-            raise TypeError(f"{where} row {index}: field {text_field!r} holds a {type(text).__name__}, not a string")
+            raise UserTypeError(f"{where} row {index}: field {text_field!r} holds a {type(text).__name__}, not a string: name the "
+                                "field that holds the text with --text_field.")
         text = text.strip()
         if not text:
             continue

@@ -14,6 +14,7 @@ from typing import Optional
 
 from nsr_hf.data.card import METADATA_KEY, card_from_yaml, card_parts, dataset_card, merge_card_metadata
 from nsr_hf.data.columns import validate_columns
+from nsr_hf.errors import UserError, first_line, hub_failure, looks_local
 
 HUB_SHARD_BYTES = 500 << 20  # datasets' default max_shard_size for push_to_hub
 
@@ -108,15 +109,27 @@ def load_activation_dataset(path_or_repo_id: "str | os.PathLike", *, cache_dir: 
         dataset_dict = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         metadata = read_metadata(path, dataset_dict)
     elif path.is_dir():
-        dataset_dict = load_dataset(str(path), cache_dir=cache_dir)
+        try:
+            dataset_dict = load_dataset(str(path), cache_dir=cache_dir)
+        except (ValueError, FileNotFoundError) as err:  # datasets' words for a folder it cannot read as a dataset
+            inner = next((str(p.parent) for p in sorted(path.glob("*/dataset_dict.json"))), None)
+            if inner:  # a train run's folder: its dataset is inside
+                raise UserError(f"{str(path_or_repo_id)!r} is a folder but not a dataset: did you mean {inner!r}, the dataset "
+                                "inside it?") from err
+            raise UserError(f"{str(path_or_repo_id)!r} is a folder but not a dataset ({first_line(err)}): give the folder nsr dataset "
+                            "(or nsr train, as <output_dir>/dataset) wrote.") from err
         metadata = read_metadata(path)
-    elif path.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{str(path_or_repo_id)!r} is not a dataset folder (save_to_disk or Hub layout)")
+    elif path.exists() or looks_local(path_or_repo_id):  # a path that is not there is never tried as a Hub id
+        raise FileNotFoundError(f"{str(path_or_repo_id)!r} is not a dataset folder (save_to_disk or Hub layout): check the path; "
+                                "nsr dataset writes one (and nsr train, as <output_dir>/dataset).")
     else:
         from huggingface_hub import DatasetCard
 
-        dataset_dict = load_dataset(str(path_or_repo_id), cache_dir=cache_dir, revision=revision, token=token)
-        metadata = DatasetCard.load(str(path_or_repo_id), repo_type="dataset", token=token).data.to_dict().get(METADATA_KEY, {})
+        try:
+            dataset_dict = load_dataset(str(path_or_repo_id), cache_dir=cache_dir, revision=revision, token=token)
+            metadata = DatasetCard.load(str(path_or_repo_id), repo_type="dataset", token=token).data.to_dict().get(METADATA_KEY, {})
+        except (ConnectionError, OSError) as err:  # offline, not on the Hub, no connection
+            raise hub_failure("dataset", str(path_or_repo_id), err) from err
     if isinstance(dataset_dict, Dataset):
         dataset_dict = DatasetDict({"train": dataset_dict})
     validate_columns(dataset_dict, (metadata or {}).get("layout"))

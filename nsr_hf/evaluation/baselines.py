@@ -46,7 +46,7 @@ from nsr_hf.modeling.probes import (
     num_rows,
     require_columns,
 )
-from nsr_hf.models import resolve_model_path
+from nsr_hf.models import model_loading, resolve_model_path
 from nsr_hf.utils import causal_lm
 
 logger = logging.getLogger(__name__)
@@ -206,11 +206,12 @@ def load_cross_model(name: str, device=None) -> CrossModel:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = str(minilm_path()) if name == MINILM_NAME else resolve_model_path(name)
-    config = AutoConfig.from_pretrained(path)
+    with model_loading(name, "cross model"):  # a name that is not there: one clear line, not the Hub's traceback
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     architectures = getattr(config, "architectures", None) or []
     causal = bool(getattr(config, "is_decoder", False)) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    model = AutoModel.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an EOS token; it cannot pad batches.")

@@ -38,9 +38,10 @@ from transformers.utils import ModelOutput
 from nsr_hf.architectures import num_layers
 from nsr_hf.capture import Neuron, encode_texts, validate_neuron
 from nsr_hf.data.labels import bins_of, centers_of, unzscore_of, zscore_of
+from nsr_hf.errors import UserError, looks_local
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.modeling.heads import HEAD_TYPES, Head, TokenHead, head_class, read_residual
-from nsr_hf.models import fuse_kernels, load_model_and_tokenizer
+from nsr_hf.models import fuse_kernels, load_model_and_tokenizer, model_loading
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 from nsr_hf.version import __version__
 
@@ -450,6 +451,23 @@ def save_predictor(model, save_directory: str, merge: bool = False) -> str:
     return save_directory
 
 
+def check_predictor_config(folder: Path) -> None:
+    """Refuse a local folder whose ``config.json`` is another model's (the base model given as the predictor)."""
+    import json
+
+    config_file = folder / "config.json"
+    if not config_file.is_file() or (folder / "adapter_config.json").exists():
+        return
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"predictor {str(folder)!r}: its config.json is not valid JSON ({err}); save the predictor again.") from err
+    if model_type != ActivationPredictorConfig.model_type:
+        raise UserError(f"{str(folder)!r} holds a {model_type!r} model, not an nsr_hf predictor "
+                        f"({ActivationPredictorConfig.model_type!r}): give the predictor folder nsr train wrote "
+                        "(<output_dir>/predictor), not the base model's.")
+
+
 def load_predictor(path: str, device=None, trust_remote_code: bool = False):
     """Load a predictor saved by ``save_pretrained`` / ``save_predictor`` (a folder or a Hub id), with its
     tokenizer when one was saved. Safetensors only; no code from the checkpoint is ever run."""
@@ -458,23 +476,26 @@ def load_predictor(path: str, device=None, trust_remote_code: bool = False):
     if trust_remote_code:
         raise ValueError("nsr_hf never runs code from a checkpoint; predictors load without trust_remote_code.")
     folder = Path(path)
-    looks_local = str(path).startswith((".", "/", "~")) or folder.exists() or str(path).count("/") != 1
-    if looks_local and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+    # a path that is not there (``out/nothere`` when out/ exists, ``./x``) is never tried as a Hub id
+    local = looks_local(path) or str(path).count("/") != 1
+    if local and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"No predictor in {path!r}: expected a folder written by nsr train (<output_dir>/predictor) or "
                                 "save_predictor, holding config.json or adapter_config.json; or a Hub id 'owner/name'.")
+    check_predictor_config(folder)
     is_adapter = (folder / "adapter_config.json").exists()
-    if is_adapter:
-        from peft import PeftModel
+    with model_loading(str(path), "predictor"):
+        if is_adapter:
+            from peft import PeftModel
 
-        config = ActivationPredictorConfig.from_pretrained(path)
-        base, tokenizer = load_model_and_tokenizer(config.base_model_name_or_path)
-        predictor = ActivationPredictor(config)
-        predictor.base.load_state_dict(base.state_dict())
-        model = PeftModel.from_pretrained(predictor, path)
-        inner = predictor
-    else:
-        model = inner = ActivationPredictor.from_pretrained(path, use_safetensors=True)
-        tokenizer = None
+            config = ActivationPredictorConfig.from_pretrained(path)
+            base, tokenizer = load_model_and_tokenizer(config.base_model_name_or_path)
+            predictor = ActivationPredictor(config)
+            predictor.base.load_state_dict(base.state_dict())
+            model = PeftModel.from_pretrained(predictor, path)
+            inner = predictor
+        else:
+            model = inner = ActivationPredictor.from_pretrained(path, use_safetensors=True)
+            tokenizer = None
     try:
         inner.tokenizer = AutoTokenizer.from_pretrained(path)
         if inner.tokenizer.pad_token is None:
