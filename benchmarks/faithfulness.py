@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.parsing import load_recipe
-from nsr_hf.sweep import SweepConfig, run_dir, run_sweep
+from nsr_hf.sweep import SweepConfig, finished, run_dir, run_sweep
 from nsr_hf.utils import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def _dataset_source(out: Path, neuron: str, folder: Path) -> str | None:
     """A sweep folder under ``out`` (not ``folder`` itself) with a finished run of ``neuron`` that has its dataset: the
     runs of every head and training then score the same rows. None: ``folder``'s run builds it."""
     for other in sorted(out.iterdir()):
-        if other != folder and other.is_dir() and any((d / "dataset").is_dir() and (d / "metrics.json").exists()
+        if other != folder and other.is_dir() and any((d / "dataset").is_dir() and finished(d)
                                                       for d in (other / neuron).glob("seed-*")):
             return str(other)
     return None
@@ -75,7 +75,7 @@ def _ci(d: dict | None, key: str = "r2_ci"):
 def run_row(folder: Path, split: str = "test") -> dict | None:
     """The table's figures of one finished run (``metrics.json``), or None."""
     path = folder / "metrics.json"
-    if not path.exists():
+    if not finished(folder):
         return None
     summary = json.loads(path.read_text())
     evaluation = summary.get("evaluation") or {}
@@ -156,16 +156,16 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             for neuron in args.neurons:
                 for (head, training), folder in folders.items():
-                    if (run_dir(folder, neuron, seed) / "metrics.json").exists():
+                    if finished(run_dir(folder, neuron, seed)):
                         continue
                     print(f"\n== neuron {neuron}, seed {seed}, {head} head, {training} training", flush=True)
                     run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=[neuron], seeds=[seed], output_dir=str(folder),
                                           datasets_from=_dataset_source(out, neuron, folder)), overrides_for(head, training))
     rows = []
     for (head, training), folder in folders.items():
-        finished = [n for n in args.neurons if all((run_dir(folder, n, s) / "metrics.json").exists() for s in args.seeds)]
-        if finished and not args.table_only:  # sweep.json and sweep.md over every finished run of this head and training
-            run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=finished, seeds=args.seeds, output_dir=str(folder)),
+        done = [n for n in args.neurons if all(finished(run_dir(folder, n, s)) for s in args.seeds)]
+        if done and not args.table_only:  # sweep.json and sweep.md over every finished run of this head and training
+            run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=done, seeds=args.seeds, output_dir=str(folder)),
                       overrides_for(head, training))
         for neuron in args.neurons:
             for seed in args.seeds:

@@ -10,8 +10,9 @@ Steps (``run_sweep``), everything under ``output_dir``:
    are taken. An existing ``scan/`` is read back instead (delete it to scan again); ``--neurons`` skips the scan.
 2. ``<layer.index>/seed-<s>/``: ``run_train`` with the recipe, ``neuron`` and ``seed`` set, for every neuron and
    seed. The first finished run of a neuron builds its activation dataset; the other seeds load that dataset
-   (``dataset`` set), so a neuron's seeds differ only in training. A run whose ``metrics.json`` exists is not run
-   again: an interrupted sweep resumes where it stopped. A failed run is recorded and the sweep goes on.
+   (``dataset`` set), so a neuron's seeds differ only in training. A finished run (``finished``: its ``metrics.json``
+   holds the evaluation) is not run again: an interrupted sweep resumes where it stopped. A failed run is recorded and
+   the sweep goes on.
 3. ``sweep.json`` and ``sweep.md``: per method and figure, over the finished runs, the median, the interquartile
    range (q1, q3, iqr), min, max and mean, and a per-run table. Figures come from the run's evaluation
    (``metrics.json["evaluation"]``, the content of ``nsr_hf.evaluation.protocol.run_evaluate``'s ``metrics.json``) when
@@ -149,6 +150,20 @@ def run_dir(output_dir, neuron: str, seed: int) -> Path:
     return Path(output_dir) / neuron / f"seed-{seed}"
 
 
+def finished(folder) -> bool:
+    """Whether the run in ``folder`` finished: its ``metrics.json`` holds the evaluation, or the run had the evaluation
+    off. ``nsr train`` writes ``metrics.json`` before it evaluates (a failed evaluation keeps the training), so a
+    ``metrics.json`` alone is not a finished run: a rerun of the sweep trains it again."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return "evaluation" in summary or not (summary.get("config") or {}).get("evaluate", True)
+
+
 def _finished_dataset(output_dir, neuron: str, seeds=None) -> Path | None:
     """The dataset of a finished run of ``neuron`` (any of ``seeds``; every seed when None), to be loaded by its other runs."""
     if seeds is None:
@@ -156,7 +171,7 @@ def _finished_dataset(output_dir, neuron: str, seeds=None) -> Path | None:
     else:
         folders = [run_dir(output_dir, neuron, seed) for seed in seeds]
     for folder in folders:
-        if (folder / "metrics.json").exists() and (folder / "dataset").is_dir():
+        if finished(folder) and (folder / "dataset").is_dir():
             return folder / "dataset"
     return None
 
@@ -366,7 +381,7 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
 
     folder = run_dir(out, neuron, seed)
     run = {"neuron": neuron, "seed": seed, "output_dir": str(folder)}
-    if (folder / "metrics.json").exists():
+    if finished(folder):
         run["status"] = "skipped (finished before)"
     else:
         dataset = source or _finished_dataset(out, neuron, config.seeds)
@@ -379,7 +394,7 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
             logger.error("sweep run %s seed %d failed:\n%s", neuron, seed, traceback.format_exc())
             run["status"], run["error"] = "failed", f"{type(err).__name__}: {err}"
         gc.collect()
-    if (folder / "metrics.json").exists():
+    if finished(folder):
         run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
     return run
 

@@ -147,3 +147,20 @@ def test_datasets_from_errors_name_what_is_missing(swept, tmp_path):
         source_datasets(source, ["9.99999"])
     neuron = json.loads((source / "sweep.json").read_text())["neurons"][1]
     assert source_datasets(source, [neuron]) == {neuron: source / neuron / "seed-0" / "dataset"}
+
+
+def test_a_run_whose_evaluation_did_not_finish_is_not_a_finished_run(tmp_path):
+    from nsr_hf.sweep import _finished_dataset, finished
+
+    run = tmp_path / "7.268" / "seed-0"
+    (run / "dataset").mkdir(parents=True)
+    assert not finished(run)  # nothing written yet
+    # nsr train writes metrics.json before it evaluates: a failed evaluation leaves it without the evaluation
+    (run / "metrics.json").write_text(json.dumps({"neurons": ["7.268"], "config": {"evaluate": True}}))
+    assert not finished(run) and _finished_dataset(tmp_path, "7.268") is None
+    (run / "metrics.json").write_text(json.dumps({"neurons": ["7.268"], "config": {"evaluate": False}}))
+    assert finished(run)  # the evaluation was off: training was the whole run
+    (run / "metrics.json").write_text(json.dumps({"neurons": ["7.268"], "config": {"evaluate": True}, "evaluation": {}}))
+    assert finished(run) and _finished_dataset(tmp_path, "7.268") == run / "dataset"
+    (run / "metrics.json").write_text('{"neurons": ')  # cut short
+    assert not finished(run)
