@@ -356,7 +356,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
 
 
 def test_a_real_ctrl_c_exits_130_with_one_line():
+    # a shell starts background jobs with SIGINT ignored (so would CI): give the child Python's own Ctrl-C handler back
     script = ("import os, signal, sys, time; from nsr_hf.errors import error_boundary; "
+              "signal.signal(signal.SIGINT, signal.default_int_handler); "
               "sys.exit(error_boundary('nsr train', lambda: os.kill(os.getpid(), signal.SIGINT) or time.sleep(30)))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
