@@ -261,7 +261,10 @@ def test_the_faithful_quickstart_is_the_quickstart_with_intervention_training():
     plain = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
     faithful = yaml.safe_load((ROOT / "recipes" / "quickstart_faithful.yaml").read_text())
     added = {"intervention_rate": 0.5, "intervention_source": "interchange"}
-    assert {k: v for k, v in faithful.items() if k not in added} == {**plain, "output_dir": "outputs/quickstart_faithful"}
+    tuned = {"learning_rate": 1e-3, "num_train_epochs": 6}  # reading the set value is learnt: more steps, a higher rate
+    assert {k: faithful[k] for k in tuned} == tuned
+    assert {k: v for k, v in faithful.items() if k not in added and k not in tuned} == {
+        **{k: v for k, v in plain.items() if k not in tuned}, "output_dir": "outputs/quickstart_faithful"}
     config = parse_config([str(ROOT / "recipes" / "quickstart_faithful.yaml")])
     assert (config.intervention_rate, config.intervention_source) == (0.5, "interchange")
     assert parse_config([str(ROOT / "recipes" / "quickstart.yaml")]).intervention_rate == 0  # the plain quickstart stays plain
