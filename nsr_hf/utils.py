@@ -58,8 +58,8 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_json(path: "str | os.PathLike", value: Any, indent: "int | None" = 2) -> Path:
-    """Write ``value`` as strict JSON (``to_jsonable``: no NaN, no numpy types); parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(value), indent=indent, allow_nan=False))
-    return path
+    """Write ``value`` as strict JSON (``to_jsonable``: no NaN, no numpy types); parent folders are created. The file is
+    replaced whole (``write_text_atomically``): an interruption never leaves half a ``metrics.json``."""
+    from nsr_hf.run_folder import write_text_atomically
+
+    return write_text_atomically(path, json.dumps(to_jsonable(value), indent=indent, allow_nan=False))
