@@ -66,18 +66,23 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _embedded_target() -> tuple[Path, str, Path]:
+    """(the GGUF file, the package's version, the folder its conversion goes to)."""
+    gguf = embedded_gguf_path()
+    try:
+        version = importlib.metadata.version(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # found on sys.path without metadata
+        version = "unknown"
+    return gguf, version, cache_dir() / f"{EMBEDDED_NAME}-{version}-float32"
+
+
 def embedded_model_path() -> Path:
     """The converted float32 folder of the embedded default, converting it on first use.
 
     The conversion writes into a temporary folder next to the target and renames it into place, so an
     interrupted conversion never leaves a folder that a later call would load.
     """
-    gguf = embedded_gguf_path()
-    try:
-        version = importlib.metadata.version(EMBEDDED_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:  # found on sys.path without metadata
-        version = "unknown"
-    target = cache_dir() / f"{EMBEDDED_NAME}-{version}-float32"
+    gguf, version, target = _embedded_target()
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -237,13 +242,54 @@ def fuse_kernels(model: torch.nn.Module) -> int:
     return changed
 
 
+def _without_weights(name_or_path: str) -> tuple[str, dict]:
+    """(where, extra ``from_pretrained`` arguments) to read a model's config and tokenizer without its weights: the
+    embedded default's GGUF file until it is converted (converting loads the weights), else what ``resolve_model_path`` gives."""
+    if name_or_path == EMBEDDED_NAME:
+        gguf, _, target = _embedded_target()
+        if not (target / "config.json").exists():
+            return str(gguf.parent), {"gguf_file": gguf.name}
+    return resolve_model_path(name_or_path), {}
+
+
+def load_model_config(name_or_path: str = EMBEDDED_NAME, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig`` alone (no weights): its depth, neurons per layer and architecture, for the checks
+    that run before a command loads the model. Refuses what ``load_model_and_tokenizer`` would refuse about the name
+    (a near-miss of the embedded name, a missing path, the Hub while offline) and an unsupported architecture.
+
+    >>> load_model_config("smollm2-135m").num_hidden_layers
+    30
+    """
+    from transformers import AutoConfig
+
+    path, extra = _without_weights(name_or_path)
+    with model_loading(name_or_path):
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **extra)
+    arch_spec(config)  # an architecture nsr_hf cannot read fails here, before the weights are loaded
+    return config
+
+
+def check_tokenizer(tokenizer, name_or_path: str) -> None:
+    """Refuse a tokenizer that holds no vocabulary: transformers builds an empty one for a model folder that has weights but
+    no tokenizer files, and every text then becomes zero tokens (a failure deep in the first forward pass)."""
+    if tokenizer.encode("The 0", add_special_tokens=False):
+        return
+    folder = Path(name_or_path).expanduser()
+    where = f"the folder {name_or_path!r} has no tokenizer files (tokenizer.json, tokenizer_config.json)" if folder.is_dir() else \
+        f"the tokenizer of {name_or_path!r} is empty (it turns every text into no tokens)"
+    raise UserError(f"model {name_or_path!r} has no usable tokenizer: {where}. Save the tokenizer beside the weights "
+                    "(tokenizer.save_pretrained(folder), with the tokenizer of the model the weights came from) and run again.")
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right"):
-    """The tokenizer of a model, with a pad token set (the EOS token when there is none)."""
+    """The tokenizer of a model, with a pad token set (the EOS token when there is none). The embedded default's comes from
+    its GGUF file until the model is converted, so that reading it never loads the weights."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path, extra = _without_weights(name_or_path)
     with model_loading(name_or_path, "tokenizer of"):
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, **extra)
+    check_tokenizer(tokenizer, name_or_path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token; set one before use.")

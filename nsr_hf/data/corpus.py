@@ -559,6 +559,20 @@ def split_documents(docs: Iterable[Document], seed: int = 0, fractions: Sequence
     return splits
 
 
+def documents_per_split(docs: Iterable[Document], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                        enough: int | None = None) -> dict[str, int]:
+    """How many of ``docs`` (deduplicated, as a dataset reads them) each split gets, from their ids alone (no model).
+    With ``enough``, stops reading once every split has that many: a check that each split gets documents then reads
+    only the start of a large corpus. ``{"train": 8, "validation": 2, "test": 0}``."""
+    fractions = check_fractions(fractions)
+    counts = dict.fromkeys(SPLITS, 0)
+    for doc in deduplicate(docs):
+        counts[split_of(doc.doc_id, seed, fractions)] += 1
+        if enough is not None and min(counts.values()) >= enough:
+            break
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Resolving a source from a string
 

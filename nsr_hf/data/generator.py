@@ -46,6 +46,7 @@ the Hub; ``nsr_hf.data.storage`` reads both). The columns are described in ``nsr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -78,7 +79,9 @@ from nsr_hf.data.card import METADATA_KEY, dataset_card
 from nsr_hf.data.columns import TransformColumns, column_descriptions, fixed_list_array, list_array, read_column, token_list_array
 from nsr_hf.data.corpus import SPLITS, Document, TextSource, check_fractions, deduplicate, load_corpus, split_of
 from nsr_hf.data.labels import LabelTransform
+from nsr_hf.data.preflight import check_dataset
 from nsr_hf.data.storage import push_to_hub, read_metadata
+from nsr_hf.errors import UserError
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.report_tokens import default_report_tokens
 from nsr_hf.shared_config import CorpusFields, SplitFields
@@ -513,9 +516,34 @@ class ActivationDatasetGenerator:
             manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else None
             if manifest is None or manifest["config_hash"] != content_hash:
                 raise RuntimeError(f"shard {folder} is missing or stale after every process finished: rerun to compute it")
-            parts.append(load_from_disk(str(folder / "data")))
-        parts = [p for p in parts if len(p)]
+            if manifest["num_rows"]:  # a shard saved with no rows cannot be loaded (datasets fails on its empty file list)
+                parts.append(load_from_disk(str(folder / "data")))
         return concatenate_datasets(parts) if parts else Dataset(InMemoryTable(self.schema().empty_table()))
+
+    def _refuse_empty_splits(self, joined: dict, plan: dict[str, list[dict]]) -> None:
+        """Before anything is saved: a split with no rows (too few documents, or every text too short for the position) is a
+        ``UserError`` that says why. Every split must have rows: train fits the bins, validation and test are what training and
+        the evaluation report on, and ``datasets`` cannot load a saved split without rows. The shards go too: with these
+        settings they cannot give a dataset, and a corrected command (other settings) would be refused by them."""
+        empty = [split for split in self.splits if len(joined[split]) == 0]
+        if not empty:
+            return
+        documents = {s: sum(shard["num_documents"] for shard in plan[s]) for s in empty}
+        too_short = [s for s in empty if documents[s]]
+        why = ", ".join(f"{s} ({documents[s]} document{'s' * (documents[s] != 1)}"
+                        + (f", every one too short for position {self.config.position}" if documents[s] else "") + ")" for s in empty)
+        if too_short:
+            fix = (f"Use a position the texts reach (e.g. last, or a smaller index than {self.config.position}), longer texts, "
+                   "or more documents")
+        else:
+            fix = (f"Use more documents ({'raise max_documents' if self.config.max_documents else 'a larger corpus'}; "
+                   "documents go to splits by a hash of their id, in the proportions of split_fractions)")
+        shutil.rmtree(self.shards_dir, ignore_errors=True)
+        shutil.rmtree(self.output_dir / ".cache", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.output_dir.rmdir()  # only when nothing else is in it
+        raise UserError(f"the dataset would have no rows in {why}: every split needs rows. {fix}. Nothing was saved in "
+                        f"{self.output_dir}.")
 
     def _finalise(self, plan: dict[str, list[dict]], content: dict) -> None:
         from datasets import DatasetDict
@@ -523,6 +551,7 @@ class ActivationDatasetGenerator:
         cfg, k = self.config, len(self.neurons)
         content_hash = _config_hash(content)
         joined = {split: self._join(split, plan[split], content_hash) for split in self.splits}
+        self._refuse_empty_splits(joined, plan)
         skipped = {}
         for split in self.splits:
             manifests = [json.loads((self.shards_dir / s["name"] / "manifest.json").read_text()) for s in plan[split]]
@@ -649,6 +678,8 @@ def format_summary(dataset_dict, metadata: dict, output_dir: Optional[str] = Non
 def run_dataset(config: DatasetConfig, model=None, tokenizer=None):
     """What ``nsr dataset`` does: generate (resuming if interrupted), save to ``output_dir``, print a summary,
     push to the Hub when ``push_to_hub`` is set. Returns the ``DatasetDict``."""
+    if model is None:  # mistakes in the inputs fail before the model is loaded (a caller that passes one has checked them)
+        check_dataset(config)
     generator = ActivationDatasetGenerator(config, model=model, tokenizer=tokenizer)
     dataset_dict = generator.generate()
     if generator.state.is_main_process:

@@ -92,6 +92,35 @@ def read_metadata(path: "str | os.PathLike", dataset_dict=None) -> dict:
     return metadata_of(dataset_dict) if dataset_dict is not None else {}
 
 
+def saved_splits_without_rows(path: "str | os.PathLike") -> list[str]:
+    """The splits of a ``save_to_disk`` folder that hold no rows (no data file: ``datasets`` cannot load such a split)."""
+    path = Path(path)
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        folders = {split: path / split for split in splits}
+    else:
+        folders = {"train": path}
+    empty = []
+    for split, folder in folders.items():
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge: load_from_disk names what is missing
+        if not state.get("_data_files"):
+            empty.append(split)
+    return empty
+
+
+def refuse_empty_splits(path: Path, name) -> None:
+    """A ``UserError`` naming the splits of the dataset in ``path`` that have no rows (``datasets`` fails on them with an
+    ``IndexError``), and how to build it again."""
+    empty = saved_splits_without_rows(path)
+    if empty:
+        raise UserError(f"dataset {str(name)!r} has no rows in split(s) {', '.join(empty)}: a split without rows cannot be "
+                        "loaded or used. Build it again with more documents (nsr dataset --max_documents, or "
+                        "nsr train --dataset_documents; a larger corpus) and --overwrite.")
+
+
 def load_activation_dataset(path_or_repo_id: "str | os.PathLike", *, cache_dir: Optional[str] = None,
                             revision: Optional[str] = None, token: Optional[str] = None):
     """``(DatasetDict, metadata)`` from a ``save_to_disk`` folder, a local folder in the Hub's layout, or a Hub id.
@@ -105,6 +134,7 @@ def load_activation_dataset(path_or_repo_id: "str | os.PathLike", *, cache_dir: 
 
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        refuse_empty_splits(path, path_or_repo_id)
         loaded = load_from_disk(str(path))
         dataset_dict = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         metadata = read_metadata(path, dataset_dict)

@@ -17,6 +17,7 @@ import torch
 from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, position_ids_from_mask, real_token_bounds, validate_layer
 from nsr_hf.data.corpus import Document, TextSource, load_corpus
+from nsr_hf.data.preflight import check_scan
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.scanner.config import ScanConfig
 from nsr_hf.scanner.results import STAT_COLUMNS, TABLE_FILE, TOP_FILE, ScanResult, finite
@@ -308,6 +309,8 @@ def distributed_state():
 def run_scan(config: ScanConfig, model=None, tokenizer=None, source=None) -> ScanResult:
     """``nsr scan``: load the model and corpus (unless given), scan, and on the main process write the
     outputs into ``config.output_dir`` and print the table of top neurons."""
+    if model is None:  # mistakes in the inputs fail before the model is loaded
+        check_scan(config)
     dist = distributed_state()
     torch.manual_seed(config.seed)
     if model is None:
