@@ -57,13 +57,16 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise MissingPathError(f"recipe {str(path)!r} not found: a first word that does not start with -- is read as a YAML recipe; "
                         "check its path, or give only --key value flags.")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"recipe {str(path)!r} is not valid YAML ({problem}{where}): a recipe is one 'key: value' per line; "
                         "quote values that hold ':' or '#'.") from None
+    if data is None:  # an empty file, or only comments: running the defaults instead would start the full default run
+        raise UserError(f"the recipe {str(path)!r} is empty (no 'key: value' line, only blank lines or comments): write the keys it "
+                        "sets (e.g. recipes/quickstart.yaml), or leave the recipe out and give --key value flags.")
     if not isinstance(data, dict):  # a ValueError, as for every other mistake in a recipe: the commands report those
         raise ValueError(  # noqa: TRY004
             f"{path}: a recipe is a flat mapping of config fields (key: value per line), got {type(data).__name__}.")

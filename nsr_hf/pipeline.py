@@ -55,6 +55,7 @@ from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.parsing import RecipeParser
+from nsr_hf.preflight import check_train
 from nsr_hf.scanner import ScanConfig, run_scan
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, values_of
 from nsr_hf.training.collator import PredictorDataCollator
@@ -222,6 +223,7 @@ def run_train(config: TrainConfig) -> dict:
     """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``."""
     start = time.perf_counter()
     out = prepare_output_dir(config)
+    check_train(config)  # every mistake that needs no model weights fails here, before the model is loaded
     resume = checkpoint_to_resume(config, out)
     model, tokenizer = load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)

@@ -43,12 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.capture import Neuron
-from nsr_hf.errors import debug_requested, error_boundary
+from nsr_hf.errors import debug_requested, error_boundary, explain
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser, load_recipe
 from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
+from nsr_hf.preflight import check_sweep
 from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.training.config import TrainConfig
 from nsr_hf.utils import write_json
@@ -364,6 +365,7 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     values = recipe_values(config, overrides)
     sources = source_datasets(config.datasets_from, config.neurons) if config.datasets_from else {}
+    check_sweep(values, config.neurons, sources)  # a mistake every run would hit is one line, before the scan and the first run
     neurons = list(sources) or config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
     runs = [train_one(config, values, out, neuron, seed, sources.get(neuron)) for neuron in neurons for seed in config.seeds]
     result = {"config": asdict(config), "recipe": values, "neurons": neurons, "seeds": config.seeds, "split": config.split,
@@ -391,12 +393,21 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
                                      **({"dataset": str(dataset)} if dataset else {})}))
             run["status"] = "trained"
         except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
-            logger.error("sweep run %s seed %d failed:\n%s", neuron, seed, traceback.format_exc())
-            run["status"], run["error"] = "failed", f"{type(err).__name__}: {err}"
+            run["status"], run["error"] = "failed", failure_record(err)
+            # a user's mistake is its one line (the error boundary's words); a bug, or --debug / NSR_DEBUG=1, keeps its traceback
+            trace = "" if explain(err) is not None and not debug_requested([])[1] else "\n" + traceback.format_exc()
+            logger.error("sweep run %s seed %d failed: %s%s", neuron, seed, run["error"], trace)
         gc.collect()
     if finished(folder):
         run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
     return run
+
+
+def failure_record(err: BaseException) -> str:
+    """A failed run's ``error`` in ``sweep.json``: the one line the error boundary prints for a user's mistake, else the
+    exception's type and message."""
+    message = explain(err)
+    return " ".join(message.split()) if message is not None else f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def main(argv: list[str] | None = None) -> int:

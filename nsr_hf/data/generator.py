@@ -531,7 +531,7 @@ class ActivationDatasetGenerator:
         documents = {s: sum(shard["num_documents"] for shard in plan[s]) for s in empty}
         too_short = [s for s in empty if documents[s]]
         why = ", ".join(f"{s} ({documents[s]} document{'s' * (documents[s] != 1)}"
-                        + (f", every one too short for position {self.config.position}" if documents[s] else "") + ")" for s in empty)
+                        + (f", all too short for position {self.config.position}" if documents[s] else "") + ")" for s in empty)
         if too_short:
             fix = (f"Use a position the texts reach (e.g. last, or a smaller index than {self.config.position}), longer texts, "
                    "or more documents")
