@@ -21,7 +21,7 @@ LAYERS = [
     ("training", ["nsr_hf.training"]),
     ("evaluation", ["nsr_hf.evaluation"]),
     ("analysis", ["nsr_hf.analysis"]),
-    ("pipeline", ["nsr_hf.pipeline", "nsr_hf.sweep", "nsr_hf.quickstart", "nsr_hf.cli", "nsr_hf.train"]),
+    ("pipeline", ["nsr_hf.pipeline", "nsr_hf.preflight", "nsr_hf.sweep", "nsr_hf.quickstart", "nsr_hf.cli", "nsr_hf.train"]),
 ]
 
 
