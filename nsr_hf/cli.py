@@ -20,9 +20,10 @@ from pathlib import Path
 from nsr_hf.capture import capture_activations, encode_texts, parse_position, validate_neuron, validate_position
 from nsr_hf.data.corpus import load_corpus
 from nsr_hf.data.generator import DatasetConfig, run_dataset
+from nsr_hf.data.preflight import check_neurons
 from nsr_hf.errors import UserError, debug_requested, error_boundary
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
-from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.models import load_model_and_tokenizer, load_model_config
 from nsr_hf.parsing import RecipeParser
 from nsr_hf.pipeline import main as train_main
 from nsr_hf.pipeline import run_train
@@ -56,6 +57,7 @@ def run_capture(config: CaptureConfig) -> list[dict]:
     if config.output and Path(config.output).is_dir():  # found now, not after the model ran
         raise UserError(f"--output {config.output!r} is a folder: give the path of a JSON file to write "
                         f"(e.g. {config.output}/values.json).")
+    check_neurons(load_model_config(config.model), config.neurons, config.model)  # from the config: before the weights load
     model, tokenizer = load_model_and_tokenizer(config.model)
     neurons = [validate_neuron(model, n) for n in config.neurons]
     corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)

@@ -358,7 +358,7 @@ def sweep_markdown(result: dict) -> str:
 # The sweep
 
 
-def run_sweep(config: SweepConfig, overrides: dict | None = None) -> dict:
+def run_sweep(config: SweepConfig, overrides: dict | None = None, debug: bool = False) -> dict:
     """``nsr sweep``: scan once, train every (neuron, seed) not yet finished, summarise (module docstring).
     ``overrides``: ``TrainConfig`` values that replace the recipe's. Returns the content of ``sweep.json``."""
     out = Path(config.output_dir)
@@ -367,7 +367,7 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None) -> dict:
     sources = source_datasets(config.datasets_from, config.neurons) if config.datasets_from else {}
     check_sweep(values, config.neurons, sources)  # a mistake every run would hit is one line, before the scan and the first run
     neurons = list(sources) or config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
-    runs = [train_one(config, values, out, neuron, seed, sources.get(neuron)) for neuron in neurons for seed in config.seeds]
+    runs = [train_one(config, values, out, neuron, seed, sources.get(neuron), debug=debug) for neuron in neurons for seed in config.seeds]
     result = {"config": asdict(config), "recipe": values, "neurons": neurons, "seeds": config.seeds, "split": config.split,
               "runs": runs, "failed": sum(1 for r in runs if r.get("error")), "summary": summarise_runs(runs)}
     write_json(out / "sweep.json", result, indent=2)
@@ -376,7 +376,8 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None) -> dict:
     return result
 
 
-def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: int, source: Path | None = None) -> dict:
+def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: int, source: Path | None = None,
+              debug: bool = False) -> dict:
     """One run of the sweep (``run_train`` into ``<neuron>/seed-<seed>``) unless it finished before; its record in
     ``sweep.json``, with its figures when it has a ``metrics.json``. A failed run is recorded, not raised."""
     import gc
@@ -395,7 +396,7 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
         except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
             run["status"], run["error"] = "failed", failure_record(err)
             # a user's mistake is its one line (the error boundary's words); a bug, or --debug / NSR_DEBUG=1, keeps its traceback
-            trace = "" if explain(err) is not None and not debug_requested([])[1] else "\n" + traceback.format_exc()
+            trace = "" if explain(err) is not None and not (debug or debug_requested([])[1]) else "\n" + traceback.format_exc()
             logger.error("sweep run %s seed %d failed: %s%s", neuron, seed, run["error"], trace)
         gc.collect()
     if finished(folder):
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     def parse_and_run() -> int:
         words = ["--recipe", argv[0], *argv[1:]] if argv and not argv[0].startswith("-") else argv
         sweep_values, overrides = parser.given_values(words)
-        result = run_sweep(SweepConfig(**sweep_values), overrides)
+        result = run_sweep(SweepConfig(**sweep_values), overrides, debug=debug)
         return 1 if result["failed"] else 0
 
     return error_boundary("nsr sweep", parse_and_run, debug=debug)

@@ -16,7 +16,7 @@ from nsr_hf.data.corpus import documents_per_split, load_corpus
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRACEBACK = "Traceback (most recent call last)"
-LOADERS = ("nsr_hf.pipeline", "nsr_hf.data.generator", "nsr_hf.scanner.scan", "nsr_hf.sweep")
+LOADERS = ("nsr_hf.pipeline", "nsr_hf.data.generator", "nsr_hf.scanner.scan", "nsr_hf.sweep", "nsr_hf.cli")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -246,3 +246,23 @@ def test_a_failed_sweep_run_records_its_one_line_message_without_a_traceback(gpt
     assert "\n" not in run["error"]
     (logged,) = [r.getMessage() for r in caplog.records if "sweep run 1.3 seed 0 failed" in r.getMessage()]
     assert "failed: the dataset would have no rows" in logged and TRACEBACK not in logged
+
+
+# -- read_layer before a neuron the scan chose, and nsr capture
+
+
+def test_a_read_layer_before_the_neuron_the_scan_chose_is_refused_when_the_choice_is_known():
+    """A scanned neuron's layer is known only after the scan: ``read_layer_for`` refuses there, before the dataset is built."""
+    from nsr_hf.errors import UserError
+    from nsr_hf.training.config import TrainConfig
+
+    config = TrainConfig(output_dir="unused", read_layer="1")
+    assert config.read_layer_for(1, 3) == 1
+    with pytest.raises(UserError, match=r"read_layer 1 is before the layer of the target neuron \(layer 2\).*target\+2"):
+        config.read_layer_for(2, 3)
+
+
+def test_capture_checks_its_neurons_before_the_model_loads(capsys, no_model, gpt2, corpus):
+    code, err = run_cli(capsys, "capture", "--model", gpt2, "--corpus", corpus, "--neurons", "7.3")
+    assert code == 2
+    assert "neuron 7.3 is not in the model" in err and "layers 0..2" in err

@@ -20,6 +20,7 @@ from nsr_hf.capture import Neuron
 from nsr_hf.data.binning import BIN_STRATEGIES
 from nsr_hf.data.corpus import check_fractions
 from nsr_hf.data.counterfactuals import SOURCES, check_source
+from nsr_hf.errors import UserError
 from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
@@ -246,6 +247,10 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         if rule is None:
             return None
         layer = rule[1] if rule[0] == "abs" else target_layer + rule[1]
+        if layer < target_layer:  # a neuron the scan chose is known only now; a named one is refused before the model loads
+            raise UserError(f"read_layer {layer} is before the layer of the target neuron (layer {target_layer}): the head would read "
+                            f"a block where the neuron is not yet computed. Read block {target_layer} or later (e.g. read_layer "
+                            "target+2, or none for the last block).")
         if layer >= num_layers:
             if rule[0] == "target":
                 logger.warning("read_layer %s is past the last block for a target in layer %d: reading the last block.",
