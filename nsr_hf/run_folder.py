@@ -42,7 +42,8 @@ def refuse_finished(folder: str | os.PathLike, what: str, *, finished: bool, ove
     ``finished``: whether ``folder`` holds finished results of this command (the caller knows their marker file).
     Allowed: a missing or empty folder, and finished results with ``overwrite`` (they are replaced once the new ones
     succeed). Refused: finished results without ``overwrite``; a file; a non-empty folder that is not this command's
-    results, with or without ``overwrite``. ``fix``: the command to suggest, e.g. ``"pass --overwrite"``."""
+    results, with or without ``overwrite`` (writing there would replace the user's files). ``fix``: the command to
+    suggest, e.g. ``"pass --overwrite"``."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise UserError(f"output_dir {str(folder)!r} is a file: give a folder (a new or empty one) for {what}.")
@@ -53,9 +54,9 @@ def refuse_finished(folder: str | os.PathLike, what: str, *, finished: bool, ove
             return
         raise UserError(f"{path} already holds {what} that finished. Nothing was changed: choose another output_dir, "
                         f"or {fix or 'pass --overwrite'} to replace it once the new run succeeds.")
-    if overwrite:
-        raise UserError(f"{path} holds files that are not {what}: --overwrite only replaces finished results of this command. "
-                        "Choose a new or empty output_dir.")
+    # a folder of other files (a working directory, another command's results) is never replaced: the swap would delete them
+    raise UserError(f"{path} holds files that are not {what}: choose a new or empty output_dir (--overwrite only replaces "
+                    "finished results of this command). Nothing was changed.")
 
 
 def restore_interrupted_swap(folder: str | os.PathLike) -> None:
@@ -65,7 +66,17 @@ def restore_interrupted_swap(folder: str | os.PathLike) -> None:
         return
     olds = sorted(path.parent.glob(f"{OLD_PREFIX}{path.name}-*"), key=lambda p: p.stat().st_mtime)
     if olds:
-        os.rename(olds[-1], path)
+        try:
+            os.rename(olds[-1], path)
+        except FileNotFoundError:  # another process of the same launch put it back first
+            pass
+
+
+def work_folder(folder: str | os.PathLike, tag: str) -> Path:
+    """A fixed sibling of ``folder`` (``.tmp-<name>-<tag>``) for work that a rerun of the same command resumes, e.g. the
+    shards of ``nsr dataset --overwrite`` while the old dataset stays in place. Not created here."""
+    path = Path(folder)
+    return path.parent / f"{TMP_PREFIX}{path.name}-{tag}"
 
 
 @contextmanager

@@ -68,6 +68,7 @@ from nsr_hf.evaluation.statistics import compare_methods, selectivity
 from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.run_folder import refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.shared_config import EvaluationFields
 from nsr_hf.utils import unwrap, write_json
 
@@ -118,6 +119,9 @@ class EvaluateConfig(EvaluationFields):
         "help": "drift.json of the drift monitor (nsr_hf.training.monitoring) for drift.png; "
                 "default: next to the predictor, else the drift/ entries of the training log"})
     device: Optional[str] = field(default=None, metadata={"help": "Device of a predictor loaded here (default: cuda when available)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a finished evaluation in output_dir (it is replaced only once the new one is written; without this it "
+                "is refused)"})
 
     def __post_init__(self):
         self.splits = [str(s) for s in self.splits]
@@ -379,7 +383,8 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
         **per_neuron[headline],
         "by_neuron": per_neuron,
         "drift": drift_summary,
-        "config": asdict(config),
+        # where the evaluation is written is not part of what it measured: overwrite stays out of metrics.json
+        "config": {k: v for k, v in asdict(config).items() if k != "overwrite"},
     }
     if len(neurons) > 1:
         evaluation["note"] = f"The top-level figures are those of the first neuron ({headline}); by_neuron holds every neuron's."
@@ -402,8 +407,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     gradual) is not the original. With ``config.base_unchanged`` (head_only training, which never changes the
     base: the train stage measures that drift is zero) the predictor's own base is used and nothing is reloaded.
     """
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_to_replace_evaluation(config)
     predictor = _load_predictor(config, predictor)
     inner = unwrap(predictor)
     neurons = list(inner.config.neurons)
@@ -425,12 +429,31 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     log_history, drift = _training_logs(config, log_history, drift)
     history, drift_summary = drift_history(drift, log_history)
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
-    write_json(out / "metrics.json", evaluation)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
-    write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
-                                          **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
-    write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history, drift=history or drift_summary,
-                 counterfactual=counterfactual.get(neurons[0]))
-    print(f"evaluation of {', '.join(neurons)} written to {out}/ (metrics.json, report.md)", flush=True)
+    with written_atomically(config.output_dir) as out:  # the folder appears whole, and replaces an old one only then
+        write_json(out / "metrics.json", evaluation)
+        write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
+                                              **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
+        write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history,
+                     drift=history or drift_summary, counterfactual=counterfactual.get(neurons[0]))
+    print(f"evaluation of {', '.join(neurons)} written to {Path(config.output_dir)}/ (metrics.json, report.md)", flush=True)
     return evaluation
+
+
+def holds_evaluation(folder) -> bool:
+    """Whether ``folder`` holds a finished evaluation: a ``metrics.json`` of this protocol (``kind``), which ``run_evaluate``
+    writes into a folder that appears whole. A train run's own ``metrics.json`` is not one."""
+    path = Path(folder) / "metrics.json"
+    try:
+        return json.loads(path.read_text()).get("kind") == EVALUATION_KIND
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object: not an evaluation
+        return False
+
+
+def refuse_to_replace_evaluation(config: EvaluateConfig) -> None:
+    """Refuse an ``output_dir`` that holds a finished evaluation (unless ``overwrite``) or files that are not an evaluation
+    (always): checked before the predictor is loaded."""
+    out = Path(config.output_dir)
+    restore_interrupted_swap(out)
+    refuse_finished(out, "an evaluation", finished=holds_evaluation(out), overwrite=config.overwrite, fix="pass --overwrite")
