@@ -46,7 +46,12 @@ def refuse_finished(folder: str | os.PathLike, what: str, *, finished: bool, ove
     suggest, e.g. ``"pass --overwrite"``."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
-        raise UserError(f"output_dir {str(folder)!r} is a file: give a folder (a new or empty one) for {what}.")
+        # the words of nsr_hf.errors for a file where a folder belongs, so that every command says the same
+        raise UserError(f"{str(folder)!r} is a file, where a folder belongs: give a folder's path (or move the file away).")
+    if path.exists() and (path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents):
+        # the swap would move the folder the user works in (and everything in it) aside, then delete it
+        raise UserError(f"output_dir {str(folder)!r} is the current folder or holds it: give a new folder for {what} "
+                        "(e.g. outputs/<name>). Nothing was changed.")
     if is_empty(path):
         return
     if finished:

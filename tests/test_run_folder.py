@@ -3,7 +3,14 @@ only after the new ones exist."""
 import pytest
 
 from nsr_hf.errors import UserError
-from nsr_hf.run_folder import refuse_finished, replace_folder, restore_interrupted_swap, write_text_atomically, written_atomically
+from nsr_hf.run_folder import (
+    refuse_finished,
+    replace_folder,
+    restore_interrupted_swap,
+    work_folder,
+    write_text_atomically,
+    written_atomically,
+)
 from nsr_hf.utils import write_json
 
 
@@ -93,3 +100,21 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
     write_text_atomically(tmp_path / "t.txt", "hello")
     assert (tmp_path / "t.txt").read_text() == "hello"
+
+
+def test_refuse_finished_refuses_a_folder_of_other_files_without_overwrite_too(tmp_path):
+    out = _folder(tmp_path / "work")
+    with pytest.raises(UserError, match="holds files that are not a scan: choose a new or empty output_dir.*Nothing was changed"):
+        refuse_finished(out, "a scan", finished=False, overwrite=False)
+
+
+def test_refuse_finished_never_takes_the_current_folder_even_when_empty(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for folder in (".", "..", str(tmp_path / "here")):
+        with pytest.raises(UserError, match="is the current folder or holds it"):
+            refuse_finished(folder, "a scan", finished=True, overwrite=True)
+
+
+def test_work_folder_is_a_fixed_hidden_sibling(tmp_path):
+    assert work_folder(tmp_path / "ds", "overwrite") == tmp_path / ".tmp-ds-overwrite"
