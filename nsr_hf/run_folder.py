@@ -18,11 +18,13 @@ through two rules:
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from nsr_hf.errors import UserError
 
@@ -129,3 +131,48 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class FinishedStages:
+    """The finished stages of a long command, kept beside its output folder (``.tmp-<name>-stages``) until the output is
+    written, so that a rerun of the same command after an interruption (Ctrl-C, kill -9) continues from them.
+
+    ``key``: what decides every stage's result (its configuration and inputs); kept stages of another key are dropped.
+    ``None``: nothing is kept (every stage is computed). A stage's value is stored with ``pickle`` (it holds numpy arrays and
+    must come back bit for bit); the folder is this command's own scratch space, never an output.
+
+    >>> stages = FinishedStages(out, key)
+    >>> predictions = stages.get("predictions", lambda: predict(rows))   # read back by a rerun instead of computed
+    >>> stages.clear()                                                   # once the output is written
+    """
+
+    def __init__(self, folder: str | os.PathLike, key: str | None):
+        self.folder = None if key is None else work_folder(folder, "stages")
+        self.resumed: list[str] = []
+        if self.folder is None:
+            return
+        key_file = self.folder / "key.txt"
+        if self.folder.exists() and not (key_file.is_file() and key_file.read_text() == key):
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(key_file, key)
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The value of stage ``name``: read back when a previous run finished it, else ``compute()``d and kept."""
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{name}.pkl"
+        if path.is_file():
+            self.resumed.append(name)
+            return pickle.loads(path.read_bytes())
+        value = compute()
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=self.folder)
+        with os.fdopen(fd, "wb") as handle:
+            pickle.dump(value, handle)
+        os.replace(tmp, path)  # a stage is kept whole or not at all
+        return value
+
+    def clear(self) -> None:
+        """Drop the kept stages (the output they were for is written)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -4,6 +4,7 @@ import pytest
 
 from nsr_hf.errors import UserError
 from nsr_hf.run_folder import (
+    FinishedStages,
     refuse_finished,
     replace_folder,
     restore_interrupted_swap,
@@ -118,3 +119,29 @@ def test_refuse_finished_never_takes_the_current_folder_even_when_empty(tmp_path
 
 def test_work_folder_is_a_fixed_hidden_sibling(tmp_path):
     assert work_folder(tmp_path / "ds", "overwrite") == tmp_path / ".tmp-ds-overwrite"
+
+
+def test_finished_stages_are_read_back_by_a_rerun_with_the_same_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"values": [1.5, 2.5]}
+
+    assert FinishedStages(tmp_path / "out", "key-1").get("predictions", compute) == {"values": [1.5, 2.5]}
+    rerun = FinishedStages(tmp_path / "out", "key-1")
+    assert rerun.get("predictions", compute) == {"values": [1.5, 2.5]} and len(calls) == 1 and rerun.resumed == ["predictions"]
+    rerun.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_finished_stages_of_another_key_are_dropped(tmp_path):
+    FinishedStages(tmp_path / "out", "key-1").get("predictions", lambda: 1)
+    other = FinishedStages(tmp_path / "out", "key-2")
+    assert other.get("predictions", lambda: 2) == 2 and other.resumed == []
+
+
+def test_without_a_key_no_stage_is_kept(tmp_path):
+    stages = FinishedStages(tmp_path / "out", None)
+    assert stages.get("predictions", lambda: 3) == 3
+    assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,8 @@
 """Write order of the stage commands (``nsr scan``, ``nsr dataset``, ``nsr evaluate``): finished results in output_dir are
 refused without ``--overwrite`` (before the model is loaded), a folder of other files is refused even with it, and with it
 the new results are written beside the old ones and replace them only when complete: a failing or interrupted run leaves
-the old folder byte-identical. ``nsr dataset`` resumes its shards after a kill -9 and gives the same rows."""
+the old folder byte-identical. ``nsr dataset`` resumes its shards after a kill -9 and gives the same rows; an interrupted
+``nsr evaluate`` continues from its finished stages to the same metrics."""
 import hashlib
 import os
 import signal
@@ -166,7 +167,8 @@ def test_a_failing_evaluation_with_overwrite_leaves_the_old_one_byte_identical(t
     overwrite = evaluate_args(trained_run, finished_evaluation, "--methods", "mean", "ridge_probe", "--overwrite", "true")
     code, line = run_cli(capsys, *overwrite)
     assert code == 2 and line == "nsr evaluate: error: the report could not be written"
-    assert snapshot(finished_evaluation) == before and siblings(finished_evaluation) == ["evaluation"]
+    assert snapshot(finished_evaluation) == before
+    assert siblings(finished_evaluation) == [".tmp-evaluation-stages", "evaluation"]  # the finished stages, for the rerun
 
 
 def test_nsr_evaluate_overwrite_replaces_the_evaluation_once_complete(trained_run, finished_evaluation, capsys):
@@ -187,6 +189,40 @@ def test_nsr_evaluate_never_replaces_a_train_run_folder_even_with_overwrite(trai
     assert line == (f"nsr evaluate: error: {trained_run} holds files that are not an evaluation: choose a new or empty output_dir "
                     "(--overwrite only replaces finished results of this command). Nothing was changed.")
     assert snapshot(trained_run) == before
+
+
+def test_an_interrupted_evaluation_rerun_continues_from_its_finished_stages_to_the_same_metrics(trained_run, tmp_path, capsys,
+                                                                                                monkeypatch):
+    import json
+
+    out, whole = tmp_path / "evaluation", tmp_path / "whole"
+    command = evaluate_args(trained_run, out, "--methods", "mean", "ridge_probe", "--causal", "true")
+    figures_of_a_neuron = protocol._neuron_result
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the predictions and the baselines, during the figures
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(protocol, "_neuron_result", interrupted)
+    code, line = run_cli(capsys, *command)
+    assert code == 130 and line == "nsr evaluate: interrupted: rerun the same command to resume."
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / ".tmp-evaluation-stages").iterdir()) == [
+        "baselines-0.pkl", "key.txt", "predictions.pkl", "shuffled.pkl"]
+
+    def computed_again(*args, **kwargs):
+        raise AssertionError("a finished stage was computed again")
+
+    monkeypatch.setattr(protocol, "_neuron_result", figures_of_a_neuron)
+    monkeypatch.setattr(protocol, "predict_split", computed_again)
+    monkeypatch.setattr(protocol, "run_baselines", computed_again)
+    assert run_cli(capsys, *command)[0] == 0
+    assert siblings(out) == ["evaluation"]  # the kept stages are gone once the evaluation is written
+    monkeypatch.undo()
+    assert run_cli(capsys, *evaluate_args(trained_run, whole, "--methods", "mean", "ridge_probe", "--causal", "true"))[0] == 0
+    resumed, uninterrupted = (json.loads((folder / "metrics.json").read_text()) for folder in (out, whole))
+    resumed["config"].pop("output_dir"), uninterrupted["config"].pop("output_dir")
+    assert resumed == uninterrupted
+    assert (out / "predictions.json").read_bytes() == (whole / "predictions.json").read_bytes()
 
 
 def test_the_pipeline_replaces_its_own_scan_and_evaluation_folders(tmp_path):

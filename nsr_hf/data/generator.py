@@ -40,6 +40,12 @@ corpus order over all splits) goes to process ``g % num_processes``. The main pr
 (memory-mapped), fits the transforms, adds their columns, balances train if asked, and saves the
 ``DatasetDict`` with its card (``README.md``) in ``output_dir``. Rows never accumulate in memory beyond one shard.
 
+Write order (``nsr_hf.run_folder``): the dataset is saved into a folder beside ``output_dir`` that replaces it only once
+the splits and the card are written, so a finished-looking ``output_dir`` always holds a whole dataset. A finished dataset
+is refused before the model is loaded unless ``overwrite``; with ``overwrite`` the new shards are computed in a fixed
+sibling (``.tmp-<name>-overwrite``, which a rerun of the same command resumes) and the old dataset stays untouched until
+the new one replaces it. A folder that holds other files is never written into.
+
 Provenance and transforms live in the card's YAML under ``nsr_hf:`` (``nsr_hf.data.card``) and, as JSON
 ``{"nsr_hf": ...}``, in each split's ``info.description`` (which survives ``save_to_disk``; the card is what survives
 the Hub; ``nsr_hf.data.storage`` reads both). The columns are described in ``nsr_hf.data.columns``.
