@@ -465,13 +465,15 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
 
 
 def _resume_key(config: EvaluateConfig, dataset) -> str | None:
-    """What decides every stage of an evaluation: its options (where it is written aside), the predictor folder's files
-    (names, sizes, modification times) and the dataset's fingerprints; ``None`` (no resuming) for a predictor that is not
-    a local folder."""
-    folder = Path(config.predictor) if config.predictor else None
-    if folder is None or not folder.is_dir():
+    """What decides every stage of an evaluation: its options (where it is written aside), the files (names, sizes,
+    modification times) of every model folder it reads and the dataset's fingerprints; ``None`` (no resuming) for a
+    predictor that is not a local folder."""
+    if not config.predictor or not Path(config.predictor).is_dir():
         return None
-    files = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+    folders = [Path(name) for name in (config.predictor, config.shuffled_predictor, config.compare_predictor, config.base_model)
+               if name and Path(name).is_dir()]
+    files = [sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+             for folder in folders]
     fingerprints = {name: getattr(dataset[name], "_fingerprint", None) for name in dataset}
     options = {k: v for k, v in asdict(config).items() if k != "overwrite"}
     return hashlib.sha256(json.dumps([options, files, fingerprints], sort_keys=True, default=str).encode()).hexdigest()
