@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -81,7 +82,10 @@ def restore_interrupted_swap(folder: str | os.PathLike) -> None:
 
 def work_folder(folder: str | os.PathLike, tag: str) -> Path:
     """A fixed sibling of ``folder`` (``.tmp-<name>-<tag>``) for work that a rerun of the same command resumes, e.g. the
-    shards of ``nsr dataset --overwrite`` while the old dataset stays in place. Not created here."""
+    shards of ``nsr dataset --overwrite`` while the old dataset stays in place. Not created here. ``tag`` must not be 8
+    characters long: that is the shape of the leftovers ``remove_leftovers`` deletes."""
+    if len(tag) == 8:
+        raise ValueError(f"work folder tag {tag!r}: 8 characters would be taken for a leftover temporary folder; use another length.")
     path = Path(folder)
     return path.parent / f"{TMP_PREFIX}{path.name}-{tag}"
 
@@ -102,6 +106,18 @@ def written_atomically(folder: str | os.PathLike, keep_on_error: bool = False) -
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_folder(tmp, path)
+    remove_leftovers(path)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> None:
+    """Delete what earlier writes of ``folder`` that were killed (kill -9, a power cut) left beside it: their temporary
+    folders (``.tmp-<name>-`` and mkdtemp's 8 characters; a ``work_folder`` has a longer or shorter tag and is kept) and
+    old folders whose swap was not finished. Called once a new ``folder`` is in place, which supersedes them all."""
+    path = Path(folder)
+    leftover = re.compile(rf"({re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(path.name)}-[a-z0-9_]{{8}}")
+    for entry in path.parent.iterdir():
+        if entry.is_dir() and leftover.fullmatch(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def replace_folder(new: str | os.PathLike, folder: str | os.PathLike) -> None:

@@ -6,6 +6,7 @@ from nsr_hf.errors import UserError
 from nsr_hf.run_folder import (
     FinishedStages,
     refuse_finished,
+    remove_leftovers,
     replace_folder,
     restore_interrupted_swap,
     work_folder,
@@ -145,3 +146,15 @@ def test_without_a_key_no_stage_is_kept(tmp_path):
     stages = FinishedStages(tmp_path / "out", None)
     assert stages.get("predictions", lambda: 3) == 3
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_successful_write_removes_what_killed_writes_of_the_same_folder_left_beside_it(tmp_path):
+    out = _folder(tmp_path / "out")
+    for name in (".tmp-out-ab12cd_3", ".old-out-zz99yy00", ".tmp-out-stages", ".tmp-out-overwrite", ".tmp-other-ab12cd34"):
+        (tmp_path / name).mkdir()
+    with written_atomically(out) as tmp:
+        (tmp / "result.txt").write_text("new")
+    # kept: the work folders a rerun resumes from, and another folder's temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-ab12cd34", ".tmp-out-overwrite", ".tmp-out-stages", "out"]
+    remove_leftovers(out)  # nothing more to remove
+    assert (out / "result.txt").read_text() == "new"
