@@ -87,7 +87,8 @@ def scan_train_documents(config: TrainConfig, model, tokenizer, scan_dir: str | 
 def scan_config(config: TrainConfig, documents: int, top_n: int, scan_dir: str | os.PathLike) -> ScanConfig:
     """The ``ScanConfig`` of a train run: its model and corpus, layers and lengths, over ``documents`` train documents."""
     return ScanConfig(**values_of(config, CorpusFields), layers=config.layers, position="last" if config.position == "last" else "all",
-                      max_documents=documents, max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir))
+                      max_documents=documents, max_length=config.max_length, top_n=max(10, top_n), output_dir=str(scan_dir),
+                      overwrite=True)  # the run's own scan/: a new scan of this run replaces it
 
 
 def dataset_config(config: TrainConfig, neuron, out: Path) -> DatasetConfig:
@@ -421,7 +422,7 @@ def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:
                           dataset=config.dataset or str(out / "dataset"),
                           methods=config.eval_methods if config.eval_methods is not None else EvaluateConfig().methods,
                           **values_of(config, EvaluationFields), seed=config.seed, base_unchanged=config.unfreeze == "head_only",
-                          batch_size=config.per_device_eval_batch_size)
+                          batch_size=config.per_device_eval_batch_size, overwrite=True)  # a re-evaluated run replaces its own
 
 
 def save_trained(out: Path, trainer, summary: dict) -> None:

@@ -292,7 +292,7 @@ def test_head_only_predictor_may_reuse_its_own_base_for_the_baselines(trained, t
     config = EvaluateConfig(predictor=str(train_dir / "predictor"), output_dir=str(tmp_path), methods=["mean", "ridge_probe"],
                             base_unchanged=True, causal=False, n_bootstrap=50)
     reused = run_evaluate(config, predictor=predictor)
-    reloaded = run_evaluate(EvaluateConfig(**{**config.__dict__, "base_unchanged": False}), predictor=predictor)
+    reloaded = run_evaluate(EvaluateConfig(**{**config.__dict__, "base_unchanged": False, "overwrite": True}), predictor=predictor)
     # the base of head_only training is the original: the same probe either way
     assert reused["metrics"]["test"]["ridge_probe"]["r2"] == pytest.approx(reloaded["metrics"]["test"]["ridge_probe"]["r2"], abs=1e-6)
 

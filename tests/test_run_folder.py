@@ -3,7 +3,16 @@ only after the new ones exist."""
 import pytest
 
 from nsr_hf.errors import UserError
-from nsr_hf.run_folder import refuse_finished, replace_folder, restore_interrupted_swap, write_text_atomically, written_atomically
+from nsr_hf.run_folder import (
+    FinishedStages,
+    refuse_finished,
+    remove_leftovers,
+    replace_folder,
+    restore_interrupted_swap,
+    work_folder,
+    write_text_atomically,
+    written_atomically,
+)
 from nsr_hf.utils import write_json
 
 
@@ -93,3 +102,59 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
     write_text_atomically(tmp_path / "t.txt", "hello")
     assert (tmp_path / "t.txt").read_text() == "hello"
+
+
+def test_refuse_finished_refuses_a_folder_of_other_files_without_overwrite_too(tmp_path):
+    out = _folder(tmp_path / "work")
+    with pytest.raises(UserError, match="holds files that are not a scan: choose a new or empty output_dir.*Nothing was changed"):
+        refuse_finished(out, "a scan", finished=False, overwrite=False)
+
+
+def test_refuse_finished_never_takes_the_current_folder_even_when_empty(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for folder in (".", "..", str(tmp_path / "here")):
+        with pytest.raises(UserError, match="is the current folder or holds it"):
+            refuse_finished(folder, "a scan", finished=True, overwrite=True)
+
+
+def test_work_folder_is_a_fixed_hidden_sibling(tmp_path):
+    assert work_folder(tmp_path / "ds", "overwrite") == tmp_path / ".tmp-ds-overwrite"
+
+
+def test_finished_stages_are_read_back_by_a_rerun_with_the_same_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"values": [1.5, 2.5]}
+
+    assert FinishedStages(tmp_path / "out", "key-1").get("predictions", compute) == {"values": [1.5, 2.5]}
+    rerun = FinishedStages(tmp_path / "out", "key-1")
+    assert rerun.get("predictions", compute) == {"values": [1.5, 2.5]} and len(calls) == 1 and rerun.resumed == ["predictions"]
+    rerun.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_finished_stages_of_another_key_are_dropped(tmp_path):
+    FinishedStages(tmp_path / "out", "key-1").get("predictions", lambda: 1)
+    other = FinishedStages(tmp_path / "out", "key-2")
+    assert other.get("predictions", lambda: 2) == 2 and other.resumed == []
+
+
+def test_without_a_key_no_stage_is_kept(tmp_path):
+    stages = FinishedStages(tmp_path / "out", None)
+    assert stages.get("predictions", lambda: 3) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_successful_write_removes_what_killed_writes_of_the_same_folder_left_beside_it(tmp_path):
+    out = _folder(tmp_path / "out")
+    for name in (".tmp-out-ab12cd_3", ".old-out-zz99yy00", ".tmp-out-stages", ".tmp-out-overwrite", ".tmp-other-ab12cd34"):
+        (tmp_path / name).mkdir()
+    with written_atomically(out) as tmp:
+        (tmp / "result.txt").write_text("new")
+    # kept: the work folders a rerun resumes from, and another folder's temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-ab12cd34", ".tmp-out-overwrite", ".tmp-out-stages", "out"]
+    remove_leftovers(out)  # nothing more to remove
+    assert (out / "result.txt").read_text() == "new"

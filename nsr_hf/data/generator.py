@@ -40,6 +40,12 @@ corpus order over all splits) goes to process ``g % num_processes``. The main pr
 (memory-mapped), fits the transforms, adds their columns, balances train if asked, and saves the
 ``DatasetDict`` with its card (``README.md``) in ``output_dir``. Rows never accumulate in memory beyond one shard.
 
+Write order (``nsr_hf.run_folder``): the dataset is saved into a folder beside ``output_dir`` that replaces it only once
+the splits and the card are written, so a finished-looking ``output_dir`` always holds a whole dataset. A finished dataset
+is refused before the model is loaded unless ``overwrite``; with ``overwrite`` the new shards are computed in a fixed
+sibling (``.tmp-<name>-overwrite``, which a rerun of the same command resumes) and the old dataset stays untouched until
+the new one replaces it. A folder that holds other files is never written into.
+
 Provenance and transforms live in the card's YAML under ``nsr_hf:`` (``nsr_hf.data.card``) and, as JSON
 ``{"nsr_hf": ...}``, in each split's ``info.description`` (which survives ``save_to_disk``; the card is what survives
 the Hub; ``nsr_hf.data.storage`` reads both). The columns are described in ``nsr_hf.data.columns``.
@@ -84,6 +90,7 @@ from nsr_hf.data.storage import push_to_hub, read_metadata
 from nsr_hf.errors import UserError
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.report_tokens import default_report_tokens
+from nsr_hf.run_folder import refuse_finished, restore_interrupted_swap, work_folder, written_atomically
 from nsr_hf.shared_config import CorpusFields, SplitFields
 from nsr_hf.utils import to_jsonable
 from nsr_hf.version import __version__
@@ -138,7 +145,8 @@ class DatasetConfig(CorpusFields, SplitFields):
     output_dir: str = field(default="outputs/dataset", metadata={
         "help": "Folder of the saved dataset (save_to_disk layout, with README.md and shards/ while running)"})
     overwrite: bool = field(default=False, metadata={
-        "help": "Delete a previous dataset or unfinished shards in output_dir instead of refusing or resuming"})
+        "help": "Replace a finished dataset in output_dir, or start again instead of resuming its unfinished shards; the new "
+                "dataset is built beside it and replaces it only once saved"})
     keep_shards: bool = field(default=False, metadata={
         "help": "Keep output_dir/shards after saving (a rerun then only re-fits bins and re-saves)"})
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Push the dataset and its card to this Hub repo id (owner/name)"})
@@ -237,6 +245,7 @@ class ActivationDatasetGenerator:
                  ood_corpus: Optional[TextSource] = None):
         from accelerate import PartialState
 
+        refuse_to_replace_dataset(config)  # before the model is loaded
         self.config = config
         # Without CUDA, accelerate only joins the processes of `accelerate launch` into one group (gloo) when
         # told it runs on the CPU; alone, the state is a single process either way.
@@ -263,7 +272,10 @@ class ActivationDatasetGenerator:
         self.ood_corpus = ood_corpus
         self.splits = list(SPLITS) + ([OOD_SPLIT] if ood_corpus is not None else [])
         self.output_dir = Path(config.output_dir)
-        self.shards_dir = self.output_dir / "shards"
+        # Shards are computed in output_dir (an interrupted run resumes there), or with overwrite in a fixed sibling, so that
+        # the old dataset is untouched until the new one is saved; the same on every process.
+        self.work_dir = work_folder(self.output_dir, "overwrite") if config.overwrite else self.output_dir
+        self.shards_dir = self.work_dir / "shards"
         self.metadata: dict = {}
         self.transform: Optional[LabelTransform] = None
         # The tokenizer's single-token digits (or off/on for 2 bins); past 10 bins, the bin numbers, which a
@@ -437,22 +449,22 @@ class ActivationDatasetGenerator:
     # ------------------------------------------------------------------ the whole run
 
     def _prepare_output(self, content: dict, content_hash: str) -> None:
-        """Main process: start, resume or refuse (a finished dataset, or shards of another configuration)."""
-        out, cfg = self.output_dir, self.config
-        if cfg.overwrite:
-            remove_generated(out)
+        """Main process: start, resume or refuse (shards of another configuration). With ``overwrite``, shards of an
+        interrupted overwrite of another configuration are dropped: they never were a finished dataset."""
+        out = self.output_dir
         manifest_path = self.shards_dir / "manifest.json"
         if manifest_path.exists():
             previous = json.loads(manifest_path.read_text())
-            if previous["config_hash"] != content_hash:
+            if previous["config_hash"] != content_hash and self.config.overwrite:
+                shutil.rmtree(self.work_dir)
+            elif previous["config_hash"] != content_hash:
                 old = previous["content"]
                 changed = sorted(k for k in set(old) | set(content) if old.get(k) != content.get(k))
                 details = "; ".join(f"{k}: {old.get(k)!r} -> {content.get(k)!r}" for k in changed)
-                raise ValueError(f"{out} holds unfinished shards of a different configuration ({details}). Resume with the "
-                                 "same settings, choose another --output_dir, or pass --overwrite to delete them.")
-            logger.warning("Resuming the unfinished dataset in %s", out)
-        elif (out / "dataset_dict.json").exists():
-            raise ValueError(f"{out} already holds a finished dataset: choose another --output_dir or pass --overwrite to replace it")
+                raise UserError(f"{out} holds unfinished shards of a different configuration ({details}). Resume with the "
+                                "same settings, choose another --output_dir, or pass --overwrite to start again.")
+            else:
+                logger.warning("Resuming the unfinished dataset in %s", self.work_dir)
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.shards_dir.glob(".tmp-*"):  # shards interrupted while being written
             shutil.rmtree(stale, ignore_errors=True)
@@ -539,9 +551,9 @@ class ActivationDatasetGenerator:
             fix = (f"Use more documents ({'raise max_documents' if self.config.max_documents else 'a larger corpus'}; "
                    "documents go to splits by a hash of their id, in the proportions of split_fractions)")
         shutil.rmtree(self.shards_dir, ignore_errors=True)
-        shutil.rmtree(self.output_dir / ".cache", ignore_errors=True)
+        shutil.rmtree(self.work_dir / ".cache", ignore_errors=True)
         with contextlib.suppress(OSError):
-            self.output_dir.rmdir()  # only when nothing else is in it
+            self.work_dir.rmdir()  # only when nothing else is in it (an overwrite's old dataset stays as it was)
         raise UserError(f"the dataset would have no rows in {why}: every split needs rows. {fix}. Nothing was saved in "
                         f"{self.output_dir}.")
 
@@ -561,7 +573,7 @@ class ActivationDatasetGenerator:
         transform = transform.with_token_ids(self.tokenizer, strict=self._strict_tokens)
         self.transform = transform
         balance = None
-        cache = self.output_dir / ".cache"
+        cache = self.work_dir / ".cache"
         cache.mkdir(parents=True, exist_ok=True)
         out = {}
         for split, ds in joined.items():
@@ -584,14 +596,20 @@ class ActivationDatasetGenerator:
         for ds in out.values():
             ds.info.description = description
         dataset_dict = DatasetDict(out)
-        for name in [*self.splits, "dataset_dict.json", "README.md"]:
-            _remove(self.output_dir / name)
-        dataset_dict.save_to_disk(str(self.output_dir))
-        dataset_card(self.metadata).save(self.output_dir / "README.md")
+        self._save(dataset_dict)
         del dataset_dict, out, joined
-        shutil.rmtree(cache, ignore_errors=True)
-        if not cfg.keep_shards:
-            shutil.rmtree(self.shards_dir, ignore_errors=True)
+
+    def _save(self, dataset_dict) -> None:
+        """Save the dataset and its card into a folder beside ``output_dir`` that replaces it once complete: an old
+        dataset is deleted only after the new one is in place, and an interruption leaves no half-saved dataset that looks
+        finished. The shards go with it when ``keep_shards``, else they are deleted with the work folder."""
+        with written_atomically(self.output_dir) as tmp:
+            dataset_dict.save_to_disk(str(tmp))
+            dataset_card(self.metadata).save(tmp / "README.md")
+            if self.config.keep_shards:
+                os.rename(self.shards_dir, tmp / "shards")
+        if self.work_dir != self.output_dir:  # the swap already removed output_dir's own shards and cache with the old folder
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _metadata(self, out: dict, plan: dict, skipped: dict, transform: LabelTransform, balance, content: dict) -> dict:
         cfg, k = self.config, len(self.neurons)
@@ -628,21 +646,31 @@ class ActivationDatasetGenerator:
         })
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+def holds_dataset(folder: "str | os.PathLike") -> bool:
+    """Whether ``folder`` holds a finished dataset (its ``dataset_dict.json``; the folder appears whole once saved)."""
+    return (Path(folder) / "dataset_dict.json").is_file()
 
 
-def remove_generated(output_dir: "str | os.PathLike") -> None:
-    """Delete what a generation wrote in ``output_dir`` (its splits, card, shards and cache), nothing else."""
-    out = Path(output_dir)
-    splits = []
-    if (out / "dataset_dict.json").exists():
-        splits = json.loads((out / "dataset_dict.json").read_text()).get("splits", [])
-    for name in [*splits, "dataset_dict.json", "README.md", "shards", ".cache"]:
-        _remove(out / name)
+def _holds_unfinished(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but an unfinished generation's shards and cache."""
+    entries = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return bool(entries) and entries <= {"shards", ".cache"}
+
+
+def refuse_to_replace_dataset(config: DatasetConfig) -> None:
+    """Refuse ``output_dir`` before the model is loaded: a finished dataset without ``overwrite`` (unless it kept its
+    shards: a rerun re-fits the bins and saves again), and a folder of other files always. Reads only (every process
+    runs it)."""
+    out = Path(config.output_dir)
+    restore_interrupted_swap(out)
+    finished, unfinished = holds_dataset(out), _holds_unfinished(out)
+    if config.overwrite or unfinished or (finished and (out / "shards" / "manifest.json").exists()):
+        refuse_finished(out, "a dataset", finished=finished or unfinished, overwrite=True)  # another folder's files: refused
+    elif finished:
+        raise UserError(f"{out} already holds a finished dataset. Nothing was changed: choose another --output_dir, or pass "
+                        "--overwrite to replace it once the new dataset is saved.")
+    else:
+        refuse_finished(out, "a dataset", finished=False, overwrite=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,12 +41,19 @@ Outputs in ``output_dir``: ``metrics.json`` (everything above), ``predictions.js
 true values and every method's predictions, in row order, with the ``doc_id`` of each row), and the report of
 ``nsr_hf.evaluation.report.write_report`` (``report.md`` and its PNGs).
 
+Write order (``nsr_hf.run_folder``): a finished evaluation in ``output_dir`` is refused before the predictor is loaded,
+unless ``overwrite``; the outputs are written into a folder beside it that replaces it only once complete. Resuming: the
+stages of a run that loads its own predictor folder and dataset (the predictor's predictions, the shuffled predictor's,
+each neuron's baselines, each neuron's figures) are kept beside ``output_dir`` (``.tmp-<name>-stages``) as they finish, so
+an interrupted ``nsr evaluate`` rerun with the same command continues from them and writes the same ``metrics.json``.
+
 The pieces: ``nsr_hf.methods`` (which methods there are), ``predictions`` (what the predictor reports), ``baselines``
 (the baselines' predictions), ``scoring`` (the figures of one method), ``statistics`` (bootstrap and comparisons),
 ``causal`` and ``report``; this module holds the configuration and the run that ties them together.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -68,6 +75,7 @@ from nsr_hf.evaluation.statistics import compare_methods, selectivity
 from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.shared_config import EvaluationFields
 from nsr_hf.utils import unwrap, write_json
 
@@ -118,6 +126,9 @@ class EvaluateConfig(EvaluationFields):
         "help": "drift.json of the drift monitor (nsr_hf.training.monitoring) for drift.png; "
                 "default: next to the predictor, else the drift/ entries of the training log"})
     device: Optional[str] = field(default=None, metadata={"help": "Device of a predictor loaded here (default: cuda when available)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a finished evaluation in output_dir (it is replaced only once the new one is written; without this it "
+                "is refused)"})
 
     def __post_init__(self):
         self.splits = [str(s) for s in self.splits]
@@ -249,18 +260,26 @@ def _shuffled_predictions(config: EvaluateConfig, predictor, dataset, splits, ne
     return {s: predict_split(shuffled_model, dataset[s], config.batch_size)[0] for s in splits}
 
 
-def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, splits, columns, base_model, tokenizer) -> dict:
-    """``run_baselines`` for every neuron column, on the original base model, with one feature pass for all."""
+def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, splits, columns, base_model, tokenizer,
+                         stages: FinishedStages) -> dict:
+    """``run_baselines`` for every neuron column, on the original base model, with one feature pass for all; each neuron's
+    baselines are a stage that a resumed evaluation reads back (the original model is then loaded only if one is missing)."""
     if not config.methods:
         return {}
-    original, original_tokenizer = _original_base(config, inner, base_model, tokenizer, wrapped=inner is not predictor)
     read_layer = inner.config.effective_read_layer
     probe_layers = range(read_layer + 1) if config.probe_layers == "up_to_read" else None
     cache: dict = {}
-    return {neuron: run_baselines(original, original_tokenizer, {name: dataset[name] for name in dataset}, read_layer=read_layer,
-                                  neuron_column=columns[j], eval_splits=tuple(splits), methods=tuple(config.methods),
-                                  cross_models=tuple(config.cross_models), seed=config.seed, batch_size=config.batch_size,
-                                  feature_cache=cache, probe_layers=probe_layers)
+    original: list = []  # loaded on first need
+
+    def baselines_of(column: int) -> dict:
+        if not original:
+            original.extend(_original_base(config, inner, base_model, tokenizer, wrapped=inner is not predictor))
+        return run_baselines(original[0], original[1], {name: dataset[name] for name in dataset}, read_layer=read_layer,
+                             neuron_column=column, eval_splits=tuple(splits), methods=tuple(config.methods),
+                             cross_models=tuple(config.cross_models), seed=config.seed, batch_size=config.batch_size,
+                             feature_cache=cache, probe_layers=probe_layers)
+
+    return {neuron: stages.get(f"baselines-{j}", lambda column=columns[j]: baselines_of(column))
             for j, neuron in enumerate(inner.config.neurons)}
 
 
@@ -379,7 +398,8 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
         **per_neuron[headline],
         "by_neuron": per_neuron,
         "drift": drift_summary,
-        "config": asdict(config),
+        # where the evaluation is written is not part of what it measured: overwrite stays out of metrics.json
+        "config": {k: v for k, v in asdict(config).items() if k != "overwrite"},
     }
     if len(neurons) > 1:
         evaluation["note"] = f"The top-level figures are those of the first neuron ({headline}); by_neuron holds every neuron's."
@@ -402,8 +422,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     gradual) is not the original. With ``config.base_unchanged`` (head_only training, which never changes the
     base: the train stage measures that drift is zero) the predictor's own base is used and nothing is reloaded.
     """
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_to_replace_evaluation(config)
+    # only what this run loads itself has an identity a rerun can check (a predictor in memory may have been trained again)
+    resumable = all(given is None for given in (predictor, dataset, metadata, base_model, tokenizer))
     predictor = _load_predictor(config, predictor)
     inner = unwrap(predictor)
     neurons = list(inner.config.neurons)
@@ -412,25 +433,65 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     columns = _dataset_columns(neurons, metadata, targets_of(dataset[splits[0]].select(range(1))).shape[1])
 
     # every method predicts the same rows
-    preds = {s: predict_split(predictor, dataset[s], config.batch_size) for s in splits}
-    shuffled = _shuffled_predictions(config, predictor, dataset, splits, neurons)
-    baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer)
+    # each stage is kept beside output_dir once done: an interrupted `nsr evaluate`, rerun, continues from them
+    stages = FinishedStages(config.output_dir, _resume_key(config, dataset) if resumable else None)
+    preds = stages.get("predictions", lambda: {s: predict_split(predictor, dataset[s], config.batch_size) for s in splits})
+    shuffled = stages.get("shuffled", lambda: _shuffled_predictions(config, predictor, dataset, splits, neurons))
+    baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer, stages)
     compare = (load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
                if config.compare_predictor and config.counterfactual_rows else None)
     per_neuron, all_predictions = {}, {}
     for j, neuron in enumerate(neurons):
-        per_neuron[neuron], all_predictions[neuron] = _neuron_result(config, predictor, inner, dataset, splits, j, columns[j], preds,
-                                                                     shuffled, baselines.get(neuron), compare)
+        per_neuron[neuron], all_predictions[neuron] = stages.get(
+            f"neuron-{j}", lambda j=j, neuron=neuron: _neuron_result(config, predictor, inner, dataset, splits, j, columns[j], preds,
+                                                                     shuffled, baselines.get(neuron), compare))
+    if stages.resumed:
+        logger.warning("Resumed the interrupted evaluation: read back its finished stages %s from %s", stages.resumed, stages.folder)
 
     log_history, drift = _training_logs(config, log_history, drift)
     history, drift_summary = drift_history(drift, log_history)
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
-    write_json(out / "metrics.json", evaluation)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
-    write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
-                                          **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
-    write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history, drift=history or drift_summary,
-                 counterfactual=counterfactual.get(neurons[0]))
-    print(f"evaluation of {', '.join(neurons)} written to {out}/ (metrics.json, report.md)", flush=True)
+    with written_atomically(config.output_dir) as out:  # the folder appears whole, and replaces an old one only then
+        write_json(out / "metrics.json", evaluation)
+        write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
+                                              **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
+        write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history,
+                     drift=history or drift_summary, counterfactual=counterfactual.get(neurons[0]))
+    stages.clear()
+    print(f"evaluation of {', '.join(neurons)} written to {Path(config.output_dir)}/ (metrics.json, report.md)", flush=True)
     return evaluation
+
+
+def _resume_key(config: EvaluateConfig, dataset) -> str | None:
+    """What decides every stage of an evaluation: its options (where it is written aside), the files (names, sizes,
+    modification times) of every model folder it reads and the dataset's fingerprints; ``None`` (no resuming) for a
+    predictor that is not a local folder."""
+    if not config.predictor or not Path(config.predictor).is_dir():
+        return None
+    folders = [Path(name) for name in (config.predictor, config.shuffled_predictor, config.compare_predictor, config.base_model)
+               if name and Path(name).is_dir()]
+    files = [sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+             for folder in folders]
+    fingerprints = {name: getattr(dataset[name], "_fingerprint", None) for name in dataset}
+    options = {k: v for k, v in asdict(config).items() if k != "overwrite"}
+    return hashlib.sha256(json.dumps([options, files, fingerprints], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def holds_evaluation(folder) -> bool:
+    """Whether ``folder`` holds a finished evaluation: a ``metrics.json`` of this protocol (``kind``), which ``run_evaluate``
+    writes into a folder that appears whole. A train run's own ``metrics.json`` is not one."""
+    path = Path(folder) / "metrics.json"
+    try:
+        return json.loads(path.read_text()).get("kind") == EVALUATION_KIND
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object: not an evaluation
+        return False
+
+
+def refuse_to_replace_evaluation(config: EvaluateConfig) -> None:
+    """Refuse an ``output_dir`` that holds a finished evaluation (unless ``overwrite``) or files that are not an evaluation
+    (always): checked before the predictor is loaded."""
+    out = Path(config.output_dir)
+    restore_interrupted_swap(out)
+    refuse_finished(out, "an evaluation", finished=holds_evaluation(out), overwrite=config.overwrite, fix="pass --overwrite")

@@ -35,8 +35,8 @@ scan writes, ``load_scan``) and ``plots``. The public names import from ``nsr_hf
 """
 from nsr_hf.scanner.config import POSITIONS, ScanConfig
 from nsr_hf.scanner.plots import plot_histograms, plot_score_heatmap
-from nsr_hf.scanner.results import HEATMAP_FILE, HISTOGRAM_FILE, STAT_COLUMNS, TABLE_FILE, TOP_FILE, ScanResult, load_scan
-from nsr_hf.scanner.scan import NeuronScanner, as_source, distributed_state, run_scan
+from nsr_hf.scanner.results import HEATMAP_FILE, HISTOGRAM_FILE, STAT_COLUMNS, TABLE_FILE, TOP_FILE, ScanResult, holds_scan, load_scan
+from nsr_hf.scanner.scan import NeuronScanner, as_source, distributed_state, refuse_to_replace_scan, run_scan
 from nsr_hf.scanner.scores import SCORES, compute_scores, dead_neurons, rank_order
 from nsr_hf.scanner.statistics import MomentStats, ScanState, TopExamples
 
@@ -58,9 +58,11 @@ __all__ = [
     "compute_scores",
     "dead_neurons",
     "distributed_state",
+    "holds_scan",
     "load_scan",
     "plot_histograms",
     "plot_score_heatmap",
     "rank_order",
+    "refuse_to_replace_scan",
     "run_scan",
 ]

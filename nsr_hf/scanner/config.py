@@ -40,6 +40,8 @@ class ScanConfig(CorpusFields):
         "help": "Documents read again for the top neurons' histograms (0: no histograms)"})
     output_dir: Optional[str] = field(default="outputs/scan", metadata={
         "help": "Where to write the table, top_neurons.json and plots (None: do not write)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a finished scan in output_dir (it is replaced only once the new scan is written; without this it is refused)"})
     seed: int = field(default=0, metadata={"help": "Random seed (the synthetic corpus samples with it)"})
 
     def __post_init__(self):

@@ -103,6 +103,12 @@ class ScanResult:
         return out
 
 
+def holds_scan(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a finished scan: ``top_neurons.json``, which ``nsr scan`` writes into a folder that appears
+    whole (``nsr_hf.run_folder.written_atomically``)."""
+    return (Path(folder) / TOP_FILE).is_file()
+
+
 def load_scan(output_dir: str | Path) -> ScanResult:
     """Read back a scan written by ``ScanResult.save`` (histogram values are not stored, only their plot)."""
     import pandas as pd

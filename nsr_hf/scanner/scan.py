@@ -19,8 +19,9 @@ from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, position_ids_fr
 from nsr_hf.data.corpus import Document, TextSource, load_corpus
 from nsr_hf.data.preflight import check_scan
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.run_folder import refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.scanner.config import ScanConfig
-from nsr_hf.scanner.results import STAT_COLUMNS, TABLE_FILE, TOP_FILE, ScanResult, finite
+from nsr_hf.scanner.results import STAT_COLUMNS, TABLE_FILE, TOP_FILE, ScanResult, finite, holds_scan
 from nsr_hf.scanner.scores import SCORES, compute_scores, dead_neurons, rank_order
 from nsr_hf.scanner.statistics import MomentStats, ScanState, TopExamples
 
@@ -204,7 +205,9 @@ class NeuronScanner:
             })
         meta = {"documents": state.documents, "tokens": state.tokens, "positions": int(stats.count[0, 0]),
                 "neurons": int(rows * neurons), "layers": list(self.layers), "threshold_rule": "value > threshold", **(metadata or {})}
-        return ScanResult(table=table, top_neurons=top_neurons, config=asdict(cfg), metadata=meta)
+        # where the scan is written is not part of what it found: overwrite stays out of top_neurons.json
+        recorded = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+        return ScanResult(table=table, top_neurons=top_neurons, config=recorded, metadata=meta)
 
     def _example_windows(self, state: ScanState, top, source) -> dict:
         """``{(layer, neuron): [example, ...]}`` for the ``top`` rows, reading only the documents they need."""
@@ -306,9 +309,23 @@ def distributed_state():
     return PartialState(cpu=launched and not torch.cuda.is_available())
 
 
+def refuse_to_replace_scan(config: ScanConfig) -> None:
+    """Refuse an ``output_dir`` that holds a finished scan (unless ``overwrite``) or files that are not a scan (always):
+    checked before the model is loaded, on every process (it only reads)."""
+    if not config.output_dir:
+        return
+    out = Path(config.output_dir)
+    restore_interrupted_swap(out)
+    refuse_finished(out, "a scan", finished=holds_scan(out), overwrite=config.overwrite, fix="pass --overwrite")
+
+
 def run_scan(config: ScanConfig, model=None, tokenizer=None, source=None) -> ScanResult:
     """``nsr scan``: load the model and corpus (unless given), scan, and on the main process write the
-    outputs into ``config.output_dir`` and print the table of top neurons."""
+    outputs into ``config.output_dir`` and print the table of top neurons.
+
+    A finished scan in ``output_dir`` is refused before anything runs, unless ``config.overwrite``; the new scan is
+    written beside it and replaces it only once every file is written (an interrupted scan leaves the old one)."""
+    refuse_to_replace_scan(config)
     if model is None:  # mistakes in the inputs fail before the model is loaded
         check_scan(config)
     dist = distributed_state()
@@ -324,7 +341,8 @@ def run_scan(config: ScanConfig, model=None, tokenizer=None, source=None) -> Sca
         top = [Neuron(int(r.layer), int(r.neuron)) for r in result.top(config.top_n).itertuples(index=False)]
         result.histograms = scanner.activation_samples(source, top)
         if config.output_dir:
-            result.save(config.output_dir)
+            with written_atomically(config.output_dir) as tmp:
+                result.save(tmp)
         print(result.format_table())
         if config.output_dir:
             print(f"wrote {Path(config.output_dir) / TABLE_FILE}, {TOP_FILE} and plots")
