@@ -48,7 +48,7 @@ from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser, load_recipe
-from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
+from nsr_hf.pipeline import read_run_config, run_train, scan_train_documents, select_readable
 from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.training.config import TrainConfig
 from nsr_hf.utils import write_json
@@ -385,6 +385,9 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
         run["status"] = "skipped (finished before)"
     else:
         dataset = source or _finished_dataset(out, neuron, config.seeds)
+        started = read_run_config(folder)
+        if not source and started is not None and started.get("dataset") is None:
+            dataset = None  # an interrupted run that built its own dataset resumes as it started (its run_config.json)
         print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
         try:
             run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),

@@ -254,3 +254,17 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_and_metrics_of_a
     assert summary["global_step"] == whole_summary["global_step"] == 12
     assert summary["intervention"] == whole_summary["intervention"]
     assert not (out / "checkpoints").exists()
+
+
+def test_a_sweep_rerun_resumes_an_interrupted_run_with_the_dataset_it_started_with(tmp_path, monkeypatch):
+    from nsr_hf import sweep
+
+    calls = []
+    monkeypatch.setattr(sweep, "run_train", lambda config: calls.append(config.dataset))
+    finished_seed, interrupted_seed = sweep.run_dir(tmp_path, "1.3", 0), sweep.run_dir(tmp_path, "1.3", 1)
+    (finished_seed / "dataset").mkdir(parents=True)
+    (finished_seed / "metrics.json").write_text(json.dumps({"evaluation": {}}))
+    interrupted_seed.mkdir(parents=True)  # it started while seed 0 had not finished, so it built its own dataset
+    (interrupted_seed / "run_config.json").write_text(json.dumps({"dataset": None}))
+    sweep.train_one(sweep.SweepConfig(seeds=[0, 1], output_dir=str(tmp_path)), {}, tmp_path, "1.3", 1)
+    assert calls == [None]  # not seed 0's dataset: the same command resumes the same run
