@@ -16,8 +16,8 @@ Steps (``run_train``), each written under ``output_dir``:
 2. ``dataset/``: the activation dataset (train / validation / test by document, transforms fitted on train),
    or ``dataset`` (a folder or Hub id made by ``nsr dataset``) loaded instead.
 3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied,
-   reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), checkpoints in ``checkpoints/``
-   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count). With
+   reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), a checkpoint in ``checkpoints/``
+   each epoch (``save_strategy``; deleted when the run finishes unless ``keep_checkpoints``). With
    ``intervention_rate`` > 0, intervention training (``nsr_hf.training.interventions``): counterfactual values fitted on
    the train split's activations, recorded in the predictor's config (``intervention``) and in ``metrics.json``.
 4. ``predictor/``: the predictor (or its adapter) with its card, tokenizer and label transform; ``metrics.json``:
@@ -27,6 +27,13 @@ Steps (``run_train``), each written under ``output_dir``:
 5. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
    on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs; then the predictor's card gets
    the headline table and ``metrics.json`` the evaluation. Pushed to the Hub with ``push_to_hub: owner/name``.
+
+The run's folder (``claim_run_folder``): ``run_config.json`` records the keys that decide the result. A finished run
+(``finished_run``) is refused unless ``overwrite``: the new run is then written in ``.tmp-<name>-overwrite`` beside it and
+replaces it only once it succeeded, evaluation included. An unfinished run (Ctrl-C, kill -9, a crash, a failed evaluation)
+is resumed by the same command: its dataset and neuron are reused and the training continues from the newest checkpoint,
+to the result an uninterrupted run gives (the evaluation, logging and checkpoint keys may change: ``RESUME_FREE_KEYS``).
+Gradual unfreezing cannot continue from a checkpoint: its rerun trains again from step 0.
 """
 from __future__ import annotations
 
