@@ -418,8 +418,7 @@ def claim_run_folder(config: TrainConfig) -> RunFolder:
     with its ``run_config.json`` written (a new run) or checked (a resumed one)."""
     final = Path(config.output_dir)
     restore_interrupted_swap(final)
-    if final.exists() and not final.is_dir():
-        raise UserError(f"output_dir {str(final)!r} is a file: give a folder (a new or empty one) for a train run.")
+    final.mkdir(parents=True, exist_ok=True)  # a file there is named by the error boundary
     foreign = foreign_entries(final)
     if foreign:
         raise UserError(f"{final} holds files that are not a train run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
