@@ -442,6 +442,10 @@ def claim_work_folder(config: TrainConfig, work: Path, discard_other: bool) -> b
     if recorded == wanted:
         drop_incomplete_checkpoints(work / "checkpoints")
         return True
+    if recorded is not None and config.resume_from_checkpoint:  # the user continues from a checkpoint with these settings
+        print(f"resume_from_checkpoint: continuing the run in {work} with other settings ({config_changes(recorded, wanted)})", flush=True)
+        write_json(work / RUN_CONFIG, wanted)
+        return True
     if not is_empty(work):
         if discard_other:
             shutil.rmtree(work)
@@ -521,11 +525,15 @@ def drop_incomplete_checkpoints(folder: Path) -> None:
 
 def checkpoint_to_resume(config: TrainConfig, folder: RunFolder) -> str | None:
     """The checkpoint the training continues from: the newest in ``output_dir/checkpoints`` (none: from the start), or the
-    one ``resume_from_checkpoint`` names (``latest``: the newest, which must exist). Gradual unfreezing starts again."""
+    one ``resume_from_checkpoint`` names (``latest``: the newest, which must exist; with ``--overwrite``, the replaced run's
+    when the new one has none yet). Gradual unfreezing starts again."""
     checkpoints = folder.work / "checkpoints"
     if config.resume_from_checkpoint:
         latest = config.resume_from_checkpoint == "latest"
         resume = latest_checkpoint(checkpoints) if latest else config.resume_from_checkpoint
+        if latest and resume is None and folder.replacing:
+            checkpoints = folder.final / "checkpoints"
+            resume = latest_checkpoint(checkpoints)
         if resume is None or not Path(resume).is_dir():
             raise UserError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
                             f"({'no complete checkpoint-* folder in ' + str(checkpoints) if latest else 'not a folder'}). "
