@@ -145,6 +145,38 @@ def test_a_folder_of_other_files_is_refused_even_with_overwrite(tiny_model_dirs,
     assert snapshot(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
+def test_an_overwrite_whose_evaluation_fails_keeps_the_old_run_and_its_rerun_replaces_it(finished_run, capsys):
+    out, args = finished_run
+    before = snapshot(out)
+    sibling = out.parent / f".tmp-{out.name}-overwrite"
+    code, _, err = run_cli(capsys, *args, "--overwrite", "--learning_rate", "0.01", "--eval_methods", "cross", "--cross_models",
+                           "nobody/no-such-model")
+    assert code == 2
+    assert error_lines(err)[-1] == (f"nsr train: Nothing was replaced: the old run in {out} is as it was. The new run's training is kept "
+                                    f"in {sibling}: fix the evaluation option and rerun the same command (with --overwrite): it "
+                                    "evaluates the new run and then replaces the old one.")
+    assert snapshot(out) == before
+    # the same command with the evaluation option fixed continues the new run from its last checkpoint, then replaces the old one
+    code, stdout, _ = run_cli(capsys, *args, "--overwrite", "--learning_rate", "0.01")
+    assert code == 0
+    assert f"resuming the interrupted run in {out}: training continues from checkpoint-8" in stdout
+    assert json.loads((out / "metrics.json").read_text())["config"]["learning_rate"] == 0.01
+    assert not sibling.exists()
+
+
+def test_the_same_command_after_a_failed_evaluation_evaluates_without_training_again(tiny_model_dirs, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dirs["gpt2"], corpus, out)
+    code, _, _ = run_cli(capsys, *args, "--eval_methods", "cross", "--cross_models", "nobody/no-such-model")
+    assert code == 2
+    predictor = (out / "predictor" / "model.safetensors").read_bytes()
+    code, stdout, _ = run_cli(capsys, *args)  # the evaluation option fixed: the evaluation keys may change when resuming
+    assert code == 0
+    assert f"resuming the interrupted run in {out}: training continues from checkpoint-8" in stdout  # the last step: nothing to train
+    assert (out / "predictor" / "model.safetensors").read_bytes() == predictor
+    assert "evaluation" in json.loads((out / "metrics.json").read_text())
+
+
 # -- an unfinished run is resumed by the same command, and only by it
 
 
@@ -225,24 +257,27 @@ def script_run(args: list, env_extra: dict | None = None) -> subprocess.Complete
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_and_metrics_of_an_uninterrupted_run(tiny_model_dirs, corpus, tmp_path):
+@pytest.mark.parametrize("save, step", [(["--save_strategy", "epoch"], 4), (["--save_strategy", "steps", "--save_steps", "2"], 6)],
+                         ids=["after-the-first-epoch", "in-the-middle-of-the-second-epoch"])
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_and_metrics_of_an_uninterrupted_run(tiny_model_dirs, corpus, tmp_path,
+                                                                                                    save, step):
     # intervention training: its draws must depend on the seed, the epoch and the row, not on the draws since the process began
     extra = ["--num_train_epochs", "3", "--evaluate", "false", "--intervention_rate", "0.5", "--unfreeze", "last_k", "--unfreeze_k", "1"]
     whole = tmp_path / "whole"
     assert script_run(train_args(tiny_model_dirs["gpt2"], corpus, whole, *extra)).returncode == 0
 
     out = tmp_path / "killed"
-    args = train_args(tiny_model_dirs["gpt2"], corpus, out, *extra)
-    killed = script_run(args, {pipeline.KILL_AFTER_CHECKPOINT: "4"})  # after the first epoch's checkpoint
+    args = train_args(tiny_model_dirs["gpt2"], corpus, out, *extra, *save)  # 4 steps an epoch
+    killed = script_run(args, {pipeline.KILL_AFTER_CHECKPOINT: str(step)})
     assert killed.returncode == -9
-    assert (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file() and not (out / "metrics.json").exists()
+    assert (out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file() and not (out / "metrics.json").exists()
     dataset_before = snapshot(out / "dataset")
     neuron_before = (out / "neuron.json").read_bytes()
 
     resumed = script_run(args)
     assert resumed.returncode == 0 and TRACEBACK not in resumed.stderr
     assert f"resuming: using the dataset in {out / 'dataset'}" in resumed.stdout
-    assert f"resuming the interrupted run in {out}: training continues from checkpoint-4" in resumed.stdout
+    assert f"resuming the interrupted run in {out}: training continues from checkpoint-{step}" in resumed.stdout
     assert snapshot(out / "dataset") == dataset_before and (out / "neuron.json").read_bytes() == neuron_before  # reused, not rebuilt
     weights, expected = load_file(out / "predictor" / "model.safetensors"), load_file(whole / "predictor" / "model.safetensors")
     assert weights.keys() == expected.keys()
