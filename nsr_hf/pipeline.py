@@ -439,6 +439,11 @@ def claim_work_folder(config: TrainConfig, work: Path, discard_other: bool) -> b
     (an earlier ``--overwrite`` attempt beside output_dir) deleted."""
     wanted = run_config(config)
     recorded = read_run_config(work)
+    if recorded is not None and not computed_entries(work):  # a start that failed before computing anything: start again
+        recorded = None
+        for name in (RUN_CONFIG, "neuron.json"):
+            (work / name).unlink(missing_ok=True)
+        shutil.rmtree(work / "dataset", ignore_errors=True)  # at most the manifest of a build that computed no shard
     if recorded == wanted:
         drop_incomplete_checkpoints(work / "checkpoints")
         return True
@@ -485,6 +490,18 @@ def config_changes(recorded: dict, wanted: dict, shown: int = 6) -> str:
     changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
     text = "; ".join(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:shown])
     return text + (f"; and {len(changed) - shown} more" if len(changed) > shown else "")
+
+
+def computed_entries(folder: Path) -> list[str]:
+    """What an earlier start of a run in ``folder`` computed (scan, dataset shards, checkpoints, predictor ...): everything
+    but its ``run_config.json``, ``neuron.json`` (a neuron named in the config) and a dataset build that has no shard yet,
+    which cost nothing to redo."""
+    def cheap(path: Path) -> bool:
+        if path.name == "dataset":
+            return not (path / "dataset_dict.json").exists() and not any(p.is_dir() for p in (path / "shards").glob("*"))
+        return path.name in (RUN_CONFIG, "neuron.json") or path.name.startswith(TMP_PREFIX)
+
+    return sorted(p.name for p in folder.iterdir() if not cheap(p))
 
 
 def foreign_entries(folder: Path) -> list[str]:

@@ -181,10 +181,10 @@ def test_the_same_command_after_a_failed_evaluation_evaluates_without_training_a
 
 
 def unfinished(out: Path, args: list, **changes) -> None:
-    """Make ``out`` look like a run of ``args`` that was interrupted before it finished (its run_config.json only)."""
+    """Make ``out`` look like a run of ``args`` (with ``changes``) that was interrupted while it built its dataset."""
     (config,) = pipeline.RecipeParser(TrainConfig).parse([str(a) for a in args[1:]])
     recorded = {**pipeline.run_config(config), **changes}
-    out.mkdir(parents=True)
+    (out / "dataset" / "shards" / "train-00000").mkdir(parents=True)  # a shard computed
     (out / "run_config.json").write_text(json.dumps(recorded))
 
 
@@ -200,6 +200,16 @@ def test_an_unfinished_run_with_other_settings_is_refused_and_names_the_keys(tin
                                 "Nothing was changed: rerun the command that started it to resume it, choose another output_dir, or pass "
                                 "--overwrite to start again (the new run replaces it once it succeeded)."]
     assert snapshot(out) == before
+
+
+def test_a_start_that_failed_before_computing_anything_is_started_again_with_other_settings(tiny_model_dirs, corpus, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--text_field", "body"))  # a wrong field
+    assert code == 2 and "body" in error_lines(err)[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset", "neuron.json", "run_config.json"]  # no shard computed
+    code, _, _ = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--evaluate", "false"))  # corrected: no refusal
+    assert code == 0 and json.loads((out / "run_config.json").read_text())["text_field"] == "text"
 
 
 def test_the_evaluation_logging_and_checkpoint_keys_may_change_when_resuming():
