@@ -264,7 +264,7 @@ def run_train(config: TrainConfig) -> dict:
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
     if os.environ.get(KILL_AFTER_CHECKPOINT):
-        trainer.add_callback(KillAfterCheckpoint(int(os.environ[KILL_AFTER_CHECKPOINT])))
+        trainer.add_callback(KillAfterCheckpoint(os.environ[KILL_AFTER_CHECKPOINT]))
     trainable, total = count_parameters(trainer.model)
     train_result = train_resumably(config, trainer, resume)
 
@@ -308,20 +308,22 @@ def train_resumably(config: TrainConfig, trainer, resume: str | None):
         raise
 
 
-# NSR_KILL_AFTER_CHECKPOINT=<step>: the process kills itself (SIGKILL, as `kill -9` does) right after saving the checkpoint of
-# that step, so that the tests of resumption (tests/test_train_resume.py) interrupt a run at a known point, not at a timed guess.
+# NSR_KILL_AFTER_CHECKPOINT=<step>[:<signal>]: the process sends itself the signal (SIGKILL, as `kill -9` does; SIGINT is
+# Ctrl-C) right after saving the checkpoint of that step, so that the tests of resumption (tests/test_train_resume.py)
+# interrupt a run at a known point, not at a timed guess.
 KILL_AFTER_CHECKPOINT = "NSR_KILL_AFTER_CHECKPOINT"
 
 
 class KillAfterCheckpoint(TrainerCallback):
-    """Sends SIGKILL to its own process once the checkpoint of ``step`` is saved (``NSR_KILL_AFTER_CHECKPOINT``)."""
+    """Sends ``signal_name`` to its own process once the checkpoint of ``step`` is saved (``NSR_KILL_AFTER_CHECKPOINT``)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, value: str):
+        step, _, name = value.partition(":")
+        self.step, self.signal = int(step), getattr(signal, name or "SIGKILL")
 
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
 
 def finish_run(config: TrainConfig, folder: "RunFolder", summary: dict) -> dict:

@@ -313,3 +313,16 @@ def test_a_sweep_rerun_resumes_an_interrupted_run_with_the_dataset_it_started_wi
     (interrupted_seed / "run_config.json").write_text(json.dumps({"dataset": None}))
     sweep.train_one(sweep.SweepConfig(seeds=[0, 1], output_dir=str(tmp_path)), {}, tmp_path, "1.3", 1)
     assert calls == [None]  # not seed 0's dataset: the same command resumes the same run
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_a_checkpoint_says_rerun_and_the_rerun_continues_from_it(tiny_model_dirs, corpus, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dirs["gpt2"], corpus, out, "--evaluate", "false")
+    interrupted = script_run(args, {pipeline.KILL_AFTER_CHECKPOINT: "4:SIGINT"})  # Ctrl-C after the first epoch's checkpoint
+    assert interrupted.returncode == 130 and TRACEBACK not in interrupted.stderr
+    assert error_lines(interrupted.stderr)[-1] == "python nsr_hf/train.py: interrupted: rerun the same command to resume."
+    resumed = script_run(args)
+    assert resumed.returncode == 0
+    assert f"resuming the interrupted run in {out}: training continues from checkpoint-4" in resumed.stdout
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
