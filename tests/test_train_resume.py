@@ -326,3 +326,16 @@ def test_ctrl_c_after_a_checkpoint_says_rerun_and_the_rerun_continues_from_it(ti
     assert resumed.returncode == 0
     assert f"resuming the interrupted run in {out}: training continues from checkpoint-4" in resumed.stdout
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
+
+
+def test_rename_recorded_paths_rewrites_text_files_and_leaves_binary_ones(tmp_path):
+    from nsr_hf.run_folder import rename_recorded_paths
+
+    work, final = tmp_path / ".tmp-run-overwrite", tmp_path / "run"
+    (work / "predictor").mkdir(parents=True)
+    (work / "predictor" / "config.json").write_text(json.dumps({"dataset_name": str(work / "dataset")}))
+    binary = b"\0" + str(work).encode()
+    (work / "weights.bin").write_bytes(binary)
+    assert rename_recorded_paths(work, final) == [work / "predictor" / "config.json"]
+    assert json.loads((work / "predictor" / "config.json").read_text()) == {"dataset_name": str(final / "dataset")}
+    assert (work / "weights.bin").read_bytes() == binary
