@@ -322,7 +322,9 @@ class KillAfterCheckpoint(TrainerCallback):
         self.step, self.signal = int(step), getattr(signal, name or "SIGKILL")
 
     def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
+        # the main process only, once it wrote the checkpoint: the launcher then stops the others (one dying first could
+        # get the main process stopped in the middle of its write)
+        if state.global_step == self.step and state.is_world_process_zero:
             os.kill(os.getpid(), self.signal)
 
 

@@ -339,3 +339,32 @@ def test_rename_recorded_paths_rewrites_text_files_and_leaves_binary_ones(tmp_pa
     assert rename_recorded_paths(work, final) == [work / "predictor" / "config.json"]
     assert json.loads((work / "predictor" / "config.json").read_text()) == {"dataset_name": str(final / "dataset")}
     assert (work / "weights.bin").read_bytes() == binary
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_killed_run_and_both_refuse_it_once_finished(finished_run, tiny_model_dirs, tmp_path):
+    """Only the main process claims the folder; the other waits, then decides the same: it resumes, and it refuses (no hang)."""
+    out = tmp_path / "two"
+    args = ["--model", tiny_model_dirs["gpt2"], "--dataset", finished_run[0] / "dataset", "--num_train_epochs", "2",
+            "--per_device_train_batch_size", "8", "--evaluate", "false", "--output_dir", out]  # 4 steps an epoch
+
+    def launch(env_extra=None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": str(REPO), **(env_extra or {})}
+        env.pop("NSR_DEBUG", None)
+        return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), str(REPO / "nsr_hf" / "train.py"),
+                               *[str(a) for a in args]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    assert launch({pipeline.KILL_AFTER_CHECKPOINT: "4"}).returncode != 0
+    assert (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file() and not (out / "metrics.json").exists()
+    resumed = launch()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the interrupted run in {out}: training continues from checkpoint-4" in resumed.stdout
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 8
+    before = snapshot(out)
+    refused = launch()
+    assert refused.returncode != 0 and TRACEBACK not in refused.stderr
+    assert f"python nsr_hf/train.py: error: {out} already holds a train run that finished." in refused.stderr
+    assert snapshot(out) == before
