@@ -567,6 +567,10 @@ def checkpoint_to_resume(config: TrainConfig, folder: RunFolder) -> str | None:
     resume = latest_checkpoint(checkpoints)
     if resume:
         print(f"resuming the interrupted run in {folder.final}: training continues from {Path(resume).name}", flush=True)
+    elif folder.resumed:
+        save = str(getattr(config.save_strategy, "value", config.save_strategy))  # TrainingArguments makes it an enum
+        print(f"resuming the interrupted run in {folder.final}: it stopped before its first checkpoint (save_strategy {save!r}), "
+              "so the training starts from step 0; what it computed before is reused.", flush=True)
     return resume
 
 

@@ -251,6 +251,11 @@ def test_an_interrupted_gradual_run_says_that_its_training_starts_again(tiny_mod
     assert code == 130
     assert error_lines(err)[-2:] == [pipeline.GRADUAL_CANNOT_RESUME, "nsr train: interrupted: rerun the same command to resume."]
     assert (out / "dataset" / "dataset_dict.json").is_file() and (out / "run_config.json").is_file()
+    monkeypatch.undo()
+    code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--unfreeze", "gradual", "--evaluate", "false"))
+    assert code == 0
+    assert stdout.count(f"resuming {out}: {pipeline.GRADUAL_CANNOT_RESUME}") == 1
+    assert f"resuming: using the dataset in {out / 'dataset'}" in stdout
 
 
 # -- kill -9, then the same command: the result of an uninterrupted run
@@ -371,3 +376,19 @@ def test_two_processes_resume_a_killed_run_and_both_refuse_it_once_finished(fini
     assert f"python nsr_hf/train.py: error: {out} already holds a train run that finished." in refused.stderr
     assert f'File "{REPO / "nsr_hf"}' not in refused.stderr  # no traceback from nsr_hf's own code
     assert snapshot(out) == before
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_says_its_training_starts_again(tiny_model_dirs, corpus, tmp_path, capsys,
+                                                                                      monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline.PredictorTrainer, "train", interrupted)
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dirs["gpt2"], corpus, out, "--evaluate", "false")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and error_lines(err)[-1] == "nsr train: interrupted: rerun the same command to resume."
+    monkeypatch.undo()
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0
+    assert (f"resuming the interrupted run in {out}: it stopped before its first checkpoint (save_strategy 'epoch'), so the training "
+            "starts from step 0; what it computed before is reused.") in stdout
