@@ -390,7 +390,8 @@ class RunFolder:
     """Where a train run writes. ``final``: ``output_dir``, the folder every recorded path names. ``work``: where the run
     writes, ``final`` itself, or with ``--overwrite`` over an earlier run the sibling ``.tmp-<name>-overwrite``, which
     replaces ``final`` once the run succeeded. ``resumed``: ``work`` held an unfinished run of the same configuration.
-    ``complete``: the sibling holds a run that finished but did not yet replace ``final``."""
+    ``complete``: the sibling holds a run that finished but did not yet replace ``final``. (The other processes of a launch
+    decide after the main process: they see ``resumed`` where it started the run; only the main process says so.)"""
 
     final: Path
     work: Path
@@ -558,16 +559,18 @@ def checkpoint_to_resume(config: TrainConfig, folder: RunFolder) -> str | None:
         if resume is None or not Path(resume).is_dir():
             raise UserError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
                             f"({'no complete checkpoint-* folder in ' + str(checkpoints) if latest else 'not a folder'}). "
-                            "Train with save_strategy 'steps' or 'epoch' to write checkpoints.")
+                            "Checkpoints are written with save_strategy 'steps' or 'epoch', and kept once the run finished only with "
+                            "keep_checkpoints.")
         return resume
+    says = folder.resumed and config.process_index == 0  # the other processes see the main process's run_config.json
     if config.unfreeze == "gradual":
-        if folder.resumed:
+        if says:
             print(f"resuming {folder.final}: {GRADUAL_CANNOT_RESUME}", flush=True)
         return None
     resume = latest_checkpoint(checkpoints)
-    if resume:
+    if resume and config.process_index == 0:
         print(f"resuming the interrupted run in {folder.final}: training continues from {Path(resume).name}", flush=True)
-    elif folder.resumed:
+    elif not resume and says:
         save = str(getattr(config.save_strategy, "value", config.save_strategy))  # TrainingArguments makes it an enum
         print(f"resuming the interrupted run in {folder.final}: it stopped before its first checkpoint (save_strategy {save!r}), "
               "so the training starts from step 0; what it computed before is reused.", flush=True)
