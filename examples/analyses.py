@@ -101,7 +101,7 @@ if args.from_run:
     print(f"analysing the trained run in {run}/")
 else:
     run = out / "run"
-    run_train(quickstart_config(**BUDGET, output_dir=str(run)))
+    run_train(quickstart_config(**BUDGET, output_dir=str(run), overwrite=True))
 lap("train")
 
 predictor = load_predictor(str(run / "predictor"))

@@ -16,8 +16,8 @@ Steps (``run_train``), each written under ``output_dir``:
 2. ``dataset/``: the activation dataset (train / validation / test by document, transforms fitted on train),
    or ``dataset`` (a folder or Hub id made by ``nsr dataset``) loaded instead.
 3. ``PredictorTrainer`` on train (validation for evaluation during training), the unfreezing strategy applied,
-   reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), checkpoints in ``checkpoints/``
-   when ``save_strategy`` asks (``resume_from_checkpoint: latest`` continues the step count). With
+   reference or live labels, a ``DriftMonitor`` (``drift.json``, ``drift.png``), a checkpoint in ``checkpoints/``
+   each epoch (``save_strategy``; deleted when the run finishes unless ``keep_checkpoints``). With
    ``intervention_rate`` > 0, intervention training (``nsr_hf.training.interventions``): counterfactual values fitted on
    the train split's activations, recorded in the predictor's config (``intervention``) and in ``metrics.json``.
 4. ``predictor/``: the predictor (or its adapter) with its card, tokenizer and label transform; ``metrics.json``:
@@ -27,16 +27,27 @@ Steps (``run_train``), each written under ``output_dir``:
 5. ``evaluation/``: the evaluation protocol (``nsr_hf.evaluation.protocol``): the predictor next to baselines and controls
    on the same held-out rows, the causal test, ``metrics.json``, ``report.md`` and PNGs; then the predictor's card gets
    the headline table and ``metrics.json`` the evaluation. Pushed to the Hub with ``push_to_hub: owner/name``.
+
+The run's folder (``claim_run_folder``): ``run_config.json`` records the keys that decide the result. A finished run
+(``finished_run``) is refused unless ``overwrite``: the new run is then written in ``.tmp-<name>-overwrite`` beside it and
+replaces it only once it succeeded, evaluation included. An unfinished run (Ctrl-C, kill -9, a crash, a failed evaluation)
+is resumed by the same command: its dataset and neuron are reused and the training continues from the newest checkpoint,
+to the result an uninterrupted run gives (the evaluation, logging and checkpoint keys may change: ``RESUME_FREE_KEYS``).
+Gradual unfreezing cannot continue from a checkpoint: its rerun trains again from step 0.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from nsr_hf.architectures import num_layers
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
@@ -45,8 +56,8 @@ from nsr_hf.data.corpus import load_corpus, split_of
 from nsr_hf.data.counterfactuals import CounterfactualValues
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.labels import LabelTransform
-from nsr_hf.data.storage import load_activation_dataset, read_metadata
-from nsr_hf.errors import debug_requested, error_boundary
+from nsr_hf.data.storage import load_activation_dataset
+from nsr_hf.errors import UserError, debug_requested, error_boundary
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.metrics import r2_score
@@ -56,6 +67,7 @@ from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.parsing import RecipeParser
 from nsr_hf.preflight import check_train
+from nsr_hf.run_folder import TMP_PREFIX, is_empty, refuse_finished, rename_recorded_paths, replace_folder, restore_interrupted_swap
 from nsr_hf.scanner import ScanConfig, run_scan
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, values_of
 from nsr_hf.training.collator import PredictorDataCollator
@@ -96,7 +108,7 @@ def dataset_config(config: TrainConfig, neuron, out: Path) -> DatasetConfig:
     return DatasetConfig(neurons=[str(neuron)], **values_of(config, CorpusFields), **values_of(config, SplitFields),
                          position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
                          num_bins=config.num_bins, bin_strategy=config.bin_strategy or "quantile", output_dir=str(out / "dataset"),
-                         overwrite=True)
+                         overwrite=False)  # the run's folder decided already: an interrupted dataset of this run resumes its shards
 
 
 def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
@@ -156,8 +168,9 @@ def _capture_columns(cap, neurons):
 
 
 def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):
-    """(DatasetDict, metadata, scan rank or None): load ``config.dataset`` (or, when resuming, the dataset already in
-    ``out``), or scan the train documents, choose the neuron and build the dataset."""
+    """(DatasetDict, metadata, scan rank or None): load ``config.dataset``, or the complete dataset already in ``out`` (a
+    resumed run), or choose the neuron (the one ``neuron.json`` kept, or scan the train documents) and build the dataset
+    (an interrupted build resumes its shards)."""
     if config.dataset:
         dataset, metadata = load_activation_dataset(config.dataset)
         labelled_by = (metadata.get("model") or {}).get("name")
@@ -166,31 +179,46 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
             logger.warning("The dataset was labelled by %r but the model is %r: this trains cross-prediction, not self-report.",
                            labelled_by, config.model)
         return dataset, metadata, None
-    if config.resume_from_checkpoint and (out / "dataset").is_dir():
+    kept = kept_neuron(out)
+    if kept is not None and (out / "dataset" / "dataset_dict.json").is_file():
         try:
-            read_metadata(out / "dataset")
             dataset, metadata = load_activation_dataset(out / "dataset")
             print(f"resuming: using the dataset in {out / 'dataset'} (neuron(s) {', '.join(metadata['neurons'])})", flush=True)
-            choice_file = out / "neuron.json"
-            return dataset, metadata, json.loads(choice_file.read_text()).get("scan_rank") if choice_file.exists() else None
+            return dataset, metadata, kept.get("scan_rank")
         except (ValueError, FileNotFoundError) as err:
             logger.warning("resuming: the dataset in %s is not complete (%s): building it again.", out / "dataset", err)
-    choice = config.neuron_choice()
-    rank = None
-    if isinstance(choice, str):
-        neuron = validate_neuron(model, choice)
+    if kept is not None:
+        neuron, rank = validate_neuron(model, kept["neuron"]), kept.get("scan_rank")
+        print(f"\nneuron: {neuron} (kept from {out / 'neuron.json'})", flush=True)
     else:
-        scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
-        if config.select == "readable":
-            neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
-            neuron = validate_neuron(model, neuron)
-        else:
-            neuron, rank = scan.neuron_at_rank(choice), choice
-    print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
-    write_json(out / "neuron.json", {"neuron": str(neuron), "scan_rank": rank, "select": config.select}, indent=None)
+        neuron, rank = choose_neuron(config, model, tokenizer, out)
+        print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
+        write_json(out / "neuron.json", {"neuron": str(neuron), "scan_rank": rank, "select": config.select}, indent=None)
+    # the run folder is this run's own (its run_config.json matched): an unfinished build there resumes its shards
     run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
     dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
+
+
+def kept_neuron(out: Path) -> dict | None:
+    """``neuron.json`` of an earlier start of this run (``neuron``, ``scan_rank``, ``select``), or ``None``."""
+    try:
+        return json.loads((out / "neuron.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def choose_neuron(config: TrainConfig, model, tokenizer, out: Path):
+    """(Neuron, scan rank or None): the neuron the config names, or the scan's (``select``) over the train documents."""
+    choice = config.neuron_choice()
+    if isinstance(choice, str):
+        return validate_neuron(model, choice), None
+    shutil.rmtree(out / "scan", ignore_errors=True)  # a scan cut short by an interruption: this run's own, done again
+    scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
+    if config.select == "readable":
+        neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
+        return validate_neuron(model, neuron), rank
+    return scan.neuron_at_rank(choice), choice
 
 
 def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) -> dict:
@@ -214,22 +242,19 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
             "mean_abs_over_std": float(np.mean(diff.mean(0) / np.where(std > 0, std, 1.0))), "rows": len(ref)}
 
 
-def latest_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 def run_train(config: TrainConfig) -> dict:
     """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``."""
     start = time.perf_counter()
-    out = prepare_output_dir(config)
-    check_train(config)  # every mistake that needs no model weights fails here, before the model is loaded
-    resume = checkpoint_to_resume(config, out)
+    check_train(config)  # every mistake that needs no model weights fails here, before anything is loaded or written
+    folder = prepare_output_dir(config)
+    if folder.complete:  # an --overwrite run that finished but was stopped before it replaced the old run
+        return finish_run(config, folder, json.loads((folder.work / "metrics.json").read_text()))
+    out = folder.work
+    resume = checkpoint_to_resume(config, folder)
     model, tokenizer = load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
-    predictor = build_predictor(config, model, tokenizer, dataset, metadata, out)
+    predictor = build_predictor(config, model, tokenizer, dataset, metadata, folder.final)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
     del model
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
@@ -240,8 +265,10 @@ def run_train(config: TrainConfig) -> dict:
                                interventions=intervention_sampler(config, predictor, dataset["train"], neurons))
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
+    if os.environ.get(KILL_AFTER_CHECKPOINT):
+        trainer.add_callback(KillAfterCheckpoint(os.environ[KILL_AFTER_CHECKPOINT]))
     trainable, total = count_parameters(trainer.model)
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_result = train_resumably(config, trainer, resume)
 
     metrics = {split: trainer.evaluate(dataset[split], metric_key_prefix=split)
                for split in ("validation", "test", "test_ood") if split in dataset and len(dataset[split])}
@@ -256,12 +283,11 @@ def run_train(config: TrainConfig) -> dict:
         # (a typo in an option, a cross model that cannot be loaded) never costs the training
         summary["seconds"] = round(time.perf_counter() - start, 1)
         save_trained(out, trainer, summary)
-        evaluation = None
         if config.evaluate:
             try:
                 evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
             except Exception as err:
-                err.add_note(evaluation_kept_note(config, out))
+                err.add_note(evaluation_kept_note(config, folder))
                 raise
             summary["evaluation"] = to_jsonable(evaluation)
             inner.evaluation = evaluation
@@ -270,48 +296,289 @@ def run_train(config: TrainConfig) -> dict:
             # the weights are saved: only the card (now with the evaluation's headline table) and metrics.json change
             (out / "predictor" / "README.md").write_text(inner.model_card())
             write_json(out / "metrics.json", summary)
-        try:
-            push_trained(config, out)
-        except Exception as err:
-            err.add_note(f"The run is complete and saved in {out}; push the predictor later with: "
-                         f"hf upload {config.push_to_hub} {out / 'predictor'}")
-            raise
-        print_result(config, out, summary, evaluation)
-        finish_wandb(summary)
+        finish_run(config, folder, summary)
     return summary
 
 
-def evaluation_kept_note(config: TrainConfig, out: Path) -> str:
+def train_resumably(config: TrainConfig, trainer, resume: str | None):
+    """``trainer.train`` from ``resume``; an interruption of gradual unfreezing says that its rerun starts the training again."""
+    try:
+        for callback in trainer.callback_handler.callbacks:  # the drift monitor continues its history from the checkpoint
+            if isinstance(callback, DriftMonitor):
+                callback.resume_from = resume
+        return trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        if config.unfreeze == "gradual":
+            print(GRADUAL_CANNOT_RESUME, file=sys.stderr, flush=True)
+        raise
+
+
+# NSR_KILL_AFTER_CHECKPOINT=<step>[:<signal>]: the process sends itself the signal (SIGKILL, as `kill -9` does; SIGINT is
+# Ctrl-C) right after saving the checkpoint of that step, so that the tests of resumption (tests/test_train_resume.py)
+# interrupt a run at a known point, not at a timed guess.
+KILL_AFTER_CHECKPOINT = "NSR_KILL_AFTER_CHECKPOINT"
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    """Sends ``signal_name`` to its own process once the checkpoint of ``step`` is saved (``NSR_KILL_AFTER_CHECKPOINT``)."""
+
+    def __init__(self, value: str):
+        step, _, name = value.partition(":")
+        self.step, self.signal = int(step), getattr(signal, name or "SIGKILL")
+
+    def on_save(self, args, state, control, **kwargs):
+        # the main process only, once it wrote the checkpoint: the launcher then stops the others (one dying first could
+        # get the main process stopped in the middle of its write)
+        if state.global_step == self.step and state.is_world_process_zero:
+            os.kill(os.getpid(), self.signal)
+
+
+def finish_run(config: TrainConfig, folder: "RunFolder", summary: dict) -> dict:
+    """Main process, once the run succeeded (evaluation included): its checkpoints deleted (unless ``keep_checkpoints``),
+    the old run replaced by this one when ``--overwrite`` wrote it beside, the predictor pushed, the result printed."""
+    if not config.keep_checkpoints:
+        shutil.rmtree(folder.work / "checkpoints", ignore_errors=True)
+    if folder.replacing:
+        rename_recorded_paths(folder.work, folder.final)  # every config, card and report names output_dir, not the sibling
+        replace_folder(folder.work, folder.final)
+        print(f"--overwrite: the new run replaced the old one in {folder.final}", flush=True)
+    out = folder.final
+    try:
+        push_trained(config, out)
+    except Exception as err:
+        err.add_note(f"The run is complete and saved in {out}; push the predictor later with: "
+                     f"hf upload {config.push_to_hub} {out / 'predictor'}")
+        raise
+    print_result(config, out, summary, summary.get("evaluation"))
+    finish_wandb(summary)
+    return summary
+
+
+def evaluation_kept_note(config: TrainConfig, folder: "RunFolder") -> str:
     """What a failed evaluation of a finished training leaves, and the command that runs the evaluation again."""
+    if folder.replacing:
+        return (f"Nothing was replaced: the old run in {folder.final} is as it was. The new run's training is kept in {folder.work}: "
+                "fix the evaluation option and rerun the same command (with --overwrite): it evaluates the new run and then replaces "
+                "the old one.")
+    out = folder.final
     dataset = config.dataset or out / "dataset"
     return (f"The training is kept: the predictor is in {out / 'predictor'} and its training figures in {out / 'metrics.json'}. "
             f"Fix the evaluation option and run the evaluation alone: nsr evaluate --predictor {out / 'predictor'} --dataset {dataset} "
             f"--output_dir {out / 'evaluation'} (with the evaluation options of your recipe).")
 
 
-def prepare_output_dir(config: TrainConfig) -> Path:
-    """``output_dir``, created; the seed set; a setting that cannot run in this launch refused before any work."""
+# ----------------------------------------------------------------------------------------------------------
+# The run's folder: a finished run is refused (or replaced with --overwrite, once the new one succeeded), an unfinished one
+# with the same configuration is resumed
+
+
+RUN_CONFIG = "run_config.json"
+# what a train run writes in output_dir: a folder that holds only these is a train run (finished or not)
+RUN_ENTRIES = frozenset({RUN_CONFIG, "neuron.json", "scan", "dataset", "checkpoints", "predictor", "metrics.json", "log_history.json",
+                         "drift.json", "drift.png", "evaluation"})
+# Keys that may differ between an interrupted run and the command that resumes it: they say where the run is written, how it
+# is launched, logged and checkpointed, and how it is evaluated after training (a failed evaluation is fixed by rerunning
+# with the corrected option), never what is trained. Every other key must be the same.
+RESUME_FREE_KEYS = frozenset({
+    "output_dir", "overwrite", "keep_checkpoints", "resume_from_checkpoint", "push_to_hub", "report_to", "run_name", "project",
+    "disable_tqdm", "skip_memory_metrics", "local_rank", "use_cpu", "ddp_backend", "ddp_timeout", "debug", "dataloader_num_workers",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "evaluate", "eval_methods", "do_eval", "do_predict", "do_train", "per_device_eval_batch_size", "batch_eval_metrics",
+    "include_for_metrics", "prediction_loss_only", "drift_every_n_steps", *(f.name for f in fields(EvaluationFields))})
+RESUME_FREE_PREFIXES = ("logging_", "log_", "hub_", "save_", "eval_", "trackio_")
+GRADUAL_CANNOT_RESUME = ("gradual unfreezing cannot continue from a checkpoint (its optimizer's groups depend on the step): "
+                         "a rerun of the same command reuses the dataset and the neuron, and trains again from step 0.")
+
+
+@dataclass
+class RunFolder:
+    """Where a train run writes. ``final``: ``output_dir``, the folder every recorded path names. ``work``: where the run
+    writes, ``final`` itself, or with ``--overwrite`` over an earlier run the sibling ``.tmp-<name>-overwrite``, which
+    replaces ``final`` once the run succeeded. ``resumed``: ``work`` held an unfinished run of the same configuration.
+    ``complete``: the sibling holds a run that finished but did not yet replace ``final``. (The other processes of a launch
+    decide after the main process: they see ``resumed`` where it started the run; only the main process says so.)"""
+
+    final: Path
+    work: Path
+    resumed: bool = False
+    complete: bool = False
+
+    @property
+    def replacing(self) -> bool:
+        return self.work != self.final
+
+
+def prepare_output_dir(config: TrainConfig) -> RunFolder:
+    """The run's folder, decided and claimed by the main process first (``claim_run_folder``: refuse, resume or start),
+    the seed set; a setting that cannot run in this launch refused before any work."""
     from transformers import set_seed
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(config.seed)
     if config.unfreeze == "gradual" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("gradual unfreezing adds parameters after DDP has registered them (their gradients would not be "
                          "synchronised): run it in one process, or use last_k / after_target / lora.")
-    return out
+    # the other processes wait, then see what the main process wrote and decide the same (a refusal raises in every process)
+    with config.main_process_first(desc="the run folder"):
+        folder = claim_run_folder(config)
+    set_seed(config.seed)
+    return folder
 
 
-def checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
-    """The checkpoint folder ``resume_from_checkpoint`` names (``latest``: the newest in ``output_dir/checkpoints``)."""
-    if not config.resume_from_checkpoint:
+def claim_run_folder(config: TrainConfig) -> RunFolder:
+    """Refuse a finished run (unless ``overwrite``) and a folder of other files; otherwise the folder the run writes in,
+    with its ``run_config.json`` written (a new run) or checked (a resumed one)."""
+    final = Path(config.output_dir)
+    restore_interrupted_swap(final)
+    final.mkdir(parents=True, exist_ok=True)  # a file there is named by the error boundary
+    foreign = foreign_entries(final)
+    if foreign:
+        raise UserError(f"{final} holds files that are not a train run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
+                        "choose a new or empty output_dir" + (" (--overwrite only replaces a train run)." if config.overwrite else "."))
+    finished = finished_run(final)
+    if finished:
+        refuse_finished(final, "a train run", finished=True, overwrite=config.overwrite, fix="pass --overwrite")
+    if config.overwrite and not is_empty(final):
+        work = final.parent / f"{TMP_PREFIX}{final.name}-overwrite"
+        resumed = claim_work_folder(config, work, discard_other=True)
+        return RunFolder(final, work, resumed=resumed, complete=resumed and finished_run(work))
+    return RunFolder(final, final, resumed=claim_work_folder(config, final, discard_other=False))
+
+
+def claim_work_folder(config: TrainConfig, work: Path, discard_other: bool) -> bool:
+    """Whether ``work`` holds an unfinished run of this configuration (to resume); a new run's ``run_config.json`` written
+    otherwise. A run of another configuration (or from before ``run_config.json``) is refused, or with ``discard_other``
+    (an earlier ``--overwrite`` attempt beside output_dir) deleted."""
+    wanted = run_config(config)
+    recorded = read_run_config(work)
+    if recorded is not None and not computed_entries(work):  # a start that failed before computing anything: start again
+        recorded = None
+        for name in (RUN_CONFIG, "neuron.json"):
+            (work / name).unlink(missing_ok=True)
+        shutil.rmtree(work / "dataset", ignore_errors=True)  # at most the manifest of a build that computed no shard
+    if recorded == wanted:
+        drop_incomplete_checkpoints(work / "checkpoints")
+        return True
+    if recorded is not None and config.resume_from_checkpoint:  # the user continues from a checkpoint with these settings
+        print(f"resume_from_checkpoint: continuing the run in {work} with other settings ({config_changes(recorded, wanted)})", flush=True)
+        write_json(work / RUN_CONFIG, wanted)
+        return True
+    if not is_empty(work):
+        if discard_other:
+            shutil.rmtree(work)
+        elif recorded is not None:
+            raise UserError(f"{work} holds an unfinished train run with other settings ({config_changes(recorded, wanted)}). Nothing "
+                            "was changed: rerun the command that started it to resume it, choose another output_dir, or pass "
+                            "--overwrite to start again (the new run replaces it once it succeeded).")
+        elif config.resume_from_checkpoint:  # a run from before run_config.json, resumed as the user asked
+            write_json(work / RUN_CONFIG, wanted)
+            return True
+        else:
+            raise UserError(f"{work} holds an unfinished train run without {RUN_CONFIG} (from an older nsr_hf), so its settings "
+                            "cannot be checked. Nothing was changed: pass --resume_from_checkpoint latest to continue it with "
+                            "these settings, choose another output_dir, or pass --overwrite to start again.")
+    write_json(work / RUN_CONFIG, wanted)
+    return False
+
+
+def run_config(config: TrainConfig) -> dict:
+    """The keys that decide a run's result (every key but ``RESUME_FREE_KEYS`` and ``RESUME_FREE_PREFIXES``), as JSON reads
+    them back: what ``run_config.json`` records and a resuming command must repeat."""
+    values = {k: v for k, v in config.to_dict().items()
+              if k not in RESUME_FREE_KEYS and not k.startswith(RESUME_FREE_PREFIXES) and not k.startswith("_")}
+    return json.loads(json.dumps(to_jsonable(values), sort_keys=True))
+
+
+def read_run_config(folder: Path) -> dict | None:
+    """``run_config.json`` of ``folder``; ``None`` when there is none (or it cannot be read)."""
+    try:
+        return json.loads((folder / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
         return None
-    latest = config.resume_from_checkpoint == "latest"
-    resume = latest_checkpoint(out / "checkpoints") if latest else config.resume_from_checkpoint
-    if resume is None or not Path(resume).is_dir():
-        raise ValueError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
-                         f"({'no checkpoint-* folder in ' + str(out / 'checkpoints') if latest else 'not a folder'}). "
-                         "Train with save_strategy 'steps' or 'epoch' to write checkpoints.")
+
+
+def config_changes(recorded: dict, wanted: dict, shown: int = 6) -> str:
+    """``key: old -> new`` for the keys that differ (the first ``shown``)."""
+    changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    text = "; ".join(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:shown])
+    return text + (f"; and {len(changed) - shown} more" if len(changed) > shown else "")
+
+
+def computed_entries(folder: Path) -> list[str]:
+    """What an earlier start of a run in ``folder`` computed (scan, dataset shards, checkpoints, predictor ...): everything
+    but its ``run_config.json``, ``neuron.json`` (a neuron named in the config) and a dataset build that has no shard yet,
+    which cost nothing to redo."""
+    def cheap(path: Path) -> bool:
+        if path.name == "dataset":
+            return not (path / "dataset_dict.json").exists() and not any(p.is_dir() for p in (path / "shards").glob("*"))
+        return path.name in (RUN_CONFIG, "neuron.json") or path.name.startswith(TMP_PREFIX)
+
+    return sorted(p.name for p in folder.iterdir() if not cheap(p))
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names in ``folder`` that a train run does not write (leftovers of an interrupted atomic write aside)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(TMP_PREFIX))
+
+
+def finished_run(folder: str | os.PathLike) -> bool:
+    """Whether the train run in ``folder`` finished: its ``metrics.json`` holds the evaluation, or the run had the evaluation
+    off. ``metrics.json`` is written before the evaluation (a failed evaluation keeps the training), so alone it is not a
+    finished run."""
+    try:
+        summary = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "evaluation" in summary or not (summary.get("config") or {}).get("evaluate", True)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    """The newest complete ``checkpoint-<step>`` in ``folder`` (the Trainer writes ``trainer_state.json`` last)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file():
+            steps[int(path.name.split("-")[-1])] = path
+    return str(steps[max(steps)]) if steps else None
+
+
+def drop_incomplete_checkpoints(folder: Path) -> None:
+    """Delete the checkpoints that a kill cut short (no ``trainer_state.json``, which the Trainer writes last)."""
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        if path.is_dir() and not (path / "trainer_state.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_to_resume(config: TrainConfig, folder: RunFolder) -> str | None:
+    """The checkpoint the training continues from: the newest in ``output_dir/checkpoints`` (none: from the start), or the
+    one ``resume_from_checkpoint`` names (``latest``: the newest, which must exist; with ``--overwrite``, the replaced run's
+    when the new one has none yet). Gradual unfreezing starts again."""
+    checkpoints = folder.work / "checkpoints"
+    if config.resume_from_checkpoint:
+        latest = config.resume_from_checkpoint == "latest"
+        resume = latest_checkpoint(checkpoints) if latest else config.resume_from_checkpoint
+        if latest and resume is None and folder.replacing:
+            checkpoints = folder.final / "checkpoints"
+            resume = latest_checkpoint(checkpoints)
+        if resume is None or not Path(resume).is_dir():
+            raise UserError(f"resume_from_checkpoint {config.resume_from_checkpoint!r}: no checkpoint found "
+                            f"({'no complete checkpoint-* folder in ' + str(checkpoints) if latest else 'not a folder'}). "
+                            "Checkpoints are written with save_strategy 'steps' or 'epoch', and kept once the run finished only with "
+                            "keep_checkpoints.")
+        return resume
+    says = folder.resumed and config.process_index == 0  # the other processes see the main process's run_config.json
+    if config.unfreeze == "gradual":
+        if says:
+            print(f"resuming {folder.final}: {GRADUAL_CANNOT_RESUME}", flush=True)
+        return None
+    resume = latest_checkpoint(checkpoints)
+    if resume and config.process_index == 0:
+        print(f"resuming the interrupted run in {folder.final}: training continues from {Path(resume).name}", flush=True)
+    elif not resume and says:
+        save = str(getattr(config.save_strategy, "value", config.save_strategy))  # TrainingArguments makes it an enum
+        print(f"resuming the interrupted run in {folder.final}: it stopped before its first checkpoint (save_strategy {save!r}), "
+              "so the training starts from step 0; what it computed before is reused.", flush=True)
     return resume
 
 
@@ -322,7 +589,7 @@ def labelled_position(config: TrainConfig, metadata: dict):
 
 def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path) -> ActivationPredictor:
     """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
-    when ``head_init: probe``."""
+    when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
@@ -359,13 +626,16 @@ def intervention_sampler(config: TrainConfig, predictor: ActivationPredictor, tr
 
 def trainer_arguments(config: TrainConfig, out: Path, neurons: list[str], has_validation: bool):
     """The Trainer's ``TrainingArguments``: every Trainer option of the config as it is, except what the run decides:
-    checkpoints in ``output_dir/checkpoints``, no evaluation during training without validation rows, the run's
-    name, and no push of the Trainer's own (the saved predictor is pushed: ``push_trained``)."""
+    checkpoints in ``output_dir/checkpoints`` (none for gradual unfreezing, which cannot resume, unless kept), no
+    evaluation during training without validation rows, the run's name, and no push of the Trainer's own (the saved
+    predictor is pushed: ``push_trained``)."""
     from transformers import TrainingArguments
 
     values = {f.name: getattr(config, f.name) for f in fields(TrainingArguments) if f.init}
     values.update(output_dir=str(out / "checkpoints"), eval_strategy=config.eval_strategy if has_validation else "no", push_to_hub=False,
                   run_name=config.run_name or f"nsr-{'-'.join(neurons)}-{config.unfreeze}")
+    if config.unfreeze == "gradual" and not config.keep_checkpoints:
+        values.update(save_strategy="no")  # gradual unfreezing cannot resume: its checkpoints would serve nothing
     return TrainingArguments(**values)
 
 
@@ -412,6 +682,7 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
 
 def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor) -> dict:
     """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded."""
+    shutil.rmtree(out / "evaluation", ignore_errors=True)  # what an evaluation of this unfinished run left when it failed
     return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
                         tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary())
 

@@ -192,3 +192,28 @@ class FinishedStages:
         """Drop the kept stages (the output they were for is written)."""
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def rename_recorded_paths(folder: str | os.PathLike, final: str | os.PathLike) -> list[Path]:
+    """Make every text file under ``folder`` name ``final`` where it names ``folder`` (its path as given and resolved):
+    results written beside their final place (``written_atomically``, ``nsr train --overwrite``) record the paths they
+    were written to, in configs, cards and reports; these must name where the results will live. Binary files are left
+    as they are (their size fields would break). Returns the files changed."""
+    folder, final = Path(folder), Path(final)
+    pairs = [(str(folder), str(final))]
+    if str(folder.resolve()) != str(folder):
+        pairs.append((str(folder.resolve()), str(final.resolve())))
+    changed = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        if b"\0" in data or not any(old.encode() in data for old, _ in pairs):
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        for old, new in sorted(pairs, key=lambda pair: -len(pair[0])):  # the longer (resolved) form first
+            text = text.replace(old, new)
+        write_text_atomically(path, text)
+        changed.append(path)
+    return changed

@@ -48,7 +48,8 @@ from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser, load_recipe
-from nsr_hf.pipeline import run_train, scan_train_documents, select_readable
+from nsr_hf.pipeline import finished_run as finished  # one rule for a finished run (sweep.finished is its public name)
+from nsr_hf.pipeline import read_run_config, run_train, scan_train_documents, select_readable
 from nsr_hf.preflight import check_sweep
 from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.training.config import TrainConfig
@@ -149,20 +150,6 @@ def scan_top_neurons(values: dict, top_n: int, scan_dir: Path) -> list[str]:
 
 def run_dir(output_dir, neuron: str, seed: int) -> Path:
     return Path(output_dir) / neuron / f"seed-{seed}"
-
-
-def finished(folder) -> bool:
-    """Whether the run in ``folder`` finished: its ``metrics.json`` holds the evaluation, or the run had the evaluation
-    off. ``nsr train`` writes ``metrics.json`` before it evaluates (a failed evaluation keeps the training), so a
-    ``metrics.json`` alone is not a finished run: a rerun of the sweep trains it again."""
-    path = Path(folder) / "metrics.json"
-    if not path.exists():
-        return False
-    try:
-        summary = json.loads(path.read_text())
-    except ValueError:
-        return False
-    return "evaluation" in summary or not (summary.get("config") or {}).get("evaluate", True)
 
 
 def _finished_dataset(output_dir, neuron: str, seeds=None) -> Path | None:
@@ -388,6 +375,9 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
         run["status"] = "skipped (finished before)"
     else:
         dataset = source or _finished_dataset(out, neuron, config.seeds)
+        started = read_run_config(folder)
+        if not source and started is not None and started.get("dataset") is None:
+            dataset = None  # an interrupted run that built its own dataset resumes as it started (its run_config.json)
         print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
         try:
             run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),

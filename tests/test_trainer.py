@@ -404,10 +404,11 @@ def test_resume_from_the_latest_checkpoint_continues_the_step_count(head_only_ru
 
     config, _ = head_only_run
     base = replace(config, dataset=str(Path(config.output_dir) / "dataset"), evaluate=False, max_steps=4, save_strategy="steps",
-                   save_steps=2, logging_steps=1, output_dir=str(tmp_path / "run"))
+                   save_steps=2, logging_steps=1, output_dir=str(tmp_path / "run"), keep_checkpoints=True)
     first = run_train(base)
     assert first["global_step"] == 4 and (tmp_path / "run" / "checkpoints" / "checkpoint-4").is_dir()
-    resumed = run_train(replace(base, max_steps=7, resume_from_checkpoint="latest"))
+    # the run finished: continuing it replaces it, which --overwrite allows
+    resumed = run_train(replace(base, max_steps=7, resume_from_checkpoint="latest", overwrite=True))
     assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["global_step"] == 7
     steps = [h["step"] for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "loss" in h]
     assert steps[-3:] == [5, 6, 7]  # the resumed run logged steps 5..7, continuing from 4

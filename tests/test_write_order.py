@@ -225,13 +225,13 @@ def test_an_interrupted_evaluation_rerun_continues_from_its_finished_stages_to_t
     assert (out / "predictions.json").read_bytes() == (whole / "predictions.json").read_bytes()
 
 
-def test_the_pipeline_replaces_its_own_scan_and_evaluation_folders(tmp_path):
+def test_the_pipeline_replaces_its_own_scan_and_evaluation_folders_and_resumes_its_dataset(tmp_path):
     from nsr_hf.pipeline import dataset_config, evaluate_config, scan_config
     from nsr_hf.training.config import TrainConfig
 
     config = TrainConfig(output_dir=str(tmp_path / "run"), neuron="1.3")
     assert scan_config(config, 10, 10, tmp_path / "run" / "scan").overwrite
-    assert dataset_config(config, "1.3", tmp_path / "run").overwrite
+    assert not dataset_config(config, "1.3", tmp_path / "run").overwrite  # an interrupted run's dataset resumes its shards
     assert evaluate_config(config, tmp_path / "run").overwrite
 
 

@@ -105,12 +105,18 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
 
     # -- TrainingArguments with the defaults of a self-reporter (the Trainer's own help, where it says more)
     output_dir: str = field(default="outputs/train", metadata={
-        "help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints)"})
+        "help": "Where everything is written (the Trainer's checkpoints go to output_dir/checkpoints). An unfinished run there is "
+                "resumed by the same command; a finished one is refused unless overwrite"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace the run in output_dir (finished or not) by a new one: it is written beside it and replaces it only once it "
+                "succeeded, evaluation included"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "Keep output_dir/checkpoints when the run finishes (by default they are deleted then: they only serve to resume)"})
     push_to_hub: str | None = field(default=None, metadata={
         "help": "Push the saved predictor (not the Trainer's checkpoints) to this Hub repo id (owner/name)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder; "
-                "the dataset already in output_dir is reused"})
+        "help": "'latest' (the newest checkpoint in output_dir/checkpoints) or a checkpoint folder. Not needed to resume an "
+                "interrupted run: the same command continues it from its latest checkpoint, its dataset reused"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over train"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per step and process"})
@@ -118,9 +124,11 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         "help": "Rows per evaluation batch (also the probes' and the evaluation's batches)"})
     eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate on validation during training: 'no', 'steps' or 'epoch'"})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps"})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'steps' or 'epoch' (needed to resume)"})
-    save_steps: float = field(default=500, metadata={"help": "With save_strategy 'steps'"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints"})
+    save_strategy: str = field(default="epoch", metadata={
+        "help": "Checkpoints to resume an interrupted run from: 'epoch', 'steps' or 'no' (a rerun then trains from the start)"})
+    save_steps: float = field(default=500, metadata={"help": "With save_strategy 'steps' (below 1: a fraction of the training steps)"})
+    save_total_limit: int | None = field(default=1, metadata={
+        "help": "Keep at most this many checkpoints (the latest is all a resume needs)"})
     seed: int = field(default=0, metadata={"help": "Seed of the head's initialisation and of the data order"})
     report_to: str = field(default="none", metadata={
         "help": "'none', 'wandb', 'tensorboard', ... (set explicitly: transformers 5 defaults to none)"})

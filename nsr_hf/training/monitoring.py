@@ -45,6 +45,7 @@ The probe statistics are paired (the same rows before and after), so 128 rows ar
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 NEURON_KEYS = ("mean_shift", "std_ratio", "correlation", "max_abs_change")
 HEAD_KEYS = ("head_r_live", "head_r2_live", "head_r_reference", "head_r2_reference")
 JSON_FILE, PLOT_FILE = "drift.json", "drift.png"
+HISTORY_FILE = "drift_history.json"  # in each checkpoint: the history up to it, for a resumed run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,6 +215,8 @@ class DriftMonitor(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._lm_loss_start: Optional[float] = None
         self._last_step: Optional[int] = None
+        # the checkpoint a resumed training starts from (``resume_from``): its history is read back instead of measured again
+        self.resume_from: Optional[str] = None
 
     # -- wiring --------------------------------------------------------------------------------------------
 
@@ -328,10 +332,25 @@ class DriftMonitor(TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # One run, one history: the first measurement is the baseline of lm_loss_delta.
+        # One run, one history: the first measurement is the baseline of lm_loss_delta. A resumed run continues the history
+        # its checkpoint kept (the Trainer calls this before it loads the checkpoint's state, so the step is not known here).
         _, self.neurons = self._predictor(self._model(model))
         self.history, self._lm_loss_start, self._last_step = [], None, None
-        self._record(model, state)
+        kept = Path(self.resume_from) / HISTORY_FILE if self.resume_from else None
+        if kept is not None and kept.is_file():
+            saved = json.loads(kept.read_text())
+            self.history, self._lm_loss_start, self._last_step = saved["history"], saved["lm_loss_start"], saved["last_step"]
+        else:
+            self._record(model, state)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        # the history so far goes with each checkpoint, so that a resumed run's drift.json is the uninterrupted run's
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json(folder / HISTORY_FILE, {"history": self.history, "lm_loss_start": self._lm_loss_start,
+                                                   "last_step": self._last_step})
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
