@@ -27,7 +27,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/nsr quickstart --output_dir outputs/quickstart
+	$(OFFLINE) $(VENV)/bin/nsr quickstart --output_dir outputs/quickstart $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nsr_hf tests benchmarks examples

@@ -12,8 +12,11 @@ checkout, package data in an installed one), so the two cannot disagree.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from nsr_hf.parsing import RecipeParser, load_recipe, shipped_recipe
-from nsr_hf.pipeline import run_train
+from nsr_hf.pipeline import finished_run, print_result, read_run_config, run_config, run_train
 from nsr_hf.training.config import TrainConfig
 
 RECIPE = "quickstart.yaml"
@@ -43,5 +46,16 @@ def quickstart_help() -> str:
 
 
 def run_quickstart(argv=None) -> dict:
-    """``nsr quickstart [--key value ...]``: the quickstart recipe with command-line overrides."""
-    return run_train(quickstart_config(list(argv or [])))
+    """``nsr quickstart [--key value ...]``: the quickstart recipe with command-line overrides.
+
+    Run again (``make quickstart`` twice) into its finished run with the same settings, it trains nothing: it prints that run's
+    figures and how to run it again (``--overwrite``). With other settings, ``nsr train``'s rule holds (refused)."""
+    config = quickstart_config(list(argv or []))
+    out = Path(config.output_dir)
+    if not config.overwrite and finished_run(out) and read_run_config(out) == run_config(config):
+        summary = json.loads((out / "metrics.json").read_text())
+        print(f"{out} already holds this quickstart, finished: nothing was run again. Its figures:", flush=True)
+        print_result(config, out, summary, summary.get("evaluation"))
+        print("\nTo run it again: nsr quickstart --overwrite (make quickstart ARGS=--overwrite), or another --output_dir.", flush=True)
+        return summary
+    return run_train(config)

@@ -56,6 +56,20 @@ def test_quickstart_runs_the_recipe_end_to_end_on_a_tiny_model(tiny_model_dirs, 
     assert "readability of the top candidates" in printed
     assert "| **self** |" in printed and "evaluation report:" in printed  # the headline table is printed at the end
 
+    # the same command again (make quickstart twice) trains nothing: it shows the finished run's figures and how to rerun it
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    args = ["quickstart", "--model", tiny_model_dirs["llama"], "--corpus", "synthetic", "--layers", "0", "1", "--scan_documents", "40",
+            "--dataset_documents", "120", "--max_length", "32", "--cross_models", tiny_model_dirs["gpt2"], "--n_bootstrap", "50",
+            "--output_dir", str(tmp_path)]
+    assert main([*args, "--num_train_epochs", "1"]) == 0
+    again = capsys.readouterr().out
+    assert "already holds this quickstart, finished: nothing was run again" in again and "| **self** |" in again
+    assert "nsr quickstart --overwrite" in again
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    # other settings into the finished run: refused, as nsr train refuses
+    assert main([*args, "--num_train_epochs", "2"]) == 2
+    assert "already holds a train run that finished" in capsys.readouterr().err
+
 
 def test_quickstart_rejects_an_unknown_key(capsys):
     assert main(["quickstart", "--epochs", "3"]) == 2
