@@ -684,7 +684,8 @@ def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata,
     """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded."""
     shutil.rmtree(out / "evaluation", ignore_errors=True)  # what an evaluation of this unfinished run left when it failed
     return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
-                        tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary())
+                        tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary(),
+                        resumable=True)  # the predictor in memory is the one just saved: an interrupted evaluation resumes its stages
 
 
 def evaluate_config(config: TrainConfig, out: Path) -> EvaluateConfig:

@@ -397,3 +397,30 @@ def test_a_run_interrupted_before_its_first_checkpoint_says_its_training_starts_
     assert code == 0
     assert (f"resuming the interrupted run in {out}: it stopped before its first checkpoint (save_strategy 'epoch'), so the training "
             "starts from step 0; what it computed before is reused.") in stdout
+
+
+def test_an_evaluation_interrupted_inside_nsr_train_resumes_its_finished_stages_to_the_same_figures(tiny_model_dirs, corpus, tmp_path,
+                                                                                                     capsys, caplog, monkeypatch):
+    from nsr_hf.evaluation import protocol
+
+    whole = tmp_path / "whole"
+    assert run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, whole))[0] == 0
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dirs["gpt2"], corpus, out)
+    real = protocol._shuffled_predictions
+
+    def interrupted(*a, **k):  # Ctrl-C once the predictor's predictions (the first stage) are kept
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(protocol, "_shuffled_predictions", interrupted)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "interrupted: rerun the same command to resume." in err
+    assert (out / ".tmp-evaluation-stages" / "predictions.pkl").is_file()
+
+    monkeypatch.setattr(protocol, "_shuffled_predictions", real)
+    with caplog.at_level("WARNING", logger="nsr_hf.evaluation.protocol"):
+        assert run_cli(capsys, *args)[0] == 0
+    assert "Resumed the interrupted evaluation: read back its finished stages ['predictions']" in caplog.text
+    assert not (out / ".tmp-evaluation-stages").exists()
+    evaluation, expected = (json.loads((d / "evaluation" / "metrics.json").read_text())["metrics"] for d in (out, whole))
+    assert evaluation == expected

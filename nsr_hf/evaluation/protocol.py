@@ -407,7 +407,7 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
 
 
 def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metadata=None, base_model=None, tokenizer=None,
-                 log_history=None, drift=None) -> dict:
+                 log_history=None, drift=None, resumable: bool | None = None) -> dict:
     """``nsr evaluate``: every figure of the module docstring for the predictor, the baselines and the controls;
     writes ``metrics.json``, ``predictions.json`` and the report into ``config.output_dir`` and returns the
     evaluation (the content of ``metrics.json``).
@@ -421,10 +421,15 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     ``base_model_name_or_path`` (or ``config.base_model``): a trained base (last_k, after_target, full, lora,
     gradual) is not the original. With ``config.base_unchanged`` (head_only training, which never changes the
     base: the train stage measures that drift is zero) the predictor's own base is used and nothing is reloaded.
+
+    ``resumable``: whether finished stages are kept for a rerun. By default only when nothing is passed in memory (what this
+    run loads itself has an identity a rerun can check; a predictor in memory may have been trained again). ``True``: the
+    caller vouches that what it passes is what ``config.predictor`` and ``config.dataset`` hold on disk (``nsr train``
+    evaluates the predictor it has just saved there).
     """
     refuse_to_replace_evaluation(config)
-    # only what this run loads itself has an identity a rerun can check (a predictor in memory may have been trained again)
-    resumable = all(given is None for given in (predictor, dataset, metadata, base_model, tokenizer))
+    if resumable is None:
+        resumable = all(given is None for given in (predictor, dataset, metadata, base_model, tokenizer))
     predictor = _load_predictor(config, predictor)
     inner = unwrap(predictor)
     neurons = list(inner.config.neurons)
@@ -465,18 +470,27 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
 
 
 def _resume_key(config: EvaluateConfig, dataset) -> str | None:
-    """What decides every stage of an evaluation: its options (where it is written aside), the files (names, sizes,
-    modification times) of every model folder it reads and the dataset's fingerprints; ``None`` (no resuming) for a
-    predictor that is not a local folder."""
+    """What decides every stage of an evaluation: its options (where it is written aside), the files (names and contents'
+    hashes; cards aside) of every model folder it reads and the dataset's fingerprints; ``None`` (no resuming) for a
+    predictor that is not a local folder. Contents, not modification times: a resumed ``nsr train`` saves the same
+    predictor again before it evaluates."""
     if not config.predictor or not Path(config.predictor).is_dir():
         return None
     folders = [Path(name) for name in (config.predictor, config.shuffled_predictor, config.compare_predictor, config.base_model)
                if name and Path(name).is_dir()]
-    files = [sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+    files = [sorted((str(p.relative_to(folder)), _file_hash(p)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
              for folder in folders]
     fingerprints = {name: getattr(dataset[name], "_fingerprint", None) for name in dataset}
     options = {k: v for k, v in asdict(config).items() if k != "overwrite"}
     return hashlib.sha256(json.dumps([options, files, fingerprints], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def holds_evaluation(folder) -> bool:
