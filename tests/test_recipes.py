@@ -130,7 +130,10 @@ def test_train_py_runs_as_a_script_with_its_folder_first_on_sys_path():
 
 def test_read_layer_accepts_an_index_target_plus_k_or_none():
     assert parse_config(["--read_layer", "target+2"]).read_layer_for(7, 30) == 9
-    assert parse_config(["--read_layer", "4"]).read_layer_for(7, 30) == 4
+    assert parse_config(["--read_layer", "9"]).read_layer_for(7, 30) == 9
+    assert parse_config(["--read_layer", "7"]).read_layer_for(7, 30) == 7  # the target's own block: allowed (the evaluation flags it)
+    with pytest.raises(ValueError, match="read_layer 4 is before the layer of the target neuron"):
+        parse_config(["--read_layer", "4"]).read_layer_for(7, 30)  # a block where the neuron is not yet computed
     assert parse_config(["--read_layer", "none"]).read_layer_for(7, 30) is None
     assert parse_config(["--read_layer", "target+5"]).read_layer_for(28, 30) == 29  # past the end: the last block, with a warning
     for bad in ("target-1", "after", "-3"):
