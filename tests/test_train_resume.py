@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -202,14 +203,28 @@ def test_an_unfinished_run_with_other_settings_is_refused_and_names_the_keys(tin
     assert snapshot(out) == before
 
 
-def test_a_start_that_failed_before_computing_anything_is_started_again_with_other_settings(tiny_model_dirs, corpus, tmp_path,
-                                                                                          capsys):
+def test_a_wrong_corpus_field_is_refused_before_anything_is_written(tiny_model_dirs, corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--text_field", "body"))  # a wrong field
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--text_field", "body"))
     assert code == 2 and "body" in error_lines(err)[-1]
-    assert sorted(p.name for p in out.iterdir()) == ["dataset", "neuron.json", "run_config.json"]  # no shard computed
-    code, _, _ = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--evaluate", "false"))  # corrected: no refusal
-    assert code == 0 and json.loads((out / "run_config.json").read_text())["text_field"] == "text"
+    assert not out.exists()  # the pre-load checks run before the run's folder is claimed
+
+
+def test_a_start_that_failed_before_computing_anything_is_started_again_with_other_settings(tiny_model_dirs, corpus, tmp_path,
+                                                                                          capsys, monkeypatch):
+    out = tmp_path / "run"
+
+    def broken(*args, **kwargs):  # a failure the pre-load checks cannot see: the weights themselves
+        raise pipeline.UserError("model: its weights could not be read")
+
+    real = pipeline.load_model_and_tokenizer
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", broken)
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--learning_rate", "0.5"))
+    assert code == 2 and "could not be read" in error_lines(err)[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]  # nothing computed
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", real)
+    code, _, _ = run_cli(capsys, *train_args(tiny_model_dirs["gpt2"], corpus, out, "--evaluate", "false"))  # other settings: no refusal
+    assert code == 0 and json.loads((out / "run_config.json").read_text())["learning_rate"] != 0.5
 
 
 def test_the_evaluation_logging_and_checkpoint_keys_may_change_when_resuming():
@@ -267,8 +282,10 @@ def script_run(args: list, env_extra: dict | None = None) -> subprocess.Complete
            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     env.pop("NSR_DEBUG", None)
     env.pop(pipeline.KILL_AFTER_CHECKPOINT, None) if not env_extra else None
+    # a background job starts with SIGINT ignored, and a Python started so never turns SIGINT into KeyboardInterrupt: give
+    # the child the default disposition, as a terminal would
     return subprocess.run([sys.executable, str(REPO / "nsr_hf" / "train.py"), *[str(a) for a in args[1:]]], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
