@@ -67,6 +67,7 @@ from nsr_hf.data.counterfactuals import check_source
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.examples import EXAMPLES_FILE, token_examples
 from nsr_hf.evaluation.faithfulness import faithfulness_section
 from nsr_hf.evaluation.predictions import predict_split, targets_of
 from nsr_hf.evaluation.report import drift_history, write_report
@@ -458,8 +459,10 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
+    examples = _token_examples(inner, dataset[splits[0]], neurons[0], columns[0], splits[0], base_model, tokenizer)
     with written_atomically(config.output_dir) as out:  # the folder appears whole, and replaces an old one only then
         write_json(out / "metrics.json", evaluation)
+        write_json(out / EXAMPLES_FILE, examples, indent=None)
         write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
                                               **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
         write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history,
@@ -467,6 +470,18 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     stages.clear()
     print(f"evaluation of {', '.join(neurons)} written to {Path(config.output_dir)}/ (metrics.json, report.md)", flush=True)
     return evaluation
+
+
+def _token_examples(inner, rows, neuron: str, column: int, split: str, base_model, tokenizer) -> dict:
+    """``examples.json`` (``nsr_hf.evaluation.examples``): the neuron at every token of a few rows, read in the original
+    model when it is in memory, else in the predictor's base. A failure here costs only the dashboard's highlighting."""
+    model = base_model if base_model is not None else inner.base
+    source = "the original model" if base_model is not None else "the predictor's base model (a trained base moves the neuron by its drift)"
+    try:
+        return token_examples(model, tokenizer or inner.tokenizer, rows, neuron, column, split=split, source=source)
+    except Exception as err:  # noqa: BLE001 (the examples are a view of the run: the evaluation itself must not fail for them)
+        logger.warning("Per-token examples not written (%s: %s); the dashboard shows none.", type(err).__name__, err)
+        return {"neuron": neuron, "split": split, "examples": [], "skipped": f"reading them failed: {type(err).__name__}: {err}"}
 
 
 def _resume_key(config: EvaluateConfig, dataset) -> str | None:
