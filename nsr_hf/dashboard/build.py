@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from nsr_hf.dashboard.neuron_page import neuron_page
-from nsr_hf.dashboard.run_files import is_run_folder, is_sweep_folder, read_json, read_run
+from nsr_hf.dashboard.run_files import is_evaluation, is_run_folder, is_sweep_folder, read_json, read_run
 from nsr_hf.dashboard.sweep_page import sweep_page
 from nsr_hf.errors import UserError
 from nsr_hf.run_folder import write_text_atomically
@@ -50,8 +51,14 @@ def build_run_dashboard(folder) -> Path:
     nav = [(n, page_name(n, i == 0)) for i, n in enumerate(neurons)]
     for i, neuron in enumerate(neurons):
         context = neuron_page(run, neuron)
-        write_text_atomically(out / page_name(neuron, i == 0), template.render(**context, nav=nav, sweep_link=_sweep_link(folder)))
+        _write_page(out / page_name(neuron, i == 0), template.render(**context, nav=nav, sweep_link=_sweep_link(folder)))
     return out / INDEX
+
+
+def _write_page(path: Path, text: str) -> Path:
+    write_text_atomically(path, text)
+    path.chmod(0o644)  # a page others may read (mkstemp's files are the owner's only)
+    return path
 
 
 def _sweep_link(folder: Path) -> str | None:
@@ -84,8 +91,7 @@ def build_sweep_dashboard(folder, rebuild_runs: bool = True) -> Path:
     out = folder / DASHBOARD_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / INDEX
-    write_text_atomically(path, environment().get_template("sweep.html.j2").render(**context))
-    return path
+    return _write_page(path, environment().get_template("sweep.html.j2").render(**context))
 
 
 def build_dashboard(folder, rebuild_runs: bool = True) -> Path:
@@ -102,6 +108,23 @@ def build_dashboard(folder, rebuild_runs: bool = True) -> Path:
                     "sweep.json (nsr sweep). Pass the folder such a command wrote (its --output_dir).")
 
 
-def rebuild_hint(folder) -> str:
-    """The line that says how to build a dashboard again after a failure."""
-    return f"The run itself is saved; build its dashboard again with: nsr report {folder}"
+def dashboard_owner(evaluation_dir) -> Path:
+    """Whose dashboard an evaluation belongs on: the train run's when ``evaluation_dir`` is a run's ``evaluation/`` folder,
+    else the evaluation folder's own."""
+    evaluation_dir = Path(evaluation_dir)
+    parent = evaluation_dir.parent
+    if evaluation_dir.name == "evaluation" and is_run_folder(parent) and not is_evaluation(read_json(parent / "metrics.json")):
+        return parent
+    return evaluation_dir
+
+
+def build_dashboard_after(folder, what: str = "run", rebuild_runs: bool = False) -> Path | None:
+    """``build_dashboard`` at the end of a command whose results are already saved: a failure costs only the dashboard. It
+    prints one line that says what failed and how to build it again (``nsr report``), and returns None."""
+    try:
+        return build_dashboard(folder, rebuild_runs=rebuild_runs)
+    except Exception as err:  # noqa: BLE001 (the results are saved: a dashboard that cannot be built must not fail the command)
+        print(f"dashboard not built ({type(err).__name__}: {' '.join(str(err).split())[:300]}). The {what} itself is saved in {folder}; "
+              f"build its dashboard again with: nsr report {folder}", file=sys.stderr, flush=True)
+        logger.debug("dashboard failure", exc_info=True)
+        return None

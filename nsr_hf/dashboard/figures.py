@@ -16,8 +16,7 @@ SPLIT_COLOURS = {"train": "tab:grey", "validation": "tab:orange", "test": "tab:b
 
 
 def svg_of(draw: Callable[[Path], Path | None]) -> str | None:
-    """The ``<svg>`` element that ``draw(path)`` writes at an ``.svg`` path (None when it draws nothing), made to scale
-    with the page (no fixed width or height)."""
+    """The ``<svg>`` element that ``draw(path)`` writes at an ``.svg`` path (None when it draws nothing)."""
     import matplotlib
 
     with tempfile.TemporaryDirectory() as tmp, matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "nsr_hf"}):
@@ -26,8 +25,8 @@ def svg_of(draw: Callable[[Path], Path | None]) -> str | None:
             return None
         text = Path(written).read_text()
     svg = text[text.index("<svg"):]
-    # the intrinsic size in points becomes the viewBox only: CSS sets the width, the height follows
-    return re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="figure"', svg, count=1)
+    # the figure keeps its own size (in points) but shrinks with a narrow window (CSS: max-width 100%, height auto)
+    return re.sub(r"<svg ", '<svg class="figure" ', svg, count=1)
 
 
 def histogram_by_split(values: dict[str, list[float]], neuron: str, path: Path) -> Path:
@@ -37,7 +36,8 @@ def histogram_by_split(values: dict[str, list[float]], neuron: str, path: Path) 
     fig = figure(6.4, 3.6)
     ax = fig.add_subplot()
     for split, v in values.items():
-        ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5, color=SPLIT_COLOURS.get(split), label=f"{split} ({len(v)} rows)")
+        ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5, color=SPLIT_COLOURS.get(split),
+                label=f"{split} ({len(v)} rows)")
     ax.set_xlabel(f"neuron {neuron} at the labelled token")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)

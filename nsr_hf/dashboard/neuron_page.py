@@ -9,12 +9,18 @@ import html
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nsr_hf.dashboard import figures as fig
 from nsr_hf.dashboard.run_files import RunFiles, dataset_values, scan_row
-from nsr_hf.evaluation.report import (drift_history, plot_faithfulness, plot_methods, plot_pred_vs_true, plot_r2_by_layer,
-                                      plot_residuals, plot_training_curves)
+from nsr_hf.evaluation.report import (
+    drift_history,
+    plot_faithfulness,
+    plot_methods,
+    plot_pred_vs_true,
+    plot_r2_by_layer,
+    plot_residuals,
+    plot_training_curves,
+)
 from nsr_hf.methods import fmt, headline_table, verdicts
 from nsr_hf.training.monitoring import plot_drift
 
@@ -143,9 +149,10 @@ def scan_panel(run: RunFiles, neuron: str) -> Panel:
         panel.missing = (f"This run was given its dataset ({given}) and ran no scan: no scan statistics." if given
                          else "This run has no scan/neurons.parquet entry for the neuron: no scan statistics.")
         return panel
-    stats = ["mean", "std", "min", "max", "skewness", "kurtosis", "frac_above", "count"]
-    panel.facts = [(k if k != "frac_above" else f"sparsity: fraction above {run.scan_top.get('config', {}).get('threshold', '?') if run.scan_top else '?'}",
-                    fmt(row[k], 4) if isinstance(row.get(k), float) else str(row.get(k))) for k in stats if k in row]
+    threshold = ((run.scan_top or {}).get("config") or {}).get("threshold", "?")
+    names = {"frac_above": f"sparsity: fraction of tokens above {threshold}", "count": "tokens scanned"}
+    panel.facts = [(names.get(k, k), fmt(row[k], 4) if isinstance(row[k], float) else str(row[k]))
+                   for k in ("mean", "std", "min", "max", "skewness", "kurtosis", "frac_above", "count") if k in row]
     panel.facts.append(("rank", f"{row.get('rank')} of {row['scanned_neurons']} scanned neurons"
                                 + (f" (by {run.scan_top['config'].get('score')})" if run.scan_top else "")))
     panel.facts += [(k.removeprefix("score_") + " score", fmt(v, 4)) for k, v in row.items() if k.startswith("score_")]
@@ -203,7 +210,8 @@ def examples_panel(run: RunFiles, neuron: str) -> Panel:
     mine = data if data.get("neuron") == neuron else None
     if mine and mine.get("examples"):
         panel.notes.append(f"Rows of the {mine['split']} split: the top-activating ones and one near each of several quantiles of the "
-                           f"labelled value. Each token is coloured by the neuron's value there (read in {mine.get('source', 'the model')}); "
+                           "labelled value. Each token is coloured by the neuron's value there "
+                           f"(read in {mine.get('source', 'the model')}); "
                            "the labelled token is boxed; hover a token for its value.")
         panel.examples = example_rows(mine["examples"])
     elif mine and mine.get("skipped"):
@@ -226,8 +234,9 @@ def _scan_examples(run: RunFiles, neuron: str) -> str | None:
     if not entry or not entry.get("examples"):
         return None
     rows = "".join(f"<tr><td>{fmt(e['value'], 4)}</td><td class=\"context\">{html.escape(e.get('before', ''))}"
-                   f"<span class=\"tok labelled\" data-value=\"{e['value']:.6g}\" title=\"{e['value']:.4g}\">{html.escape(e['token'])}</span>"
-                   f"{html.escape(e.get('after', ''))}</td><td>{html.escape(str(e.get('doc_id', '')))}</td></tr>" for e in entry["examples"][:10])
+                   f"<span class=\"tok labelled\" data-value=\"{e['value']:.6g}\" title=\"{e['value']:.4g}\">"
+                   f"{html.escape(e['token'])}</span>{html.escape(e.get('after', ''))}</td>"
+                   f"<td>{html.escape(str(e.get('doc_id', '')))}</td></tr>" for e in entry["examples"][:10])
     return f"<table><thead><tr><th>value</th><th>context</th><th>document</th></tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -247,7 +256,8 @@ def accuracy_panel(run: RunFiles, neuron: str, evaluation: dict | None, split: s
     shown = {split: predictions[split]}
     self_figures = (evaluation["metrics"][split] or {}).get("self") or {}
     r2 = {split: self_figures["r2"]} if "r2" in self_figures else None
-    panel.add_figure(f"Report against the true value on {split}, with the identity line.", fig.svg_of(lambda p: plot_pred_vs_true(shown, p, r2)))
+    panel.add_figure(f"Report against the true value on {split}, with the identity line.",
+                     fig.svg_of(lambda p: plot_pred_vs_true(shown, p, r2)))
     panel.add_figure("Residuals (report − true).", fig.svg_of(lambda p: plot_residuals(shown, p)))
     panel.add_figure("Calibration: the mean true value in bins of the report.",
                      fig.svg_of(lambda p: fig.calibration_curve(shown[split]["true"], shown[split]["self"], p)))
@@ -342,7 +352,8 @@ def training_panel(run: RunFiles) -> Panel:
         panel.facts.append(("trainable parameters", f"{summary['trainable_parameters']:,}{share}"))
     train = summary.get("train") or {}
     if train:
-        panel.facts.append(("steps / epochs / seconds", f"{summary.get('global_step')} / {train.get('epoch')} / {train.get('train_runtime')}"))
+        panel.facts.append(("steps / epochs / seconds",
+                            f"{summary.get('global_step')} / {train.get('epoch')} / {train.get('train_runtime')}"))
     if run.log_history:
         panel.add_figure("Training loss (and validation figures when the run evaluated during training).",
                          fig.svg_of(lambda p: plot_training_curves(run.log_history, p)))
@@ -353,15 +364,15 @@ def training_panel(run: RunFiles) -> Panel:
 
 def recipe_panel(run: RunFiles) -> Panel:
     panel = Panel("recipe", "Command, recipe and versions")
-    recorded = run.run_config
-    if recorded is None and run.summary is None:
-        recorded = (run.evaluation or {}).get("config")
+    recorded, source = run.run_config, "the keys that decide this run's result (run_config.json)"
     if recorded is None:
-        panel.missing = "This run has no run_config.json (it predates it): its full configuration is in metrics.json (config)."
+        recorded, source = run.config or None, "its whole configuration (metrics.json config; this run has no run_config.json)"
+    if recorded is None:
+        panel.missing = "This folder records no configuration (no run_config.json, no config in metrics.json)."
         return panel
     folder = run.folder
     if run.summary is not None:
-        panel.notes.append("The keys that decide this run's result (run_config.json). To run it again: save them as recipe.yaml, then "
+        panel.notes.append(f"The recipe: {source}. To run it again: save it as recipe.yaml, then "
                            f"nsr train recipe.yaml --output_dir {folder} (add --overwrite to replace it).")
     else:
         panel.notes.append("The evaluation's options (metrics.json config); run it again with nsr evaluate --key value ...")

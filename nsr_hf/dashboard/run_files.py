@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 EVALUATION_KIND = "nsr_hf.evaluation.protocol"
@@ -86,9 +88,9 @@ def read_run(folder) -> RunFiles:
         run.evaluation, run.evaluation_dir = own, folder
     else:
         run.summary = own
-        run.evaluation = own.get("evaluation")
-        if run.evaluation is None and is_evaluation(read_json(folder / "evaluation" / "metrics.json")):
-            run.evaluation = read_json(folder / "evaluation" / "metrics.json")
+        # the evaluation folder's own file first: an `nsr evaluate --overwrite` after training replaced it, not the summary's copy
+        evaluated = read_json(folder / "evaluation" / "metrics.json")
+        run.evaluation = evaluated if is_evaluation(evaluated) else own.get("evaluation")
         run.evaluation_dir = folder / "evaluation" if (folder / "evaluation").is_dir() else None
     if run.evaluation_dir is not None:
         run.predictions = read_json(run.evaluation_dir / "predictions.json")
@@ -127,8 +129,6 @@ def dataset_values(folder: Path, column: int) -> dict[str, list[float]] | None:
     if not (path / "dataset_dict.json").is_file():
         return None
     from datasets import load_from_disk
-
-    import numpy as np
 
     dataset = load_from_disk(str(path))
     out = {}
