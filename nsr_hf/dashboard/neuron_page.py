@@ -221,7 +221,6 @@ def examples_panel(run: RunFiles, neuron: str) -> Panel:
                            "`nsr evaluate --overwrite` for them.")
     scan = _scan_examples(run, neuron)
     if scan:
-        panel.notes.append("The scan's top examples (the scan keeps one value per example: the token's own):")
         panel.tables.append(scan)
     if not panel.examples and not scan:
         panel.missing = " ".join(panel.notes) or "This run has neither an evaluation's examples nor a scan's: no examples."
@@ -237,7 +236,8 @@ def _scan_examples(run: RunFiles, neuron: str) -> str | None:
                    f"<span class=\"tok labelled\" data-value=\"{e['value']:.6g}\" title=\"{e['value']:.4g}\">"
                    f"{html.escape(e['token'])}</span>{html.escape(e.get('after', ''))}</td>"
                    f"<td>{html.escape(str(e.get('doc_id', '')))}</td></tr>" for e in entry["examples"][:10])
-    return f"<table><thead><tr><th>value</th><th>context</th><th>document</th></tr></thead><tbody>{rows}</tbody></table>"
+    return ("<p>The scan's top examples (the scan keeps one value per example: the labelled token's own):</p>"
+            f"<table><thead><tr><th>value</th><th>context</th><th>document</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _split_predictions(run: RunFiles, neuron: str) -> dict:
@@ -357,6 +357,9 @@ def training_panel(run: RunFiles) -> Panel:
     if run.log_history:
         panel.add_figure("Training loss (and validation figures when the run evaluated during training).",
                          fig.svg_of(lambda p: plot_training_curves(run.log_history, p)))
+        if not panel.figures:
+            panel.notes.append(f"No training curve: the run logged no loss ({summary.get('global_step')} steps, fewer than "
+                               f"logging_steps {run.config.get('logging_steps')}).")
     if not (panel.facts or panel.figures):
         panel.missing = "This folder holds an evaluation only (no metrics.json of a train run, no log_history.json): no training figures."
     return panel
