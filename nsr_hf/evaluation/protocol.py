@@ -67,12 +67,12 @@ from nsr_hf.data.counterfactuals import check_source
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
-from nsr_hf.evaluation.examples import EXAMPLES_FILE, token_examples
 from nsr_hf.evaluation.faithfulness import faithfulness_section
 from nsr_hf.evaluation.predictions import predict_split, targets_of
 from nsr_hf.evaluation.report import drift_history, write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions, quiet_if, split_spread
 from nsr_hf.evaluation.statistics import compare_methods, selectivity
+from nsr_hf.evaluation.token_examples import EXAMPLES_FILE, token_examples
 from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
@@ -473,7 +473,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
 
 
 def _token_examples(inner, rows, neuron: str, column: int, split: str, base_model, tokenizer) -> dict:
-    """``examples.json`` (``nsr_hf.evaluation.examples``): the neuron at every token of a few rows, read in the original
+    """``examples.json`` (``nsr_hf.evaluation.token_examples``): the neuron at every token of a few rows, read in the original
     model when it is in memory, else in the predictor's base. A failure here costs only the dashboard's highlighting."""
     model = base_model if base_model is not None else inner.base
     source = "the original model" if base_model is not None else "the predictor's base model (a trained base moves the neuron by its drift)"
