@@ -123,19 +123,21 @@ def scan_row(folder: Path, neuron: str) -> dict | None:
 
 
 def dataset_values(folder: Path, column: int) -> dict[str, list[float]] | None:
-    """The labelled value of activation column ``column`` in every split of the run's ``dataset/`` (Arrow files read
-    from disk, no model); None when the run has no dataset folder."""
-    path = Path(folder) / "dataset"
-    if not (path / "dataset_dict.json").is_file():
-        return None
-    from datasets import load_from_disk
+    """The labelled value of activation column ``column`` in every split of the run's ``dataset/``, read from its Arrow
+    files with pyarrow (the files ``save_to_disk`` writes, listed in each split's ``state.json``; no model, and none of
+    ``datasets``' import time); None when the run has no dataset folder."""
+    import pyarrow as pa
 
-    dataset = load_from_disk(str(path))
+    path = Path(folder) / "dataset"
+    splits = (read_json(path / "dataset_dict.json") or {}).get("splits")
+    if not splits:
+        return None
     out = {}
-    for split in dataset:
-        if "activations" not in dataset[split].column_names or not len(dataset[split]):
-            continue
-        values = dataset[split].with_format("numpy")["activations"]
-        values = np.asarray(values, dtype=np.float64).reshape(len(dataset[split]), -1)
-        out[split] = values[:, column].tolist()
+    for split in splits:
+        files = [f["filename"] for f in (read_json(path / split / "state.json") or {}).get("_data_files") or []]
+        tables = [pa.ipc.open_stream(pa.memory_map(str(path / split / name))).read_all() for name in files]
+        rows = [np.asarray(v, dtype=np.float64).reshape(-1)[column] for t in tables if "activations" in t.column_names
+                for v in t.column("activations").to_numpy(zero_copy_only=False)]
+        if rows:
+            out[split] = [float(v) for v in rows]
     return out or None
