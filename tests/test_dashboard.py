@@ -260,6 +260,7 @@ def test_the_sweep_page_has_a_row_per_run_linking_to_its_neuron_page(swept):
     for link, run in zip(page.links, result["runs"]):
         target = (index.parent / link).resolve()
         assert target == (folder / run["neuron"] / "seed-0" / DASHBOARD_DIR / "index.html").resolve() and target.is_file()
+        assert "data-sweep-link" in target.read_text()  # and each run's page links back to the sweep's
     median = result["summary"]["self"]["r2"]["median"]
     assert f"{median:.3f}" in page.panels["summary"]["text"]
 

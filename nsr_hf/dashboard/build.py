@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DASHBOARD_DIR = "dashboard"
 INDEX = "index.html"
+SWEEP_LINK_MARK = "data-sweep-link"  # on a run page's link back to its sweep's page
 
 
 def environment():
@@ -41,7 +42,8 @@ def page_name(neuron: str, first: bool) -> str:
 
 
 def build_run_dashboard(folder) -> Path:
-    """The neuron pages of the run (or evaluation) folder ``folder`` in ``folder/dashboard/``; returns ``index.html``."""
+    """The neuron pages of the run (or evaluation) folder ``folder`` in ``folder/dashboard/``; returns ``index.html``. A run
+    of a sweep (``<sweep>/<neuron>/seed-<k>``, the sweep's ``sweep.json`` written) links back to the sweep's page."""
     folder = Path(folder)
     run = read_run(folder)
     neurons = run.neurons or ["?"]
@@ -79,7 +81,8 @@ def build_sweep_dashboard(folder, rebuild_runs: bool = True) -> Path:
         index = run_folder / DASHBOARD_DIR / INDEX
         if not is_run_folder(run_folder):
             return None
-        if rebuild_runs or not index.is_file():
+        # a run trained by the sweep's first invocation got its page before sweep.json existed: without the link back to it
+        if rebuild_runs or not index.is_file() or SWEEP_LINK_MARK not in index.read_text():
             try:
                 build_run_dashboard(run_folder)
             except Exception as err:  # noqa: BLE001 (one run's page must not cost the sweep's)
