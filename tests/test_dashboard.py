@@ -265,6 +265,35 @@ def test_the_sweep_page_has_a_row_per_run_linking_to_its_neuron_page(swept):
     assert f"{median:.3f}" in page.panels["summary"]["text"]
 
 
+def test_nsr_evaluate_rebuilds_the_dashboard_of_the_run_that_holds_it(trained, tmp_path, capsys):
+    from nsr_hf.cli import main
+
+    folder, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    shutil.rmtree(run / DASHBOARD_DIR)
+    argv = ["evaluate", "--predictor", str(run / "predictor"), "--output_dir", str(run / "evaluation"), "--overwrite",
+            "--methods", "mean", "--n_bootstrap", "50", "--no_causal"]
+    assert main(argv) == 0
+    index = run / DASHBOARD_DIR / "index.html"
+    assert f"dashboard: {index}" in capsys.readouterr().out
+    methods = read_page(index).panels["methods"]["text"]
+    assert "mean" in methods and "ridge_probe" not in methods  # the new evaluation's, not the copy in the run's metrics.json
+
+
+def test_an_evaluation_folder_alone_gets_a_page_that_says_what_it_lacks(trained, tmp_path):
+    from nsr_hf.cli import main
+
+    folder, _ = trained
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--predictor", str(folder / "predictor"), "--output_dir", str(out), "--methods", "mean",
+                 "--n_bootstrap", "50", "--no_causal"]) == 0
+    page = read_page(out / DASHBOARD_DIR / "index.html")
+    assert list(page.panels) == NEURON_PANELS
+    assert page.panels["accuracy"]["svg"] and page.panels["examples"]["examples"]
+    assert page.panels["training"]["missing"] and "evaluation only" in page.panels["training"]["text"]
+
+
 def test_a_folder_that_is_neither_a_run_nor_a_sweep_is_one_clear_line(tmp_path, capsys):
     from nsr_hf.cli import main
 
