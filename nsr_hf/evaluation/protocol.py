@@ -476,7 +476,8 @@ def _token_examples(inner, rows, neuron: str, column: int, split: str, base_mode
     """``examples.json`` (``nsr_hf.evaluation.token_examples``): the neuron at every token of a few rows, read in the original
     model when it is in memory, else in the predictor's base. A failure here costs only the dashboard's highlighting."""
     model = base_model if base_model is not None else inner.base
-    source = "the original model" if base_model is not None else "the predictor's base model (a trained base moves the neuron by its drift)"
+    source = ("the original model" if base_model is not None else
+              "the predictor's base model: the original one unless its training moved the neuron (the drift panel says by how much)")
     try:
         return token_examples(model, tokenizer or inner.tokenizer, rows, neuron, column, split=split, source=source)
     except Exception as err:  # noqa: BLE001 (the examples are a view of the run: the evaluation itself must not fail for them)
