@@ -188,7 +188,7 @@ def _token_colour(value: float, scale: float) -> str:
     return f"rgba({rgb},{alpha * 0.85:.3f})"
 
 
-def example_rows(examples: list[dict]) -> list[dict]:
+def highlighted_examples(examples: list[dict]) -> list[dict]:
     """Each example's tokens with their value, colour and whether it is the labelled token, for the template."""
     scale = max((abs(v) for e in examples for v in e["values"]), default=0.0)
     rows = []
@@ -213,7 +213,7 @@ def examples_panel(run: RunFiles, neuron: str) -> Panel:
                            "labelled value. Each token is coloured by the neuron's value there "
                            f"(read in {mine.get('source', 'the model')}); "
                            "the labelled token is boxed; hover a token for its value.")
-        panel.examples = example_rows(mine["examples"])
+        panel.examples = highlighted_examples(mine["examples"])
     elif mine and mine.get("skipped"):
         panel.notes.append(f"No per-token examples: {mine['skipped']}.")
     elif run.evaluation_dir is not None:

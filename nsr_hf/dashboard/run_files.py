@@ -7,15 +7,12 @@ folder holds an evaluation's ``metrics.json`` alone. Every file is optional here
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
-EVALUATION_KIND = "nsr_hf.evaluation.protocol"
+from nsr_hf.evaluation.protocol import EVALUATION_KIND
 
 
 def read_json(path: Path):
