@@ -90,9 +90,10 @@ def neuron_evaluation(evaluation: dict | None, neuron: str) -> dict | None:
     if not evaluation:
         return None
     by_neuron = evaluation.get("by_neuron") or {}
-    if neuron == evaluation.get("neuron") or neuron not in by_neuron:
-        return evaluation
-    return {**evaluation, **by_neuron[neuron], "neuron": neuron}
+    if neuron in by_neuron and neuron != evaluation.get("neuron"):
+        return {**evaluation, **by_neuron[neuron], "neuron": neuron}
+    # the top level is the headline neuron's: never shown as another neuron's figures
+    return evaluation if neuron == evaluation.get("neuron", neuron) else None
 
 
 def headline_split(evaluation: dict | None) -> str | None:
@@ -102,6 +103,9 @@ def headline_split(evaluation: dict | None) -> str | None:
 
 
 def no_evaluation_reason(run: RunFiles) -> str:
+    """Why a panel that needs the evaluation has nothing to show, and how to get it."""
+    if run.evaluation:
+        return "The run's evaluation holds no figures for this neuron (its by_neuron section lacks it)."
     if run.summary is not None and not (run.summary.get("config") or {}).get("evaluate", True):
         return "This run was trained with the evaluation off (evaluate: false): run `nsr evaluate --predictor PREDICTOR` for these figures."
     return "This run has no evaluation (no evaluation/metrics.json): run `nsr evaluate` on its predictor, then `nsr report` again."
@@ -216,6 +220,8 @@ def examples_panel(run: RunFiles, neuron: str) -> Panel:
         panel.examples = highlighted_examples(mine["examples"])
     elif mine and mine.get("skipped"):
         panel.notes.append(f"No per-token examples: {mine['skipped']}.")
+    elif data.get("neuron"):
+        panel.notes.append(f"Per-token examples are written for the run's first neuron ({data['neuron']}) only.")
     elif run.evaluation_dir is not None:
         panel.notes.append("The evaluation of this run predates per-token examples (evaluation/examples.json): rerun "
                            "`nsr evaluate --overwrite` for them.")
