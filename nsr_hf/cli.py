@@ -6,6 +6,7 @@
     nsr capture --neurons 12.345 --corpus embedded --max_documents 5
     nsr evaluate --predictor outputs/train/predictor --output_dir outputs/evaluate
     nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 --output_dir outputs/sweep
+    nsr report outputs/quickstart                    # the dashboard of a run or a sweep (built by the commands above too)
 
 Flags are the fields of the stage's config dataclass (``nsr <command> --help`` lists them with their
 help); every command also takes a YAML recipe of those fields first, and the flags override it. One parser reads
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nsr_hf.capture import capture_activations, encode_texts, parse_position, validate_neuron, validate_position
+from nsr_hf.dashboard import build_dashboard, build_dashboard_after
+from nsr_hf.dashboard.build import dashboard_owner
 from nsr_hf.data.corpus import load_corpus
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.preflight import check_neurons
@@ -126,24 +129,57 @@ def _stage(name: str, argv: list[str]) -> int:
     return error_boundary(f"nsr {name}", parse_and_run, debug=debug)
 
 
-# name -> (its config dataclass, what runs it); the quickstart is a recipe of TrainConfig, so it has no dataclass of its own
+def evaluate_and_report(config: EvaluateConfig) -> dict:
+    """``nsr evaluate``: ``run_evaluate``, then the dashboard of the run that holds the evaluation (an output_dir that is a
+    train run's ``evaluation/``) or else of the evaluation's own folder. The evaluation is saved before: a dashboard that
+    cannot be built costs nothing but itself."""
+    evaluation = run_evaluate(config)
+    dashboard = build_dashboard_after(dashboard_owner(config.output_dir), what="evaluation")
+    if dashboard:
+        print(f"dashboard: {dashboard}", flush=True)
+    return evaluation
+
+
+REPORT_USAGE = ("usage: nsr report RUN_OR_SWEEP_DIR [--debug]\n\nBuild (again) the dashboard of a run folder (nsr train, nsr quickstart, "
+                "nsr evaluate) or a sweep folder (nsr sweep): <folder>/dashboard/index.html, one self-contained page that opens from "
+                "disk (a sweep's page links every run's page, rebuilt too). It reads the folder's files only, never a model.")
+
+
+def _report(argv: list[str]) -> int:
+    argv, debug = debug_requested(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(REPORT_USAGE)
+        return 0
+
+    def run() -> None:
+        if len(argv) != 1 or argv[0].startswith("-"):
+            raise UserError(f"nsr report takes one folder (a run or a sweep), got {argv or 'nothing'}: nsr report outputs/quickstart")
+        print(f"dashboard: {build_dashboard(argv[0])}", flush=True)
+
+    return error_boundary("nsr report", run, debug=debug)
+
+
+# name -> (its config dataclass, what runs it); the quickstart is a recipe of TrainConfig and report takes a folder, so neither
+# has a dataclass of its own
 COMMANDS = {
     "capture": (CaptureConfig, run_capture),
     "scan": (ScanConfig, run_scan),
     "dataset": (DatasetConfig, run_dataset),
     "quickstart": (None, run_quickstart),
     "train": (TrainConfig, run_train),
-    "evaluate": (EvaluateConfig, run_evaluate),
+    "evaluate": (EvaluateConfig, evaluate_and_report),
     "sweep": (SweepConfig, run_sweep),
+    "report": (None, build_dashboard),
 }
-QUICKSTART_SUMMARY = ("The main job on the embedded default: recipes/quickstart.yaml (scan, dataset, train, evaluate) "
-                      "into outputs/quickstart.")
+SUMMARIES = {"quickstart": "The main job on the embedded default: recipes/quickstart.yaml (scan, dataset, train, evaluate) "
+                           "into outputs/quickstart.",
+             "report": "The dashboard of a run or a sweep folder: <folder>/dashboard/index.html (nsr report FOLDER)."}
 
 
 def usage() -> str:
     lines = ["usage: nsr <command> [recipe.yaml] [--flag value ...]", "", "commands:"]
     for name, (config_cls, _) in COMMANDS.items():
-        summary = QUICKSTART_SUMMARY if config_cls is None else (config_cls.__doc__ or "").strip().splitlines()[0]
+        summary = SUMMARIES[name] if config_cls is None else (config_cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:<12} {summary}")
     return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags; `--debug` on any command (or NSR_DEBUG=1) shows "
                                "the full traceback of an error."])
@@ -163,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:], prog="nsr train")
     if argv[0] == "quickstart":
         return _quickstart(argv[1:])
+    if argv[0] == "report":
+        return _report(argv[1:])
     return _stage(argv[0], argv[1:])
 
 

@@ -51,6 +51,7 @@ from transformers import TrainerCallback
 
 from nsr_hf.architectures import num_layers
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
+from nsr_hf.dashboard import DASHBOARD_DIR, build_dashboard_after
 from nsr_hf.data.columns import read_column
 from nsr_hf.data.corpus import load_corpus, split_of
 from nsr_hf.data.counterfactuals import CounterfactualValues
@@ -349,6 +350,7 @@ def finish_run(config: TrainConfig, folder: "RunFolder", summary: dict) -> dict:
         err.add_note(f"The run is complete and saved in {out}; push the predictor later with: "
                      f"hf upload {config.push_to_hub} {out / 'predictor'}")
         raise
+    build_dashboard_after(out)  # after everything is saved: a failure here costs only the dashboard (it says how to rebuild it)
     print_result(config, out, summary, summary.get("evaluation"))
     finish_wandb(summary)
     return summary
@@ -375,7 +377,7 @@ def evaluation_kept_note(config: TrainConfig, folder: "RunFolder") -> str:
 RUN_CONFIG = "run_config.json"
 # what a train run writes in output_dir: a folder that holds only these is a train run (finished or not)
 RUN_ENTRIES = frozenset({RUN_CONFIG, "neuron.json", "scan", "dataset", "checkpoints", "predictor", "metrics.json", "log_history.json",
-                         "drift.json", "drift.png", "evaluation"})
+                         "drift.json", "drift.png", "evaluation", DASHBOARD_DIR})
 # Keys that may differ between an interrupted run and the command that resumes it: they say where the run is written, how it
 # is launched, logged and checkpointed, and how it is evaluated after training (a failed evaluation is fixed by rerunning
 # with the corrected option), never what is trained. Every other key must be the same.
@@ -723,6 +725,9 @@ def print_result(config: TrainConfig, out: Path, summary: dict, evaluation: dict
             print(f"\n{split} split, neuron {neurons[0]}:\n{headline_table(evaluation, split)}\n" +
                   "\n".join(f"- {v}" for v in verdicts(evaluation, split)), flush=True)
         print(f"evaluation report: {out / 'evaluation' / 'report.md'}", flush=True)
+    dashboard = out / DASHBOARD_DIR / "index.html"
+    if dashboard.is_file():
+        print(f"dashboard: {dashboard} (open it in a browser; rebuild it with: nsr report {out})", flush=True)
 
 
 def train_label_transform(config: TrainConfig, transform: dict, train, neurons: list[str], balance=None) -> dict:

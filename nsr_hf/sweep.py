@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.capture import Neuron
+from nsr_hf.dashboard import build_dashboard_after
 from nsr_hf.errors import debug_requested, error_boundary, explain
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
@@ -360,6 +361,9 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None, debug: bool = 
     write_json(out / "sweep.json", result, indent=2)
     (out / "sweep.md").write_text(sweep_markdown(result))
     print(f"\nsweep: {len(runs) - result['failed']} of {len(runs)} runs finished; summary in {out / 'sweep.md'}", flush=True)
+    dashboard = build_dashboard_after(out, what="sweep")  # sweep.json is saved: a failure costs only the page
+    if dashboard:
+        print(f"sweep dashboard: {dashboard} (rebuild it with: nsr report {out})", flush=True)
     return result
 
 

@@ -72,6 +72,7 @@ from nsr_hf.evaluation.predictions import predict_split, targets_of
 from nsr_hf.evaluation.report import drift_history, write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions, quiet_if, split_spread
 from nsr_hf.evaluation.statistics import compare_methods, selectivity
+from nsr_hf.evaluation.token_examples import EXAMPLES_FILE, token_examples
 from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
@@ -458,8 +459,10 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
+    examples = _token_examples(inner, dataset[splits[0]], neurons[0], columns[0], splits[0], base_model, tokenizer)
     with written_atomically(config.output_dir) as out:  # the folder appears whole, and replaces an old one only then
         write_json(out / "metrics.json", evaluation)
+        write_json(out / EXAMPLES_FILE, examples, indent=None)
         write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
                                               **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
         write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history,
@@ -467,6 +470,19 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     stages.clear()
     print(f"evaluation of {', '.join(neurons)} written to {Path(config.output_dir)}/ (metrics.json, report.md)", flush=True)
     return evaluation
+
+
+def _token_examples(inner, rows, neuron: str, column: int, split: str, base_model, tokenizer) -> dict:
+    """``examples.json`` (``nsr_hf.evaluation.token_examples``): the neuron at every token of a few rows, read in the original
+    model when it is in memory, else in the predictor's base. A failure here costs only the dashboard's highlighting."""
+    model = base_model if base_model is not None else inner.base
+    source = ("the original model" if base_model is not None else
+              "the predictor's base model: the original one unless its training moved the neuron (the drift panel says by how much)")
+    try:
+        return token_examples(model, tokenizer or inner.tokenizer, rows, neuron, column, split=split, source=source)
+    except Exception as err:  # noqa: BLE001 (the examples are a view of the run: the evaluation itself must not fail for them)
+        logger.warning("Per-token examples not written (%s: %s); the dashboard shows none.", type(err).__name__, err)
+        return {"neuron": neuron, "split": split, "examples": [], "skipped": f"reading them failed: {type(err).__name__}: {err}"}
 
 
 def _resume_key(config: EvaluateConfig, dataset) -> str | None:
