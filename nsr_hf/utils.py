@@ -57,6 +57,17 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def file_sha256(path: "str | os.PathLike") -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks: model weights need not fit in memory twice."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path: "str | os.PathLike", value: Any, indent: "int | None" = 2) -> Path:
     """Write ``value`` as strict JSON (``to_jsonable``: no NaN, no numpy types); parent folders are created. The file is
     replaced whole (``write_text_atomically``): an interruption never leaves half a ``metrics.json``."""

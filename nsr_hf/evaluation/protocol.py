@@ -78,7 +78,7 @@ from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.shared_config import EvaluationFields
-from nsr_hf.utils import unwrap, write_json
+from nsr_hf.utils import file_sha256, unwrap, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -494,19 +494,11 @@ def _resume_key(config: EvaluateConfig, dataset) -> str | None:
         return None
     folders = [Path(name) for name in (config.predictor, config.shuffled_predictor, config.compare_predictor, config.base_model)
                if name and Path(name).is_dir()]
-    files = [sorted((str(p.relative_to(folder)), _file_hash(p)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    files = [sorted((str(p.relative_to(folder)), file_sha256(p)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
              for folder in folders]
     fingerprints = {name: getattr(dataset[name], "_fingerprint", None) for name in dataset}
     options = {k: v for k, v in asdict(config).items() if k != "overwrite"}
     return hashlib.sha256(json.dumps([options, files, fingerprints], sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def holds_evaluation(folder) -> bool:
