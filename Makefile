@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsr_hf-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup quickstart lint test test-fast bench clean
+.PHONY: setup quickstart lint browser test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,15 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nsr_hf tests benchmarks examples
 
-test: lint
+# The dashboard's browser tests (tests/test_dashboard.py) open its pages in Debian's headless Chromium through its driver:
+# installed with apt when missing (as root, or through sudo). NSR_NO_BROWSER=1 skips those tests instead.
+browser:
+	@if [ -z "$$NSR_NO_BROWSER" ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: lint browser
 	$(OFFLINE) $(PY) -m pytest -m "slow or not slow" -q
 
 test-fast: $(STAMP)
