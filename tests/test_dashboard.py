@@ -100,38 +100,33 @@ TINY_RECIPE = ("corpus: synthetic\nscan_documents: 8\ndataset_documents: 16\nmax
                "eval_methods: [mean, ridge_probe, shuffled_labels]\nn_bootstrap: 50\nlearning_rate: 1e-2\n")
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model_dirs, tmp_path_factory):
-    """``nsr train`` on a tiny Llama (synthetic corpus, two steps): the run folder and what the command printed."""
+def run_tiny(tiny_model_dirs, tmp_path_factory, name: str, *argv) -> tuple[Path, str]:
+    """``nsr <argv> tiny.yaml --output_dir <tmp>/<out>`` on a tiny Llama: (the folder, what the command printed)."""
     from contextlib import redirect_stdout
 
     from nsr_hf.cli import main
 
-    tmp = tmp_path_factory.mktemp("dashboard_run")
+    command, out, *flags = argv
+    tmp = tmp_path_factory.mktemp(name)
     recipe = tmp / "tiny.yaml"
     recipe.write_text(f"model: {tiny_model_dirs['llama']}\n" + TINY_RECIPE)
     printed = io.StringIO()
     with redirect_stdout(printed):
-        code = main(["train", str(recipe), "--output_dir", str(tmp / "run")])
+        code = main([command, str(recipe), *flags, "--output_dir", str(tmp / out)])
     assert code == 0, printed.getvalue()[-2000:]
-    return tmp / "run", printed.getvalue()
+    return tmp / out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dirs, tmp_path_factory):
+    """``nsr train`` on a tiny Llama (synthetic corpus, two steps): the run folder and what the command printed."""
+    return run_tiny(tiny_model_dirs, tmp_path_factory, "dashboard_run", "train", "run")
 
 
 @pytest.fixture(scope="module")
 def swept(tiny_model_dirs, tmp_path_factory):
     """``nsr sweep`` of the same recipe: 2 neurons x 1 seed."""
-    from contextlib import redirect_stdout
-
-    from nsr_hf.cli import main
-
-    tmp = tmp_path_factory.mktemp("dashboard_sweep")
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(f"model: {tiny_model_dirs['llama']}\n" + TINY_RECIPE)
-    printed = io.StringIO()
-    with redirect_stdout(printed):
-        code = main(["sweep", str(recipe), "--top_n", "2", "--seeds", "0", "--output_dir", str(tmp / "sweep")])
-    assert code == 0, printed.getvalue()[-2000:]
-    return tmp / "sweep", printed.getvalue()
+    return run_tiny(tiny_model_dirs, tmp_path_factory, "dashboard_sweep", "sweep", "sweep", "--top_n", "2", "--seeds", "0")
 
 
 @pytest.fixture
