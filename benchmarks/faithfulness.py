@@ -6,8 +6,10 @@
 
 For every head (``--heads``: ``regression`` = recipes/quickstart.yaml, ``token_exit`` = recipes/quickstart_token_exit.yaml,
 ``token`` = recipes/quickstart_token.yaml, the model's own next token: ~40 min a run on 2 CPU cores) two sweeps run
-(``nsr_hf.sweep.run_sweep``): ``<head>-plain`` with ``intervention_rate`` 0 and ``<head>-faithful`` with the faithful
-recipe's intervention settings (recipes/quickstart_faithful.yaml: rate, source, epochs, learning rate where it sets them).
+(``nsr_hf.sweep.run_sweep``): ``<head>-plain`` with ``intervention_rate`` 0 and ``<head>-faithful`` with the settings in which
+the head's faithful recipe differs from its plain one (rate, source, epochs, learning rate): recipes/quickstart_faithful.yaml
+for the regression head, recipes/quickstart_token_exit_faithful.yaml for the early exit; the own-next-token head takes the
+regression recipe's intervention and keeps its own epochs and rate (no faithful recipe of it has been tuned).
 Every sweep after the first takes the first one's datasets (``--datasets_from``), so all runs of a neuron score exactly the
 same held-out rows. A finished run is not run again: the benchmark resumes where it stopped.
 
@@ -35,7 +37,8 @@ from nsr_hf.utils import write_json
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"regression": "recipes/quickstart.yaml", "token_exit": "recipes/quickstart_token_exit.yaml",
            "token": "recipes/quickstart_token.yaml"}
-FAITHFUL = "recipes/quickstart_faithful.yaml"
+FAITHFUL = {"regression": "recipes/quickstart_faithful.yaml", "token_exit": "recipes/quickstart_token_exit_faithful.yaml",
+            "token": "recipes/quickstart_faithful.yaml"}
 # The keys the faithful recipe sets on top of the plain quickstart: the intervention and what it needs to be learnt.
 TRAINING_KEYS = ("intervention_rate", "intervention_source", "intervention_shift_scale", "num_train_epochs", "learning_rate")
 NEURONS = ("7.268", "0.1524", "0.333", "0.1194", "6.868")  # the quickstart's neuron and four of the first sweep's
@@ -43,10 +46,10 @@ CHEAP = {"eval_methods": ["ridge_probe"], "drift_every_n_steps": 100000}
 
 
 def faithful_overrides(head: str) -> dict:
-    """The faithful recipe's intervention (and, for the regression head, training) settings that differ from the plain
-    recipe of ``head``. The token heads keep their own learning rate and epochs, with the intervention added."""
-    faithful, plain = load_recipe(str(ROOT / FAITHFUL)), load_recipe(str(ROOT / RECIPES[head]))
-    keys = TRAINING_KEYS if head == "regression" else TRAINING_KEYS[:3]
+    """The settings of ``head``'s faithful recipe (intervention, and the epochs and rate it was tuned with) that differ from
+    its plain recipe. The own-next-token head borrows the regression recipe's intervention only."""
+    faithful, plain = load_recipe(str(ROOT / FAITHFUL[head])), load_recipe(str(ROOT / RECIPES[head]))
+    keys = TRAINING_KEYS[:3] if head == "token" else TRAINING_KEYS
     return {k: faithful[k] for k in keys if k in faithful and faithful[k] != plain.get(k)}
 
 
@@ -54,7 +57,7 @@ def overrides_for(head: str, training: str) -> dict:
     """The recipe keys that a run of ``training`` (``plain`` or ``faithful``) sets on ``head``'s recipe; both are scored on
     counterfactual rows drawn as in the faithful training."""
     overrides = {**CHEAP, "intervention_rate": 0.0} if training == "plain" else {**CHEAP, **faithful_overrides(head)}
-    overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL)).get("intervention_source", "interchange")
+    overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL[head])).get("intervention_source", "interchange")
     return overrides
 
 

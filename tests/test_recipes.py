@@ -273,6 +273,16 @@ def test_the_faithful_quickstart_is_the_quickstart_with_intervention_training():
     assert parse_config([str(ROOT / "recipes" / "quickstart.yaml")]).intervention_rate == 0  # the plain quickstart stays plain
 
 
+def test_the_faithful_token_exit_recipe_is_the_token_exit_recipe_with_intervention_training():
+    plain = yaml.safe_load((ROOT / "recipes" / "quickstart_token_exit.yaml").read_text())
+    faithful = yaml.safe_load((ROOT / "recipes" / "quickstart_token_exit_faithful.yaml").read_text())
+    changed = {"intervention_rate": 0.5, "intervention_source": "interchange", "num_train_epochs": 6,
+               "output_dir": "outputs/quickstart_token_exit_faithful"}
+    assert faithful == {**plain, **changed}
+    config = parse_config([str(ROOT / "recipes" / "quickstart_token_exit_faithful.yaml")])
+    assert (config.head_type, config.intervention_rate, config.num_train_epochs) == ("token", 0.5, 6)
+
+
 @pytest.mark.parametrize("name", ["regression.yaml", "classification.yaml", "token_digits.yaml", "lora.yaml"])
 def test_the_gpu_recipes_offer_intervention_training_as_a_commented_line(name):
     text = (ROOT / "recipes" / name).read_text()
