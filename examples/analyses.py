@@ -246,7 +246,8 @@ lap("direction_ablation")
 
 # %%
 from nsr_hf.analysis import AnalysisResult
-from nsr_hf.evaluation.causal import causal_test, plot_causal
+from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.figures import plot_causal
 from nsr_hf.utils import to_jsonable as jsonable
 
 causal = causal_test(predictor, rows, num_values=ANALYSIS["causal_values"], max_rows=ANALYSIS["rows"])

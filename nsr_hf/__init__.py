@@ -1,18 +1,20 @@
 """nsr_hf: fine-tune a language model to report the values of its own MLP neurons.
 
 The four stages' public names import from here; each loads its module only when first used, so that
-``import nsr_hf`` stays light (no datasets, Trainer or PEFT until a stage needs them)::
+``import nsr_hf`` stays light (no torch, datasets, Trainer or PEFT until a name that needs them is used)::
 
     from nsr_hf import NeuronScanner, ActivationDatasetGenerator, ActivationPredictor, PredictorTrainer
 """
 from importlib import import_module
 
-from nsr_hf.capture import Capture, Intervention, Neuron, NeuronRecorder, capture_activations, encode_texts, intervene
-from nsr_hf.models import EMBEDDED_NAME, load_model_and_tokenizer
 from nsr_hf.version import __version__
 
 # public name -> the module that defines it (the package's layers: README, "How the code is laid out")
 _LAZY = {
+    **dict.fromkeys(("Capture", "Intervention", "Neuron", "NeuronRecorder", "capture_activations", "encode_texts", "intervene"),
+                    "nsr_hf.capture"),
+    "EMBEDDED_NAME": "nsr_hf.models",
+    "load_model_and_tokenizer": "nsr_hf.models",
     "NeuronScanner": "nsr_hf.scanner",
     "ScanConfig": "nsr_hf.scanner",
     "ActivationDatasetGenerator": "nsr_hf.data.generator",
@@ -39,16 +41,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'nsr_hf' has no attribute {name!r}")
 
 
-__all__ = [
-    "Capture",
-    "EMBEDDED_NAME",
-    "Intervention",
-    "Neuron",
-    "NeuronRecorder",
-    "__version__",
-    "capture_activations",
-    "encode_texts",
-    "intervene",
-    "load_model_and_tokenizer",
-    *_LAZY,
-]
+__all__ = ["__version__", *_LAZY]

@@ -15,93 +15,19 @@ them all: ``nsr_hf.parsing.RecipeParser`` (a ``transformers.HfArgumentParser``).
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-from nsr_hf.capture import capture_activations, encode_texts, parse_position, validate_neuron, validate_position
-from nsr_hf.dashboard import build_dashboard, build_dashboard_after
-from nsr_hf.dashboard.build import dashboard_owner
-from nsr_hf.data.corpus import load_corpus
-from nsr_hf.data.generator import DatasetConfig, run_dataset
-from nsr_hf.data.preflight import check_neurons
 from nsr_hf.errors import UserError, debug_requested, error_boundary
-from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
-from nsr_hf.models import load_model_and_tokenizer, load_model_config
-from nsr_hf.parsing import RecipeParser
-from nsr_hf.pipeline import main as train_main
-from nsr_hf.pipeline import run_train
-from nsr_hf.quickstart import quickstart_help, run_quickstart
-from nsr_hf.scanner import ScanConfig, run_scan
-from nsr_hf.shared_config import CorpusFields
-from nsr_hf.sweep import SweepConfig, run_sweep
-from nsr_hf.sweep import main as sweep_main
-from nsr_hf.training.config import TrainConfig
-from nsr_hf.utils import write_json
+from nsr_hf.utils import command_recorded
 
-
-@dataclass
-class CaptureConfig(CorpusFields):
-    """Print (and optionally save) neuron values for the documents of a corpus."""
-
-    neurons: list[str] = field(kw_only=True, metadata={"help": "Neurons as layer.index, e.g. 12.345 12.7"})
-    max_documents: int = field(default=8, metadata={"help": "How many documents to read"})
-    position: str = field(default="last", metadata={"help": "'last', 'max', or an integer token index (0 first, -1 last)"})
-    max_length: int = field(default=256, metadata={"help": "Texts are cut to this many tokens"})
-    batch_size: int = field(default=8, metadata={"help": "Texts per forward pass"})
-    output: str | None = field(default=None, metadata={"help": "Write the values here as JSON"})
-
-
-def run_capture(config: CaptureConfig) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    position = validate_position(parse_position(config.position))
-    if position == "all":
-        raise ValueError("nsr capture prints one value per document: use position 'last', 'max' or an integer.")
-    if config.output and Path(config.output).is_dir():  # found now, not after the model ran
-        raise UserError(f"--output {config.output!r} is a folder: give the path of a JSON file to write "
-                        f"(e.g. {config.output}/values.json).")
-    check_neurons(load_model_config(config.model), config.neurons, config.model)  # from the config: before the weights load
-    model, tokenizer = load_model_and_tokenizer(config.model)
-    neurons = [validate_neuron(model, n) for n in config.neurons]
-    corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
-    docs = list(corpus.iter_documents(limit=config.max_documents))
-    if not docs:
-        raise ValueError(f"The corpus {config.corpus!r} yielded no documents.")
-    rows = []
-    for start in tqdm(range(0, len(docs), config.batch_size), desc="capture", unit="batch"):
-        chunk = docs[start : start + config.batch_size]
-        batch = encode_texts(tokenizer, [d.text for d in chunk], max_length=config.max_length)
-        cap = capture_activations(model, batch, neurons, position=position)
-        for i, doc in enumerate(chunk):
-            values = {}
-            for n in neurons:
-                col = cap.neuron_indices[n.layer].tolist().index(n.index)
-                pos = int(cap.positions[n.layer][i, col])
-                values[str(n)] = {
-                    "value": float(cap[n.layer][i, col]),
-                    "token_index": pos,
-                    "token": tokenizer.decode(batch["input_ids"][i, pos : pos + 1]),
-                }
-            rows.append({"doc_id": doc.doc_id, "text": doc.text, "neurons": values})
-    print(format_capture_table(rows, neurons))
-    if config.output:
-        write_json(config.output, {"config": asdict(config), "rows": rows}, indent=2)
-    return rows
-
-
-def format_capture_table(rows: list[dict], neurons) -> str:
-    names = [str(n) for n in neurons]
-    header = f"{'document':<36} {'text':<44} " + " ".join(f"{name:>12}" for name in names)
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        text = " ".join(row["text"].split())
-        text = text[:41] + "..." if len(text) > 44 else text
-        values = " ".join(f"{row['neurons'][name]['value']:>12.4f}" for name in names)
-        lines.append(f"{row['doc_id'][:36]:<36} {text:<44} {values}")
-    return "\n".join(lines)
+if TYPE_CHECKING:
+    from nsr_hf.evaluation.protocol import EvaluateConfig
 
 
 def _quickstart(argv: list[str]) -> int:
+    from nsr_hf.quickstart import quickstart_help, run_quickstart
+
     argv, debug = debug_requested(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(quickstart_help())
@@ -115,7 +41,9 @@ def _quickstart(argv: list[str]) -> int:
 
 def _stage(name: str, argv: list[str]) -> int:
     """``nsr <stage> [recipe.yaml] [--flag value ...]`` for the stages configured by one dataclass."""
-    config_cls, run = COMMANDS[name]
+    from nsr_hf.parsing import RecipeParser
+
+    config_cls, run = command(name)
     argv, debug = debug_requested(argv)
     parser = RecipeParser(config_cls, prog=f"nsr {name}", description=(config_cls.__doc__ or "").strip())
     if any(a in ("-h", "--help") for a in argv):
@@ -133,6 +61,10 @@ def evaluate_and_report(config: EvaluateConfig) -> dict:
     """``nsr evaluate``: ``run_evaluate``, then the dashboard of the run that holds the evaluation (an output_dir that is a
     train run's ``evaluation/``) or else of the evaluation's own folder. The evaluation is saved before: a dashboard that
     cannot be built costs nothing but itself."""
+    from nsr_hf.dashboard import build_dashboard_after
+    from nsr_hf.dashboard.build import dashboard_owner
+    from nsr_hf.evaluation.protocol import run_evaluate
+
     evaluation = run_evaluate(config)
     dashboard = build_dashboard_after(dashboard_owner(config.output_dir), what="evaluation")
     if dashboard:
@@ -146,6 +78,9 @@ REPORT_USAGE = ("usage: nsr report RUN_OR_SWEEP_DIR [--debug]\n\nBuild (again) t
 
 
 def _report(argv: list[str]) -> int:
+    """``nsr report FOLDER``: the dashboard only, without torch or transformers (a few seconds)."""
+    from nsr_hf.dashboard import build_dashboard
+
     argv, debug = debug_requested(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(REPORT_USAGE)
@@ -159,18 +94,34 @@ def _report(argv: list[str]) -> int:
     return error_boundary("nsr report", run, debug=debug)
 
 
-# name -> (its config dataclass, what runs it); the quickstart is a recipe of TrainConfig and report takes a folder, so neither
-# has a dataclass of its own
+# name -> (its config dataclass, what runs it), each as "module:name", imported when the command runs (``command``): a command
+# loads only what it needs, so that ``nsr report`` starts without torch. The quickstart is a recipe of TrainConfig and report
+# takes a folder, so neither has a dataclass of its own.
 COMMANDS = {
-    "capture": (CaptureConfig, run_capture),
-    "scan": (ScanConfig, run_scan),
-    "dataset": (DatasetConfig, run_dataset),
-    "quickstart": (None, run_quickstart),
-    "train": (TrainConfig, run_train),
-    "evaluate": (EvaluateConfig, evaluate_and_report),
-    "sweep": (SweepConfig, run_sweep),
-    "report": (None, build_dashboard),
+    "capture": ("nsr_hf.capture_command:CaptureConfig", "nsr_hf.capture_command:run_capture"),
+    "scan": ("nsr_hf.scanner:ScanConfig", "nsr_hf.scanner:run_scan"),
+    "dataset": ("nsr_hf.data.generator:DatasetConfig", "nsr_hf.data.generator:run_dataset"),
+    "quickstart": (None, "nsr_hf.quickstart:run_quickstart"),
+    "train": ("nsr_hf.training.config:TrainConfig", "nsr_hf.pipeline:run_train"),
+    "evaluate": ("nsr_hf.evaluation.protocol:EvaluateConfig", "nsr_hf.cli:evaluate_and_report"),
+    "sweep": ("nsr_hf.sweep:SweepConfig", "nsr_hf.sweep:run_sweep"),
+    "report": (None, "nsr_hf.dashboard:build_dashboard"),
 }
+
+
+def _load(name: str | None):
+    if name is None:
+        return None
+    module, attribute = name.split(":")
+    return getattr(import_module(module), attribute)
+
+
+def command(name: str) -> tuple:
+    """``(config dataclass or None, the function that runs it)`` of the command ``name``, imported now."""
+    config_cls, run = COMMANDS[name]
+    return _load(config_cls), _load(run)
+
+
 SUMMARIES = {"quickstart": "The main job on the embedded default: recipes/quickstart.yaml (scan, dataset, train, evaluate) "
                            "into outputs/quickstart.",
              "report": "The dashboard of a run or a sweep folder: <folder>/dashboard/index.html (nsr report FOLDER)."}
@@ -178,7 +129,8 @@ SUMMARIES = {"quickstart": "The main job on the embedded default: recipes/quicks
 
 def usage() -> str:
     lines = ["usage: nsr <command> [recipe.yaml] [--flag value ...]", "", "commands:"]
-    for name, (config_cls, _) in COMMANDS.items():
+    for name in COMMANDS:
+        config_cls, _ = command(name)
         summary = SUMMARIES[name] if config_cls is None else (config_cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {name:<12} {summary}")
     return "\n".join(lines + ["", "`nsr <command> --help` lists a command's flags; `--debug` on any command (or NSR_DEBUG=1) shows "
@@ -187,6 +139,11 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with command_recorded(["nsr", *argv]):  # what a run records as the command that produced it
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(usage())
         if argv and argv[0] not in ("-h", "--help"):
@@ -194,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if argv[0] == "sweep":  # [recipe.yaml] [--sweep flags] [--TrainConfig key value ...]
+        from nsr_hf.sweep import main as sweep_main
+
         return sweep_main(argv[1:])
     if argv[0] == "train":  # [recipe.yaml] [--key value ...]: defaults < recipe < command line (nsr_hf/train.py)
+        from nsr_hf.pipeline import main as train_main
+
         return train_main(argv[1:], prog="nsr train")
     if argv[0] == "quickstart":
         return _quickstart(argv[1:])

@@ -36,6 +36,15 @@ class Method:
     has_predictions: bool = True
 
 
+# The ``kind`` of an evaluation's ``metrics.json`` (a train run's own ``metrics.json`` has none): what tells the two apart.
+EVALUATION_KIND = "nsr_hf.evaluation.protocol"
+
+
+def is_evaluation(content) -> bool:
+    """Whether a ``metrics.json`` content is an evaluation's (``nsr evaluate``), not a train run's summary."""
+    return isinstance(content, dict) and content.get("kind") == EVALUATION_KIND
+
+
 METHODS = (
     Method("self", "the fine-tuned self-reporter (expected value)", "predictor", baseline=False),
     Method("self (greedy)", "the self-reporter's most likely bin (greedy readout)", "predictor", baseline=False),

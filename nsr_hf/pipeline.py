@@ -76,7 +76,7 @@ from nsr_hf.training.config import TrainConfig
 from nsr_hf.training.interventions import InterventionSampler
 from nsr_hf.training.monitoring import DriftMonitor
 from nsr_hf.training.trainer import PredictorTrainer, count_parameters
-from nsr_hf.utils import to_jsonable, unwrap, write_json
+from nsr_hf.utils import command_recorded, recorded_command, to_jsonable, unwrap, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -679,6 +679,7 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
         "neuron_drift": drift,
         "drift_monitor": monitor.history[-1] if monitor.history else None,
         "config": config.to_dict(),
+        "command": recorded_command(),
     }
 
 
@@ -806,7 +807,9 @@ def main(argv: list[str] | None = None, prog: str = "python nsr_hf/train.py") ->
         (config,) = parser.parse(argv)
         run_train(config)
 
-    return error_boundary(prog, parse_and_run, debug=debug)
+    launched = "accelerate launch nsr_hf/train.py" if prog.startswith("python ") and "LOCAL_RANK" in os.environ else prog
+    with command_recorded([*launched.split(), *argv]):
+        return error_boundary(prog, parse_and_run, debug=debug)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from nsr_hf.evaluation.causal import (
     linear_fit,
     live_activations,
     path_to_report,
-    plot_causal,
     predictor_reports,
     report_under_intervention,
 )
+from nsr_hf.evaluation.figures import plot_causal
 from nsr_hf.modeling.predictor import ActivationPredictor
 
 TEXTS = [

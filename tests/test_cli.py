@@ -108,3 +108,13 @@ def test_a_stage_reads_a_recipe_too(tmp_path, capsys):
     recipe.write_text("score: loudness\n")
     assert main(["scan", str(recipe)]) == 2
     assert "Unknown score 'loudness'" in capsys.readouterr().err
+
+
+def test_the_outermost_entry_point_is_the_recorded_command_and_python_calls_record_none():
+    from nsr_hf.utils import command_recorded, recorded_command
+
+    assert recorded_command() is None
+    with command_recorded(["nsr", "train", "my recipe.yaml", "--seed", "1"]):
+        with command_recorded(["nsr", "train", "my recipe.yaml"]):  # nsr train calls the train script's main
+            assert recorded_command() == "nsr train 'my recipe.yaml' --seed 1"
+    assert recorded_command() is None

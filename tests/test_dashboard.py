@@ -12,6 +12,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -145,8 +147,8 @@ def write_known_examples(run: Path) -> list[dict]:
                 {"group": "q50", "row": 7, "doc_id": "doc:7", "label_position": 0, "label_value": -0.75,
                  "tokens": ["x"], "values": [-0.75]}]
     neuron = json.loads((run / "metrics.json").read_text())["neurons"][0]
-    (run / "evaluation" / "examples.json").write_text(json.dumps({"neuron": neuron, "split": "test", "source": "a test",
-                                                                  "examples": examples}))
+    (run / "evaluation" / "examples.json").write_text(json.dumps({"split": "test", "source": "a test", "neurons": [neuron],
+                                                                  "by_neuron": {neuron: {"neuron": neuron, "examples": examples}}}))
     return examples
 
 
@@ -173,6 +175,16 @@ def test_the_neuron_page_has_every_panel_and_none_is_empty(trained):
     assert page.panels["examples"]["examples"] > 0
 
 
+def test_the_recipe_panel_shows_the_exact_command_that_produced_the_run(trained, swept):
+    folder, _ = trained
+    command = json.loads((folder / "metrics.json").read_text())["command"]
+    assert command.startswith("nsr train ") and command.endswith(f"--output_dir {folder}")
+    assert command in read_page(folder / DASHBOARD_DIR / "index.html").panels["recipe"]["text"]
+    sweep, _ = swept  # a sweep's run was produced by the sweep's command
+    run = next(sweep.glob("*/seed-0"))
+    assert json.loads((run / "metrics.json").read_text())["command"].startswith("nsr sweep ")
+
+
 def test_the_verdicts_at_the_top_are_those_nsr_train_prints(trained):
     from nsr_hf.methods import verdicts
 
@@ -192,31 +204,103 @@ def test_the_page_loads_nothing_from_elsewhere(trained):
         assert (folder / DASHBOARD_DIR / link).resolve().is_file(), link
 
 
-def test_the_examples_carry_the_neurons_value_at_every_token(trained, tiny_model_dirs):
-    """Each highlighted token's value is the neuron at that token, read again here from the original model."""
+def assert_examples_are_the_neurons_values(examples_file: Path, dataset: Path, page_path: Path, neuron: str, column: int, model) -> int:
+    """Each highlighted token of ``neuron``'s page is the neuron at that token, read again here from ``model``; the boxed token
+    is the labelled one and carries the dataset's value (column ``column``). Returns how many examples were checked."""
+    import torch
     from datasets import load_from_disk
 
     from nsr_hf.capture import Neuron, capture_activations
-    from nsr_hf.models import load_model_and_tokenizer
 
-    folder, _ = trained
-    neuron = json.loads((folder / "metrics.json").read_text())["neurons"][0]
-    examples = json.loads((folder / "evaluation" / "examples.json").read_text())
-    rows = load_from_disk(str(folder / "dataset"))[examples["split"]]
-    model, _ = load_model_and_tokenizer(tiny_model_dirs["llama"])
-    page = read_page(folder / DASHBOARD_DIR / "index.html")
-    shown = iter(page.tokens)
-    for example in examples["examples"]:
+    examples = json.loads(examples_file.read_text())
+    rows = load_from_disk(str(dataset))[examples["split"]]
+    shown = iter(read_page(page_path).tokens)
+    mine = examples["by_neuron"][neuron]["examples"]
+    for example in mine:
         ids = rows[example["row"]]["input_ids"]
-        import torch
-
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         expected = capture_activations(model, batch, [neuron], position="all")[Neuron.parse(neuron).layer][0, :, 0].numpy()
         spans = [next(shown) for _ in ids]
         np.testing.assert_allclose([float(s["value"]) for s in spans], expected, rtol=1e-4, atol=1e-5)
         labelled = [i for i, s in enumerate(spans) if s["labelled"]]
         assert labelled == [example["label_position"]]
-        assert float(spans[labelled[0]]["value"]) == pytest.approx(example["label_value"], rel=1e-4, abs=1e-5)
+        label = rows[example["row"]]["activations"][column]
+        assert float(spans[labelled[0]]["value"]) == pytest.approx(label, rel=1e-4, abs=1e-5)
+    assert next(shown, None) is None  # the page shows this neuron's examples and no others
+    return len(mine)
+
+
+def test_the_examples_carry_the_neurons_value_at_every_token(trained, tiny_model_dirs):
+    """Each highlighted token's value is the neuron at that token, read again here from the original model."""
+    from nsr_hf.models import load_model_and_tokenizer
+
+    folder, _ = trained
+    neuron = json.loads((folder / "metrics.json").read_text())["neurons"][0]
+    model, _ = load_model_and_tokenizer(tiny_model_dirs["llama"])
+    assert assert_examples_are_the_neurons_values(folder / "evaluation" / "examples.json", folder / "dataset",
+                                                  folder / DASHBOARD_DIR / "index.html", neuron, 0, model) > 0
+
+
+@pytest.fixture(scope="module")
+def two_neurons(tiny_model_dirs, tmp_path_factory):
+    """``nsr evaluate`` of a predictor of two neurons (1.3, 0.5) on a real dataset of the tiny Llama whose columns are in the
+    other order (0.5, 1.3): the evaluation folder (its dashboard built by the command) and the model."""
+    from contextlib import redirect_stdout
+
+    from conftest import write_word_corpus
+
+    from nsr_hf.cli import main
+    from nsr_hf.data.generator import ActivationDatasetGenerator, DatasetConfig
+    from nsr_hf.modeling.predictor import ActivationPredictor
+    from nsr_hf.models import load_model_and_tokenizer
+
+    tmp = tmp_path_factory.mktemp("two_neurons")
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dirs["llama"])
+    corpus = write_word_corpus(tmp / "docs.jsonl", n=40)
+    ActivationDatasetGenerator(DatasetConfig(neurons=["0.5", "1.3"], corpus=str(corpus), id_field="id", max_length=24,
+                                             output_dir=str(tmp / "dataset")), model=model, tokenizer=tokenizer).generate()
+    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=["1.3", "0.5"],
+                                              label_transform={"mean": [0.0, 0.0], "std": [1.0, 1.0]})
+    predictor.save_pretrained(str(tmp / "predictor"))
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        code = main(["evaluate", "--predictor", str(tmp / "predictor"), "--dataset", str(tmp / "dataset"), "--methods", "mean",
+                     "ridge_probe", "--n_bootstrap", "20", "--causal", "false", "--counterfactual_rows", "0",
+                     "--output_dir", str(tmp / "evaluation")])
+    assert code == 0, printed.getvalue()[-2000:]
+    return tmp / "evaluation", model
+
+
+def test_a_predictor_of_two_neurons_gets_a_page_each_with_that_neurons_token_values(two_neurons):
+    folder, model = two_neurons
+    pages = {"1.3": folder / DASHBOARD_DIR / "index.html", "0.5": folder / DASHBOARD_DIR / "neuron-0.5.html"}
+    for neuron, column in (("1.3", 1), ("0.5", 0)):  # the dataset's columns are (0.5, 1.3)
+        page = read_page(pages[neuron])
+        assert list(page.panels) == NEURON_PANELS and f"Neuron {neuron}" in page.panels["identity"]["text"]
+        assert page.panels["examples"]["examples"] > 0 and not page.panels["examples"]["missing"]
+        assert assert_examples_are_the_neurons_values(folder / "examples.json", folder.parent / "dataset", pages[neuron], neuron,
+                                                      column, model) > 0
+        for name in ("histogram", "accuracy", "methods"):
+            assert page.panels[name]["svg"] and not page.panels[name]["missing"], (neuron, name)
+        assert "neuron-0.5.html" in page.links and "index.html" in page.links  # each page links to the other
+    from nsr_hf.dashboard.neuron_page import neuron_column
+    from nsr_hf.dashboard.run_files import read_run
+
+    run = read_run(folder)  # the histogram of each page is its neuron's column of the dataset the evaluation read
+    assert run.dataset_dir == folder.parent / "dataset" and [neuron_column(run, n) for n in ("1.3", "0.5")] == [1, 0]
+
+
+def test_examples_of_reads_this_format_and_the_single_neuron_one_before_it():
+    from nsr_hf.evaluation.token_examples import examples_of
+
+    new = {"split": "test", "source": "s", "neurons": ["1.3"], "not_shown": ["0.5"],
+           "by_neuron": {"1.3": {"neuron": "1.3", "examples": [{"row": 1}]}}}
+    assert examples_of(new, "1.3") == {"split": "test", "source": "s", "neuron": "1.3", "examples": [{"row": 1}]}
+    assert examples_of(new, "0.5") is None
+    old = {"neuron": "1.3", "split": "test", "examples": [{"row": 2}]}
+    assert examples_of(old, "1.3") == old and examples_of(old, "0.5") is None
+    failed = {"split": "test", "neurons": ["1.3"], "by_neuron": {}, "skipped": "reading them failed: X"}
+    assert examples_of(failed, "1.3")["skipped"] == "reading them failed: X"
 
 
 def test_known_token_values_are_on_the_spans_with_the_labelled_token_marked(run_copy):
@@ -258,6 +342,24 @@ def test_the_sweep_page_has_a_row_per_run_linking_to_its_neuron_page(swept):
         assert "data-sweep-link" in target.read_text()  # and each run's page links back to the sweep's
     median = result["summary"]["self"]["r2"]["median"]
     assert f"{median:.3f}" in page.panels["summary"]["text"]
+
+
+def test_the_sweep_page_puts_the_honest_reader_next_to_the_report_and_counts_the_runs_that_beat_it(tmp_path):
+    from nsr_hf.dashboard.sweep_page import sweep_page
+
+    def run(neuron, seed, cf, honest, delta, beats):
+        return {"neuron": neuron, "seed": seed, "status": "finished", "figures": {
+            "self": {"r2": 0.9, "counterfactual_r2": cf, "slope_ratio": 0.95},
+            "faithfulness:ridge_probe_intervened": {"counterfactual_r2": honest},
+            "faithfulness:self_vs_ridge_probe_intervened": {"delta_counterfactual_r2": delta, "beats": beats}}}
+
+    result = {"neurons": ["1.2", "3.4"], "seeds": [0], "runs": [run("1.2", 0, 0.8, 0.5, 0.3, 1.0), run("3.4", 0, 0.7, 0.69, 0.01, 0.0)]}
+    context = sweep_page(tmp_path, result, lambda folder: None)
+    labels = [label for _, label in context["columns"]]
+    assert labels[:5] == ["natural R²", "counterfactual R²", "slope ratio", "honest reader's CF R²", "self − honest reader (CF R²)"]
+    assert [r["values"]["self_minus_honest_reader"] for r in context["rows"]] == [0.3, 0.01]
+    assert [r["values"]["honest_reader_cf_r2"] for r in context["rows"]] == [0.5, 0.69]
+    assert any("beats the honest outside reader" in v and "in 1 of 2 runs" in v for v in context["verdicts"])
 
 
 def test_nsr_evaluate_rebuilds_the_dashboard_of_the_run_that_holds_it(trained, tmp_path, capsys):
@@ -443,3 +545,13 @@ def test_the_sweep_page_in_a_browser_sorts_and_links(swept, browser, tmp_path):
     assert browser.execute_script("return document.querySelectorAll('[data-panel]').length") == len(NEURON_PANELS)
     open_page(browser, index)
     assert_not_blank(browser, tmp_path / "sweep_page.png")
+
+
+def test_nsr_report_loads_no_torch_transformers_or_datasets(run_copy):
+    """``nsr report`` reads files only: it starts in a fraction of a second instead of the seconds torch takes."""
+    script = ("import sys; from nsr_hf.cli import main; code = main(['report', sys.argv[1]]); "
+              "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules)); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, str(run_copy)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (run_copy / DASHBOARD_DIR / "index.html").is_file()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import write_word_corpus
 
-from nsr_hf import cli
 from nsr_hf.cli import main
 from nsr_hf.errors import UserError, error_boundary, explain
 
@@ -349,7 +348,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(cli.COMMANDS, "scan", (cli.COMMANDS["scan"][0], interrupted))
+    import nsr_hf.scanner as scanner
+
+    monkeypatch.setattr(scanner, "run_scan", interrupted)  # nsr scan looks it up when it runs
     code, err = run_cli(capsys, "scan", "--output_dir", "unused")
     assert code == 130
     assert error_lines(err) == ["nsr scan: interrupted: rerun the same command to resume."]
@@ -386,7 +387,9 @@ def test_an_unexpected_failure_keeps_its_traceback(monkeypatch):
     def buggy(config):
         raise RuntimeError("a bug")
 
-    monkeypatch.setitem(cli.COMMANDS, "scan", (cli.COMMANDS["scan"][0], buggy))
+    import nsr_hf.scanner as scanner
+
+    monkeypatch.setattr(scanner, "run_scan", buggy)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["scan", "--output_dir", "unused"])
 

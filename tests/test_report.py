@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from nsr_hf.evaluation.protocol import EVALUATION_KIND, EvaluateConfig
+from nsr_hf.evaluation.protocol import EvaluateConfig
 from nsr_hf.evaluation.report import write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions
 from nsr_hf.evaluation.statistics import compare_methods
-from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES, METHODS, describe, display_order, headline_table, verdicts
+from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES, EVALUATION_KIND, METHODS, describe, display_order, headline_table, verdicts
 from nsr_hf.utils import to_jsonable
 
 PNG = b"\x89PNG\r\n\x1a\n"

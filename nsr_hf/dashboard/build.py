@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from nsr_hf.dashboard.neuron_page import neuron_page
-from nsr_hf.dashboard.run_files import is_evaluation, is_run_folder, is_sweep_folder, read_json, read_run
+from nsr_hf.dashboard.run_files import is_run_folder, is_sweep_folder, read_json, read_run
 from nsr_hf.dashboard.sweep_page import sweep_page
 from nsr_hf.errors import UserError
+from nsr_hf.methods import is_evaluation
 from nsr_hf.run_folder import write_text_atomically
 
 logger = logging.getLogger(__name__)

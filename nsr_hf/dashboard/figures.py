@@ -66,8 +66,8 @@ def calibration_curve(true, predicted, path: Path, bins: int = 10) -> Path:
 
 
 def causal_plot(causal: dict, path: Path) -> Path:
-    """The causal test's dose-response (``nsr_hf.evaluation.causal.plot_causal``): report against the set value, next to
+    """The causal test's dose-response (``nsr_hf.evaluation.figures.plot_causal``): report against the set value, next to
     the natural slope."""
-    from nsr_hf.evaluation.causal import plot_causal
+    from nsr_hf.evaluation.figures import plot_causal
 
     return save_figure(plot_causal(causal), path, crop=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from nsr_hf.dashboard import figures as fig
 from nsr_hf.dashboard.run_files import RunFiles, dataset_values, scan_row
-from nsr_hf.evaluation.report import (
+from nsr_hf.evaluation.figures import (
     drift_history,
     plot_faithfulness,
     plot_methods,
@@ -21,8 +21,9 @@ from nsr_hf.evaluation.report import (
     plot_residuals,
     plot_training_curves,
 )
+from nsr_hf.evaluation.token_examples import examples_of
 from nsr_hf.methods import fmt, headline_table, verdicts
-from nsr_hf.training.monitoring import plot_drift
+from nsr_hf.training.drift_figure import plot_drift
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Panel:
     figures: list[tuple[str, str]] = field(default_factory=list)
     examples: list[dict] = field(default_factory=list)
     code: str | None = None
+    command: str | None = None
     links: list[tuple[str, str]] = field(default_factory=list)
 
     def add_figure(self, caption: str, svg: str | None) -> None:
@@ -173,12 +175,13 @@ def scan_panel(run: RunFiles, neuron: str) -> Panel:
 def histogram_panel(run: RunFiles, neuron: str, column: int) -> Panel:
     panel = Panel("histogram", "Activation histogram by split")
     try:
-        values = dataset_values(run.folder, column)
+        values = dataset_values(run.dataset_dir, column)
     except Exception as err:  # noqa: BLE001 (a dataset this reader cannot open: the panel says so)
         panel.missing = f"The run's dataset could not be read ({type(err).__name__}: {err})."
         return panel
     if not values:
-        panel.missing = "This run folder holds no dataset/ (or it has no activations): no histogram."
+        panel.missing = ("This run folder holds no dataset/, and the evaluation read none that is still on this disk (or it has no "
+                         "activations): no histogram.")
         return panel
     panel.add_figure("The neuron's value at the labelled token in each split of the dataset (density).",
                      fig.svg_of(lambda p: fig.histogram_by_split(values, neuron, p)))
@@ -211,7 +214,7 @@ def _group_label(group: str) -> str:
 def examples_panel(run: RunFiles, neuron: str) -> Panel:
     panel = Panel("examples", "Examples: per-token values of the neuron")
     data = run.examples or {}
-    mine = data if data.get("neuron") == neuron else None
+    mine = examples_of(data, neuron)
     if mine and mine.get("examples"):
         panel.notes.append(f"Rows of the {mine['split']} split: the top-activating ones and one near each of several quantiles of the "
                            "labelled value. Each token is coloured by the neuron's value there "
@@ -220,8 +223,12 @@ def examples_panel(run: RunFiles, neuron: str) -> Panel:
         panel.examples = highlighted_examples(mine["examples"])
     elif mine and mine.get("skipped"):
         panel.notes.append(f"No per-token examples: {mine['skipped']}.")
+    elif neuron in (data.get("not_shown") or []):
+        panel.notes.append(f"Per-token examples are written for the run's first {len(data.get('neurons') or [])} neurons; "
+                           f"{neuron} is not among them.")
     elif data.get("neuron"):
-        panel.notes.append(f"Per-token examples are written for the run's first neuron ({data['neuron']}) only.")
+        panel.notes.append(f"This evaluation wrote per-token examples for the run's first neuron ({data['neuron']}) only: rerun "
+                           "`nsr evaluate --overwrite` for every neuron's.")
     elif run.evaluation_dir is not None:
         panel.notes.append("The evaluation of this run predates per-token examples (evaluation/examples.json): rerun "
                            "`nsr evaluate --overwrite` for them.")
@@ -380,6 +387,11 @@ def recipe_panel(run: RunFiles) -> Panel:
         panel.missing = "This folder records no configuration (no run_config.json, no config in metrics.json)."
         return panel
     folder = run.folder
+    command = (run.summary or {}).get("command") if run.summary is not None else (run.evaluation or {}).get("command")
+    if command:
+        panel.command = command
+    else:
+        panel.notes.append("The command was not recorded (a run from Python, or from before nsr_hf recorded its command).")
     if run.summary is not None:
         panel.notes.append(f"The recipe: {source}. To run it again: save it as recipe.yaml, then "
                            f"nsr train recipe.yaml --output_dir {folder} (add --overwrite to replace it).")
@@ -420,8 +432,8 @@ def cards_panel(run: RunFiles) -> Panel:
 
 
 def neuron_column(run: RunFiles, neuron: str) -> int:
-    """The neuron's column in the dataset's ``activations`` (its place among the run's neurons)."""
-    neurons = run.neurons
+    """The neuron's column in the dataset's ``activations`` (the dataset's own order, which may differ from the predictor's)."""
+    neurons = run.dataset_neurons
     return neurons.index(neuron) if neuron in neurons else 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nsr_hf.evaluation.protocol import EVALUATION_KIND
+from nsr_hf.methods import is_evaluation
 
 
 def read_json(path: Path):
@@ -21,11 +21,6 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-
-
-def is_evaluation(content) -> bool:
-    """Whether a ``metrics.json`` content is an evaluation's (``nsr evaluate``), not a train run's summary."""
-    return isinstance(content, dict) and content.get("kind") == EVALUATION_KIND
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -73,6 +68,32 @@ class RunFiles:
     def path(self, *parts: str) -> Path:
         return self.folder.joinpath(*parts)
 
+    @property
+    def dataset_dir(self) -> Path | None:
+        """The run's dataset folder: its own ``dataset/``, else (an ``nsr evaluate`` folder) the local dataset folder the
+        evaluation read (its config's ``dataset``), when it is still there; None otherwise."""
+        own = self.path("dataset")
+        if own.is_dir():
+            return own
+        given = self.config.get("dataset")
+        return Path(given) if given and (Path(given) / "dataset_dict.json").is_file() else None
+
+    @property
+    def dataset_neurons(self) -> list[str]:
+        """The neurons of the dataset's ``activations`` columns, in their order (the dataset's own record, in each split's
+        ``dataset_info.json``); the run's neurons when the dataset does not say."""
+        path = self.dataset_dir
+        splits = (read_json(path / "dataset_dict.json") or {}).get("splits") if path else None
+        for split in splits or []:
+            try:
+                recorded = json.loads((read_json(path / split / "dataset_info.json") or {}).get("description") or "{}")
+            except ValueError:
+                continue
+            neurons = (recorded.get("nsr_hf") or {}).get("neurons") if isinstance(recorded, dict) else None
+            if neurons:
+                return [str(n) for n in neurons]
+        return self.neurons
+
 
 def read_run(folder) -> RunFiles:
     """Every file of the run folder ``folder`` that a panel reads (a missing one stays None)."""
@@ -119,13 +140,15 @@ def scan_row(folder: Path, neuron: str) -> dict | None:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
 
 
-def dataset_values(folder: Path, column: int) -> dict[str, list[float]] | None:
-    """The labelled value of activation column ``column`` in every split of the run's ``dataset/``, read from its Arrow
-    files with pyarrow (the files ``save_to_disk`` writes, listed in each split's ``state.json``; no model, and none of
-    ``datasets``' import time); None when the run has no dataset folder."""
+def dataset_values(path: Path | None, column: int) -> dict[str, list[float]] | None:
+    """The labelled value of activation column ``column`` in every split of the dataset folder ``path`` (a run's
+    ``dataset/``), read from its Arrow files with pyarrow (the files ``save_to_disk`` writes, listed in each split's
+    ``state.json``; no model, and none of ``datasets``' import time); None without a dataset folder."""
     import pyarrow as pa
 
-    path = Path(folder) / "dataset"
+    if path is None:
+        return None
+    path = Path(path)
     splits = (read_json(path / "dataset_dict.json") or {}).get("splits")
     if not splits:
         return None

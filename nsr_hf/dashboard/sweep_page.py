@@ -13,6 +13,9 @@ from nsr_hf.methods import fmt
 COLUMNS = (("natural_r2", "natural R²", "self", "r2"),
            ("counterfactual_r2", "counterfactual R²", "self", "counterfactual_r2"),
            ("slope_ratio", "slope ratio", "self", "slope_ratio"),
+           ("honest_reader_cf_r2", "honest reader's CF R²", "faithfulness:ridge_probe_intervened", "counterfactual_r2"),
+           ("self_minus_honest_reader", "self − honest reader (CF R²)", "faithfulness:self_vs_ridge_probe_intervened",
+            "delta_counterfactual_r2"),
            ("self_minus_probe", "self − probe (R²)", "self_vs_ridge_probe", "delta_r2"),
            ("self_minus_cross", "self − cross (R²)", "self_vs_cross:", "delta_r2"))
 
@@ -58,13 +61,25 @@ def sweep_page(folder: Path, result: dict, page_of_run) -> dict:
     return {"folder": str(folder), "neurons": result.get("neurons") or [], "seeds": result.get("seeds") or [],
             "split": result.get("split", "test"), "finished": done, "total": len(result.get("runs") or []),
             "columns": [(key, label) for key, label, _, _ in COLUMNS], "rows": rows, "summary": summary,
-            "verdicts": sweep_verdicts(summary, done, len(result.get("runs") or []))}
+            "verdicts": sweep_verdicts(summary, done, len(result.get("runs") or []), result.get("runs"))}
 
 
-def sweep_verdicts(summary: list[dict], done: int, total: int) -> list[str]:
-    """One sentence per headline figure: its median and spread over the runs."""
+# (method of a run's figures whose ``beats`` is 1 when the paired interval lies above 0, what the sentence says it beats)
+BEATEN = (("faithfulness:self_vs_ridge_probe_intervened", "the honest outside reader (a ridge probe fitted on intervened rows) "
+                                                          "on counterfactual rows"),
+          ("self_vs_ridge_probe", "the ridge probe of the same representation on natural rows"))
+
+
+def sweep_verdicts(summary: list[dict], done: int, total: int, runs: list[dict] | None = None) -> list[str]:
+    """One sentence per headline figure (its median and spread over the runs), then in how many runs the report beats each
+    reader with an interval above 0."""
     lines = [f"{done} of {total} runs finished."]
     for s in summary:
         if s["n"]:
             lines.append(f"{s['label']}: median {s['median']} over {s['n']} runs (interquartile range {s['iqr']}, {s['range']}).")
+    for method, reader in BEATEN:
+        beats = [(r.get("figures") or {}).get(method, {}).get("beats") for r in runs or []]
+        beats = [b for b in beats if b is not None]
+        if beats:
+            lines.append(f"The report beats {reader} in {int(sum(beats))} of {len(beats)} runs (paired interval above 0).")
     return lines

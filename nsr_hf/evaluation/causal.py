@@ -1,6 +1,7 @@
 """The causal test: does the predictor's report follow the neuron when the neuron is forced to a value?
 
-    from nsr_hf.evaluation.causal import causal_test, plot_causal
+    from nsr_hf.evaluation.causal import causal_test
+    from nsr_hf.evaluation.figures import plot_causal
     result = causal_test(predictor, dd["test"])          # clamp the first target neuron to 9 values
     result["slope"], result["slope_se"], result["natural_slope"], result["meaningful"]
     plot_causal(result).savefig("causal.png")
@@ -31,7 +32,6 @@ import torch
 from nsr_hf.capture import Intervention, Neuron, intervene, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
-from nsr_hf.plotting import new_figure
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.utils import unwrap
 
@@ -320,21 +320,3 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
     }
 
 
-def plot_causal(result: dict):
-    """Report against the value given to the neuron: per-value mean +- std, the causal fit, the natural line."""
-    fig, ax = new_figure()
-    x = np.asarray(result["mean_activation"])
-    ax.errorbar(x, result["mean_report"], yerr=result["std_report"], fmt="o", capsize=3, label="mean report under intervention")
-    grid = np.linspace(x.min(), x.max(), 50)
-    ax.plot(grid, result["intercept"] + result["slope"] * grid, "-",
-            label=f"causal fit: slope {result['slope']:.3f}" + (f" ± {result['slope_se']:.3f}" if result["slope_se"] is not None else ""))
-    if result["natural_slope"] is not None:
-        ax.plot(grid, result["natural_intercept"] + result["natural_slope"] * grid, "--",
-                label=f"natural: slope {result['natural_slope']:.3f}")
-    ax.set_xlabel(f"value given to neuron {result['neuron']} ({result['mode']})")
-    ax.set_ylabel("report (activation units)")
-    title = f"Causal test, {result['rows']} rows"
-    ax.set_title(title if result["meaningful"] else title + " (not meaningful: head reads the target layer or earlier)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig

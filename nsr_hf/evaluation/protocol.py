@@ -68,21 +68,21 @@ from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
 from nsr_hf.evaluation.faithfulness import faithfulness_section
+from nsr_hf.evaluation.figures import drift_history
 from nsr_hf.evaluation.predictions import predict_split, targets_of
-from nsr_hf.evaluation.report import drift_history, write_report
+from nsr_hf.evaluation.report import write_report
 from nsr_hf.evaluation.scoring import evaluate_predictions, quiet_if, split_spread
 from nsr_hf.evaluation.statistics import compare_methods, selectivity
 from nsr_hf.evaluation.token_examples import EXAMPLES_FILE, token_examples
-from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES
+from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES, EVALUATION_KIND, is_evaluation
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.shared_config import EvaluationFields
-from nsr_hf.utils import file_sha256, unwrap, write_json
+from nsr_hf.utils import file_sha256, recorded_command, unwrap, write_json
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_KIND = "nsr_hf.evaluation.protocol"
 DEFAULT_METHODS = DEFAULT_BASELINES
 DEFAULT_SPLITS = ("test", "test_ood")
 
@@ -401,6 +401,7 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
         "drift": drift_summary,
         # where the evaluation is written is not part of what it measured: overwrite stays out of metrics.json
         "config": {k: v for k, v in asdict(config).items() if k != "overwrite"},
+        "command": recorded_command(),
     }
     if len(neurons) > 1:
         evaluation["note"] = f"The top-level figures are those of the first neuron ({headline}); by_neuron holds every neuron's."
@@ -459,7 +460,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
-    examples = _token_examples(inner, dataset[splits[0]], neurons[0], columns[0], splits[0], base_model, tokenizer)
+    examples = _token_examples(inner, dataset[splits[0]], neurons, columns, splits[0], base_model, tokenizer)
     with written_atomically(config.output_dir) as out:  # the folder appears whole, and replaces an old one only then
         write_json(out / "metrics.json", evaluation)
         write_json(out / EXAMPLES_FILE, examples, indent=None)
@@ -472,17 +473,18 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     return evaluation
 
 
-def _token_examples(inner, rows, neuron: str, column: int, split: str, base_model, tokenizer) -> dict:
-    """``examples.json`` (``nsr_hf.evaluation.token_examples``): the neuron at every token of a few rows, read in the original
+def _token_examples(inner, rows, neurons: list[str], columns: list[int], split: str, base_model, tokenizer) -> dict:
+    """``examples.json`` (``nsr_hf.evaluation.token_examples``): each neuron at every token of a few rows, read in the original
     model when it is in memory, else in the predictor's base. A failure here costs only the dashboard's highlighting."""
     model = base_model if base_model is not None else inner.base
     source = ("the original model" if base_model is not None else
               "the predictor's base model: the original one unless its training moved the neuron (the drift panel says by how much)")
     try:
-        return token_examples(model, tokenizer or inner.tokenizer, rows, neuron, column, split=split, source=source)
+        return token_examples(model, tokenizer or inner.tokenizer, rows, neurons, columns, split=split, source=source)
     except Exception as err:  # noqa: BLE001 (the examples are a view of the run: the evaluation itself must not fail for them)
         logger.warning("Per-token examples not written (%s: %s); the dashboard shows none.", type(err).__name__, err)
-        return {"neuron": neuron, "split": split, "examples": [], "skipped": f"reading them failed: {type(err).__name__}: {err}"}
+        return {"split": split, "neurons": list(neurons), "by_neuron": {},
+                "skipped": f"reading them failed: {type(err).__name__}: {err}"}
 
 
 def _resume_key(config: EvaluateConfig, dataset) -> str | None:
@@ -506,7 +508,7 @@ def holds_evaluation(folder) -> bool:
     writes into a folder that appears whole. A train run's own ``metrics.json`` is not one."""
     path = Path(folder) / "metrics.json"
     try:
-        return json.loads(path.read_text()).get("kind") == EVALUATION_KIND
+        return is_evaluation(json.loads(path.read_text()))
     except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object: not an evaluation
         return False
 
