@@ -45,7 +45,10 @@ def sweep_page(folder: Path, result: dict, page_of_run) -> dict:
         figures = run.get("figures") or {}
         headline = run_headline(figures)
         page = page_of_run(Path(folder) / str(run["neuron"]) / f"seed-{run['seed']}")
-        rows.append({"neuron": run["neuron"], "seed": run["seed"], "status": run.get("error") and "failed" or run.get("status", ""),
+        # a run's status in sweep.json is what the last `nsr sweep` call did with it ("trained", "skipped (finished before)"):
+        # the page says what the run is
+        status = "failed" if run.get("error") else "finished" if figures else run.get("status", "")
+        rows.append({"neuron": run["neuron"], "seed": run["seed"], "status": status,
                      "error": run.get("error"), "values": headline, "shown": {k: fmt(v) for k, v in headline.items()},
                      "link": os.path.relpath(page, here) if page else None})
     summary = []
