@@ -71,6 +71,7 @@ from nsr_hf.preflight import check_train
 from nsr_hf.run_folder import TMP_PREFIX, is_empty, refuse_finished, rename_recorded_paths, replace_folder, restore_interrupted_swap
 from nsr_hf.scanner import ScanConfig, run_scan
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, values_of
+from nsr_hf.stage_clock import stage_clock, timed
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.config import TrainConfig
 from nsr_hf.training.interventions import InterventionSampler
@@ -196,8 +197,9 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
         print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
         write_json(out / "neuron.json", {"neuron": str(neuron), "scan_rank": rank, "select": config.select}, indent=None)
     # the run folder is this run's own (its run_config.json matched): an unfinished build there resumes its shards
-    run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
-    dataset, metadata = load_activation_dataset(out / "dataset")
+    with timed("dataset"):
+        run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
+        dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
 
 
@@ -215,9 +217,11 @@ def choose_neuron(config: TrainConfig, model, tokenizer, out: Path):
     if isinstance(choice, str):
         return validate_neuron(model, choice), None
     shutil.rmtree(out / "scan", ignore_errors=True)  # a scan cut short by an interruption: this run's own, done again
-    scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
+    with timed("scan"):
+        scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
     if config.select == "readable":
-        neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
+        with timed("readability selection"):
+            neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
         return validate_neuron(model, neuron), rank
     return scan.neuron_at_rank(choice), choice
 
@@ -244,7 +248,13 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
 
 
 def run_train(config: TrainConfig) -> dict:
-    """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``."""
+    """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``, whose
+    ``stage_seconds`` says where the time went (``nsr_hf.stage_clock``; ``benchmarks/pipeline.py`` reads it)."""
+    with stage_clock() as stage_seconds:
+        return _run_train(config, stage_seconds)
+
+
+def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
     start = time.perf_counter()
     check_train(config)  # every mistake that needs no model weights fails here, before anything is loaded or written
     folder = prepare_output_dir(config)
@@ -252,10 +262,12 @@ def run_train(config: TrainConfig) -> dict:
         return finish_run(config, folder, json.loads((folder.work / "metrics.json").read_text()))
     out = folder.work
     resume = checkpoint_to_resume(config, folder)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    with timed("load model"):
+        model, tokenizer = load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
-    predictor = build_predictor(config, model, tokenizer, dataset, metadata, folder.final)
+    with timed("predictor and head init"):
+        predictor = build_predictor(config, model, tokenizer, dataset, metadata, folder.final)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
     del model
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
@@ -269,11 +281,16 @@ def run_train(config: TrainConfig) -> dict:
     if os.environ.get(KILL_AFTER_CHECKPOINT):
         trainer.add_callback(KillAfterCheckpoint(os.environ[KILL_AFTER_CHECKPOINT]))
     trainable, total = count_parameters(trainer.model)
-    train_result = train_resumably(config, trainer, resume)
+    with timed("train"):
+        train_result = train_resumably(config, trainer, resume)
+    if monitor.history:  # the drift monitor's passes run inside the training steps' time
+        stage_seconds["train/drift monitor"] = round(sum(h.get("seconds", 0.0) for h in monitor.history), 3)
 
-    metrics = {split: trainer.evaluate(dataset[split], metric_key_prefix=split)
-               for split in ("validation", "test", "test_ood") if split in dataset and len(dataset[split])}
-    drift = drift_after_training(trainer, dataset, neurons, position)
+    with timed("validation and test loss"):
+        metrics = {split: trainer.evaluate(dataset[split], metric_key_prefix=split)
+                   for split in ("validation", "test", "test_ood") if split in dataset and len(dataset[split])}
+    with timed("neuron drift"):
+        drift = drift_after_training(trainer, dataset, neurons, position)
     summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
                             neurons=neurons, rank=rank, parameters=(trainable, total), resume=resume)
     if trainer.is_world_process_zero():
@@ -282,17 +299,21 @@ def run_train(config: TrainConfig) -> dict:
         inner.evaluation_results = {split: {k.removeprefix(f"{split}_"): v for k, v in m.items()} for split, m in metrics.items()}
         # the trained predictor and its training figures are on disk before the evaluation runs: an evaluation that fails
         # (a typo in an option, a cross model that cannot be loaded) never costs the training
-        summary["seconds"] = round(time.perf_counter() - start, 1)
-        save_trained(out, trainer, summary)
+        with timed("save"):
+            summary["stage_seconds"] = stage_seconds
+            summary["seconds"] = round(time.perf_counter() - start, 1)
+            save_trained(out, trainer, summary)
         if config.evaluate:
             try:
-                evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
+                with timed("evaluation"):
+                    evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
             except Exception as err:
                 err.add_note(evaluation_kept_note(config, folder))
                 raise
             summary["evaluation"] = to_jsonable(evaluation)
             inner.evaluation = evaluation
-            summary.pop("seconds")  # the time comes last in metrics.json, as it always has
+            summary.pop("stage_seconds"), summary.pop("seconds")  # the times come last in metrics.json, as they always have
+            summary["stage_seconds"] = stage_seconds
             summary["seconds"] = round(time.perf_counter() - start, 1)
             # the weights are saved: only the card (now with the evaluation's headline table) and metrics.json change
             (out / "predictor" / "README.md").write_text(inner.model_card())

@@ -47,6 +47,7 @@ from nsr_hf.modeling.probes import (
     require_columns,
 )
 from nsr_hf.models import model_loading, resolve_model_path
+from nsr_hf.stage_clock import timed
 from nsr_hf.utils import causal_lm
 
 logger = logging.getLogger(__name__)
@@ -432,9 +433,12 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     result = {"predictions": run.predictions, "probe_by_layer": {}, "info": run.info, "ridge_direction": None, "notes": notes}
     _label_baselines(run, methods)
     if {"ridge_probe", "probe_by_layer", "shuffled_labels"} & set(methods):
-        _self_probes(run, result, methods, read_layer, probe_layers, seed)
+        with timed("probes of the original model"):
+            _self_probes(run, result, methods, read_layer, probe_layers, seed)
     if "random_init" in methods:
-        _random_init_probe(run, read_layer, seed)
+        with timed("random-init probe"):
+            _random_init_probe(run, read_layer, seed)
     if "cross" in methods:
-        _cross_probes(run, tokenizer, cross_models)
+        with timed("cross-model probes"):
+            _cross_probes(run, tokenizer, cross_models)
     return result

@@ -79,6 +79,7 @@ from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.shared_config import EvaluationFields
+from nsr_hf.stage_clock import timed
 from nsr_hf.utils import file_sha256, recorded_command, unwrap, write_json
 
 logger = logging.getLogger(__name__)
@@ -341,11 +342,13 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
     info = baselines or {}
     result["probe_by_layer"] = info.get("probe_by_layer") or {}
     result["baselines_info"] = info.get("info") or {}
-    result["causal"] = _causal_result(config, predictor, dataset[splits[0]], neuron, splits[0]) if config.causal else None
+    with timed("causal test"):
+        result["causal"] = _causal_result(config, predictor, dataset[splits[0]], neuron, splits[0]) if config.causal else None
     per_row = (result["causal"] or {}).pop("per_row", None)
     if config.counterfactual_rows:
         causal = {splits[0]: {"per_row": per_row}} if per_row else None
-        result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare)
+        with timed("faithfulness"):
+            result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare)
         # the counterfactual rows' values go to predictions.json (under "counterfactual"), not into metrics.json
         predictions["counterfactual"] = {s: section.pop("predictions") for s, section in result["faithfulness"].items()
                                          if isinstance(section, dict) and "predictions" in section}
@@ -442,9 +445,12 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     # every method predicts the same rows
     # each stage is kept beside output_dir once done: an interrupted `nsr evaluate`, rerun, continues from them
     stages = FinishedStages(config.output_dir, _resume_key(config, dataset) if resumable else None)
-    preds = stages.get("predictions", lambda: {s: predict_split(predictor, dataset[s], config.batch_size) for s in splits})
-    shuffled = stages.get("shuffled", lambda: _shuffled_predictions(config, predictor, dataset, splits, neurons))
-    baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer, stages)
+    with timed("predictions"):
+        preds = stages.get("predictions", lambda: {s: predict_split(predictor, dataset[s], config.batch_size) for s in splits})
+    with timed("shuffled-label predictor"):
+        shuffled = stages.get("shuffled", lambda: _shuffled_predictions(config, predictor, dataset, splits, neurons))
+    with timed("baselines"):
+        baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer, stages)
     compare = (load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
                if config.compare_predictor and config.counterfactual_rows else None)
     per_neuron, all_predictions = {}, {}
@@ -460,14 +466,16 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     evaluation = _evaluation(config, inner, dataset, splits, per_neuron, drift_summary)
     doc_ids = {s: list(dataset[s]["doc_id"]) if "doc_id" in dataset[s].column_names else None for s in splits}
     counterfactual = {n: p.pop("counterfactual") for n, p in all_predictions.items() if "counterfactual" in p}
-    examples = _token_examples(inner, dataset[splits[0]], neurons, columns, splits[0], base_model, tokenizer)
+    with timed("token examples"):
+        examples = _token_examples(inner, dataset[splits[0]], neurons, columns, splits[0], base_model, tokenizer)
     with written_atomically(config.output_dir) as out:  # the folder appears whole, and replaces an old one only then
         write_json(out / "metrics.json", evaluation)
         write_json(out / EXAMPLES_FILE, examples, indent=None)
         write_json(out / "predictions.json", {"doc_id": doc_ids, "by_neuron": all_predictions,
                                               **({"counterfactual": counterfactual} if counterfactual else {})}, indent=None)
-        write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history,
-                     drift=history or drift_summary, counterfactual=counterfactual.get(neurons[0]))
+        with timed("report"):
+            write_report(evaluation, out, predictions=all_predictions[neurons[0]], log_history=log_history,
+                         drift=history or drift_summary, counterfactual=counterfactual.get(neurons[0]))
     stages.clear()
     print(f"evaluation of {', '.join(neurons)} written to {Path(config.output_dir)}/ (metrics.json, report.md)", flush=True)
     return evaluation
