@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nsr_hf"
 # lowest first; a module may import from its own layer (without a cycle) and from any layer before it
 LAYERS = [
     ("base", ["nsr_hf.errors", "nsr_hf.run_folder", "nsr_hf.stage_clock", "nsr_hf.version", "nsr_hf.utils", "nsr_hf.shared_config",
-              "nsr_hf.parsing", "nsr_hf.architectures", "nsr_hf.capture", "nsr_hf.models", "nsr_hf.metrics", "nsr_hf.methods", "nsr_hf.plotting",
-              "nsr_hf.report_tokens"]),
+              "nsr_hf.parsing", "nsr_hf.architectures", "nsr_hf.capture", "nsr_hf.models", "nsr_hf.metrics", "nsr_hf.methods",
+              "nsr_hf.plotting", "nsr_hf.report_tokens"]),
     ("data", ["nsr_hf.data"]),
     ("scanner", ["nsr_hf.scanner"]),
     ("modeling", ["nsr_hf.modeling"]),
