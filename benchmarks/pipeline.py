@@ -1,0 +1,243 @@
+"""The pipeline at the speed of its arithmetic: where a train run's time goes, next to the work each stage needs.
+
+    python benchmarks/pipeline.py --output_dir outputs/bench_pipeline     # run the quickstart (recipes/quickstart.yaml), then the table
+    python benchmarks/pipeline.py --run outputs/quickstart                # the table of a finished run (nsr train / nsr quickstart)
+    python benchmarks/pipeline.py --run RUN --json pipeline.json          # also the figures as JSON
+
+For every stage of ``nsr train`` (``metrics.json`` ``stage_seconds``, written by ``nsr_hf.stage_clock``): its wall seconds,
+the floating-point work of the passes that the *result* needs from that stage (its FLOP floor), the floor's seconds at this
+machine's measured matmul rate, and the ratio. The floors, per stage (F(a..b): one token through blocks a..b; 2 FLOPs per
+weight of every linear map of a block, plus the attention's 4 x context x hidden; backward = 2 x forward):
+
+* scan: the scanned tokens through the scanned layers;
+* readability selection: the same tokens to the candidates' read layer (it could reuse the scan's pass: then 0);
+* dataset: the dataset's tokens to the target's block;
+* predictor and head init: the train rows to the read layer (the probe the head starts from);
+* train: epochs x train tokens x 3 x F(first trainable block..read layer): the frozen prefix computed once is in the
+  dataset stage's pass already (the frozen-prefix cache of issue 18); with interventions the target's block runs too;
+* train/drift monitor, neuron drift: 0 (the result does not need them: they watch the training);
+* validation and test loss: validation and test tokens to the read layer;
+* evaluation/predictions: the evaluated splits to the read layer; baselines: one feature pass of the original model (all
+  splits, to the read layer: every probe and layer share it), of the random-init model, and of each cross model; causal
+  test: rows x values x F(target..read); faithfulness: counterfactual rows x F(target..read) for the report and the honest
+  reader's intervened train rows; token examples: the shown rows to the target.
+
+The machine's rate is the best of a few fp32 matmuls of the model's own shapes (a batch of 1024 tokens) on every thread
+torch uses: the rate that a pass of the model could reach here. A stage far above its floor is named with why, when known.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The arithmetic of one token through a block
+
+
+def block_flops(config, context: float) -> list[float]:
+    """FLOPs of one token through each block of a model of ``config`` (a ``PretrainedConfig``), at ``context`` tokens of
+    attention: 2 per weight of each linear map of the block (counted on a weightless copy of the model: any architecture
+    ``transformers`` builds) plus 4 x context x hidden for the attention's scores and mixing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nsr_hf.architectures import get_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
+    out = []
+    for block in get_layers(model):
+        weights = sum(m.weight.numel() for m in block.modules() if type(m).__name__ in ("Linear", "Conv1D"))
+        out.append(2.0 * weights + 4.0 * context * hidden)
+    return out
+
+
+def span(flops: list[float], first: int, last: int) -> float:
+    """F(first..last): one token through blocks ``first..last`` (0 when the span is empty)."""
+    return float(sum(flops[first:last + 1])) if last >= first else 0.0
+
+
+def matmul_rate(shapes, tokens: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of this machine: the best of ``repeats`` fp32 matmuls of (tokens x d_in) by (d_in x d_out) for each shape."""
+    import torch
+
+    best = 0.0
+    for d_in, d_out in shapes:
+        a, b = torch.randn(tokens, d_in), torch.randn(d_in, d_out)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2.0 * tokens * d_in * d_out / (time.perf_counter() - start))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the run did
+
+
+def run_facts(run: Path) -> dict:
+    """The counts the floors need, from a run folder's files: tokens by split, scanned tokens, layers, epochs, rows."""
+    from datasets import load_from_disk
+
+    summary = json.loads((run / "metrics.json").read_text())
+    config, evaluation = summary["config"], summary.get("evaluation") or {}
+    dataset = load_from_disk(str(run / "dataset"))
+    tokens = {s: int(sum(len(ids) for ids in dataset[s]["input_ids"])) for s in dataset}
+    rows = {s: len(dataset[s]) for s in dataset}
+    scan = json.loads((run / "scan" / "top_neurons.json").read_text()) if (run / "scan" / "top_neurons.json").is_file() else {}
+    target = max(int(n.split(".")[0]) for n in summary["neurons"])
+    return {"summary": summary, "config": config, "evaluation_config": evaluation.get("config") or {}, "tokens": tokens, "rows": rows,
+            "scan_tokens": scan.get("tokens", 0), "scan_layers": scan.get("layers") or [],
+            "scan_top_layers": [int(n["neuron"].split(".")[0]) for n in scan.get("top_neurons") or []],
+            "target": target, "read": int(summary["read_layer"]), "epochs": float((summary.get("train") or {}).get("epoch") or 0)}
+
+
+def first_trainable_block(unfreeze: str, target: int, read: int, k: int, intervened: bool) -> int | None:
+    """The first block a training step must run with a cached prefix below it; None where every block trains."""
+    if unfreeze in ("after_target", "lora_after_target"):
+        return target if intervened else target + 1  # an intervention is set inside the target's block: it runs
+    if unfreeze == "last_k":
+        return min(read - k + 1, target) if intervened else read - k + 1
+    if unfreeze == "head_only":
+        return target if intervened else read + 1  # no block trains: the read layer's features are the cache
+    return None
+
+
+def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> dict[str, tuple[float, str]]:
+    """``{stage: (FLOPs, the passes counted)}`` of the floors the module docstring defines."""
+    t, rows, config, evaluation = facts["tokens"], facts["rows"], facts["config"], facts["evaluation_config"]
+    target, read = facts["target"], facts["read"]
+    mean_len = {s: t[s] / max(rows[s], 1) for s in t}
+    all_tokens = sum(t.values())
+    intervened = bool(config.get("intervention_rate"))
+    first = first_trainable_block(config.get("unfreeze", ""), target, read, int(config.get("unfreeze_k") or 1), intervened)
+    train_span = span(flops, first, read) if first is not None else span(flops, 0, read)
+    scan_last = max(facts["scan_layers"] or [target])
+    selection_read = min(max(facts["scan_top_layers"] or [target]) + 2, len(flops) - 1)
+    evaluated = [s for s in ("validation", "test", "test_ood") if s in t]
+    causal_rows = min(int(evaluation.get("causal_max_rows") or 64), rows.get(evaluated[-1] if evaluated else "test", 0))
+    cf_rows = int(evaluation.get("counterfactual_rows") or 0)
+    out = {
+        "scan": (facts["scan_tokens"] * span(flops, 0, scan_last), f"{facts['scan_tokens']} tokens through blocks 0..{scan_last}"),
+        "readability selection": (facts["scan_tokens"] * span(flops, 0, selection_read),
+                                  f"the scanned tokens to block {selection_read} (0 if it reused the scan's pass)"),
+        "dataset": (all_tokens * span(flops, 0, target), f"{all_tokens} tokens through blocks 0..{target}"),
+        "predictor and head init": (t.get("train", 0) * span(flops, 0, read), f"train tokens to block {read} (the head's probe)"),
+        "train": (facts["epochs"] * t.get("train", 0) * 3 * train_span,
+                  f"{facts['epochs']:g} epochs x {t.get('train', 0)} train tokens x 3 x blocks {first}..{read} on a cached prefix"
+                  if first is not None else "every block trains: the whole forward and backward"),
+        "train/drift monitor": (0.0, "not needed by the result"),
+        "neuron drift": (0.0, "not needed by the result (the neuron is unchanged by construction below the trainable blocks)"),
+        "validation and test loss": (sum(t[s] for s in evaluated) * span(flops, 0, read), "validation and test tokens to the read layer"),
+        "evaluation/predictions": (sum(t[s] for s in evaluated) * span(flops, 0, read), "the evaluated splits to the read layer"),
+        "evaluation/baselines/probes of the original model": (all_tokens * span(flops, 0, read),
+                                                              "every split to the read layer, once for every probe and layer"),
+        "evaluation/baselines/random-init probe": (all_tokens * span(flops, 0, read), "every split through a random-init copy"),
+        "evaluation/baselines/cross-model probes": (all_tokens * sum(cross_flops.values()),
+                                                    f"every split through {', '.join(cross_flops) or 'no cross model'}"),
+        "evaluation/causal test": (causal_rows * int(evaluation.get("causal_num_values") or 9) * mean_len.get("test", 0)
+                                   * span(flops, target, read), "rows x set values x blocks target..read"),
+        "evaluation/faithfulness": ((cf_rows * mean_len.get("test", 0) + t.get("train", 0)) * span(flops, target, read),
+                                    "counterfactual rows and the honest reader's intervened train rows, blocks target..read"),
+        "evaluation/token examples": (14 * mean_len.get("test", 0) * span(flops, 0, target), "the shown rows to the target"),
+    }
+    out["evaluation/baselines"] = (sum(v for k, (v, _) in out.items() if k.startswith("evaluation/baselines/")), "the three above")
+    out["evaluation"] = (sum(v for k, (v, _) in out.items() if k.startswith("evaluation/") and k.count("/") == 1), "the parts below")
+    return out
+
+
+WHY = {  # what a ratio far above 1 comes from, where known
+    "scan": "small batches (8 texts) and per-layer statistics on every token",
+    "readability selection": "a pass of its own over the scanned documents (the scan's pass could give these features)",
+    "train": "every step runs the frozen blocks below the trainable ones again (no frozen-prefix cache yet: issue 18)",
+    "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
+    "evaluation/causal test": "each set value is a batch of its own",
+    "load model": "reading and converting the weights: no arithmetic floor",
+    "save": "writing the predictor's weights: no arithmetic floor",
+    "evaluation/report": "plotting: no arithmetic floor",
+}
+
+
+def table(facts: dict, floor: dict, rate: float) -> list[dict]:
+    rows = []
+    for stage, seconds in facts["summary"].get("stage_seconds", {}).items():
+        flop, passes = floor.get(stage, (None, "no arithmetic floor (files, plots)"))
+        floor_s = flop / rate if flop else None
+        ratio = seconds / floor_s if floor_s else None
+        rows.append({"stage": stage, "seconds": seconds, "floor_gflop": flop / 1e9 if flop is not None else None, "floor_seconds": floor_s,
+                     "ratio": ratio, "passes": passes, "why": WHY.get(stage) if (ratio is None or ratio > 2) else None})
+    return rows
+
+
+def markdown(rows: list[dict], rate: float, total: float) -> str:
+    def num(x, d=1):
+        return "–" if x is None else f"{x:.{d}f}"
+
+    lines = [f"Machine: {rate / 1e9:.1f} GFLOP/s (fp32 matmul, best of the model's shapes). Run: {total:.0f} s wall.", "",
+             "| stage | seconds | floor GFLOP | floor seconds | × floor | the floor counts | why above 2× |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {num(r['seconds'])} | {num(r['floor_gflop'])} | {num(r['floor_seconds'], 2)} | {num(r['ratio'])} | "
+                     f"{r['passes']} | {r['why'] or ''} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=None, help="a finished run folder to read (else the quickstart is run)")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench_pipeline"), help="where the quickstart is run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    run = args.run
+    if run is None:
+        from nsr_hf.pipeline import run_train
+        from nsr_hf.quickstart import quickstart_config
+
+        run_train(quickstart_config(["--output_dir", str(args.output_dir)]))
+        run = args.output_dir
+    facts = run_facts(run)
+    from nsr_hf.models import load_model_config
+
+    model_config = load_model_config(facts["config"]["model"])
+    mean_context = sum(facts["tokens"].values()) / max(sum(facts["rows"].values()), 1) / 2
+    flops = block_flops(model_config, mean_context)
+    cross = {}
+    for name in (facts["evaluation_config"].get("cross_models") or []):
+        from transformers import AutoConfig
+
+        from nsr_hf.evaluation.baselines import MINILM_NAME, minilm_path
+
+        cross_config = AutoConfig.from_pretrained(str(minilm_path()) if name == MINILM_NAME else name)
+        cross[name] = 2.0 * sum(p for p in _encoder_weights(cross_config))
+    hidden, inner = model_config.hidden_size, getattr(model_config, "intermediate_size", 4 * model_config.hidden_size)
+    rate = matmul_rate([(hidden, hidden), (hidden, inner), (inner, hidden)])
+    rows = table(facts, floors(facts, flops, cross), rate)
+    text = markdown(rows, rate, facts["summary"].get("seconds", 0.0))
+    print(text)
+    result = {"run": str(run), "matmul_flops_per_second": rate, "seconds": facts["summary"].get("seconds"), "stages": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _encoder_weights(config):
+    """The weights of the linear maps of an encoder's layers (a cross model such as MiniLM), from its config."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return [m.weight.numel() for m in model.modules() if type(m).__name__ == "Linear"]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main(sys.argv[1:])
