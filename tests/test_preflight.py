@@ -16,7 +16,7 @@ from nsr_hf.data.corpus import documents_per_split, load_corpus
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRACEBACK = "Traceback (most recent call last)"
-LOADERS = ("nsr_hf.pipeline", "nsr_hf.data.generator", "nsr_hf.scanner.scan", "nsr_hf.sweep", "nsr_hf.cli")
+LOADERS = ("nsr_hf.pipeline", "nsr_hf.data.generator", "nsr_hf.scanner.scan", "nsr_hf.sweep", "nsr_hf.capture_command")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
