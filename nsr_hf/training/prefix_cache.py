@@ -24,7 +24,6 @@ suffix). So the dataset needs no index column, and the cache holds whatever samp
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -35,8 +34,6 @@ from torch import nn
 from nsr_hf.architectures import arch_spec, get_final_norm, get_layers
 from nsr_hf.capture import StopForward
 from nsr_hf.utils import unwrap
-
-logger = logging.getLogger(__name__)
 
 PREFIX_CACHE_MODES = ("auto", "on", "off")
 
@@ -123,7 +120,8 @@ def prefix_dropout(base, c: int) -> Optional[str]:
 def row_keys(inputs: dict) -> list[bytes]:
     """Each batch row's key: its real tokens and its labelled token (they fix the sequence the head runs)."""
     ids = inputs["input_ids"].detach().cpu().numpy().astype(np.int64)
-    mask = inputs["attention_mask"].detach().cpu().numpy().astype(bool)
+    mask = np.ones(ids.shape, dtype=bool) if inputs.get("attention_mask") is None else \
+        inputs["attention_mask"].detach().cpu().numpy().astype(bool)
     positions = inputs.get("label_positions")
     positions = [-1] * len(ids) if positions is None else positions.detach().cpu().reshape(-1).tolist()
     return [ids[i][mask[i]].tobytes() + int(positions[i]).to_bytes(8, "little", signed=True) for i in range(len(ids))]
@@ -133,7 +131,8 @@ def run_lengths(predictor, inputs: dict) -> torch.Tensor:
     """(batch,) real length of the sequence the head runs through the blocks for each row: the text, or the token head's
     prompt (no forward pass)."""
     p = unwrap(predictor)
-    mask = inputs["attention_mask"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
     if p.head.takes_prompt:
         _, mask = p.report_prompts(inputs["input_ids"], mask, inputs.get("label_positions"))
     return mask.sum(-1).cpu()
@@ -157,6 +156,7 @@ class PrefixCache:
         self.layer = int(layer)
         self.states = torch.empty(0)
         self.spans: dict[bytes, tuple[int, int]] = {}
+        self.seconds = 0.0
 
     @property
     def rows(self) -> int:
@@ -165,6 +165,11 @@ class PrefixCache:
     @property
     def nbytes(self) -> int:
         return self.states.numel() * self.states.element_size()
+
+    def describe(self) -> str:
+        """One line for the log: where, how many rows, how large."""
+        return (f"prefix cache: the residual stream entering block {self.layer} for {self.rows} training rows "
+                f"({self.nbytes / 1e6:.1f} MB, built in {self.seconds:.1f} s); training steps run the blocks from there")
 
     def summary(self) -> dict:
         """What ``metrics.json`` records: the block whose input is cached, the rows and the bytes."""
@@ -181,6 +186,8 @@ class PrefixCache:
     def build(self, predictor, batches: Iterable[dict], context=contextlib.nullcontext) -> "PrefixCache":
         """Run the head's own forward pass on ``batches`` (collated training rows on the model's device), stopped at the
         cache point, in eval mode and in ``context`` (the Trainer's autocast), and keep each new row's states."""
+        if self.spans:
+            raise RuntimeError("A PrefixCache is built once: make a new one for other rows.")
         p = unwrap(predictor)
         was_training = p.training
         p.eval()
@@ -278,6 +285,5 @@ def build_prefix_cache(predictor, layer: int, batches: Iterable[dict], sizes: It
                       f"({max_bytes / 1e9:.3g} GB): the frozen blocks are recomputed at every step instead")
     start = time.perf_counter()
     cache = PrefixCache(layer).build(p, batches, context)
-    logger.info("prefix cache: the residual stream entering block %d of %d training rows (%.1f MB) in %.1f s", layer, cache.rows,
-                cache.nbytes / 1e6, time.perf_counter() - start)
+    cache.seconds = time.perf_counter() - start
     return cache, None

@@ -302,12 +302,19 @@ class PredictorTrainer(Trainer):
             self.prefix_cache, why = build_prefix_cache(self.model, layer, self._cache_batches(), self._cache_batches(),
                                                         self.prefix_cache_max_gb * 1e9, context=self.compute_loss_context_manager)
             if self.prefix_cache is not None:
+                self._say(self.prefix_cache.describe())
                 self.prefix_cache_info = self.prefix_cache.summary()
                 return
         elif self.prefix_cache_mode == "on":
             raise UserError(f"prefix_cache 'on' cannot be used: {why} (or set prefix_cache auto or off).")
-        logger.info("prefix cache not used: %s", why)
+        self._say(f"prefix cache not used: {why}")
         self.prefix_cache_info = {"used": False, "reason": why}
+
+    def _say(self, message: str) -> None:
+        """One line on the console (like the trainable-parameter count) and in the log."""
+        if self.is_world_process_zero():
+            print(message, flush=True)
+        logger.info(message)
 
     def _prefix_cache_point(self) -> tuple[int | None, str | None]:
         if any(isinstance(c, GradualUnfreezing) for c in self.callback_handler.callbacks):
