@@ -4,6 +4,7 @@ labels; it is refused, with the reason, where it does not apply; its size is rep
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
@@ -115,6 +116,14 @@ def test_with_live_labels_the_cache_sits_at_the_target_block_where_the_label_is_
     assert_same_training(cached, train(predictor, ds, tmp_path / "off", "after_target", "off", label_mode="live"))
 
 
+def test_the_token_head_reporting_as_the_next_token_trains_the_same_with_the_cache(tiny, tmp_path):
+    model, tok = tiny
+    ds, values = reference_dataset(model, tok)
+    predictor = predictor_on(model, tok, values, head="token", prompt_suffix="")  # the prompt is the row itself
+    cached = train(predictor, ds, tmp_path / "on", "after_target", "on")
+    assert_same_training(cached, train(predictor, ds, tmp_path / "off", "after_target", "off"))
+
+
 @pytest.mark.parametrize("tiny", ["gpt2"], indirect=True)
 def test_the_classification_head_and_a_lower_read_layer_train_the_same_with_the_cache(tiny, tmp_path):
     model, tok = tiny
@@ -144,7 +153,7 @@ def test_evaluation_runs_the_whole_model_after_cached_training(tiny, tmp_path):
 
 
 REFUSALS = {"full": "unfreeze 'full'|embed|wte|block 0", "lora": "block 0 trains \\(LoRA adapters\\)",
-            "gradual": "gradual unfreezing"}
+            "gradual": "'gradual' adds blocks to the optimizer during the run"}
 
 
 @pytest.mark.parametrize("tiny", ["gpt2"], indirect=True)
@@ -199,6 +208,20 @@ def test_lora_on_the_last_block_only_caches_below_it_and_a_lora_on_block_0_is_re
                                unfreeze={"strategy": "lora", "k": 3}, prefix_cache="on")
     with pytest.raises(UserError, match="LoRA adapters"):
         trainer.train()
+
+
+def test_a_train_run_records_the_cache_in_metrics_json(tiny_model_dirs, tmp_path):
+    from conftest import write_word_corpus
+
+    from nsr_hf.pipeline import run_train
+
+    config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(write_word_corpus(tmp_path / "docs.jsonl")), scan_documents=30,
+                         dataset_documents=60, max_length=32, neuron="1.3", num_train_epochs=1, per_device_train_batch_size=8,
+                         unfreeze="after_target", evaluate=False, output_dir=str(tmp_path / "out"))
+    summary = run_train(config)
+    cache = json.loads((tmp_path / "out" / "metrics.json").read_text())["prefix_cache"]
+    assert cache == summary["prefix_cache"] and cache["used"] and cache["layer"] == 2
+    assert cache["rows"] == summary["rows"]["train"] and cache["bytes"] > 0
 
 
 def test_a_recipe_that_asks_for_the_cache_where_it_cannot_apply_is_refused_before_the_model_loads():

@@ -85,12 +85,12 @@ def cache_point(predictor, *, target_block_runs: bool = False) -> tuple[Optional
     c = trainable[0] if trainable else read + 1
     if target_block_runs:
         c = min(c, min(n.layer for n in p.config.target_neurons))
-    if c == 0:
+    if c == 0 and trainable and trainable[0] == 0:
         what = "LoRA adapters" if any("lora_" in n for n, q in layers[0].named_parameters() if q.requires_grad) else "its weights"
-        why = (f"block 0 trains ({what}), so no frozen prefix is left to cache; train only later blocks (unfreeze_k, "
-               "lora_after_target, after_target) to use the cache") if trainable and trainable[0] == 0 else (
-               "the target neuron is in block 0, which intervention training or live labels must run: no frozen prefix is left")
-        return None, why
+        return None, (f"block 0 trains ({what}), so no frozen prefix is left to cache; train only later blocks (unfreeze_k, "
+                      "lora_after_target, after_target) to use the cache")
+    if c == 0:
+        return None, "the target neuron is in block 0, which intervention training or live labels must run: no frozen prefix is left"
     dropout = prefix_dropout(base, c)
     if dropout:
         return None, (f"{dropout} is active before block {c}: in training mode a frozen block with dropout does not give the same output "
@@ -139,10 +139,15 @@ def run_lengths(predictor, inputs: dict) -> torch.Tensor:
 
 
 class Passthrough(nn.Module):
-    """A block that returns its input residual stream (transformers 5 blocks return the hidden states alone)."""
+    """A block that returns its input residual stream, in the format of the block it stands for: the hidden states alone
+    (transformers 5) or a tuple that starts with them (``as_tuple``; older blocks)."""
+
+    def __init__(self, as_tuple: bool = False):
+        super().__init__()
+        self.as_tuple = as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 class PrefixCache:
@@ -157,6 +162,7 @@ class PrefixCache:
         self.states = torch.empty(0)
         self.spans: dict[bytes, tuple[int, int]] = {}
         self.seconds = 0.0
+        self.blocks_return_tuples = False  # seen in build: what a passthrough must return
 
     @property
     def rows(self) -> int:
@@ -197,7 +203,11 @@ class PrefixCache:
             recorded["hidden"] = args[0]
             raise StopForward
 
-        handle = self._entry(p).register_forward_pre_hook(record)
+        def record_format(module, args, output):
+            self.blocks_return_tuples = isinstance(output, tuple)
+
+        handles = [self._entry(p).register_forward_pre_hook(record),
+                   get_layers(p.base)[self.layer - 1].register_forward_hook(record_format)]
         try:
             for batch in batches:
                 keys, lengths = row_keys(batch), run_lengths(p, batch).tolist()
@@ -207,7 +217,7 @@ class PrefixCache:
                 recorded.clear()
                 with context():
                     try:
-                        p.head.logits(p, batch["input_ids"], batch["attention_mask"], batch.get("label_positions"))
+                        p.head.logits(p, batch["input_ids"], batch.get("attention_mask"), batch.get("label_positions"))
                     except StopForward:
                         pass
                 hidden = recorded["hidden"].detach().float().cpu()
@@ -218,7 +228,8 @@ class PrefixCache:
                     self.spans[keys[i]] = (start, lengths[i])
                     start += lengths[i]
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             p.train(was_training)
         self.states = torch.cat(chunks) if chunks else torch.empty(0, p.base.config.hidden_size)
         return self
@@ -258,7 +269,8 @@ class PrefixCache:
             return (self.batch_states(keys, args[0]),) + tuple(args[1:])
 
         # the same list, the prefix blocks swapped for passthroughs: block indices (interventions, live-label hooks) still hold
-        setattr(parent, name, nn.ModuleList([Passthrough() for _ in range(self.layer)] + list(layers)[self.layer:]))
+        passthroughs = [Passthrough(self.blocks_return_tuples) for _ in range(self.layer)]
+        setattr(parent, name, nn.ModuleList(passthroughs + list(layers)[self.layer:]))
         handle = entry.register_forward_pre_hook(feed)
         try:
             yield

@@ -46,7 +46,7 @@ from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.modeling.heads import head_class
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.interventions import InterventionSampler
-from nsr_hf.training.prefix_cache import PrefixCache, build_prefix_cache, cache_point, check_mode
+from nsr_hf.training.prefix_cache import PrefixCache, build_prefix_cache, cache_point, check_mode, strategy_refusal
 from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 from nsr_hf.utils import unwrap
 
@@ -317,10 +317,10 @@ class PredictorTrainer(Trainer):
         logger.info(message)
 
     def _prefix_cache_point(self) -> tuple[int | None, str | None]:
-        if any(isinstance(c, GradualUnfreezing) for c in self.callback_handler.callbacks):
-            return None, "gradual unfreezing adds blocks to the optimizer during the run, so the frozen prefix does not stay frozen"
-        if self.args.gradient_checkpointing:
-            return None, "gradient_checkpointing recomputes the blocks in the backward pass, after the cached inputs are lifted"
+        gradual = any(isinstance(c, GradualUnfreezing) for c in self.callback_handler.callbacks)
+        why = strategy_refusal("gradual" if gradual else "", gradient_checkpointing=self.args.gradient_checkpointing)
+        if why:
+            return None, why
         if not hasattr(self.train_dataset, "__len__") or not hasattr(self.train_dataset, "__getitem__"):
             return None, "the train dataset has no length or rows by index (an iterable dataset)"
         return cache_point(self.model, target_block_runs=self.interventions is not None or self.live_labels is not None)
