@@ -52,10 +52,11 @@ def args(tmp_path, **kw):
     return TrainingArguments(str(tmp_path), **{**base, **kw})
 
 
-def train(predictor, ds, tmp_path, strategy, prefix_cache, **kw) -> PredictorTrainer:
+def train(predictor, ds, tmp_path, strategy, prefix_cache, k=None, **kw) -> PredictorTrainer:
     torch.manual_seed(0)  # LoRA adapters are initialised when the trainer wraps the model
-    trainer = PredictorTrainer(model=copy.deepcopy(predictor), args=args(tmp_path), train_dataset=ds,
-                               unfreeze={"strategy": strategy, **STRATEGIES.get(strategy, {})}, prefix_cache=prefix_cache, **kw)
+    unfreeze = {"strategy": strategy, **STRATEGIES.get(strategy, {}), **({"k": k} if k else {})}
+    trainer = PredictorTrainer(model=copy.deepcopy(predictor), args=args(tmp_path), train_dataset=ds, unfreeze=unfreeze,
+                               prefix_cache=prefix_cache, **kw)
     trainer.train()
     return trainer
 
@@ -107,13 +108,16 @@ def test_with_intervention_training_the_cache_sits_at_the_target_block_and_chang
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
-def test_with_live_labels_the_cache_sits_at_the_target_block_where_the_label_is_read(tiny, tmp_path):
+@pytest.mark.parametrize("strategy,k", [("after_target", None), ("last_k", 2)])  # last_k 2 trains the target's block: the neuron moves
+def test_with_live_labels_the_cache_sits_at_the_target_block_where_the_label_is_read(tiny, tmp_path, strategy, k):
+    # live labels read the neuron from the current weights in the head's own pass: with the cache at the input of the
+    # target's block, that block (trained or not) runs at every step, and everything below it is frozen
     model, tok = tiny
     ds, values = reference_dataset(model, tok)
     predictor = predictor_on(model, tok, values)
-    cached = train(predictor, ds, tmp_path / "on", "after_target", "on", label_mode="live")
+    cached = train(predictor, ds, tmp_path / "on", strategy, "on", k=k, label_mode="live")
     assert cached.prefix_cache_info["layer"] == 1
-    assert_same_training(cached, train(predictor, ds, tmp_path / "off", "after_target", "off", label_mode="live"))
+    assert_same_training(cached, train(predictor, ds, tmp_path / "off", strategy, "off", k=k, label_mode="live"))
 
 
 def test_the_token_head_reporting_as_the_next_token_trains_the_same_with_the_cache(tiny, tmp_path):
