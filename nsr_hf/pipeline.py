@@ -275,7 +275,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
                                unfreeze={"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r,
                                          "every_n_steps": config.unfreeze_every_n_steps},
                                label_mode=config.labels, live_guard_weight=config.live_guard_weight,
-                               interventions=intervention_sampler(config, predictor, dataset["train"], neurons))
+                               interventions=intervention_sampler(config, predictor, dataset["train"], neurons),
+                               prefix_cache=config.prefix_cache, prefix_cache_max_gb=config.prefix_cache_max_gb)
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
     if os.environ.get(KILL_AFTER_CHECKPOINT):
@@ -689,6 +690,7 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
         "unfreeze": config.unfreeze,
         "labels": config.labels,
         **({"intervention": inner.config.intervention} if inner.config.intervention else {}),
+        "prefix_cache": trainer.prefix_cache_info,
         "trainable_parameters": parameters[0],
         "total_parameters": parameters[1],
         "rows": {split: len(ds) for split, ds in dataset.items()},

@@ -25,6 +25,7 @@ from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields
+from nsr_hf.training.prefix_cache import check_mode, strategy_refusal
 from nsr_hf.training.unfreezing import STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,15 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
                 "value of the neuron; uniform: over the train split's 1st-99th percentile; shift: the natural value plus a normal shift)"})
     intervention_shift_scale: float = field(default=1.0, metadata={
         "help": "intervention_source 'shift': the shift's standard deviation, in training standard deviations of the neuron"})
+    prefix_cache: str = field(default="auto", metadata={
+        "help": "The frozen-prefix cache: where the blocks below the first trainable one stay frozen (after_target, last_k, "
+                "lora_after_target, head_only), their output is computed once per training row and each step runs only the blocks "
+                "from there: the same losses and weights, faster. 'auto' (use it where it applies, else log why not), 'on' (an "
+                "error where it does not apply: full, lora on every block, gradual, gradient_checkpointing, dropout in the frozen "
+                "blocks) or 'off' (nsr_hf.training.prefix_cache)"})
+    prefix_cache_max_gb: float = field(default=2.0, metadata={
+        "help": "The prefix cache's largest size in memory (float32 states of every training token); beyond it the frozen blocks "
+                "are recomputed at every step"})
     drift_every_n_steps: int = field(default=50, metadata={
         "help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.training.monitoring)"})
 
@@ -193,6 +203,13 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
                              "or use unfreeze 'lora' with unfreeze_k.")
         self.neuron_choice()  # validates
         self._check_interventions()
+        check_mode(self.prefix_cache)
+        if isinstance(self.prefix_cache_max_gb, bool) or not isinstance(self.prefix_cache_max_gb, (int, float)) or \
+                not self.prefix_cache_max_gb >= 0:
+            raise ValueError(f"prefix_cache_max_gb must be a number of GB >= 0, got {self.prefix_cache_max_gb!r}.")
+        refusal = strategy_refusal(self.unfreeze, self.unfreeze_k, self.gradient_checkpointing)
+        if self.prefix_cache == "on" and refusal:
+            raise UserError(f"prefix_cache 'on' cannot be used: {refusal} (or set prefix_cache auto or off).")
         if self.position != "last":
             try:
                 int(self.position)

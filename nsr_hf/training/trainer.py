@@ -22,9 +22,13 @@ What it changes from ``Trainer`` and why:
 * ``interventions=`` (an ``InterventionSampler``): in training steps only, some rows' target neurons are set at the
   labelled token and those rows are trained on the set value (``nsr_hf.training.interventions``); evaluation and
   ``prediction_step`` always see the natural model.
+* ``prefix_cache="auto"`` (the default): where the blocks below the first trainable one stay frozen, their output is
+  computed once per training row and training steps run only the blocks from there (``nsr_hf.training.prefix_cache``):
+  the same losses and weights, to float round-off. Evaluation and ``prediction_step`` always run the whole model.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -37,10 +41,12 @@ from transformers.trainer_pt_utils import nested_gather
 
 from nsr_hf.capture import intervene, read_live_neurons
 from nsr_hf.data.labels import bins_of
+from nsr_hf.errors import UserError
 from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.modeling.heads import head_class
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.interventions import InterventionSampler
+from nsr_hf.training.prefix_cache import PrefixCache, build_prefix_cache, cache_point, check_mode, strategy_refusal
 from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 from nsr_hf.utils import unwrap
 
@@ -209,11 +215,16 @@ class PredictorTrainer(Trainer):
         interventions: an ``InterventionSampler`` (``nsr_hf.training.interventions``): intervention training, in training
             steps only; with live labels the label of a set neuron is the set value, read in the same pass. The fraction
             of set (row, neuron) pairs is logged with the training loss as ``intervened_fraction``.
+        prefix_cache: ``"auto"`` (use the frozen-prefix cache where it applies, else say in one log line why not), ``"on"``
+            (a ``UserError`` where it does not apply) or ``"off"`` (``nsr_hf.training.prefix_cache``). ``prefix_cache_info``
+            holds what was decided (``{"used": True, "layer", "rows", "bytes"}`` or ``{"used": False, "reason"}``).
+        prefix_cache_max_gb: the cache's largest size; beyond it the frozen blocks are recomputed at every step.
     """
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *, data_collator=None, peft_config=None, unfreeze=None,
                  label_mode: str = "reference", live_guard_weight: float = 10.0, interventions: InterventionSampler | None = None,
-                 compute_metrics=None, callbacks=None, processing_class=None, **kwargs):
+                 prefix_cache: str = "auto", prefix_cache_max_gb: float = 2.0, compute_metrics=None, callbacks=None, processing_class=None,
+                 **kwargs):
         if model is None:
             raise ValueError("PredictorTrainer needs model= (an ActivationPredictor).")
         if args is None:
@@ -227,6 +238,12 @@ class PredictorTrainer(Trainer):
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}.")
         self.live_labels = LiveLabels(live_guard_weight) if label_mode == "live" else None
+        self.prefix_cache_mode = check_mode(prefix_cache)
+        if not (isinstance(prefix_cache_max_gb, (int, float)) and prefix_cache_max_gb >= 0):
+            raise ValueError(f"prefix_cache_max_gb must be a number of GB >= 0, got {prefix_cache_max_gb!r}.")
+        self.prefix_cache_max_gb = float(prefix_cache_max_gb)
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_cache_info: dict | None = None
         callbacks = list(callbacks or [])
         if interventions is not None and not isinstance(interventions, InterventionSampler):
             raise ValueError("interventions must be an InterventionSampler (nsr_hf.training.interventions), "
@@ -268,7 +285,53 @@ class PredictorTrainer(Trainer):
         logger.info(message)
         if trainable == 0:
             raise ValueError("No parameter is trainable: choose an unfreezing strategy (nsr_hf.training.unfreezing).")
-        return super().train(*args, **kwargs)
+        self.prepare_prefix_cache()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.prefix_cache = None  # its memory goes back once training ends
+
+    def prepare_prefix_cache(self) -> None:
+        """Decide whether training steps use the frozen-prefix cache, and build it (``prefix_cache_info`` says what happened)."""
+        self.prefix_cache = None
+        if self.prefix_cache_mode == "off":
+            self.prefix_cache_info = {"used": False, "reason": "prefix_cache off"}
+            return
+        layer, why = self._prefix_cache_point()
+        if why is None:
+            self.prefix_cache, why = build_prefix_cache(self.model, layer, self._cache_batches(), self._cache_batches(),
+                                                        self.prefix_cache_max_gb * 1e9, context=self.compute_loss_context_manager)
+            if self.prefix_cache is not None:
+                self._say(self.prefix_cache.describe())
+                self.prefix_cache_info = self.prefix_cache.summary()
+                return
+        elif self.prefix_cache_mode == "on":
+            raise UserError(f"prefix_cache 'on' cannot be used: {why} (or set prefix_cache auto or off).")
+        self._say(f"prefix cache not used: {why}")
+        self.prefix_cache_info = {"used": False, "reason": why}
+
+    def _say(self, message: str) -> None:
+        """One line on the console (like the trainable-parameter count) and in the log."""
+        if self.is_world_process_zero():
+            print(message, flush=True)
+        logger.info(message)
+
+    def _prefix_cache_point(self) -> tuple[int | None, str | None]:
+        gradual = any(isinstance(c, GradualUnfreezing) for c in self.callback_handler.callbacks)
+        why = strategy_refusal("gradual" if gradual else "", gradient_checkpointing=self.args.gradient_checkpointing)
+        if why:
+            return None, why
+        if not hasattr(self.train_dataset, "__len__") or not hasattr(self.train_dataset, "__getitem__"):
+            return None, "the train dataset has no length or rows by index (an iterable dataset)"
+        return cache_point(self.model, target_block_runs=self.interventions is not None or self.live_labels is not None)
+
+    def _cache_batches(self):
+        """The training rows, collated as a training step collates them, on the model's device."""
+        size = max(self.args.per_device_train_batch_size, self.args.per_device_eval_batch_size)
+        dataset = self.train_dataset
+        for start in range(0, len(dataset), size):
+            rows = [dataset[i] for i in range(start, min(len(dataset), start + size))]
+            yield self._prepare_inputs(self.data_collator(rows))
 
     _live_log: dict
 
@@ -291,9 +354,11 @@ class PredictorTrainer(Trainer):
         return float(fraction)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.interventions is not None and model.training:
-            return self.intervened_loss(model, inputs, return_outputs)
-        return self.natural_loss(model, inputs, return_outputs)
+        cached = self.prefix_cache is not None and model.training
+        with self.prefix_cache.feeding(model, inputs) if cached else contextlib.nullcontext():
+            if self.interventions is not None and model.training:
+                return self.intervened_loss(model, inputs, return_outputs)
+            return self.natural_loss(model, inputs, return_outputs)
 
     def intervened_loss(self, model, inputs, return_outputs=False):
         """The loss of a training batch in which the sampler's rows have their target neurons set at the labelled token
