@@ -13,8 +13,9 @@ weight of every linear map of a block, plus the attention's 4 x context x hidden
 * readability selection: the same tokens to the candidates' read layer (it could reuse the scan's pass: then 0);
 * dataset: the dataset's tokens to the target's block;
 * predictor and head init: the train rows to the read layer (the probe the head starts from);
-* train: epochs x train tokens x 3 x F(first trainable block..read layer): the frozen prefix computed once is in the
-  dataset stage's pass already (the frozen-prefix cache of issue 18); with interventions the target's block runs too;
+* train: epochs x train tokens x 3 x F(first trainable block..read layer), on the frozen prefix's output (with interventions
+  the target's block runs too); train/prefix cache: the train tokens once through the frozen blocks below (the
+  frozen-prefix cache, ``nsr_hf.training.prefix_cache``; the dataset's pass could give them: then 0);
 * train/drift monitor, neuron drift: 0 (the result does not need them: they watch the training);
 * validation and test loss: validation and test tokens to the read layer;
 * evaluation/predictions: the evaluated splits to the read layer; baselines: one feature pass of the original model (all
@@ -134,6 +135,8 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
         "train": (facts["epochs"] * t.get("train", 0) * 3 * train_span,
                   f"{facts['epochs']:g} epochs x {t.get('train', 0)} train tokens x 3 x blocks {first}..{read} on a cached prefix"
                   if first is not None else "every block trains: the whole forward and backward"),
+        "train/prefix cache": (t.get("train", 0) * span(flops, 0, (first if first is not None else 0) - 1),
+                               f"train tokens through blocks 0..{(first if first is not None else 0) - 1} once"),
         "train/drift monitor": (0.0, "not needed by the result"),
         "neuron drift": (0.0, "not needed by the result (the neuron is unchanged by construction below the trainable blocks)"),
         "validation and test loss": (sum(t[s] for s in evaluated) * span(flops, 0, read), "validation and test tokens to the read layer"),
@@ -157,7 +160,8 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
 WHY = {  # what a ratio far above 1 comes from, where known
     "scan": "small batches (8 texts) and per-layer statistics on every token",
     "readability selection": "a pass of its own over the scanned documents (the scan's pass could give these features)",
-    "train": "every step runs the frozen blocks below the trainable ones again (no frozen-prefix cache yet: issue 18)",
+    "train": "per step: the Trainer's own work (optimizer, logging, checkpoints) and small batches (16 rows of 64 tokens)",
+    "train/prefix cache": "a pass of its own over the train rows (the dataset's pass could keep these states)",
     "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
     "evaluation/causal test": "each set value is a batch of its own",
     "load model": "reading and converting the weights: no arithmetic floor",

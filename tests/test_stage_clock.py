@@ -51,7 +51,8 @@ def test_a_train_run_records_the_seconds_of_its_stages_in_metrics_json(tiny_mode
     run_train(config)
     summary = json.loads((Path(config.output_dir) / "metrics.json").read_text())
     seconds = summary["stage_seconds"]
-    for stage in ("load model", "scan", "dataset", "predictor and head init", "train", "neuron drift", "save", "evaluation",
+    for stage in ("load model", "scan", "dataset", "predictor and head init", "train", "train/prefix cache", "neuron drift", "save",
+                  "evaluation",
                   "evaluation/predictions", "evaluation/baselines", "evaluation/baselines/probes of the original model",
                   "evaluation/causal test", "evaluation/report"):
         assert stage in seconds and seconds[stage] >= 0, stage

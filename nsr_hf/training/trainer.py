@@ -44,6 +44,7 @@ from nsr_hf.data.labels import bins_of
 from nsr_hf.errors import UserError
 from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.modeling.heads import head_class
+from nsr_hf.stage_clock import timed
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.interventions import InterventionSampler
 from nsr_hf.training.prefix_cache import PrefixCache, build_prefix_cache, cache_point, check_mode, strategy_refusal
@@ -285,7 +286,8 @@ class PredictorTrainer(Trainer):
         logger.info(message)
         if trainable == 0:
             raise ValueError("No parameter is trainable: choose an unfreezing strategy (nsr_hf.training.unfreezing).")
-        self.prepare_prefix_cache()
+        with timed("prefix cache"):
+            self.prepare_prefix_cache()
         try:
             return super().train(*args, **kwargs)
         finally:
