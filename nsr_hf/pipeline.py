@@ -278,7 +278,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
                                interventions=intervention_sampler(config, predictor, dataset["train"], neurons),
                                prefix_cache=config.prefix_cache, prefix_cache_max_gb=config.prefix_cache_max_gb)
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
-    monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out)).bind(trainer)
+    monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out),
+                           max_probe_rows=config.drift_probe_rows, max_lm_rows=config.drift_lm_rows).bind(trainer)
     if os.environ.get(KILL_AFTER_CHECKPOINT):
         trainer.add_callback(KillAfterCheckpoint(os.environ[KILL_AFTER_CHECKPOINT]))
     trainable, total = count_parameters(trainer.model)
@@ -408,7 +409,9 @@ RESUME_FREE_KEYS = frozenset({
     "disable_tqdm", "skip_memory_metrics", "local_rank", "use_cpu", "ddp_backend", "ddp_timeout", "debug", "dataloader_num_workers",
     "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
     "evaluate", "eval_methods", "do_eval", "do_predict", "do_train", "per_device_eval_batch_size", "batch_eval_metrics",
-    "include_for_metrics", "prediction_loss_only", "drift_every_n_steps", *(f.name for f in fields(EvaluationFields))})
+    "include_for_metrics", "prediction_loss_only", "drift_every_n_steps", "drift_probe_rows", "drift_lm_rows",
+    "prefix_cache", "prefix_cache_max_gb",  # the same result to float round-off: a run resumes with the cache on or off
+    *(f.name for f in fields(EvaluationFields))})
 RESUME_FREE_PREFIXES = ("logging_", "log_", "hub_", "save_", "eval_", "trackio_")
 GRADUAL_CANNOT_RESUME = ("gradual unfreezing cannot continue from a checkpoint (its optimizer's groups depend on the step): "
                          "a rerun of the same command reuses the dataset and the neuron, and trains again from step 0.")

@@ -311,3 +311,21 @@ def test_bad_input_raises_clear_errors(tiny_model_dirs):
     two = ActivationPredictor.from_base(model, tok, neurons=["0.1", "1.3"], label_transform={"mean": [0.0, 0.0], "std": [1.0, 1.0]})
     with pytest.raises(ValueError, match="1 activation.*2 neuron"):
         DriftMonitor(data).measure(two)
+
+
+def test_the_recipe_sizes_the_drift_monitors_probe_set(tiny_model_dirs, tmp_path):
+    """``drift_probe_rows`` / ``drift_lm_rows``: the monitor measures on that many rows (a smaller set is a cheaper watch)."""
+    from conftest import write_word_corpus
+
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="drift_probe_rows must be at least 1"):
+        TrainConfig(drift_probe_rows=0, output_dir=str(tmp_path / "never"))
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
+    config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_documents=30, dataset_documents=60, max_length=32,
+                         max_steps=2, per_device_train_batch_size=8, read_layer=2, unfreeze="head_only", drift_every_n_steps=1,
+                         drift_probe_rows=5, drift_lm_rows=3, evaluate=False, output_dir=str(tmp_path / "run"))
+    run_train(config)
+    history = json.loads((tmp_path / "run" / "drift.json").read_text())
+    assert history["probe_rows"] == 5 and history["lm_rows"] == 3

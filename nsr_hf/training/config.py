@@ -106,6 +106,9 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
                 "are recomputed at every step"})
     drift_every_n_steps: int = field(default=50, metadata={
         "help": "Measure the neuron's drift, the head's agreement and the LM loss every this many steps (nsr_hf.training.monitoring)"})
+    drift_probe_rows: int = field(default=128, metadata={
+        "help": "The drift monitor's probe set: this many rows of the validation split (the neuron and the head's agreement)"})
+    drift_lm_rows: int = field(default=32, metadata={"help": "The drift monitor's held-out texts for the LM loss: this many rows"})
 
     # -- the evaluation after training
     evaluate: bool = field(default=True, metadata={
@@ -217,7 +220,7 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
                 raise ValueError(f"position must be 'last' or an integer token index, got {self.position!r}.") from None
         for name in ("scan_documents", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "lora_r", "unfreeze_every_n_steps", "drift_every_n_steps", "save_steps",
-                     "select_candidates"):
+                     "select_candidates", "drift_probe_rows", "drift_lm_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         fractions = list(check_fractions(self.split_fractions, "split_fractions"))
