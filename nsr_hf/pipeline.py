@@ -314,9 +314,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
                 raise
             summary["evaluation"] = to_jsonable(evaluation)
             inner.evaluation = evaluation
-            summary.pop("stage_seconds"), summary.pop("seconds")  # the times come last in metrics.json, as they always have
-            summary["stage_seconds"] = stage_seconds
-            summary["seconds"] = round(time.perf_counter() - start, 1)
+            summary.pop("seconds")  # the time comes last in metrics.json, as it always has (stage_seconds, the same dict
+            summary["seconds"] = round(time.perf_counter() - start, 1)  # filled in since, stays before the evaluation)
             # the weights are saved: only the card (now with the evaluation's headline table) and metrics.json change
             (out / "predictor" / "README.md").write_text(inner.model_card())
             write_json(out / "metrics.json", summary)
