@@ -221,6 +221,8 @@ def test_an_interrupted_evaluation_rerun_continues_from_its_finished_stages_to_t
     assert run_cli(capsys, *evaluate_args(trained_run, whole, "--methods", "mean", "ridge_probe", "--causal", "true"))[0] == 0
     resumed, uninterrupted = (json.loads((folder / "metrics.json").read_text()) for folder in (out, whole))
     resumed["config"].pop("output_dir"), uninterrupted["config"].pop("output_dir")
+    commands = resumed.pop("command"), uninterrupted.pop("command")  # each records its own command: the same but for --output_dir
+    assert commands[0].replace(str(out), str(whole)) == commands[1]
     assert resumed == uninterrupted
     assert (out / "predictions.json").read_bytes() == (whole / "predictions.json").read_bytes()
 
