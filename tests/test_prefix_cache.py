@@ -233,6 +233,8 @@ def test_a_recipe_that_asks_for_the_cache_where_it_cannot_apply_is_refused_befor
         TrainConfig(unfreeze="full", prefix_cache="on")
     with pytest.raises(ValueError, match="prefix_cache must be one of auto, on, off"):
         TrainConfig(prefix_cache="yes")
+    with pytest.raises(ValueError, match="prefix_cache_max_gb must be a number of GB >= 0, got -1"):
+        TrainConfig(prefix_cache_max_gb=-1)
     assert TrainConfig().prefix_cache == "auto"  # on where it applies, unless a recipe says off
 
 
