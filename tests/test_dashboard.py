@@ -38,6 +38,7 @@ class Page(HTMLParser):
         super().__init__()
         self.panels: dict[str, dict] = {}
         self.tokens: list[dict] = []
+        self.scan_tokens: list[dict] = []  # the tokens of the scan's top examples
         self.links: list[str] = []
         self.sources: list[str] = []
         self.scripts_with_src = 0
@@ -64,8 +65,12 @@ class Page(HTMLParser):
             panel["missing"] |= tag == "p" and a.get("class") == "missing"
         if tag == "span" and "tok" in (a.get("class") or "").split() and "data-value" in a:
             self._token = {"value": a["data-value"], "title": a.get("title"), "labelled": "labelled" in a["class"].split(), "text": ""}
-            if "data-position" in a:  # a token of a per-token example (the scan's examples mark their one token only)
+            if "data-position" in a:  # a token of a per-token example of the evaluation's rows
                 self.tokens.append(self._token)
+        if tag == "span" and "tok" in (a.get("class") or "").split() and "data-scan-value" in a:
+            self._token = {"value": a["data-scan-value"], "title": a.get("title"), "labelled": "labelled" in a["class"].split(),
+                           "text": ""}
+            self.scan_tokens.append(self._token)
         if tag == "a" and a.get("href"):
             self.links.append(a["href"])
         for key in ("src", "srcset"):
@@ -301,6 +306,19 @@ def test_examples_of_reads_this_format_and_the_single_neuron_one_before_it():
     assert examples_of(old, "1.3") == old and examples_of(old, "0.5") is None
     failed = {"split": "test", "neurons": ["1.3"], "by_neuron": {}, "skipped": "reading them failed: X"}
     assert examples_of(failed, "1.3")["skipped"] == "reading them failed: X"
+
+
+def test_the_scans_top_examples_are_coloured_token_by_token_with_the_scans_values(trained):
+    folder, _ = trained
+    neuron = json.loads((folder / "metrics.json").read_text())["neurons"][0]
+    top = json.loads((folder / "scan" / "top_neurons.json").read_text())
+    examples = next(e for e in top["top_neurons"] if e["neuron"] == neuron)["examples"][:10]
+    spans = read_page(folder / DASHBOARD_DIR / "index.html").scan_tokens
+    assert [float(s["value"]) for s in spans] == pytest.approx([v for e in examples for v in e["window_values"]], rel=1e-5, abs=1e-6)
+    assert [s["text"] for s in spans] == [t.replace("\n", "↵") for e in examples for t in e["window_tokens"]]
+    boxed = [i for i, s in enumerate(spans) if s["labelled"]]
+    starts = np.cumsum([0] + [len(e["window_values"]) for e in examples])[:-1]
+    assert boxed == [int(start) + e["window_label"] for start, e in zip(starts, examples)]
 
 
 def test_known_token_values_are_on_the_spans_with_the_labelled_token_marked(run_copy):

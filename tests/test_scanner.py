@@ -193,6 +193,13 @@ def test_top_k_examples_are_the_true_top_k(gpt2):
             assert truth[e["doc_index"]][e["token_index"], entry["index"]] == pytest.approx(e["value"], abs=1e-5)
             ids = tok(docs[e["doc_index"]].text)["input_ids"]
             assert e["token"] == tok.decode(ids[e["token_index"] : e["token_index"] + 1], clean_up_tokenization_spaces=False)
+            # the window token by token, each with the neuron's value at that token of the document
+            first = max(0, e["token_index"] - config.example_window)
+            stop = e["token_index"] + 1 + config.example_window
+            assert e["window_tokens"] == [tok.decode([i], clean_up_tokenization_spaces=False) for i in ids[first:stop]]
+            np.testing.assert_allclose(e["window_values"], truth[e["doc_index"]][first:stop, entry["index"]], atol=1e-5)
+            assert e["window_tokens"][e["window_label"]] == e["token"]
+            assert e["window_values"][e["window_label"]] == pytest.approx(e["value"], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

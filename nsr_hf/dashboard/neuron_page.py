@@ -242,14 +242,29 @@ def examples_panel(run: RunFiles, neuron: str) -> Panel:
 
 
 def _scan_examples(run: RunFiles, neuron: str) -> str | None:
+    """The scan's top examples: each window token by token, coloured by the neuron's value there (scans that recorded
+    ``window_values``), else the text with the labelled token's value only (older scans kept one value per example)."""
     entry = next((e for e in (run.scan_top or {}).get("top_neurons") or [] if e.get("neuron") == neuron), None)
     if not entry or not entry.get("examples"):
         return None
-    rows = "".join(f"<tr><td>{fmt(e['value'], 4)}</td><td class=\"context\">{html.escape(e.get('before', ''))}"
-                   f"<span class=\"tok labelled\" data-value=\"{e['value']:.6g}\" title=\"{e['value']:.4g}\">"
-                   f"{html.escape(e['token'])}</span>{html.escape(e.get('after', ''))}</td>"
-                   f"<td>{html.escape(str(e.get('doc_id', '')))}</td></tr>" for e in entry["examples"][:10])
-    return ("<p>The scan's top examples (the scan keeps one value per example: the labelled token's own):</p>"
+    examples = entry["examples"][:10]
+    if all("window_values" in e for e in examples):
+        scale = max((abs(v) for e in examples for v in e["window_values"]), default=0.0)
+        rows = "".join(
+            f"<tr><td>{fmt(e['value'], 4)}</td><td class=\"context\">"
+            + "".join(f"<span class=\"tok{' labelled' if i == e['window_label'] else ''}\" data-scan-value=\"{v:.6g}\" "
+                      f"title=\"{v:.4g}\" style=\"background: {_token_colour(v, scale)}\">{html.escape(t.replace(chr(10), '↵'))}</span>"
+                      for i, (t, v) in enumerate(zip(e["window_tokens"], e["window_values"])))
+            + f"</td><td>{html.escape(str(e.get('doc_id', '')))}</td></tr>" for e in examples)
+        intro = ("The scan's top examples (its top-activating tokens over the scanned documents), each token coloured by the "
+                 "neuron's value there; the labelled token is boxed; hover a token for its value:")
+    else:
+        rows = "".join(f"<tr><td>{fmt(e['value'], 4)}</td><td class=\"context\">{html.escape(e.get('before', ''))}"
+                       f"<span class=\"tok labelled\" data-value=\"{e['value']:.6g}\" title=\"{e['value']:.4g}\">"
+                       f"{html.escape(e['token'])}</span>{html.escape(e.get('after', ''))}</td>"
+                       f"<td>{html.escape(str(e.get('doc_id', '')))}</td></tr>" for e in examples)
+        intro = "The scan's top examples (this scan kept one value per example: the labelled token's own):"
+    return (f"<p>{intro}</p>"
             f"<table><thead><tr><th>value</th><th>context</th><th>document</th></tr></thead><tbody>{rows}</tbody></table>")
 
 

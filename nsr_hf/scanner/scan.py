@@ -15,7 +15,15 @@ import numpy as np
 import torch
 
 from nsr_hf.architectures import num_layers, num_neurons
-from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, position_ids_from_mask, real_token_bounds, validate_layer
+from nsr_hf.capture import (
+    Neuron,
+    NeuronRecorder,
+    capture_activations,
+    encode_texts,
+    position_ids_from_mask,
+    real_token_bounds,
+    validate_layer,
+)
 from nsr_hf.data.corpus import Document, TextSource, load_corpus
 from nsr_hf.data.preflight import check_scan
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
@@ -233,6 +241,7 @@ class NeuronScanner:
             return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
         w = self.config.example_window
+        by_doc = self._window_values(wanted, docs)
         out = {}
         for key, items in wanted.items():
             out[key] = []
@@ -240,10 +249,30 @@ class NeuronScanner:
                 if doc not in docs:
                     raise RuntimeError(f"Document {doc} could not be read again: the corpus must iterate the same way twice.")
                 doc_id, ids = docs[doc]
+                first, stop = max(0, token - w), token + 1 + w
                 out[key].append({
                     "value": value, "doc_id": doc_id, "doc_index": doc, "token_index": token, "token": decode(ids[token : token + 1]),
-                    "before": decode(ids[max(0, token - w) : token]), "after": decode(ids[token + 1 : token + 1 + w]),
+                    "before": decode(ids[first:token]), "after": decode(ids[token + 1 : stop]),
+                    # the window token by token, with the neuron's value at each (the dashboard colours them)
+                    "window_tokens": [decode([i]) for i in ids[first:stop]],
+                    "window_values": [float(v) for v in by_doc[doc][key][first:stop]],
+                    "window_label": token - first,
                 })
+        return out
+
+    def _window_values(self, wanted: dict, docs: dict) -> dict:
+        """``{doc: {(layer, neuron): values at every token}}`` for the documents of the examples: one forward pass per
+        document (alone, unpadded) reading every wanted neuron."""
+        neurons = {}
+        for layer, n in wanted:
+            neurons.setdefault(layer, []).append(n)
+        out = {}
+        for doc, (_, ids) in docs.items():
+            batch = {"input_ids": torch.tensor([ids], device=self.device)}
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            capture = capture_activations(self.model, batch, neurons, position="all")
+            out[doc] = {(layer, n): capture[layer][0, :, j].double().cpu().numpy() for layer, ns in neurons.items()
+                        for j, n in enumerate(ns)}
         return out
 
     # -- the whole scan --------------------------------------------------------------------------
