@@ -50,7 +50,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from nsr_hf.architectures import num_layers
-from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
+from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
 from nsr_hf.dashboard import DASHBOARD_DIR, build_dashboard_after
 from nsr_hf.data.columns import read_column
 from nsr_hf.data.corpus import load_corpus, split_of
@@ -118,27 +118,13 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     head's representation (the block ``read_layer_for`` gives, final-normed, at the labelled token), by ``folds``-fold
     cross-validated R^2 on the scanned *training* documents. Writes ``scan/selection.json``."""
     import numpy as np
-    from datasets import Dataset
 
     candidates = [scan.neuron_at_rank(r) for r in range(1, min(config.select_candidates, len(scan.table)) + 1)]
     n_layers = num_layers(model)
     read = {str(n): config.read_layer_for(n.layer, n_layers) for n in candidates}
     read = {k: (n_layers - 1 if v is None else v) for k, v in read.items()}
-    position = parse_position(config.position)
-    rows = {"input_ids": [], "attention_mask": [], "label_position": []}
-    values = []
-    for start in range(0, len(docs), 16):
-        batch = encode_texts(tokenizer, [d.text for d in docs[start : start + 16]], max_length=config.max_length)
-        cap = capture_activations(model, batch, [str(n) for n in candidates], position=position)
-        values.append(_capture_columns(cap, candidates))
-        positions = label_positions(batch["attention_mask"], position)
-        for i in range(batch["input_ids"].shape[0]):
-            n = int(batch["attention_mask"][i].sum())
-            rows["input_ids"].append(batch["input_ids"][i, :n].tolist())
-            rows["attention_mask"].append([1] * n)
-            rows["label_position"].append(int(positions[i]))
-    y = np.concatenate(values)
-    features = layer_features(model, Dataset.from_dict(rows), sorted(set(read.values())), progress=False)
+    y, features = candidate_readings(model, tokenizer, [d.text for d in docs], candidates, sorted(set(read.values())),
+                                     parse_position(config.position), config.max_length)
     fold = np.arange(len(y)) % folds
     table = []
     for j, neuron in enumerate(candidates):
@@ -158,15 +144,33 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     return best["neuron"], best["rank"]
 
 
-def _capture_columns(cap, neurons):
-    """(batch, len(neurons)) float64 numpy values of ``neurons`` from a ``Capture``, in that order."""
+def candidate_readings(model, tokenizer, texts, candidates, layers, position, max_length: int, batch_size: int = 16):
+    """``(values (texts, candidates), {layer: features (texts, hidden)})``: each candidate neuron at each text's labelled
+    token, and the representation a head reads there at each of ``layers`` (``layer_features``), from one forward pass
+    per batch (the neurons are recorded on the way)."""
+    import numpy as np
     import torch
 
-    columns = []
-    for n in neurons:
-        col = cap.neuron_indices[n.layer].tolist().index(n.index)
-        columns.append(cap[n.layer][:, col].double().cpu())
-    return torch.stack(columns, 1).numpy()
+    values, features = [], {layer: [] for layer in layers}
+    for start in range(0, len(texts), batch_size):
+        batch = encode_texts(tokenizer, texts[start : start + batch_size], max_length=max_length)
+        positions = label_positions(batch["attention_mask"], position)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        order = np.argsort(lengths, kind="stable")  # the order layer_features runs rows in: the recorded values follow it
+        rows = {"input_ids": [batch["input_ids"][i, : lengths[i]].tolist() for i in order],
+                "attention_mask": [[1] * lengths[i] for i in order], "label_position": [int(positions[i]) for i in order]}
+        with NeuronRecorder(model, [str(n) for n in candidates]) as recorder:
+            batch_features = layer_features(model, rows, layers, batch_size=len(order), progress=False)
+        at, every = torch.as_tensor(rows["label_position"]), torch.arange(len(order))
+        picked = np.zeros((len(order), len(candidates)))
+        for j, n in enumerate(candidates):
+            col = recorder.neurons[n.layer].tolist().index(n.index)
+            picked[:, j] = recorder.activations[n.layer][every, at, col].double().cpu().numpy()
+        back = np.argsort(order)  # to the texts' own order
+        values.append(picked[back])
+        for layer in layers:
+            features[layer].append(batch_features[layer][back])
+    return np.concatenate(values), {layer: np.concatenate(parts) for layer, parts in features.items()}
 
 
 def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):

@@ -20,6 +20,7 @@ from nsr_hf.capture import (
     NeuronRecorder,
     capture_activations,
     encode_texts,
+    pad_right,
     position_ids_from_mask,
     real_token_bounds,
     validate_layer,
@@ -261,18 +262,24 @@ class NeuronScanner:
         return out
 
     def _window_values(self, wanted: dict, docs: dict) -> dict:
-        """``{doc: {(layer, neuron): values at every token}}`` for the documents of the examples: one forward pass per
-        document (alone, unpadded) reading every wanted neuron."""
+        """``{doc: {(layer, neuron): values at every token}}`` for the documents of the examples, reading every wanted
+        neuron: the documents in batches of the scan's ``batch_size``, by length, right-padded (a causal model's real
+        tokens never see the padding after them)."""
         neurons = {}
         for layer, n in wanted:
             neurons.setdefault(layer, []).append(n)
+        order = sorted(docs, key=lambda doc: len(docs[doc][1]))
+        size = max(1, int(self.config.batch_size))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = {}
-        for doc, (_, ids) in docs.items():
-            batch = {"input_ids": torch.tensor([ids], device=self.device)}
-            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-            capture = capture_activations(self.model, batch, neurons, position="all")
-            out[doc] = {(layer, n): capture[layer][0, :, j].double().cpu().numpy() for layer, ns in neurons.items()
-                        for j, n in enumerate(ns)}
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            input_ids, mask = pad_right([docs[doc][1] for doc in chunk], pad_id, device=self.device)
+            capture = capture_activations(self.model, {"input_ids": input_ids, "attention_mask": mask}, neurons, position="all")
+            for row, doc in enumerate(chunk):
+                n = len(docs[doc][1])
+                out[doc] = {(layer, i): capture[layer][row, :n, j].double().cpu().numpy() for layer, ns in neurons.items()
+                            for j, i in enumerate(ns)}
         return out
 
     # -- the whole scan --------------------------------------------------------------------------
