@@ -59,6 +59,7 @@ from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError, debug_requested, error_boundary
+from nsr_hf.evaluation.baselines import probe_layers_of, self_features
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.metrics import r2_score
@@ -270,9 +271,10 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
         model, tokenizer = load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
-    with timed("predictor and head init"):
-        predictor = build_predictor(config, model, tokenizer, dataset, metadata, folder.final)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
+    features: dict = {}  # the original model's features, computed once for the head's probe and the evaluation's probes
+    with timed("predictor and head init"):
+        predictor = build_predictor(config, model, tokenizer, dataset, metadata, folder.final, original=original, feature_cache=features)
     del model
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -312,7 +314,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
         if config.evaluate:
             try:
                 with timed("evaluation"):
-                    evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor)
+                    evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor, features)
             except Exception as err:
                 err.add_note(evaluation_kept_note(config, folder))
                 raise
@@ -617,9 +619,14 @@ def labelled_position(config: TrainConfig, metadata: dict):
     return parse_position(config.position if not config.dataset else metadata.get("position", "last"))
 
 
-def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path) -> ActivationPredictor:
+def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path, *, original=None,
+                    feature_cache: dict | None = None) -> ActivationPredictor:
     """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
-    when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``."""
+    when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``.
+
+    ``original``: the untouched ``model`` the evaluation's baselines will read (the predictor holds a copy of its weights).
+    The probe's train and validation features are then computed from it, at every layer the evaluation's probes read, into
+    ``feature_cache`` (``nsr_hf.evaluation.baselines.self_features``): one pass serves the head and those probes."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
@@ -631,7 +638,14 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
                                               num_bins=config.num_bins, expected_value_loss_weight=config.expected_value_loss_weight,
                                               prompt_suffix=config.prompt_suffix, dataset_name=config.dataset or str(out / "dataset"))
     if config.head_init == "probe":
-        probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size)
+        features = None
+        if original is not None and feature_cache is not None:
+            layers = probe_layers_of(evaluate_config(config, out).methods, read_layer, num_layers(original), config.probe_layers)
+            by_split = self_features(original, {s: dataset[s] for s in ("train", "validation")}, layers, feature_cache,
+                                     batch_size=config.per_device_eval_batch_size, progress=False)
+            features = (by_split["train"][read_layer], by_split["validation"][read_layer])
+        probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size,
+                                               features=features)
         print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
     return predictor
 
@@ -712,11 +726,11 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
     }
 
 
-def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor) -> dict:
+def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor, features=None) -> dict:
     """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded."""
     shutil.rmtree(out / "evaluation", ignore_errors=True)  # what an evaluation of this unfinished run left when it failed
     return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
-                        tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary(),
+                        tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary(), feature_cache=features,
                         resumable=True)  # the predictor in memory is the one just saved: an interrupted evaluation resumes its stages
 
 

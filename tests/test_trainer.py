@@ -555,6 +555,13 @@ def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):
     assert info["1.3"]["alpha"] == pytest.approx(probe.alpha)
     with pytest.raises(ValueError, match="regression head"):
         predictor_for(tiny, "classification").init_head_from_probe(ds)
+    # the same head from features computed once elsewhere (the pipeline shares them with the evaluation's probes)
+    given = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2,
+                                          label_transform={"mean": [float(ref.mean())], "std": [float(ref.std())]})
+    assert given.init_head_from_probe(ds.select(range(40)), ds.select(range(40, 48)), features=(X[:40], X[40:])) == info
+    torch.testing.assert_close(given.neuron_head.weight, predictor.neuron_head.weight, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="in its row order"):
+        given.init_head_from_probe(ds.select(range(40)), ds.select(range(40, 48)), features=(X[:39], X[40:]))
 
 
 def test_push_to_hub_uploads_the_saved_predictor_folder_with_its_card(head_only_run, tmp_path, monkeypatch):

@@ -276,8 +276,7 @@ class _BaselineRun:
 
     def key(self, kind: tuple, split: str) -> tuple:
         """The cache key of ``kind``'s features of ``split`` (keyed by the dataset's fingerprint and length too)."""
-        rows = self.splits[split]
-        return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
+        return feature_key(kind, split, self.splits[split])
 
     def fit_probe(self, name: str, features: Mapping[str, np.ndarray], extra: dict, probe: RidgeProbe | None = None) -> RidgeProbe:
         """Fit a ``RidgeProbe`` on train (alpha on validation) unless one is given; record its predictions and info."""
@@ -325,7 +324,13 @@ def _label_baselines(run: _BaselineRun, methods: Sequence[str]) -> None:
                                     "coverage": {s: table.coverage(tokens[s]) for s in run.eval_splits}, "empty_splits": run.empty}
 
 
-def _probe_layers(methods, read_layer: int, n_layers: int, probe_layers) -> list[int]:
+def probe_layers_of(methods, read_layer: int, n_layers: int, probe_layers) -> list[int]:
+    """The layers the evaluation's self probes read: the read layer, and with ``probe_by_layer`` the ``probe_layers``
+    (a list, ``"up_to_read"`` for blocks ``0..read_layer``, ``None`` or ``"all"`` for every layer)."""
+    if probe_layers == "up_to_read":
+        probe_layers = range(read_layer + 1)
+    elif probe_layers == "all":
+        probe_layers = None
     if "probe_by_layer" not in methods:
         return [read_layer]
     if probe_layers is None:
@@ -336,16 +341,34 @@ def _probe_layers(methods, read_layer: int, n_layers: int, probe_layers) -> list
     return sorted({int(layer) for layer in probe_layers} | {read_layer})
 
 
+def feature_key(kind: tuple, split: str, rows) -> tuple:
+    """The key of ``kind``'s features of the split ``split`` in a ``feature_cache`` (with the rows' fingerprint and length)."""
+    return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
+
+
+def self_features(model, splits: Mapping, layers: Sequence[int], feature_cache: dict, batch_size: int = 16,
+                  progress: bool = True) -> dict[str, dict[int, np.ndarray]]:
+    """``{split: {layer: (rows, hidden)}}``: ``layer_features`` of ``model`` for each split, read from ``feature_cache``
+    where it holds them and computed (one pass per split, for all missing layers) and stored there otherwise. The
+    pipeline computes the train and validation features of the original model once, for the head's probe initialisation,
+    and ``run_baselines`` given the same cache reads them back."""
+    model = causal_lm(model)
+    out = {}
+    for name, rows in splits.items():
+        key = lambda layer: feature_key(("self", id(model), int(layer)), name, rows)  # noqa: E731
+        missing = [layer for layer in layers if key(layer) not in feature_cache]
+        if missing:
+            for layer, X in layer_features(model, rows, missing, batch_size=batch_size, progress=progress).items():
+                feature_cache[key(layer)] = X
+        out[name] = {int(layer): feature_cache[key(layer)] for layer in layers}
+    return out
+
+
 def _self_probes(run: _BaselineRun, result: dict, methods, read_layer: int, probe_layers, seed: int) -> None:
     """``ridge_probe``, ``probe_by_layer`` and ``shuffled_labels``: probes of the model's own residual stream."""
     model = run.model
-    layers = _probe_layers(methods, read_layer, num_layers(model), probe_layers)
-    for s in run.needed:
-        missing = [layer for layer in layers if run.key(("self", id(model), layer), s) not in run.cache]
-        if missing:
-            for layer, X in layer_features(model, run.splits[s], missing, batch_size=run.batch_size).items():
-                run.cache[run.key(("self", id(model), layer), s)] = X
-    features = {s: {layer: run.cache[run.key(("self", id(model), layer), s)] for layer in layers} for s in run.needed}
+    layers = probe_layers_of(methods, read_layer, num_layers(model), probe_layers)
+    features = self_features(model, {s: run.splits[s] for s in run.needed}, layers, run.cache, run.batch_size)
     at_read = {s: features[s][read_layer] for s in run.needed}
     about = {"layer": read_layer, "features": "residual after block read_layer through the final norm, at the labelled token"}
     if "ridge_probe" in methods:
@@ -398,7 +421,7 @@ def _cross_probes(run: _BaselineRun, tokenizer, cross_models) -> None:
 
 def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_column: int = 0,
                   eval_splits=("test",), methods=DEFAULT_BASELINES, cross_models=("minilm",), seed: int = 0,
-                  batch_size: int = 16, feature_cache: dict | None = None, probe_layers: Sequence[int] | None = None) -> dict:
+                  batch_size: int = 16, feature_cache: dict | None = None, probe_layers: Sequence[int] | str | None = None) -> dict:
     """Every baseline and control, fitted on ``splits["train"]`` (alphas on ``splits["validation"]``), predicting
     each of ``eval_splits``.
 
@@ -412,7 +435,8 @@ def run_baselines(model, tokenizer, splits: dict, *, read_layer: int, neuron_col
     ``"cross:<name>"``. ``ridge_direction`` is the read-layer probe's unit vector in the final-normed residual basis.
     An empty evaluation split gets empty predictions and a note; without validation rows alphas come from GCV.
 
-    ``probe_layers``: the layers of ``probe_by_layer`` (default: every layer; the read layer is always added).
+    ``probe_layers``: the layers of ``probe_by_layer`` (default or ``"all"``: every layer; ``"up_to_read"``: blocks
+    ``0..read_layer``; the read layer is always added; ``probe_layers_of``).
     Blocks after the deepest of them are never run, so ``range(read_layer + 1)`` is much cheaper on a deep model.
 
     ``feature_cache``: pass the same dict to several calls on the same model and splits (e.g. one call per neuron

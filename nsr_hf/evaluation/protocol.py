@@ -263,14 +263,13 @@ def _shuffled_predictions(config: EvaluateConfig, predictor, dataset, splits, ne
 
 
 def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, splits, columns, base_model, tokenizer,
-                         stages: FinishedStages) -> dict:
+                         stages: FinishedStages, feature_cache: dict | None = None) -> dict:
     """``run_baselines`` for every neuron column, on the original base model, with one feature pass for all; each neuron's
     baselines are a stage that a resumed evaluation reads back (the original model is then loaded only if one is missing)."""
     if not config.methods:
         return {}
     read_layer = inner.config.effective_read_layer
-    probe_layers = range(read_layer + 1) if config.probe_layers == "up_to_read" else None
-    cache: dict = {}
+    cache: dict = {} if feature_cache is None else feature_cache
     original: list = []  # loaded on first need
 
     def baselines_of(column: int) -> dict:
@@ -279,7 +278,7 @@ def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, spli
         return run_baselines(original[0], original[1], {name: dataset[name] for name in dataset}, read_layer=read_layer,
                              neuron_column=column, eval_splits=tuple(splits), methods=tuple(config.methods),
                              cross_models=tuple(config.cross_models), seed=config.seed, batch_size=config.batch_size,
-                             feature_cache=cache, probe_layers=probe_layers)
+                             feature_cache=cache, probe_layers=config.probe_layers)
 
     return {neuron: stages.get(f"baselines-{j}", lambda column=columns[j]: baselines_of(column))
             for j, neuron in enumerate(inner.config.neurons)}
@@ -412,7 +411,7 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
 
 
 def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metadata=None, base_model=None, tokenizer=None,
-                 log_history=None, drift=None, resumable: bool | None = None) -> dict:
+                 log_history=None, drift=None, resumable: bool | None = None, feature_cache: dict | None = None) -> dict:
     """``nsr evaluate``: every figure of the module docstring for the predictor, the baselines and the controls;
     writes ``metrics.json``, ``predictions.json`` and the report into ``config.output_dir`` and returns the
     evaluation (the content of ``metrics.json``).
@@ -420,7 +419,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     Anything already in memory can be passed instead of being loaded: ``predictor`` (an ``ActivationPredictor``,
     or a PEFT-wrapped one), ``dataset`` and ``metadata`` (as ``load_activation_dataset`` returns them),
     ``base_model`` / ``tokenizer`` (the *original* base model for the baselines), ``log_history`` (the Trainer's)
-    and ``drift`` (the drift monitor's history, or its ``drift.json`` content).
+    and ``drift`` (the drift monitor's history, or its ``drift.json`` content). ``feature_cache``: the baselines'
+    features already computed for ``base_model`` (``nsr_hf.evaluation.baselines.self_features``; ``nsr train`` passes
+    those of the head's probe initialisation).
 
     The baselines must read the original model. By default it is loaded again from the predictor's
     ``base_model_name_or_path`` (or ``config.base_model``): a trained base (last_k, after_target, full, lora,
@@ -450,7 +451,8 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     with timed("shuffled-label predictor"):
         shuffled = stages.get("shuffled", lambda: _shuffled_predictions(config, predictor, dataset, splits, neurons))
     with timed("baselines"):
-        baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer, stages)
+        baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer, stages,
+                                         feature_cache)
     compare = (load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
                if config.compare_predictor and config.counterfactual_rows else None)
     per_neuron, all_predictions = {}, {}

@@ -132,7 +132,7 @@ class Head:
         """Parameter-name prefixes of the head in ``predictor`` (what ``head_only`` trains)."""
         return ["neuron_head."]
 
-    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
+    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
         """Set the head to the ridge probe of its representation (``ActivationPredictor.init_head_from_probe``)."""
         raise ValueError("init_head_from_probe needs a regression head that is one linear layer (head_hidden_size 0).")
 
@@ -228,13 +228,21 @@ class RegressionHead(ReadingHead):
         return linear_weight(module, self.config)[column], {"source": "regression head row"}
 
     @torch.no_grad()
-    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
+    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
         if not isinstance(predictor.neuron_head, nn.Linear):
-            return super().init_from_probe(predictor, train_rows, validation_rows, batch_size)
+            return super().init_from_probe(predictor, train_rows, validation_rows, batch_size, features)
         read = self.config.effective_read_layer
-        X = layer_features(predictor.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
-        X_val = None if validation_rows is None or len(validation_rows) == 0 else layer_features(
-            predictor.base, validation_rows, [read], batch_size=batch_size, progress=False)[read]
+        has_validation = validation_rows is not None and len(validation_rows) > 0
+        if features is not None:
+            X, X_val = (np.asarray(f, dtype=np.float64) for f in features)
+            if X.shape[0] != len(train_rows) or (has_validation and X_val.shape[0] != len(validation_rows)):
+                raise ValueError(f"init_head_from_probe got features of {X.shape[0]} train and {X_val.shape[0]} validation rows for "
+                                 f"{len(train_rows)} and {len(validation_rows or [])}: give each split's features in its row order.")
+            X_val = X_val if has_validation else None
+        else:
+            X = layer_features(predictor.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
+            X_val = layer_features(predictor.base, validation_rows, [read], batch_size=batch_size, progress=False)[read] \
+                if has_validation else None
         mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
         info = {}
         head = predictor.neuron_head

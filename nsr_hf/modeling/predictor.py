@@ -245,14 +245,17 @@ class ActivationPredictor(PreTrainedModel):
         return predictor.eval()
 
     @torch.no_grad()
-    def init_head_from_probe(self, train_rows, validation_rows=None, batch_size: int = 32) -> dict:
+    def init_head_from_probe(self, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
         """Set the regression head to the closed-form ridge probe of its own representation (``nsr_hf.evaluation.baselines.RidgeProbe``,
         alpha chosen on ``validation_rows`` or by GCV), fitted on ``train_rows`` (an activation dataset split): linear
         probing before fine-tuning (LP-FT, Kumar et al. 2022), so that fine-tuning starts from the best linear readout
         of the frozen model instead of a random head, and does not distort the features to fit a random head.
-        Returns the probe's alphas and validation R^2 per neuron. Regression heads with a linear head only."""
+        Returns the probe's alphas and validation R^2 per neuron. Regression heads with a linear head only.
 
-        return self.head.init_from_probe(self, train_rows, validation_rows, batch_size)
+        ``features``: ``(train, validation)`` arrays of that representation already computed (the pipeline computes them once
+        for the head and the evaluation's probes of the original model, whose weights these still are); else computed here."""
+
+        return self.head.init_from_probe(self, train_rows, validation_rows, batch_size, features)
 
     # -- label transform -------------------------------------------------------------------------
 
