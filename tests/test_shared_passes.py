@@ -84,3 +84,65 @@ def json_close(a, b, tol=1e-6):
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b) <= tol or (a != a and b != b)
     return a == b
+
+
+def _rows(tok, n=20, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        ids = torch.randint(1, len(tok), (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "label_position": int(torch.randint(0, length, (1,), generator=g)),
+                     "activations": [float(torch.rand(1, generator=g))]})
+    return rows
+
+
+@pytest.mark.parametrize("head", ["regression", "token"])
+def test_reports_under_several_value_sets_run_the_blocks_below_the_neuron_once_and_equal_one_pass_per_set(tiny, head):
+    """The causal test's reports: the natural report and one per set value, from one run of the blocks below the neuron's
+    block per batch, equal the reports of one full forward per set (float round-off)."""
+    from nsr_hf.capture import Intervention
+    from nsr_hf.evaluation.causal import report_under_intervention, reports_under_value_sets
+    from nsr_hf.modeling.predictor import ActivationPredictor
+
+    model, tok = tiny
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], head_type=head, read_layer=2,
+                                              label_transform={"mean": [0.5], "std": [0.3], "bin_edges": [[0, .2, .4, .6, .8, 1]]})
+    rows = _rows(tok)
+    per_row = np.linspace(-2, 3, len(rows))
+    sets = [None, 0.5, -1.0, per_row]
+    shared = reports_under_value_sets(predictor, rows, "1.3", sets, batch_size=6)
+    for k, value in enumerate(sets):
+        ivs = [] if value is None else Intervention(1, [3], "set", value)
+        np.testing.assert_allclose(shared[k], report_under_intervention(predictor, rows, ivs, batch_size=6), atol=1e-5)
+    scaled = reports_under_value_sets(predictor, rows, "1.3", [2.0], mode="scale", batch_size=6)
+    np.testing.assert_allclose(scaled[0], report_under_intervention(predictor, rows, Intervention(1, [3], "scale", 2.0), batch_size=6),
+                               atol=1e-5)
+    assert not np.allclose(shared[1], shared[2])  # the set value reaches the report: the sets really differ
+
+
+def test_the_honest_readers_natural_and_intervened_features_share_the_blocks_below_the_neuron(tiny):
+    from nsr_hf.capture import Neuron
+    from nsr_hf.evaluation.faithfulness import representation, representations
+    from nsr_hf.modeling.predictor import ActivationPredictor
+
+    model, tok = tiny
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2, label_transform={"mean": [0.5], "std": [0.3]})
+    rows = _rows(tok, seed=1)
+    values = np.linspace(-3, 3, len(rows))
+    plain, intervened = representations(predictor, rows, 2, Neuron(1, 3), [None, values], batch_size=7)
+    np.testing.assert_allclose(plain, representation(predictor, rows, 2, batch_size=7), atol=1e-5)
+    # against features computed with no prefix at all: layer_features with the neuron set, one row at a time
+    import torch
+
+    from nsr_hf.capture import Intervention, intervene
+    from nsr_hf.modeling.probes import layer_features
+
+    for i in (0, 5, 19):
+        with intervene(predictor.base, Intervention(1, [3], "set", float(values[i]), positions=torch.tensor([rows[i]["label_position"]]))):
+            one = {c: [rows[i][c]] for c in ("input_ids", "attention_mask", "label_position")}
+            alone = layer_features(predictor.base, one, [2], progress=False)[2][0]
+        np.testing.assert_allclose(intervened[i], alone, atol=1e-5)
+    assert not np.allclose(plain, intervened)

@@ -33,6 +33,7 @@ from nsr_hf.capture import Intervention, Neuron, intervene, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.prefix_cache import PrefixCache
 from nsr_hf.utils import unwrap
 
 MODES = ("set", "scale")
@@ -205,6 +206,37 @@ def report_under_intervention(predictor, rows, interventions: Intervention | Ite
     return predictor_reports(model, rows, neuron, batch_size, during if ivs else None)
 
 
+def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode: str = "set", batch_size: int = 16) -> np.ndarray:
+    """(len(value_sets), rows) the predictor's report of ``neuron`` with the neuron set (``mode`` ``"set"``) or scaled
+    (``"scale"``) at each row's labelled token to each value set in turn: ``None`` (no intervention: the natural report),
+    a number, or one value per row. The same reports as ``report_under_intervention`` once per set, for less: per batch of
+    rows, the blocks below the neuron's block run once (a ``PrefixCache`` at its input), and only the blocks from there run
+    for each set (the neuron is set inside its block)."""
+    model = unwrap_predictor(predictor)
+    neuron, column = target_column(model, neuron)
+    rows = as_rows(rows)
+    value_sets = list(value_sets)
+    for value in value_sets:  # shape checks before any forward
+        if value is not None:
+            _batch_value(value, 0, len(rows), len(rows), 1)
+    out = np.zeros((len(value_sets), len(rows)))
+    with _eval_mode(model):
+        for start, stop, batch in batches(model, rows, batch_size):
+            prefix = PrefixCache(neuron.layer).build(model, [batch]) if neuron.layer > 0 else None
+            for k, value in enumerate(value_sets):
+                with contextlib.ExitStack() as stack:
+                    if prefix is not None:
+                        stack.enter_context(prefix.feeding(model, batch))
+                    if value is not None:
+                        stack.enter_context(intervene(model.base, Intervention(
+                            neuron.layer, [neuron.index], mode, _batch_value(value, start, stop, len(rows), 1),
+                            positions=batch["label_positions"])))
+                    predictions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        label_positions=batch["label_positions"]).predictions
+                out[k, start:stop] = predictions[:, column].float().cpu().numpy()
+    return out
+
+
 def live_activations(predictor, rows, neurons: Sequence, batch_size: int = 16) -> np.ndarray:
     """(rows, len(neurons)) the neurons' values in ``predictor.base`` now (not the dataset's labels, which came
     from the original model) at each row's labelled token."""
@@ -277,7 +309,6 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
     if int(num_values) < 2:
         raise ValueError(f"num_values must be at least 2 to fit a slope, got {num_values}.")
     model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed)
-    natural = report_under_intervention(model, rows, [], batch_size, neuron)
     if mode == "set":
         low, high = np.percentile(true, PERCENTILE_RANGE)
         if not high > low:
@@ -288,8 +319,9 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         values = np.linspace(*SCALE_RANGE, int(num_values))
         live = live_activations(model, rows, [neuron], batch_size)[:, 0]
         given = values[:, None] * live[None, :]
-    reports = np.stack([report_under_intervention(model, rows, Intervention(neuron.layer, [neuron.index], mode, float(v)), batch_size,
-                                                  neuron) for v in values])
+    # the natural report and the report at every value, the blocks below the neuron's run once per batch of rows
+    out = reports_under_value_sets(model, rows, neuron, [None, *(float(v) for v in values)], mode, batch_size)
+    natural, reports = out[0], out[1:]
     fit = linear_fit(given.ravel(), reports.ravel())
     if fit["slope"] is None:
         raise ValueError(f"The values given to {neuron} do not vary (is the neuron 0 on every row?): no slope to fit.")

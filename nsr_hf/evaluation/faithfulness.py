@@ -32,7 +32,7 @@ import contextlib
 import numpy as np
 import torch
 
-from nsr_hf.capture import Intervention, Neuron, intervene
+from nsr_hf.capture import Intervention, Neuron, intervene, pad_right
 from nsr_hf.data.counterfactuals import CounterfactualValues, check_source
 from nsr_hf.evaluation.causal import (
     activation_column,
@@ -46,6 +46,7 @@ from nsr_hf.evaluation.causal import (
 from nsr_hf.evaluation.statistics import bootstrap_ci, paired_bootstrap_difference, slope_ratio_ci
 from nsr_hf.metrics import regression_metrics
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
+from nsr_hf.training.prefix_cache import PrefixCache
 
 DEFAULT_ROWS = 256
 PROBE_ROWS = 4096  # the outside readers are fitted on up to this many train rows: as many as the reporter trained on, here
@@ -84,23 +85,42 @@ def draw_values(values: CounterfactualValues, natural: np.ndarray, seed: int) ->
 def representation(model, rows: list[dict], read_layer: int, neuron: Neuron | None = None, values: np.ndarray | None = None,
                    batch_size: int = 16) -> np.ndarray:
     """(rows, hidden): what the head reads (``layer_features`` of ``model.base`` at ``read_layer``), with ``neuron`` set to
-    ``values`` (one per row) at each row's labelled token when given. ``layer_features`` orders rows by length; the
-    batches here are cut from rows already in that order, so each row's value is set in its own forward."""
+    ``values`` (one per row) at each row's labelled token when given."""
+    return representations(model, rows, read_layer, neuron, [values], batch_size)[0]
+
+
+def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | None, value_sets: list,
+                    batch_size: int = 16) -> list[np.ndarray]:
+    """``representation`` once per value set (``None``: the neuron as it is; else one value per row), for less: per batch
+    of rows, the blocks below the neuron's block run once (a ``PrefixCache`` at its input) and only the blocks from there
+    run for each set. ``layer_features`` orders rows by length; the batches here are cut from rows already in that order,
+    so each row's value is set in its own forward."""
     order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
-    out = None
+    out = [None] * len(value_sets)
+    share = neuron is not None and neuron.layer > 0 and not model.head.takes_prompt  # the head runs the rows themselves
     for start in range(0, len(rows), batch_size):
         index = order[start:start + batch_size]
         chunk = [rows[i] for i in index]
         columns = {"input_ids": [list(r["input_ids"]) for r in chunk],
                    "attention_mask": [list(r.get("attention_mask") or [1] * len(r["input_ids"])) for r in chunk],
                    "label_position": [int(r["label_position"]) for r in chunk]}
-        context = contextlib.nullcontext() if values is None else intervene(model.base, Intervention(
-            neuron.layer, [neuron.index], "set", torch.as_tensor(values[index], dtype=torch.float32)[:, None],
-            positions=torch.as_tensor(columns["label_position"])))
-        with context:
-            features = layer_features(model.base, columns, [read_layer], batch_size=len(chunk), progress=False)[read_layer]
-        out = np.zeros((len(rows), features.shape[1])) if out is None else out
-        out[index] = features
+        positions = torch.as_tensor(columns["label_position"])
+        prefix = batch = None
+        if share:
+            input_ids, mask = pad_right(columns["input_ids"], 0, columns["attention_mask"], device=next(model.parameters()).device)
+            batch = {"input_ids": input_ids, "attention_mask": mask, "label_positions": positions.to(input_ids.device)}
+            prefix = PrefixCache(neuron.layer).build(model, [batch])
+        for k, values in enumerate(value_sets):
+            with contextlib.ExitStack() as stack:
+                if prefix is not None:
+                    stack.enter_context(prefix.feeding(model, batch))
+                if values is not None:
+                    value = torch.as_tensor(values[index], dtype=torch.float32)[:, None]
+                    iv = Intervention(neuron.layer, [neuron.index], "set", value, positions=positions)
+                    stack.enter_context(intervene(model.base, iv))
+                features = layer_features(model.base, columns, [read_layer], batch_size=len(chunk), progress=False)[read_layer]
+            out[k] = np.zeros((len(rows), features.shape[1])) if out[k] is None else out[k]
+            out[k][index] = features
     return out
 
 
@@ -113,8 +133,9 @@ def fit_probes(model, train_rows, neuron: Neuron, column: int, values: Counterfa
     natural = activation_column(rows, column)
     set_to = draw_values(values, natural, seed + 2)
     read_layer = model.config.effective_read_layer
-    probes = {"ridge_probe": RidgeProbe().fit(representation(model, rows, read_layer, batch_size=batch_size), natural),
-              "ridge_probe_intervened": RidgeProbe().fit(representation(model, rows, read_layer, neuron, set_to, batch_size), set_to)}
+    # the natural and the intervened features of each batch of rows from one run of the blocks below the neuron's
+    plain, intervened = representations(model, rows, read_layer, neuron, [None, set_to], batch_size)
+    probes = {"ridge_probe": RidgeProbe().fit(plain, natural), "ridge_probe_intervened": RidgeProbe().fit(intervened, set_to)}
     info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows)} for name, p in probes.items()}
     info["ridge_probe_intervened"]["labels"] = "the values set"
     return probes, {"probes": info, "train_set_values": set_to}
