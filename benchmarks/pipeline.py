@@ -12,16 +12,17 @@ weight of every linear map of a block, plus the attention's 4 x context x hidden
 * scan: the scanned tokens through the scanned layers;
 * readability selection: the same tokens to the candidates' read layer (it could reuse the scan's pass: then 0);
 * dataset: the dataset's tokens to the target's block;
-* predictor and head init: the train rows to the read layer (the probe the head starts from);
+* predictor and head init: the train rows to the read layer (the probe the head starts from), and the validation rows when the
+  evaluation's probes of the original model reuse these features (``head_init: probe``, any unfreezing but head_only);
 * train: epochs x train tokens x 3 x F(first trainable block..read layer), on the frozen prefix's output (with interventions
   the target's block runs too); train/prefix cache: the train tokens once through the frozen blocks below (the
   frozen-prefix cache, ``nsr_hf.training.prefix_cache``; the dataset's pass could give them: then 0);
 * train/drift monitor, neuron drift: 0 (the result does not need them: they watch the training);
 * validation and test loss: validation and test tokens to the read layer;
-* evaluation/predictions: the evaluated splits to the read layer; baselines: one feature pass of the original model (all
-  splits, to the read layer: every probe and layer share it), of the random-init model, and of each cross model; causal
-  test: rows x values x F(target..read); faithfulness: counterfactual rows x F(target..read) for the report and the honest
-  reader's intervened train rows; token examples: the shown rows to the target.
+* evaluation/predictions: the evaluated splits to the read layer; baselines: one feature pass of the original model (the
+  splits the head init did not read, to the read layer: every probe and layer share it), of the random-init model, and of
+  each cross model; causal test: rows x values x F(target..read); faithfulness: counterfactual rows x F(target..read) for
+  the report and the honest reader's intervened train rows; token examples: the shown rows to the target.
 
 The machine's rate is the best of a few fp32 matmuls of the model's own shapes (a batch of 1024 tokens) on every thread
 torch uses: the rate that a pass of the model could reach here. A stage far above its floor is named with why, when known.
@@ -126,12 +127,16 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
     evaluated = [s for s in ("validation", "test", "test_ood") if s in t]
     causal_rows = min(int(evaluation.get("causal_max_rows") or 64), rows.get(evaluated[-1] if evaluated else "test", 0))
     cf_rows = int(evaluation.get("counterfactual_rows") or 0)
+    # nsr train computes the original model's train and validation features once, for the head's probe and the evaluation
+    shared = config.get("head_init") == "probe" and config.get("unfreeze") != "head_only"
     out = {
         "scan": (facts["scan_tokens"] * span(flops, 0, scan_last), f"{facts['scan_tokens']} tokens through blocks 0..{scan_last}"),
         "readability selection": (facts["scan_tokens"] * span(flops, 0, selection_read),
                                   f"the scanned tokens to block {selection_read} (0 if it reused the scan's pass)"),
         "dataset": (all_tokens * span(flops, 0, target), f"{all_tokens} tokens through blocks 0..{target}"),
-        "predictor and head init": (t.get("train", 0) * span(flops, 0, read), f"train tokens to block {read} (the head's probe)"),
+        "predictor and head init": ((t.get("train", 0) + (t.get("validation", 0) if shared else 0)) * span(flops, 0, read),
+                                    f"train{' and validation' if shared else ''} tokens to block {read} (the head's probe"
+                                    + ("; the evaluation's probes of the original model reuse them)" if shared else ")")),
         "train": (facts["epochs"] * t.get("train", 0) * 3 * train_span,
                   f"{facts['epochs']:g} epochs x {t.get('train', 0)} train tokens x 3 x blocks {first}..{read} on a cached prefix"
                   if first is not None else "every block trains: the whole forward and backward"),
@@ -141,8 +146,10 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
         "neuron drift": (0.0, "not needed by the result (the neuron is unchanged by construction below the trainable blocks)"),
         "validation and test loss": (sum(t[s] for s in evaluated) * span(flops, 0, read), "validation and test tokens to the read layer"),
         "evaluation/predictions": (sum(t[s] for s in evaluated) * span(flops, 0, read), "the evaluated splits to the read layer"),
-        "evaluation/baselines/probes of the original model": (all_tokens * span(flops, 0, read),
-                                                              "every split to the read layer, once for every probe and layer"),
+        "evaluation/baselines/probes of the original model": (
+            (all_tokens - (t.get("train", 0) + t.get("validation", 0) if shared else 0)) * span(flops, 0, read),
+            "the evaluated splits to the read layer (train and validation: from the head init)" if shared
+            else "every split to the read layer, once for every probe and layer"),
         "evaluation/baselines/random-init probe": (all_tokens * span(flops, 0, read), "every split through a random-init copy"),
         "evaluation/baselines/cross-model probes": (all_tokens * sum(cross_flops.values()),
                                                     f"every split through {', '.join(cross_flops) or 'no cross model'}"),
@@ -159,11 +166,11 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
 
 WHY = {  # what a ratio far above 1 comes from, where known
     "scan": "small batches (8 texts) and per-layer statistics on every token",
-    "readability selection": "a pass of its own over the scanned documents (the scan's pass could give these features)",
+    "readability selection": "a pass of its own over the scanned documents, to the read layer (the scan's pass stops lower)",
     "train": "per step: the Trainer's own work (optimizer, logging, checkpoints) and small batches (16 rows of 64 tokens)",
     "train/prefix cache": "a pass of its own over the train rows (the dataset's pass could keep these states)",
     "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
-    "evaluation/causal test": "each set value is a batch of its own",
+    "evaluation/causal test": "small batches (16 rows), each set value a forward of its own from the target's block",
     "load model": "reading and converting the weights: no arithmetic floor",
     "save": "writing the predictor's weights: no arithmetic floor",
     "evaluation/report": "plotting: no arithmetic floor",
