@@ -37,6 +37,7 @@ Gradual unfreezing cannot continue from a checkpoint: its rerun trains again fro
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,6 +78,7 @@ from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.config import TrainConfig
 from nsr_hf.training.interventions import InterventionSampler
 from nsr_hf.training.monitoring import DriftMonitor
+from nsr_hf.training.prefix_cache import PrefixCache, recording_states
 from nsr_hf.training.trainer import PredictorTrainer, count_parameters
 from nsr_hf.utils import command_recorded, recorded_command, to_jsonable, unwrap, write_json
 
@@ -274,7 +276,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
     features: dict = {}  # the original model's features, computed once for the head's probe and the evaluation's probes
     with timed("predictor and head init"):
-        predictor = build_predictor(config, model, tokenizer, dataset, metadata, folder.final, original=original, feature_cache=features)
+        predictor, prefix_start = build_predictor(config, model, tokenizer, dataset, metadata, folder.final, original=original,
+                                                  feature_cache=features)
     del model
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -282,7 +285,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
                                          "every_n_steps": config.unfreeze_every_n_steps},
                                label_mode=config.labels, live_guard_weight=config.live_guard_weight,
                                interventions=intervention_sampler(config, predictor, dataset["train"], neurons),
-                               prefix_cache=config.prefix_cache, prefix_cache_max_gb=config.prefix_cache_max_gb)
+                               prefix_cache=config.prefix_cache, prefix_cache_max_gb=config.prefix_cache_max_gb,
+                               prefix_start=prefix_start)
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out),
                            max_probe_rows=config.drift_probe_rows, max_lm_rows=config.drift_lm_rows).bind(trainer)
@@ -314,7 +318,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
         if config.evaluate:
             try:
                 with timed("evaluation"):
-                    evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor, features)
+                    evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor, features,
+                                                  unchanged_prefix(trainer, prefix_start))
             except Exception as err:
                 err.add_note(evaluation_kept_note(config, folder))
                 raise
@@ -620,13 +625,16 @@ def labelled_position(config: TrainConfig, metadata: dict):
 
 
 def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path, *, original=None,
-                    feature_cache: dict | None = None) -> ActivationPredictor:
+                    feature_cache: dict | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
     """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
     when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``.
 
     ``original``: the untouched ``model`` the evaluation's baselines will read (the predictor holds a copy of its weights).
     The probe's train and validation features are then computed from it, at every layer the evaluation's probes read, into
-    ``feature_cache`` (``nsr_hf.evaluation.baselines.self_features``): one pass serves the head and those probes."""
+    ``feature_cache`` (``nsr_hf.evaluation.baselines.self_features``): one pass serves the head and those probes. The same
+    pass keeps the train rows' residual stream entering the target's block (``recording_states``), returned as a
+    ``PrefixCache`` (or ``None``): the frozen-prefix cache of training and the honest reader's features start from it.
+    Returns ``(predictor, that cache)``."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
@@ -637,17 +645,32 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
                                               position=labelled_position(config, metadata), label_transform=transform,
                                               num_bins=config.num_bins, expected_value_loss_weight=config.expected_value_loss_weight,
                                               prompt_suffix=config.prompt_suffix, dataset_name=config.dataset or str(out / "dataset"))
+    start = None
     if config.head_init == "probe":
         features = None
         if original is not None and feature_cache is not None:
             layers = probe_layers_of(evaluate_config(config, out).methods, read_layer, num_layers(original), config.probe_layers)
-            by_split = self_features(original, {s: dataset[s] for s in ("train", "validation")}, layers, feature_cache,
-                                     batch_size=config.per_device_eval_batch_size, progress=False)
+            target = min(Neuron.parse(n).layer for n in neurons)
+            keep = keeps_prefix(config, predictor, dataset["train"], target)
+            with recording_states(original, target) if keep else contextlib.nullcontext() as recorded:
+                by_split = self_features(original, {s: dataset[s] for s in ("train", "validation")}, layers, feature_cache,
+                                         batch_size=config.per_device_eval_batch_size, progress=False)
+            start = PrefixCache.from_states(recorded, dataset["train"]) if keep else None
             features = (by_split["train"][read_layer], by_split["validation"][read_layer])
         probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size,
                                                features=features)
         print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
-    return predictor
+    return predictor, start
+
+
+def keeps_prefix(config: TrainConfig, predictor: ActivationPredictor, train, target: int) -> bool:
+    """Whether the head's probe pass keeps the train rows' states entering the target's block: the cache is on, the head
+    runs the rows themselves (not the token head's prompt), the target is above block 0, and the states fit
+    ``prefix_cache_max_gb``."""
+    if config.prefix_cache == "off" or predictor.head.takes_prompt or target < 1 or target > predictor.config.effective_read_layer:
+        return False
+    positions = sum(len(ids) for ids in train["input_ids"])
+    return positions * predictor.base.config.hidden_size * 4 <= config.prefix_cache_max_gb * 1e9
 
 
 def intervention_sampler(config: TrainConfig, predictor: ActivationPredictor, train, neurons: list[str]) -> InterventionSampler | None:
@@ -726,11 +749,21 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
     }
 
 
-def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor, features=None) -> dict:
+def unchanged_prefix(trainer, start: PrefixCache | None) -> PrefixCache | None:
+    """``start`` (the train rows' states entering the target's block, from the original model) when training kept every
+    block below it frozen (its own frozen-prefix cache sat at that block or above), so the trained predictor computes the
+    same states; else ``None``."""
+    info = trainer.prefix_cache_info or {}
+    return start if start is not None and info.get("used") and info.get("layer", -1) >= start.layer else None
+
+
+def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor, features=None,
+                     train_prefix: PrefixCache | None = None) -> dict:
     """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded."""
     shutil.rmtree(out / "evaluation", ignore_errors=True)  # what an evaluation of this unfinished run left when it failed
     return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
                         tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary(), feature_cache=features,
+                        train_prefix=train_prefix,
                         resumable=True)  # the predictor in memory is the one just saved: an interrupted evaluation resumes its stages
 
 

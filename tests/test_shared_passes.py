@@ -54,7 +54,8 @@ def test_train_computes_the_original_models_probe_features_once_for_the_head_and
     monkeypatch.setattr(baselines, "layer_features", counted)
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), neuron="0.3", read_layer="target+1", dataset_documents=60,
-                         max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="after_target",
+                         max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2,
+                         unfreeze="after_target", head_init="probe",
                          eval_methods=["mean", "ridge_probe", "probe_by_layer"], probe_layers="up_to_read", counterfactual_rows=0,
                          n_bootstrap=20, drift_every_n_steps=100, output_dir=str(tmp_path / "out"))
     summary = run_train(config)
@@ -146,3 +147,68 @@ def test_the_honest_readers_natural_and_intervened_features_share_the_blocks_bel
             alone = layer_features(predictor.base, one, [2], progress=False)[2][0]
         np.testing.assert_allclose(intervened[i], alone, atol=1e-5)
     assert not np.allclose(plain, intervened)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_states_recorded_on_a_pass_that_runs_anyway_make_the_same_prefix_cache_as_its_own_pass(tiny, layer):
+    """The head's probe pass keeps the train rows' states entering a block (``recording_states``); the cache made from
+    them, and a cache at a higher block built from it, equal the caches built by their own passes."""
+    import torch
+
+    from nsr_hf.evaluation.causal import batches
+    from nsr_hf.modeling.predictor import ActivationPredictor
+    from nsr_hf.training.prefix_cache import PrefixCache, recording_states, row_keys
+
+    model, tok = tiny
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2, label_transform={"mean": [0.5], "std": [0.3]})
+    rows = _rows(tok, seed=2)
+    columns = {c: [r[c] for r in rows] for c in ("input_ids", "attention_mask", "label_position")}
+    with recording_states(model, layer) as recorded:
+        layer_features(model, columns, [0, 2], batch_size=5, progress=False)
+    given = PrefixCache.from_states(recorded, rows)
+    own = PrefixCache(layer).build(predictor, (b for _, _, b in batches(predictor, rows, 4)))
+    assert given.rows == own.rows == len(rows) and given.blocks_return_tuples == own.blocks_return_tuples
+    for _, _, batch in batches(predictor, rows, 4):
+        keys = row_keys(batch)
+        assert given.holds(keys)
+        hidden = torch.zeros(len(keys), batch["input_ids"].shape[1], model.config.hidden_size)
+        torch.testing.assert_close(given.batch_states(keys, hidden), own.batch_states(keys, hidden), atol=1e-5, rtol=1e-5)
+    # a cache at the read layer's input, built from the lower one, equals the one built from the embeddings up
+    chained = PrefixCache(2).build(predictor, (b for _, _, b in batches(predictor, rows, 4)), start=given)
+    direct = PrefixCache(2).build(predictor, (b for _, _, b in batches(predictor, rows, 4)))
+    torch.testing.assert_close(chained.states, direct.states, atol=1e-5, rtol=1e-5)
+    assert chained.spans == direct.spans and chained.started_at == layer and direct.started_at is None
+    with pytest.raises(ValueError, match="above it"):
+        PrefixCache(0).build(predictor, [], start=given)
+    # a row whose states were not recorded: no cache
+    assert PrefixCache.from_states(recorded, [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "label_position": 2}]) is None
+
+
+@pytest.mark.slow
+def test_train_starts_its_prefix_cache_and_the_honest_reader_from_the_probe_pass_with_the_same_results(tiny_model_dirs, tmp_path):
+    """nsr train keeps the train rows' states entering the target's block from the head's probe pass: training builds its
+    frozen-prefix cache from them and the evaluation's honest reader reads from them. The losses equal those of a run
+    without any cache, and the faithfulness figures those of an evaluation that computes everything itself."""
+    from conftest import write_word_corpus
+
+    from nsr_hf.evaluation.protocol import run_evaluate
+    from nsr_hf.pipeline import evaluate_config, run_train
+    from nsr_hf.training.config import TrainConfig
+
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
+    common = dict(model=tiny_model_dirs["llama"], corpus=str(corpus), neuron="1.3", read_layer="target+1", dataset_documents=60,
+                  max_length=32, num_train_epochs=2, per_device_train_batch_size=8, learning_rate=1e-2,
+                         unfreeze="after_target", head_init="probe",
+                  eval_methods=["mean", "ridge_probe"], counterfactual_rows=32, n_bootstrap=20, drift_every_n_steps=100, logging_steps=1)
+    shared = run_train(TrainConfig(**common, output_dir=str(tmp_path / "shared")))
+    plain = run_train(TrainConfig(**common, prefix_cache="off", output_dir=str(tmp_path / "plain")))
+    assert shared["prefix_cache"]["used"] and shared["prefix_cache"]["layer"] == 2 and not plain["prefix_cache"]["used"]
+    assert shared["prefix_cache"]["started_at_block"] == 1  # built from the probe pass's states at the target's block
+    losses = [[h["loss"] for h in json.loads((tmp_path / run / "log_history.json").read_text()) if "loss" in h]
+              for run in ("shared", "plain")]
+    assert len(losses[0]) > 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    alone = run_evaluate(replace_output(evaluate_config(TrainConfig(**common, output_dir=str(tmp_path / "shared")), tmp_path / "shared"),
+                                        tmp_path / "alone"))
+    mine, theirs = shared["evaluation"]["faithfulness"]["test"], alone["faithfulness"]["test"]
+    for reader in ("self", "ridge_probe", "ridge_probe_intervened"):
+        assert mine["methods"][reader]["r2"] == pytest.approx(theirs["methods"][reader]["r2"], abs=1e-6)

@@ -46,7 +46,7 @@ from nsr_hf.evaluation.causal import (
 from nsr_hf.evaluation.statistics import bootstrap_ci, paired_bootstrap_difference, slope_ratio_ci
 from nsr_hf.metrics import regression_metrics
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
-from nsr_hf.training.prefix_cache import PrefixCache
+from nsr_hf.training.prefix_cache import PrefixCache, row_keys
 
 DEFAULT_ROWS = 256
 PROBE_ROWS = 4096  # the outside readers are fitted on up to this many train rows: as many as the reporter trained on, here
@@ -90,11 +90,12 @@ def representation(model, rows: list[dict], read_layer: int, neuron: Neuron | No
 
 
 def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | None, value_sets: list,
-                    batch_size: int = 16) -> list[np.ndarray]:
+                    batch_size: int = 16, prefix: PrefixCache | None = None) -> list[np.ndarray]:
     """``representation`` once per value set (``None``: the neuron as it is; else one value per row), for less: per batch
     of rows, the blocks below the neuron's block run once (a ``PrefixCache`` at its input) and only the blocks from there
-    run for each set. ``layer_features`` orders rows by length; the batches here are cut from rows already in that order,
-    so each row's value is set in its own forward."""
+    run for each set. ``prefix``: a ``PrefixCache`` at the neuron's block that may hold the rows already (computed by the
+    same blocks below it): a batch it holds does not run them at all. ``layer_features`` orders rows by length; the batches
+    here are cut from rows already in that order, so each row's value is set in its own forward."""
     order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     out = [None] * len(value_sets)
     share = neuron is not None and neuron.layer > 0 and not model.head.takes_prompt  # the head runs the rows themselves
@@ -105,15 +106,16 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
                    "attention_mask": [list(r.get("attention_mask") or [1] * len(r["input_ids"])) for r in chunk],
                    "label_position": [int(r["label_position"]) for r in chunk]}
         positions = torch.as_tensor(columns["label_position"])
-        prefix = batch = None
+        cache = batch = None
         if share:
             input_ids, mask = pad_right(columns["input_ids"], 0, columns["attention_mask"], device=next(model.parameters()).device)
             batch = {"input_ids": input_ids, "attention_mask": mask, "label_positions": positions.to(input_ids.device)}
-            prefix = PrefixCache(neuron.layer).build(model, [batch])
+            given = prefix is not None and prefix.layer == neuron.layer and prefix.holds(row_keys(batch))
+            cache = prefix if given else PrefixCache(neuron.layer).build(model, [batch])
         for k, values in enumerate(value_sets):
             with contextlib.ExitStack() as stack:
-                if prefix is not None:
-                    stack.enter_context(prefix.feeding(model, batch))
+                if cache is not None:
+                    stack.enter_context(cache.feeding(model, batch))
                 if values is not None:
                     value = torch.as_tensor(values[index], dtype=torch.float32)[:, None]
                     iv = Intervention(neuron.layer, [neuron.index], "set", value, positions=positions)
@@ -125,7 +127,7 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
 
 
 def fit_probes(model, train_rows, neuron: Neuron, column: int, values: CounterfactualValues, *, max_rows: int, seed: int,
-               batch_size: int) -> tuple[dict[str, RidgeProbe], dict]:
+               batch_size: int, prefix: PrefixCache | None = None) -> tuple[dict[str, RidgeProbe], dict]:
     """The two outside readers, on at most ``max_rows`` train rows: ``ridge_probe`` (natural features, natural labels)
     and ``ridge_probe_intervened`` (features with the neuron set to drawn values, labels = those values); alpha by GCV.
     A reader of equal cost sees the rows the reporter trained on, so ``max_rows`` is ``PROBE_ROWS`` in the section."""
@@ -134,7 +136,7 @@ def fit_probes(model, train_rows, neuron: Neuron, column: int, values: Counterfa
     set_to = draw_values(values, natural, seed + 2)
     read_layer = model.config.effective_read_layer
     # the natural and the intervened features of each batch of rows from one run of the blocks below the neuron's
-    plain, intervened = representations(model, rows, read_layer, neuron, [None, set_to], batch_size)
+    plain, intervened = representations(model, rows, read_layer, neuron, [None, set_to], batch_size, prefix)
     probes = {"ridge_probe": RidgeProbe().fit(plain, natural), "ridge_probe_intervened": RidgeProbe().fit(intervened, set_to)}
     info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows)} for name, p in probes.items()}
     info["ridge_probe_intervened"]["labels"] = "the values set"
@@ -242,15 +244,18 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
 
 def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, column: int | None = None, max_rows: int = DEFAULT_ROWS,
                          probe_rows: int = PROBE_ROWS, source: str | None = None, seed: int = 0, batch_size: int = 16,
-                         n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None) -> dict:
+                         n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None,
+                         train_prefix: PrefixCache | None = None) -> dict:
     """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
     probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split).
-    ``causal``: {split: per-row causal result}."""
+    ``causal``: {split: per-row causal result}. ``train_prefix``: a ``PrefixCache`` of the train rows at the neuron's block,
+    computed by the predictor's own (unchanged) blocks below it (``representations``)."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
     values = fit_values(model, train_rows, column, neuron, source)
-    probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=probe_rows, seed=seed, batch_size=batch_size)
+    probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=probe_rows, seed=seed, batch_size=batch_size,
+                              prefix=train_prefix)
     out = {}
     for name, rows in splits.items():
         out[name] = faithfulness_on_rows(model, rows, values, probes, neuron=neuron, column=column, max_rows=max_rows, seed=seed,

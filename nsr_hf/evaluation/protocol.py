@@ -311,7 +311,7 @@ def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: 
 
 
 def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j: int, column: int, preds, shuffled,
-                   baselines, compare=None) -> tuple[dict, dict]:
+                   baselines, compare=None, train_prefix=None) -> tuple[dict, dict]:
     """``(result, predictions)`` of neuron ``j``: its figures, comparisons, selectivity, spread and causal test by split,
     and every method's predictions by split (``predictions.json``)."""
     neuron = inner.config.neurons[j]
@@ -347,14 +347,16 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
     if config.counterfactual_rows:
         causal = {splits[0]: {"per_row": per_row}} if per_row else None
         with timed("faithfulness"):
-            result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare)
+            result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare,
+                                                          train_prefix)
         # the counterfactual rows' values go to predictions.json (under "counterfactual"), not into metrics.json
         predictions["counterfactual"] = {s: section.pop("predictions") for s, section in result["faithfulness"].items()
                                          if isinstance(section, dict) and "predictions" in section}
     return result, predictions
 
 
-def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neuron: str, column: int, causal, compare) -> dict:
+def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neuron: str, column: int, causal, compare,
+                         train_prefix=None) -> dict:
     """The faithfulness section by split, or ``{"skipped": why}`` when it cannot run (no train split, a neuron that never varies)."""
     if "train" not in dataset or len(dataset["train"]) < 2:
         return {"skipped": "the dataset has no train split to fit the counterfactual values and the probes on"}
@@ -362,7 +364,7 @@ def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neu
         return faithfulness_section(predictor, {s: dataset[s] for s in splits}, dataset["train"], neuron=neuron, column=column,
                                     max_rows=config.counterfactual_rows, source=config.counterfactual_source, seed=config.seed,
                                     batch_size=config.batch_size, n_bootstrap=config.n_bootstrap, level=config.confidence_level,
-                                    causal=causal, compare=compare)
+                                    causal=causal, compare=compare, train_prefix=train_prefix)
     except ValueError as err:  # e.g. the neuron does not vary on train: say so, keep every other figure
         logger.warning("Faithfulness of %s skipped: %s", neuron, err)
         return {"skipped": str(err)}
@@ -411,7 +413,8 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
 
 
 def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metadata=None, base_model=None, tokenizer=None,
-                 log_history=None, drift=None, resumable: bool | None = None, feature_cache: dict | None = None) -> dict:
+                 log_history=None, drift=None, resumable: bool | None = None, feature_cache: dict | None = None,
+                 train_prefix=None) -> dict:
     """``nsr evaluate``: every figure of the module docstring for the predictor, the baselines and the controls;
     writes ``metrics.json``, ``predictions.json`` and the report into ``config.output_dir`` and returns the
     evaluation (the content of ``metrics.json``).
@@ -421,7 +424,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     ``base_model`` / ``tokenizer`` (the *original* base model for the baselines), ``log_history`` (the Trainer's)
     and ``drift`` (the drift monitor's history, or its ``drift.json`` content). ``feature_cache``: the baselines'
     features already computed for ``base_model`` (``nsr_hf.evaluation.baselines.self_features``; ``nsr train`` passes
-    those of the head's probe initialisation).
+    those of the head's probe initialisation). ``train_prefix``: a ``PrefixCache`` of the train rows at the target's
+    block, computed by blocks that the predictor still has unchanged (``nsr train`` passes the one of the head's probe pass
+    when training kept those blocks frozen): the honest reader's features run from it.
 
     The baselines must read the original model. By default it is loaded again from the predictor's
     ``base_model_name_or_path`` (or ``config.base_model``): a trained base (last_k, after_target, full, lora,
@@ -459,7 +464,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     for j, neuron in enumerate(neurons):
         per_neuron[neuron], all_predictions[neuron] = stages.get(
             f"neuron-{j}", lambda j=j, neuron=neuron: _neuron_result(config, predictor, inner, dataset, splits, j, columns[j], preds,
-                                                                     shuffled, baselines.get(neuron), compare))
+                                                                     shuffled, baselines.get(neuron), compare, train_prefix))
     if stages.resumed:
         logger.warning("Resumed the interrupted evaluation: read back its finished stages %s from %s", stages.resumed, stages.folder)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -163,6 +164,7 @@ class PrefixCache:
         self.spans: dict[bytes, tuple[int, int]] = {}
         self.seconds = 0.0
         self.blocks_return_tuples = False  # seen in build: what a passthrough must return
+        self.started_at: Optional[int] = None  # the block of the lower cache it was built from, if any
 
     @property
     def rows(self) -> int:
@@ -174,12 +176,14 @@ class PrefixCache:
 
     def describe(self) -> str:
         """One line for the log: where, how many rows, how large."""
+        source = f", from the head's probe pass at block {self.started_at}" if self.started_at is not None else ""
         return (f"prefix cache: the residual stream entering block {self.layer} for {self.rows} training rows "
-                f"({self.nbytes / 1e6:.1f} MB, built in {self.seconds:.1f} s); training steps run the blocks from there")
+                f"({self.nbytes / 1e6:.1f} MB, built in {self.seconds:.1f} s{source}); training steps run the blocks from there")
 
     def summary(self) -> dict:
         """What ``metrics.json`` records: the block whose input is cached, the rows and the bytes."""
-        return {"used": True, "layer": self.layer, "rows": self.rows, "bytes": self.nbytes}
+        return {"used": True, "layer": self.layer, "rows": self.rows, "bytes": self.nbytes,
+                **({"started_at_block": self.started_at} if self.started_at is not None else {})}
 
     def _entry(self, predictor) -> nn.Module:
         """The module whose input is the cached stream: block ``layer``, or the final norm when no block runs after it."""
@@ -188,16 +192,53 @@ class PrefixCache:
             return get_layers(p.base)[self.layer]
         return get_final_norm(p.base)
 
+    @classmethod
+    def from_states(cls, recorded: "RecordedStates", rows) -> Optional["PrefixCache"]:
+        """A ``PrefixCache`` at ``recorded.layer`` of ``rows`` (dicts or a split with ``input_ids`` and ``label_position``;
+        unpadded) from the states ``recording_states`` kept, for a head that runs the rows themselves (not the token head's
+        prompt); ``None`` when a row's states were not recorded."""
+        cache = cls(recorded.layer)
+        cache.blocks_return_tuples = recorded.blocks_return_tuples
+        states = recorded.states
+        chunks, start = [], 0
+        ids_column = rows["input_ids"] if hasattr(rows, "column_names") else [r["input_ids"] for r in rows]
+        positions = rows["label_position"] if hasattr(rows, "column_names") else [r["label_position"] for r in rows]
+        for ids, position in zip(ids_column, positions):
+            tokens = np.asarray(ids, dtype=np.int64).tobytes()
+            key = tokens + int(position).to_bytes(8, "little", signed=True)
+            if key in cache.spans:
+                continue
+            state = states.get(tokens)
+            if state is None:
+                return None
+            chunks.append(state)
+            cache.spans[key] = (start, len(state))
+            start += len(state)
+        cache.states = torch.cat(chunks) if chunks else torch.empty(0)
+        return cache
+
+    def holds(self, keys: list[bytes]) -> bool:
+        """Whether every one of ``keys`` (``row_keys``) is cached."""
+        return all(key in self.spans for key in keys)
+
     @torch.no_grad()
-    def build(self, predictor, batches: Iterable[dict], context=contextlib.nullcontext) -> "PrefixCache":
+    def build(self, predictor, batches: Iterable[dict], context=contextlib.nullcontext,
+              start: Optional["PrefixCache"] = None) -> "PrefixCache":
         """Run the head's own forward pass on ``batches`` (collated training rows on the model's device), stopped at the
-        cache point, in eval mode and in ``context`` (the Trainer's autocast), and keep each new row's states."""
+        cache point, in eval mode and in ``context`` (the Trainer's autocast), and keep each new row's states.
+
+        ``start``: a cache of the same model at a lower block (``start.layer <= layer``) whose blocks below it are the ones
+        this cache's rows run through: a batch whose rows it holds runs from there (only blocks ``start.layer..layer-1``)."""
+        if start is not None and start.layer > self.layer:
+            raise ValueError(f"A PrefixCache at block {self.layer} cannot start from one at block {start.layer}, above it.")
+        if start is not None:
+            self.blocks_return_tuples = start.blocks_return_tuples
         if self.spans:
             raise RuntimeError("A PrefixCache is built once: make a new one for other rows.")
         p = unwrap(predictor)
         was_training = p.training
         p.eval()
-        chunks, start, recorded = [], 0, {}
+        chunks, offset, recorded = [], 0, {}
 
         def record(module, args):
             recorded["hidden"] = args[0]
@@ -215,18 +256,24 @@ class PrefixCache:
                 if not fresh:
                     continue
                 recorded.clear()
-                with context():
-                    try:
-                        p.head.logits(p, batch["input_ids"], batch.get("attention_mask"), batch.get("label_positions"))
-                    except StopForward:
-                        pass
-                hidden = recorded["hidden"].detach().float().cpu()
+                lower = start is not None and start.holds(keys)
+                if lower:
+                    self.started_at = start.layer
+                if lower and start.layer == self.layer:  # the states are given: copied, nothing runs
+                    hidden = start.batch_states(keys, torch.zeros(len(keys), max(lengths), start.states.shape[-1]))
+                else:
+                    with context(), (start.feeding(p, batch) if lower else contextlib.nullcontext()):
+                        try:
+                            p.head.logits(p, batch["input_ids"], batch.get("attention_mask"), batch.get("label_positions"))
+                        except StopForward:
+                            pass
+                    hidden = recorded["hidden"].detach().float().cpu()
                 for i in fresh:
                     if keys[i] in self.spans:  # the same row twice in one batch
                         continue
                     chunks.append(hidden[i, : lengths[i]].clone())  # a copy: a view would keep the whole padded batch alive
-                    self.spans[keys[i]] = (start, lengths[i])
-                    start += lengths[i]
+                    self.spans[keys[i]] = (offset, lengths[i])
+                    offset += lengths[i]
         finally:
             for handle in handles:
                 handle.remove()
@@ -279,8 +326,59 @@ class PrefixCache:
             setattr(parent, name, layers)
 
 
+@dataclass
+class RecordedStates:
+    """What ``recording_states`` kept: the block, each sequence's states by its real tokens, the blocks' output format."""
+
+    layer: int
+    states: dict = field(default_factory=dict)  # real tokens (int64 bytes) -> (length, hidden) float32
+    blocks_return_tuples: bool = False
+
+
+@contextlib.contextmanager
+def recording_states(base, layer: int) -> Iterator[RecordedStates]:
+    """Inside the ``with`` block, every forward pass of ``base`` (a causal LM) that reaches block ``layer`` keeps the
+    residual stream entering that block for each sequence (``RecordedStates``). For a pass that runs anyway (the probe
+    features the head starts from) to give the frozen-prefix cache too: ``PrefixCache.from_states``."""
+    spec = arch_spec(base)
+    layers = get_layers(base)
+    if not 0 < layer < len(layers):
+        raise ValueError(f"recording_states needs a block 1..{len(layers) - 1}, got {layer}.")
+    parent = base.get_submodule(spec.layers.rpartition(".")[0])  # the model whose forward takes the token ids
+    seen: dict = {}
+    recorded = RecordedStates(int(layer))
+    out = recorded.states
+
+    def inputs(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen["ids"], seen["mask"] = ids, kwargs.get("attention_mask")
+
+    def record(module, args):
+        ids, mask = seen.get("ids"), seen.get("mask")
+        if ids is None:
+            return
+        hidden = args[0].detach().float().cpu()
+        ids = ids.detach().cpu().numpy().astype(np.int64)
+        mask = np.ones(ids.shape, dtype=bool) if mask is None or mask.dim() != 2 else mask.detach().cpu().numpy().astype(bool)
+        for i in range(len(ids)):
+            key = ids[i][mask[i]].tobytes()
+            if key not in out:
+                out[key] = hidden[i, : int(mask[i].sum())].clone()
+
+    def record_format(module, args, output):
+        recorded.blocks_return_tuples = isinstance(output, tuple)
+
+    handles = [parent.register_forward_pre_hook(inputs, with_kwargs=True), layers[layer].register_forward_pre_hook(record),
+               layers[layer - 1].register_forward_hook(record_format)]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def build_prefix_cache(predictor, layer: int, batches: Iterable[dict], sizes: Iterable[dict], max_bytes: float,
-                       context=contextlib.nullcontext) -> tuple[Optional[PrefixCache], Optional[str]]:
+                       context=contextlib.nullcontext, start: Optional[PrefixCache] = None) -> tuple[Optional[PrefixCache], Optional[str]]:
     """A built ``PrefixCache`` at ``layer``, or ``(None, why)`` when the rows' states would take more than ``max_bytes``
     (``sizes``: the same batches, only measured, before anything is computed)."""
     p = unwrap(predictor)
@@ -295,7 +393,10 @@ def build_prefix_cache(predictor, layer: int, batches: Iterable[dict], sizes: It
     if need > max_bytes:
         return None, (f"the cache would take {need / 1e9:.3g} GB ({len(keys)} rows), over prefix_cache_max_gb "
                       f"({max_bytes / 1e9:.3g} GB): the frozen blocks are recomputed at every step instead")
-    start = time.perf_counter()
-    cache = PrefixCache(layer).build(p, batches, context)
-    cache.seconds = time.perf_counter() - start
+    began = time.perf_counter()
+    if start is not None and start.layer == layer and start.holds(list(keys)):
+        cache = start  # the rows' states at this very block are given
+    else:
+        cache = PrefixCache(layer).build(p, batches, context, start=start if start is not None and start.layer <= layer else None)
+    cache.seconds = time.perf_counter() - began
     return cache, None

@@ -220,12 +220,14 @@ class PredictorTrainer(Trainer):
             (a ``UserError`` where it does not apply) or ``"off"`` (``nsr_hf.training.prefix_cache``). ``prefix_cache_info``
             holds what was decided (``{"used": True, "layer", "rows", "bytes"}`` or ``{"used": False, "reason"}``).
         prefix_cache_max_gb: the cache's largest size; beyond it the frozen blocks are recomputed at every step.
+        prefix_start: a ``PrefixCache`` of the training rows at a lower block (or the cache point itself), computed by this
+            model's frozen blocks below it (``nsr train`` keeps it from the head's probe pass): the cache is built from there.
     """
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *, data_collator=None, peft_config=None, unfreeze=None,
                  label_mode: str = "reference", live_guard_weight: float = 10.0, interventions: InterventionSampler | None = None,
-                 prefix_cache: str = "auto", prefix_cache_max_gb: float = 2.0, compute_metrics=None, callbacks=None, processing_class=None,
-                 **kwargs):
+                 prefix_cache: str = "auto", prefix_cache_max_gb: float = 2.0, prefix_start: PrefixCache | None = None,
+                 compute_metrics=None, callbacks=None, processing_class=None, **kwargs):
         if model is None:
             raise ValueError("PredictorTrainer needs model= (an ActivationPredictor).")
         if args is None:
@@ -245,6 +247,7 @@ class PredictorTrainer(Trainer):
         self.prefix_cache_max_gb = float(prefix_cache_max_gb)
         self.prefix_cache: PrefixCache | None = None
         self.prefix_cache_info: dict | None = None
+        self.prefix_start = prefix_start
         callbacks = list(callbacks or [])
         if interventions is not None and not isinstance(interventions, InterventionSampler):
             raise ValueError("interventions must be an InterventionSampler (nsr_hf.training.interventions), "
@@ -301,8 +304,10 @@ class PredictorTrainer(Trainer):
             return
         layer, why = self._prefix_cache_point()
         if why is None:
+            start = self.prefix_start if self.prefix_start is not None and self.prefix_start.layer <= layer else None
             self.prefix_cache, why = build_prefix_cache(self.model, layer, self._cache_batches(), self._cache_batches(),
-                                                        self.prefix_cache_max_gb * 1e9, context=self.compute_loss_context_manager)
+                                                        self.prefix_cache_max_gb * 1e9, context=self.compute_loss_context_manager,
+                                                        start=start)
             if self.prefix_cache is not None:
                 self._say(self.prefix_cache.describe())
                 self.prefix_cache_info = self.prefix_cache.summary()
