@@ -16,7 +16,8 @@ weight of every linear map of a block, plus the attention's 4 x context x hidden
   evaluation's probes of the original model reuse these features (``head_init: probe``, any unfreezing but head_only);
 * train: epochs x train tokens x 3 x F(first trainable block..read layer), on the frozen prefix's output (with interventions
   the target's block runs too); train/prefix cache: the train tokens once through the frozen blocks below (the
-  frozen-prefix cache, ``nsr_hf.training.prefix_cache``; the dataset's pass could give them: then 0);
+  frozen-prefix cache, ``nsr_hf.training.prefix_cache``), from the target's block when the head's probe pass kept the
+  states entering it (``prefix_cache.started_at_block``);
 * train/drift monitor, neuron drift: 0 (the result does not need them: they watch the training);
 * validation and test loss: validation and test tokens to the read layer;
 * evaluation/predictions: the evaluated splits to the read layer; baselines: one feature pass of the original model (the
@@ -127,6 +128,7 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
     evaluated = [s for s in ("validation", "test", "test_ood") if s in t]
     causal_rows = min(int(evaluation.get("causal_max_rows") or 64), rows.get(evaluated[-1] if evaluated else "test", 0))
     cf_rows = int(evaluation.get("counterfactual_rows") or 0)
+    cache_from = int((facts["summary"].get("prefix_cache") or {}).get("started_at_block") or 0)  # built from the probe pass's states
     # nsr train computes the original model's train and validation features once, for the head's probe and the evaluation
     shared = config.get("head_init") == "probe" and config.get("unfreeze") != "head_only"
     out = {
@@ -140,8 +142,9 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
         "train": (facts["epochs"] * t.get("train", 0) * 3 * train_span,
                   f"{facts['epochs']:g} epochs x {t.get('train', 0)} train tokens x 3 x blocks {first}..{read} on a cached prefix"
                   if first is not None else "every block trains: the whole forward and backward"),
-        "train/prefix cache": (t.get("train", 0) * span(flops, 0, (first if first is not None else 0) - 1),
-                               f"train tokens through blocks 0..{(first if first is not None else 0) - 1} once"),
+        "train/prefix cache": (t.get("train", 0) * span(flops, cache_from, (first if first is not None else 0) - 1),
+                               f"train tokens through blocks {cache_from}..{(first if first is not None else 0) - 1} once"
+                               + (" (blocks below: the head's probe pass kept their output)" if cache_from else "")),
         "train/drift monitor": (0.0, "not needed by the result"),
         "neuron drift": (0.0, "not needed by the result (the neuron is unchanged by construction below the trainable blocks)"),
         "validation and test loss": (sum(t[s] for s in evaluated) * span(flops, 0, read), "validation and test tokens to the read layer"),
@@ -168,7 +171,6 @@ WHY = {  # what a ratio far above 1 comes from, where known
     "scan": "small batches (8 texts) and per-layer statistics on every token",
     "readability selection": "a pass of its own over the scanned documents, to the read layer (the scan's pass stops lower)",
     "train": "per step: the Trainer's own work (optimizer, logging, checkpoints) and small batches (16 rows of 64 tokens)",
-    "train/prefix cache": "a pass of its own over the train rows (the dataset's pass could keep these states)",
     "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
     "evaluation/causal test": "small batches (16 rows), each set value a forward of its own from the target's block",
     "load model": "reading and converting the weights: no arithmetic floor",
