@@ -45,7 +45,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -254,14 +254,50 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
             "mean_abs_over_std": float(np.mean(diff.mean(0) / np.where(std > 0, std, 1.0))), "rows": len(ref)}
 
 
-def run_train(config: TrainConfig) -> dict:
+@dataclass
+class SharedPasses:
+    """What the runs of one process share (``nsr sweep`` keeps one for all its runs): the original model, loaded once, and
+    what its passes gave on one dataset: the baselines' features (``nsr_hf.evaluation.baselines.self_features`` and the
+    cross models', keyed by the model object and the dataset's fingerprint) and the train rows' states entering a target's
+    block (the head's probe pass: ``recording_states``). The seeds of one neuron train on the same dataset: from the
+    second seed on, the head's probe, the evaluation's probes of the original model, the cross-model features and the
+    frozen-prefix cache's lower blocks cost nothing. A run on another dataset drops the previous one's entries, so memory
+    holds one dataset's worth. The original model is never trained: every predictor holds a copy of its weights."""
+
+    model: object = None
+    tokenizer: object = None
+    model_name: str | None = None
+    fingerprint: str | None = None
+    features: dict = field(default_factory=dict)
+    states: dict = field(default_factory=dict)  # (target block, train fingerprint) -> RecordedStates
+
+    def load(self, name: str):
+        """``(model, tokenizer)`` of ``name``: the one already loaded, else loaded now (and kept)."""
+        if self.model is None or self.model_name != name:
+            self.model, self.tokenizer = load_model_and_tokenizer(name)
+            self.model_name, self.fingerprint = name, None
+            self.features.clear()
+            self.states.clear()
+        return self.model, self.tokenizer
+
+    def on(self, dataset) -> None:
+        """Keep only what was computed on ``dataset`` (its train split's fingerprint)."""
+        fingerprint = getattr(dataset["train"], "_fingerprint", None)
+        if fingerprint is None or fingerprint != self.fingerprint:
+            self.features.clear()
+            self.states.clear()
+        self.fingerprint = fingerprint
+
+
+def run_train(config: TrainConfig, shared: SharedPasses | None = None) -> dict:
     """``nsr train``: the whole pipeline (module docstring); returns the summary written to ``metrics.json``, whose
-    ``stage_seconds`` says where the time went (``nsr_hf.stage_clock``; ``benchmarks/pipeline.py`` reads it)."""
+    ``stage_seconds`` says where the time went (``nsr_hf.stage_clock``; ``benchmarks/pipeline.py`` reads it).
+    ``shared``: what several runs of one process share (``SharedPasses``; ``nsr sweep`` passes one)."""
     with stage_clock() as stage_seconds:
-        return _run_train(config, stage_seconds)
+        return _run_train(config, stage_seconds, shared)
 
 
-def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
+def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | None = None) -> dict:
     start = time.perf_counter()
     check_train(config)  # every mistake that needs no model weights fails here, before anything is loaded or written
     folder = prepare_output_dir(config)
@@ -270,14 +306,17 @@ def _run_train(config: TrainConfig, stage_seconds: dict) -> dict:
     out = folder.work
     resume = checkpoint_to_resume(config, folder)
     with timed("load model"):
-        model, tokenizer = load_model_and_tokenizer(config.model)
+        model, tokenizer = shared.load(config.model) if shared is not None else load_model_and_tokenizer(config.model)
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
-    features: dict = {}  # the original model's features, computed once for the head's probe and the evaluation's probes
+    if shared is not None:
+        shared.on(dataset)
+    # the original model's features, computed once for the head's probe and the evaluation's probes (and other runs)
+    features: dict = shared.features if shared is not None else {}
     with timed("predictor and head init"):
         predictor, prefix_start = build_predictor(config, model, tokenizer, dataset, metadata, folder.final, original=original,
-                                                  feature_cache=features)
+                                                  feature_cache=features, states=shared.states if shared is not None else None)
     del model
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -625,7 +664,7 @@ def labelled_position(config: TrainConfig, metadata: dict):
 
 
 def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path, *, original=None,
-                    feature_cache: dict | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
+                    feature_cache: dict | None = None, states: dict | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
     """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
     when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``.
 
@@ -634,7 +673,8 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
     ``feature_cache`` (``nsr_hf.evaluation.baselines.self_features``): one pass serves the head and those probes. The same
     pass keeps the train rows' residual stream entering the target's block (``recording_states``), returned as a
     ``PrefixCache`` (or ``None``): the frozen-prefix cache of training and the honest reader's features start from it.
-    Returns ``(predictor, that cache)``."""
+    ``states``: the states of earlier runs on this dataset (``SharedPasses.states``), read and filled. Returns ``(predictor,
+    that cache)``."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
@@ -652,10 +692,15 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
             layers = probe_layers_of(evaluate_config(config, out).methods, read_layer, num_layers(original), config.probe_layers)
             target = min(Neuron.parse(n).layer for n in neurons)
             keep = keeps_prefix(config, predictor, dataset["train"], target)
-            with recording_states(original, target) if keep else contextlib.nullcontext() as recorded:
+            key = (target, getattr(dataset["train"], "_fingerprint", None))
+            known = (states or {}).get(key) if keep else None
+            with recording_states(original, target) if keep and known is None else contextlib.nullcontext() as recorded:
                 by_split = self_features(original, {s: dataset[s] for s in ("train", "validation")}, layers, feature_cache,
                                          batch_size=config.per_device_eval_batch_size, progress=False)
+            recorded = known or recorded
             start = PrefixCache.from_states(recorded, dataset["train"]) if keep else None
+            if start is not None and states is not None and key[1] is not None:
+                states[key] = recorded
             features = (by_split["train"][read_layer], by_split["validation"][read_layer])
         probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size,
                                                features=features)

@@ -49,8 +49,8 @@ from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser, load_recipe
+from nsr_hf.pipeline import SharedPasses, read_run_config, run_train, scan_train_documents, select_readable
 from nsr_hf.pipeline import finished_run as finished  # one rule for a finished run (sweep.finished is its public name)
-from nsr_hf.pipeline import read_run_config, run_train, scan_train_documents, select_readable
 from nsr_hf.preflight import check_sweep
 from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.training.config import TrainConfig
@@ -355,7 +355,9 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None, debug: bool = 
     sources = source_datasets(config.datasets_from, config.neurons) if config.datasets_from else {}
     check_sweep(values, config.neurons, sources)  # a mistake every run would hit is one line, before the scan and the first run
     neurons = list(sources) or config.neurons or scan_top_neurons(values, config.top_n, out / "scan")
-    runs = [train_one(config, values, out, neuron, seed, sources.get(neuron), debug=debug) for neuron in neurons for seed in config.seeds]
+    shared = SharedPasses()  # the model, loaded once, and what its passes gave on the dataset the current neuron's seeds share
+    runs = [train_one(config, values, out, neuron, seed, sources.get(neuron), debug=debug, shared=shared)
+            for neuron in neurons for seed in config.seeds]
     result = {"config": asdict(config), "recipe": values, "neurons": neurons, "seeds": config.seeds, "split": config.split,
               "runs": runs, "failed": sum(1 for r in runs if r.get("error")), "summary": summarise_runs(runs)}
     write_json(out / "sweep.json", result, indent=2)
@@ -368,7 +370,7 @@ def run_sweep(config: SweepConfig, overrides: dict | None = None, debug: bool = 
 
 
 def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: int, source: Path | None = None,
-              debug: bool = False) -> dict:
+              debug: bool = False, shared: SharedPasses | None = None) -> dict:
     """One run of the sweep (``run_train`` into ``<neuron>/seed-<seed>``) unless it finished before; its record in
     ``sweep.json``, with its figures when it has a ``metrics.json``. A failed run is recorded, not raised."""
     import gc
@@ -385,7 +387,7 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
         print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
         try:
             run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),
-                                     **({"dataset": str(dataset)} if dataset else {})}))
+                                     **({"dataset": str(dataset)} if dataset else {})}), shared=shared)
             run["status"] = "trained"
         except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
             run["status"], run["error"] = "failed", failure_record(err)

@@ -212,3 +212,54 @@ def test_train_starts_its_prefix_cache_and_the_honest_reader_from_the_probe_pass
     mine, theirs = shared["evaluation"]["faithfulness"]["test"], alone["faithfulness"]["test"]
     for reader in ("self", "ridge_probe", "ridge_probe_intervened"):
         assert mine["methods"][reader]["r2"] == pytest.approx(theirs["methods"][reader]["r2"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_seeds_of_a_sweep_share_the_original_models_passes_with_the_same_figures(tiny_model_dirs, tmp_path, monkeypatch):
+    """Runs given one SharedPasses (as nsr sweep gives them) load the model once, and a second seed on the same dataset makes
+    no pass of the original model over the train split: its probes, its cross-model features and the lower blocks of its
+    frozen-prefix cache come from the first seed's passes. Its figures equal those of the same run made alone."""
+    from conftest import write_word_corpus
+
+    import nsr_hf.evaluation.baselines as baselines
+    import nsr_hf.pipeline as pipeline
+    from nsr_hf.pipeline import SharedPasses, run_train
+    from nsr_hf.training.config import TrainConfig
+
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
+    common = dict(model=tiny_model_dirs["llama"], corpus=str(corpus), neuron="1.3", read_layer="target+1", dataset_documents=60,
+                  max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="after_target",
+                  head_init="probe", eval_methods=["mean", "ridge_probe", "cross"], cross_models=[tiny_model_dirs["gpt2"]],
+                  counterfactual_rows=16, n_bootstrap=20, drift_every_n_steps=100)
+    shared = SharedPasses()
+    first = run_train(TrainConfig(**common, seed=0, output_dir=str(tmp_path / "seed-0")), shared=shared)
+    model = shared.model
+    loads, passes = [], []
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(AssertionError))
+    real_features, real_cross = baselines.layer_features, baselines.CrossModel.features
+
+    def features(m, rows, *args, **kwargs):
+        passes.append(("self", len(rows)))
+        return real_features(m, rows, *args, **kwargs)
+
+    def cross(self, texts, **kwargs):
+        passes.append(("cross", len(texts)))
+        return real_cross(self, texts, **kwargs)
+
+    monkeypatch.setattr(baselines, "layer_features", features)
+    monkeypatch.setattr(baselines.CrossModel, "features", cross)
+    dataset = str(tmp_path / "seed-0" / "dataset")
+    second = run_train(TrainConfig(**common, seed=1, dataset=dataset, output_dir=str(tmp_path / "seed-1")), shared=shared)
+    assert not loads and shared.model is model  # loaded once
+    assert passes == []  # the train and validation features of the original model and every cross feature: from seed 0
+    assert second["prefix_cache"]["started_at_block"] == 1 and first["prefix_cache"]["started_at_block"] == 1
+    monkeypatch.undo()
+    alone = run_train(TrainConfig(**common, seed=1, dataset=dataset, output_dir=str(tmp_path / "alone")))
+    for method in ("self", "ridge_probe", f"cross:{tiny_model_dirs['gpt2']}", "mean"):
+        ours, own = second["evaluation"]["metrics"]["test"][method]["r2"], alone["evaluation"]["metrics"]["test"][method]["r2"]
+        assert ours == pytest.approx(own, abs=1e-6), method
+    mine, theirs = second["evaluation"]["faithfulness"]["test"]["methods"], alone["evaluation"]["faithfulness"]["test"]["methods"]
+    assert all(mine[m]["r2"] == pytest.approx(theirs[m]["r2"], abs=1e-6) for m in mine)
+    # a run on another dataset drops what the first one's passes gave
+    shared.on({"train": type("Rows", (), {"_fingerprint": "another"})()})
+    assert shared.features == {} and shared.states == {}
