@@ -45,3 +45,26 @@ def test_the_first_block_a_cached_training_step_runs_follows_the_strategy_and_th
 def test_the_machines_matmul_rate_is_positive_and_finite(bench):
     rate = bench.matmul_rate([(32, 64)], tokens=64, repeats=2)
     assert 0 < rate < 1e15
+
+
+def test_the_sweep_cost_is_each_runs_seconds_against_a_runs_own_cost_less_what_a_sweep_does_once(tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_sweep_cost", ROOT / "benchmarks" / "sweep_cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    runs = []
+    for neuron, seed, seconds in (("7.268", 0, 200.0), ("7.268", 1, 100.0), ("0.333", 0, 180.0), ("0.333", 1, 120.0)):
+        folder = tmp_path / "sweep" / neuron / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        stages = {"train": seconds / 2, "train/prefix cache": 1}
+        (folder / "metrics.json").write_text(json.dumps({"seconds": seconds, "stage_seconds": stages}))
+        runs.append({"neuron": neuron, "seed": seed, "output_dir": str(folder), "status": "trained"})
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"seeds": [0, 1], "runs": runs}))
+    reference = tmp_path / "alone"
+    reference.mkdir()
+    (reference / "metrics.json").write_text(json.dumps({"seconds": 450.0, "stage_seconds": {"scan": 30, "readability selection": 20}}))
+    out = cost.main(["--sweep", str(tmp_path / "sweep"), "--reference", str(reference), "--json", str(tmp_path / "cost.json")])
+    assert out["mean_seconds"] == 150 and out["first_seed_mean_seconds"] == 190 and out["later_seeds_mean_seconds"] == 110
+    assert out["reference_seconds_per_run"] == 400 and out["cheaper_than_reference"] == pytest.approx(400 / 150)
+    assert json.loads((tmp_path / "cost.json").read_text())["runs"][1]["seconds"] == 100
