@@ -333,3 +333,21 @@ def test_scan_of_the_embedded_smollm2_finds_live_neurons(smollm2):
     result = NeuronScanner(model, tok, config).scan("embedded", progress=False)
     assert len(result.table) == 2 * 1536 and result.metadata["documents"] == 8
     assert not result.table.iloc[0]["dead"] and result.top_neurons[0]["examples"]
+
+
+@pytest.mark.parametrize("position", ["all", "last"])
+def test_the_top_neurons_histograms_are_the_values_of_the_histogram_documents_kept_or_read_again(tiny, position):
+    """With one position per document the scan's own pass keeps the histogram documents' values (no second pass); with
+    every position it reads them again. Either way the histogram of a top neuron holds its values over those documents."""
+    model, tok = tiny
+    docs = make_docs(30)
+    config = ScanConfig(position=position, threshold=THRESHOLD, batch_size=4, output_dir=None, top_n=3, histogram_documents=20)
+    scanner = NeuronScanner(model, tok, config)
+    result = scanner.scan(docs, progress=False)
+    assert bool(scanner.kept_samples) == (position == "last") and scanner.kept_documents == (20 if position == "last" else 0)
+    top = [Neuron(int(r.layer), int(r.neuron)) for r in result.top(3).itertuples(index=False)]
+    samples = scanner.activation_samples(docs, top)
+    truth = per_document_values(model, tok, docs[:20], sorted({n.layer for n in top}), position)
+    for n in top:
+        expected = np.concatenate(truth[n.layer])[:, n.index]
+        np.testing.assert_allclose(np.sort(samples[str(n)]), np.sort(expected), atol=1e-5)

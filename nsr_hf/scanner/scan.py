@@ -74,6 +74,15 @@ class NeuronScanner:
             validate_layer(model, layer)
         self.neurons = num_neurons(model)
         self.device = next(model.parameters()).device
+        # the histogram documents' values, kept from the scan's own pass where they are few (one position per document):
+        # the top neurons' histograms then need no second pass (activation_samples)
+        self.kept_samples: dict[int, list] = {}
+        self.kept_documents = 0
+
+    def _keeps_samples(self) -> bool:
+        """One position per document, one process, and at most ``SAMPLE_BUDGET`` bytes of values to keep."""
+        size = self.config.histogram_documents * len(self.layers) * self.neurons * 4
+        return self.config.position != "all" and 0 < size <= SAMPLE_BUDGET and distributed_state().num_processes == 1
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -141,6 +150,8 @@ class NeuronScanner:
         state = state or self.new_state()
         row_of = {layer: i for i, layer in enumerate(self.layers)}
         current: dict = {}
+        keep = self._keeps_samples()
+        limit = self.config.histogram_documents
 
         def consume(layer: int, acts: torch.Tensor) -> None:
             flat, doc, token = current["positions"]
@@ -148,6 +159,8 @@ class NeuronScanner:
             row = row_of[layer]
             batch_max = state.stats.update(row, x)
             state.examples.update(row, x, doc, token, batch_max)
+            if keep and bool((doc < limit).any()):
+                self.kept_samples.setdefault(layer, []).append(x[doc < limit].float().cpu())
 
         recorder = NeuronRecorder(self.model, {layer: None for layer in self.layers}, stop_early=True, callback=consume)
         bar = tqdm(total=total, desc="scan", unit="doc", disable=not progress, dynamic_ncols=True)
@@ -159,6 +172,7 @@ class NeuronScanner:
                 recorder.run(batch)
                 state.stats.flush()
                 state.documents += len(doc_index)
+                self.kept_documents += int((doc_index < limit).sum()) if keep else 0
                 state.tokens += int(mask.sum())
                 bar.update(len(doc_index))
                 bar.set_postfix(tokens_per_s=f"{state.tokens / (time.perf_counter() - start):.0f}", refresh=False)
@@ -293,6 +307,7 @@ class NeuronScanner:
         source = as_source(source)
         dist = distributed_state()
         world, rank = dist.num_processes, dist.process_index
+        self.kept_samples, self.kept_documents = {}, 0  # this scan's own
         limit = self.config.max_documents
         mine = ((i, doc) for i, doc in enumerate(source.iter_documents(limit=limit)) if i % world == rank)
         total = None if limit is None else len(range(rank, limit, world))
@@ -316,6 +331,9 @@ class NeuronScanner:
         source = as_source(source)
         if not neurons or documents == 0:
             return {}
+        if documents == self.config.histogram_documents and self.kept_documents and all(n.layer in self.kept_samples for n in neurons):
+            # the scan's own pass kept every histogram document's values (``_keeps_samples``): no second pass
+            return {str(n): torch.cat(self.kept_samples[n.layer])[:, n.index].numpy() for n in neurons}
         wanted: dict[int, list[int]] = {}
         for n in neurons:
             wanted.setdefault(n.layer, []).append(n.index)
@@ -334,6 +352,9 @@ class NeuronScanner:
                 current["flat"] = None if flat is None else flat.to(self.device)
                 recorder.run(batch)
         return {name: torch.cat(parts).numpy() for name, parts in values.items() if parts}
+
+
+SAMPLE_BUDGET = 256e6  # bytes of histogram values the scan's pass may keep (200 documents x 30 layers x 8192 neurons: 197 MB)
 
 
 def distributed_state():
