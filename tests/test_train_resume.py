@@ -332,7 +332,7 @@ def test_a_sweep_rerun_resumes_an_interrupted_run_with_the_dataset_it_started_wi
     from nsr_hf import sweep
 
     calls = []
-    monkeypatch.setattr(sweep, "run_train", lambda config: calls.append(config.dataset))
+    monkeypatch.setattr(sweep, "run_train", lambda config, shared=None: calls.append(config.dataset))
     finished_seed, interrupted_seed = sweep.run_dir(tmp_path, "1.3", 0), sweep.run_dir(tmp_path, "1.3", 1)
     (finished_seed / "dataset").mkdir(parents=True)
     (finished_seed / "metrics.json").write_text(json.dumps({"evaluation": {}}))
