@@ -694,13 +694,16 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
             keep = keeps_prefix(config, predictor, dataset["train"], target)
             key = (target, getattr(dataset["train"], "_fingerprint", None))
             known = (states or {}).get(key) if keep else None
-            with recording_states(original, target) if keep and known is None else contextlib.nullcontext() as recorded:
-                by_split = self_features(original, {s: dataset[s] for s in ("train", "validation")}, layers, feature_cache,
-                                         batch_size=config.per_device_eval_batch_size, progress=False)
-            recorded = known or recorded
-            start = PrefixCache.from_states(recorded, dataset["train"]) if keep else None
+            by_split = {}
+            for split in ("train", "validation"):  # the train rows' states entering the target's block are kept on the way
+                recording = keep and known is None and split == "train"
+                with recording_states(original, target) if recording else contextlib.nullcontext() as kept:
+                    by_split.update(self_features(original, {split: dataset[split]}, layers, feature_cache,
+                                                  batch_size=config.per_device_eval_batch_size, progress=False))
+                known = kept if recording else known
+            start = PrefixCache.from_states(known, dataset["train"]) if keep and known is not None else None
             if start is not None and states is not None and key[1] is not None:
-                states[key] = recorded
+                states[key] = known
             features = (by_split["train"][read_layer], by_split["validation"][read_layer])
         probe = predictor.init_head_from_probe(dataset["train"], dataset["validation"], batch_size=config.per_device_eval_batch_size,
                                                features=features)
