@@ -304,7 +304,9 @@ class PredictorTrainer(Trainer):
             return
         layer, why = self._prefix_cache_point()
         if why is None:
-            start = self.prefix_start if self.prefix_start is not None and self.prefix_start.layer <= layer else None
+            # the given states were computed without autocast: under mixed precision the cache is built in the steps' own precision
+            mixed = self.args.bf16 or self.args.fp16
+            start = self.prefix_start if self.prefix_start is not None and self.prefix_start.layer <= layer and not mixed else None
             self.prefix_cache, why = build_prefix_cache(self.model, layer, self._cache_batches(), self._cache_batches(),
                                                         self.prefix_cache_max_gb * 1e9, context=self.compute_loss_context_manager,
                                                         start=start)
