@@ -275,14 +275,13 @@ class SharedPasses:
         """``(model, tokenizer)`` of ``name``: the one already loaded, else loaded now (and kept)."""
         if self.model is None or self.model_name != name:
             self.model, self.tokenizer = load_model_and_tokenizer(name)
-            self.model_name, self.fingerprint = name, None
-            self.features.clear()
-            self.states.clear()
+            self.model_name = name
+            self.on(None)
         return self.model, self.tokenizer
 
     def on(self, dataset) -> None:
-        """Keep only what was computed on ``dataset`` (its train split's fingerprint)."""
-        fingerprint = getattr(dataset["train"], "_fingerprint", None)
+        """Keep only what was computed on ``dataset`` (its train split's fingerprint); ``None``: keep nothing."""
+        fingerprint = None if dataset is None else getattr(dataset["train"], "_fingerprint", None)
         if fingerprint is None or fingerprint != self.fingerprint:
             self.features.clear()
             self.states.clear()
