@@ -282,7 +282,7 @@ def test_nsr_dataset_never_writes_into_a_folder_of_other_files(tiny_model_dirs, 
 
 
 def test_an_interrupted_overwrite_leaves_the_old_dataset_byte_identical_and_its_rerun_resumes(tiny_model_dirs, corpus, finished_dataset,
-                                                                                            tmp_path, capsys, monkeypatch):
+                                                                                            tmp_path, capsys, monkeypatch, same_rows):
     before = snapshot(finished_dataset)
     real, calls = dg.capture_activations, []
 
@@ -304,7 +304,7 @@ def test_an_interrupted_overwrite_leaves_the_old_dataset_byte_identical_and_its_
     assert run_cli(capsys, *overwrite)[0] == 0
     assert siblings(finished_dataset) == ["ds"]
     assert run_cli(capsys, *dataset_args(tiny_model_dirs, corpus, tmp_path / "whole", "--max_length", "8"))[0] == 0
-    assert rows(finished_dataset) == rows(tmp_path / "whole")
+    same_rows(rows(finished_dataset), rows(tmp_path / "whole"))
 
 
 def test_an_overwrite_interrupted_while_saving_leaves_the_old_dataset_byte_identical(tiny_model_dirs, corpus, finished_dataset, capsys,
@@ -340,7 +340,7 @@ def finished_shards(out: Path) -> int:
 
 
 @pytest.mark.slow  # three Python processes that import torch
-def test_nsr_dataset_killed_with_sigkill_resumes_to_the_same_rows_as_an_uninterrupted_run(tiny_model_dirs, corpus, tmp_path):
+def test_nsr_dataset_killed_with_sigkill_resumes_to_the_same_rows_as_an_uninterrupted_run(tiny_model_dirs, corpus, tmp_path, same_rows):
     out, whole = tmp_path / "killed", tmp_path / "whole"
     env = {**os.environ, "PYTHONPATH": str(REPO), "NSR_TEST_SHARD_SLEEP": "2"}
     # tests/scripts/slow_shards.py is `nsr` with a pause after every finished shard: the kill lands between shards, by design
@@ -364,4 +364,4 @@ def test_nsr_dataset_killed_with_sigkill_resumes_to_the_same_rows_as_an_uninterr
     resumed = nsr(*dataset_args(tiny_model_dirs, corpus, out))
     assert "Resuming the unfinished dataset" in resumed.stderr
     nsr(*dataset_args(tiny_model_dirs, corpus, whole))
-    assert rows(out) == rows(whole)
+    same_rows(rows(out), rows(whole))
