@@ -7,6 +7,10 @@
 * ``token`` (``TokenHead``): the model's own LM head emits the report after a prompt (the text up to the labelled
   token, then a suffix that names the neuron); cross-entropy over the report tokens, optionally plus the squared
   error of the expected value.
+* ``conditioned`` (``ConditionedHead``): one reporter for any neuron. The neuron is an input, its *query*
+  (``nsr_hf.modeling.neuron_queries``: its own weights, or its name as the control); the report is in activation
+  units, trained with the squared error of z-scores. ``ActivationPredictor.retarget`` points it at other neurons,
+  including ones it never trained on.
 
 A head owns everything that differs between heads: the module it adds (kept as the predictor's ``neuron_head``, so
 saved predictors keep their parameter names), its logits from what it reads, its loss, its readouts in activation
@@ -28,6 +32,7 @@ from torch import nn
 from nsr_hf.architectures import arch_spec, num_layers, truncated
 from nsr_hf.capture import label_positions as rule_positions
 from nsr_hf.capture import pad_right, position_ids_from_mask
+from nsr_hf.modeling.neuron_queries import ConditionedReadout, check_conditioning, neuron_queries, query_parts
 from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
 
@@ -85,10 +90,12 @@ class Head:
 
     Class attributes: ``name`` (the ``head_type``), ``has_bins`` (bins, a greedy readout and bin metrics),
     ``uses_lm_head`` (the report goes through the base model's LM head), ``takes_prompt`` (``prompt_suffix`` and
-    ``expected_value_loss_weight`` apply), ``probe_init`` (``head_init: probe`` can set it).
+    ``expected_value_loss_weight`` apply), ``probe_init`` (``head_init: probe`` can set it), ``any_neuron`` (it reports
+    any neuron it is given: ``ActivationPredictor.retarget``).
     """
 
     name: ClassVar[str] = ""
+    any_neuron: ClassVar[bool] = False
     has_bins: ClassVar[bool] = False
     uses_lm_head: ClassVar[bool] = False
     takes_prompt: ClassVar[bool] = False
@@ -231,18 +238,7 @@ class RegressionHead(ReadingHead):
     def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
         if not isinstance(predictor.neuron_head, nn.Linear):
             return super().init_from_probe(predictor, train_rows, validation_rows, batch_size, features)
-        read = self.config.effective_read_layer
-        has_validation = validation_rows is not None and len(validation_rows) > 0
-        if features is not None:
-            X, X_val = (np.asarray(f, dtype=np.float64) for f in features)
-            if X.shape[0] != len(train_rows) or (has_validation and X_val.shape[0] != len(validation_rows)):
-                raise ValueError(f"init_head_from_probe got features of {X.shape[0]} train and {X_val.shape[0]} validation rows for "
-                                 f"{len(train_rows)} and {len(validation_rows or [])}: give each split's features in its row order.")
-            X_val = X_val if has_validation else None
-        else:
-            X = layer_features(predictor.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
-            X_val = layer_features(predictor.base, validation_rows, [read], batch_size=batch_size, progress=False)[read] \
-                if has_validation else None
+        X, X_val = probe_features(predictor, train_rows, validation_rows, batch_size, features)
         mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
         info = {}
         head = predictor.neuron_head
@@ -254,6 +250,88 @@ class RegressionHead(ReadingHead):
             head.bias[j] = float(probe.intercept_)
             info[name] = {"alpha": float(probe.alpha), "validation_r2": None if X_val is None else float(probe.val_r2)}
         return info
+
+
+def probe_features(predictor, train_rows, validation_rows, batch_size: int, features) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(X, X_val or None)``: the head's representation of the train and validation rows, ``features`` when given (checked
+    against the rows' number), else computed (``layer_features`` at the read layer)."""
+    read = predictor.config.effective_read_layer
+    has_validation = validation_rows is not None and len(validation_rows) > 0
+    if features is not None:
+        X, X_val = (np.asarray(f, dtype=np.float64) for f in features)
+        if X.shape[0] != len(train_rows) or (has_validation and X_val.shape[0] != len(validation_rows)):
+            raise ValueError(f"init_head_from_probe got features of {X.shape[0]} train and {X_val.shape[0]} validation rows for "
+                             f"{len(train_rows)} and {len(validation_rows or [])}: give each split's features in its row order.")
+        return X, (X_val if has_validation else None)
+    X = layer_features(predictor.base, train_rows, [read], batch_size=batch_size, progress=False)[read]
+    X_val = layer_features(predictor.base, validation_rows, [read], batch_size=batch_size, progress=False)[read] if has_validation else None
+    return X, X_val
+
+
+@register_head
+class ConditionedHead(Head):
+    """Conditioned: one reporter for any neuron (``nsr_hf.modeling.neuron_queries``). ``config.neurons`` are the neurons it
+    reports now; their queries come from the base model's weights (or names) at every forward, so that ``retarget`` only
+    changes the list. Logits are the reports in activation units; the loss is the squared error of z-scores (the current
+    neurons' train statistics weigh them alike); the readout needs no statistics, so a neuron never seen reads the same."""
+
+    name = "conditioned"
+    any_neuron = True
+    probe_init = True
+
+    def check_config(self) -> None:
+        check_conditioning(self.config.conditioning)
+        if self.config.head_hidden_size:
+            raise ValueError("The conditioned head is linear in the representation: leave head_hidden_size at 0.")
+
+    def build(self, hidden: int) -> nn.Module:
+        return ConditionedReadout(hidden, query_parts(self.config.get_base_config()))
+
+    def queries(self, predictor) -> torch.Tensor:
+        return neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor))
+
+    def readouts(self, predictor, logits):
+        return logits, None
+
+    def loss(self, predictor, output, labels):
+        return nn.functional.mse_loss(predictor.zscore(output.logits), predictor.zscore(labels))
+
+    def direction(self, module, column):
+        raise ValueError("The conditioned head's read direction depends on the neuron's query, which comes from the predictor's base "
+                         "model: use predictor.neuron_head.directions(predictor.head.queries(predictor))[column].")
+
+    @torch.no_grad()
+    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
+        """The scale ``s`` and offset ``c`` of the readout (its mixing and query offset at 0): the least-squares fit, pooled over
+        the train rows and the current neurons in z-units, of each neuron's value on ``h . q_out``, the representation read
+        along the neuron's own query. The closed-form start of a conditioned reporter, as the ridge probe is a regression head's."""
+        X, X_val = probe_features(predictor, train_rows, validation_rows, batch_size, features)
+        head = predictor.neuron_head
+        queries = self.queries(predictor).double().cpu().numpy()
+        read = X @ queries[:, : head.hidden].T  # (rows, K)
+        mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
+        y = np.stack([labels_of(train_rows, j) for j in range(len(self.config.neurons))], 1)
+        # minimise sum over (row, neuron) of ((s * read + c - y) / std)^2: weighted least squares in (s, c)
+        w = np.broadcast_to(1.0 / std**2, y.shape)
+        A = np.array([[np.sum(w * read * read), np.sum(w * read)], [np.sum(w * read), np.sum(w)]])
+        b = np.array([np.sum(w * read * y), np.sum(w * y)])
+        scale, bias = np.linalg.lstsq(A, b, rcond=None)[0]
+        head.mix.zero_()
+        head.query_bias.zero_()
+        head.scale.fill_(float(scale))
+        head.bias.fill_(float(bias))
+        info = {"scale": float(scale), "bias": float(bias)}
+        if X_val is not None:
+            pred = scale * (X_val @ queries[:, : head.hidden].T) + bias
+            true = np.stack([labels_of(validation_rows, j) for j in range(len(self.config.neurons))], 1)
+            info["validation_r2_median"] = float(np.median(1 - ((pred - true) ** 2).sum(0) / ((true - true.mean(0)) ** 2).sum(0).clip(1e-12)))
+        return info
+
+    def card_words(self, predictor) -> str:
+        return f"{self.name} (any neuron; {self.config.conditioning} query, nsr_hf.modeling.neuron_queries)"
 
 
 class BinHead(Head):

@@ -25,6 +25,7 @@ statistics, bin edges and bin centres) is part of the config and is saved with t
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,8 @@ class ActivationPredictorConfig(PretrainedConfig):
         intervention: ``None`` (trained on natural rows only) or how intervention training set the neuron
             (``nsr_hf.training.interventions``): ``rate``, ``source``, ``shift_scale``, ``seed`` and ``values`` (the fitted
             ``CounterfactualValues.to_dict()``); the faithfulness evaluation draws its counterfactual rows from the same source.
+        conditioning: the conditioned head's query (``nsr_hf.modeling.neuron_queries``): ``"weights"`` (the neuron's own
+            weights) or ``"name"`` (a random vector seeded by its name: the control). Other heads ignore it.
     """
 
     model_type = "nsr_activation_predictor"
@@ -96,6 +99,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         label_transform: Optional[dict] = None,
         dataset_name: Optional[str] = None,
         intervention: Optional[dict] = None,
+        conditioning: str = "weights",
         **kwargs,
     ):
         head_class(head_type)  # an unknown head is refused before anything else
@@ -118,6 +122,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         self.label_transform = label_transform
         self.dataset_name = dataset_name
         self.intervention = intervention
+        self.conditioning = conditioning
         super().__init__(**kwargs)
         if base_config is not None:
             base = self.get_base_config()
@@ -209,6 +214,7 @@ class ActivationPredictor(PreTrainedModel):
         prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
         expected_value_loss_weight: float = 0.0,
         dataset_name: Optional[str] = None,
+        conditioning: str = "weights",
     ) -> "ActivationPredictor":
         """A predictor around a base causal LM (a loaded model or a name for ``load_model_and_tokenizer``)."""
 
@@ -238,11 +244,30 @@ class ActivationPredictor(PreTrainedModel):
             expected_value_loss_weight=expected_value_loss_weight,
             label_transform=label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)},
             dataset_name=dataset_name,
+            conditioning=conditioning,
         )
         predictor = cls(config)
         predictor.base.load_state_dict(base.state_dict())
         predictor.tokenizer = tokenizer
         return predictor.eval()
+
+    def retarget(self, neurons, label_transform: Optional[dict] = None) -> "ActivationPredictor":
+        """This predictor reporting ``neurons`` instead (a head that reports any neuron: ``conditioned``): a view that shares
+        every parameter, with its own config. ``label_transform`` (those neurons' train statistics) serves only the loss;
+        the reports never read it, so a neuron the head never trained on is reported from its query alone."""
+        if not self.head.any_neuron:
+            raise ValueError(f"The {self.config.head_type} head reports the neurons it was built for ({', '.join(self.config.neurons)}): "
+                             "only the conditioned head (head_type 'conditioned') can be pointed at other neurons.")
+        if isinstance(neurons, (str, Neuron)):
+            neurons = [neurons]
+        base_config = self.config.get_base_config()
+        neurons = [str(validate_neuron(base_config, n)) for n in neurons]
+        view = copy.copy(self)  # the same modules (nn.Module keeps them in a dict that the copy shares)
+        config = copy.deepcopy(self.config)
+        config.neurons = neurons
+        config.label_transform = label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}
+        view.config = config
+        return view
 
     @torch.no_grad()
     def init_head_from_probe(self, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:

@@ -1,0 +1,101 @@
+"""What a reporter of many neurons is told about the neuron it is asked about: the neuron's *query*.
+
+A conditioned reporter (head ``conditioned``) answers for any neuron of the model, including ones it never trained on:
+it is given the neuron as an input, and the query is all it knows about it. Two conditionings:
+
+* ``weights``: the neuron's own weights in the residual basis (``nsr_hf.architectures.neuron_weights``): its output
+  direction scaled to read its value back (``w_out / |w_out|^2``: a value ``v`` written to the residual stream as
+  ``v * w_out`` projects back onto it as ``v``), then its input direction(s) as unit vectors (GPT-2: ``c_fc``; Llama:
+  ``gate_proj`` and ``up_proj``). A neuron the reporter never saw has weights too, so the query can generalise to it.
+* ``name``: a fixed random vector of the same width drawn from the neuron's name (``"layer.index"`` seeds it). It tells
+  the reporter which neuron it is asked about and nothing else: the control that cannot generalise to an unseen neuron.
+
+``ConditionedReadout`` turns a query into a read direction and an offset, and reports
+``h . (s * q_out + M q) + b . q + c`` for the representation ``h`` (``q_out``: the query's first ``hidden`` entries,
+for ``weights`` the scaled output direction). ``M`` starts at 0, so a weight-conditioned reporter starts by reading each
+neuron along its own output direction, with one learned scale ``s`` (the final norm's) and offset; training adds the
+rest. The report is in activation units (no per-neuron statistics), so that it needs nothing of a neuron it never saw.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nsr_hf.architectures import arch_spec, neuron_weights
+from nsr_hf.capture import Neuron
+from nsr_hf.utils import unwrap
+
+CONDITIONINGS = ("weights", "name")
+
+
+def check_conditioning(conditioning) -> str:
+    """``conditioning`` if it is one of ``CONDITIONINGS``; a ValueError that names them otherwise."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}.")
+    return conditioning
+
+
+def query_parts(model_or_config) -> int:
+    """How many residual-width vectors make a query: the output direction and each input projection's row."""
+    return 1 + len(arch_spec(unwrap(model_or_config)).mlp_in)
+
+
+def weight_query(base, neuron) -> torch.Tensor:
+    """(parts * hidden,) the ``weights`` query of ``neuron``: ``w_out / |w_out|^2``, then each input direction (unit norm)."""
+    neuron = Neuron.parse(neuron)
+    weights = neuron_weights(base, neuron.layer, neuron.index)
+    out = weights["out"].float()
+    parts = [out / out.pow(2).sum().clamp_min(1e-12)]
+    for name in arch_spec(unwrap(base)).mlp_in:
+        w = weights[f"in:{name}"].float()
+        parts.append(w / w.norm().clamp_min(1e-12))
+    return torch.cat(parts)
+
+
+def name_query(neuron, width: int, hidden: int) -> torch.Tensor:
+    """(width,) the ``name`` query: Gaussian entries seeded by the neuron's name, each part scaled like a unit vector."""
+    digest = hashlib.blake2b(str(Neuron.parse(neuron)).encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    return torch.as_tensor(rng.standard_normal(width) / np.sqrt(hidden), dtype=torch.float32)
+
+
+def neuron_queries(base, neurons: Sequence, conditioning: str) -> torch.Tensor:
+    """(K, parts * hidden) the queries of ``neurons`` (float32, on the base's device), detached from the base's weights."""
+    check_conditioning(conditioning)
+    hidden = unwrap(base).config.hidden_size
+    width = query_parts(base) * hidden
+    with torch.no_grad():
+        if conditioning == "weights":
+            rows = [weight_query(base, n) for n in neurons]
+        else:
+            rows = [name_query(n, width, hidden) for n in neurons]
+    device = next(unwrap(base).parameters()).device
+    return torch.stack(rows).to(device) if rows else torch.zeros(0, width, device=device)
+
+
+class ConditionedReadout(nn.Module):
+    """``report[i, n] = h_i . (scale * q_n[:hidden] + q_n @ mix.T) + q_n . query_bias + bias`` (module docstring)."""
+
+    def __init__(self, hidden: int, parts: int):
+        super().__init__()
+        self.hidden = hidden
+        self.scale = nn.Parameter(torch.ones(()))
+        self.mix = nn.Parameter(torch.zeros(hidden, parts * hidden))
+        self.query_bias = nn.Parameter(torch.zeros(parts * hidden))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def directions(self, queries: torch.Tensor) -> torch.Tensor:
+        """(K, hidden) the read direction of each query."""
+        queries = queries.to(self.mix.dtype)
+        return self.scale * queries[:, : self.hidden] + queries @ self.mix.T
+
+    def offsets(self, queries: torch.Tensor) -> torch.Tensor:
+        """(K,) the offset of each query."""
+        return queries.to(self.query_bias.dtype) @ self.query_bias + self.bias
+
+    def forward(self, h: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return h.to(self.mix.dtype) @ self.directions(queries).T + self.offsets(queries)
