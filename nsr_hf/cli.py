@@ -6,6 +6,7 @@
     nsr capture --neurons 12.345 --corpus embedded --max_documents 5
     nsr evaluate --predictor outputs/train/predictor --output_dir outputs/evaluate
     nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 --output_dir outputs/sweep
+    nsr any-neuron recipes/any_neuron.yaml           # one reporter for many neurons, scored on neurons it never saw
     nsr report outputs/quickstart                    # the dashboard of a run or a sweep (built by the commands above too)
 
 Flags are the fields of the stage's config dataclass (``nsr <command> --help`` lists them with their
@@ -105,6 +106,7 @@ COMMANDS = {
     "train": ("nsr_hf.training.config:TrainConfig", "nsr_hf.pipeline:run_train"),
     "evaluate": ("nsr_hf.evaluation.protocol:EvaluateConfig", "nsr_hf.cli:evaluate_and_report"),
     "sweep": ("nsr_hf.sweep:SweepConfig", "nsr_hf.sweep:run_sweep"),
+    "any-neuron": ("nsr_hf.any_neuron:AnyNeuronConfig", "nsr_hf.any_neuron:run_any_neuron"),
     "report": (None, "nsr_hf.dashboard:build_dashboard"),
 }
 

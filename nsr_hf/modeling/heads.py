@@ -288,7 +288,14 @@ class ConditionedHead(Head):
         return ConditionedReadout(hidden, query_parts(self.config.get_base_config()))
 
     def queries(self, predictor) -> torch.Tensor:
-        return neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
+        """(K, width) the current neurons' queries, computed once per neuron list from the base model's weights as they are
+        then (``from_base`` and ``retarget`` compute them at once: a training step with the frozen-prefix cache has no blocks
+        to read weights from) and kept on the predictor, outside its state dict."""
+        cache = predictor.__dict__.setdefault("_neuron_queries", {})
+        key = (tuple(self.config.neurons), self.config.conditioning, str(next(predictor.base.parameters()).device))
+        if key not in cache:
+            cache[key] = neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
+        return cache[key]
 
     def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
         return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor))

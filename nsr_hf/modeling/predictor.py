@@ -249,6 +249,8 @@ class ActivationPredictor(PreTrainedModel):
         predictor = cls(config)
         predictor.base.load_state_dict(base.state_dict())
         predictor.tokenizer = tokenizer
+        if predictor.head.any_neuron:
+            predictor.head.queries(predictor)  # from the weights as they are now (ConditionedHead.queries)
         return predictor.eval()
 
     def retarget(self, neurons, label_transform: Optional[dict] = None) -> "ActivationPredictor":
@@ -267,6 +269,7 @@ class ActivationPredictor(PreTrainedModel):
         config.neurons = neurons
         config.label_transform = label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}
         view.config = config
+        view.head.queries(view)
         return view
 
     @torch.no_grad()

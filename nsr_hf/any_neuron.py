@@ -1,0 +1,299 @@
+"""Any-neuron self-report: one reporter for many neurons of a layer, scored on neurons it never trained on.
+
+    nsr any-neuron recipes/any_neuron.yaml                       # the embedded default, CPU
+    nsr any-neuron recipes/any_neuron.yaml --neuron_count 48 --held_out_neurons 16 --output_dir outputs/any_small
+
+Steps (``run_any_neuron``), everything under ``output_dir``:
+
+1. The neurons: ``neurons`` as given, or ``neuron_count`` neurons of ``neuron_layer`` drawn at random (``neuron_seed``).
+2. ``dataset/``: one activation dataset of all of them (``nsr dataset``; an interrupted build resumes its shards). Neurons
+   that do not vary on the train documents are dropped (no value to report, no R² to score).
+3. ``neuron_split.json``: the split by neuron (``nsr_hf.data.neuron_split``): ``validation_neurons`` and
+   ``held_out_neurons`` drawn at random, the rest train. The split by document is the dataset's, for every group.
+4. ``<conditioning>/predictor``: for each of ``conditionings`` (``weights``: the neuron's own weights; ``name``: the
+   control, a random vector seeded by its name) a conditioned reporter (head ``conditioned``) trained on the train
+   neurons' columns only, with the recipe's unfreezing, intervention training and Trainer options.
+5. ``any_neuron.json``, ``any_neuron.md``, ``any_neuron.png``: for every neuron of every group, on the held-out documents
+   (test split): the reporter's natural R², its causal slope ratio (``nsr_hf.evaluation.causal``: the neuron set to
+   ``causal_values`` values on ``causal_rows`` rows; the report's slope on the set value over its slope on the natural
+   value), the same for the name-only control, and the ridge probe of the same representation fitted on that neuron's
+   own train labels (the reference an any-neuron reporter aims at: it sees every neuron's labels). Then the medians per group.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nsr_hf.architectures import num_layers, num_neurons
+from nsr_hf.capture import Neuron, parse_position, validate_neuron
+from nsr_hf.data.generator import DatasetConfig, run_dataset
+from nsr_hf.data.neuron_split import GROUPS, NeuronSplit, neuron_columns, varying_neurons
+from nsr_hf.data.storage import load_activation_dataset
+from nsr_hf.errors import UserError
+from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.predictions import predict_split, targets_of
+from nsr_hf.metrics import r2_rows
+from nsr_hf.modeling.neuron_queries import CONDITIONINGS, check_conditioning
+from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
+from nsr_hf.modeling.probes import RidgeProbe, layer_features
+from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.pipeline import intervention_sampler, trainer_arguments
+from nsr_hf.plotting import new_figure, save_figure
+from nsr_hf.shared_config import CorpusFields, SplitFields, values_of
+from nsr_hf.stage_clock import stage_clock, timed
+from nsr_hf.training.config import TrainConfig
+from nsr_hf.training.trainer import PredictorTrainer
+from nsr_hf.utils import to_jsonable, write_json
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "any_neuron.json"
+FIGURES = ("natural_r2", "slope_ratio")
+
+
+@dataclass
+class AnyNeuronConfig(TrainConfig):
+    """Train one reporter for many neurons of a layer and score it on neurons it never trained on (a recipe's fields:
+    every ``nsr train`` key, and the keys below)."""
+
+    neuron_layer: int | None = field(default=None, metadata={"help": "The layer whose neurons are drawn (with neuron_count)"})
+    neuron_count: int = field(default=96, metadata={"help": "How many neurons of neuron_layer to draw (all groups together)"})
+    neurons: list[str] | None = field(default=None, metadata={"help": "These neurons (layer.index) instead of a draw"})
+    neuron_seed: int = field(default=0, metadata={"help": "Seed of the draw of neurons and of their split into groups"})
+    validation_neurons: int = field(default=16, metadata={"help": "Neurons held out of training to choose settings on"})
+    held_out_neurons: int = field(default=32, metadata={"help": "Neurons never trained on, the figure of merit"})
+    conditionings: list[str] = field(default_factory=lambda: list(CONDITIONINGS), metadata={
+        "help": "One reporter per conditioning: 'weights' (the neuron's own weights) and 'name' (the control)"})
+    causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
+    causal_values: int = field(default=5, metadata={"help": "Values each neuron is set to in its causal test"})
+    head_type: str = field(default="conditioned", metadata={"help": "The conditioned head (the only one that reports any neuron)"})
+    output_dir: str = field(default="outputs/any_neuron", metadata={"help": "Where dataset/, the reporters and any_neuron.json go"})
+
+    def __post_init__(self):
+        if self.head_type != "conditioned":
+            raise ValueError(f"any-neuron training needs head_type 'conditioned', got {self.head_type!r}.")
+        for c in self.conditionings:
+            check_conditioning(c)
+        if not self.conditionings:
+            raise ValueError("conditionings is empty: give 'weights', 'name' or both.")
+        if self.neurons is None and self.neuron_layer is None:
+            raise ValueError("Give neuron_layer (and neuron_count) or a list of neurons.")
+        if min(self.causal_rows, self.causal_values) < 2:
+            raise ValueError("causal_rows and causal_values must be at least 2 (a slope needs two values).")
+        super().__post_init__()
+
+
+def draw_neurons(model, layer: int, count: int, seed: int) -> list[str]:
+    """``count`` neurons of ``layer`` drawn at random (``seed``), in index order."""
+    width = num_neurons(model)
+    if not 0 < count <= width:
+        raise ValueError(f"neuron_count must be between 1 and the layer's {width} neurons, got {count}.")
+    validate_neuron(model, f"{layer}.0")
+    picked = np.sort(np.random.default_rng(seed).choice(width, size=count, replace=False))
+    return [f"{layer}.{i}" for i in picked]
+
+
+def refuse_finished(config: AnyNeuronConfig) -> None:
+    out = Path(config.output_dir)
+    if (out / RESULT_FILE).exists() and not config.overwrite:
+        raise UserError(f"{out} already holds a finished any-neuron run ({RESULT_FILE}). Nothing was changed: choose another "
+                        "--output_dir, or pass --overwrite true to run it again (its dataset is kept and reused).")
+
+
+def build_dataset(config: AnyNeuronConfig, model, tokenizer, neurons: list[str], out: Path):
+    dataset_config = DatasetConfig(neurons=neurons, **values_of(config, CorpusFields), **values_of(config, SplitFields),
+                                   position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
+                                   num_bins=config.num_bins, output_dir=str(out / "dataset"), overwrite=False)
+    if not (out / "dataset" / "dataset_dict.json").is_file():
+        run_dataset(dataset_config, model=model, tokenizer=tokenizer)
+    return load_activation_dataset(out / "dataset")
+
+
+def statistics_of(metadata: dict) -> dict:
+    """The label transform's z-score statistics only (the conditioned head has no bins)."""
+    t = metadata["transform"]
+    return {"mean": list(t["mean"]), "std": list(t["std"]), "fitted_on": t.get("fitted_on", "train")}
+
+
+def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata, conditioning: str, read_layer: int,
+                   features: dict, out: Path) -> tuple[ActivationPredictor, dict]:
+    """A conditioned reporter of ``metadata["neurons"]`` (the train neurons' columns only), trained and saved in ``out``."""
+    neurons = list(metadata["neurons"])
+    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type="conditioned", read_layer=read_layer,
+                                              position=parse_position(config.position), label_transform=statistics_of(metadata),
+                                              conditioning=conditioning, dataset_name=str(out.parent / "dataset"))
+    info = {}
+    if config.head_init == "probe":
+        info["head_init"] = predictor.init_head_from_probe(dataset["train"], dataset["validation"],
+                                                           features=(features["train"], features["validation"]))
+    args = trainer_arguments(config, out, [f"any-{conditioning}"], has_validation=len(dataset["validation"]) > 0)
+    trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dataset["train"],
+                               eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
+                               unfreeze={"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r,
+                                         "every_n_steps": config.unfreeze_every_n_steps},
+                               interventions=intervention_sampler(config, predictor, dataset["train"], neurons),
+                               prefix_cache=config.prefix_cache, prefix_cache_max_gb=config.prefix_cache_max_gb)
+    started = time.perf_counter()
+    result = trainer.train()
+    info.update(train_seconds=round(time.perf_counter() - started, 1), train_loss=float(result.training_loss),
+                prefix_cache=trainer.prefix_cache_info, global_step=int(trainer.state.global_step))
+    save_predictor(predictor, out / "predictor")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return predictor.eval(), info
+
+
+def probe_r2(features: dict, dataset, column: int) -> float:
+    """Test R² of the ridge probe of the representation fitted on this neuron's own train labels (alpha on validation)."""
+    y = {s: targets_of(dataset[s])[:, column] for s in ("train", "validation", "test")}
+    probe = RidgeProbe().fit(features["train"], y["train"], features["validation"], y["validation"])
+    return float(r2_rows(probe.predict(features["test"])[None], y["test"][None])[0])
+
+
+def slope_ratio(predictor, rows, neuron: str, config: AnyNeuronConfig) -> dict:
+    result = causal_test(predictor, rows, neuron=neuron, num_values=config.causal_values, max_rows=config.causal_rows,
+                         seed=config.seed, batch_size=config.per_device_eval_batch_size)
+    natural = result["natural_slope"]
+    ratio = result["slope"] / natural if natural not in (None, 0) and result["slope"] is not None else None
+    return {"slope_ratio": ratio, "slope": result["slope"], "natural_slope": natural, "meaningful": result["meaningful"]}
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.median(values)) if values else None
+
+
+def score_groups(config: AnyNeuronConfig, reporters: dict, dataset, metadata, split: NeuronSplit, features: dict) -> dict:
+    """Per neuron and per group: each reporter's natural R² and slope ratio on the test split, and the ridge probe's R²."""
+    per_neuron = {}
+    for group, members in split.groups().items():
+        if not members:
+            continue
+        group_dd, group_meta = neuron_columns(dataset, metadata, members)
+        true = targets_of(group_dd["test"])
+        scores = {n: {"group": group} for n in members}
+        for j, n in enumerate(members):
+            scores[n]["ridge_probe_r2"] = probe_r2(features, group_dd, j)
+        for conditioning, predictor in reporters.items():
+            view = predictor.retarget(members, statistics_of(group_meta))
+            expected, _ = predict_split(view, group_dd["test"], batch_size=config.per_device_eval_batch_size)
+            r2 = r2_rows(expected.T, true.T)
+            for j, n in enumerate(members):
+                causal = slope_ratio(view, group_dd["test"], n, config)
+                scores[n][conditioning] = {"natural_r2": float(r2[j]), **causal}
+        per_neuron.update(scores)
+    return per_neuron
+
+
+def summarise(per_neuron: dict, conditionings: list[str]) -> dict:
+    """Medians per group: each reporter's natural R² and slope ratio, and the ridge probe's R²."""
+    out = {}
+    for group in GROUPS:
+        rows = [s for s in per_neuron.values() if s["group"] == group]
+        if not rows:
+            continue
+        entry = {"neurons": len(rows), "ridge_probe_r2": median(s["ridge_probe_r2"] for s in rows)}
+        for c in conditionings:
+            entry[c] = {figure: median(s[c][figure] for s in rows) for figure in FIGURES}
+        out[group] = entry
+    return out
+
+
+def plot(per_neuron: dict, conditionings: list[str], path: Path) -> Path:
+    """R² (left) and slope ratio (right) of every neuron, by group: each reporter, and the ridge probe's R²."""
+    fig, (left, right) = new_figure(11, 4.2, ncols=2)
+    groups = [g for g in GROUPS if any(s["group"] == g for s in per_neuron.values())]
+    methods = [*conditionings, "ridge_probe"]
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        for g, group in enumerate(groups):
+            rows = [s for s in per_neuron.values() if s["group"] == group]
+            r2 = [s["ridge_probe_r2"] if method == "ridge_probe" else s[method]["natural_r2"] for s in rows]
+            x = g + (m - (len(methods) - 1) / 2) * width
+            jitter = np.random.default_rng(g * 10 + m).uniform(-width / 3, width / 3, len(r2))
+            left.scatter(x + jitter, np.clip(r2, -1, 1), s=9, color=f"C{m}", alpha=0.6, label=method if g == 0 else None)
+            left.hlines(median(r2), x - width / 2, x + width / 2, color=f"C{m}", lw=2)
+            if method != "ridge_probe":
+                ratio = [s[method]["slope_ratio"] for s in rows if s[method]["slope_ratio"] is not None]
+                right.scatter(x + jitter[: len(ratio)], np.clip(ratio, -0.5, 1.5), s=9, color=f"C{m}", alpha=0.6,
+                              label=method if g == 0 else None)
+                right.hlines(median(ratio), x - width / 2, x + width / 2, color=f"C{m}", lw=2)
+    for ax, title in ((left, "natural R² on held-out documents (clipped to [-1, 1])"),
+                      (right, "causal slope ratio (clipped to [-0.5, 1.5])")):
+        ax.set_xticks(range(len(groups)), [g.replace("_", "-") + " neurons" for g in groups])
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
+    right.axhline(1, color="grey", lw=0.5, ls="--")
+    return save_figure(fig, path)
+
+
+def markdown(result: dict) -> str:
+    conditionings = result["conditionings"]
+    lines = [f"# Any-neuron self-report: {result['model']}, layer(s) {result['layers']}, read at block {result['read_layer']}", "",
+             "Medians over each group's neurons, on the held-out documents (test split).", "",
+             "| neurons | n | " + " | ".join(f"{c} R² | {c} slope ratio" for c in conditionings) + " | ridge probe R² (own labels) |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in conditionings) + " | --- |"]
+
+    def num(x):
+        return "–" if x is None else f"{x:.3f}"
+
+    for group, entry in result["summary"].items():
+        cells = " | ".join(f"{num(entry[c]['natural_r2'])} | {num(entry[c]['slope_ratio'])}" for c in conditionings)
+        lines.append(f"| {group.replace('_', '-')} | {entry['neurons']} | {cells} | {num(entry['ridge_probe_r2'])} |")
+    lines += ["", "The ridge probe sees each neuron's own train labels; the reporters see only the train neurons' labels. "
+              "A weight-conditioned reporter that generalises reads a held-out neuron from its weights; the name-only control cannot.",
+              "", "![per-neuron figures](any_neuron.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def run_any_neuron(config: AnyNeuronConfig) -> dict:
+    """``nsr any-neuron`` (module docstring); returns what ``any_neuron.json`` holds."""
+    refuse_finished(config)
+    out = Path(config.output_dir)
+    start = time.perf_counter()
+    with stage_clock() as stage_seconds:
+        with timed("load model"):
+            model, tokenizer = load_model_and_tokenizer(config.model)
+        neurons = ([str(validate_neuron(model, n)) for n in config.neurons] if config.neurons
+                   else draw_neurons(model, config.neuron_layer, config.neuron_count, config.neuron_seed))
+        with timed("dataset"):
+            dataset, metadata = build_dataset(config, model, tokenizer, neurons, out)
+        live = varying_neurons(metadata)
+        dropped = [n for n in metadata["neurons"] if n not in live]
+        split = NeuronSplit.draw(live, config.validation_neurons, config.held_out_neurons, seed=config.neuron_seed)
+        write_json(out / "neuron_split.json", {**split.to_dict(), "dropped_constant": dropped})
+        layer = max(Neuron.parse(n).layer for n in live)
+        read_layer = config.read_layer_for(layer, num_layers(model))
+        read_layer = num_layers(model) - 1 if read_layer is None else read_layer
+        with timed("features"):  # the original model's representation: the head's closed-form start and the ridge probes
+            features = {s: layer_features(model, dataset[s], [read_layer], batch_size=config.per_device_eval_batch_size,
+                                          progress=False)[read_layer] for s in ("train", "validation", "test")}
+        train_dd, train_meta = neuron_columns(dataset, metadata, split.train)  # never a held-out neuron's column
+        reporters, training = {}, {}
+        for conditioning in config.conditionings:
+            with timed(f"train ({conditioning})"):
+                reporters[conditioning], training[conditioning] = train_reporter(
+                    config, model, tokenizer, train_dd, train_meta, conditioning, read_layer, features, out / conditioning)
+        with timed("evaluation"):
+            per_neuron = score_groups(config, reporters, dataset, metadata, split, features)
+    result = {"model": config.model, "layers": sorted({Neuron.parse(n).layer for n in live}), "read_layer": read_layer,
+              "unfreeze": config.unfreeze, "intervention_rate": config.intervention_rate, "conditionings": list(config.conditionings),
+              "split": split.to_dict(), "dropped_constant": dropped, "rows": {s: len(dataset[s]) for s in dataset},
+              "summary": summarise(per_neuron, list(config.conditionings)), "per_neuron": per_neuron, "training": training,
+              "stage_seconds": stage_seconds, "seconds": round(time.perf_counter() - start, 1)}
+    plot(per_neuron, list(config.conditionings), out / "any_neuron.png")
+    (out / "any_neuron.md").write_text(markdown(result))
+    write_json(out / RESULT_FILE, to_jsonable(result))
+    print(markdown(result).split("\n\nThe ridge")[0], flush=True)
+    print(f"\nany-neuron result: {out / RESULT_FILE}", flush=True)
+    return result
+
+
+def load_result(folder) -> dict:
+    return json.loads((Path(folder) / RESULT_FILE).read_text())

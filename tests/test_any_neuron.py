@@ -1,0 +1,185 @@
+"""Any-neuron self-report: the split by neuron, the conditioned head, and one reporter scored on neurons it never saw.
+
+The constructed model: a tiny Llama in which every neuron of layer 1 writes along its own output direction (orthonormal,
+apart from the directions the tokens vary in), no attention output and no other MLP, so the residual stream two blocks on
+holds each neuron's value along its output direction. A reporter conditioned on the neuron's weights can read a neuron it
+never trained on; one told only the neuron's name cannot.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_model, write_word_corpus
+
+from nsr_hf.data.neuron_split import NeuronSplit, neuron_columns, varying_neurons
+from nsr_hf.modeling.neuron_queries import name_query, neuron_queries
+from nsr_hf.modeling.predictor import ActivationPredictor, load_predictor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HIDDEN, NEURONS, VARYING = 64, 40, 12  # token directions: dims 1..VARYING; output directions: the dims above them
+
+
+def constructed_llama(vocab_size: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=NEURONS, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        emb = torch.zeros(vocab_size, HIDDEN)
+        emb[:, 0] = 12.0  # a large constant direction: the norms divide every row by about the same
+        emb[:, 1:VARYING + 1] = torch.randn(vocab_size, VARYING, generator=g)
+        model.model.embed_tokens.weight.copy_(emb)
+        out_dirs = torch.linalg.qr(torch.randn(HIDDEN - VARYING - 1, NEURONS, generator=g))[0]  # orthonormal columns
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            if i == 1:
+                layer.mlp.down_proj.weight[VARYING + 1:, :] = out_dirs
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    proj.weight.zero_()
+                    proj.weight[:, 1:VARYING + 1] = torch.randn(NEURONS, VARYING, generator=g) * 0.5
+    return model
+
+
+@pytest.fixture(scope="module")
+def constructed_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("constructed")
+    constructed_llama(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+# -- the split by neuron
+
+
+def test_a_split_by_neuron_is_disjoint_seeded_and_refuses_to_hold_out_everything():
+    neurons = [f"3.{i}" for i in range(20)]
+    split = NeuronSplit.draw(neurons, validation=4, held_out=6, seed=0)
+    assert (len(split.train), len(split.validation), len(split.held_out)) == (10, 4, 6)
+    assert sorted(split.train + split.validation + split.held_out, key=lambda n: int(n.split(".")[1])) == neurons
+    assert split == NeuronSplit.draw(neurons, validation=4, held_out=6, seed=0)
+    assert split != NeuronSplit.draw(neurons, validation=4, held_out=6, seed=1)
+    assert split.group_of("3.%s" % split.held_out[0].split(".")[1]) == "held_out"
+    with pytest.raises(ValueError, match="at least one must be left to train on"):
+        NeuronSplit.draw(neurons, validation=10, held_out=10)
+    with pytest.raises(ValueError, match="in both train and held_out"):
+        NeuronSplit(train=["1.1", "1.2"], validation=[], held_out=["1.2"])
+
+
+def test_the_train_columns_hold_no_held_out_neurons_value(tmp_path, tiny_model_dirs):
+    from nsr_hf.data.generator import DatasetConfig, run_dataset
+    from nsr_hf.data.storage import load_activation_dataset
+
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=40)
+    neurons = [f"1.{i}" for i in range(0, 24, 2)]
+    run_dataset(DatasetConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), id_field="id", neurons=neurons, max_length=16,
+                              output_dir=str(tmp_path / "ds")))
+    dd, metadata = load_activation_dataset(tmp_path / "ds")
+    split = NeuronSplit.draw(varying_neurons(metadata), validation=2, held_out=4, seed=0)
+    train, train_meta = neuron_columns(dd, metadata, split.train)
+    full = np.asarray(dd["train"]["activations"])
+    kept = np.asarray(train["train"]["activations"])
+    assert kept.shape == (len(dd["train"]), len(split.train)) and train_meta["neurons"] == split.train
+    columns = [metadata["neurons"].index(n) for n in split.train]
+    np.testing.assert_array_equal(kept, full[:, columns])
+    np.testing.assert_array_equal(np.asarray(train["train"]["activations_z"]), np.asarray(dd["train"]["activations_z"])[:, columns])
+    assert train_meta["transform"]["mean"] == [metadata["transform"]["mean"][j] for j in columns]
+    held = [metadata["neurons"].index(n) for n in split.held_out]
+    for j in held:  # no held-out neuron's column survives, in any split
+        for s in train:
+            values = np.asarray(train[s]["activations"])
+            assert not any(np.array_equal(values[:, i], np.asarray(dd[s]["activations"])[:, j]) for i in range(values.shape[1]))
+    assert set(train_meta["statistics"]["train"]) == set(split.train)
+    with pytest.raises(ValueError, match="no column for neuron"):
+        neuron_columns(dd, metadata, ["1.1"])
+
+
+# -- the conditioned head
+
+
+def test_the_weight_query_reads_back_a_value_written_along_the_output_direction(tiny_tokenizer):
+    model = constructed_llama(len(tiny_tokenizer))
+    queries = neuron_queries(model, ["1.3", "1.7"], "weights")
+    w_out = model.model.layers[1].mlp.down_proj.weight[:, [3, 7]].T
+    assert queries.shape == (2, 3 * HIDDEN)
+    torch.testing.assert_close((2.5 * w_out * queries[:, :HIDDEN]).sum(-1), torch.full((2,), 2.5))
+    torch.testing.assert_close(queries[:, HIDDEN:2 * HIDDEN].norm(dim=-1), torch.ones(2))
+    names = neuron_queries(model, ["1.3", "1.7"], "name")
+    torch.testing.assert_close(names[0], name_query("1.3", 3 * HIDDEN, HIDDEN))
+    assert not torch.allclose(names[0], names[1])
+
+
+def test_retarget_shares_the_parameters_and_only_the_conditioned_head_can(tiny_tokenizer, tmp_path):
+    model = build_model("llama", len(tiny_tokenizer))
+    predictor = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3", "1.5"], head_type="conditioned", read_layer=2)
+    view = predictor.retarget(["1.9", "0.2", "2.30"])
+    x = torch.randint(0, 300, (3, 6))
+    assert view(x).predictions.shape == (3, 3) and predictor(x).predictions.shape == (3, 2)
+    assert predictor.config.neurons == ["1.3", "1.5"] and view.neuron_head is predictor.neuron_head
+    with torch.no_grad():
+        predictor.neuron_head.scale.fill_(3.0)
+    assert float(view.neuron_head.scale.detach()) == 3.0
+    torch.testing.assert_close(view.retarget(["1.3", "1.5"])(x).predictions, predictor(x).predictions)
+    predictor.save_pretrained(tmp_path / "p")
+    loaded = load_predictor(tmp_path / "p")
+    assert loaded.config.conditioning == "weights"
+    torch.testing.assert_close(loaded(x).predictions, predictor(x).predictions)
+    regression = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="regression", read_layer=2)
+    with pytest.raises(ValueError, match="only the conditioned head"):
+        regression.retarget(["1.4"])
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="conditioned", conditioning="neuron id")
+
+
+# -- one reporter, scored on neurons it never saw
+
+
+@pytest.fixture(scope="module")
+def any_neuron_run(constructed_dir, tmp_path_factory):
+    from nsr_hf.any_neuron import AnyNeuronConfig, run_any_neuron
+
+    root = tmp_path_factory.mktemp("any")
+    corpus = write_word_corpus(root / "corpus.jsonl", n=120)
+    config = AnyNeuronConfig(model=constructed_dir, corpus=str(corpus), neuron_layer=1, neuron_count=NEURONS,
+                             validation_neurons=6, held_out_neurons=12, read_layer="target+1", unfreeze="head_only", head_init="probe",
+                             dataset_documents=120, max_length=16, num_train_epochs=8, learning_rate=1e-2, per_device_train_batch_size=16,
+                             eval_strategy="no", save_strategy="no", causal_rows=16, causal_values=3, output_dir=str(root / "run"),
+                             report_to="none")
+    return run_any_neuron(config), root / "run", config
+
+
+def test_a_weight_conditioned_reporter_reads_neurons_it_never_trained_on_and_the_name_only_control_cannot(any_neuron_run):
+    result, out, _ = any_neuron_run
+    held = result["summary"]["held_out"]
+    assert held["neurons"] == 12
+    assert held["weights"]["natural_r2"] > 0.9, held
+    assert held["weights"]["slope_ratio"] > 0.8, held
+    assert held["name"]["natural_r2"] < 0.3, held
+    assert held["ridge_probe_r2"] > 0.9, held  # the reference: this model's neurons are linearly readable
+    assert result["summary"]["train"]["weights"]["natural_r2"] > 0.9
+    for n, scores in result["per_neuron"].items():
+        assert scores["group"] == NeuronSplit(**result["split"]).group_of(n)
+
+
+def test_an_any_neuron_run_writes_its_split_table_figure_and_reporters_and_refuses_to_run_again(any_neuron_run):
+    from nsr_hf.any_neuron import refuse_finished
+    from nsr_hf.errors import UserError
+
+    result, out, config = any_neuron_run
+    split = json.loads((out / "neuron_split.json").read_text())
+    assert split["held_out"] == result["split"]["held_out"] and not set(split["held_out"]) & set(split["train"])
+    assert json.loads((out / "any_neuron.json").read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    assert (out / "any_neuron.png").stat().st_size > 10_000
+    assert "| held-out | 12 |" in (out / "any_neuron.md").read_text()
+    for conditioning in ("weights", "name"):
+        loaded = load_predictor(out / conditioning / "predictor")
+        assert loaded.config.neurons == split["train"] and loaded.config.conditioning == conditioning
+        assert not (out / conditioning / "checkpoints").exists()
+    with pytest.raises(UserError, match="already holds a finished any-neuron run"):
+        refuse_finished(config)
