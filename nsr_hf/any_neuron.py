@@ -68,6 +68,9 @@ class AnyNeuronConfig(TrainConfig):
     neuron_seed: int = field(default=0, metadata={"help": "Seed of the draw of neurons and of their split into groups"})
     validation_neurons: int = field(default=16, metadata={"help": "Neurons held out of training to choose settings on"})
     held_out_neurons: int = field(default=32, metadata={"help": "Neurons never trained on, the figure of merit"})
+    train_neurons: int | None = field(default=None, metadata={
+        "help": "Train on only the first N train neurons of the split (the held-out and validation groups stay the same): "
+                "a point of the curve of held-out R² against the number of training neurons"})
     conditionings: list[str] = field(default_factory=lambda: list(CONDITIONINGS), metadata={
         "help": "One reporter per conditioning: 'weights' (the neuron's own weights) and 'name' (the control)"})
     causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
@@ -84,6 +87,8 @@ class AnyNeuronConfig(TrainConfig):
             raise ValueError("conditionings is empty: give 'weights', 'name' or both.")
         if self.neurons is None and self.neuron_layer is None:
             raise ValueError("Give neuron_layer (and neuron_count) or a list of neurons.")
+        if self.train_neurons is not None and self.train_neurons < 1:
+            raise ValueError(f"train_neurons must be at least 1 (or left out: every train neuron), got {self.train_neurons}.")
         if min(self.causal_rows, self.causal_values) < 2:
             raise ValueError("causal_rows and causal_values must be at least 2 (a slope needs two values).")
         super().__post_init__()
@@ -107,6 +112,11 @@ def refuse_finished(config: AnyNeuronConfig) -> None:
 
 
 def build_dataset(config: AnyNeuronConfig, model, tokenizer, neurons: list[str], out: Path):
+    """``(dataset, metadata)``: ``config.dataset`` when given (it must hold every neuron), else ``out/dataset``, built unless
+    it is there (an interrupted build resumes its shards)."""
+    if config.dataset:
+        dataset, metadata = load_activation_dataset(config.dataset)
+        return neuron_columns(dataset, metadata, neurons)  # a neuron it lacks is named (column_indices) before anything trains
     dataset_config = DatasetConfig(neurons=neurons, **values_of(config, CorpusFields), **values_of(config, SplitFields),
                                    position=config.position, max_length=config.max_length, max_documents=config.dataset_documents,
                                    num_bins=config.num_bins, output_dir=str(out / "dataset"), overwrite=False)
@@ -267,7 +277,16 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
         live = varying_neurons(metadata)
         dropped = [n for n in metadata["neurons"] if n not in live]
         split = NeuronSplit.draw(live, config.validation_neurons, config.held_out_neurons, seed=config.neuron_seed)
-        write_json(out / "neuron_split.json", {**split.to_dict(), "dropped_constant": dropped})
+        if config.train_neurons is not None:
+            if config.train_neurons > len(split.train):
+                raise UserError(f"train_neurons {config.train_neurons} is more than the {len(split.train)} train neurons of the split: "
+                                "draw more neurons (neuron_count) or ask for fewer.")
+            unused = split.train[config.train_neurons:]
+            split = NeuronSplit(train=split.train[:config.train_neurons], validation=split.validation, held_out=split.held_out)
+            dropped_for_curve = unused
+        else:
+            dropped_for_curve = []
+        write_json(out / "neuron_split.json", {**split.to_dict(), "dropped_constant": dropped, "unused_train_neurons": dropped_for_curve})
         layer = max(Neuron.parse(n).layer for n in live)
         read_layer = config.read_layer_for(layer, num_layers(model))
         read_layer = num_layers(model) - 1 if read_layer is None else read_layer
@@ -284,7 +303,7 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
             per_neuron = score_groups(config, reporters, dataset, metadata, split, features)
     result = {"model": config.model, "layers": sorted({Neuron.parse(n).layer for n in live}), "read_layer": read_layer,
               "unfreeze": config.unfreeze, "intervention_rate": config.intervention_rate, "conditionings": list(config.conditionings),
-              "split": split.to_dict(), "dropped_constant": dropped, "rows": {s: len(dataset[s]) for s in dataset},
+              "split": split.to_dict(), "dropped_constant": dropped, "unused_train_neurons": dropped_for_curve, "rows": {s: len(dataset[s]) for s in dataset},
               "summary": summarise(per_neuron, list(config.conditionings)), "per_neuron": per_neuron, "training": training,
               "stage_seconds": stage_seconds, "seconds": round(time.perf_counter() - start, 1)}
     plot(per_neuron, list(config.conditionings), out / "any_neuron.png")

@@ -123,8 +123,8 @@ def test_retarget_shares_the_parameters_and_only_the_conditioned_head_can(tiny_t
     assert view(x).predictions.shape == (3, 3) and predictor(x).predictions.shape == (3, 2)
     assert predictor.config.neurons == ["1.3", "1.5"] and view.neuron_head is predictor.neuron_head
     with torch.no_grad():
-        predictor.neuron_head.scale.fill_(3.0)
-    assert float(view.neuron_head.scale.detach()) == 3.0
+        predictor.neuron_head.gains.fill_(3.0)
+    assert float(view.neuron_head.gains.detach()[0, 0]) == 3.0
     torch.testing.assert_close(view.retarget(["1.3", "1.5"])(x).predictions, predictor(x).predictions)
     predictor.save_pretrained(tmp_path / "p")
     loaded = load_predictor(tmp_path / "p")

@@ -312,30 +312,11 @@ class ConditionedHead(Head):
 
     @torch.no_grad()
     def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
-        """The scale ``s`` and offset ``c`` of the readout (its mixing and query offset at 0): the least-squares fit, pooled over
-        the train rows and the current neurons in z-units, of each neuron's value on ``h . q_out``, the representation read
-        along the neuron's own query. The closed-form start of a conditioned reporter, as the ridge probe is a regression head's."""
-        X, X_val = probe_features(predictor, train_rows, validation_rows, batch_size, features)
-        head = predictor.neuron_head
-        queries = self.queries(predictor).double().cpu().numpy()
-        read = X @ queries[:, : head.hidden].T  # (rows, K)
-        mean, std = (np.asarray(self.config.label_transform[k], dtype=np.float64) for k in ("mean", "std"))
+        """The closed-form start of a conditioned reporter, as the ridge probe is a regression head's: each neuron read along
+        its own query with one scale pooled over the current neurons, and its mean from its query (``ConditionedReadout.fit``)."""
+        X, _ = probe_features(predictor, train_rows, validation_rows, batch_size, features)
         y = np.stack([labels_of(train_rows, j) for j in range(len(self.config.neurons))], 1)
-        # minimise sum over (row, neuron) of ((s * read + c - y) / std)^2: weighted least squares in (s, c)
-        w = np.broadcast_to(1.0 / std**2, y.shape)
-        A = np.array([[np.sum(w * read * read), np.sum(w * read)], [np.sum(w * read), np.sum(w)]])
-        b = np.array([np.sum(w * read * y), np.sum(w * y)])
-        scale, bias = np.linalg.lstsq(A, b, rcond=None)[0]
-        head.mix.zero_()
-        head.query_bias.zero_()
-        head.scale.fill_(float(scale))
-        head.bias.fill_(float(bias))
-        info = {"scale": float(scale), "bias": float(bias)}
-        if X_val is not None:
-            pred = scale * (X_val @ queries[:, : head.hidden].T) + bias
-            true = np.stack([labels_of(validation_rows, j) for j in range(len(self.config.neurons))], 1)
-            info["validation_r2_median"] = float(np.median(1 - ((pred - true) ** 2).sum(0) / ((true - true.mean(0)) ** 2).sum(0).clip(1e-12)))
-        return info
+        return predictor.neuron_head.fit(self.queries(predictor).double().cpu().numpy(), X, y)
 
     def card_words(self, predictor) -> str:
         return f"{self.name} (any neuron; {self.config.conditioning} query, nsr_hf.modeling.neuron_queries)"

@@ -10,11 +10,16 @@ it is given the neuron as an input, and the query is all it knows about it. Two 
 * ``name``: a fixed random vector of the same width drawn from the neuron's name (``"layer.index"`` seeds it). It tells
   the reporter which neuron it is asked about and nothing else: the control that cannot generalise to an unseen neuron.
 
-``ConditionedReadout`` turns a query into a read direction and an offset, and reports
-``h . (s * q_out + M q) + b . q + c`` for the representation ``h`` (``q_out``: the query's first ``hidden`` entries,
-for ``weights`` the scaled output direction). ``M`` starts at 0, so a weight-conditioned reporter starts by reading each
-neuron along its own output direction, with one learned scale ``s`` (the final norm's) and offset; training adds the
-rest. The report is in activation units (no per-neuron statistics), so that it needs nothing of a neuron it never saw.
+``ConditionedReadout`` turns a query into a read direction and a mean, and reports
+``(h - center) . (sum_p gains[p] * q_p + M q) + b . q + c`` for the representation ``h`` (``center``: the mean
+representation of the train rows, so that the direction reads the variation and ``b . q + c`` the neuron's mean;
+``q_p``: the query's parts, ``gains``: one
+learned gain per part and residual dimension, ``M`` a learned mixing). The gains start at 1 on the output part and 0
+elsewhere, and ``M`` at 0: a weight-conditioned reporter starts by reading each neuron along its own output direction.
+Per-dimension gains are the structure that can carry over to a neuron never seen (undoing the final norm's gain, for
+instance, is one gain per dimension for every neuron), where a free map from queries to directions, fitted on a few dozen
+neurons, reproduces those neurons and nothing else. The report is in activation units (no per-neuron statistics), so
+that it needs nothing of a neuron it never saw.
 """
 from __future__ import annotations
 
@@ -78,24 +83,56 @@ def neuron_queries(base, neurons: Sequence, conditioning: str) -> torch.Tensor:
 
 
 class ConditionedReadout(nn.Module):
-    """``report[i, n] = h_i . (scale * q_n[:hidden] + q_n @ mix.T) + q_n . query_bias + bias`` (module docstring)."""
+    """``report[i, n] = (h_i - center) . (sum_p gains[p] * q_n[p] + q_n @ mix.T) + q_n . query_bias + bias`` (module docstring)."""
 
     def __init__(self, hidden: int, parts: int):
         super().__init__()
-        self.hidden = hidden
-        self.scale = nn.Parameter(torch.ones(()))
+        self.hidden, self.parts = hidden, parts
+        gains = torch.zeros(parts, hidden)
+        gains[0] = 1.0
+        self.gains = nn.Parameter(gains)
         self.mix = nn.Parameter(torch.zeros(hidden, parts * hidden))
         self.query_bias = nn.Parameter(torch.zeros(parts * hidden))
         self.bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("center", torch.zeros(hidden))
 
     def directions(self, queries: torch.Tensor) -> torch.Tensor:
         """(K, hidden) the read direction of each query."""
         queries = queries.to(self.mix.dtype)
-        return self.scale * queries[:, : self.hidden] + queries @ self.mix.T
+        return (queries.reshape(-1, self.parts, self.hidden) * self.gains).sum(1) + queries @ self.mix.T
 
     def offsets(self, queries: torch.Tensor) -> torch.Tensor:
         """(K,) the offset of each query."""
         return queries.to(self.query_bias.dtype) @ self.query_bias + self.bias
 
     def forward(self, h: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return h.to(self.mix.dtype) @ self.directions(queries).T + self.offsets(queries)
+        return (h.to(self.mix.dtype) - self.center) @ self.directions(queries).T + self.offsets(queries)
+
+    @torch.no_grad()
+    def fit(self, queries: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict:
+        """Closed-form start from some neurons' values ``y`` (rows, K) on representations ``X`` (rows, hidden), their queries
+        ``queries`` (K, width): ``center`` the rows' mean representation; the output part's gain one number ``s`` for every
+        dimension, the least-squares fit pooled over rows and neurons (each in its own standard deviations) of each neuron's
+        deviation from its mean on ``s * (h - center) . q_out``; the mean a ridge regression of the neurons' means on their
+        queries; the other gains and the mixing at 0. One number carries over to an unseen neuron; a fit per neuron would not."""
+        K = queries.shape[0]
+        center = X.mean(0)
+        read = (X - center) @ queries[:, : self.hidden].T  # (rows, K)
+        dev = y - y.mean(0)
+        weight = 1.0 / np.maximum(y.var(0), 1e-12)
+        scale = float(np.sum(weight * read * dev) / max(np.sum(weight * read * read), 1e-12))
+        means = y.mean(0)
+        centred = queries - queries.mean(0)
+        kernel = centred @ centred.T
+        lam = max(np.trace(kernel) / max(K, 1), 1e-12)
+        query_bias = centred.T @ np.linalg.solve(kernel + lam * np.eye(K), means - means.mean())
+        gains = np.zeros((self.parts, self.hidden))
+        gains[0] = scale
+        self.gains.copy_(torch.as_tensor(gains, dtype=self.gains.dtype))
+        self.mix.zero_()
+        self.query_bias.copy_(torch.as_tensor(query_bias, dtype=self.query_bias.dtype))
+        self.bias.fill_(float(means.mean() - queries.mean(0) @ query_bias))
+        self.center.copy_(torch.as_tensor(center, dtype=self.center.dtype))
+        pred = scale * read + (queries @ query_bias + float(self.bias))
+        r2 = 1 - ((pred - y) ** 2).sum(0) / np.maximum(((y - means) ** 2).sum(0), 1e-12)
+        return {"scale": scale, "train_r2_median": float(np.median(r2))}
