@@ -32,12 +32,13 @@ import numpy as np
 
 from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, parse_position, validate_neuron
+from nsr_hf.data.columns import read_column
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.neuron_split import GROUPS, NeuronSplit, neuron_columns, varying_neurons
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError
 from nsr_hf.evaluation.causal import causal_test
-from nsr_hf.evaluation.predictions import predict_split, targets_of
+from nsr_hf.evaluation.predictions import predict_split
 from nsr_hf.metrics import r2_rows
 from nsr_hf.modeling.neuron_queries import CONDITIONINGS, check_conditioning
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
@@ -73,6 +74,8 @@ class AnyNeuronConfig(TrainConfig):
                 "a point of the curve of held-out R² against the number of training neurons"})
     conditionings: list[str] = field(default_factory=lambda: list(CONDITIONINGS), metadata={
         "help": "One reporter per conditioning: 'weights' (the neuron's own weights) and 'name' (the control)"})
+    scored_groups: list[str] = field(default_factory=lambda: list(GROUPS), metadata={
+        "help": "The groups of neurons the evaluation scores: train, validation, held_out (a curve point needs held_out only)"})
     causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
     causal_values: int = field(default=5, metadata={"help": "Values each neuron is set to in its causal test"})
     head_type: str = field(default="conditioned", metadata={"help": "The conditioned head (the only one that reports any neuron)"})
@@ -89,6 +92,9 @@ class AnyNeuronConfig(TrainConfig):
             raise ValueError("Give neuron_layer (and neuron_count) or a list of neurons.")
         if self.train_neurons is not None and self.train_neurons < 1:
             raise ValueError(f"train_neurons must be at least 1 (or left out: every train neuron), got {self.train_neurons}.")
+        unknown = [g for g in self.scored_groups if g not in GROUPS]
+        if unknown or not self.scored_groups:
+            raise ValueError(f"scored_groups must name some of {', '.join(GROUPS)}, got {self.scored_groups}.")
         if min(self.causal_rows, self.causal_values) < 2:
             raise ValueError("causal_rows and causal_values must be at least 2 (a slope needs two values).")
         super().__post_init__()
@@ -158,9 +164,10 @@ def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata,
     return predictor.eval(), info
 
 
-def probe_r2(features: dict, dataset, column: int) -> float:
-    """Test R² of the ridge probe of the representation fitted on this neuron's own train labels (alpha on validation)."""
-    y = {s: targets_of(dataset[s])[:, column] for s in ("train", "validation", "test")}
+def probe_r2(features: dict, targets: dict, column: int) -> float:
+    """Test R² of the ridge probe of the representation fitted on this neuron's own train labels (alpha on validation);
+    ``targets``: each split's (rows, K) values."""
+    y = {s: targets[s][:, column] for s in ("train", "validation", "test")}
     probe = RidgeProbe().fit(features["train"], y["train"], features["validation"], y["validation"])
     return float(r2_rows(probe.predict(features["test"])[None], y["test"][None])[0])
 
@@ -182,13 +189,14 @@ def score_groups(config: AnyNeuronConfig, reporters: dict, dataset, metadata, sp
     """Per neuron and per group: each reporter's natural R² and slope ratio on the test split, and the ridge probe's R²."""
     per_neuron = {}
     for group, members in split.groups().items():
-        if not members:
+        if not members or group not in config.scored_groups:
             continue
         group_dd, group_meta = neuron_columns(dataset, metadata, members)
-        true = targets_of(group_dd["test"])
+        targets = {s: read_column(group_dd[s], "activations", len(members)).astype(np.float64) for s in ("train", "validation", "test")}
+        true = targets["test"]
         scores = {n: {"group": group} for n in members}
         for j, n in enumerate(members):
-            scores[n]["ridge_probe_r2"] = probe_r2(features, group_dd, j)
+            scores[n]["ridge_probe_r2"] = probe_r2(features, targets, j)
         for conditioning, predictor in reporters.items():
             view = predictor.retarget(members, statistics_of(group_meta))
             expected, _ = predict_split(view, group_dd["test"], batch_size=config.per_device_eval_batch_size)
@@ -303,7 +311,8 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
             per_neuron = score_groups(config, reporters, dataset, metadata, split, features)
     result = {"model": config.model, "layers": sorted({Neuron.parse(n).layer for n in live}), "read_layer": read_layer,
               "unfreeze": config.unfreeze, "intervention_rate": config.intervention_rate, "conditionings": list(config.conditionings),
-              "split": split.to_dict(), "dropped_constant": dropped, "unused_train_neurons": dropped_for_curve, "rows": {s: len(dataset[s]) for s in dataset},
+              "split": split.to_dict(), "dropped_constant": dropped, "unused_train_neurons": dropped_for_curve,
+              "rows": {s: len(dataset[s]) for s in dataset},
               "summary": summarise(per_neuron, list(config.conditionings)), "per_neuron": per_neuron, "training": training,
               "stage_seconds": stage_seconds, "seconds": round(time.perf_counter() - start, 1)}
     plot(per_neuron, list(config.conditionings), out / "any_neuron.png")

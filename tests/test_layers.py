@@ -22,8 +22,8 @@ LAYERS = [
     ("evaluation", ["nsr_hf.evaluation"]),
     ("analysis", ["nsr_hf.analysis"]),
     ("dashboard", ["nsr_hf.dashboard"]),
-    ("pipeline", ["nsr_hf.pipeline", "nsr_hf.preflight", "nsr_hf.sweep", "nsr_hf.any_neuron", "nsr_hf.quickstart", "nsr_hf.capture_command", "nsr_hf.cli",
-                  "nsr_hf.train"]),
+    ("pipeline", ["nsr_hf.pipeline", "nsr_hf.preflight", "nsr_hf.sweep", "nsr_hf.any_neuron", "nsr_hf.quickstart", "nsr_hf.capture_command",
+                  "nsr_hf.cli", "nsr_hf.train"]),
 ]
 
 

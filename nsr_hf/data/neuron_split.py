@@ -104,7 +104,8 @@ def neuron_columns(dataset, metadata: dict, neurons: Sequence[str]):
     tag = "-".join(str(Neuron.parse(n)) for n in neurons)
 
     def one(ds):
-        return ds.map(select, batched=True, new_fingerprint=hashlib.blake2b(f"{ds._fingerprint}/{tag}".encode(), digest_size=8).hexdigest(), desc=None)
+        fingerprint = hashlib.blake2b(f"{ds._fingerprint}/{tag}".encode(), digest_size=8).hexdigest()
+        return ds.map(select, batched=True, new_fingerprint=fingerprint, desc=None)
 
     if hasattr(dataset, "keys"):
         from datasets import DatasetDict
