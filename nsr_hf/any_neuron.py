@@ -32,20 +32,21 @@ import numpy as np
 
 from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, parse_position, validate_neuron
+from nsr_hf.dashboard import build_dashboard_after
 from nsr_hf.data.columns import read_column
 from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.neuron_split import GROUPS, NeuronSplit, neuron_columns, varying_neurons
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError
 from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.figures import plot_any_neuron
 from nsr_hf.evaluation.predictions import predict_split
-from nsr_hf.metrics import r2_rows
+from nsr_hf.metrics import finite_median, r2_rows
 from nsr_hf.modeling.neuron_queries import CONDITIONINGS, check_conditioning
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.pipeline import intervention_sampler, trainer_arguments
-from nsr_hf.plotting import new_figure, save_figure
 from nsr_hf.shared_config import CorpusFields, SplitFields, values_of
 from nsr_hf.stage_clock import stage_clock, timed
 from nsr_hf.training.config import TrainConfig
@@ -180,11 +181,6 @@ def slope_ratio(predictor, rows, neuron: str, config: AnyNeuronConfig) -> dict:
     return {"slope_ratio": ratio, "slope": result["slope"], "natural_slope": natural, "meaningful": result["meaningful"]}
 
 
-def median(values) -> float | None:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.median(values)) if values else None
-
-
 def score_groups(config: AnyNeuronConfig, reporters: dict, dataset, metadata, split: NeuronSplit, features: dict) -> dict:
     """Per neuron and per group: each reporter's natural R² and slope ratio on the test split, and the ridge probe's R²."""
     per_neuron = {}
@@ -215,40 +211,11 @@ def summarise(per_neuron: dict, conditionings: list[str]) -> dict:
         rows = [s for s in per_neuron.values() if s["group"] == group]
         if not rows:
             continue
-        entry = {"neurons": len(rows), "ridge_probe_r2": median(s["ridge_probe_r2"] for s in rows)}
+        entry = {"neurons": len(rows), "ridge_probe_r2": finite_median(s["ridge_probe_r2"] for s in rows)}
         for c in conditionings:
-            entry[c] = {figure: median(s[c][figure] for s in rows) for figure in FIGURES}
+            entry[c] = {figure: finite_median(s[c][figure] for s in rows) for figure in FIGURES}
         out[group] = entry
     return out
-
-
-def plot(per_neuron: dict, conditionings: list[str], path: Path) -> Path:
-    """R² (left) and slope ratio (right) of every neuron, by group: each reporter, and the ridge probe's R²."""
-    fig, (left, right) = new_figure(11, 4.2, ncols=2)
-    groups = [g for g in GROUPS if any(s["group"] == g for s in per_neuron.values())]
-    methods = [*conditionings, "ridge_probe"]
-    width = 0.8 / len(methods)
-    for m, method in enumerate(methods):
-        for g, group in enumerate(groups):
-            rows = [s for s in per_neuron.values() if s["group"] == group]
-            r2 = [s["ridge_probe_r2"] if method == "ridge_probe" else s[method]["natural_r2"] for s in rows]
-            x = g + (m - (len(methods) - 1) / 2) * width
-            jitter = np.random.default_rng(g * 10 + m).uniform(-width / 3, width / 3, len(r2))
-            left.scatter(x + jitter, np.clip(r2, -1, 1), s=9, color=f"C{m}", alpha=0.6, label=method if g == 0 else None)
-            left.hlines(median(r2), x - width / 2, x + width / 2, color=f"C{m}", lw=2)
-            if method != "ridge_probe":
-                ratio = [s[method]["slope_ratio"] for s in rows if s[method]["slope_ratio"] is not None]
-                right.scatter(x + jitter[: len(ratio)], np.clip(ratio, -0.5, 1.5), s=9, color=f"C{m}", alpha=0.6,
-                              label=method if g == 0 else None)
-                right.hlines(median(ratio), x - width / 2, x + width / 2, color=f"C{m}", lw=2)
-    for ax, title in ((left, "natural R² on held-out documents (clipped to [-1, 1])"),
-                      (right, "causal slope ratio (clipped to [-0.5, 1.5])")):
-        ax.set_xticks(range(len(groups)), [g.replace("_", "-") + " neurons" for g in groups])
-        ax.set_title(title, fontsize=10)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.legend(fontsize=8)
-    right.axhline(1, color="grey", lw=0.5, ls="--")
-    return save_figure(fig, path)
 
 
 def markdown(result: dict) -> str:
@@ -315,11 +282,14 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
               "rows": {s: len(dataset[s]) for s in dataset},
               "summary": summarise(per_neuron, list(config.conditionings)), "per_neuron": per_neuron, "training": training,
               "stage_seconds": stage_seconds, "seconds": round(time.perf_counter() - start, 1)}
-    plot(per_neuron, list(config.conditionings), out / "any_neuron.png")
+    plot_any_neuron(per_neuron, list(config.conditionings), out / "any_neuron.png")
     (out / "any_neuron.md").write_text(markdown(result))
     write_json(out / RESULT_FILE, to_jsonable(result))
     print(markdown(result).split("\n\nThe ridge")[0], flush=True)
     print(f"\nany-neuron result: {out / RESULT_FILE}", flush=True)
+    dashboard = build_dashboard_after(out, what="any-neuron run")
+    if dashboard:
+        print(f"dashboard: {dashboard} (rebuild it with: nsr report {out})", flush=True)
     return result
 
 

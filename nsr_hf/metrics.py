@@ -163,3 +163,9 @@ def bin_metrics(pred_bins, true_bins, num_bins: int) -> dict[str, float]:
     recalls = [float(np.mean(pred_bins[true_bins == b] == b)) for b in np.unique(true_bins)]
     return {"accuracy": float(np.mean(pred_bins == true_bins)), "balanced_accuracy": float(np.mean(recalls)),
             "qwk": quadratic_weighted_kappa(true_bins, pred_bins, num_bins)}
+
+
+def finite_median(values) -> float | None:
+    """The median of the finite numbers among ``values`` (None and NaN left out); None when there are none."""
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.median(values)) if values else None

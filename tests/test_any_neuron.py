@@ -183,3 +183,17 @@ def test_an_any_neuron_run_writes_its_split_table_figure_and_reporters_and_refus
         assert not (out / conditioning / "checkpoints").exists()
     with pytest.raises(UserError, match="already holds a finished any-neuron run"):
         refuse_finished(config)
+
+
+def test_the_dashboard_of_an_any_neuron_run_shows_every_group_and_every_neuron(any_neuron_run):
+    from nsr_hf.dashboard import build_dashboard
+
+    result, out, _ = any_neuron_run
+    page = (out / "dashboard" / "index.html").read_text()  # built at the end of the run
+    assert page == build_dashboard(out).read_text()
+    for group in ("train neurons", "validation neurons", "held-out neurons (never trained on)"):
+        assert f'<tr data-group="{group}">' in page
+    for neuron, scores in result["per_neuron"].items():
+        assert f'<tr data-neuron="{neuron}" data-group="{scores["group"].replace("_", "-")}">' in page
+    assert page.count("<tr data-neuron=") == len(result["per_neuron"]) == 40
+    assert '<svg class="figure"' in page and "weights: slope ratio" in page and "name: R²" in page

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from nsr_hf.dashboard.any_neuron_page import any_neuron_page, is_any_neuron_folder
 from nsr_hf.dashboard.neuron_page import neuron_page
 from nsr_hf.dashboard.run_files import is_run_folder, is_sweep_folder, read_json, read_run
 from nsr_hf.dashboard.sweep_page import sweep_page
@@ -98,6 +99,14 @@ def build_sweep_dashboard(folder, rebuild_runs: bool = True) -> Path:
     return _write_page(path, environment().get_template("sweep.html.j2").render(**context))
 
 
+def build_any_neuron_dashboard(folder) -> Path:
+    """The page of an any-neuron run (``any_neuron.json``)."""
+    folder = Path(folder)
+    env = environment()
+    env.globals["zip"] = zip
+    return _write_page(folder / DASHBOARD_DIR / INDEX, env.get_template("any_neuron.html.j2").render(**any_neuron_page(folder)))
+
+
 def build_dashboard(folder, rebuild_runs: bool = True) -> Path:
     """The dashboard of a sweep folder (``sweep.json``) or a run folder (``metrics.json``: ``nsr train`` or ``nsr evaluate``);
     returns the path of its ``index.html``. A folder that is neither is a ``UserError`` that says what it lacks."""
@@ -106,10 +115,13 @@ def build_dashboard(folder, rebuild_runs: bool = True) -> Path:
         raise UserError(f"{folder} is not a folder: pass a run folder (nsr train / nsr quickstart / nsr evaluate) or a sweep folder.")
     if is_sweep_folder(folder):
         return build_sweep_dashboard(folder, rebuild_runs=rebuild_runs)
+    if is_any_neuron_folder(folder):
+        return build_any_neuron_dashboard(folder)
     if is_run_folder(folder):
         return build_run_dashboard(folder)
-    raise UserError(f"{folder} is neither a run nor a sweep: it has no metrics.json (nsr train, nsr quickstart, nsr evaluate) and no "
-                    "sweep.json (nsr sweep). Pass the folder such a command wrote (its --output_dir).")
+    raise UserError(f"{folder} is neither a run nor a sweep: it has no metrics.json (nsr train, nsr quickstart, nsr evaluate), no "
+                    "sweep.json (nsr sweep) and no any_neuron.json (nsr any-neuron). Pass the folder such a command wrote "
+                    "(its --output_dir).")
 
 
 def dashboard_owner(evaluation_dir) -> Path:

@@ -24,7 +24,8 @@ def svg_of(draw: Callable[[Path], Path | None]) -> str | None:
         if written is None:
             return None
         text = Path(written).read_text()
-    svg = text[text.index("<svg"):]
+    svg = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)  # no creation date: a page
+    # built twice from the same files is the same page
     # the figure keeps its own size (in points) but shrinks with a narrow window (CSS: max-width 100%, height auto)
     return re.sub(r"<svg ", '<svg class="figure" ', svg, count=1)
 

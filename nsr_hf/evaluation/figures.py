@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nsr_hf.methods import figures_of, method_rows
+from nsr_hf.metrics import finite_median
 from nsr_hf.plotting import figure, new_figure, save_figure
 
 
@@ -213,3 +214,34 @@ def plot_faithfulness(counterfactual: dict, path: Path, section: dict | None = N
         ax.set_title(label + (f": R² = {r2:.3f}" if r2 is not None else ""), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     return save_figure(fig, path, crop=False)
+
+
+def plot_any_neuron(per_neuron: dict, conditionings: list[str], path: Path) -> Path:
+    """An any-neuron run's neurons (``nsr_hf.any_neuron``: ``any_neuron.json``'s ``per_neuron``): natural R² (left) and
+    slope ratio (right) of every neuron by group (train, validation, held-out neurons), for each reporter, and the ridge
+    probe's R²; a bar at each median."""
+    fig, (left, right) = new_figure(11, 4.2, ncols=2)
+    groups = [g for g in ("train", "validation", "held_out") if any(s["group"] == g for s in per_neuron.values())]
+    methods = [*conditionings, "ridge_probe"]
+    width = 0.8 / len(methods)
+    for m, method in enumerate(methods):
+        for g, group in enumerate(groups):
+            rows = [s for s in per_neuron.values() if s["group"] == group]
+            r2 = [s["ridge_probe_r2"] if method == "ridge_probe" else s[method]["natural_r2"] for s in rows]
+            x = g + (m - (len(methods) - 1) / 2) * width
+            jitter = np.random.default_rng(g * 10 + m).uniform(-width / 3, width / 3, len(r2))
+            left.scatter(x + jitter, np.clip(r2, -1, 1), s=9, color=f"C{m}", alpha=0.6, label=method if g == 0 else None)
+            left.hlines(finite_median(r2), x - width / 2, x + width / 2, color=f"C{m}", lw=2)
+            if method != "ridge_probe":
+                ratio = [s[method]["slope_ratio"] for s in rows if s[method]["slope_ratio"] is not None]
+                right.scatter(x + jitter[: len(ratio)], np.clip(ratio, -0.5, 1.5), s=9, color=f"C{m}", alpha=0.6,
+                              label=method if g == 0 else None)
+                right.hlines(finite_median(ratio), x - width / 2, x + width / 2, color=f"C{m}", lw=2)
+    for ax, title in ((left, "natural R² on held-out documents (clipped to [-1, 1])"),
+                      (right, "causal slope ratio (clipped to [-0.5, 1.5])")):
+        ax.set_xticks(range(len(groups)), [g.replace("_", "-") + " neurons" for g in groups])
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
+    right.axhline(1, color="grey", lw=0.5, ls="--")
+    return save_figure(fig, path)
