@@ -12,6 +12,7 @@ from nsr_hf.modeling.heads import (
     HEAD_TYPES,
     HEADS,
     ClassificationHead,
+    ConditionedHead,
     RegressionHead,
     TokenHead,
     head_class,
@@ -43,9 +44,9 @@ def _recipe(head_type, **kw):
 # -- the registry ----------------------------------------------------------------------------------
 
 
-def test_the_registry_names_the_regression_classification_and_token_heads():
-    assert HEAD_TYPES == ("regression", "classification", "token")
-    assert [head_class(name) for name in HEAD_TYPES] == [RegressionHead, ClassificationHead, TokenHead]
+def test_the_registry_names_the_regression_classification_token_and_conditioned_heads():
+    assert HEAD_TYPES == ("regression", "classification", "token", "conditioned")
+    assert [head_class(name) for name in HEAD_TYPES] == [RegressionHead, ClassificationHead, TokenHead, ConditionedHead]
 
 
 def test_an_unknown_head_type_is_refused_with_the_registered_names():
@@ -214,16 +215,25 @@ def test_only_heads_with_bins_take_a_bin_strategy_and_only_regression_a_probe_in
 
 
 def test_bin_metrics_apply_to_the_heads_with_bins():
-    assert [head_class(name).has_bins for name in HEAD_TYPES] == [False, True, True]
+    assert [head_class(name).has_bins for name in HEAD_TYPES] == [False, True, True, False]
     assert "accuracy" not in PredictorMetrics(["1.3"], "regression", EDGES).neuron_metrics(
         torch.rand(20).numpy(), torch.full((20,), float("nan")).numpy(), torch.rand(20).numpy(), 0)
 
 
 @pytest.mark.parametrize(("head", "layer", "read", "meaningful"), [
-    ("regression", 0, 1, True), ("regression", 1, 1, False), ("token", 0, 1, True), ("token", 1, 1, False), ("token", 2, 1, False)])
+    ("regression", 0, 1, True), ("regression", 1, 1, False), ("token", 0, 1, True), ("token", 1, 1, False), ("token", 2, 1, False),
+    ("conditioned", 0, 1, True), ("conditioned", 1, 1, False)])
 def test_a_clamped_neuron_reaches_the_report_only_from_a_block_before_the_one_read(head, layer, read, meaningful):
     config = SimpleNamespace(head_type=head)
     assert head_class(head)(config).report_path(layer, read)[0] is meaningful
+
+
+def test_the_conditioned_heads_direction_depends_on_the_query_and_it_says_where_to_get_it(tiny):
+    predictor = _predictor(tiny, "conditioned")
+    with pytest.raises(ValueError, match="neuron_head.directions"):
+        predictor.head.direction(predictor.neuron_head, 0)
+    queries = predictor.head.queries(predictor)
+    assert predictor.neuron_head.directions(queries).shape == (1, predictor.base.config.hidden_size)
 
 
 def test_the_token_head_has_no_weight_direction_to_align(tiny):
@@ -243,8 +253,9 @@ def test_the_regression_heads_direction_is_its_row_and_an_mlp_head_has_none(tiny
 
 
 def test_each_head_names_itself_and_its_bins_and_report_tokens_in_the_model_card(tiny):
-    regression, classification, token = (_predictor(tiny, head) for head in HEAD_TYPES)
+    regression, classification, token, conditioned = (_predictor(tiny, head) for head in HEAD_TYPES)
     assert regression.head.card_words(regression) == "regression"
+    assert conditioned.head.card_words(conditioned) == "conditioned (any neuron; weights query, nsr_hf.modeling.neuron_queries)"
     assert classification.head.card_words(classification).startswith("classification over 10 ")
     assert f"report tokens {token.config.report_tokens}" in token.head.card_words(token)
     assert "through the final norm" in regression.head.reads_in_words(regression)

@@ -268,60 +268,6 @@ def probe_features(predictor, train_rows, validation_rows, batch_size: int, feat
     return X, X_val
 
 
-@register_head
-class ConditionedHead(Head):
-    """Conditioned: one reporter for any neuron (``nsr_hf.modeling.neuron_queries``). ``config.neurons`` are the neurons it
-    reports now; their queries come from the base model's weights (or names) at every forward, so that ``retarget`` only
-    changes the list. Logits are the reports in activation units; the loss is the squared error of z-scores (the current
-    neurons' train statistics weigh them alike); the readout needs no statistics, so a neuron never seen reads the same."""
-
-    name = "conditioned"
-    any_neuron = True
-    probe_init = True
-
-    def check_config(self) -> None:
-        check_conditioning(self.config.conditioning)
-        if self.config.head_hidden_size:
-            raise ValueError("The conditioned head is linear in the representation: leave head_hidden_size at 0.")
-
-    def build(self, hidden: int) -> nn.Module:
-        return ConditionedReadout(hidden, query_parts(self.config.get_base_config()))
-
-    def queries(self, predictor) -> torch.Tensor:
-        """(K, width) the current neurons' queries, computed once per neuron list from the base model's weights as they are
-        then (``from_base`` and ``retarget`` compute them at once: a training step with the frozen-prefix cache has no blocks
-        to read weights from) and kept on the predictor, outside its state dict."""
-        cache = predictor.__dict__.setdefault("_neuron_queries", {})
-        key = (tuple(self.config.neurons), self.config.conditioning, str(next(predictor.base.parameters()).device))
-        if key not in cache:
-            cache[key] = neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
-        return cache[key]
-
-    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
-        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor))
-
-    def readouts(self, predictor, logits):
-        return logits, None
-
-    def loss(self, predictor, output, labels):
-        return nn.functional.mse_loss(predictor.zscore(output.logits), predictor.zscore(labels))
-
-    def direction(self, module, column):
-        raise ValueError("The conditioned head's read direction depends on the neuron's query, which comes from the predictor's base "
-                         "model: use predictor.neuron_head.directions(predictor.head.queries(predictor))[column].")
-
-    @torch.no_grad()
-    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
-        """The closed-form start of a conditioned reporter, as the ridge probe is a regression head's: each neuron read along
-        its own query with one scale pooled over the current neurons, and its mean from its query (``ConditionedReadout.fit``)."""
-        X, _ = probe_features(predictor, train_rows, validation_rows, batch_size, features)
-        y = np.stack([labels_of(train_rows, j) for j in range(len(self.config.neurons))], 1)
-        return predictor.neuron_head.fit(self.queries(predictor).double().cpu().numpy(), X, y)
-
-    def card_words(self, predictor) -> str:
-        return f"{self.name} (any neuron; {self.config.conditioning} query, nsr_hf.modeling.neuron_queries)"
-
-
 class BinHead(Head):
     """A head over the train-fitted bins: logits (batch, K, bins), cross-entropy; readouts are the expected bin value
     and the value of the most likely bin."""
@@ -475,6 +421,60 @@ class TokenHead(BinHead):
                  f"then {c.prompt_suffix.format(neuron=c.neurons[0])!r}"
                  if c.prompt_suffix else f"as the labelled token's own next token (rule: {c.position}), no question after it")
         return f"{how}, {where}"
+
+
+@register_head
+class ConditionedHead(Head):
+    """Conditioned: one reporter for any neuron (``nsr_hf.modeling.neuron_queries``). ``config.neurons`` are the neurons it
+    reports now; their queries come from the base model's weights (or names) at every forward, so that ``retarget`` only
+    changes the list. Logits are the reports in activation units; the loss is the squared error of z-scores (the current
+    neurons' train statistics weigh them alike); the readout needs no statistics, so a neuron never seen reads the same."""
+
+    name = "conditioned"
+    any_neuron = True
+    probe_init = True
+
+    def check_config(self) -> None:
+        check_conditioning(self.config.conditioning)
+        if self.config.head_hidden_size:
+            raise ValueError("The conditioned head is linear in the representation: leave head_hidden_size at 0.")
+
+    def build(self, hidden: int) -> nn.Module:
+        return ConditionedReadout(hidden, query_parts(self.config.get_base_config()))
+
+    def queries(self, predictor) -> torch.Tensor:
+        """(K, width) the current neurons' queries, computed once per neuron list from the base model's weights as they are
+        then (``from_base`` and ``retarget`` compute them at once: a training step with the frozen-prefix cache has no blocks
+        to read weights from) and kept on the predictor, outside its state dict."""
+        cache = predictor.__dict__.setdefault("_neuron_queries", {})
+        key = (tuple(self.config.neurons), self.config.conditioning, str(next(predictor.base.parameters()).device))
+        if key not in cache:
+            cache[key] = neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
+        return cache[key]
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
+        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor))
+
+    def readouts(self, predictor, logits):
+        return logits, None
+
+    def loss(self, predictor, output, labels):
+        return nn.functional.mse_loss(predictor.zscore(output.logits), predictor.zscore(labels))
+
+    def direction(self, module, column):
+        raise ValueError("The conditioned head's read direction depends on the neuron's query, which comes from the predictor's base "
+                         "model: use predictor.neuron_head.directions(predictor.head.queries(predictor))[column].")
+
+    @torch.no_grad()
+    def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
+        """The closed-form start of a conditioned reporter, as the ridge probe is a regression head's: each neuron read along
+        its own query with one scale pooled over the current neurons, and its mean from its query (``ConditionedReadout.fit``)."""
+        X, _ = probe_features(predictor, train_rows, validation_rows, batch_size, features)
+        y = np.stack([labels_of(train_rows, j) for j in range(len(self.config.neurons))], 1)
+        return predictor.neuron_head.fit(self.queries(predictor).double().cpu().numpy(), X, y)
+
+    def card_words(self, predictor) -> str:
+        return f"{self.name} (any neuron; {self.config.conditioning} query, nsr_hf.modeling.neuron_queries)"
 
 
 HEAD_TYPES = tuple(HEADS)
