@@ -197,3 +197,20 @@ def test_the_dashboard_of_an_any_neuron_run_shows_every_group_and_every_neuron(a
         assert f'<tr data-neuron="{neuron}" data-group="{scores["group"].replace("_", "-")}">' in page
     assert page.count("<tr data-neuron=") == len(result["per_neuron"]) == 40
     assert '<svg class="figure"' in page and "weights: slope ratio" in page and "name: R²" in page
+
+
+@pytest.mark.slow  # a whole nsr train run (scan-free: a named neuron) with its evaluation
+def test_nsr_train_runs_a_conditioned_reporter_with_interventions_and_its_predictor_reports_other_neurons(tiny_model_dirs, tmp_path):
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
+
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=80)
+    config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), neuron="1.3", head_type="conditioned", head_init="probe",
+                         unfreeze="after_target", read_layer="target+1", dataset_documents=80, max_length=16, num_train_epochs=1,
+                         intervention_rate=0.5, output_dir=str(tmp_path / "run"), report_to="none")
+    summary = run_train(config)
+    assert summary["evaluation"]["faithfulness"] and summary["evaluation"]["causal"]
+    predictor = load_predictor(tmp_path / "run" / "predictor")
+    assert predictor.config.head_type == "conditioned" and predictor.config.intervention["rate"] == 0.5
+    x = torch.randint(0, 300, (2, 6))
+    assert predictor.retarget(["1.5", "2.7"])(x).predictions.shape == (2, 2)
