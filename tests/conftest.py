@@ -2,7 +2,10 @@
 saved as local folders so that tests go through the same loading code as users. Offline by construction."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -147,3 +150,49 @@ def same_rows():
     id and bin exactly and every float to float32 round-off. Two runs of the same forward pass may differ in the last bit
     (CI caught 1 ulp between a resumed dataset and an uninterrupted one: BLAS kernels may depend on memory alignment)."""
     return lambda a, b: _same(a, b, "rows")
+
+
+# -- the dashboard's pages in a real browser (tests/test_dashboard.py, tests/test_any_neuron.py)
+
+
+BROWSER_HELP = ("No headless browser for the dashboard tests. Install Chromium and its driver (Debian/Ubuntu: "
+                "`apt-get install chromium chromium-driver`; macOS: `brew install --cask chromium chromedriver`) and selenium "
+                "(`pip install selenium`), or skip these tests with NSR_NO_BROWSER=1.")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by selenium through the system chromedriver, with its console and network logs."""
+    if os.environ.get("NSR_NO_BROWSER"):
+        pytest.skip("NSR_NO_BROWSER is set: the browser tests are skipped")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(BROWSER_HELP + " (selenium is not installed)")
+    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.fail(BROWSER_HELP + f" (found browser: {binary}, chromedriver: {driver_path})")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, path: Path) -> dict:
+    """Open ``path`` from disk; the console messages and the URLs of every request the page made."""
+    browser.get_log("browser"), browser.get_log("performance")  # start from empty logs
+    browser.get(path.resolve().as_uri())
+    browser.execute_script("return document.readyState")
+    console = browser.get_log("browser")
+    requests = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            requests.append(message["params"]["request"]["url"])
+    return {"console": console, "requests": requests}

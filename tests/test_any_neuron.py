@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, write_word_corpus
+from conftest import build_model, open_page, write_word_corpus
 
 from nsr_hf.data.neuron_split import NeuronSplit, neuron_columns, varying_neurons
 from nsr_hf.modeling.neuron_queries import name_query, neuron_queries
@@ -197,6 +197,28 @@ def test_the_dashboard_of_an_any_neuron_run_shows_every_group_and_every_neuron(a
         assert f'<tr data-neuron="{neuron}" data-group="{scores["group"].replace("_", "-")}">' in page
     assert page.count("<tr data-neuron=") == len(result["per_neuron"]) == 40
     assert '<svg class="figure"' in page and "weights: slope ratio" in page and "name: R²" in page
+
+
+@pytest.mark.slow
+def test_the_any_neuron_page_in_a_browser_sorts_by_group_and_figure(any_neuron_run, browser):
+    _, out, _ = any_neuron_run
+    index = out / "dashboard" / "index.html"
+    seen = open_page(browser, index)
+    assert not [m for m in seen["console"] if m["level"] in ("SEVERE", "WARNING")], seen["console"]
+    assert [url for url in seen["requests"] if url != index.resolve().as_uri()] == []
+    headers = browser.find_elements("css selector", "table.sortable th")
+    names = [h.text for h in headers]
+
+    def column(name, number=True):
+        values = browser.execute_script("return Array.prototype.map.call(document.querySelector('table.sortable').tBodies[0].rows,"
+                                        f" function (r) {{ return r.cells[{names.index(name)}].dataset.sort; }});")
+        return [float(v) for v in values] if number else values
+
+    headers[names.index("weights: R²")].click()
+    assert column("weights: R²") == sorted(column("weights: R²"))
+    headers[names.index("group")].click()
+    assert column("group", number=False) == sorted(column("group", number=False))
+    assert browser.execute_script("return document.querySelectorAll('svg.figure').length") == 1
 
 
 @pytest.mark.slow  # a whole nsr train run (scan-free: a named neuron) with its evaluation

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import open_page
 
 from nsr_hf.dashboard import DASHBOARD_DIR, build_dashboard, build_dashboard_after
 from nsr_hf.dashboard.neuron_page import markdown_html
@@ -446,49 +446,6 @@ def test_the_report_tables_become_html_with_their_text_escaped():
 
 # ----------------------------------------------------------------------------------------------------------
 # In a real browser
-
-BROWSER_HELP = ("No headless browser for the dashboard tests. Install Chromium and its driver (Debian/Ubuntu: "
-                "`apt-get install chromium chromium-driver`; macOS: `brew install --cask chromium chromedriver`) and selenium "
-                "(`pip install selenium`), or skip these tests with NSR_NO_BROWSER=1.")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """A headless Chromium driven by selenium through the system chromedriver, with its console and network logs."""
-    if os.environ.get("NSR_NO_BROWSER"):
-        pytest.skip("NSR_NO_BROWSER is set: the browser tests are skipped")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail(BROWSER_HELP + " (selenium is not installed)")
-    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    driver_path = shutil.which("chromedriver")
-    if not binary or not driver_path:
-        pytest.fail(BROWSER_HELP + f" (found browser: {binary}, chromedriver: {driver_path})")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-
-
-def open_page(browser, path: Path) -> dict:
-    """Open ``path`` from disk; the console messages and the URLs of every request the page made."""
-    browser.get_log("browser"), browser.get_log("performance")  # start from empty logs
-    browser.get(path.resolve().as_uri())
-    browser.execute_script("return document.readyState")
-    console = browser.get_log("browser")
-    requests = []
-    for entry in browser.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message.get("method") == "Network.requestWillBeSent":
-            requests.append(message["params"]["request"]["url"])
-    return {"console": console, "requests": requests}
-
 
 def panels_in_browser(browser) -> dict[str, dict]:
     """Each panel in page order: the length of its visible text, its height and how many figures, tables, examples, 'missing'
