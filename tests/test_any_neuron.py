@@ -236,3 +236,20 @@ def test_nsr_train_runs_a_conditioned_reporter_with_interventions_and_its_predic
     assert predictor.config.head_type == "conditioned" and predictor.config.intervention["rate"] == 0.5
     x = torch.randint(0, 300, (2, 6))
     assert predictor.retarget(["1.5", "2.7"])(x).predictions.shape == (2, 2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_inputs_readout_computes_the_neurons_as_the_model_does(arch, tiny_tokenizer):
+    from nsr_hf.architectures import compute_neurons
+    from nsr_hf.modeling.neuron_queries import NeuronInputs
+
+    model = build_model(arch, len(tiny_tokenizer))
+    x = torch.randn(5, model.config.hidden_size)
+    inputs = NeuronInputs(model, ["1.3", "1.5", "1.17"])
+    with torch.no_grad():
+        torch.testing.assert_close(inputs.values(x), compute_neurons(model, 1, x, torch.tensor([3, 5, 17])))
+    predictor = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="conditioned", read_layer=2,
+                                              conditioning="weights+inputs")
+    assert {"neuron_head.input_gains", "neuron_head.recompute_weight"} <= set(predictor.state_dict())
+    plain = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="conditioned", read_layer=2)
+    assert "neuron_head.recompute_weight" not in plain.state_dict()  # no parameter that the loss never reaches (DDP)

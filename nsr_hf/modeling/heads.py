@@ -32,7 +32,7 @@ from torch import nn
 from nsr_hf.architectures import arch_spec, num_layers, truncated
 from nsr_hf.capture import label_positions as rule_positions
 from nsr_hf.capture import pad_right, position_ids_from_mask
-from nsr_hf.modeling.neuron_queries import ConditionedReadout, check_conditioning, neuron_queries, query_parts
+from nsr_hf.modeling.neuron_queries import ConditionedReadout, NeuronInputs, check_conditioning, neuron_queries, query_parts
 from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
 
@@ -440,7 +440,8 @@ class ConditionedHead(Head):
             raise ValueError("The conditioned head is linear in the representation: leave head_hidden_size at 0.")
 
     def build(self, hidden: int) -> nn.Module:
-        return ConditionedReadout(hidden, query_parts(self.config.get_base_config()))
+        recompute = self.config.conditioning == "weights+inputs"
+        return ConditionedReadout(hidden, query_parts(self.config.get_base_config()), recompute=recompute)
 
     def queries(self, predictor) -> torch.Tensor:
         """(K, width) the current neurons' queries, computed once per neuron list from the base model's weights as they are
@@ -452,8 +453,20 @@ class ConditionedHead(Head):
             cache[key] = neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
         return cache[key]
 
+    def inputs(self, predictor) -> NeuronInputs | None:
+        """The current neurons' input weights for the ``weights+inputs`` readout (None for the other conditionings), computed
+        once per neuron list like ``queries``."""
+        if self.config.conditioning != "weights+inputs":
+            return None
+        cache = predictor.__dict__.setdefault("_neuron_inputs", {})
+        key = (tuple(self.config.neurons), str(next(predictor.base.parameters()).device))
+        if key not in cache:
+            cache[key] = NeuronInputs(predictor.base, self.config.neurons)
+        return cache[key]
+
     def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
-        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor))
+        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor),
+                                     self.inputs(predictor))
 
     def readouts(self, predictor, logits):
         return logits, None
@@ -468,10 +481,11 @@ class ConditionedHead(Head):
     @torch.no_grad()
     def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
         """The closed-form start of a conditioned reporter, as the ridge probe is a regression head's: each neuron read along
-        its own query with one scale pooled over the current neurons, and its mean from its query (``ConditionedReadout.fit``)."""
+        its own query with one scale pooled over the current neurons (with ``weights+inputs``, plus the recompute term's weight),
+        and its mean from its query (``ConditionedReadout.fit``)."""
         X, _ = probe_features(predictor, train_rows, validation_rows, batch_size, features)
         y = np.stack([labels_of(train_rows, j) for j in range(len(self.config.neurons))], 1)
-        return predictor.neuron_head.fit(self.queries(predictor).double().cpu().numpy(), X, y)
+        return predictor.neuron_head.fit(self.queries(predictor).double().cpu().numpy(), X, y, self.inputs(predictor))
 
     def card_words(self, predictor) -> str:
         return f"{self.name} (any neuron; {self.config.conditioning} query, nsr_hf.modeling.neuron_queries)"

@@ -1,12 +1,18 @@
 """What a reporter of many neurons is told about the neuron it is asked about: the neuron's *query*.
 
 A conditioned reporter (head ``conditioned``) answers for any neuron of the model, including ones it never trained on:
-it is given the neuron as an input, and the query is all it knows about it. Two conditionings:
+it is given the neuron as an input, and the query is all it knows about it. Three conditionings:
 
 * ``weights``: the neuron's own weights in the residual basis (``nsr_hf.architectures.neuron_weights``): its output
   direction scaled to read its value back (``w_out / |w_out|^2``: a value ``v`` written to the residual stream as
   ``v * w_out`` projects back onto it as ``v``), then its input direction(s) as unit vectors (GPT-2: ``c_fc``; Llama:
   ``gate_proj`` and ``up_proj``). A neuron the reporter never saw has weights too, so the query can generalise to it.
+* ``weights+inputs``: the same query, and the readout also computes the neuron again from the representation with the
+  neuron's own input weights (``NeuronInputs``: ``act(gate . x) * (up . x)``, or ``act(in . x + b)``, where ``x`` is the
+  representation with the final norm's gain undone and the MLP norm's applied, through learned gains), times a learned
+  weight. This generalises to unseen neurons as far as the neuron's input is still in the representation, and it is by
+  construction not a report of the neuron: it reads what made the neuron fire, so it does not follow the neuron when the
+  neuron is set (its slope ratio says so). It is the shortcut an any-neuron reporter can take, measured next to the others.
 * ``name``: a fixed random vector of the same width drawn from the neuron's name (``"layer.index"`` seeds it). It tells
   the reporter which neuron it is asked about and nothing else: the control that cannot generalise to an unseen neuron.
 
@@ -30,11 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nsr_hf.architectures import arch_spec, neuron_weights
+from nsr_hf.architectures import arch_spec, get_final_norm, get_mlp, get_pre_mlp_norm, neuron_weights
 from nsr_hf.capture import Neuron
 from nsr_hf.utils import unwrap
 
-CONDITIONINGS = ("weights", "name")
+CONDITIONINGS = ("weights", "weights+inputs", "name")
 
 
 def check_conditioning(conditioning) -> str:
@@ -74,7 +80,7 @@ def neuron_queries(base, neurons: Sequence, conditioning: str) -> torch.Tensor:
     hidden = unwrap(base).config.hidden_size
     width = query_parts(base) * hidden
     with torch.no_grad():
-        if conditioning == "weights":
+        if conditioning != "name":
             rows = [weight_query(base, n) for n in neurons]
         else:
             rows = [name_query(n, width, hidden) for n in neurons]
@@ -82,10 +88,43 @@ def neuron_queries(base, neurons: Sequence, conditioning: str) -> torch.Tensor:
     return torch.stack(rows).to(device) if rows else torch.zeros(0, width, device=device)
 
 
+class NeuronInputs:
+    """What the ``weights+inputs`` readout needs to compute neurons again: their input weights ``weights`` (K, n_in, hidden),
+    biases ``biases`` (K, n_in), the MLP's activation ``act``, whether it is gated (``act(first) * second``), and the gains
+    that turn a final-normed representation into the MLP norm's output (``norm_gains``, (hidden,): the MLP norm's gain over
+    the final norm's, of the first neuron's layer)."""
+
+    def __init__(self, base, neurons: Sequence):
+        base = unwrap(base)
+        spec = arch_spec(base)
+        neurons = [Neuron.parse(n) for n in neurons]
+        rows, biases = [], []
+        with torch.no_grad():
+            for n in neurons:
+                mlp = get_mlp(base, n.layer)
+                weights = neuron_weights(base, n.layer, n.index)
+                rows.append(torch.stack([weights[f"in:{name}"].float() for name in spec.mlp_in]))
+                biases.append(torch.stack([getattr(mlp, name).bias[n.index].float() if getattr(getattr(mlp, name), "bias", None) is not None
+                                           else torch.zeros((), device=rows[-1].device) for name in spec.mlp_in]))
+            layer = neurons[0].layer if neurons else 0
+            gain = lambda module: (module.weight.detach().float() if getattr(module, "weight", None) is not None  # noqa: E731
+                                   else torch.ones(base.config.hidden_size, device=rows[0].device if rows else None))
+            self.norm_gains = gain(get_pre_mlp_norm(base, layer)) / gain(get_final_norm(base)).clamp_min(1e-6)
+        self.weights = torch.stack(rows) if rows else torch.zeros(0, len(spec.mlp_in), base.config.hidden_size)
+        self.biases = torch.stack(biases) if biases else torch.zeros(0, len(spec.mlp_in))
+        self.act = getattr(get_mlp(base, neurons[0].layer if neurons else 0), spec.act)
+        self.gated = spec.mlp_kind == "gated"
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, K) the neurons computed from ``x`` (batch, hidden), already in the MLP norm's basis."""
+        pre = torch.einsum("bh,kph->bkp", x, self.weights.to(x.dtype)) + self.biases.to(x.dtype)
+        return self.act(pre[..., 0]) * pre[..., 1] if self.gated else self.act(pre[..., 0])
+
+
 class ConditionedReadout(nn.Module):
     """``report[i, n] = (h_i - center) . (sum_p gains[p] * q_n[p] + q_n @ mix.T) + q_n . query_bias + bias`` (module docstring)."""
 
-    def __init__(self, hidden: int, parts: int):
+    def __init__(self, hidden: int, parts: int, recompute: bool = False):
         super().__init__()
         self.hidden, self.parts = hidden, parts
         gains = torch.zeros(parts, hidden)
@@ -95,6 +134,9 @@ class ConditionedReadout(nn.Module):
         self.query_bias = nn.Parameter(torch.zeros(parts * hidden))
         self.bias = nn.Parameter(torch.zeros(()))
         self.register_buffer("center", torch.zeros(hidden))
+        if recompute:  # the weights+inputs term: learned gains on the representation and a weight (no parameter goes unused)
+            self.input_gains = nn.Parameter(torch.ones(hidden))
+            self.recompute_weight = nn.Parameter(torch.zeros(()))
 
     def directions(self, queries: torch.Tensor) -> torch.Tensor:
         """(K, hidden) the read direction of each query."""
@@ -105,27 +147,48 @@ class ConditionedReadout(nn.Module):
         """(K,) the offset of each query."""
         return queries.to(self.query_bias.dtype) @ self.query_bias + self.bias
 
-    def forward(self, h: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return (h.to(self.mix.dtype) - self.center) @ self.directions(queries).T + self.offsets(queries)
+    def recomputed(self, h: torch.Tensor, inputs: NeuronInputs) -> torch.Tensor:
+        """(batch, K) the neurons computed again from the representation with their input weights (``weights+inputs``)."""
+        return inputs.values(h.to(self.mix.dtype) * self.input_gains)
+
+    def forward(self, h: torch.Tensor, queries: torch.Tensor, inputs: NeuronInputs | None = None) -> torch.Tensor:
+        out = (h.to(self.mix.dtype) - self.center) @ self.directions(queries).T + self.offsets(queries)
+        if inputs is not None:
+            if not hasattr(self, "recompute_weight"):
+                raise ValueError("This readout was built without the recompute term (conditioning 'weights+inputs'): pass no inputs.")
+            out = out + self.recompute_weight * self.recomputed(h, inputs)
+        return out
 
     @torch.no_grad()
-    def fit(self, queries: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict:
+    def fit(self, queries: np.ndarray, X: np.ndarray, y: np.ndarray, inputs: NeuronInputs | None = None) -> dict:
         """Closed-form start from some neurons' values ``y`` (rows, K) on representations ``X`` (rows, hidden), their queries
         ``queries`` (K, width): ``center`` the rows' mean representation; the output part's gain one number ``s`` for every
-        dimension, the least-squares fit pooled over rows and neurons (each in its own standard deviations) of each neuron's
-        deviation from its mean on ``s * (h - center) . q_out``; the mean a ridge regression of the neurons' means on their
-        queries; the other gains and the mixing at 0. One number carries over to an unseen neuron; a fit per neuron would not."""
+        dimension (and, with ``inputs``, the recompute term's weight ``w``, its gains the norms' ratio), fitted by least
+        squares pooled over rows and neurons (each in its own standard deviations) of each neuron's deviation from its mean
+        on ``s * (h - center) . q_out + w * recomputed``; the mean a ridge regression of what is left of the neurons' means
+        on their queries; the other gains and the mixing at 0. A few numbers carry over to an unseen neuron; a fit per
+        neuron would not."""
         K = queries.shape[0]
         center = X.mean(0)
         read = (X - center) @ queries[:, : self.hidden].T  # (rows, K)
-        dev = y - y.mean(0)
         weight = 1.0 / np.maximum(y.var(0), 1e-12)
-        scale = float(np.sum(weight * read * dev) / max(np.sum(weight * read * read), 1e-12))
-        means = y.mean(0)
-        centred = queries - queries.mean(0)
-        kernel = centred @ centred.T
+        regressors = [read]
+        if inputs is not None and not hasattr(self, "recompute_weight"):
+            raise ValueError("This readout was built without the recompute term (conditioning 'weights+inputs'): pass no inputs.")
+        if inputs is not None:
+            self.input_gains.copy_(inputs.norm_gains.to(self.input_gains.dtype).cpu())
+            regressors.append(self.recomputed(torch.as_tensor(X, dtype=self.mix.dtype), inputs).double().numpy())
+        centred = [r - r.mean(0) for r in regressors]
+        dev = y - y.mean(0)
+        A = np.array([[np.sum(weight * a * b) for b in centred] for a in centred])
+        coef = np.linalg.lstsq(A + 1e-12 * np.eye(len(centred)), np.array([np.sum(weight * a * dev) for a in centred]), rcond=None)[0]
+        scale, recompute = float(coef[0]), (float(coef[1]) if inputs is not None else 0.0)
+        # the mean: what the recompute term does not give of each neuron's mean, from its query
+        means = y.mean(0) - (recompute * regressors[1].mean(0) if inputs is not None else 0.0)
+        q_centred = queries - queries.mean(0)
+        kernel = q_centred @ q_centred.T
         lam = max(np.trace(kernel) / max(K, 1), 1e-12)
-        query_bias = centred.T @ np.linalg.solve(kernel + lam * np.eye(K), means - means.mean())
+        query_bias = q_centred.T @ np.linalg.solve(kernel + lam * np.eye(K), means - means.mean())
         gains = np.zeros((self.parts, self.hidden))
         gains[0] = scale
         self.gains.copy_(torch.as_tensor(gains, dtype=self.gains.dtype))
@@ -133,6 +196,8 @@ class ConditionedReadout(nn.Module):
         self.query_bias.copy_(torch.as_tensor(query_bias, dtype=self.query_bias.dtype))
         self.bias.fill_(float(means.mean() - queries.mean(0) @ query_bias))
         self.center.copy_(torch.as_tensor(center, dtype=self.center.dtype))
-        pred = scale * read + (queries @ query_bias + float(self.bias))
-        r2 = 1 - ((pred - y) ** 2).sum(0) / np.maximum(((y - means) ** 2).sum(0), 1e-12)
-        return {"scale": scale, "train_r2_median": float(np.median(r2))}
+        if inputs is not None:
+            self.recompute_weight.fill_(recompute)
+        pred = scale * read + (queries @ query_bias + float(self.bias)) + (recompute * regressors[1] if inputs is not None else 0.0)
+        r2 = 1 - ((pred - y) ** 2).sum(0) / np.maximum(((y - y.mean(0)) ** 2).sum(0), 1e-12)
+        return {"scale": scale, "recompute_weight": recompute, "train_r2_median": float(np.median(r2))}

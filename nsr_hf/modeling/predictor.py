@@ -75,7 +75,8 @@ class ActivationPredictorConfig(PretrainedConfig):
             (``nsr_hf.training.interventions``): ``rate``, ``source``, ``shift_scale``, ``seed`` and ``values`` (the fitted
             ``CounterfactualValues.to_dict()``); the faithfulness evaluation draws its counterfactual rows from the same source.
         conditioning: the conditioned head's query (``nsr_hf.modeling.neuron_queries``): ``"weights"`` (the neuron's own
-            weights) or ``"name"`` (a random vector seeded by its name: the control). Other heads ignore it.
+            weights), ``"weights+inputs"`` (also computing the neuron again from its input weights: the shortcut) or ``"name"``
+            (a random vector seeded by its name: the control). Other heads ignore it.
     """
 
     model_type = "nsr_activation_predictor"
@@ -249,8 +250,9 @@ class ActivationPredictor(PreTrainedModel):
         predictor = cls(config)
         predictor.base.load_state_dict(base.state_dict())
         predictor.tokenizer = tokenizer
-        if predictor.head.any_neuron:
-            predictor.head.queries(predictor)  # from the weights as they are now (ConditionedHead.queries)
+        if predictor.head.any_neuron:  # from the weights as they are now (ConditionedHead.queries)
+            predictor.head.queries(predictor)
+            predictor.head.inputs(predictor)
         return predictor.eval()
 
     def retarget(self, neurons, label_transform: Optional[dict] = None) -> "ActivationPredictor":
@@ -270,6 +272,7 @@ class ActivationPredictor(PreTrainedModel):
         config.label_transform = label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}
         view.config = config
         view.head.queries(view)
+        view.head.inputs(view)
         return view
 
     @torch.no_grad()
