@@ -10,9 +10,10 @@ Steps (``run_any_neuron``), everything under ``output_dir``:
    that do not vary on the train documents are dropped (no value to report, no R² to score).
 3. ``neuron_split.json``: the split by neuron (``nsr_hf.data.neuron_split``): ``validation_neurons`` and
    ``held_out_neurons`` drawn at random, the rest train. The split by document is the dataset's, for every group.
-4. ``<conditioning>/predictor``: for each of ``conditionings`` (``weights``: the neuron's own weights; ``name``: the
-   control, a random vector seeded by its name) a conditioned reporter (head ``conditioned``) trained on the train
-   neurons' columns only, with the recipe's unfreezing, intervention training and Trainer options.
+4. ``<conditioning>/predictor``: for each of ``conditionings`` (``weights``: the neuron's own weights; ``weights+inputs``:
+   the same, and the neuron computed again from its input weights, the shortcut; ``name``: the control, a random vector
+   seeded by its name; ``nsr_hf.modeling.neuron_queries``) a conditioned reporter (head ``conditioned``) trained on the
+   train neurons' columns only, with the recipe's unfreezing, intervention training and Trainer options.
 5. ``any_neuron.json``, ``any_neuron.md``, ``any_neuron.png``: for every neuron of every group, on the held-out documents
    (test split): the reporter's natural R², its causal slope ratio (``nsr_hf.evaluation.causal``: the neuron set to
    ``causal_values`` values on ``causal_rows`` rows; the report's slope on the set value over its slope on the natural
@@ -74,7 +75,8 @@ class AnyNeuronConfig(TrainConfig):
         "help": "Train on only the first N train neurons of the split (the held-out and validation groups stay the same): "
                 "a point of the curve of held-out R² against the number of training neurons"})
     conditionings: list[str] = field(default_factory=lambda: list(CONDITIONINGS), metadata={
-        "help": "One reporter per conditioning: 'weights' (the neuron's own weights) and 'name' (the control)"})
+        "help": "One reporter per conditioning: 'weights' (the neuron's own weights), 'weights+inputs' (also recomputing the neuron "
+                "from its input weights: the shortcut) and 'name' (the control)"})
     scored_groups: list[str] = field(default_factory=lambda: list(GROUPS), metadata={
         "help": "The groups of neurons the evaluation scores: train, validation, held_out (a curve point needs held_out only)"})
     causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
