@@ -253,3 +253,35 @@ def test_the_inputs_readout_computes_the_neurons_as_the_model_does(arch, tiny_to
     assert {"neuron_head.input_gains", "neuron_head.recompute_weight"} <= set(predictor.state_dict())
     plain = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="conditioned", read_layer=2)
     assert "neuron_head.recompute_weight" not in plain.state_dict()  # no parameter that the loss never reaches (DDP)
+
+
+def test_nsr_evaluate_points_a_conditioned_reporter_at_held_out_neurons_and_gives_each_groups_medians(any_neuron_run, tmp_path):
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+    from nsr_hf.metrics import finite_median
+
+    result, out, _ = any_neuron_run
+    split = NeuronSplit.read(out / "neuron_split.json")
+    picked = split.held_out[:3] + split.validation[:2]
+    config = EvaluateConfig(predictor=str(out / "weights" / "predictor"), dataset=str(out / "dataset"), neurons=picked,
+                            neuron_split=str(out / "neuron_split.json"), methods=["ridge_probe"], causal_max_rows=12,
+                            counterfactual_rows=12, n_bootstrap=20, output_dir=str(tmp_path / "evaluation"))
+    evaluation = run_evaluate(config)
+    assert evaluation["neurons"] == picked and set(evaluation["by_neuron"]) == set(picked)
+    groups = evaluation["groups"]
+    assert set(groups) == {"held_out", "validation"} and groups["held_out"]["neurons"] == 3 and groups["validation"]["neurons"] == 2
+    r2 = [evaluation["by_neuron"][n]["metrics"]["test"]["self"]["r2"] for n in split.held_out[:3]]
+    assert groups["held_out"]["natural_r2"] == pytest.approx(finite_median(r2))
+    assert groups["held_out"]["natural_r2"] > 0.5  # the weight-conditioned reporter reads neurons it never trained on
+    assert json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["groups"] == json.loads(json.dumps(groups))
+    with pytest.raises(ValueError, match="not a split by neuron"):
+        NeuronSplit.read(out / "any_neuron.json")
+
+
+def test_nsr_evaluate_refuses_to_point_a_single_neuron_head_at_other_neurons(any_neuron_run, tmp_path, tiny_tokenizer):
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+
+    _, out, _ = any_neuron_run
+    regression = ActivationPredictor.from_base(build_model("llama", len(tiny_tokenizer)), tiny_tokenizer, neurons=["1.3"], read_layer=2)
+    config = EvaluateConfig(dataset=str(out / "dataset"), neurons=["1.4"], methods=["none"], output_dir=str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="only the conditioned head"):
+        run_evaluate(config, predictor=regression)

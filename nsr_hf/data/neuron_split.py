@@ -61,6 +61,19 @@ class NeuronSplit:
         return cls(train=pick(order[validation + held_out:]), validation=pick(order[:validation]),
                    held_out=pick(order[validation:validation + held_out]))
 
+    @classmethod
+    def read(cls, path) -> "NeuronSplit":
+        """The split a ``neuron_split.json`` (``nsr any-neuron``) holds; a ValueError that names a file that is not one."""
+        import json
+        from pathlib import Path
+
+        try:
+            recorded = json.loads(Path(path).read_text())
+            return cls(**{g: recorded[g] for g in GROUPS})
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a split by neuron (a neuron_split.json written by nsr any-neuron, with lists "
+                             f"{', '.join(GROUPS)}): {err}") from None
+
     def groups(self) -> dict[str, list[str]]:
         return {"train": self.train, "validation": self.validation, "held_out": self.held_out}
 

@@ -64,6 +64,7 @@ from typing import Optional
 import numpy as np
 
 from nsr_hf.data.counterfactuals import check_source
+from nsr_hf.data.neuron_split import NeuronSplit, column_indices
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.evaluation.baselines import run_baselines
 from nsr_hf.evaluation.causal import causal_test
@@ -75,6 +76,7 @@ from nsr_hf.evaluation.scoring import evaluate_predictions, quiet_if, split_spre
 from nsr_hf.evaluation.statistics import compare_methods, selectivity
 from nsr_hf.evaluation.token_examples import EXAMPLES_FILE, token_examples
 from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES, EVALUATION_KIND, is_evaluation
+from nsr_hf.metrics import finite_median
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
@@ -100,6 +102,12 @@ class EvaluateConfig(EvaluationFields):
         "help": "The predictor: a folder written by nsr train (…/predictor) or a Hub id"})
     dataset: Optional[str] = field(default=None, metadata={
         "help": "The activation dataset (folder or Hub id); default: the one named in the predictor's config"})
+    neurons: Optional[list[str]] = field(default=None, metadata={
+        "help": "Evaluate the report of these neurons (layer.index) instead of the predictor's own: a reporter of any neuron "
+                "(head_type conditioned) is pointed at them, e.g. neurons it never trained on; the dataset must hold them"})
+    neuron_split: Optional[str] = field(default=None, metadata={
+        "help": "A neuron_split.json (nsr any-neuron): the medians of each group of neurons (train, validation, held-out) are "
+                "added; without --neurons, every neuron of the split is evaluated"})
     output_dir: str = field(default="outputs/evaluate", metadata={
         "help": "Where metrics.json, predictions.json, report.md and the PNGs go"})
     splits: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITS), metadata={
@@ -231,6 +239,18 @@ def _load_predictor(config: EvaluateConfig, predictor):
         raise ValueError("No predictor: pass --predictor (a folder written by nsr train, e.g. outputs/train/predictor, or a Hub id).")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_predictor(config.predictor, device=device)
+
+
+def _retargeted(predictor, inner, neurons: Sequence[str], metadata: dict | None):
+    """``inner`` pointed at ``neurons`` (``ActivationPredictor.retarget``), their train statistics from the dataset's metadata
+    (for the loss only: the report of a conditioned head never reads them)."""
+    if predictor is not inner:
+        raise ValueError("neurons: a PEFT-wrapped predictor cannot be pointed at other neurons here; merge it first "
+                         "(save_predictor with merge=True).")
+    transform = (metadata or {}).get("transform") or {}
+    columns = column_indices(metadata or {"neurons": []}, neurons)
+    stats = {k: [transform[k][i] for i in columns] for k in ("mean", "std")} if all(k in transform for k in ("mean", "std")) else None
+    return inner.retarget(neurons, stats)
 
 
 def _load_dataset(config: EvaluateConfig, inner, dataset, metadata):
@@ -381,6 +401,27 @@ def _training_logs(config: EvaluateConfig, log_history, drift) -> tuple[list | N
     return log_history, drift
 
 
+def group_medians(per_neuron: dict, split: NeuronSplit, evaluated: str = "test") -> dict:
+    """Per group of neurons (``NeuronSplit``) evaluated here: how many, and the medians of the report's natural R², its slope
+    ratio and the ridge probe's R² on split ``evaluated``."""
+    out = {}
+    for group, members in split.groups().items():
+        rows = [per_neuron[n] for n in members if n in per_neuron]
+        if not rows:
+            continue
+
+        def figure(row, *path):
+            for key in path:
+                row = row.get(key) if isinstance(row, dict) else None
+            return row
+
+        out[group] = {"neurons": len(rows),
+                      "natural_r2": finite_median(figure(r, "metrics", evaluated, "self", "r2") for r in rows),
+                      "slope_ratio": finite_median(figure(r, "faithfulness", evaluated, "slope_ratio", "ratio") for r in rows),
+                      "ridge_probe_r2": finite_median(figure(r, "metrics", evaluated, "ridge_probe", "r2") for r in rows)}
+    return out
+
+
 def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict, drift_summary) -> dict:
     """The content of ``metrics.json``: what was evaluated, how, the headline neuron's figures and every neuron's."""
     neurons = list(inner.config.neurons)
@@ -409,6 +450,8 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
     }
     if len(neurons) > 1:
         evaluation["note"] = f"The top-level figures are those of the first neuron ({headline}); by_neuron holds every neuron's."
+    if config.neuron_split:
+        evaluation["groups"] = group_medians(per_neuron, NeuronSplit.read(config.neuron_split), "test" if "test" in splits else splits[0])
     return evaluation
 
 
@@ -443,8 +486,12 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
         resumable = all(given is None for given in (predictor, dataset, metadata, base_model, tokenizer))
     predictor = _load_predictor(config, predictor)
     inner = unwrap(predictor)
-    neurons = list(inner.config.neurons)
     dataset, metadata = _load_dataset(config, inner, dataset, metadata)
+    groups = NeuronSplit.read(config.neuron_split) if config.neuron_split else None
+    wanted = config.neurons or ([n for members in groups.groups().values() for n in members] if groups else None)
+    if wanted:
+        predictor = inner = _retargeted(predictor, inner, wanted, metadata)
+    neurons = list(inner.config.neurons)
     splits = _evaluated_splits(config, dataset)
     columns = _dataset_columns(neurons, metadata, targets_of(dataset[splits[0]].select(range(1))).shape[1])
 
