@@ -9,8 +9,7 @@ it is given the neuron as an input, and the query is all it knows about it. Thre
   ``gate_proj`` and ``up_proj``). A neuron the reporter never saw has weights too, so the query can generalise to it.
 * ``weights+inputs``: the same query, and the readout also computes the neuron again from the representation with the
   neuron's own input weights (``NeuronInputs``: ``act(gate . x) * (up . x)``, or ``act(in . x + b)``, where ``x`` is the
-  representation with the final norm's gain undone and the MLP norm's applied, through learned gains), times a learned
-  weight. This generalises to unseen neurons as far as the neuron's input is still in the representation, and it is by
+  representation with the final norm's gain undone and the MLP norm's applied), times a learned weight. This generalises to unseen neurons as far as the neuron's input is still in the representation, and it is by
   construction not a report of the neuron: it reads what made the neuron fire, so it does not follow the neuron when the
   neuron is set (its slope ratio says so). It is the shortcut an any-neuron reporter can take, measured next to the others.
 * ``name``: a fixed random vector of the same width drawn from the neuron's name (``"layer.index"`` seeds it). It tells
@@ -134,8 +133,9 @@ class ConditionedReadout(nn.Module):
         self.query_bias = nn.Parameter(torch.zeros(parts * hidden))
         self.bias = nn.Parameter(torch.zeros(()))
         self.register_buffer("center", torch.zeros(hidden))
-        if recompute:  # the weights+inputs term: learned gains on the representation and a weight (no parameter goes unused)
-            self.input_gains = nn.Parameter(torch.ones(hidden))
+        if recompute:  # the weights+inputs term: fixed gains on the representation (the norms' ratio, set by fit) and a learned
+            # weight. Gains learned inside act(gate) * up diverge (a product of two learned projections): one number carries over
+            self.register_buffer("input_gains", torch.ones(hidden))
             self.recompute_weight = nn.Parameter(torch.zeros(()))
 
     def directions(self, queries: torch.Tensor) -> torch.Tensor:
