@@ -93,6 +93,14 @@ class AnyNeuronConfig(TrainConfig):
             raise ValueError("conditionings is empty: give 'weights', 'name' or both.")
         if self.neurons is None and self.neuron_layer is None:
             raise ValueError("Give neuron_layer (and neuron_count) or a list of neurons.")
+        total = len(self.neurons) if self.neurons else self.neuron_count
+        if min(self.validation_neurons, self.held_out_neurons) < 0 or self.validation_neurons + self.held_out_neurons >= total:
+            raise ValueError(f"validation_neurons ({self.validation_neurons}) + held_out_neurons ({self.held_out_neurons}) must leave at "
+                             f"least one of the {total} neurons to train on: draw more neurons (neuron_count) or hold out fewer.")
+        left = total - self.validation_neurons - self.held_out_neurons
+        if self.train_neurons is not None and self.train_neurons > left:
+            raise ValueError(f"train_neurons {self.train_neurons} is more than the {left} neurons left to train on after the validation "
+                             "and held-out ones.")
         if self.train_neurons is not None and self.train_neurons < 1:
             raise ValueError(f"train_neurons must be at least 1 (or left out: every train neuron), got {self.train_neurons}.")
         unknown = [g for g in self.scored_groups if g not in GROUPS]

@@ -285,3 +285,20 @@ def test_nsr_evaluate_refuses_to_point_a_single_neuron_head_at_other_neurons(any
     config = EvaluateConfig(dataset=str(out / "dataset"), neurons=["1.4"], methods=["none"], output_dir=str(tmp_path / "e"))
     with pytest.raises(ValueError, match="only the conditioned head"):
         run_evaluate(config, predictor=regression)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--neuron_count", "40", "--held_out_neurons", "32", "--validation_neurons", "8"], "must leave at least one of the 40 neurons"),
+    (["--neuron_count", "40", "--held_out_neurons", "10", "--validation_neurons", "5", "--train_neurons", "30"],
+     "more than the 25 neurons"),
+    (["--conditionings", "neuron id"], "conditioning must be one of"),
+    (["--head_type", "regression"], "needs head_type 'conditioned'"),
+    (["--causal_values", "1"], "at least 2"),
+])
+def test_nsr_any_neuron_refuses_a_bad_recipe_before_loading_anything(flags, message, tmp_path, capsys):
+    from nsr_hf.cli import main
+
+    out = tmp_path / "out"
+    assert main(["any-neuron", "--neuron_layer", "1", "--output_dir", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -9,9 +9,10 @@ it is given the neuron as an input, and the query is all it knows about it. Thre
   ``gate_proj`` and ``up_proj``). A neuron the reporter never saw has weights too, so the query can generalise to it.
 * ``weights+inputs``: the same query, and the readout also computes the neuron again from the representation with the
   neuron's own input weights (``NeuronInputs``: ``act(gate . x) * (up . x)``, or ``act(in . x + b)``, where ``x`` is the
-  representation with the final norm's gain undone and the MLP norm's applied), times a learned weight. This generalises to unseen neurons as far as the neuron's input is still in the representation, and it is by
-  construction not a report of the neuron: it reads what made the neuron fire, so it does not follow the neuron when the
-  neuron is set (its slope ratio says so). It is the shortcut an any-neuron reporter can take, measured next to the others.
+  representation with the final norm's gain undone and the MLP norm's applied), times a learned weight. This generalises
+  to unseen neurons as far as the neuron's input is still in the representation, and it is by construction not a report
+  of the neuron: it reads what made the neuron fire, so it does not follow the neuron when the neuron is set (its slope
+  ratio says so). It is the shortcut an any-neuron reporter can take, measured next to the others.
 * ``name``: a fixed random vector of the same width drawn from the neuron's name (``"layer.index"`` seeds it). It tells
   the reporter which neuron it is asked about and nothing else: the control that cannot generalise to an unseen neuron.
 
