@@ -44,7 +44,7 @@ from nsr_hf.evaluation.figures import plot_any_neuron
 from nsr_hf.evaluation.predictions import predict_split
 from nsr_hf.metrics import finite_median, r2_rows
 from nsr_hf.modeling.neuron_queries import CONDITIONINGS, check_conditioning
-from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
+from nsr_hf.modeling.predictor import ActivationPredictor, load_predictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.pipeline import intervention_sampler, trainer_arguments
@@ -57,6 +57,7 @@ from nsr_hf.utils import to_jsonable, write_json
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "any_neuron.json"
+TRAINED_FILE = "training.json"  # beside a reporter's predictor/, once it is saved
 FIGURES = ("natural_r2", "slope_ratio")
 
 
@@ -171,8 +172,22 @@ def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata,
     info.update(train_seconds=round(time.perf_counter() - started, 1), train_loss=float(result.training_loss),
                 prefix_cache=trainer.prefix_cache_info, global_step=int(trainer.state.global_step))
     save_predictor(predictor, out / "predictor")
+    write_json(out / TRAINED_FILE, {"neurons": neurons, "conditioning": conditioning, **info})  # last: the reporter is complete
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return predictor.eval(), info
+
+
+def trained_reporter(config: AnyNeuronConfig, neurons: list[str], conditioning: str, out: Path) -> tuple[ActivationPredictor, dict] | None:
+    """The reporter an interrupted run of the same recipe finished in ``out`` (``training.json`` written after its weights, for
+    these train neurons), or None: a rerun trains only what is missing. ``--overwrite`` trains every reporter again."""
+    if config.overwrite or not (out / TRAINED_FILE).is_file():
+        return None
+    info = json.loads((out / TRAINED_FILE).read_text())
+    if info.get("neurons") != neurons or info.get("conditioning") != conditioning:
+        return None
+    predictor = load_predictor(out / "predictor")
+    print(f"{conditioning}: the reporter trained before is kept ({out / 'predictor'})", flush=True)
+    return predictor.eval(), {k: v for k, v in info.items() if k not in ("neurons", "conditioning")}
 
 
 def probe_r2(features: dict, targets: dict, column: int) -> float:
@@ -281,9 +296,11 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
         train_dd, train_meta = neuron_columns(dataset, metadata, split.train)  # never a held-out neuron's column
         reporters, training = {}, {}
         for conditioning in config.conditionings:
+            folder = out / conditioning
             with timed(f"train ({conditioning})"):
-                reporters[conditioning], training[conditioning] = train_reporter(
-                    config, model, tokenizer, train_dd, train_meta, conditioning, read_layer, features, out / conditioning)
+                reporters[conditioning], training[conditioning] = (
+                    trained_reporter(config, split.train, conditioning, folder)
+                    or train_reporter(config, model, tokenizer, train_dd, train_meta, conditioning, read_layer, features, folder))
         with timed("evaluation"):
             per_neuron = score_groups(config, reporters, dataset, metadata, split, features)
     result = {"model": config.model, "layers": sorted({Neuron.parse(n).layer for n in live}), "read_layer": read_layer,

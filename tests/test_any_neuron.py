@@ -302,3 +302,28 @@ def test_nsr_any_neuron_refuses_a_bad_recipe_before_loading_anything(flags, mess
     assert main(["any-neuron", "--neuron_layer", "1", "--output_dir", str(out), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_rerun_after_an_interruption_keeps_the_reporters_it_finished_and_trains_the_rest(any_neuron_run, tmp_path, monkeypatch):
+    import shutil
+
+    import nsr_hf.any_neuron as any_neuron
+
+    _, out, config = any_neuron_run
+    rerun = tmp_path / "rerun"
+    shutil.copytree(out, rerun)
+    for name in ("any_neuron.json", "any_neuron.md", "any_neuron.png"):
+        (rerun / name).unlink()
+    shutil.rmtree(rerun / "name")  # interrupted while the name reporter trained: its folder is gone
+    (rerun / "weights+inputs" / "training.json").unlink()  # ... or it was saved without its training.json: trained again
+    trained = []
+    real = any_neuron.train_reporter
+    monkeypatch.setattr(any_neuron, "train_reporter", lambda *a, **k: trained.append(a[5]) or real(*a, **k))
+    from dataclasses import replace
+
+    result = any_neuron.run_any_neuron(replace(config, output_dir=str(rerun)))
+    assert trained == ["weights+inputs", "name"]
+    kept = load_predictor(rerun / "weights" / "predictor")
+    original = load_predictor(out / "weights" / "predictor")
+    assert all(torch.equal(a, b) for a, b in zip(kept.neuron_head.state_dict().values(), original.neuron_head.state_dict().values()))
+    assert result["summary"]["held_out"]["weights"]["natural_r2"] > 0.9
