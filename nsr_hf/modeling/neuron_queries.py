@@ -109,7 +109,9 @@ class NeuronInputs:
             layer = neurons[0].layer if neurons else 0
             gain = lambda module: (module.weight.detach().float() if getattr(module, "weight", None) is not None  # noqa: E731
                                    else torch.ones(base.config.hidden_size, device=rows[0].device if rows else None))
-            self.norm_gains = gain(get_pre_mlp_norm(base, layer)) / gain(get_final_norm(base)).clamp_min(1e-6)
+            final = gain(get_final_norm(base))
+            final = torch.where(final.abs() > 1e-6, final, torch.full_like(final, 1e-6))  # a gain may be negative: never clamp its sign
+            self.norm_gains = gain(get_pre_mlp_norm(base, layer)) / final
         self.weights = torch.stack(rows) if rows else torch.zeros(0, len(spec.mlp_in), base.config.hidden_size)
         self.biases = torch.stack(biases) if biases else torch.zeros(0, len(spec.mlp_in))
         self.act = getattr(get_mlp(base, neurons[0].layer if neurons else 0), spec.act)
