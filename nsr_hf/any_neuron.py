@@ -83,6 +83,8 @@ class AnyNeuronConfig(TrainConfig):
     causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
     causal_values: int = field(default=5, metadata={"help": "Values each neuron is set to in its causal test"})
     head_type: str = field(default="conditioned", metadata={"help": "The conditioned head (the only one that reports any neuron)"})
+    head_init: str = field(default="probe", metadata={
+        "help": "'probe': the conditioned head's closed-form start (its mean and recompute weight are kept; the read direction trains)"})
     output_dir: str = field(default="outputs/any_neuron", metadata={"help": "Where dataset/, the reporters and any_neuron.json go"})
 
     def __post_init__(self):

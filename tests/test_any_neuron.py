@@ -294,6 +294,7 @@ def test_nsr_evaluate_refuses_to_point_a_single_neuron_head_at_other_neurons(any
     (["--conditionings", "neuron id"], "conditioning must be one of"),
     (["--head_type", "regression"], "needs head_type 'conditioned'"),
     (["--causal_values", "1"], "at least 2"),
+    (["--head_init", "random"], "use head_init 'probe'"),
 ])
 def test_nsr_any_neuron_refuses_a_bad_recipe_before_loading_anything(flags, message, tmp_path, capsys):
     from nsr_hf.cli import main
@@ -327,3 +328,12 @@ def test_a_rerun_after_an_interruption_keeps_the_reporters_it_finished_and_train
     original = load_predictor(out / "weights" / "predictor")
     assert all(torch.equal(a, b) for a, b in zip(kept.neuron_head.state_dict().values(), original.neuron_head.state_dict().values()))
     assert result["summary"]["held_out"]["weights"]["natural_r2"] > 0.9
+
+
+def test_only_the_read_direction_of_a_conditioned_head_trains_and_its_closed_form_mean_stays(tiny_tokenizer):
+    from nsr_hf.training.unfreezing import head_prefixes, set_trainable
+
+    model = build_model("llama", len(tiny_tokenizer))
+    predictor = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="conditioned", read_layer=2,
+                                              conditioning="weights+inputs")
+    assert set(set_trainable(predictor, head_prefixes(predictor))) == {"neuron_head.gains", "neuron_head.mix"}
