@@ -78,6 +78,9 @@ class AnyNeuronConfig(TrainConfig):
     conditionings: list[str] = field(default_factory=lambda: list(CONDITIONINGS), metadata={
         "help": "One reporter per conditioning: 'weights' (the neuron's own weights), 'weights+inputs' (also recomputing the neuron "
                 "from its input weights: the shortcut) and 'name' (the control)"})
+    closed_form_only: bool = field(default=False, metadata={
+        "help": "Keep each reporter at its closed-form start (fitted on the train neurons' labels, head_init probe) and run no "
+                "Trainer: on SmolLM2's block 3 the closed form generalises to held-out neurons and gradient training does not"})
     scored_groups: list[str] = field(default_factory=lambda: list(GROUPS), metadata={
         "help": "The groups of neurons the evaluation scores: train, validation, held_out (a curve point needs held_out only)"})
     causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
@@ -162,6 +165,11 @@ def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata,
     if config.head_init == "probe":
         info["head_init"] = predictor.init_head_from_probe(dataset["train"], dataset["validation"],
                                                            features=(features["train"], features["validation"]))
+    if config.closed_form_only:
+        info.update(train_seconds=0.0, train_loss=None, prefix_cache=None, global_step=0, closed_form_only=True)
+        save_predictor(predictor, out / "predictor")
+        write_json(out / TRAINED_FILE, {"neurons": neurons, "conditioning": conditioning, **info})
+        return predictor.eval(), info
     args = trainer_arguments(config, out, [f"any-{conditioning}"], has_validation=len(dataset["validation"]) > 0)
     trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dataset["train"],
                                eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -185,7 +193,8 @@ def trained_reporter(config: AnyNeuronConfig, neurons: list[str], conditioning: 
     if config.overwrite or not (out / TRAINED_FILE).is_file():
         return None
     info = json.loads((out / TRAINED_FILE).read_text())
-    if info.get("neurons") != neurons or info.get("conditioning") != conditioning:
+    if (info.get("neurons") != neurons or info.get("conditioning") != conditioning
+            or bool(info.get("closed_form_only")) != config.closed_form_only):
         return None
     predictor = load_predictor(out / "predictor")
     print(f"{conditioning}: the reporter trained before is kept ({out / 'predictor'})", flush=True)

@@ -337,3 +337,17 @@ def test_only_the_read_direction_of_a_conditioned_head_trains_and_its_closed_for
     predictor = ActivationPredictor.from_base(model, tiny_tokenizer, neurons=["1.3"], head_type="conditioned", read_layer=2,
                                               conditioning="weights+inputs")
     assert set(set_trainable(predictor, head_prefixes(predictor))) == {"neuron_head.gains", "neuron_head.mix"}
+
+
+def test_closed_form_only_keeps_each_reporter_at_its_fitted_start_and_runs_no_trainer(constructed_dir, tmp_path):
+    from nsr_hf.any_neuron import AnyNeuronConfig, run_any_neuron
+
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=120)
+    config = AnyNeuronConfig(model=constructed_dir, corpus=str(corpus), neuron_layer=1, neuron_count=NEURONS, validation_neurons=6,
+                             held_out_neurons=12, read_layer="target+1", unfreeze="head_only", dataset_documents=120, max_length=16,
+                             causal_rows=16, causal_values=3, closed_form_only=True, conditionings=["weights", "name"],
+                             scored_groups=["held_out"], output_dir=str(tmp_path / "run"), report_to="none")
+    result = run_any_neuron(config)
+    assert all(t["global_step"] == 0 and t["closed_form_only"] for t in result["training"].values())
+    assert list(result["summary"]) == ["held_out"]
+    assert result["summary"]["held_out"]["weights"]["natural_r2"] > 0.9 > 0.3 > result["summary"]["held_out"]["name"]["natural_r2"]
