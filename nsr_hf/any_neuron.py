@@ -9,7 +9,8 @@ Steps (``run_any_neuron``), everything under ``output_dir``:
 2. ``dataset/``: one activation dataset of all of them (``nsr dataset``; an interrupted build resumes its shards). Neurons
    that do not vary on the train documents are dropped (no value to report, no R² to score).
 3. ``neuron_split.json``: the split by neuron (``nsr_hf.data.neuron_split``): ``validation_neurons`` and
-   ``held_out_neurons`` drawn at random, the rest train. The split by document is the dataset's, for every group.
+   ``held_out_neurons`` drawn at random (``neuron_split_seed``, default ``neuron_seed``), the rest train. The split by
+   document is the dataset's, for every group.
 4. ``<conditioning>/predictor``: for each of ``conditionings`` (``weights``: the neuron's own weights; ``weights+inputs``:
    the same, and the neuron computed again from its input weights, the shortcut; ``name``: the control, a random vector
    seeded by its name; ``nsr_hf.modeling.neuron_queries``) a conditioned reporter (head ``conditioned``) trained on the
@@ -69,7 +70,11 @@ class AnyNeuronConfig(TrainConfig):
     neuron_layer: int | None = field(default=None, metadata={"help": "The layer whose neurons are drawn (with neuron_count)"})
     neuron_count: int = field(default=96, metadata={"help": "How many neurons of neuron_layer to draw (all groups together)"})
     neurons: list[str] | None = field(default=None, metadata={"help": "These neurons (layer.index) instead of a draw"})
-    neuron_seed: int = field(default=0, metadata={"help": "Seed of the draw of neurons and of their split into groups"})
+    neuron_seed: int = field(default=0, metadata={"help": "Seed of the draw of neurons (and of their split into groups, unless "
+                                                          "neuron_split_seed)"})
+    neuron_split_seed: int | None = field(default=None, metadata={
+        "help": "Seed of the split of the neurons into train, validation and held-out groups (default: neuron_seed); nsr sweep "
+                "sets it to each seed: the same neurons and dataset, held out anew"})
     validation_neurons: int = field(default=16, metadata={"help": "Neurons held out of training to choose settings on"})
     held_out_neurons: int = field(default=32, metadata={"help": "Neurons never trained on, the figure of merit"})
     train_neurons: int | None = field(default=None, metadata={
@@ -115,6 +120,11 @@ class AnyNeuronConfig(TrainConfig):
         if min(self.causal_rows, self.causal_values) < 2:
             raise ValueError("causal_rows and causal_values must be at least 2 (a slope needs two values).")
         super().__post_init__()
+
+    @property
+    def split_seed_of_neurons(self) -> int:
+        """The seed of the split by neuron: ``neuron_split_seed``, else ``neuron_seed``."""
+        return self.neuron_seed if self.neuron_split_seed is None else self.neuron_split_seed
 
 
 def draw_neurons(model, layer: int, count: int, seed: int) -> list[str]:
@@ -287,7 +297,7 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
             dataset, metadata = build_dataset(config, model, tokenizer, neurons, out)
         live = varying_neurons(metadata)
         dropped = [n for n in metadata["neurons"] if n not in live]
-        split = NeuronSplit.draw(live, config.validation_neurons, config.held_out_neurons, seed=config.neuron_seed)
+        split = NeuronSplit.draw(live, config.validation_neurons, config.held_out_neurons, seed=config.split_seed_of_neurons)
         if config.train_neurons is not None:
             if config.train_neurons > len(split.train):
                 raise UserError(f"train_neurons {config.train_neurons} is more than the {len(split.train)} train neurons of the split: "

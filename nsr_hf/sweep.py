@@ -29,6 +29,18 @@ both sweeps score exactly the same rows, e.g. a token head next to the regressio
 
     nsr sweep recipes/quickstart.yaml --top_n 5 --seeds 0 1 --output_dir outputs/sweep
     nsr sweep recipes/quickstart_token.yaml --datasets_from outputs/sweep --seeds 0 1 --output_dir outputs/sweep_token
+
+**An any-neuron recipe** (one that sets a key only ``nsr any-neuron`` has: ``neuron_layer``, ``neuron_count``,
+``conditionings``, ...; ``is_any_neuron_recipe``) is swept over its seeds instead (``run_any_neuron_sweep``)::
+
+    nsr sweep recipes/any_neuron.yaml --seeds 0 1 2 --output_dir outputs/any_neuron_sweep
+
+Each seed ``s`` is one ``nsr any-neuron`` run in ``seed-<s>/`` with ``seed`` and ``neuron_split_seed`` set to ``s``: the
+same drawn neurons (one dataset: the first run builds it, the others read it), split anew into train, validation and
+held-out groups, and trained from that seed. ``--neurons`` names the neurons instead of the recipe's draw; ``--top_n``
+does not apply. ``sweep.json`` (``kind: any_neuron``) and ``sweep.md`` hold, per group of neurons and per reporter (each
+conditioning, and the per-neuron ridge probes), the spread over the seeds of the runs' medians (natural R², slope ratio);
+one row per run; and per neuron, its figures in every run with its group there, and their medians per group.
 """
 from __future__ import annotations
 
@@ -42,11 +54,16 @@ from pathlib import Path
 
 import numpy as np
 
+from nsr_hf.any_neuron import FIGURES as ANY_NEURON_FIGURES
+from nsr_hf.any_neuron import RESULT_FILE as ANY_NEURON_RESULT
+from nsr_hf.any_neuron import AnyNeuronConfig, run_any_neuron
 from nsr_hf.capture import Neuron
 from nsr_hf.dashboard import build_dashboard_after
+from nsr_hf.data.neuron_split import GROUPS
 from nsr_hf.errors import debug_requested, error_boundary, explain
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
+from nsr_hf.metrics import finite_median
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.parsing import RecipeParser, load_recipe
 from nsr_hf.pipeline import SharedPasses, read_run_config, run_train, scan_train_documents, select_readable
@@ -96,8 +113,9 @@ class SweepConfig:
 
 
 def sweep_parser(prog: str = "nsr sweep") -> RecipeParser:
-    """The sweep's parser: its own flags, then every ``TrainConfig`` key (the sweep's ``output_dir`` is its own)."""
-    return RecipeParser((SweepConfig, TrainConfig), prog=prog,
+    """The sweep's parser: its own flags, then every ``TrainConfig`` key and an any-neuron recipe's own keys
+    (``AnyNeuronConfig``; the sweep's ``output_dir`` and ``neurons`` are its own)."""
+    return RecipeParser((SweepConfig, AnyNeuronConfig), prog=prog,
                         usage=f"{prog} [RECIPE.yaml] [--top_n N] [--seeds S ...] [--neurons L.N ...] [--output_dir DIR] [--key value ...]",
                         description=(SweepConfig.__doc__ or "").strip() + " Any TrainConfig key replaces the recipe's value, "
                         f"except those the sweep sets itself ({', '.join(RESERVED_KEYS)}).")
@@ -348,7 +366,10 @@ def sweep_markdown(result: dict) -> str:
 
 def run_sweep(config: SweepConfig, overrides: dict | None = None, debug: bool = False) -> dict:
     """``nsr sweep``: scan once, train every (neuron, seed) not yet finished, summarise (module docstring).
-    ``overrides``: ``TrainConfig`` values that replace the recipe's. Returns the content of ``sweep.json``."""
+    ``overrides``: ``TrainConfig`` values that replace the recipe's. Returns the content of ``sweep.json``.
+    An any-neuron recipe is swept over its seeds (``run_any_neuron_sweep``)."""
+    if is_any_neuron_recipe({**(load_recipe(config.recipe) if config.recipe else {}), **(overrides or {})}):
+        return run_any_neuron_sweep(config, overrides, debug=debug)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     values = recipe_values(config, overrides)
@@ -398,6 +419,191 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
     if finished(folder):
         run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# An any-neuron sweep
+
+ANY_NEURON_RESERVED = {"seed": "--seeds", "neuron_split_seed": "--seeds (each seed splits the neurons into groups anew)",
+                       "output_dir": "the sweep's --output_dir"}
+PROBE = "ridge_probe"  # the per-neuron ridge probes' entry next to the reporters (figure: natural_r2)
+
+
+def any_neuron_keys() -> set[str]:
+    """The keys only an any-neuron recipe has (``AnyNeuronConfig``'s fields that ``TrainConfig`` lacks)."""
+    from dataclasses import fields
+
+    train = {f.name for f in fields(TrainConfig)}
+    return {f.name for f in fields(AnyNeuronConfig) if f.init and f.name not in train}
+
+
+def is_any_neuron_recipe(recipe: dict | None) -> bool:
+    """Whether a recipe's mapping is an any-neuron recipe: it sets a key only ``nsr any-neuron`` has."""
+    return isinstance(recipe, dict) and bool(set(recipe) & any_neuron_keys())
+
+
+def any_neuron_values(config: SweepConfig, overrides: dict | None = None) -> dict:
+    """The any-neuron recipe and the overrides as ``AnyNeuronConfig`` values (``--neurons``: its neurons), checked."""
+    parser = RecipeParser(AnyNeuronConfig)
+    values = parser.read_mapping(load_recipe(config.recipe), config.recipe)[0] if config.recipe else {}
+    overrides = parser.read_mapping(dict(overrides or {}), "the sweep's overrides")[0]
+    for key, how in ANY_NEURON_RESERVED.items():
+        if key in overrides:
+            raise ValueError(f"{key} is set by the sweep itself: use {how}.")
+        if values.pop(key, None) is not None:
+            logger.info("The recipe's %s is replaced by the sweep's (%s).", key, how)
+    values.update(overrides)
+    if config.neurons:
+        values["neurons"] = list(config.neurons)
+    AnyNeuronConfig(**values)  # validates, with the field named in any error
+    return values
+
+
+def any_neuron_run_dir(output_dir, seed: int) -> Path:
+    return Path(output_dir) / f"seed-{seed}"
+
+
+def run_any_neuron_sweep(config: SweepConfig, overrides: dict | None = None, debug: bool = False) -> dict:
+    """``nsr sweep`` of an any-neuron recipe (module docstring): one ``run_any_neuron`` per seed not yet finished, then
+    ``sweep.json``, ``sweep.md`` and the sweep's page. Returns the content of ``sweep.json``."""
+    if config.datasets_from:
+        raise ValueError("--datasets_from takes another sweep's per-neuron datasets; an any-neuron sweep builds one dataset of all its "
+                         "neurons (its first run) and its other seeds read it. To start from a dataset built before, name it in the "
+                         "recipe (dataset: PATH).")
+    values = any_neuron_values(config, overrides)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [any_neuron_one(values, out, seed, config.seeds, debug=debug) for seed in config.seeds]
+    result = any_neuron_sweep_result(config, values, runs)
+    write_json(out / "sweep.json", result, indent=2)
+    (out / "sweep.md").write_text(any_neuron_sweep_markdown(result))
+    print(f"\nsweep: {len(runs) - result['failed']} of {len(runs)} any-neuron runs finished; summary in {out / 'sweep.md'}", flush=True)
+    dashboard = build_dashboard_after(out, what="sweep")
+    if dashboard:
+        print(f"sweep dashboard: {dashboard} (rebuild it with: nsr report {out})", flush=True)
+    return result
+
+
+def _built_dataset(out: Path, seeds) -> Path | None:
+    """The dataset one of the sweep's runs built (complete: ``dataset_dict.json``), for the others to read."""
+    for seed in seeds:
+        folder = any_neuron_run_dir(out, seed) / "dataset"
+        if (folder / "dataset_dict.json").is_file():
+            return folder
+    return None
+
+
+def any_neuron_one(values: dict, out: Path, seed: int, seeds, debug: bool = False) -> dict:
+    """One seed of an any-neuron sweep (``run_any_neuron`` into ``seed-<seed>``) unless it finished before; its record in
+    ``sweep.json``, with its result's ``summary`` and ``per_neuron``. A failed run is recorded, not raised."""
+    import gc
+
+    folder = any_neuron_run_dir(out, seed)
+    run = {"seed": seed, "output_dir": str(folder)}
+    if (folder / ANY_NEURON_RESULT).is_file():
+        run["status"] = "skipped (finished before)"
+    else:
+        dataset = values.get("dataset") or _built_dataset(out, seeds)
+        print(f"\nsweep: any-neuron run, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
+        try:
+            run_any_neuron(AnyNeuronConfig(**{**values, "seed": seed, "neuron_split_seed": seed, "output_dir": str(folder),
+                                              **({"dataset": str(dataset)} if dataset else {})}))
+            run["status"] = "trained"
+        except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
+            run["status"], run["error"] = "failed", failure_record(err)
+            trace = "" if explain(err) is not None and not (debug or debug_requested([])[1]) else "\n" + traceback.format_exc()
+            logger.error("sweep: any-neuron run seed %d failed: %s%s", seed, run["error"], trace)
+        gc.collect()
+    if (folder / ANY_NEURON_RESULT).is_file():
+        result = json.loads((folder / ANY_NEURON_RESULT).read_text())
+        run.update(conditionings=result["conditionings"], summary=result["summary"], per_neuron=result["per_neuron"],
+                   split=result["split"], seconds=result.get("seconds"))
+    return run
+
+
+def _reporters(runs: list[dict]) -> list[str]:
+    """The conditionings of the finished runs, in their order, then the ridge probes."""
+    seen: list[str] = []
+    for run in runs:
+        seen += [c for c in run.get("conditionings") or [] if c not in seen]
+    return seen + [PROBE]
+
+
+def _figure(entry: dict, reporter: str, figure: str):
+    """A figure of one reporter in a run's group entry or a neuron's scores (the probe's R² is ``ridge_probe_r2``)."""
+    if reporter == PROBE:
+        return entry.get("ridge_probe_r2") if figure == "natural_r2" else None
+    return (entry.get(reporter) or {}).get(figure)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def any_neuron_sweep_result(config: SweepConfig, values: dict, runs: list[dict]) -> dict:
+    """``sweep.json`` of an any-neuron sweep: ``summary`` {group: {reporter: {figure: spread over the runs of its median}}},
+    ``per_neuron`` {neuron: {"runs": [its scores in each run, with seed and group], "medians": {group: {"runs": n,
+    reporter: {figure: median over those runs}}}}} and the runs (without their per-neuron scores)."""
+    done = [r for r in runs if r.get("summary")]
+    reporters = _reporters(done)
+    summary: dict = {}
+    for group in GROUPS:
+        for reporter in reporters:
+            for figure in ANY_NEURON_FIGURES:
+                got = [_figure(r["summary"][group], reporter, figure) for r in done if group in r["summary"]]
+                got = [v for v in got if _finite(v)]
+                if got:
+                    summary.setdefault(group, {}).setdefault(reporter, {})[figure] = spread(got)
+    per_neuron: dict = {}
+    for run in done:
+        for neuron, scores in run["per_neuron"].items():
+            per_neuron.setdefault(neuron, {"runs": []})["runs"].append({"seed": run["seed"], **scores})
+    for entry in per_neuron.values():
+        medians: dict = {}
+        for group in GROUPS:
+            rows = [s for s in entry["runs"] if s["group"] == group]
+            if rows:
+                medians[group] = {"runs": len(rows), **{r: {f: finite_median(_figure(s, r, f) for s in rows) for f in ANY_NEURON_FIGURES}
+                                                        for r in reporters}}
+        entry["medians"] = medians
+    neurons = sorted(per_neuron, key=lambda n: (Neuron.parse(n).layer, Neuron.parse(n).index))
+    return {"kind": "any_neuron", "config": asdict(config), "recipe": values, "seeds": config.seeds, "split": "test",
+            "neurons": neurons, "reporters": reporters, "failed": sum(1 for r in runs if r.get("error")),
+            "runs": [{k: v for k, v in r.items() if k != "per_neuron"} for r in runs], "summary": summary,
+            "per_neuron": {n: per_neuron[n] for n in neurons}}
+
+
+def any_neuron_sweep_markdown(result: dict) -> str:
+    """``sweep.md`` of an any-neuron sweep: the spread over the seeds of each group's medians, one row per run."""
+    reporters, runs = result["reporters"], result["runs"]
+    done = [r for r in runs if r.get("summary")]
+    lines = [f"# Any-neuron sweep: {len(result['seeds'])} seed(s), {len(result['neurons'])} neurons", "",
+             f"Seeds {', '.join(map(str, result['seeds']))} (each: the training seed and the split of the neurons into groups); "
+             f"{len(done)} of {len(runs)} runs finished; held-out documents (test split).", "",
+             "Each cell: the median over the runs of the group's median [q1, q3] (min to max). The ridge probe of each neuron sees "
+             "that neuron's own train labels (the reference); the reporters see only the train neurons' labels.", "",
+             "| neurons | reporter | runs | natural R² | slope ratio |", "| --- | --- | --- | --- | --- |"]
+    for group, entry in result["summary"].items():
+        for reporter in reporters:
+            stats = entry.get(reporter) or {}
+            if stats:
+                n = max(s["n"] for s in stats.values())
+                lines.append(f"| {group.replace('_', '-')} | {reporter.replace('_', ' ')} | {n} | {_cell(stats.get('natural_r2'))} | "
+                             f"{_cell(stats.get('slope_ratio'))} |")
+    conditionings = [r for r in reporters if r != PROBE]
+    lines += ["", "## Runs (held-out neurons' medians)", "",
+              "| seed | status | held-out neurons | " + " | ".join(f"{c} R² | {c} slope ratio" for c in conditionings)
+              + " | ridge probe R² |", "| --- | --- | --- |" + " --- | ---" * len(conditionings) + " --- |"]
+
+    def num(x):
+        return f"{x:.3f}" if _finite(x) else "n/a"
+
+    for run in runs:
+        held = (run.get("summary") or {}).get("held_out") or {}
+        status = "error: " + run["error"].splitlines()[-1][:80] if run.get("error") else run["status"]
+        cells = " | ".join(f"{num(_figure(held, c, 'natural_r2'))} | {num(_figure(held, c, 'slope_ratio'))}" for c in conditionings)
+        lines.append(f"| {run['seed']} | {status} | {held.get('neurons', 'n/a')} | {cells} | {num(held.get('ridge_probe_r2'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def failure_record(err: BaseException) -> str:

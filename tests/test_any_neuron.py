@@ -351,3 +351,90 @@ def test_closed_form_only_keeps_each_reporter_at_its_fitted_start_and_runs_no_tr
     assert all(t["global_step"] == 0 and t["closed_form_only"] for t in result["training"].values())
     assert list(result["summary"]) == ["held_out"]
     assert result["summary"]["held_out"]["weights"]["natural_r2"] > 0.9 > 0.3 > result["summary"]["held_out"]["name"]["natural_r2"]
+
+
+# -- nsr sweep of an any-neuron recipe
+
+
+@pytest.fixture(scope="module")
+def any_neuron_sweep(constructed_dir, tmp_path_factory):
+    import yaml
+
+    from nsr_hf.sweep import SweepConfig, run_sweep
+
+    root = tmp_path_factory.mktemp("any_sweep")
+    recipe = root / "any.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": constructed_dir, "corpus": str(write_word_corpus(root / "corpus.jsonl", n=120)), "neuron_layer": 1,
+        "neuron_count": NEURONS, "validation_neurons": 6, "held_out_neurons": 12, "read_layer": "target+1", "unfreeze": "head_only",
+        "dataset_documents": 120, "max_length": 16, "causal_rows": 16, "causal_values": 3, "closed_form_only": True,
+        "conditionings": ["weights", "name"], "seed": 7, "report_to": "none"}))
+    config = SweepConfig(recipe=str(recipe), seeds=[0, 1], output_dir=str(root / "sweep"))
+    return run_sweep(config), root / "sweep", config
+
+
+def test_nsr_sweep_of_an_any_neuron_recipe_splits_the_same_neurons_anew_per_seed_on_one_dataset(any_neuron_sweep):
+    result, out, _ = any_neuron_sweep
+    assert result["kind"] == "any_neuron" and result["failed"] == 0 and [r["seed"] for r in result["runs"]] == [0, 1]
+    runs = [json.loads((out / f"seed-{s}" / "any_neuron.json").read_text()) for s in (0, 1)]
+    splits = [NeuronSplit(**r["split"]) for r in runs]
+    assert set(splits[0].train + splits[0].validation + splits[0].held_out) == set(splits[1].train + splits[1].validation + splits[1].held_out)
+    assert splits[0].held_out != splits[1].held_out  # the seed splits the neurons anew
+    assert (out / "seed-0" / "dataset" / "dataset_dict.json").is_file() and not (out / "seed-1" / "dataset").exists()
+    assert json.loads((out / "seed-1" / "weights" / "predictor" / "config.json").read_text())["neurons"] == splits[1].train
+    assert sorted(result["neurons"], key=lambda n: int(n.split(".")[1])) == result["neurons"] and len(result["neurons"]) == NEURONS
+
+
+def test_the_any_neuron_sweep_summary_is_the_spread_of_each_groups_medians_and_each_neurons_medians(any_neuron_sweep):
+    from nsr_hf.sweep import spread
+
+    result, out, _ = any_neuron_sweep
+    runs = [json.loads((out / f"seed-{s}" / "any_neuron.json").read_text()) for s in (0, 1)]
+    for group in ("train", "validation", "held_out"):
+        for reporter in ("weights", "name"):
+            for figure in ("natural_r2", "slope_ratio"):
+                assert result["summary"][group][reporter][figure] == spread([r["summary"][group][reporter][figure] for r in runs])
+        assert result["summary"][group]["ridge_probe"]["natural_r2"] == spread([r["summary"][group]["ridge_probe_r2"] for r in runs])
+    assert result["summary"]["held_out"]["weights"]["natural_r2"]["min"] > 0.9 > 0.3 > result["summary"]["held_out"]["name"]["natural_r2"]["max"]
+    held_once = next(n for n in runs[0]["split"]["held_out"] if n not in runs[1]["split"]["held_out"])
+    entry = result["per_neuron"][held_once]
+    assert [(r["seed"], r["group"]) for r in entry["runs"]][0] == (0, "held_out") and entry["medians"]["held_out"]["runs"] == 1
+    assert entry["medians"]["held_out"]["weights"]["natural_r2"] == runs[0]["per_neuron"][held_once]["weights"]["natural_r2"]
+    text = (out / "sweep.md").read_text()
+    assert "| held-out | weights | 2 |" in text and "| held-out | ridge probe | 2 |" in text and "| 1 | trained | 12 |" in text
+
+
+def test_the_any_neuron_sweep_page_links_every_run_and_each_run_links_back(any_neuron_sweep, browser):
+    result, out, _ = any_neuron_sweep
+    index = out / "dashboard" / "index.html"
+    page = index.read_text()
+    for group in ("train neurons", "validation neurons", "held-out neurons (never trained on)"):
+        for reporter in ("weights", "name", "ridge probe (own labels)"):
+            assert f'<tr data-group="{group}" data-reporter="{reporter}">' in page
+    assert '<a href="../seed-0/dashboard/index.html">seed 0</a>' in page and '<a href="../seed-1/dashboard/index.html">seed 1</a>' in page
+    assert page.count("<tr data-neuron=") == NEURONS
+    for seed in (0, 1):
+        run_page = (out / f"seed-{seed}" / "dashboard" / "index.html").read_text()
+        assert '<a href="../../dashboard/index.html" data-sweep-link>' in run_page
+    seen = open_page(browser, index)
+    assert not [m for m in seen["console"] if m["level"] in ("SEVERE", "WARNING")], seen["console"]
+    assert [url for url in seen["requests"] if url != index.resolve().as_uri()] == []
+    table = "document.querySelectorAll('table.sortable')[1]"
+    names = browser.execute_script(f"return Array.prototype.map.call({table}.tHead.rows[0].cells, function (c) {{ return c.textContent; }});")
+    column = names.index("held out: weights: R²")
+    browser.execute_script(f"{table}.tHead.rows[0].cells[{column}].click();")
+    values = browser.execute_script(f"return Array.prototype.map.call({table}.tBodies[0].rows, function (r) {{ return r.cells[{column}].dataset.sort; }});")
+    numbers = [float(v) for v in values if v != "n/a"]
+    assert numbers == sorted(numbers) and values[len(numbers):] == ["n/a"] * (len(values) - len(numbers))  # never held out: last
+
+
+def test_a_second_any_neuron_sweep_skips_finished_runs_and_the_sweep_refuses_its_own_keys(any_neuron_sweep, tmp_path):
+    from nsr_hf.sweep import SweepConfig, run_sweep
+
+    result, out, config = any_neuron_sweep
+    again = run_sweep(config)
+    assert [r["status"] for r in again["runs"]] == ["skipped (finished before)"] * 2 and again["summary"] == result["summary"]
+    with pytest.raises(ValueError, match="neuron_split_seed is set by the sweep itself"):
+        run_sweep(config, {"neuron_split_seed": 3})
+    with pytest.raises(ValueError, match="an any-neuron sweep builds one dataset"):
+        run_sweep(SweepConfig(recipe=config.recipe, datasets_from=str(out), output_dir=str(tmp_path / "s")))

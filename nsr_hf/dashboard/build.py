@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from nsr_hf.dashboard.any_neuron_page import any_neuron_page, is_any_neuron_folder
+from nsr_hf.dashboard.any_neuron_page import any_neuron_page, any_neuron_sweep_page, is_any_neuron_folder
 from nsr_hf.dashboard.neuron_page import neuron_page
 from nsr_hf.dashboard.run_files import is_run_folder, is_sweep_folder, read_json, read_run
 from nsr_hf.dashboard.sweep_page import sweep_page
@@ -78,6 +78,8 @@ def build_sweep_dashboard(folder, rebuild_runs: bool = True) -> Path:
     unless ``rebuild_runs``); a run whose page cannot be built is logged and left without a link. Returns ``index.html``."""
     folder = Path(folder)
     result = read_json(folder / "sweep.json")
+    if result.get("kind") == "any_neuron":
+        return build_any_neuron_sweep_dashboard(folder, result, rebuild_runs)
 
     def page_of_run(run_folder: Path) -> Path | None:
         index = run_folder / DASHBOARD_DIR / INDEX
@@ -104,7 +106,33 @@ def build_any_neuron_dashboard(folder) -> Path:
     folder = Path(folder)
     env = environment()
     env.globals["zip"] = zip
-    return _write_page(folder / DASHBOARD_DIR / INDEX, env.get_template("any_neuron.html.j2").render(**any_neuron_page(folder)))
+    sweep = folder.parent  # a run of an any-neuron sweep (<sweep>/seed-<k>) links back to the sweep's page
+    link = (os.path.relpath(sweep / DASHBOARD_DIR / INDEX, folder / DASHBOARD_DIR)
+            if is_sweep_folder(sweep) and read_json(sweep / "sweep.json").get("kind") == "any_neuron" else None)
+    return _write_page(folder / DASHBOARD_DIR / INDEX,
+                       env.get_template("any_neuron.html.j2").render(**any_neuron_page(folder), sweep_link=link))
+
+
+def build_any_neuron_sweep_dashboard(folder: Path, result: dict, rebuild_runs: bool = True) -> Path:
+    """The page of an any-neuron sweep (``sweep.json`` ``kind: any_neuron``) and each finished run's page (only those missing
+    unless ``rebuild_runs``; a run's page links back to the sweep's). Returns ``index.html``."""
+
+    def page_of_run(run_folder: Path) -> Path | None:
+        index = run_folder / DASHBOARD_DIR / INDEX
+        if not is_any_neuron_folder(run_folder):
+            return None
+        if rebuild_runs or not index.is_file() or SWEEP_LINK_MARK not in index.read_text():
+            try:
+                build_any_neuron_dashboard(run_folder)
+            except Exception as err:  # noqa: BLE001 (one run's page must not cost the sweep's)
+                logger.warning("The dashboard of %s could not be built (%s: %s); rebuild it with: nsr report %s",
+                               run_folder, type(err).__name__, err, run_folder)
+        return index if index.is_file() else None
+
+    env = environment()
+    env.globals["zip"] = zip
+    context = any_neuron_sweep_page(folder, result, page_of_run)
+    return _write_page(folder / DASHBOARD_DIR / INDEX, env.get_template("any_neuron_sweep.html.j2").render(**context))
 
 
 def build_dashboard(folder, rebuild_runs: bool = True) -> Path:
