@@ -37,7 +37,8 @@ from nsr_hf.capture import Neuron, parse_position, validate_neuron
 from nsr_hf.dashboard import build_dashboard_after
 from nsr_hf.data.columns import read_column
 from nsr_hf.data.generator import DatasetConfig, run_dataset
-from nsr_hf.data.neuron_split import GROUPS, NeuronSplit, neuron_columns, varying_neurons
+from nsr_hf.data.labels import shared_bins, with_shared_bins
+from nsr_hf.data.neuron_split import GROUPS, NeuronSplit, asking, neuron_columns, varying_neurons
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError
 from nsr_hf.evaluation.causal import causal_test
@@ -57,6 +58,9 @@ from nsr_hf.utils import to_jsonable, write_json
 
 logger = logging.getLogger(__name__)
 
+ANY_NEURON_HEADS = ("conditioned", "conditioned_token")
+HEAD_WORDS = {"conditioned": "a readout of the representation, in activation units",
+              "conditioned_token": "the model says a bin, on one scale shared by every neuron, after a prompt that names the neuron"}
 RESULT_FILE = "any_neuron.json"
 TRAINED_FILE = "training.json"  # beside a reporter's predictor/, once it is saved
 FIGURES = ("natural_r2", "slope_ratio")
@@ -90,16 +94,35 @@ class AnyNeuronConfig(TrainConfig):
         "help": "The groups of neurons the evaluation scores: train, validation, held_out (a curve point needs held_out only)"})
     causal_rows: int = field(default=32, metadata={"help": "Test rows of each neuron's causal test (slope ratio)"})
     causal_values: int = field(default=5, metadata={"help": "Values each neuron is set to in its causal test"})
-    head_type: str = field(default="conditioned", metadata={"help": "The conditioned head (the only one that reports any neuron)"})
+    head_type: str = field(default="conditioned", metadata={
+        "help": "'conditioned' (a readout of the representation, in activation units) or 'conditioned_token' (the model says a "
+                "bin's report token after a prompt that names the neuron by query embeddings): the heads that report any neuron"})
+    questions_per_row: int = field(default=4, metadata={
+        "help": "conditioned_token: how many train neurons each training row asks about (one prompt each, balanced over the "
+                "neurons: nsr_hf.data.neuron_split.asking); the conditioned head reads every train neuron from each row"})
+    query_tokens: int = field(default=2, metadata={"help": "conditioned_token: the prompt embeddings that name a neuron"})
     head_init: str = field(default="probe", metadata={
         "help": "'probe': the conditioned head's closed-form start (its mean and recompute weight are kept; the read direction trains)"})
     output_dir: str = field(default="outputs/any_neuron", metadata={"help": "Where dataset/, the reporters and any_neuron.json go"})
 
     def __post_init__(self):
-        if self.head_type != "conditioned":
-            raise ValueError(f"any-neuron training needs head_type 'conditioned', got {self.head_type!r}.")
+        if self.head_type not in ANY_NEURON_HEADS:
+            raise ValueError(f"any-neuron training needs a head that reports any neuron ({' or '.join(ANY_NEURON_HEADS)}), got "
+                             f"{self.head_type!r}.")
         for c in self.conditionings:
             check_conditioning(c)
+        if self.head_type == "conditioned_token":
+            if "weights+inputs" in self.conditionings:
+                raise ValueError("conditionings: the conditioned token head takes 'weights' and 'name' ('weights+inputs' is a readout "
+                                 "term of the conditioned head).")
+            if self.head_init == "probe":
+                raise ValueError("head_init 'probe' is the conditioned head's closed-form start; the conditioned token head starts from "
+                                 "zero query embeddings: set head_init random.")
+            if self.closed_form_only:
+                raise ValueError("closed_form_only: the conditioned token head has no closed form; it trains (closed_form_only false).")
+            if self.questions_per_row < 1 or self.query_tokens < 1:
+                raise ValueError(f"questions_per_row and query_tokens must be at least 1, got {self.questions_per_row} and "
+                                 f"{self.query_tokens}.")
         if not self.conditionings:
             raise ValueError("conditionings is empty: give 'weights', 'name' or both.")
         if self.neurons is None and self.neuron_layer is None:
@@ -164,13 +187,28 @@ def statistics_of(metadata: dict) -> dict:
     return {"mean": list(t["mean"]), "std": list(t["std"]), "fitted_on": t.get("fitted_on", "train")}
 
 
+def reporter_transform(config: AnyNeuronConfig, dataset, metadata: dict) -> dict:
+    """The reporter's label transform: the train neurons' z-score statistics, and for the conditioned token head the bins
+    every neuron shares (fitted on the train neurons' pooled train values: ``nsr_hf.data.labels.shared_bins``)."""
+    statistics = statistics_of(metadata)
+    if config.head_type != "conditioned_token":
+        return statistics
+    values = read_column(dataset["train"], "activations", len(metadata["neurons"]))
+    shared = shared_bins(values, config.num_bins, config.bin_strategy or "quantile")
+    return with_shared_bins(statistics, len(metadata["neurons"]), shared)
+
+
 def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata, conditioning: str, read_layer: int,
                    features: dict, out: Path) -> tuple[ActivationPredictor, dict]:
-    """A conditioned reporter of ``metadata["neurons"]`` (the train neurons' columns only), trained and saved in ``out``."""
+    """A conditioned reporter of ``metadata["neurons"]`` (the train neurons' columns only), trained and saved in ``out``. The
+    conditioned token head trains on each row ``questions_per_row`` times, each asking about another train neuron
+    (``nsr_hf.data.neuron_split.asking``)."""
     neurons = list(metadata["neurons"])
-    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type="conditioned", read_layer=read_layer,
-                                              position=parse_position(config.position), label_transform=statistics_of(metadata),
-                                              conditioning=conditioning, dataset_name=str(out.parent / "dataset"))
+    predictor = ActivationPredictor.from_base(model, tokenizer, neurons=neurons, head_type=config.head_type, read_layer=read_layer,
+                                              position=parse_position(config.position),
+                                              label_transform=reporter_transform(config, dataset, metadata), num_bins=config.num_bins,
+                                              prompt_suffix=config.prompt_suffix, conditioning=conditioning,
+                                              query_tokens=config.query_tokens, dataset_name=str(out.parent / "dataset"))
     info = {}
     if config.head_init == "probe":
         info["head_init"] = predictor.init_head_from_probe(dataset["train"], dataset["validation"],
@@ -178,10 +216,12 @@ def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata,
     if config.closed_form_only:
         info.update(train_seconds=0.0, train_loss=None, prefix_cache=None, global_step=0, closed_form_only=True)
         save_predictor(predictor, out / "predictor")
-        write_json(out / TRAINED_FILE, {"neurons": neurons, "conditioning": conditioning, **info})
+        write_json(out / TRAINED_FILE, {"neurons": neurons, "conditioning": conditioning, "head_type": config.head_type, **info})
         return predictor.eval(), info
     args = trainer_arguments(config, out, [f"any-{conditioning}"], has_validation=len(dataset["validation"]) > 0)
-    trainer = PredictorTrainer(model=predictor, args=args, train_dataset=dataset["train"],
+    train_rows = (asking(dataset["train"], len(neurons), config.questions_per_row, seed=config.seed) if predictor.head.asks_one_neuron
+                  else dataset["train"])
+    trainer = PredictorTrainer(model=predictor, args=args, train_dataset=train_rows,
                                eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
                                unfreeze={"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r,
                                          "every_n_steps": config.unfreeze_every_n_steps},
@@ -190,9 +230,10 @@ def train_reporter(config: AnyNeuronConfig, model, tokenizer, dataset, metadata,
     started = time.perf_counter()
     result = trainer.train()
     info.update(train_seconds=round(time.perf_counter() - started, 1), train_loss=float(result.training_loss),
-                prefix_cache=trainer.prefix_cache_info, global_step=int(trainer.state.global_step))
+                prefix_cache=trainer.prefix_cache_info, global_step=int(trainer.state.global_step), train_prompts=len(train_rows))
     save_predictor(predictor, out / "predictor")
-    write_json(out / TRAINED_FILE, {"neurons": neurons, "conditioning": conditioning, **info})  # last: the reporter is complete
+    # last: the reporter is complete
+    write_json(out / TRAINED_FILE, {"neurons": neurons, "conditioning": conditioning, "head_type": config.head_type, **info})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return predictor.eval(), info
 
@@ -204,11 +245,11 @@ def trained_reporter(config: AnyNeuronConfig, neurons: list[str], conditioning: 
         return None
     info = json.loads((out / TRAINED_FILE).read_text())
     if (info.get("neurons") != neurons or info.get("conditioning") != conditioning
-            or bool(info.get("closed_form_only")) != config.closed_form_only):
+            or info.get("head_type", "conditioned") != config.head_type or bool(info.get("closed_form_only")) != config.closed_form_only):
         return None
     predictor = load_predictor(out / "predictor")
     print(f"{conditioning}: the reporter trained before is kept ({out / 'predictor'})", flush=True)
-    return predictor.eval(), {k: v for k, v in info.items() if k not in ("neurons", "conditioning")}
+    return predictor.eval(), {k: v for k, v in info.items() if k not in ("neurons", "conditioning", "head_type")}
 
 
 def probe_r2(features: dict, targets: dict, column: int) -> float:
@@ -220,7 +261,13 @@ def probe_r2(features: dict, targets: dict, column: int) -> float:
 
 
 def slope_ratio(predictor, rows, neuron: str, config: AnyNeuronConfig) -> dict:
-    result = causal_test(predictor, rows, neuron=neuron, num_values=config.causal_values, max_rows=config.causal_rows,
+    """The causal test of ``neuron`` on the reporter pointed at it alone (a reporter of K neurons would report all K: the
+    conditioned token head runs one prompt per neuron), with that neuron's train statistics (the causal test sets it to values
+    on its own scale)."""
+    transform, column = predictor.config.label_transform, predictor.config.neurons.index(neuron)
+    alone = predictor.retarget([neuron], {k: [transform[k][column]] for k in ("mean", "std")})
+    rows = [{**row, "activations": [np.asarray(row["activations"]).reshape(-1)[column]]} for row in rows]  # its own column
+    result = causal_test(alone, rows, neuron=neuron, num_values=config.causal_values, max_rows=config.causal_rows,
                          seed=config.seed, batch_size=config.per_device_eval_batch_size)
     natural = result["natural_slope"]
     ratio = result["slope"] / natural if natural not in (None, 0) and result["slope"] is not None else None
@@ -266,7 +313,9 @@ def summarise(per_neuron: dict, conditionings: list[str]) -> dict:
 
 def markdown(result: dict) -> str:
     conditionings = result["conditionings"]
+    head = result.get("head_type", "conditioned")
     lines = [f"# Any-neuron self-report: {result['model']}, layer(s) {result['layers']}, read at block {result['read_layer']}", "",
+             f"Head: {head} ({HEAD_WORDS.get(head, head)}).", "",
              "Medians over each group's neurons, on the held-out documents (test split).", "",
              "| neurons | n | " + " | ".join(f"{c} R² | {c} slope ratio" for c in conditionings) + " | ridge probe R² (own labels) |",
              "| --- | --- | " + " | ".join("--- | ---" for _ in conditionings) + " | --- |"]
@@ -324,7 +373,8 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
                     or train_reporter(config, model, tokenizer, train_dd, train_meta, conditioning, read_layer, features, folder))
         with timed("evaluation"):
             per_neuron = score_groups(config, reporters, dataset, metadata, split, features)
-    result = {"model": config.model, "layers": sorted({Neuron.parse(n).layer for n in live}), "read_layer": read_layer,
+    result = {"model": config.model, "head_type": config.head_type, "layers": sorted({Neuron.parse(n).layer for n in live}),
+              "read_layer": read_layer,
               "unfreeze": config.unfreeze, "intervention_rate": config.intervention_rate, "conditionings": list(config.conditionings),
               "split": split.to_dict(), "dropped_constant": dropped, "unused_train_neurons": dropped_for_curve,
               "rows": {s: len(dataset[s]) for s in dataset},

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_model, open_page, write_word_corpus
+from torch import nn
 
 from nsr_hf.data.neuron_split import NeuronSplit, neuron_columns, varying_neurons
 from nsr_hf.modeling.neuron_queries import name_query, neuron_queries
@@ -292,7 +293,7 @@ def test_nsr_evaluate_refuses_to_point_a_single_neuron_head_at_other_neurons(any
     (["--neuron_count", "40", "--held_out_neurons", "10", "--validation_neurons", "5", "--train_neurons", "30"],
      "more than the 25 neurons"),
     (["--conditionings", "neuron id"], "conditioning must be one of"),
-    (["--head_type", "regression"], "needs head_type 'conditioned'"),
+    (["--head_type", "regression"], "needs a head that reports any neuron"),
     (["--causal_values", "1"], "at least 2"),
     (["--head_init", "random"], "use head_init 'probe'"),
 ])
@@ -378,7 +379,8 @@ def test_nsr_sweep_of_an_any_neuron_recipe_splits_the_same_neurons_anew_per_seed
     assert result["kind"] == "any_neuron" and result["failed"] == 0 and [r["seed"] for r in result["runs"]] == [0, 1]
     runs = [json.loads((out / f"seed-{s}" / "any_neuron.json").read_text()) for s in (0, 1)]
     splits = [NeuronSplit(**r["split"]) for r in runs]
-    assert set(splits[0].train + splits[0].validation + splits[0].held_out) == set(splits[1].train + splits[1].validation + splits[1].held_out)
+    members = [set(s.train + s.validation + s.held_out) for s in splits]
+    assert members[0] == members[1]
     assert splits[0].held_out != splits[1].held_out  # the seed splits the neurons anew
     assert (out / "seed-0" / "dataset" / "dataset_dict.json").is_file() and not (out / "seed-1" / "dataset").exists()
     assert json.loads((out / "seed-1" / "weights" / "predictor" / "config.json").read_text())["neurons"] == splits[1].train
@@ -395,7 +397,8 @@ def test_the_any_neuron_sweep_summary_is_the_spread_of_each_groups_medians_and_e
             for figure in ("natural_r2", "slope_ratio"):
                 assert result["summary"][group][reporter][figure] == spread([r["summary"][group][reporter][figure] for r in runs])
         assert result["summary"][group]["ridge_probe"]["natural_r2"] == spread([r["summary"][group]["ridge_probe_r2"] for r in runs])
-    assert result["summary"]["held_out"]["weights"]["natural_r2"]["min"] > 0.9 > 0.3 > result["summary"]["held_out"]["name"]["natural_r2"]["max"]
+    held = result["summary"]["held_out"]
+    assert held["weights"]["natural_r2"]["min"] > 0.9 > 0.3 > held["name"]["natural_r2"]["max"]
     held_once = next(n for n in runs[0]["split"]["held_out"] if n not in runs[1]["split"]["held_out"])
     entry = result["per_neuron"][held_once]
     assert [(r["seed"], r["group"]) for r in entry["runs"]][0] == (0, "held_out") and entry["medians"]["held_out"]["runs"] == 1
@@ -420,10 +423,12 @@ def test_the_any_neuron_sweep_page_links_every_run_and_each_run_links_back(any_n
     assert not [m for m in seen["console"] if m["level"] in ("SEVERE", "WARNING")], seen["console"]
     assert [url for url in seen["requests"] if url != index.resolve().as_uri()] == []
     table = "document.querySelectorAll('table.sortable')[1]"
-    names = browser.execute_script(f"return Array.prototype.map.call({table}.tHead.rows[0].cells, function (c) {{ return c.textContent; }});")
+    names = browser.execute_script(f"return Array.prototype.map.call({table}.tHead.rows[0].cells, "
+                                   "function (c) { return c.textContent; });")
     column = names.index("held out: weights: R²")
     browser.execute_script(f"{table}.tHead.rows[0].cells[{column}].click();")
-    values = browser.execute_script(f"return Array.prototype.map.call({table}.tBodies[0].rows, function (r) {{ return r.cells[{column}].dataset.sort; }});")
+    values = browser.execute_script(f"return Array.prototype.map.call({table}.tBodies[0].rows, "
+                                    f"function (r) {{ return r.cells[{column}].dataset.sort; }});")
     numbers = [float(v) for v in values if v != "n/a"]
     assert numbers == sorted(numbers) and values[len(numbers):] == ["n/a"] * (len(values) - len(numbers))  # never held out: last
 
@@ -438,3 +443,119 @@ def test_a_second_any_neuron_sweep_skips_finished_runs_and_the_sweep_refuses_its
         run_sweep(config, {"neuron_split_seed": 3})
     with pytest.raises(ValueError, match="an any-neuron sweep builds one dataset"):
         run_sweep(SweepConfig(recipe=config.recipe, datasets_from=str(out), output_dir=str(tmp_path / "s")))
+
+
+# -- the conditioned token head: the token head for any neuron
+
+
+def test_asking_repeats_each_row_with_distinct_neurons_balanced_over_all_pairs():
+    from datasets import Dataset
+
+    from nsr_hf.data.neuron_split import asking
+
+    rows = Dataset.from_dict({"row": list(range(25))})
+    asked = asking(rows, neurons_count=7, per_row=3, seed=0)
+    assert len(asked) == 75 and asked["asked"] == asking(rows, 7, 3, seed=0)["asked"] != asking(rows, 7, 3, seed=1)["asked"]
+    by_row: dict = {}
+    for r, a in zip(asked["row"], asked["asked"]):
+        by_row.setdefault(r, []).append(a)
+    assert all(len(set(v)) == 3 and all(0 <= a < 7 for a in v) for v in by_row.values())  # never the same neuron twice
+    counts = np.bincount(asked["asked"], minlength=7)
+    assert counts.sum() == 75 and counts.max() - counts.min() <= 3
+    assert len(asking(rows, neurons_count=2, per_row=5)) == 50  # at most one question per neuron
+    with pytest.raises(ValueError, match="already have an 'asked' column"):
+        asking(asked, 7, 2)
+
+
+def _token_reporter(tiny, neurons, conditioning="weights", **kw):
+    from nsr_hf.data.labels import shared_bins, with_shared_bins
+
+    model, tok = tiny
+    shared = shared_bins(np.random.default_rng(0).normal(size=(40, len(neurons))), 10)
+    transform = with_shared_bins({"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}, len(neurons), shared)
+    return ActivationPredictor.from_base(model, tok, neurons=neurons, head_type="conditioned_token", label_transform=transform,
+                                         read_layer=2, conditioning=conditioning, **kw)
+
+
+@pytest.mark.parametrize("tiny", ["llama", "gpt2"], indirect=True)
+def test_the_conditioned_token_head_asks_one_prompt_per_neuron_on_shared_bins(tiny, tmp_path):
+    from nsr_hf.capture import encode_texts
+    from nsr_hf.data.labels import bins_of
+    from nsr_hf.modeling.predictor import save_predictor
+
+    predictor = _token_reporter(tiny, ["1.3", "1.5", "2.7"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # query embeddings that differ by neuron (they start at 0: every neuron would read the same)
+        predictor.neuron_head.weight.normal_(std=0.5)
+    batch = encode_texts(tiny[1], ["Hello world", "A much longer text about neurons", "def f(x)"], max_length=16)
+    full = predictor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert full.logits.shape == (3, 3, 10) and full.predictions.shape == (3, 3)
+    assert not torch.allclose(full.logits[:, 0], full.logits[:, 1])  # the prompt names the neuron
+    labels = torch.tensor([[0.1, 0.5, -1.0], [2.0, 0.0, 0.3], [-0.2, 0.9, 0.0]])
+    asked = torch.tensor([2, 0, 1])
+    one = predictor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, asked=asked)
+    assert one.logits.shape == (3, 1, 10)
+    torch.testing.assert_close(one.logits[:, 0], full.logits[torch.arange(3), asked], atol=1e-5, rtol=1e-5)
+    shared = predictor.config.label_transform
+    target = bins_of(labels[torch.arange(3), asked], shared["shared_bin_edges"])
+    torch.testing.assert_close(one.loss, nn.functional.cross_entropy(one.logits[:, 0].float(), target))
+    centers = torch.tensor(shared["shared_bin_centers"], dtype=torch.float32)
+    torch.testing.assert_close(full.predictions, full.logits.float().softmax(-1) @ centers)
+    one.loss.backward()
+    assert predictor.neuron_head.weight.grad.abs().sum() > 0  # the query embeddings learn
+    view = predictor.retarget(["0.1", "2.7"])  # a neuron it never saw, on the same scale
+    assert view.config.label_transform["shared_bin_edges"] == shared["shared_bin_edges"]
+    with torch.no_grad():
+        seen = view(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(seen[:, 1], full.logits[:, 2].detach(), atol=1e-5, rtol=1e-5)
+    save_predictor(predictor, tmp_path / "p")
+    loaded = load_predictor(tmp_path / "p")
+    with torch.no_grad():
+        again = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(again, full.logits.detach())
+    assert "conditioned_token (any neuron; weights query as 2 prompt embeddings" in predictor.head.card_words(predictor)
+
+
+def test_the_conditioned_token_head_refuses_what_it_cannot_do(tiny_model_dirs):
+    from nsr_hf.models import load_model_and_tokenizer
+
+    tiny = load_model_and_tokenizer(tiny_model_dirs["llama"])
+    with pytest.raises(ValueError, match="'weights' or 'name'"):
+        _token_reporter(tiny, ["1.3"], conditioning="weights+inputs")
+    with pytest.raises(ValueError, match=r"must hold \{neuron\}"):
+        _token_reporter(tiny, ["1.3"], prompt_suffix="\nLevel:")
+    with pytest.raises(ValueError, match="one scale: pass a label_transform with shared bins"):
+        ActivationPredictor.from_base(tiny[0], tiny[1], neurons=["1.3"], head_type="conditioned_token",
+                                      label_transform={"mean": [0.0], "std": [1.0], "bin_edges": [[0, 1, 2]]})
+    regression = ActivationPredictor.from_base(tiny[0], tiny[1], neurons=["1.3"])
+    with pytest.raises(ValueError, match="only the conditioned token head asks one per prompt"):
+        regression(input_ids=torch.tensor([[5, 6, 7]]), asked=torch.tensor([0]))
+
+
+@pytest.mark.slow  # two reporters trained by the Trainer on asked rows, with interventions, and scored
+def test_nsr_any_neuron_trains_conditioned_token_reporters_on_rows_that_each_ask_about_one_neuron(tiny_model_dirs, tmp_path):
+    from nsr_hf.any_neuron import AnyNeuronConfig, run_any_neuron
+
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=80)
+    config = AnyNeuronConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), neuron_layer=1, neuron_count=10, validation_neurons=2,
+                             held_out_neurons=3, read_layer="target+1", head_type="conditioned_token", head_init="random",
+                             conditionings=["weights", "name"], questions_per_row=2, num_bins=4, unfreeze="head_only",
+                             intervention_rate=0.5, dataset_documents=80, max_length=16, num_train_epochs=2, learning_rate=1e-2,
+                             per_device_train_batch_size=8, eval_strategy="no", save_strategy="no", logging_steps=2, causal_rows=8,
+                             causal_values=3, scored_groups=["held_out", "validation"], output_dir=str(tmp_path / "run"), report_to="none")
+    result = run_any_neuron(config)
+    train_rows = result["rows"]["train"]
+    for conditioning in ("weights", "name"):
+        training = json.loads((tmp_path / "run" / conditioning / "training.json").read_text())
+        assert training["head_type"] == "conditioned_token" and training["train_prompts"] == 2 * train_rows
+        assert training["global_step"] == 2 * -(-2 * train_rows // 8)  # two epochs of the asked rows
+        loaded = load_predictor(tmp_path / "run" / conditioning / "predictor")
+        assert loaded.config.head_type == "conditioned_token" and loaded.config.intervention["rate"] == 0.5
+        assert loaded.config.neurons == result["split"]["train"]
+        assert loaded.neuron_head.weight.abs().sum() > 0  # it trained from its zero start
+    assert set(result["summary"]) == {"validation", "held_out"} and result["head_type"] == "conditioned_token"
+    for neuron in result["split"]["held_out"]:
+        scores = result["per_neuron"][neuron]
+        assert np.isfinite(scores["weights"]["natural_r2"]) and scores["weights"]["meaningful"]
+    assert "Head: conditioned_token" in (tmp_path / "run" / "any_neuron.md").read_text()
+    assert "head conditioned_token" in (tmp_path / "run" / "dashboard" / "index.html").read_text()

@@ -13,6 +13,7 @@ from nsr_hf.modeling.heads import (
     HEADS,
     ClassificationHead,
     ConditionedHead,
+    ConditionedTokenHead,
     RegressionHead,
     TokenHead,
     head_class,
@@ -45,8 +46,9 @@ def _recipe(head_type, **kw):
 
 
 def test_the_registry_names_the_regression_classification_token_and_conditioned_heads():
-    assert HEAD_TYPES == ("regression", "classification", "token", "conditioned")
-    assert [head_class(name) for name in HEAD_TYPES] == [RegressionHead, ClassificationHead, TokenHead, ConditionedHead]
+    assert HEAD_TYPES == ("regression", "classification", "token", "conditioned", "conditioned_token")
+    assert [head_class(name) for name in HEAD_TYPES] == [RegressionHead, ClassificationHead, TokenHead, ConditionedHead,
+                                                         ConditionedTokenHead]
 
 
 def test_an_unknown_head_type_is_refused_with_the_registered_names():
@@ -215,7 +217,7 @@ def test_only_heads_with_bins_take_a_bin_strategy_and_only_regression_a_probe_in
 
 
 def test_bin_metrics_apply_to_the_heads_with_bins():
-    assert [head_class(name).has_bins for name in HEAD_TYPES] == [False, True, True, False]
+    assert [head_class(name).has_bins for name in HEAD_TYPES] == [False, True, True, False, True]
     assert "accuracy" not in PredictorMetrics(["1.3"], "regression", EDGES).neuron_metrics(
         torch.rand(20).numpy(), torch.full((20,), float("nan")).numpy(), torch.rand(20).numpy(), 0)
 
@@ -253,7 +255,7 @@ def test_the_regression_heads_direction_is_its_row_and_an_mlp_head_has_none(tiny
 
 
 def test_each_head_names_itself_and_its_bins_and_report_tokens_in_the_model_card(tiny):
-    regression, classification, token, conditioned = (_predictor(tiny, head) for head in HEAD_TYPES)
+    regression, classification, token, conditioned = (_predictor(tiny, head) for head in HEAD_TYPES[:4])
     assert regression.head.card_words(regression) == "regression"
     assert conditioned.head.card_words(conditioned) == "conditioned (any neuron; weights query, nsr_hf.modeling.neuron_queries)"
     assert classification.head.card_words(classification).startswith("classification over 10 ")

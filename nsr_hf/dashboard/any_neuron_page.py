@@ -41,7 +41,8 @@ def any_neuron_page(folder: Path) -> dict:
                      "shown": [(fmt(r2), fmt(ratio)) for r2, ratio in values]})
     figure = svg_of(lambda path: plot_any_neuron(result["per_neuron"], conditionings, path))
     return {"folder": str(folder), "model": result["model"], "layers": result["layers"], "read_layer": result["read_layer"],
-            "unfreeze": result["unfreeze"], "intervention_rate": result.get("intervention_rate") or 0, "conditionings": conditionings,
+            "unfreeze": result["unfreeze"], "head_type": result.get("head_type", "conditioned"),
+            "intervention_rate": result.get("intervention_rate") or 0, "conditionings": conditionings,
             "summary": summary, "rows": rows, "figure": figure, "split": result["split"]}
 
 

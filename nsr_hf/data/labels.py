@@ -87,6 +87,27 @@ def centers_of(edges, centers=None) -> np.ndarray:
     return (edges[:, 1:] + edges[:, :-1]) / 2
 
 
+def shared_bins(values, num_bins: int, strategy: str = "quantile") -> dict:
+    """One set of bins for many neurons (the conditioned token head reports every neuron, one it never saw too, on one scale):
+    ``shared_bin_edges`` fitted on the pooled values ``(rows, K)`` (``fit_edges``) and ``shared_bin_centers``, each bin's mean
+    of the pooled values in it (its midpoint when it holds none)."""
+    pooled = np.asarray(values, dtype=np.float64).reshape(-1)
+    pooled = pooled[np.isfinite(pooled)]
+    if pooled.size == 0 or pooled.min() == pooled.max():
+        raise ValueError("The neurons' pooled values are constant (or there are none): shared bins need values that vary.")
+    edges = fit_edges(pooled, num_bins, strategy)
+    index = bins_of(pooled, edges)
+    centers = [float(pooled[index == b].mean()) if np.any(index == b) else float((edges[b] + edges[b + 1]) / 2) for b in range(num_bins)]
+    return {"shared_bin_edges": edges.tolist(), "shared_bin_centers": centers}
+
+
+def with_shared_bins(statistics: dict, neurons_count: int, shared: dict) -> dict:
+    """A label transform of ``neurons_count`` neurons: ``statistics`` (``mean``, ``std``) and the shared bins, also as every
+    neuron's own ``bin_edges`` and ``bin_centers`` (what the bin metrics read)."""
+    return {**statistics, **shared, "bin_edges": [list(shared["shared_bin_edges"])] * neurons_count,
+            "bin_centers": [list(shared["shared_bin_centers"])] * neurons_count}
+
+
 @dataclass
 class LabelTransform:
     """z-score statistics, bin edges and report tokens of K neurons, fitted on one split (train).

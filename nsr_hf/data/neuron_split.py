@@ -146,3 +146,21 @@ def varying_neurons(metadata: dict, min_std: float = 1e-6) -> list[str]:
     that never varies on the train documents has no value to report and no R² to score."""
     std = (metadata.get("transform") or {}).get("std") or []
     return [n for n, s in zip(metadata["neurons"], std) if s is not None and float(s) > min_std]
+
+
+def asking(rows, neurons_count: int, per_row: int, seed: int = 0):
+    """The training rows of a head that asks about one neuron per prompt (``conditioned_token``): every row ``per_row`` times
+    (at most ``neurons_count``), each time with an ``asked`` column naming another of the ``neurons_count`` neurons (an index
+    into them). Row ``i`` asks about neurons ``start_i, start_i + 1, ...`` (mod ``neurons_count``), where the starts cycle
+    through a seeded permutation of the neurons and are shuffled over the rows: a row never asks about the same neuron twice,
+    and over all (row, neuron) pairs every neuron is asked about equally often, to within ``per_row``."""
+    from datasets import concatenate_datasets
+
+    if neurons_count < 1 or per_row < 1:
+        raise ValueError(f"asking needs at least one neuron and one question per row, got {neurons_count} and {per_row}.")
+    if "asked" in rows.column_names:
+        raise ValueError("These rows already have an 'asked' column: expand the rows of the dataset once.")
+    rng = np.random.default_rng(seed)
+    per_row = min(per_row, neurons_count)
+    starts = np.resize(rng.permutation(neurons_count), len(rows))[rng.permutation(len(rows))]
+    return concatenate_datasets([rows.add_column("asked", ((starts + t) % neurons_count).tolist()) for t in range(per_row)])

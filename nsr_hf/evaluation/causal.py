@@ -222,7 +222,9 @@ def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode
     out = np.zeros((len(value_sets), len(rows)))
     with _eval_mode(model):
         for start, stop, batch in batches(model, rows, batch_size):
-            prefix = PrefixCache(neuron.layer).build(model, [batch]) if neuron.layer > 0 else None
+            # a head whose prompt holds trained embeddings (conditioned_token) runs its own prompts: no cache of them
+            cached = neuron.layer > 0 and not model.head.trains_prompt_input
+            prefix = PrefixCache(neuron.layer).build(model, [batch]) if cached else None
             for k, value in enumerate(value_sets):
                 with contextlib.ExitStack() as stack:
                     if prefix is not None:

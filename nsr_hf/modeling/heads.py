@@ -11,6 +11,11 @@
   (``nsr_hf.modeling.neuron_queries``: its own weights, or its name as the control); the report is in activation
   units, trained with the squared error of z-scores. ``ActivationPredictor.retarget`` points it at other neurons,
   including ones it never trained on.
+* ``conditioned_token`` (``ConditionedTokenHead``): the token head for any neuron. The report prompt names the neuron
+  with a few soft-prompt embeddings made from its query (``QueryTokens``), and the model's LM head answers with a bin's
+  report token; the bins are shared by every neuron (activation units, fitted on the train neurons' pooled values:
+  ``nsr_hf.data.labels.shared_bins``), so a neuron never seen is reported on the same scale. One prompt per (row,
+  neuron): a training row asks about one neuron (the batch's ``asked``), an evaluation asks about every current one.
 
 A head owns everything that differs between heads: the module it adds (kept as the predictor's ``neuron_head``, so
 saved predictors keep their parameter names), its logits from what it reads, its loss, its readouts in activation
@@ -32,7 +37,15 @@ from torch import nn
 from nsr_hf.architectures import arch_spec, num_layers, truncated
 from nsr_hf.capture import label_positions as rule_positions
 from nsr_hf.capture import pad_right, position_ids_from_mask
-from nsr_hf.modeling.neuron_queries import ConditionedReadout, NeuronInputs, check_conditioning, neuron_queries, query_parts
+from nsr_hf.data.labels import bins_of, with_shared_bins
+from nsr_hf.modeling.neuron_queries import (
+    ConditionedReadout,
+    NeuronInputs,
+    QueryTokens,
+    check_conditioning,
+    neuron_queries,
+    query_parts,
+)
 from nsr_hf.modeling.probes import RidgeProbe, labels_of, layer_features
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX, check_report_tokens, default_report_tokens
 
@@ -91,11 +104,14 @@ class Head:
     Class attributes: ``name`` (the ``head_type``), ``has_bins`` (bins, a greedy readout and bin metrics),
     ``uses_lm_head`` (the report goes through the base model's LM head), ``takes_prompt`` (``prompt_suffix`` and
     ``expected_value_loss_weight`` apply), ``probe_init`` (``head_init: probe`` can set it), ``any_neuron`` (it reports
-    any neuron it is given: ``ActivationPredictor.retarget``).
+    any neuron it is given: ``ActivationPredictor.retarget``), ``asks_one_neuron`` (one prompt per (row, neuron): a batch
+    may say which neuron each row asks about, ``asked``).
     """
 
     name: ClassVar[str] = ""
     any_neuron: ClassVar[bool] = False
+    asks_one_neuron: ClassVar[bool] = False  # a batch's ``asked`` says which neuron each prompt asks about
+    trains_prompt_input: ClassVar[bool] = False  # its module makes embeddings of the prompt (no frozen prefix to cache)
     has_bins: ClassVar[bool] = False
     uses_lm_head: ClassVar[bool] = False
     takes_prompt: ClassVar[bool] = False
@@ -142,6 +158,11 @@ class Head:
     def init_from_probe(self, predictor, train_rows, validation_rows=None, batch_size: int = 32, features=None) -> dict:
         """Set the head to the ridge probe of its representation (``ActivationPredictor.init_head_from_probe``)."""
         raise ValueError("init_head_from_probe needs a regression head that is one linear layer (head_hidden_size 0).")
+
+    def retargeted_transform(self, neurons: list[str], label_transform: Optional[dict]) -> dict:
+        """The label transform of a view of this any-neuron head that reports ``neurons`` (``ActivationPredictor.retarget``):
+        ``label_transform`` (their train statistics, for the loss), else neutral ones."""
+        return label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -376,14 +397,7 @@ class TokenHead(BinHead):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         ids, mask = self.prompts(predictor, input_ids, attention_mask, label_positions)
-        with truncated(predictor.base, self.config.effective_read_layer):
-            hidden = predictor.base.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                               use_cache=False).last_hidden_state
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(-1) - 1]
-        lm_head = predictor.base.get_output_embeddings()
-        report_ids = torch.as_tensor(self.config.report_token_ids, device=h.device)
-        bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[report_ids]
-        return nn.functional.linear(h, lm_head.weight[report_ids], bias)
+        return answer_logits(predictor, mask, input_ids=ids)
 
     def logits(self, predictor, input_ids, attention_mask=None, label_positions=None):
         return self.report_logits(predictor, input_ids, attention_mask, label_positions)[:, None, :]
@@ -423,6 +437,32 @@ class TokenHead(BinHead):
         return f"{how}, {where}"
 
 
+def answer_logits(predictor, mask: torch.Tensor, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+    """(prompts, bins): the LM head's logits of the report tokens at each prompt's last real token, after blocks
+    ``0..read_layer`` and the final norm (the prompts are right-padded: ``input_ids`` or ``inputs_embeds``)."""
+    config = predictor.config
+    with truncated(predictor.base, config.effective_read_layer):
+        hidden = predictor.base.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                                           position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(-1) - 1]
+    lm_head = predictor.base.get_output_embeddings()
+    report_ids = torch.as_tensor(config.report_token_ids, device=h.device)
+    bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias[report_ids]
+    return nn.functional.linear(h, lm_head.weight[report_ids], bias)
+
+
+def cached_queries(predictor) -> torch.Tensor:
+    """(K, width) the current neurons' queries (``nsr_hf.modeling.neuron_queries``), computed once per neuron list from the
+    base model's weights as they are then (``from_base`` and ``retarget`` compute them at once: a training step with the
+    frozen-prefix cache has no blocks to read weights from) and kept on the predictor, outside its state dict."""
+    config = predictor.config
+    cache = predictor.__dict__.setdefault("_neuron_queries", {})
+    key = (tuple(config.neurons), config.conditioning, str(next(predictor.base.parameters()).device))
+    if key not in cache:
+        cache[key] = neuron_queries(predictor.base, config.neurons, config.conditioning)
+    return cache[key]
+
+
 @register_head
 class ConditionedHead(Head):
     """Conditioned: one reporter for any neuron (``nsr_hf.modeling.neuron_queries``). ``config.neurons`` are the neurons it
@@ -457,14 +497,8 @@ class ConditionedHead(Head):
         return ConditionedReadout(hidden, query_parts(self.config.get_base_config()), recompute=recompute)
 
     def queries(self, predictor) -> torch.Tensor:
-        """(K, width) the current neurons' queries, computed once per neuron list from the base model's weights as they are
-        then (``from_base`` and ``retarget`` compute them at once: a training step with the frozen-prefix cache has no blocks
-        to read weights from) and kept on the predictor, outside its state dict."""
-        cache = predictor.__dict__.setdefault("_neuron_queries", {})
-        key = (tuple(self.config.neurons), self.config.conditioning, str(next(predictor.base.parameters()).device))
-        if key not in cache:
-            cache[key] = neuron_queries(predictor.base, self.config.neurons, self.config.conditioning)
-        return cache[key]
+        """(K, width) the current neurons' queries (``cached_queries``)."""
+        return cached_queries(predictor)
 
     def inputs(self, predictor) -> NeuronInputs | None:
         """The current neurons' input weights for the ``weights+inputs`` readout (None for the other conditionings), computed
@@ -502,6 +536,148 @@ class ConditionedHead(Head):
 
     def card_words(self, predictor) -> str:
         return f"{self.name} (any neuron; {self.config.conditioning} query, nsr_hf.modeling.neuron_queries)"
+
+
+@register_head
+class ConditionedTokenHead(BinHead):
+    """Conditioned token: the token head for any neuron (module docstring). The prompt is the text up to the labelled token,
+    then ``prompt_suffix`` with its ``{neuron}`` replaced by ``query_tokens`` soft-prompt embeddings of the neuron's query
+    (``QueryTokens``, the head's module); the LM head's logits of the report tokens answer. The bins are shared by every
+    neuron (``shared_bin_edges`` / ``shared_bin_centers`` in the label transform). Without ``asked``, each row asks about every
+    current neuron (one forward per neuron, so that an intervention on the batch's rows applies as it does for one neuron);
+    with ``asked`` (batch,), each row asks about its own one."""
+
+    name = "conditioned_token"
+    uses_lm_head = True
+    takes_prompt = True
+    any_neuron = True
+    asks_one_neuron = True
+    trains_prompt_input = True
+
+    def check_config(self) -> None:
+        c = self.config
+        check_conditioning(c.conditioning)
+        if c.conditioning == "weights+inputs":
+            raise ValueError("The conditioned token head names the neuron in its prompt: conditioning 'weights' or 'name' "
+                             "('weights+inputs' adds a readout term, which only the conditioned regression head has).")
+        if "{neuron}" not in c.prompt_suffix:
+            raise ValueError(f"The conditioned token head's prompt_suffix must hold {{neuron}}, where the neuron's query tokens go; got "
+                             f"{c.prompt_suffix!r}.")
+
+    @classmethod
+    def check_training(cls, config) -> None:
+        super().check_training(config)
+        if config.expected_value_loss_weight:
+            raise ValueError("expected_value_loss_weight: the conditioned token head trains on its shared bins' cross-entropy only; "
+                             "leave it at 0.")
+
+    @classmethod
+    def prepare(cls, *, tokenizer, neurons, label_transform, num_bins, report_tokens=None, prompt_suffix=DEFAULT_PROMPT_SUFFIX) -> dict:
+        if not (label_transform or {}).get("shared_bin_edges"):
+            raise ValueError("The conditioned token head reports every neuron on one scale: pass a label_transform with shared bins "
+                             "(nsr_hf.data.labels.shared_bins on the train neurons' pooled values, then with_shared_bins).")
+        if tokenizer is None:
+            raise ValueError("The conditioned token head needs the tokenizer (report tokens and prompt).")
+        if "{neuron}" not in prompt_suffix:
+            raise ValueError(f"prompt_suffix must hold {{neuron}}, where the neuron's query tokens go; got {prompt_suffix!r}.")
+        report_tokens = list(report_tokens or label_transform.get("report_tokens") or default_report_tokens(tokenizer, num_bins))
+        if len(report_tokens) != num_bins:
+            raise ValueError(f"{len(report_tokens)} report tokens for {num_bins} bins: give one per bin.")
+        before, after = prompt_suffix.split("{neuron}", 1)
+        encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+        return {"report_tokens": report_tokens, "report_token_ids": check_report_tokens(tokenizer, report_tokens),
+                "prompt_suffix_ids": [encode(before), encode(after)]}
+
+    def build(self, hidden: int) -> nn.Module:
+        return QueryTokens(query_parts(self.config.get_base_config()) * hidden, hidden, self.config.query_tokens)
+
+    def trainable_prefixes(self, predictor) -> list[str]:
+        return ["neuron_head.", *TokenHead(self.config).trainable_prefixes(predictor)]
+
+    def queries(self, predictor) -> torch.Tensor:
+        return cached_queries(predictor)
+
+    def inputs(self, predictor) -> None:
+        return None
+
+    def retargeted_transform(self, neurons, label_transform):
+        shared = {k: self.config.label_transform[k] for k in ("shared_bin_edges", "shared_bin_centers")}
+        statistics = {k: v for k, v in (label_transform or {}).items() if k in ("mean", "std", "fitted_on")}
+        return with_shared_bins(statistics or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}, len(neurons), shared)
+
+    def label_offset(self, attention_mask):
+        return attention_mask.long().argmax(-1)
+
+    def prompt_embeddings(self, predictor, input_ids, attention_mask, label_positions, neuron_of_row) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs_embeds, mask)`` of the prompts: row ``i``'s text up to its labelled token, the suffix's text before
+        ``{neuron}``, the query tokens of neuron ``neuron_of_row[i]`` (an index into the current neurons), the rest of the suffix."""
+        positions = labelled_positions(self.config, attention_mask, label_positions)
+        first = self.label_offset(attention_mask)
+        before, after = (torch.as_tensor(part, dtype=input_ids.dtype, device=input_ids.device) for part in self.config.prompt_suffix_ids)
+        tokens = self.config.query_tokens
+        holes = torch.zeros(tokens, dtype=input_ids.dtype, device=input_ids.device)
+        rows = [torch.cat([input_ids[i, int(first[i]) : int(positions[i]) + 1], before, holes, after]) for i in range(input_ids.shape[0])]
+        pad = getattr(predictor.base.config, "pad_token_id", None)
+        ids, mask = pad_right(rows, 0 if pad is None else pad, dtype=input_ids.dtype, device=input_ids.device)
+        embeds = predictor.base.get_input_embeddings()(ids)
+        soft = predictor.neuron_head(self.queries(predictor).to(embeds.device)[neuron_of_row.to(embeds.device)]).to(embeds.dtype)
+        start = (positions - first + 1 + len(before)).to(embeds.device)
+        row_index = torch.arange(ids.shape[0], device=embeds.device).repeat_interleave(tokens)
+        col_index = (start[:, None] + torch.arange(tokens, device=embeds.device)).reshape(-1)
+        embeds = embeds.index_put((row_index, col_index), soft.reshape(-1, soft.shape[-1]))
+        return embeds, mask
+
+    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None, asked=None):
+        """(batch, K, bins), or (batch, 1, bins) with ``asked``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = input_ids.shape[0]
+        if asked is not None:
+            asked = asked.long().reshape(-1)
+            if asked.shape[0] != batch or int(asked.min()) < 0 or int(asked.max()) >= len(self.config.neurons):
+                raise ValueError(f"asked must give each of the batch's {batch} rows an index among its {len(self.config.neurons)} neurons.")
+            embeds, mask = self.prompt_embeddings(predictor, input_ids, attention_mask, label_positions, asked)
+            return answer_logits(predictor, mask, inputs_embeds=embeds)[:, None, :]
+        out = []
+        for j in range(len(self.config.neurons)):  # one forward per neuron: the batch's rows stay the forward's rows
+            embeds, mask = self.prompt_embeddings(predictor, input_ids, attention_mask, label_positions,
+                                                  torch.full((batch,), j, dtype=torch.long))
+            out.append(answer_logits(predictor, mask, inputs_embeds=embeds))
+        return torch.stack(out, 1)
+
+    def shared_centers(self, ref: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.config.label_transform["shared_bin_centers"], dtype=torch.float32, device=ref.device)
+
+    def readouts(self, predictor, logits):
+        centers = self.shared_centers(logits)
+        probs = logits.float().softmax(-1)
+        return probs @ centers, centers[logits.argmax(-1)]
+
+    def loss(self, predictor, output, labels):
+        logits = output.logits
+        target = bins_of(labels.float(), self.config.label_transform["shared_bin_edges"]).to(logits.device)
+        weight = None if self.config.class_weights is None else torch.as_tensor(self.config.class_weights, dtype=torch.float32,
+                                                                                device=logits.device)
+        return nn.functional.cross_entropy(logits.reshape(-1, self.config.num_bins).float(), target.reshape(-1), weight=weight)
+
+    def report_path(self, layer, read):
+        return TokenHead(self.config).report_path(layer, read)
+
+    def direction(self, module, column):
+        raise ValueError("The conditioned token head reports through the LM head after a prompt: there is no head weight vector to align.")
+
+    def card_words(self, predictor) -> str:
+        c = self.config
+        return (f"{self.name} (any neuron; {c.conditioning} query as {c.query_tokens} prompt embeddings, nsr_hf.modeling.neuron_queries), "
+                f"{c.num_bins} bins shared by every neuron, report tokens {c.report_tokens}")
+
+    def reads_in_words(self, predictor) -> str:
+        c = self.config
+        last = c.effective_read_layer == num_layers(predictor.base) - 1
+        how = ("the model's own next token" if last
+               else f"an early exit: block {c.effective_read_layer}, the final norm and the LM head (the logit lens)")
+        return (f"{how}, after the prompt: the text up to the labelled token (rule: {c.position}), then "
+                f"{c.prompt_suffix!r} with {{neuron}} the neuron's {c.query_tokens} query embeddings")
 
 
 HEAD_TYPES = tuple(HEADS)

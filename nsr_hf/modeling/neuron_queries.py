@@ -16,6 +16,11 @@ it is given the neuron as an input, and the query is all it knows about it. Thre
 * ``name``: a fixed random vector of the same width drawn from the neuron's name (``"layer.index"`` seeds it). It tells
   the reporter which neuron it is asked about and nothing else: the control that cannot generalise to an unseen neuron.
 
+The conditioned token head (``conditioned_token``) asks the model itself instead: ``QueryTokens`` maps the query to a few
+soft-prompt embeddings that stand where the report prompt names the neuron, and the model's LM head answers with a bin's
+report token. The same map for every conditioning, so the name-only control has the same capacity and only lacks the
+information.
+
 ``ConditionedReadout`` turns a query into a read direction and a mean, and reports
 ``(h - center) . (sum_p gains[p] * q_p + M q) + b . q + c`` for the representation ``h`` (``center``: the mean
 representation of the train rows, so that the direction reads the variation and ``b . q + c`` the neuron's mean;
@@ -204,3 +209,21 @@ class ConditionedReadout(nn.Module):
         pred = scale * read + (queries @ query_bias + float(self.bias)) + (recompute * regressors[1] if inputs is not None else 0.0)
         r2 = 1 - ((pred - y) ** 2).sum(0) / np.maximum(((y - y.mean(0)) ** 2).sum(0), 1e-12)
         return {"scale": scale, "recompute_weight": recompute, "train_r2_median": float(np.median(r2))}
+
+
+class QueryTokens(nn.Module):
+    """``(K, width) -> (K, tokens, hidden)``: the soft-prompt embeddings that name each neuron in the conditioned token head's
+    prompt, a learned linear map of its query. They start at 0 (the prompt holds nothing where the neuron is named): training
+    learns how to name a neuron from its query, and a neuron never seen is named by the same map."""
+
+    def __init__(self, width: int, hidden: int, tokens: int):
+        super().__init__()
+        if tokens < 1:
+            raise ValueError(f"query_tokens must be at least 1, got {tokens}.")
+        self.tokens, self.hidden = tokens, hidden
+        # parameters, not an nn.Linear: the predictor's own init (a random normal for its heads' linear layers) leaves them at 0
+        self.weight = nn.Parameter(torch.zeros(tokens * hidden, width))
+        self.bias = nn.Parameter(torch.zeros(tokens * hidden))
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(queries.to(self.weight.dtype), self.weight, self.bias).reshape(-1, self.tokens, self.hidden)

@@ -52,6 +52,13 @@ __all__ = ["HEAD_TYPES", "ActivationPredictor", "ActivationPredictorConfig", "Ac
            "save_predictor"]
 
 
+def asked_labels(labels: torch.Tensor, asked: Optional[torch.Tensor]) -> torch.Tensor:
+    """``labels`` (batch, K) as the loss sees them: each row's asked neuron's label (batch, 1) when ``asked`` is given."""
+    if asked is None:
+        return labels
+    return labels.reshape(labels.shape[0], -1).gather(1, asked.long().reshape(-1, 1).to(labels.device))
+
+
 class ActivationPredictorConfig(PretrainedConfig):
     """Configuration of an ``ActivationPredictor``.
 
@@ -77,6 +84,8 @@ class ActivationPredictorConfig(PretrainedConfig):
         conditioning: the conditioned head's query (``nsr_hf.modeling.neuron_queries``): ``"weights"`` (the neuron's own
             weights), ``"weights+inputs"`` (also computing the neuron again from its input weights: the shortcut) or ``"name"``
             (a random vector seeded by its name: the control). Other heads ignore it.
+        query_tokens: how many soft-prompt embeddings name the neuron in the conditioned token head's prompt
+            (``nsr_hf.modeling.neuron_queries.QueryTokens``). Other heads ignore it.
     """
 
     model_type = "nsr_activation_predictor"
@@ -101,6 +110,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         dataset_name: Optional[str] = None,
         intervention: Optional[dict] = None,
         conditioning: str = "weights",
+        query_tokens: int = 2,
         **kwargs,
     ):
         head_class(head_type)  # an unknown head is refused before anything else
@@ -124,6 +134,7 @@ class ActivationPredictorConfig(PretrainedConfig):
         self.dataset_name = dataset_name
         self.intervention = intervention
         self.conditioning = conditioning
+        self.query_tokens = int(query_tokens)
         super().__init__(**kwargs)
         if base_config is not None:
             base = self.get_base_config()
@@ -216,6 +227,7 @@ class ActivationPredictor(PreTrainedModel):
         expected_value_loss_weight: float = 0.0,
         dataset_name: Optional[str] = None,
         conditioning: str = "weights",
+        query_tokens: int = 2,
     ) -> "ActivationPredictor":
         """A predictor around a base causal LM (a loaded model or a name for ``load_model_and_tokenizer``)."""
 
@@ -246,6 +258,7 @@ class ActivationPredictor(PreTrainedModel):
             label_transform=label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)},
             dataset_name=dataset_name,
             conditioning=conditioning,
+            query_tokens=query_tokens,
         )
         predictor = cls(config)
         predictor.base.load_state_dict(base.state_dict())
@@ -269,7 +282,7 @@ class ActivationPredictor(PreTrainedModel):
         view = copy.copy(self)  # the same modules (nn.Module keeps them in a dict that the copy shares)
         config = copy.deepcopy(self.config)
         config.neurons = neurons
-        config.label_transform = label_transform or {"mean": [0.0] * len(neurons), "std": [1.0] * len(neurons)}
+        config.label_transform = self.head.retargeted_transform(neurons, label_transform)
         view.config = config
         view.head.queries(view)
         view.head.inputs(view)
@@ -327,18 +340,23 @@ class ActivationPredictor(PreTrainedModel):
         ``0..read_layer``, the final norm and the LM head (the logit lens), which free generation does not use."""
         return TokenHead(self.config).report_logits(self, input_ids, attention_mask, label_positions)
 
-    def forward(self, input_ids, attention_mask=None, label_positions=None, labels=None, **kwargs) -> ActivationPredictorOutput:
+    def forward(self, input_ids, attention_mask=None, label_positions=None, labels=None, asked=None, **kwargs) -> ActivationPredictorOutput:
         """``labels``: (batch, K) neuron values in activation units; the head's loss is computed from them
-        through the saved label transform (``head_loss``)."""
-        output = self.head_forward(input_ids, attention_mask, label_positions)
+        through the saved label transform (``head_loss``). ``asked``: (batch,) for a head that asks one neuron per prompt
+        (``conditioned_token``), the index among the current neurons of the one each row asks about: the output is that
+        neuron's report only (batch, 1), and the loss is against that neuron's label (``asked_labels``)."""
+        output = self.head_forward(input_ids, attention_mask, label_positions, asked=asked)
         if labels is not None:
-            output.loss = self.head_loss(output, labels)
+            output.loss = self.head_loss(output, asked_labels(labels, asked))
         return output
 
-    def head_forward(self, input_ids, attention_mask=None, label_positions=None) -> ActivationPredictorOutput:
+    def head_forward(self, input_ids, attention_mask=None, label_positions=None, asked=None) -> ActivationPredictorOutput:
         """The head's output without a loss: ``predictions`` (expected value) and, for bins, ``greedy_predictions``."""
         head = self.head
-        logits = head.logits(self, input_ids, attention_mask, label_positions)
+        if asked is not None and not head.asks_one_neuron:
+            raise ValueError(f"The batch says which neuron each row asks about ('asked'), but the {self.config.head_type} head reports "
+                             "every neuron of each row: only the conditioned token head asks one per prompt. Drop the 'asked' column.")
+        logits = head.logits(self, input_ids, attention_mask, label_positions, **({"asked": asked} if asked is not None else {}))
         predictions, greedy = head.readouts(self, logits)
         return ActivationPredictorOutput(predictions=predictions, greedy_predictions=greedy, logits=logits)
 

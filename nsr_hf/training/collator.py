@@ -17,7 +17,8 @@ class PredictorDataCollator:
     ``input_ids`` / ``attention_mask`` are right-padded to the longest row of the batch (dynamic padding) with
     ``pad_token_id`` (the tokenizer's pad id, else its eos id, else 0); ``label_positions`` comes from
     ``label_position`` (right padding never moves it); ``labels`` is float32 (batch, K) from ``activations``.
-    Other columns (``text``, ``doc_id``, ``bin`` ...) are ignored.
+    An ``asked`` column (the conditioned token head's training rows: which of the predictor's neurons each row asks about)
+    becomes ``asked`` (batch,) int64. Other columns (``text``, ``doc_id``, ``bin`` ...) are ignored.
     """
 
     tokenizer: Any = None
@@ -42,4 +43,7 @@ class PredictorDataCollator:
             raise ValueError("A label_position points outside its row's real tokens.")
         labels = np.asarray([np.asarray(r["activations"], dtype=np.float32).reshape(-1) for r in rows])
         labels = torch.as_tensor(labels, dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "label_positions": positions, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "label_positions": positions, "labels": labels}
+        if "asked" in rows[0]:
+            batch["asked"] = torch.as_tensor([int(r["asked"]) for r in rows], dtype=torch.long)
+        return batch

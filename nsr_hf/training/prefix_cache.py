@@ -68,6 +68,9 @@ def cache_point(predictor, *, target_block_runs: bool = False) -> tuple[Optional
     trains); or ``(None, why)`` when no frozen prefix exists. ``target_block_runs``: intervention training or live labels,
     which set or read the target neuron inside its block, so that block must run (the cache sits at most at its input)."""
     p = unwrap(predictor)
+    if p.head.trains_prompt_input:
+        return None, (f"the {p.head.name} head puts trained embeddings (the neuron's query) into the prompt that block 0 runs: "
+                      "no frozen prefix is left to cache")
     base = p.base
     layers = get_layers(base)
     read = p.config.effective_read_layer

@@ -44,6 +44,7 @@ from nsr_hf.data.labels import bins_of
 from nsr_hf.errors import UserError
 from nsr_hf.metrics import bin_metrics, regression_metrics
 from nsr_hf.modeling.heads import head_class
+from nsr_hf.modeling.predictor import asked_labels
 from nsr_hf.stage_clock import timed
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.interventions import InterventionSampler
@@ -411,4 +412,6 @@ class PredictorTrainer(Trainer):
         greedy = outputs.greedy_predictions
         greedy = torch.full_like(expected, float("nan")) if greedy is None else greedy.detach().float()
         labels = inputs.get("labels")
+        if labels is not None:
+            labels = asked_labels(labels, inputs.get("asked"))  # rows that ask about one neuron are scored on that one
         return loss, torch.stack([expected, greedy], 1), None if labels is None else labels.detach().float()
