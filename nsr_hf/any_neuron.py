@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, parse_position, validate_neuron
@@ -41,7 +42,7 @@ from nsr_hf.data.labels import shared_bins, with_shared_bins
 from nsr_hf.data.neuron_split import GROUPS, NeuronSplit, asking, neuron_columns, varying_neurons
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError
-from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.causal import causal_tests
 from nsr_hf.evaluation.figures import plot_any_neuron
 from nsr_hf.evaluation.predictions import predict_split
 from nsr_hf.metrics import finite_median, r2_rows
@@ -260,22 +261,47 @@ def probe_r2(features: dict, targets: dict, column: int) -> float:
     return float(r2_rows(probe.predict(features["test"])[None], y["test"][None])[0])
 
 
-def slope_ratio(predictor, rows, neuron: str, config: AnyNeuronConfig) -> dict:
-    """The causal test of ``neuron`` on the reporter pointed at it alone (a reporter of K neurons would report all K: the
-    conditioned token head runs one prompt per neuron), with that neuron's train statistics (the causal test sets it to values
-    on its own scale)."""
-    transform, column = predictor.config.label_transform, predictor.config.neurons.index(neuron)
-    alone = predictor.retarget([neuron], {k: [transform[k][column]] for k in ("mean", "std")})
+def slope_ratios(predictors: list, rows, neuron: str, config: AnyNeuronConfig, shared: bool = False) -> list[dict]:
+    """The causal test of ``neuron`` on each reporter (views of the same neurons) pointed at it alone (a reporter of K neurons
+    would report all K: the conditioned token head runs one prompt per neuron), with that neuron's train statistics (the
+    causal test sets it to values on its own scale). ``shared``: the reporters share one base model (``share_frozen_base``),
+    so one forward per set value serves them all (``causal_tests``)."""
+    column = predictors[0].config.neurons.index(neuron)
+    alone = [p.retarget([neuron], {k: [p.config.label_transform[k][column]] for k in ("mean", "std")}) for p in predictors]
     rows = [{**row, "activations": [np.asarray(row["activations"]).reshape(-1)[column]]} for row in rows]  # its own column
-    result = causal_test(alone, rows, neuron=neuron, num_values=config.causal_values, max_rows=config.causal_rows,
-                         seed=config.seed, batch_size=config.per_device_eval_batch_size)
-    natural = result["natural_slope"]
-    ratio = result["slope"] / natural if natural not in (None, 0) and result["slope"] is not None else None
-    return {"slope_ratio": ratio, "slope": result["slope"], "natural_slope": natural, "meaningful": result["meaningful"]}
+    options = {"neuron": neuron, "num_values": config.causal_values, "max_rows": config.causal_rows, "seed": config.seed,
+               "batch_size": config.per_device_eval_batch_size}
+    results = causal_tests(alone, rows, **options) if shared else [causal_tests([a], rows, **options)[0] for a in alone]
+    out = []
+    for result in results:
+        natural = result["natural_slope"]
+        ratio = result["slope"] / natural if natural not in (None, 0) and result["slope"] is not None else None
+        out.append({"slope_ratio": ratio, "slope": result["slope"], "natural_slope": natural, "meaningful": result["meaningful"]})
+    return out
+
+
+def share_frozen_base(reporters: dict) -> bool:
+    """Give every reporter the first one's base model object when their bases are equal (head_only reporters of a conditioned
+    head: training moved no base weight) and their heads read the representation alone. Their causal tests then share their
+    forward passes (``causal_tests``: one per set value for all of them) and memory holds one base. Returns whether they share
+    one now."""
+    items = list(reporters.values())
+    if len(items) < 2 or not all(r.head.reads_representation for r in items):
+        return False
+    first = items[0].base.state_dict()
+    for r in items[1:]:
+        other = r.base.state_dict()
+        if other.keys() != first.keys() or not all(torch.equal(first[k], other[k]) for k in first):
+            return False
+    for r in items[1:]:
+        r.base = items[0].base
+    return True
 
 
 def score_groups(config: AnyNeuronConfig, reporters: dict, dataset, metadata, split: NeuronSplit, features: dict) -> dict:
-    """Per neuron and per group: each reporter's natural R² and slope ratio on the test split, and the ridge probe's R²."""
+    """Per neuron and per group: each reporter's natural R² and slope ratio on the test split, and the ridge probe's R². Reporters
+    that can share one base (``share_frozen_base``) share their causal tests' forward passes."""
+    shared = share_frozen_base(reporters)
     per_neuron = {}
     for group, members in split.groups().items():
         if not members or group not in config.scored_groups:
@@ -286,13 +312,16 @@ def score_groups(config: AnyNeuronConfig, reporters: dict, dataset, metadata, sp
         scores = {n: {"group": group} for n in members}
         for j, n in enumerate(members):
             scores[n]["ridge_probe_r2"] = probe_r2(features, targets, j)
-        for conditioning, predictor in reporters.items():
-            view = predictor.retarget(members, statistics_of(group_meta))
+        views = {c: predictor.retarget(members, statistics_of(group_meta)) for c, predictor in reporters.items()}
+        r2 = {}
+        for conditioning, view in views.items():
             expected, _ = predict_split(view, group_dd["test"], batch_size=config.per_device_eval_batch_size)
-            r2 = r2_rows(expected.T, true.T)
-            for j, n in enumerate(members):
-                causal = slope_ratio(view, group_dd["test"], n, config)
-                scores[n][conditioning] = {"natural_r2": float(r2[j]), **causal}
+            r2[conditioning] = r2_rows(expected.T, true.T)
+        test_rows = group_dd["test"].to_list()
+        for j, n in enumerate(members):
+            causal = slope_ratios(list(views.values()), test_rows, n, config, shared=shared)
+            for (conditioning, _), result in zip(views.items(), causal):
+                scores[n][conditioning] = {"natural_r2": float(r2[conditioning][j]), **result}
         per_neuron.update(scores)
     return per_neuron
 

@@ -559,3 +559,38 @@ def test_nsr_any_neuron_trains_conditioned_token_reporters_on_rows_that_each_ask
         assert np.isfinite(scores["weights"]["natural_r2"]) and scores["weights"]["meaningful"]
     assert "Head: conditioned_token" in (tmp_path / "run" / "any_neuron.md").read_text()
     assert "head conditioned_token" in (tmp_path / "run" / "dashboard" / "index.html").read_text()
+    # the full evaluation protocol of the token reporter, pointed at held-out neurons, with each group's medians
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+
+    picked = result["split"]["held_out"][:2]
+    run = tmp_path / "run"
+    evaluation = run_evaluate(EvaluateConfig(predictor=str(run / "weights" / "predictor"), dataset=str(run / "dataset"), neurons=picked,
+                                             neuron_split=str(run / "neuron_split.json"), methods=["ridge_probe"], causal_max_rows=8,
+                                             counterfactual_rows=8, n_bootstrap=20, output_dir=str(tmp_path / "evaluation")))
+    assert set(evaluation["by_neuron"]) == set(picked) and evaluation["groups"]["held_out"]["neurons"] == 2
+    for neuron in picked:
+        assert np.isfinite(evaluation["by_neuron"][neuron]["metrics"]["test"]["self"]["r2"])
+
+
+def test_reporters_on_one_frozen_base_share_their_causal_tests_and_get_the_same_results(any_neuron_run):
+    from nsr_hf.any_neuron import share_frozen_base, slope_ratios
+    from nsr_hf.data.storage import load_activation_dataset
+    from nsr_hf.evaluation.causal import causal_tests
+
+    result, out, config = any_neuron_run
+    reporters = {c: load_predictor(out / c / "predictor") for c in ("weights", "weights+inputs", "name")}
+    members = result["split"]["held_out"][:3]
+    rows = neuron_columns(*load_activation_dataset(out / "dataset"), members)[0]["test"].to_list()
+    views = [r.retarget(members) for r in reporters.values()]
+    alone = [slope_ratios([v], rows, members[1], config)[0] for v in views]
+    assert share_frozen_base(reporters) and all(r.base is reporters["weights"].base for r in reporters.values())
+    views = [r.retarget(members) for r in reporters.values()]
+    together = slope_ratios(views, rows, members[1], config, shared=True)
+    for a, b in zip(alone, together):
+        assert a["slope"] == pytest.approx(b["slope"], rel=1e-5, abs=1e-7) and a["slope_ratio"] == pytest.approx(b["slope_ratio"], rel=1e-5)
+    with torch.no_grad():  # a base that differs is not shared
+        other = load_predictor(out / "name" / "predictor")
+        other.base.get_input_embeddings().weight[0, 0] += 1.0
+    assert not share_frozen_base({"weights": load_predictor(out / "weights" / "predictor"), "name": other})
+    with pytest.raises(ValueError, match="same base model object"):
+        causal_tests([load_predictor(out / "weights" / "predictor").retarget(members), other.retarget(members)], rows, neuron=members[0])

@@ -206,20 +206,26 @@ def report_under_intervention(predictor, rows, interventions: Intervention | Ite
     return predictor_reports(model, rows, neuron, batch_size, during if ivs else None)
 
 
-def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode: str = "set", batch_size: int = 16) -> np.ndarray:
+def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode: str = "set", batch_size: int = 16,
+                             readers: Sequence = ()) -> np.ndarray:
     """(len(value_sets), rows) the predictor's report of ``neuron`` with the neuron set (``mode`` ``"set"``) or scaled
     (``"scale"``) at each row's labelled token to each value set in turn: ``None`` (no intervention: the natural report),
     a number, or one value per row. The same reports as ``report_under_intervention`` once per set, for less: per batch of
     rows, the blocks below the neuron's block run once (a ``PrefixCache`` at its input), and only the blocks from there run
-    for each set (the neuron is set inside its block)."""
+    for each set (the neuron is set inside its block).
+
+    ``readers``: more predictors on the same base model object, read layer and neurons, whose heads read the representation
+    alone (``Head.reads_representation``): one forward per set serves them all, and the result is (1 + len(readers),
+    len(value_sets), rows), the predictor's reports first (``check_readers``)."""
     model = unwrap_predictor(predictor)
+    readers = check_readers(model, readers)
     neuron, column = target_column(model, neuron)
     rows = as_rows(rows)
     value_sets = list(value_sets)
     for value in value_sets:  # shape checks before any forward
         if value is not None:
             _batch_value(value, 0, len(rows), len(rows), 1)
-    out = np.zeros((len(value_sets), len(rows)))
+    out = np.zeros((1 + len(readers), len(value_sets), len(rows)))
     with _eval_mode(model):
         for start, stop, batch in batches(model, rows, batch_size):
             # a head whose prompt holds trained embeddings (conditioned_token) runs its own prompts: no cache of them
@@ -233,10 +239,37 @@ def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode
                         stack.enter_context(intervene(model.base, Intervention(
                             neuron.layer, [neuron.index], mode, _batch_value(value, start, stop, len(rows), 1),
                             positions=batch["label_positions"])))
+                    if readers:  # one representation, every head on it
+                        h = model.representation(batch["input_ids"], batch["attention_mask"], batch["label_positions"])
+                        for r, reader in enumerate([model, *readers]):
+                            predictions = reader.head.readouts(reader, reader.head.logits_from(reader, h))[0]
+                            out[r, k, start:stop] = predictions[:, column].float().cpu().numpy()
+                        continue
                     predictions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         label_positions=batch["label_positions"]).predictions
-                out[k, start:stop] = predictions[:, column].float().cpu().numpy()
-    return out
+                out[0, k, start:stop] = predictions[:, column].float().cpu().numpy()
+    return out if readers else out[0]
+
+
+def check_readers(model, readers: Sequence) -> list:
+    """``readers`` unwrapped, after checking that each can share ``model``'s forward passes: the same base model object, read
+    layer, position rule and neurons, and heads (its own too) that read the representation alone. A ValueError that says
+    which does not otherwise."""
+    readers = [unwrap_predictor(r) for r in readers]
+    if not readers:
+        return readers
+    for r in [model, *readers]:
+        if not r.head.reads_representation:
+            raise ValueError(f"The {r.config.head_type} head does not read the representation alone: its reports cannot share a "
+                             "forward pass with other predictors' (test each on its own).")
+    for r in readers:
+        if r.base is not model.base:
+            raise ValueError("Predictors share forward passes only on the same base model object (e.g. views of one predictor, or "
+                             "head_only reporters given one base): this reader has its own base.")
+        if (r.config.effective_read_layer, r.config.position, list(r.config.neurons)) != (
+                model.config.effective_read_layer, model.config.position, list(model.config.neurons)):
+            raise ValueError("Predictors share forward passes only with the same read layer, position rule and neurons.")
+    return readers
 
 
 def live_activations(predictor, rows, neurons: Sequence, batch_size: int = 16) -> np.ndarray:
@@ -295,7 +328,16 @@ def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
 
 def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
                 batch_size: int = 16, per_row: bool = False) -> dict:
-    """Clamp (``"set"``) or scale (``"scale"``) ``neuron`` at the labelled token and regress the report on its value.
+    """``causal_tests`` of one predictor (below)."""
+    return causal_tests([predictor], rows, neuron, num_values, max_rows, mode, seed, batch_size, per_row)[0]
+
+
+def causal_tests(predictors: Sequence, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
+                 batch_size: int = 16, per_row: bool = False) -> list[dict]:
+    """The causal test of each of ``predictors`` on the same rows and values; more than one must share their forward passes
+    (``check_readers``: e.g. head_only reporters on one base), which then run once for all. One result per predictor:
+
+    Clamp (``"set"``) or scale (``"scale"``) ``neuron`` at the labelled token and regress the report on its value.
 
     Returns a JSON-able dict: ``values`` (clamped values, or scale factors), ``mean_activation`` (the mean value the
     neuron was given at each), ``mean_report`` and ``std_report`` per value, ``slope``, ``slope_se`` (OLS standard
@@ -310,6 +352,7 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         raise ValueError(f"Unknown mode {mode!r}: use 'set' (clamp to values) or 'scale' (multiply by factors).")
     if int(num_values) < 2:
         raise ValueError(f"num_values must be at least 2 to fit a slope, got {num_values}.")
+    predictor, *readers = predictors
     model, neuron, column, rows, true = labelled_sample(predictor, rows, neuron, max_rows, seed)
     if mode == "set":
         low, high = np.percentile(true, PERCENTILE_RANGE)
@@ -322,8 +365,14 @@ def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int
         live = live_activations(model, rows, [neuron], batch_size)[:, 0]
         given = values[:, None] * live[None, :]
     # the natural report and the report at every value, the blocks below the neuron's run once per batch of rows
-    out = reports_under_value_sets(model, rows, neuron, [None, *(float(v) for v in values)], mode, batch_size)
-    natural, reports = out[0], out[1:]
+    out = reports_under_value_sets(model, rows, neuron, [None, *(float(v) for v in values)], mode, batch_size, readers)
+    if not readers:
+        out = out[None]
+    return [_slope_result(p, neuron, rows, true, values, given, o[0], o[1:], mode, per_row) for p, o in zip([model, *readers], out)]
+
+
+def _slope_result(model, neuron, rows, true, values, given, natural, reports, mode: str, per_row: bool) -> dict:
+    """One predictor's causal test result from its natural reports and its reports at every value (``causal_tests``)."""
     fit = linear_fit(given.ravel(), reports.ravel())
     if fit["slope"] is None:
         raise ValueError(f"The values given to {neuron} do not vary (is the neuron 0 on every row?): no slope to fit.")

@@ -112,6 +112,7 @@ class Head:
     any_neuron: ClassVar[bool] = False
     asks_one_neuron: ClassVar[bool] = False  # a batch's ``asked`` says which neuron each prompt asks about
     trains_prompt_input: ClassVar[bool] = False  # its module makes embeddings of the prompt (no frozen prefix to cache)
+    reads_representation: ClassVar[bool] = False  # its logits are a function of the representation alone (``logits_from``)
     has_bins: ClassVar[bool] = False
     uses_lm_head: ClassVar[bool] = False
     takes_prompt: ClassVar[bool] = False
@@ -169,6 +170,11 @@ class Head:
     def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
         """The head's raw output for a batch (see ``ActivationPredictorOutput.logits``)."""
         raise NotImplementedError
+
+    def logits_from(self, predictor, h: torch.Tensor) -> torch.Tensor:
+        """The logits of a head that ``reads_representation`` from the representation ``h`` (batch, hidden) that ``read_residual``
+        gives: several heads on one base can then share a forward pass (``nsr_hf.evaluation.causal.causal_tests``)."""
+        raise ValueError(f"The {self.name} head does not read the representation alone: it has no logits_from.")
 
     def readouts(self, predictor, logits: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(expected value, greedy value or None)``, each (batch, K) in activation units."""
@@ -235,8 +241,13 @@ class ReadingHead(Head):
             return nn.Sequential(nn.Linear(hidden, self.config.head_hidden_size), nn.GELU(), nn.Linear(self.config.head_hidden_size, out))
         return nn.Linear(hidden, out)
 
+    reads_representation = True
+
     def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
-        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions))
+        return self.logits_from(predictor, read_residual(predictor, input_ids, attention_mask, label_positions))
+
+    def logits_from(self, predictor, h: torch.Tensor) -> torch.Tensor:
+        return predictor.neuron_head(h)
 
 
 @register_head
@@ -325,8 +336,8 @@ class ClassificationHead(BinHead, ReadingHead):
     def outputs_per_neuron(self) -> int:
         return self.config.num_bins
 
-    def logits(self, predictor, input_ids, attention_mask=None, label_positions=None):
-        logits = super().logits(predictor, input_ids, attention_mask, label_positions)
+    def logits_from(self, predictor, h):
+        logits = super().logits_from(predictor, h)
         return logits.reshape(logits.shape[0], len(self.config.neurons), self.config.num_bins)
 
     def direction(self, module, column):
@@ -511,9 +522,13 @@ class ConditionedHead(Head):
             cache[key] = NeuronInputs(predictor.base, self.config.neurons)
         return cache[key]
 
+    reads_representation = True
+
     def logits(self, predictor, input_ids, attention_mask=None, label_positions=None) -> torch.Tensor:
-        return predictor.neuron_head(read_residual(predictor, input_ids, attention_mask, label_positions), self.queries(predictor),
-                                     self.inputs(predictor))
+        return self.logits_from(predictor, read_residual(predictor, input_ids, attention_mask, label_positions))
+
+    def logits_from(self, predictor, h: torch.Tensor) -> torch.Tensor:
+        return predictor.neuron_head(h, self.queries(predictor), self.inputs(predictor))
 
     def readouts(self, predictor, logits):
         return logits, None
