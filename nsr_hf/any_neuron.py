@@ -5,7 +5,8 @@
 
 Steps (``run_any_neuron``), everything under ``output_dir``:
 
-1. The neurons: ``neurons`` as given, or ``neuron_count`` neurons of ``neuron_layer`` drawn at random (``neuron_seed``).
+1. The neurons: ``neurons`` as given, or ``neuron_count`` neurons of ``neuron_layer`` drawn at random (``neuron_seed``), or
+   the scan's top ``scan_top_n`` across the recipe's ``layers`` (``scan/``: the train documents, as ``nsr train`` scans them).
 2. ``dataset/``: one activation dataset of all of them (``nsr dataset``; an interrupted build resumes its shards). Neurons
    that do not vary on the train documents are dropped (no value to report, no R² to score).
 3. ``neuron_split.json``: the split by neuron (``nsr_hf.data.neuron_split``): ``validation_neurons`` and
@@ -50,7 +51,8 @@ from nsr_hf.modeling.neuron_queries import CONDITIONINGS, check_conditioning
 from nsr_hf.modeling.predictor import ActivationPredictor, load_predictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
 from nsr_hf.models import load_model_and_tokenizer
-from nsr_hf.pipeline import intervention_sampler, trainer_arguments
+from nsr_hf.pipeline import intervention_sampler, scan_train_documents, trainer_arguments
+from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.shared_config import CorpusFields, SplitFields, values_of
 from nsr_hf.stage_clock import stage_clock, timed
 from nsr_hf.training.config import TrainConfig
@@ -74,6 +76,9 @@ class AnyNeuronConfig(TrainConfig):
 
     neuron_layer: int | None = field(default=None, metadata={"help": "The layer whose neurons are drawn (with neuron_count)"})
     neuron_count: int = field(default=96, metadata={"help": "How many neurons of neuron_layer to draw (all groups together)"})
+    scan_top_n: int | None = field(default=None, metadata={
+        "help": "Instead of a draw: the scan's top N neurons across the recipe's layers (train documents only; scan_documents, "
+                "scan_score), in output_dir/scan (read back when it is there)"})
     neurons: list[str] | None = field(default=None, metadata={"help": "These neurons (layer.index) instead of a draw"})
     neuron_seed: int = field(default=0, metadata={"help": "Seed of the draw of neurons (and of their split into groups, unless "
                                                           "neuron_split_seed)"})
@@ -126,9 +131,14 @@ class AnyNeuronConfig(TrainConfig):
                                  f"{self.query_tokens}.")
         if not self.conditionings:
             raise ValueError("conditionings is empty: give 'weights', 'name' or both.")
-        if self.neurons is None and self.neuron_layer is None:
-            raise ValueError("Give neuron_layer (and neuron_count) or a list of neurons.")
-        total = len(self.neurons) if self.neurons else self.neuron_count
+        sources = [name for name, given in (("neurons", self.neurons is not None), ("neuron_layer", self.neuron_layer is not None),
+                                            ("scan_top_n", self.scan_top_n is not None)) if given]
+        if len(sources) != 1:
+            raise ValueError("Give one source of neurons: neuron_layer (and neuron_count), a list of neurons, or scan_top_n"
+                             + (f"; got {' and '.join(sources)}." if sources else "."))
+        if self.scan_top_n is not None and self.scan_top_n < 2:
+            raise ValueError(f"scan_top_n must be at least 2 (neurons to train on and to hold out), got {self.scan_top_n}.")
+        total = len(self.neurons) if self.neurons else self.scan_top_n if self.scan_top_n is not None else self.neuron_count
         if min(self.validation_neurons, self.held_out_neurons) < 0 or self.validation_neurons + self.held_out_neurons >= total:
             raise ValueError(f"validation_neurons ({self.validation_neurons}) + held_out_neurons ({self.held_out_neurons}) must leave at "
                              f"least one of the {total} neurons to train on: draw more neurons (neuron_count) or hold out fewer.")
@@ -159,6 +169,25 @@ def draw_neurons(model, layer: int, count: int, seed: int) -> list[str]:
     validate_neuron(model, f"{layer}.0")
     picked = np.sort(np.random.default_rng(seed).choice(width, size=count, replace=False))
     return [f"{layer}.{i}" for i in picked]
+
+
+def choose_neurons(config: AnyNeuronConfig, model, tokenizer, out: Path) -> list[str]:
+    """The run's neurons: ``neurons``, a draw of ``neuron_count`` of ``neuron_layer``, or the scan's top ``scan_top_n`` (a scan
+    of the train documents in ``out/scan``, read back when it is there)."""
+    if config.neurons:
+        return [str(validate_neuron(model, n)) for n in config.neurons]
+    if config.scan_top_n is None:
+        return draw_neurons(model, config.neuron_layer, config.neuron_count, config.neuron_seed)
+    scan_dir = out / "scan"
+    if (scan_dir / TOP_FILE).is_file():
+        scan = load_scan(scan_dir)
+        print(f"using the scan in {scan_dir} (delete it to scan again)", flush=True)
+    else:
+        with timed("scan"):
+            scan, _ = scan_train_documents(config, model, tokenizer, scan_dir, top_n=config.scan_top_n)
+    if len(scan.table) < config.scan_top_n:
+        raise UserError(f"The scan ranked {len(scan.table)} neurons, fewer than scan_top_n = {config.scan_top_n}.")
+    return [str(scan.neuron_at_rank(rank)) for rank in range(1, config.scan_top_n + 1)]
 
 
 def refuse_finished(config: AnyNeuronConfig) -> None:
@@ -369,8 +398,11 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
     with stage_clock() as stage_seconds:
         with timed("load model"):
             model, tokenizer = load_model_and_tokenizer(config.model)
-        neurons = ([str(validate_neuron(model, n)) for n in config.neurons] if config.neurons
-                   else draw_neurons(model, config.neuron_layer, config.neuron_count, config.neuron_seed))
+        neurons = choose_neurons(config, model, tokenizer, out)
+        if "weights+inputs" in config.conditionings and len({Neuron.parse(n).layer for n in neurons}) > 1:
+            raise UserError(f"conditioning 'weights+inputs' recomputes neurons of one layer (with its MLP norm), but the neurons span "
+                            f"layers {sorted({Neuron.parse(n).layer for n in neurons})}: drop it from conditionings, or take neurons of "
+                            "one layer (neuron_layer).")
         with timed("dataset"):
             dataset, metadata = build_dataset(config, model, tokenizer, neurons, out)
         live = varying_neurons(metadata)

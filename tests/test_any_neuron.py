@@ -594,3 +594,27 @@ def test_reporters_on_one_frozen_base_share_their_causal_tests_and_get_the_same_
     assert not share_frozen_base({"weights": load_predictor(out / "weights" / "predictor"), "name": other})
     with pytest.raises(ValueError, match="same base model object"):
         causal_tests([load_predictor(out / "weights" / "predictor").retarget(members), other.retarget(members)], rows, neuron=members[0])
+
+
+@pytest.mark.slow  # a scan, a dataset of neurons of two layers and two closed-form reporters
+def test_nsr_any_neuron_takes_the_scans_top_neurons_across_layers(tiny_model_dirs, tmp_path):
+    from nsr_hf.any_neuron import AnyNeuronConfig, run_any_neuron
+    from nsr_hf.errors import UserError
+    from nsr_hf.scanner import load_scan
+
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=80)
+    options = dict(model=tiny_model_dirs["llama"], corpus=str(corpus), scan_top_n=10, layers=[0, 1], validation_neurons=2,
+                   held_out_neurons=3, read_layer="target+1", unfreeze="head_only", closed_form_only=True, dataset_documents=80,
+                   max_length=16, causal_rows=8, causal_values=3, scored_groups=["held_out"], report_to="none")
+    result = run_any_neuron(AnyNeuronConfig(**options, conditionings=["weights", "name"], output_dir=str(tmp_path / "run")))
+    scan = load_scan(tmp_path / "run" / "scan")
+    top = [str(scan.neuron_at_rank(r)) for r in range(1, 11)]
+    split = result["split"]
+    assert sorted(split["train"] + split["validation"] + split["held_out"] + result["dropped_constant"]) == sorted(top)
+    assert set(result["layers"]) <= {0, 1} and result["read_layer"] == max(result["layers"]) + 1
+    assert all(np.isfinite(result["per_neuron"][n]["weights"]["natural_r2"]) for n in split["held_out"])
+    assert result["layers"] == [0, 1]  # the top 10 of the tiny model span both layers
+    with pytest.raises(UserError, match="recomputes neurons of one layer"):  # which the recompute term cannot: one MLP norm
+        run_any_neuron(AnyNeuronConfig(**options, conditionings=["weights+inputs"], output_dir=str(tmp_path / "run2")))
+    with pytest.raises(ValueError, match="one source of neurons"):
+        AnyNeuronConfig(**{**options, "neuron_layer": 1})

@@ -54,10 +54,16 @@ def test_every_accelerate_config_loads(config):
 
 
 def command_config(recipe: Path):
-    """The config dataclass of the command a shipped recipe is for: ``nsr any-neuron``'s, or ``nsr train``'s."""
+    """The config dataclass of the command a shipped recipe is for: ``nsr any-neuron``'s, or ``nsr train``'s (the rule
+    ``nsr sweep`` uses to tell them apart)."""
     from nsr_hf.any_neuron import AnyNeuronConfig
+    from nsr_hf.sweep import is_any_neuron_recipe
 
-    return AnyNeuronConfig if recipe.name == "any_neuron.yaml" else TrainConfig
+    return AnyNeuronConfig if is_any_neuron_recipe(yaml.safe_load(recipe.read_text())) else TrainConfig
+
+
+def test_the_any_neuron_recipes_are_told_apart_from_train_recipes():
+    assert [r.name for r in RECIPES if command_config(r) is not TrainConfig] == ["any_neuron.yaml", "any_neuron_token.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

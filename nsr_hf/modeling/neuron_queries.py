@@ -103,6 +103,9 @@ class NeuronInputs:
         base = unwrap(base)
         spec = arch_spec(base)
         neurons = [Neuron.parse(n) for n in neurons]
+        if len({n.layer for n in neurons}) > 1:
+            raise ValueError(f"The weights+inputs readout recomputes neurons of one layer (its MLP norm's gains), got layers "
+                             f"{sorted({n.layer for n in neurons})}: give neurons of one layer, or use conditioning 'weights'.")
         rows, biases = [], []
         with torch.no_grad():
             for n in neurons:
