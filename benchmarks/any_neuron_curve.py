@@ -1,6 +1,6 @@
 """Held-out R² of an any-neuron reporter against the number of neurons it trains on, and what each point costs.
 
-    python benchmarks/any_neuron_curve.py --output_dir outputs/any_curve --points 8 16 32 48     # the embedded default
+    python benchmarks/any_neuron_curve.py --output_dir outputs/any_curve --points 8 24 48 80     # the embedded default
     python benchmarks/any_neuron_curve.py --output_dir outputs/any_curve --points 8 16 --recipe recipes/any_neuron.yaml \\
         --set neuron_count=64 --set held_out_neurons=24
     python benchmarks/any_neuron_curve.py --curve outputs/any_curve                             # the table of a finished curve
@@ -70,7 +70,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/any_neuron.yaml")
-    parser.add_argument("--points", type=int, nargs="+", default=[8, 16, 32, 48])
+    parser.add_argument("--points", type=int, nargs="+", default=[8, 24, 48, 80])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/any_curve"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe key for every point")
     parser.add_argument("--curve", type=Path, default=None, help="a finished curve's output_dir: print its table only")
