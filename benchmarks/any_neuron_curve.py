@@ -96,7 +96,7 @@ def main(argv=None) -> list[dict]:
             seconds = time.perf_counter() - started
         else:
             seconds = None
-        dataset = dataset or folder / "dataset"
+        dataset = dataset or (Path(config.dataset) if config.dataset else folder / "dataset")  # the recipe's, or the first point's
         rows.append(point_row(folder, seconds))
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "curve.json").write_text(json.dumps(rows, indent=1))
