@@ -121,12 +121,17 @@ def sweep_parser(prog: str = "nsr sweep") -> RecipeParser:
                         f"except those the sweep sets itself ({', '.join(RESERVED_KEYS)}).")
 
 
+def recipe_and_overrides(config: SweepConfig, overrides: dict | None, config_class) -> tuple[dict, dict]:
+    """The recipe's values (none without a recipe) and the overrides, each read and checked as ``config_class`` keys."""
+    parser = RecipeParser(config_class)
+    values = parser.read_mapping(load_recipe(config.recipe), config.recipe)[0] if config.recipe else {}
+    return values, parser.read_mapping(dict(overrides or {}), "the sweep's overrides")[0]
+
+
 def recipe_values(config: SweepConfig, overrides: dict | None = None) -> dict:
     """The recipe (if any) and the overrides as ``TrainConfig`` values, checked against ``TrainConfig`` and the keys
     the sweep sets itself."""
-    parser = RecipeParser(TrainConfig)
-    values = parser.read_mapping(load_recipe(config.recipe), config.recipe)[0] if config.recipe else {}
-    overrides = parser.read_mapping(dict(overrides or {}), "the sweep's overrides")[0]
+    values, overrides = recipe_and_overrides(config, overrides, TrainConfig)
     for key, how in RESERVED_KEYS.items():
         if key in overrides:
             raise ValueError(f"{key} is set by the sweep itself: use {how}.")
@@ -394,7 +399,6 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
               debug: bool = False, shared: SharedPasses | None = None) -> dict:
     """One run of the sweep (``run_train`` into ``<neuron>/seed-<seed>``) unless it finished before; its record in
     ``sweep.json``, with its figures when it has a ``metrics.json``. A failed run is recorded, not raised."""
-    import gc
 
     folder = run_dir(out, neuron, seed)
     run = {"neuron": neuron, "seed": seed, "output_dir": str(folder)}
@@ -406,16 +410,9 @@ def train_one(config: SweepConfig, values: dict, out: Path, neuron: str, seed: i
         if not source and started is not None and started.get("dataset") is None:
             dataset = None  # an interrupted run that built its own dataset resumes as it started (its run_config.json)
         print(f"\nsweep: neuron {neuron}, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
-        try:
-            run_train(TrainConfig(**{**values, "neuron": neuron, "seed": seed, "output_dir": str(folder),
-                                     **({"dataset": str(dataset)} if dataset else {})}), shared=shared)
-            run["status"] = "trained"
-        except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
-            run["status"], run["error"] = "failed", failure_record(err)
-            # a user's mistake is its one line (the error boundary's words); a bug, or --debug / NSR_DEBUG=1, keeps its traceback
-            trace = "" if explain(err) is not None and not (debug or debug_requested([])[1]) else "\n" + traceback.format_exc()
-            logger.error("sweep run %s seed %d failed: %s%s", neuron, seed, run["error"], trace)
-        gc.collect()
+        recorded_attempt(run, f"run {neuron} seed {seed}", debug, lambda: run_train(TrainConfig(**{
+            **values, "neuron": neuron, "seed": seed, "output_dir": str(folder), **({"dataset": str(dataset)} if dataset else {})}),
+            shared=shared))
     if finished(folder):
         run["figures"] = run_figures(json.loads((folder / "metrics.json").read_text()), config.split)
     return run
@@ -444,9 +441,7 @@ def is_any_neuron_recipe(recipe: dict | None) -> bool:
 
 def any_neuron_values(config: SweepConfig, overrides: dict | None = None) -> dict:
     """The any-neuron recipe and the overrides as ``AnyNeuronConfig`` values (``--neurons``: its neurons), checked."""
-    parser = RecipeParser(AnyNeuronConfig)
-    values = parser.read_mapping(load_recipe(config.recipe), config.recipe)[0] if config.recipe else {}
-    overrides = parser.read_mapping(dict(overrides or {}), "the sweep's overrides")[0]
+    values, overrides = recipe_and_overrides(config, overrides, AnyNeuronConfig)
     for key, how in ANY_NEURON_RESERVED.items():
         if key in overrides:
             raise ValueError(f"{key} is set by the sweep itself: use {how}.")
@@ -496,7 +491,6 @@ def _built_dataset(out: Path, seeds) -> Path | None:
 def any_neuron_one(values: dict, out: Path, seed: int, seeds, debug: bool = False) -> dict:
     """One seed of an any-neuron sweep (``run_any_neuron`` into ``seed-<seed>``) unless it finished before; its record in
     ``sweep.json``, with its result's ``summary`` and ``per_neuron``. A failed run is recorded, not raised."""
-    import gc
 
     folder = any_neuron_run_dir(out, seed)
     run = {"seed": seed, "output_dir": str(folder)}
@@ -505,15 +499,8 @@ def any_neuron_one(values: dict, out: Path, seed: int, seeds, debug: bool = Fals
     else:
         dataset = values.get("dataset") or _built_dataset(out, seeds)
         print(f"\nsweep: any-neuron run, seed {seed}" + (f" (dataset {dataset})" if dataset else ""), flush=True)
-        try:
-            run_any_neuron(AnyNeuronConfig(**{**values, "seed": seed, "neuron_split_seed": seed, "output_dir": str(folder),
-                                              **({"dataset": str(dataset)} if dataset else {})}))
-            run["status"] = "trained"
-        except Exception as err:  # noqa: BLE001 (one failed run must not lose the others: record it, go on)
-            run["status"], run["error"] = "failed", failure_record(err)
-            trace = "" if explain(err) is not None and not (debug or debug_requested([])[1]) else "\n" + traceback.format_exc()
-            logger.error("sweep: any-neuron run seed %d failed: %s%s", seed, run["error"], trace)
-        gc.collect()
+        given = {"seed": seed, "neuron_split_seed": seed, "output_dir": str(folder), **({"dataset": str(dataset)} if dataset else {})}
+        recorded_attempt(run, f"any-neuron run seed {seed}", debug, lambda: run_any_neuron(AnyNeuronConfig(**{**values, **given})))
     if (folder / ANY_NEURON_RESULT).is_file():
         result = json.loads((folder / ANY_NEURON_RESULT).read_text())
         run.update(conditionings=result["conditionings"], summary=result["summary"], per_neuron=result["per_neuron"],
@@ -604,6 +591,22 @@ def any_neuron_sweep_markdown(result: dict) -> str:
         cells = " | ".join(f"{num(_figure(held, c, 'natural_r2'))} | {num(_figure(held, c, 'slope_ratio'))}" for c in conditionings)
         lines.append(f"| {run['seed']} | {status} | {held.get('neurons', 'n/a')} | {cells} | {num(held.get('ridge_probe_r2'))} |")
     return "\n".join(lines) + "\n"
+
+
+def recorded_attempt(run: dict, what: str, debug: bool, call) -> None:
+    """``call()`` for one run of a sweep: ``run["status"]`` becomes ``"trained"``, or ``"failed"`` with its ``error``
+    (``failure_record``) logged. One failed run must not lose the others: the error is recorded, not raised."""
+    import gc
+
+    try:
+        call()
+        run["status"] = "trained"
+    except Exception as err:  # noqa: BLE001 (record it, go on)
+        run["status"], run["error"] = "failed", failure_record(err)
+        # a user's mistake is its one line (the error boundary's words); a bug, or --debug / NSR_DEBUG=1, keeps its traceback
+        trace = "" if explain(err) is not None and not (debug or debug_requested([])[1]) else "\n" + traceback.format_exc()
+        logger.error("sweep: %s failed: %s%s", what, run["error"], trace)
+    gc.collect()
 
 
 def failure_record(err: BaseException) -> str:

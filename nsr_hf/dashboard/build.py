@@ -81,20 +81,7 @@ def build_sweep_dashboard(folder, rebuild_runs: bool = True) -> Path:
     if result.get("kind") == "any_neuron":
         return build_any_neuron_sweep_dashboard(folder, result, rebuild_runs)
 
-    def page_of_run(run_folder: Path) -> Path | None:
-        index = run_folder / DASHBOARD_DIR / INDEX
-        if not is_run_folder(run_folder):
-            return None
-        # a run trained by the sweep's first invocation got its page before sweep.json existed: without the link back to it
-        if rebuild_runs or not index.is_file() or SWEEP_LINK_MARK not in index.read_text():
-            try:
-                build_run_dashboard(run_folder)
-            except Exception as err:  # noqa: BLE001 (one run's page must not cost the sweep's)
-                logger.warning("The dashboard of %s could not be built (%s: %s); rebuild it with: nsr report %s",
-                               run_folder, type(err).__name__, err, run_folder)
-        return index if index.is_file() else None
-
-    context = sweep_page(folder, result, page_of_run)
+    context = sweep_page(folder, result, run_pages(is_run_folder, build_run_dashboard, rebuild_runs))
     out = folder / DASHBOARD_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / INDEX
@@ -113,25 +100,33 @@ def build_any_neuron_dashboard(folder) -> Path:
                        env.get_template("any_neuron.html.j2").render(**any_neuron_page(folder), sweep_link=link))
 
 
-def build_any_neuron_sweep_dashboard(folder: Path, result: dict, rebuild_runs: bool = True) -> Path:
-    """The page of an any-neuron sweep (``sweep.json`` ``kind: any_neuron``) and each finished run's page (only those missing
-    unless ``rebuild_runs``; a run's page links back to the sweep's). Returns ``index.html``."""
+def run_pages(is_run, build, rebuild_runs: bool):
+    """``page_of_run(run_folder)`` for a sweep's page: the path of that run's page, built first (``build``) when it is missing, when
+    it lacks the link back to the sweep (a run trained by the sweep's first invocation got its page before ``sweep.json``
+    existed), or when ``rebuild_runs``; None for a folder that is not such a run (``is_run``) or whose page failed (logged: one
+    run's page must not cost the sweep's)."""
 
     def page_of_run(run_folder: Path) -> Path | None:
         index = run_folder / DASHBOARD_DIR / INDEX
-        if not is_any_neuron_folder(run_folder):
+        if not is_run(run_folder):
             return None
         if rebuild_runs or not index.is_file() or SWEEP_LINK_MARK not in index.read_text():
             try:
-                build_any_neuron_dashboard(run_folder)
+                build(run_folder)
             except Exception as err:  # noqa: BLE001 (one run's page must not cost the sweep's)
                 logger.warning("The dashboard of %s could not be built (%s: %s); rebuild it with: nsr report %s",
                                run_folder, type(err).__name__, err, run_folder)
         return index if index.is_file() else None
 
+    return page_of_run
+
+
+def build_any_neuron_sweep_dashboard(folder: Path, result: dict, rebuild_runs: bool = True) -> Path:
+    """The page of an any-neuron sweep (``sweep.json`` ``kind: any_neuron``) and each finished run's page (only those missing
+    unless ``rebuild_runs``; a run's page links back to the sweep's). Returns ``index.html``."""
     env = environment()
     env.globals["zip"] = zip
-    context = any_neuron_sweep_page(folder, result, page_of_run)
+    context = any_neuron_sweep_page(folder, result, run_pages(is_any_neuron_folder, build_any_neuron_dashboard, rebuild_runs))
     return _write_page(folder / DASHBOARD_DIR / INDEX, env.get_template("any_neuron_sweep.html.j2").render(**context))
 
 
