@@ -605,7 +605,7 @@ def recorded_attempt(run: dict, what: str, debug: bool, call) -> None:
         run["status"], run["error"] = "failed", failure_record(err)
         # a user's mistake is its one line (the error boundary's words); a bug, or --debug / NSR_DEBUG=1, keeps its traceback
         trace = "" if explain(err) is not None and not (debug or debug_requested([])[1]) else "\n" + traceback.format_exc()
-        logger.error("sweep: %s failed: %s%s", what, run["error"], trace)
+        logger.error("sweep %s failed: %s%s", what, run["error"], trace)
     gc.collect()
 
 
