@@ -202,3 +202,60 @@ def truncated(model: nn.Module, read_layer: int):
         yield
     finally:
         setattr(parent, name, layers)
+
+
+class LabelledTokenMLP(nn.Module):
+    """A block's MLP run at one token per row (``positions``), zero at every other token: the block's output is then
+    right at those tokens only, which is all a reader of that block at its labelled token needs (``mlp_at_labelled_tokens``)."""
+
+    def __init__(self, mlp: nn.Module, positions: torch.Tensor):
+        super().__init__()
+        self.mlp = mlp
+        self.positions = positions
+
+    def forward(self, hidden_states, *args, **kwargs):
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        at = self.positions.to(hidden_states.device)
+        picked = self.mlp(hidden_states[rows, at].unsqueeze(1), *args, **kwargs)
+        picked = picked[0] if isinstance(picked, tuple) else picked
+        out = picked.new_zeros(*hidden_states.shape[:-1], picked.shape[-1])
+        return out.index_put((rows, at), picked[:, 0])
+
+
+def mlp_skippable(model: nn.Module, layer: int) -> bool:
+    """Whether block ``layer``'s MLP may run at the labelled tokens alone: the block runs (not a passthrough), nothing
+    hooks the MLP or the block's output (a neuron read, set or recorded there sees every token), no dropout in it acts (fewer
+    tokens would draw other random numbers), and no gradient checkpointing (its backward pass recomputes the block outside
+    the ``with``)."""
+    model = unwrap(model)
+    block = get_layers(model)[layer]
+    try:
+        mlp = get_submodule(block, arch_spec(model).mlp)
+    except AttributeError:  # a block that does not run (the frozen-prefix cache's passthrough)
+        return False
+    if getattr(model, "is_gradient_checkpointing", False):
+        return False
+    # a hook on the block's output could read its other tokens; one on its input (the prefix cache feeding it) is fine
+    if block._forward_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in mlp.modules()):
+        return False
+    return not (model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in mlp.modules()))
+
+
+@contextlib.contextmanager
+def mlp_at_labelled_tokens(model: nn.Module, layer: int, positions: torch.Tensor):
+    """Inside the ``with`` block, block ``layer``'s MLP runs at ``positions`` (one token per row) only, when that is
+    exact (``mlp_skippable``; else nothing changes). For the block a head reads: its output is read at the labelled token
+    alone, and its MLP at the other tokens (three quarters of a block's work) would be thrown away. Yields whether it
+    applies. The outputs at ``positions`` equal the full block's to float round-off."""
+    if not mlp_skippable(model, layer):
+        yield False
+        return
+    block = get_layers(model)[layer]
+    parent_path, _, name = arch_spec(unwrap(model)).mlp.rpartition(".")
+    parent = get_submodule(block, parent_path)
+    mlp = getattr(parent, name)
+    setattr(parent, name, LabelledTokenMLP(mlp, positions))
+    try:
+        yield True
+    finally:
+        setattr(parent, name, mlp)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nsr_hf.architectures import get_final_norm, num_layers, truncated
+from nsr_hf.architectures import get_final_norm, mlp_at_labelled_tokens, num_layers, truncated
 from nsr_hf.capture import pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
 from nsr_hf.utils import causal_lm
@@ -160,10 +160,12 @@ def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size:
             for start in tqdm(starts, desc="layer features", disable=not progress or len(starts) < 10):
                 index = order[start : start + batch_size]
                 input_ids, mask = padded_batch([ids[i] for i in index], pad_id, device)
-                result = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                          output_hidden_states=True, use_cache=False)
                 rows_t = torch.arange(len(index), device=device)
                 pos = torch.as_tensor(positions[index], device=device)
+                # the deepest block is read at the labelled tokens only: its MLP runs there alone
+                with mlp_at_labelled_tokens(model, deepest, pos):
+                    result = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                              output_hidden_states=True, use_cache=False)
                 for layer in layers:
                     if layer == deepest:  # the model's own forward already applied the final norm
                         value = result.last_hidden_state[rows_t, pos]
