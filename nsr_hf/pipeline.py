@@ -60,13 +60,13 @@ from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError, debug_requested, error_boundary
-from nsr_hf.evaluation.baselines import probe_layers_of, self_features
+from nsr_hf.evaluation.baselines import probe_layers_of, self_features, store_self_features
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.heads import head_class
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
-from nsr_hf.modeling.probes import RidgeProbe, layer_features
+from nsr_hf.modeling.probes import RidgeProbe, layer_features, recording_layer_features
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.parsing import RecipeParser
 from nsr_hf.preflight import check_train
@@ -176,10 +176,10 @@ def candidate_readings(model, tokenizer, texts, candidates, layers, position, ma
     return np.concatenate(values), {layer: np.concatenate(parts) for layer, parts in features.items()}
 
 
-def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path):
+def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path, record: DatasetPass | None = None):
     """(DatasetDict, metadata, scan rank or None): load ``config.dataset``, or the complete dataset already in ``out`` (a
     resumed run), or choose the neuron (the one ``neuron.json`` kept, or scan the train documents) and build the dataset
-    (an interrupted build resumes its shards)."""
+    (an interrupted build resumes its shards). A dataset built here fills ``record`` (``recording_dataset_pass``)."""
     if config.dataset:
         dataset, metadata = load_activation_dataset(config.dataset)
         labelled_by = (metadata.get("model") or {}).get("name")
@@ -204,10 +204,44 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
         print(f"\nneuron: {neuron}" + (f" (scan rank {rank})" if rank else ""), flush=True)
         write_json(out / "neuron.json", {"neuron": str(neuron), "scan_rank": rank, "select": config.select}, indent=None)
     # the run folder is this run's own (its run_config.json matched): an unfinished build there resumes its shards
-    with timed("dataset"):
+    with timed("dataset"), recording_dataset_pass(config, model, neuron, record):
         run_dataset(dataset_config(config, neuron, out), model=model, tokenizer=tokenizer)
         dataset, metadata = load_activation_dataset(out / "dataset")
     return dataset, metadata, rank
+
+
+@dataclass
+class DatasetPass:
+    """What the dataset's forward pass gave besides the labels (``recording_dataset_pass``): each row's residual stream
+    entering the neuron's block (``states``: ``RecordedStates``) and the probes' features of the blocks below it
+    (``features``: ``RecordedFeatures``). The head's probe, the evaluation's probes of the original model and the
+    frozen-prefix cache start from them instead of running those blocks again (``prefill_features``)."""
+
+    states: object = None
+    features: object = None
+
+
+@contextlib.contextmanager
+def recording_dataset_pass(config: TrainConfig, model, neuron, record: DatasetPass | None):
+    """Inside the ``with`` block, the dataset's forward passes fill ``record``: the states entering ``neuron``'s block and
+    the features of the probe layers below it, when a later pass would read them (``head_init: probe`` on the original
+    model), the position rule is one the attention mask gives (``last`` or an index), and the states of every document
+    fit ``prefix_cache_max_gb``. Otherwise, or with ``record`` ``None``, nothing is recorded."""
+    position = parse_position(config.position)
+    target = neuron.layer
+    bound = config.dataset_documents * config.max_length * model.config.hidden_size * 4  # every token of every document
+    wanted = (record is not None and config.head_init == "probe" and config.evaluate and config.unfreeze != "head_only"
+              and config.prefix_cache != "off" and target >= 1 and (position == "last" or isinstance(position, int))
+              and bound <= config.prefix_cache_max_gb * 1e9)
+    if not wanted:
+        yield
+        return
+    read_layer = config.read_layer_for(target, num_layers(model))
+    layers = [layer for layer in probe_layers_of(evaluate_config(config, Path(config.output_dir)).methods, read_layer,
+                                                 num_layers(model), config.probe_layers) if layer < target]
+    with recording_states(model, target) as states, recording_layer_features(model, layers, position) as features:
+        yield
+    record.states, record.features = states, features
 
 
 def kept_neuron(out: Path) -> dict | None:
@@ -306,7 +340,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     resume = checkpoint_to_resume(config, folder)
     with timed("load model"):
         model, tokenizer = shared.load(config.model) if shared is not None else load_model_and_tokenizer(config.model)
-    dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out)
+    record = DatasetPass()
+    dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out, record)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
     if shared is not None:
@@ -315,8 +350,9 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     features: dict = shared.features if shared is not None else {}
     with timed("predictor and head init"):
         predictor, prefix_start = build_predictor(config, model, tokenizer, dataset, metadata, folder.final, original=original,
-                                                  feature_cache=features, states=shared.states if shared is not None else None)
-    del model
+                                                  feature_cache=features, states=shared.states if shared is not None else None,
+                                                  record=record)
+    del model, record
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
                                unfreeze={"strategy": config.unfreeze, "k": config.unfreeze_k, "lora_r": config.lora_r,
@@ -663,7 +699,8 @@ def labelled_position(config: TrainConfig, metadata: dict):
 
 
 def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path, *, original=None,
-                    feature_cache: dict | None = None, states: dict | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
+                    feature_cache: dict | None = None, states: dict | None = None,
+                    record: DatasetPass | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
     """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
     when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``.
 
@@ -672,8 +709,9 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
     ``feature_cache`` (``nsr_hf.evaluation.baselines.self_features``): one pass serves the head and those probes. The same
     pass keeps the train rows' residual stream entering the target's block (``recording_states``), returned as a
     ``PrefixCache`` (or ``None``): the frozen-prefix cache of training and the honest reader's features start from it.
-    ``states``: the states of earlier runs on this dataset (``SharedPasses.states``), read and filled. Returns ``(predictor,
-    that cache)``."""
+    ``states``: the states of earlier runs on this dataset (``SharedPasses.states``), read and filled. ``record``: what the
+    dataset's own pass kept (``DatasetPass``): the features of every split then come from it and from the blocks from the
+    neuron's up only (``prefill_features``), and its states are the train rows' states. Returns ``(predictor, that cache)``."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
@@ -693,6 +731,9 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
             keep = keeps_prefix(config, predictor, dataset["train"], target)
             key = (target, getattr(dataset["train"], "_fingerprint", None))
             known = (states or {}).get(key) if keep else None
+            if record is not None and record.states is not None and record.states.layer == target and \
+                    prefill_features(original, dataset, layers, feature_cache, record, batch_size=config.per_device_eval_batch_size):
+                known = record.states if keep else None
             by_split = {}
             for split in ("train", "validation"):  # the train rows' states entering the target's block are kept on the way
                 recording = keep and known is None and split == "train"
@@ -708,6 +749,29 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
                                                features=features)
         print(f"head initialised from the ridge probe of its representation: {probe}", flush=True)
     return predictor, start
+
+
+def prefill_features(original, dataset, layers: list[int], feature_cache: dict, record: DatasetPass, batch_size: int) -> bool:
+    """Fill ``feature_cache`` with the original model's ``self_features`` of every split of ``dataset`` at ``layers`` from
+    what the dataset's pass recorded: the blocks below the neuron's from ``record.features``, the blocks from there by
+    running only those blocks on ``record.states`` (``layer_features`` with a ``PrefixCache``). The same features as a
+    whole pass, to float round-off. ``False`` (nothing filled) when the record lacks a row or a layer."""
+    target = record.states.layer
+    low, high = [layer for layer in layers if layer < target], [layer for layer in layers if layer >= target]
+    filled = {}
+    for split in ("train", "validation", "test"):
+        if split not in dataset or not len(dataset[split]):
+            continue
+        rows = dataset[split]
+        below = record.features.features(rows, low) if low else {}
+        prefix = PrefixCache.from_states(record.states, rows)
+        if below is None or prefix is None:
+            return False
+        above = layer_features(original, rows, high, batch_size=batch_size, progress=False, prefix=prefix) if high else {}
+        filled[split] = (rows, {**below, **above})
+    for split, (rows, by_layer) in filled.items():
+        store_self_features(original, split, rows, by_layer, feature_cache)
+    return True
 
 
 def keeps_prefix(config: TrainConfig, predictor: ActivationPredictor, train, target: int) -> bool:

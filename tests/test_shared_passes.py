@@ -263,3 +263,79 @@ def test_the_seeds_of_a_sweep_share_the_original_models_passes_with_the_same_fig
     # a run on another dataset drops what the first one's passes gave
     shared.on({"train": type("Rows", (), {"_fingerprint": "another"})()})
     assert shared.features == {} and shared.states == {}
+
+
+@pytest.mark.slow
+def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_its_states(tiny_tokenizer, tmp_path, monkeypatch):
+    """The dataset's own forward pass keeps each row's states entering the neuron's block and the probe layers below it: the
+    head's probe, the evaluation's probes of the original model (every split) and the frozen-prefix cache start from them,
+    so the original model never runs its lower blocks over a split again. The figures equal those of an evaluation that
+    computes every feature itself."""
+    from conftest import build_model, write_word_corpus
+
+    import nsr_hf.evaluation.baselines as baselines
+    import nsr_hf.pipeline as pipeline
+    from nsr_hf.evaluation.protocol import run_evaluate
+    from nsr_hf.pipeline import evaluate_config, run_train
+    from nsr_hf.training.config import TrainConfig
+
+    model_dir = tmp_path / "llama4"
+    build_model("llama", len(tiny_tokenizer), n_layers=4).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    whole, partial = [], []
+    real_baselines, real_pipeline = baselines.layer_features, pipeline.layer_features
+    monkeypatch.setattr(baselines, "layer_features",
+                        lambda m, rows, layers=None, **k: whole.append(len(rows)) or real_baselines(m, rows, layers, **k))
+    monkeypatch.setattr(pipeline, "layer_features",
+                        lambda m, rows, layers=None, **k: partial.append((len(rows), tuple(layers), k["prefix"].layer)) or
+                        real_pipeline(m, rows, layers, **k))
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
+    config = TrainConfig(model=str(model_dir), corpus=str(corpus), neuron="2.3", read_layer="target+1", dataset_documents=60,
+                         max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="after_target",
+                         head_init="probe", eval_methods=["mean", "ridge_probe", "probe_by_layer"], probe_layers="up_to_read",
+                         counterfactual_rows=16, n_bootstrap=20, drift_every_n_steps=100, output_dir=str(tmp_path / "out"))
+    summary = run_train(config)
+    rows = summary["rows"]
+    # no whole pass of the original model over a split: only the blocks from the neuron's (2) up, on the recorded states
+    assert not [n for n in whole if n in (rows["train"], rows["validation"], rows["test"])]
+    assert sorted(n for n, _, _ in partial) == sorted([rows["train"], rows["validation"], rows["test"]])
+    assert all(layers == (2, 3) and at == 2 for _, layers, at in partial)  # blocks 0 and 1 came from the record itself
+    assert summary["prefix_cache"]["used"] and summary["prefix_cache"]["started_at_block"] == 2
+
+    monkeypatch.setattr(baselines, "layer_features", real_baselines)
+    alone = run_evaluate(replace_output(evaluate_config(config, tmp_path / "out"), tmp_path / "alone"))
+    shared = summary["evaluation"]
+    for method in ("self", "ridge_probe", "mean"):
+        assert alone["metrics"]["test"][method]["r2"] == pytest.approx(shared["metrics"]["test"][method]["r2"], abs=1e-6)
+    assert sorted(map(int, shared["probe_by_layer"])) == [0, 1, 2, 3]
+    assert json_close(json.loads(json.dumps(alone["probe_by_layer"])), json.loads(json.dumps(shared["probe_by_layer"])))
+
+
+@pytest.mark.parametrize("position", ["last", 0])
+def test_features_recorded_on_a_pass_and_from_its_states_equal_layer_features(tiny, position):
+    """What ``recording_layer_features`` keeps during another pass (a neuron capture that stops at block 2) and the blocks
+    above run from ``recording_states``' states are ``layer_features`` itself; a row whose labelled token differs from the
+    recorded one, or a layer not recorded, gives ``None`` (the caller runs the pass)."""
+    from datasets import Dataset
+
+    from nsr_hf.modeling.probes import recording_layer_features
+    from nsr_hf.training.prefix_cache import PrefixCache, recording_states
+
+    model, tok = tiny
+    batch = encode_texts(tok, TEXTS, max_length=16)
+    with recording_states(model, 2) as states, recording_layer_features(model, [0, 1], position) as recorded:
+        capture_activations(model, batch, ["2.5"], position=position)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    at = label_positions(batch["attention_mask"], position)
+    rows = Dataset.from_dict({"input_ids": [batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)],
+                              "attention_mask": [[1] * n for n in lengths], "label_position": [int(p) for p in at]})
+    expected = layer_features(model, rows, [0, 1, 2], batch_size=3, progress=False)
+    below = recorded.features(rows, [0, 1])
+    above = layer_features(model, rows, [2], batch_size=3, progress=False, prefix=PrefixCache.from_states(states, rows))
+    for layer, X in {**below, **above}.items():
+        np.testing.assert_allclose(X, expected[layer], atol=1e-5)
+    assert recorded.features(rows, [0, 2]) is None
+    moved = rows.map(lambda row: {"label_position": 0 if position == "last" else len(row["input_ids"]) - 1})
+    assert recorded.features(moved, [0]) is None
+    with pytest.raises(ValueError, match="gives that block and later ones"):
+        layer_features(model, rows, [1, 2], prefix=PrefixCache.from_states(states, rows))

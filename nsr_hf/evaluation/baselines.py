@@ -346,6 +346,14 @@ def feature_key(kind: tuple, split: str, rows) -> tuple:
     return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
 
 
+def store_self_features(model, split: str, rows, features: Mapping[int, np.ndarray], feature_cache: dict) -> None:
+    """Put ``{layer: (rows, hidden)}`` features of ``model`` on the split ``split`` (``rows``), computed elsewhere (the
+    dataset's own pass: ``nsr_hf.pipeline.prefill_features``), where ``self_features`` looks for them."""
+    model = causal_lm(model)
+    for layer, X in features.items():
+        feature_cache[feature_key(("self", id(model), int(layer)), split, rows)] = X
+
+
 def self_features(model, splits: Mapping, layers: Sequence[int], feature_cache: dict, batch_size: int = 16,
                   progress: bool = True) -> dict[str, dict[int, np.ndarray]]:
     """``{split: {layer: (rows, hidden)}}``: ``layer_features`` of ``model`` for each split, read from ``feature_cache``

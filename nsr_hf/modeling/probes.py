@@ -10,14 +10,16 @@ selection and the evaluation's probe baselines all use these.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nsr_hf.architectures import get_final_norm, mlp_at_labelled_tokens, num_layers, truncated
-from nsr_hf.capture import pad_right, position_ids_from_mask
+from nsr_hf.architectures import arch_spec, get_final_norm, get_layers, mlp_at_labelled_tokens, num_layers, truncated
+from nsr_hf.capture import label_positions, pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
 from nsr_hf.utils import causal_lm
 
@@ -124,13 +126,15 @@ def checked_rows(rows) -> tuple[list[list[int]], np.ndarray]:
 
 @torch.no_grad()
 def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size: int = 16,
-                   progress: bool = True) -> dict[int, np.ndarray]:
+                   progress: bool = True, prefix=None) -> dict[int, np.ndarray]:
     """``{layer: (rows, hidden) float64}``: the residual stream after each block in ``layers`` (default all),
     through the model's final norm, at each row's ``label_position`` (what ``ActivationPredictor.representation``
     reads for ``read_layer=layer``).
 
     One forward per batch (``output_hidden_states``), right padding, position ids from the mask; rows are
     batched by length and returned in their order. Blocks after the deepest requested layer are not run.
+    ``prefix``: a ``PrefixCache`` (``nsr_hf.training.prefix_cache``) of these rows at the input of block ``prefix.layer``,
+    computed by this model's blocks below it: only the blocks from there run (then ``layers`` start at ``prefix.layer``).
     """
     model = causal_lm(model)
     n_layers = num_layers(model)
@@ -142,6 +146,9 @@ def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size:
         raise ValueError(f"layers {bad} are out of range: this model has layers 0..{n_layers - 1}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if prefix is not None and min(layers) < prefix.layer:
+        raise ValueError(f"layer_features from states at the input of block {prefix.layer} gives that block and later ones, "
+                         f"not block {min(layers)}.")
     ids, positions = checked_rows(rows)
     hidden = model.config.hidden_size
     out = {layer: np.zeros((len(ids), hidden)) for layer in layers}
@@ -149,6 +156,7 @@ def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size:
         return out
     deepest = max(layers)
     norm = get_final_norm(model)
+    blocks = get_layers(model)
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     order = np.argsort([len(r) for r in ids], kind="stable")
@@ -162,19 +170,110 @@ def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size:
                 input_ids, mask = padded_batch([ids[i] for i in index], pad_id, device)
                 rows_t = torch.arange(len(index), device=device)
                 pos = torch.as_tensor(positions[index], device=device)
-                # the deepest block is read at the labelled tokens only: its MLP runs there alone
-                with mlp_at_labelled_tokens(model, deepest, pos):
+                outputs = {}
+                with contextlib.ExitStack() as stack:
+                    if prefix is not None:  # the blocks below are passthroughs: the block outputs are taken by hooks
+                        stack.enter_context(prefix.feeding(model, {"input_ids": input_ids, "attention_mask": mask, "label_positions": pos}))
+                        for layer in layers:
+                            stack.enter_context(block_output(blocks[layer], layer, outputs))
+                    # the deepest block is read at the labelled tokens only: its MLP runs there alone
+                    stack.enter_context(mlp_at_labelled_tokens(model, deepest, pos))
                     result = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                              output_hidden_states=True, use_cache=False)
+                                              output_hidden_states=prefix is None, use_cache=False)
                 for layer in layers:
                     if layer == deepest:  # the model's own forward already applied the final norm
                         value = result.last_hidden_state[rows_t, pos]
                     else:  # hidden_states[0] is the embedding output, [layer + 1] the output of block `layer`
-                        value = norm(result.hidden_states[layer + 1][rows_t, pos])
+                        value = norm((outputs[layer] if prefix is not None else result.hidden_states[layer + 1])[rows_t, pos])
                     out[layer][index] = value.double().cpu().numpy()
     finally:
         model.train(was_training)
     return out
+
+
+@contextlib.contextmanager
+def block_output(block, layer: int, outputs: dict):
+    """Inside the ``with`` block, ``outputs[layer]`` is the residual stream ``block`` last returned."""
+    def keep(module, args, output):
+        outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+    handle = block.register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class RecordedFeatures:
+    """What ``recording_layer_features`` kept: for each sequence (its real tokens, int64 bytes), its labelled token (counted
+    from its first real token) and ``{layer: (hidden,) float64}``."""
+
+    layers: tuple
+    position: object
+    rows: dict = field(default_factory=dict)
+
+    def features(self, rows, layers: Sequence[int]) -> dict[int, np.ndarray] | None:
+        """``layer_features`` of ``rows`` (unpadded, with ``label_position``) at ``layers``, from what was recorded; ``None``
+        when a row or a layer was not recorded, or a row's labelled token is not the one recorded for its tokens."""
+        if not set(layers) <= set(self.layers):
+            return None
+        ids, positions = checked_rows(rows)
+        out = {layer: np.zeros((len(ids), 0)) for layer in layers}
+        found = []
+        for row, position in zip(ids, positions):
+            entry = self.rows.get(np.asarray(row, dtype=np.int64).tobytes())
+            if entry is None or entry[0] != int(position):
+                return None
+            found.append(entry[1])
+        return {layer: np.stack([f[layer] for f in found]) if found else out[layer] for layer in layers}
+
+
+@contextlib.contextmanager
+def recording_layer_features(model, layers: Sequence[int], position):
+    """Inside the ``with`` block, every forward pass of ``model`` (a causal LM) keeps what ``layer_features`` would give at
+    ``layers`` for each sequence, at its labelled token by the rule ``position`` (``"last"`` or an integer, from the
+    attention mask): the residual stream after each of those blocks that the pass completes, through the final norm. For a
+    pass that runs anyway (the dataset's) to give the probes their features too (``RecordedFeatures.features``)."""
+    model = causal_lm(model)
+    spec = arch_spec(model)
+    blocks = get_layers(model)
+    norm = get_final_norm(model)
+    parent = model.get_submodule(spec.layers.rpartition(".")[0])  # the model whose forward takes the token ids
+    recorded = RecordedFeatures(tuple(int(layer) for layer in layers), position)
+    seen: dict = {}
+
+    def inputs(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        seen.clear()
+        if ids is None:
+            return
+        mask = torch.ones_like(ids) if mask is None or mask.dim() != 2 else mask
+        seen["ids"], seen["mask"], seen["at"] = ids, mask, label_positions(mask, position)
+
+    def hook_for(layer):
+        def record(module, args, output):
+            if "ids" not in seen:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            values = norm(hidden[rows, seen["at"].to(hidden.device)]).double().cpu().numpy()
+            ids, mask = seen["ids"].cpu().numpy().astype(np.int64), seen["mask"].cpu().numpy().astype(bool)
+            first = mask.argmax(-1)
+            for i in range(len(ids)):
+                key = ids[i][mask[i]].tobytes()
+                entry = recorded.rows.setdefault(key, (int(seen["at"][i]) - int(first[i]), {}))
+                entry[1][layer] = values[i]
+        return record
+
+    handles = [parent.register_forward_pre_hook(inputs, with_kwargs=True)]
+    handles += [blocks[layer].register_forward_hook(hook_for(layer)) for layer in recorded.layers]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------

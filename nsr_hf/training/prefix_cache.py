@@ -306,14 +306,15 @@ class PrefixCache:
     @contextlib.contextmanager
     def feeding(self, predictor, inputs: dict) -> Iterator[None]:
         """Inside the ``with`` block, the predictor's forward passes on the batch ``inputs`` run blocks ``0..layer-1`` as a
-        passthrough and start block ``layer`` (or the final norm) from the cached states of the batch's rows."""
+        passthrough and start block ``layer`` (or the final norm) from the cached states of the batch's rows.
+        ``predictor`` may also be a causal LM itself: its block ``layer`` starts from the states."""
         p = unwrap(predictor)
         keys = row_keys(inputs)
-        spec = arch_spec(p.base)
+        base, entry = (p.base, self._entry(p)) if hasattr(p, "head") else (p, get_layers(p)[self.layer])
+        spec = arch_spec(base)
         parent_path, _, name = spec.layers.rpartition(".")
-        parent = p.base.get_submodule(parent_path)
+        parent = base.get_submodule(parent_path)
         layers = getattr(parent, name)
-        entry = self._entry(p)
 
         def feed(module, args):
             return (self.batch_states(keys, args[0]),) + tuple(args[1:])
