@@ -116,10 +116,12 @@ def dataset_config(config: TrainConfig, neuron, out: Path) -> DatasetConfig:
                          overwrite=False)  # the run's folder decided already: an interrupted dataset of this run resumes its shards
 
 
-def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5) -> tuple[str, int]:
+def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path, folds: int = 5,
+                    record: RecordedPass | None = None) -> tuple[str, int]:
     """(neuron, its scan rank): of the scan's top ``select_candidates``, the neuron that a ridge probe reads best from the
     head's representation (the block ``read_layer_for`` gives, final-normed, at the labelled token), by ``folds``-fold
-    cross-validated R^2 on the scanned *training* documents. Writes ``scan/selection.json``."""
+    cross-validated R^2 on the scanned *training* documents. Writes ``scan/selection.json``. ``record``: what the scan's
+    own pass kept (``recording_scan_pass``), read instead of running its blocks again."""
     import numpy as np
 
     candidates = [scan.neuron_at_rank(r) for r in range(1, min(config.select_candidates, len(scan.table)) + 1)]
@@ -127,7 +129,7 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     read = {str(n): config.read_layer_for(n.layer, n_layers) for n in candidates}
     read = {k: (n_layers - 1 if v is None else v) for k, v in read.items()}
     y, features = candidate_readings(model, tokenizer, [d.text for d in docs], candidates, sorted(set(read.values())),
-                                     parse_position(config.position), config.max_length)
+                                     parse_position(config.position), config.max_length, record=record)
     fold = np.arange(len(y)) % folds
     table = []
     for j, neuron in enumerate(candidates):
@@ -147,12 +149,13 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     return best["neuron"], best["rank"]
 
 
-def candidate_readings(model, tokenizer, texts, candidates, layers, position, max_length: int, batch_size: int = 16):
+def candidate_readings(model, tokenizer, texts, candidates, layers, position, max_length: int, batch_size: int = 16,
+                       record: RecordedPass | None = None):
     """``(values (texts, candidates), {layer: features (texts, hidden)})``: each candidate neuron at each text's labelled
     token, and the representation a head reads there at each of ``layers`` (``layer_features``), from one forward pass
-    per batch (the neurons are recorded on the way)."""
+    per batch (the neurons are recorded on the way). ``record``: what an earlier pass over these texts kept
+    (``recording_scan_pass``): the blocks below its states' block are not run again (``recorded_readings``)."""
     import numpy as np
-    import torch
 
     values, features = [], {layer: [] for layer in layers}
     for start in range(0, len(texts), batch_size):
@@ -162,13 +165,8 @@ def candidate_readings(model, tokenizer, texts, candidates, layers, position, ma
         order = np.argsort(lengths, kind="stable")  # the order layer_features runs rows in: the recorded values follow it
         rows = {"input_ids": [batch["input_ids"][i, : lengths[i]].tolist() for i in order],
                 "attention_mask": [[1] * lengths[i] for i in order], "label_position": [int(positions[i]) for i in order]}
-        with NeuronRecorder(model, [str(n) for n in candidates]) as recorder:
-            batch_features = layer_features(model, rows, layers, batch_size=len(order), progress=False)
-        at, every = torch.as_tensor(rows["label_position"]), torch.arange(len(order))
-        picked = np.zeros((len(order), len(candidates)))
-        for j, n in enumerate(candidates):
-            col = recorder.neurons[n.layer].tolist().index(n.index)
-            picked[:, j] = recorder.activations[n.layer][every, at, col].double().cpu().numpy()
+        read = recorded_readings(model, rows, candidates, layers, record) if record is not None and record.states is not None else None
+        picked, batch_features = read if read is not None else readings(model, rows, candidates, layers)
         back = np.argsort(order)  # to the texts' own order
         values.append(picked[back])
         for layer in layers:
@@ -176,7 +174,70 @@ def candidate_readings(model, tokenizer, texts, candidates, layers, position, ma
     return np.concatenate(values), {layer: np.concatenate(parts) for layer, parts in features.items()}
 
 
-def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path, record: DatasetPass | None = None):
+def readings(model, rows: dict, candidates, layers, prefix=None) -> tuple:
+    """``(values (rows, candidates), {layer: features})`` of ``rows`` (sorted by length, as ``layer_features`` runs them) from
+    one forward pass: ``layer_features`` with the candidates recorded on the way (from ``prefix``'s block, when given)."""
+    import numpy as np
+    import torch
+
+    picked = np.zeros((len(rows["input_ids"]), len(candidates)))
+    with NeuronRecorder(model, [str(n) for n in candidates]) if candidates else contextlib.nullcontext() as recorder:
+        batch_features = layer_features(model, rows, layers, batch_size=len(rows["input_ids"]), progress=False, prefix=prefix)
+    at, every = torch.as_tensor(rows["label_position"]), torch.arange(len(picked))
+    for j, n in enumerate(candidates):
+        col = recorder.neurons[n.layer].tolist().index(n.index)
+        picked[:, j] = recorder.activations[n.layer][every, at, col].double().cpu().numpy()
+    return picked, batch_features
+
+
+def recorded_readings(model, rows: dict, candidates, layers, record: RecordedPass) -> tuple | None:
+    """``readings`` from what the scan's pass kept: the candidates and the features of the blocks below its states' block
+    from ``record.features``, the rest from one pass of the blocks from there on its states. ``None`` when a row was not
+    recorded."""
+    import numpy as np
+
+    top = record.states.layer
+    low_layers, high_layers = [layer for layer in layers if layer < top], [layer for layer in layers if layer >= top]
+    low, high = [n for n in candidates if n.layer < top], [n for n in candidates if n.layer >= top]
+    below = record.features.features(rows, low_layers)
+    values = record.features.neuron_values(rows, low)
+    listed = [{"input_ids": ids, "label_position": p} for ids, p in zip(rows["input_ids"], rows["label_position"])]
+    prefix = PrefixCache.from_states(record.states, listed)
+    if below is None or values is None or prefix is None:
+        return None
+    above, picked = {}, np.zeros((len(listed), len(candidates)))
+    if high or high_layers:
+        high_values, above = readings(model, rows, high, high_layers or [top], prefix=prefix)
+        for j, n in enumerate(high):
+            picked[:, candidates.index(n)] = high_values[:, j]
+    for j, n in enumerate(low):
+        picked[:, candidates.index(n)] = values[:, j]
+    return picked, {layer: (below | above)[layer] for layer in layers}
+
+
+@contextlib.contextmanager
+def recording_scan_pass(config: TrainConfig, model):
+    """Inside the ``with`` block, the scan's forward passes keep what the readability selection reads again: the states
+    entering the deepest scanned block, and below it the probe features of every block and its neurons, at each document's
+    labelled token. Yields a ``RecordedPass``, filled at the end, or ``None`` when the selection is not ``readable``, the
+    position rule is not one the attention mask gives, or the scanned documents' states could exceed
+    ``prefix_cache_max_gb``."""
+    position = parse_position(config.position)
+    n_layers = num_layers(model)
+    top = n_layers - 1 if config.layers is None else max(int(layer) for layer in config.layers)
+    bound = config.scan_documents * config.max_length * model.config.hidden_size * 4
+    if (config.select != "readable" or not (position == "last" or isinstance(position, int)) or top < 1
+            or bound > config.prefix_cache_max_gb * 1e9):
+        yield None
+        return
+    record = RecordedPass()
+    below = list(range(top))
+    with recording_states(model, top) as states, recording_layer_features(model, below, position, neuron_layers=below) as features:
+        yield record
+    record.states, record.features = states, features
+
+
+def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: Path, record: RecordedPass | None = None):
     """(DatasetDict, metadata, scan rank or None): load ``config.dataset``, or the complete dataset already in ``out`` (a
     resumed run), or choose the neuron (the one ``neuron.json`` kept, or scan the train documents) and build the dataset
     (an interrupted build resumes its shards). A dataset built here fills ``record`` (``recording_dataset_pass``)."""
@@ -211,18 +272,19 @@ def choose_neuron_and_build_dataset(config: TrainConfig, model, tokenizer, out: 
 
 
 @dataclass
-class DatasetPass:
-    """What the dataset's forward pass gave besides the labels (``recording_dataset_pass``): each row's residual stream
-    entering the neuron's block (``states``: ``RecordedStates``) and the probes' features of the blocks below it
-    (``features``: ``RecordedFeatures``). The head's probe, the evaluation's probes of the original model and the
-    frozen-prefix cache start from them instead of running those blocks again (``prefill_features``)."""
+class RecordedPass:
+    """What a forward pass that runs anyway kept for a later one: each sequence's residual stream entering one block
+    (``states``: ``RecordedStates``) and, below it, the probes' features (and neurons) at its labelled token (``features``:
+    ``RecordedFeatures``). The dataset's pass gives the head's probe, the evaluation's probes of the original model and the
+    frozen-prefix cache their start (``recording_dataset_pass``, ``prefill_features``); the scan's pass gives the
+    readability selection its start (``recording_scan_pass``, ``recorded_readings``)."""
 
     states: object = None
     features: object = None
 
 
 @contextlib.contextmanager
-def recording_dataset_pass(config: TrainConfig, model, neuron, record: DatasetPass | None):
+def recording_dataset_pass(config: TrainConfig, model, neuron, record: RecordedPass | None):
     """Inside the ``with`` block, the dataset's forward passes fill ``record``: the states entering ``neuron``'s block and
     the features of the probe layers below it, when a later pass would read them (``head_init: probe`` on the original
     model), the position rule is one the attention mask gives (``last`` or an index), and the states of every document
@@ -258,11 +320,11 @@ def choose_neuron(config: TrainConfig, model, tokenizer, out: Path):
     if isinstance(choice, str):
         return validate_neuron(model, choice), None
     shutil.rmtree(out / "scan", ignore_errors=True)  # a scan cut short by an interruption: this run's own, done again
-    with timed("scan"):
+    with timed("scan"), recording_scan_pass(config, model) as record:
         scan, train_docs = scan_train_documents(config, model, tokenizer, out / "scan", top_n=max(choice, config.select_candidates))
     if config.select == "readable":
         with timed("readability selection"):
-            neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out)
+            neuron, rank = select_readable(config, model, tokenizer, scan, train_docs, out, record=record)
         return validate_neuron(model, neuron), rank
     return scan.neuron_at_rank(choice), choice
 
@@ -340,7 +402,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     resume = checkpoint_to_resume(config, folder)
     with timed("load model"):
         model, tokenizer = shared.load(config.model) if shared is not None else load_model_and_tokenizer(config.model)
-    record = DatasetPass()
+    record = RecordedPass()
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out, record)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)
     original = model if config.evaluate and config.unfreeze != "head_only" else None  # the baselines read the original model
@@ -700,7 +762,7 @@ def labelled_position(config: TrainConfig, metadata: dict):
 
 def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: dict, out: Path, *, original=None,
                     feature_cache: dict | None = None, states: dict | None = None,
-                    record: DatasetPass | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
+                    record: RecordedPass | None = None) -> tuple[ActivationPredictor, PrefixCache | None]:
     """The ``ActivationPredictor`` on ``model`` for the dataset's neurons, its head initialised from the ridge probe
     when ``head_init: probe``; its config names ``out/dataset`` (``out``: the run's final folder) unless ``dataset``.
 
@@ -710,7 +772,7 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
     pass keeps the train rows' residual stream entering the target's block (``recording_states``), returned as a
     ``PrefixCache`` (or ``None``): the frozen-prefix cache of training and the honest reader's features start from it.
     ``states``: the states of earlier runs on this dataset (``SharedPasses.states``), read and filled. ``record``: what the
-    dataset's own pass kept (``DatasetPass``): the features of every split then come from it and from the blocks from the
+    dataset's own pass kept (``RecordedPass``): the features of every split then come from it and from the blocks from the
     neuron's up only (``prefill_features``), and its states are the train rows' states. Returns ``(predictor, that cache)``."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
@@ -751,7 +813,7 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
     return predictor, start
 
 
-def prefill_features(original, dataset, layers: list[int], feature_cache: dict, record: DatasetPass, batch_size: int) -> bool:
+def prefill_features(original, dataset, layers: list[int], feature_cache: dict, record: RecordedPass, batch_size: int) -> bool:
     """Fill ``feature_cache`` with the original model's ``self_features`` of every split of ``dataset`` at ``layers`` from
     what the dataset's pass recorded: the blocks below the neuron's from ``record.features``, the blocks from there by
     running only those blocks on ``record.states`` (``layer_features`` with a ``PrefixCache``). The same features as a

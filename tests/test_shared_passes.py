@@ -339,3 +339,58 @@ def test_features_recorded_on_a_pass_and_from_its_states_equal_layer_features(ti
     assert recorded.features(moved, [0]) is None
     with pytest.raises(ValueError, match="gives that block and later ones"):
         layer_features(model, rows, [1, 2], prefix=PrefixCache.from_states(states, rows))
+
+
+@pytest.mark.parametrize("position", ["last", 0])
+def test_the_selection_reads_from_the_scans_pass_what_its_own_pass_gives(tiny, position):
+    """The readability selection's values and features from what a scan-like pass kept (neurons and features below its
+    deepest block, the states entering it; the pass ends inside that block's MLP as the scan's does) equal its own pass."""
+    from nsr_hf.modeling.probes import recording_layer_features
+    from nsr_hf.pipeline import RecordedPass
+    from nsr_hf.training.prefix_cache import recording_states
+
+    model, tok = tiny
+    candidates = [Neuron(0, 3), Neuron(1, 7), Neuron(0, 11), Neuron(2, 1)]
+    layers = [0, 1, 2]
+    plain = candidate_readings(model, tok, TEXTS, candidates, layers, position, max_length=16, batch_size=3)
+    record = RecordedPass()
+    with recording_states(model, 1) as states, recording_layer_features(model, [0], position, neuron_layers=[0]) as features:
+        for start in range(0, len(TEXTS), 4):  # the scan's pass: other batches, ended at block 1's neurons
+            capture_activations(model, encode_texts(tok, TEXTS[start:start + 4], max_length=16), {0: None, 1: None}, position="all")
+    record.states, record.features = states, features
+    assert len(features.rows) == len(TEXTS) and all(("neurons", 0) in e[1] and 1 not in e[1] for e in features.rows.values())
+    shared = candidate_readings(model, tok, TEXTS, candidates, layers, position, max_length=16, batch_size=3, record=record)
+    np.testing.assert_allclose(shared[0], plain[0], atol=1e-5)
+    for layer in layers:
+        np.testing.assert_allclose(shared[1][layer], plain[1][layer], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_quickstarts_selection_is_the_same_from_the_scans_pass(tiny_model_dirs, tmp_path, monkeypatch):
+    """nsr train's readability selection from the scan's recorded pass chooses the same neuron with the same R^2 of every
+    candidate as the selection that runs its own pass (prefix_cache_max_gb 0 turns the recording off)."""
+    import nsr_hf.pipeline as pipeline
+    from nsr_hf.models import load_model_and_tokenizer
+    from nsr_hf.pipeline import choose_neuron
+    from nsr_hf.training.config import TrainConfig
+
+    model, tok = load_model_and_tokenizer(tiny_model_dirs["llama"])
+    used = []
+    real = pipeline.recorded_readings
+    monkeypatch.setattr(pipeline, "recorded_readings", lambda *a: used.append(1) or real(*a))
+    tables = []
+    for cap in (2.0, 0.0):
+        config = TrainConfig(model=tiny_model_dirs["llama"], corpus="synthetic", neuron="auto", select="readable", layers=[0, 1],
+                             scan_documents=40, dataset_documents=120, max_length=32, read_layer="target+1", prefix_cache_max_gb=cap,
+                             output_dir=str(tmp_path / str(cap)))
+        out = tmp_path / str(cap)
+        out.mkdir()
+        choose_neuron(config, model, tok, out)
+        tables.append(json.loads((out / "scan" / "selection.json").read_text()))
+        if cap:
+            assert used, "the selection did not read the scan's pass"
+            used.clear()
+    assert not used
+    assert tables[0]["chosen"]["neuron"] == tables[1]["chosen"]["neuron"]
+    for a, b in zip(tables[0]["candidates"], tables[1]["candidates"]):
+        assert a["neuron"] == b["neuron"] and a["cv_r2"] == pytest.approx(b["cv_r2"], abs=1e-6)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nsr_hf.architectures import arch_spec, get_final_norm, get_layers, mlp_at_labelled_tokens, num_layers, truncated
+from nsr_hf.architectures import arch_spec, get_final_norm, get_layers, get_submodule, mlp_at_labelled_tokens, num_layers, truncated
 from nsr_hf.capture import label_positions, pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
 from nsr_hf.utils import causal_lm
@@ -207,40 +207,56 @@ def block_output(block, layer: int, outputs: dict):
 @dataclass
 class RecordedFeatures:
     """What ``recording_layer_features`` kept: for each sequence (its real tokens, int64 bytes), its labelled token (counted
-    from its first real token) and ``{layer: (hidden,) float64}``."""
+    from its first real token) and ``{layer: (hidden,) float64}``, with ``{("neurons", layer): (neurons,) float64}``: the
+    MLP neurons of ``neuron_layers`` at that token."""
 
     layers: tuple
     position: object
+    neuron_layers: tuple = ()
     rows: dict = field(default_factory=dict)
 
-    def features(self, rows, layers: Sequence[int]) -> dict[int, np.ndarray] | None:
-        """``layer_features`` of ``rows`` (unpadded, with ``label_position``) at ``layers``, from what was recorded; ``None``
-        when a row or a layer was not recorded, or a row's labelled token is not the one recorded for its tokens."""
-        if not set(layers) <= set(self.layers):
-            return None
+    def _entries(self, rows, keys: list) -> list[dict] | None:
         ids, positions = checked_rows(rows)
-        out = {layer: np.zeros((len(ids), 0)) for layer in layers}
         found = []
         for row, position in zip(ids, positions):
             entry = self.rows.get(np.asarray(row, dtype=np.int64).tobytes())
-            if entry is None or entry[0] != int(position):
+            if entry is None or entry[0] != int(position) or not all(k in entry[1] for k in keys):
                 return None
             found.append(entry[1])
-        return {layer: np.stack([f[layer] for f in found]) if found else out[layer] for layer in layers}
+        return found
+
+    def features(self, rows, layers: Sequence[int]) -> dict[int, np.ndarray] | None:
+        """``layer_features`` of ``rows`` (unpadded, with ``label_position``) at ``layers``, from what was recorded; ``None``
+        when a row or a layer was not recorded (a block the pass did not complete), or a row's labelled token is not the
+        one recorded for its tokens."""
+        found = self._entries(rows, list(layers))
+        if found is None:
+            return None
+        return {layer: np.stack([f[layer] for f in found]) if found else np.zeros((0, 0)) for layer in layers}
+
+    def neuron_values(self, rows, neurons: Sequence) -> np.ndarray | None:
+        """(rows, neurons) the values of ``neurons`` (``Neuron``) at each row's labelled token, or ``None`` as ``features``."""
+        found = self._entries(rows, [("neurons", n.layer) for n in neurons])
+        if found is None:
+            return None
+        values = [[f[("neurons", n.layer)][n.index] for n in neurons] for f in found]
+        return np.array(values, dtype=np.float64).reshape(len(found), len(neurons))
 
 
 @contextlib.contextmanager
-def recording_layer_features(model, layers: Sequence[int], position):
+def recording_layer_features(model, layers: Sequence[int], position, neuron_layers: Sequence[int] = ()):
     """Inside the ``with`` block, every forward pass of ``model`` (a causal LM) keeps what ``layer_features`` would give at
     ``layers`` for each sequence, at its labelled token by the rule ``position`` (``"last"`` or an integer, from the
-    attention mask): the residual stream after each of those blocks that the pass completes, through the final norm. For a
-    pass that runs anyway (the dataset's) to give the probes their features too (``RecordedFeatures.features``)."""
+    attention mask): the residual stream after each of those blocks that the pass completes, through the final norm; and
+    the MLP neurons of ``neuron_layers`` there, when the pass reaches their output projection. For a pass that runs anyway
+    (the dataset's, the scan's) to give the probes their features too (``RecordedFeatures``). Enter it before another
+    reader's hooks (a ``NeuronRecorder`` that ends the pass) so that its hooks run first."""
     model = causal_lm(model)
     spec = arch_spec(model)
     blocks = get_layers(model)
     norm = get_final_norm(model)
     parent = model.get_submodule(spec.layers.rpartition(".")[0])  # the model whose forward takes the token ids
-    recorded = RecordedFeatures(tuple(int(layer) for layer in layers), position)
+    recorded = RecordedFeatures(tuple(int(layer) for layer in layers), position, tuple(int(layer) for layer in neuron_layers))
     seen: dict = {}
 
     def inputs(module, args, kwargs):
@@ -252,23 +268,31 @@ def recording_layer_features(model, layers: Sequence[int], position):
         mask = torch.ones_like(ids) if mask is None or mask.dim() != 2 else mask
         seen["ids"], seen["mask"], seen["at"] = ids, mask, label_positions(mask, position)
 
-    def hook_for(layer):
+    def keep(key, hidden, transform=lambda x: x):
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        values = transform(hidden[rows, seen["at"].to(hidden.device)]).double().cpu().numpy()
+        ids, mask = seen["ids"].cpu().numpy().astype(np.int64), seen["mask"].cpu().numpy().astype(bool)
+        first = mask.argmax(-1)
+        for i in range(len(ids)):
+            entry = recorded.rows.setdefault(ids[i][mask[i]].tobytes(), (int(seen["at"][i]) - int(first[i]), {}))
+            entry[1][key] = values[i]
+
+    def block_hook(layer):
         def record(module, args, output):
-            if "ids" not in seen:
-                return
-            hidden = output[0] if isinstance(output, tuple) else output
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            values = norm(hidden[rows, seen["at"].to(hidden.device)]).double().cpu().numpy()
-            ids, mask = seen["ids"].cpu().numpy().astype(np.int64), seen["mask"].cpu().numpy().astype(bool)
-            first = mask.argmax(-1)
-            for i in range(len(ids)):
-                key = ids[i][mask[i]].tobytes()
-                entry = recorded.rows.setdefault(key, (int(seen["at"][i]) - int(first[i]), {}))
-                entry[1][layer] = values[i]
+            if "ids" in seen:
+                keep(layer, output[0] if isinstance(output, tuple) else output, norm)
+        return record
+
+    def neuron_hook(layer):
+        def record(module, args):
+            if "ids" in seen:
+                keep(("neurons", layer), args[0])
         return record
 
     handles = [parent.register_forward_pre_hook(inputs, with_kwargs=True)]
-    handles += [blocks[layer].register_forward_hook(hook_for(layer)) for layer in recorded.layers]
+    handles += [blocks[layer].register_forward_hook(block_hook(layer)) for layer in recorded.layers]
+    handles += [get_submodule(blocks[layer], spec.neuron_module).register_forward_pre_hook(neuron_hook(layer))
+                for layer in recorded.neuron_layers]
     try:
         yield recorded
     finally:
