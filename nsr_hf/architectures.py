@@ -233,7 +233,9 @@ def mlp_skippable(model: nn.Module, layer: int) -> bool:
         mlp = get_submodule(block, arch_spec(model).mlp)
     except AttributeError:  # a block that does not run (the frozen-prefix cache's passthrough)
         return False
-    if getattr(model, "is_gradient_checkpointing", False):
+    # transformers 5 names it is_activation_checkpointing (is_gradient_checkpointing warns); older versions only the latter
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(model, name, False):
         return False
     # a hook on the block's output could read its other tokens; one on its input (the prefix cache feeding it) is fine
     if block._forward_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in mlp.modules()):

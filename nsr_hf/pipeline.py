@@ -435,8 +435,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
         stage_seconds["train/drift monitor"] = round(sum(h.get("seconds", 0.0) for h in monitor.history), 3)
 
     with timed("validation and test loss"):
-        metrics = {split: trainer.evaluate(dataset[split], metric_key_prefix=split)
-                   for split in ("validation", "test", "test_ood") if split in dataset and len(dataset[split])}
+        metrics, predictions = validation_and_test(config, trainer, dataset)
     with timed("neuron drift"):
         drift = drift_after_training(trainer, dataset, neurons, position)
     summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
@@ -455,7 +454,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
             try:
                 with timed("evaluation"):
                     evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor, features,
-                                                  unchanged_prefix(trainer, prefix_start))
+                                                  unchanged_prefix(trainer, prefix_start), predictions)
             except Exception as err:
                 err.add_note(evaluation_kept_note(config, folder))
                 raise
@@ -930,13 +929,35 @@ def unchanged_prefix(trainer, start: PrefixCache | None) -> PrefixCache | None:
     return start if start is not None and info.get("used") and info.get("layer", -1) >= start.layer else None
 
 
+def validation_and_test(config: TrainConfig, trainer, dataset) -> tuple[dict, dict]:
+    """``(metrics, predictions)``: the Trainer's loss and metrics of the validation and test splits (logged as ``evaluate``
+    logs them), and each split's ``(expected, greedy)`` predictions from the same pass, for the evaluation to reuse: only
+    where they are what ``predict_split`` gives (one process, no mixed precision, labels from the dataset)."""
+    import numpy as np
+
+    metrics, predictions = {}, {}
+    reusable = trainer.args.world_size == 1 and not (trainer.args.bf16 or trainer.args.fp16) and config.labels != "live"
+    for split in ("validation", "test", "test_ood"):
+        if split not in dataset or not len(dataset[split]):
+            continue
+        output = trainer.predict(dataset[split], metric_key_prefix=split)
+        trainer.log(output.metrics)  # as evaluate does: the figures go to log_history and the loggers
+        metrics[split] = output.metrics
+        pred = None if output.predictions is None else np.asarray(output.predictions, dtype=np.float64)
+        if reusable and pred is not None and pred.shape == (len(dataset[split]), 2, len(unwrap(trainer.model).config.neurons)):
+            greedy = pred[:, 1]
+            predictions[split] = (pred[:, 0], None if np.isnan(greedy).all() else greedy)
+    return metrics, predictions
+
+
 def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor, features=None,
-                     train_prefix: PrefixCache | None = None) -> dict:
-    """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded."""
+                     train_prefix: PrefixCache | None = None, predictions: dict | None = None) -> dict:
+    """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded.
+    ``predictions``: the validation and test predictions of ``validation_and_test``."""
     shutil.rmtree(out / "evaluation", ignore_errors=True)  # what an evaluation of this unfinished run left when it failed
     return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
                         tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary(), feature_cache=features,
-                        train_prefix=train_prefix,
+                        train_prefix=train_prefix, predictions=predictions,
                         resumable=True)  # the predictor in memory is the one just saved: an interrupted evaluation resumes its stages
 
 

@@ -394,3 +394,38 @@ def test_the_quickstarts_selection_is_the_same_from_the_scans_pass(tiny_model_di
     assert tables[0]["chosen"]["neuron"] == tables[1]["chosen"]["neuron"]
     for a, b in zip(tables[0]["candidates"], tables[1]["candidates"]):
         assert a["neuron"] == b["neuron"] and a["cv_r2"] == pytest.approx(b["cv_r2"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_evaluation_reuses_the_validation_and_test_predictions_of_the_trainers_loss_pass(tiny_model_dirs, tmp_path, monkeypatch):
+    """nsr train's validation and test loss pass gives the evaluation its predictions of those splits (no second pass), and
+    they are the predictions a pass of its own gives; the figures are logged as evaluate logs them."""
+    from conftest import write_word_corpus
+
+    import nsr_hf.evaluation.protocol as protocol
+    from nsr_hf.data.storage import load_activation_dataset
+    from nsr_hf.evaluation.predictions import predict_split
+    from nsr_hf.metrics import r2_score
+    from nsr_hf.modeling.predictor import load_predictor
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(protocol, "predict_split", lambda p, rows, *a, **k: calls.append(len(rows)) or predict_split(p, rows, *a, **k))
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
+    config = TrainConfig(model=tiny_model_dirs["llama"], corpus=str(corpus), neuron="1.3", read_layer="target+1", dataset_documents=60,
+                         max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, head_type="classification",
+                         unfreeze="after_target", eval_methods=["mean", "ridge_probe"], counterfactual_rows=0, n_bootstrap=20,
+                         drift_every_n_steps=100, output_dir=str(tmp_path / "out"))
+    summary = run_train(config)
+    rows = summary["rows"]
+    assert rows["validation"] not in calls and rows["test"] not in calls  # no pass of their own (the shuffled control has its own model)
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert any("validation_loss" in h for h in history) and any("test_r2" in h for h in history)
+    # the evaluation's R^2 of the report is that of the saved predictor's own pass over the test rows
+    predictor = load_predictor(str(tmp_path / "out" / "predictor"))
+    dataset, _ = load_activation_dataset(tmp_path / "out" / "dataset")
+    expected, greedy = predict_split(predictor, dataset["test"])
+    assert greedy is not None  # bins: the greedy readout came through too
+    truth = np.asarray(dataset["test"]["activations"], dtype=np.float64)[:, 0]
+    assert summary["evaluation"]["metrics"]["test"]["self"]["r2"] == pytest.approx(r2_score(truth, expected[:, 0]), abs=1e-5)

@@ -457,7 +457,7 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
 
 def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metadata=None, base_model=None, tokenizer=None,
                  log_history=None, drift=None, resumable: bool | None = None, feature_cache: dict | None = None,
-                 train_prefix=None) -> dict:
+                 train_prefix=None, predictions: dict | None = None) -> dict:
     """``nsr evaluate``: every figure of the module docstring for the predictor, the baselines and the controls;
     writes ``metrics.json``, ``predictions.json`` and the report into ``config.output_dir`` and returns the
     evaluation (the content of ``metrics.json``).
@@ -469,7 +469,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     features already computed for ``base_model`` (``nsr_hf.evaluation.baselines.self_features``; ``nsr train`` passes
     those of the head's probe initialisation). ``train_prefix``: a ``PrefixCache`` of the train rows at the target's
     block, computed by blocks that the predictor still has unchanged (``nsr train`` passes the one of the head's probe pass
-    when training kept those blocks frozen): the honest reader's features run from it.
+    when training kept those blocks frozen): the honest reader's features run from it. ``predictions``: ``{split:
+    (expected, greedy)}`` as ``predict_split`` gives them for ``predictor``, already computed (``nsr train``'s validation and
+    test loss passes); a split not in it is predicted here.
 
     The baselines must read the original model. By default it is loaded again from the predictor's
     ``base_model_name_or_path`` (or ``config.base_model``): a trained base (last_k, after_target, full, lora,
@@ -499,7 +501,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     # each stage is kept beside output_dir once done: an interrupted `nsr evaluate`, rerun, continues from them
     stages = FinishedStages(config.output_dir, _resume_key(config, dataset) if resumable else None)
     with timed("predictions"):
-        preds = stages.get("predictions", lambda: {s: predict_split(predictor, dataset[s], config.batch_size) for s in splits})
+        given = predictions or {}
+        preds = stages.get("predictions", lambda: {s: given[s] if s in given else predict_split(predictor, dataset[s], config.batch_size)
+                                                   for s in splits})
     with timed("shuffled-label predictor"):
         shuffled = stages.get("shuffled", lambda: _shuffled_predictions(config, predictor, dataset, splits, neurons))
     with timed("baselines"):
