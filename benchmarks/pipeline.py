@@ -10,20 +10,27 @@ machine's measured matmul rate, and the ratio. The floors, per stage (F(a..b): o
 weight of every linear map of a block, plus the attention's 4 x context x hidden; backward = 2 x forward):
 
 * scan: the scanned tokens through the scanned layers;
-* readability selection: the same tokens to the candidates' read layer (it could reuse the scan's pass: then 0);
+* readability selection: the same tokens to the candidates' read layer; from the deepest scanned block only when the scan's
+  pass kept its states and the features and neurons below (``selection.json`` ``from_scan_pass_block``);
 * dataset: the dataset's tokens to the target's block;
-* predictor and head init: the train rows to the read layer (the probe the head starts from), and the validation rows when the
+* predictor and head init: when the dataset's pass kept the states entering the target's block and the features below
+  (``metrics.json`` ``passes_reused``), every split's tokens through blocks target..read, which the head's probe and the
+  evaluation's probes of the original model share; else the train rows to the read layer, and the validation rows when the
   evaluation's probes of the original model reuse these features (``head_init: probe``, any unfreezing but head_only);
 * train: epochs x train tokens x 3 x F(first trainable block..read layer), on the frozen prefix's output (with interventions
   the target's block runs too); train/prefix cache: the train tokens once through the frozen blocks below (the
-  frozen-prefix cache, ``nsr_hf.training.prefix_cache``), from the target's block when the head's probe pass kept the
+  frozen-prefix cache, ``nsr_hf.training.prefix_cache``), from the target's block when an earlier pass kept the
   states entering it (``prefix_cache.started_at_block``);
 * train/drift monitor, neuron drift: 0 (the result does not need them: they watch the training);
 * validation and test loss: validation and test tokens to the read layer;
-* evaluation/predictions: the evaluated splits to the read layer; baselines: one feature pass of the original model (the
-  splits the head init did not read, to the read layer: every probe and layer share it), of the random-init model, and of
-  each cross model; causal test: rows x values x F(target..read); faithfulness: counterfactual rows x F(target..read) for
-  the report and the honest reader's intervened train rows; token examples: the shown rows to the target.
+* evaluation/predictions: the evaluated splits to the read layer, but those the validation and test loss pass predicted;
+  baselines: one feature pass of the original model (the splits no earlier pass read, to the read layer: every probe and
+  layer share it), of the random-init model, and of each cross model; causal test: rows x values x F(target..read);
+  faithfulness: counterfactual rows x F(target..read) for the report and the honest reader's intervened train rows; token
+  examples: the shown rows to the target.
+
+A pass read at the labelled token of its last block counts that block's MLP at that token only (the other tokens' MLP is
+never run: ``nsr_hf.architectures.mlp_at_labelled_tokens``).
 
 The machine's rate is the best of a few fp32 matmuls of the model's own shapes (a batch of 1024 tokens) on every thread
 torch uses: the rate that a pass of the model could reach here. A stage far above its floor is named with why, when known.
@@ -62,6 +69,27 @@ def block_flops(config, context: float) -> list[float]:
     return out
 
 
+def mlp_flops(config) -> list[float]:
+    """FLOPs of one token through each block's MLP alone (2 per weight of its linear maps): what the block a head reads
+    skips at every token but the labelled one (``nsr_hf.architectures.mlp_at_labelled_tokens``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nsr_hf.architectures import get_layers, get_mlp
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [2.0 * sum(m.weight.numel() for m in get_mlp(model, i).modules() if type(m).__name__ in ("Linear", "Conv1D"))
+            for i in range(len(get_layers(model)))]
+
+
+def read_span(flops: list[float], mlp: list[float], first: int, last: int, tokens_per_row: float) -> float:
+    """``span`` of a pass read at the labelled token of block ``last``: that block's MLP runs at one token of each row."""
+    if last < first:
+        return 0.0
+    return span(flops, first, last) - mlp[last] * (1.0 - 1.0 / max(tokens_per_row, 1.0))
+
+
 def span(flops: list[float], first: int, last: int) -> float:
     """F(first..last): one token through blocks ``first..last`` (0 when the span is empty)."""
     return float(sum(flops[first:last + 1])) if last >= first else 0.0
@@ -97,10 +125,13 @@ def run_facts(run: Path) -> dict:
     rows = {s: len(dataset[s]) for s in dataset}
     scan = json.loads((run / "scan" / "top_neurons.json").read_text()) if (run / "scan" / "top_neurons.json").is_file() else {}
     target = max(int(n.split(".")[0]) for n in summary["neurons"])
+    selection = run / "scan" / "selection.json"
+    selection = json.loads(selection.read_text()) if selection.is_file() else {}
     return {"summary": summary, "config": config, "evaluation_config": evaluation.get("config") or {}, "tokens": tokens, "rows": rows,
             "scan_tokens": scan.get("tokens", 0), "scan_layers": scan.get("layers") or [],
             "scan_top_layers": [int(n["neuron"].split(".")[0]) for n in scan.get("top_neurons") or []],
-            "target": target, "read": int(summary["read_layer"]), "epochs": float((summary.get("train") or {}).get("epoch") or 0)}
+            "target": target, "read": int(summary["read_layer"]), "epochs": float((summary.get("train") or {}).get("epoch") or 0),
+            "selection_from_scan_pass_block": selection.get("from_scan_pass_block")}
 
 
 def first_trainable_block(unfreeze: str, target: int, read: int, k: int, intervened: bool) -> int | None:
@@ -114,15 +145,26 @@ def first_trainable_block(unfreeze: str, target: int, read: int, k: int, interve
     return None
 
 
-def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> dict[str, tuple[float, str]]:
-    """``{stage: (FLOPs, the passes counted)}`` of the floors the module docstring defines."""
+def floors(facts: dict, flops: list[float], cross_flops: dict[str, float], mlp: list[float] | None = None) -> dict[str, tuple[float, str]]:
+    """``{stage: (FLOPs, the passes counted)}`` of the floors the module docstring defines. ``mlp``: each block's MLP FLOPs
+    (``mlp_flops``); a pass read at the labelled token of its last block counts that block's MLP at that token only."""
     t, rows, config, evaluation = facts["tokens"], facts["rows"], facts["config"], facts["evaluation_config"]
     target, read = facts["target"], facts["read"]
     mean_len = {s: t[s] / max(rows[s], 1) for s in t}
     all_tokens = sum(t.values())
+    per_row = all_tokens / max(sum(rows.values()), 1)
+    mlp = mlp if mlp is not None else [0.0] * len(flops)
+
+    def reads(first: int, last: int, length: float = per_row) -> float:  # a pass read at the labelled token of block `last`
+        return read_span(flops, mlp, first, last, length)
+
+    reused = facts["summary"].get("passes_reused") or {}
+    from_dataset = reused.get("probe_features_from_dataset_pass_block")
+    from_scan = facts.get("selection_from_scan_pass_block")
+    predicted = reused.get("evaluation_predictions_from_loss_pass") or []
     intervened = bool(config.get("intervention_rate"))
     first = first_trainable_block(config.get("unfreeze", ""), target, read, int(config.get("unfreeze_k") or 1), intervened)
-    train_span = span(flops, first, read) if first is not None else span(flops, 0, read)
+    train_span = reads(first, read) if first is not None else reads(0, read)
     scan_last = max(facts["scan_layers"] or [target])
     selection_read = min(max(facts["scan_top_layers"] or [target]) + 2, len(flops) - 1)
     evaluated = [s for s in ("validation", "test", "test_ood") if s in t]
@@ -131,14 +173,29 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
     cache_from = int((facts["summary"].get("prefix_cache") or {}).get("started_at_block") or 0)  # built from the probe pass's states
     # nsr train computes the original model's train and validation features once, for the head's probe and the evaluation
     shared = config.get("head_init") == "probe" and config.get("unfreeze") != "head_only"
+    if from_scan is not None:
+        selection = (facts["scan_tokens"] * reads(from_scan, selection_read),
+                     f"the scanned tokens through blocks {from_scan}..{selection_read} (below: the scan's pass kept them)")
+    else:
+        selection = (facts["scan_tokens"] * reads(0, selection_read), f"the scanned tokens to block {selection_read}")
+    if from_dataset is not None:
+        head_init = (all_tokens * reads(from_dataset, read), f"every split's tokens through blocks {from_dataset}..{read} (below: the "
+                     "dataset's pass kept them); the head's probe and the evaluation's probes of the original model read them")
+    else:
+        head_init = ((t.get("train", 0) + (t.get("validation", 0) if shared else 0)) * reads(0, read),
+                     f"train{' and validation' if shared else ''} tokens to block {read} (the head's probe"
+                     + ("; the evaluation's probes of the original model reuse them)" if shared else ")"))
+    if from_dataset is not None:
+        original_probes = (0.0, "every split came from the head init's pass")
+    else:
+        original_probes = ((all_tokens - (t.get("train", 0) + t.get("validation", 0) if shared else 0)) * reads(0, read),
+                           "the evaluated splits to the read layer (train and validation: from the head init)" if shared
+                           else "every split to the read layer, once for every probe and layer")
     out = {
         "scan": (facts["scan_tokens"] * span(flops, 0, scan_last), f"{facts['scan_tokens']} tokens through blocks 0..{scan_last}"),
-        "readability selection": (facts["scan_tokens"] * span(flops, 0, selection_read),
-                                  f"the scanned tokens to block {selection_read} (0 if it reused the scan's pass)"),
+        "readability selection": selection,
         "dataset": (all_tokens * span(flops, 0, target), f"{all_tokens} tokens through blocks 0..{target}"),
-        "predictor and head init": ((t.get("train", 0) + (t.get("validation", 0) if shared else 0)) * span(flops, 0, read),
-                                    f"train{' and validation' if shared else ''} tokens to block {read} (the head's probe"
-                                    + ("; the evaluation's probes of the original model reuse them)" if shared else ")")),
+        "predictor and head init": head_init,
         "train": (facts["epochs"] * t.get("train", 0) * 3 * train_span,
                   f"{facts['epochs']:g} epochs x {t.get('train', 0)} train tokens x 3 x blocks {first}..{read} on a cached prefix"
                   if first is not None else "every block trains: the whole forward and backward"),
@@ -147,18 +204,17 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
                                + (" (blocks below: the head's probe pass kept their output)" if cache_from else "")),
         "train/drift monitor": (0.0, "not needed by the result"),
         "neuron drift": (0.0, "not needed by the result (the neuron is unchanged by construction below the trainable blocks)"),
-        "validation and test loss": (sum(t[s] for s in evaluated) * span(flops, 0, read), "validation and test tokens to the read layer"),
-        "evaluation/predictions": (sum(t[s] for s in evaluated) * span(flops, 0, read), "the evaluated splits to the read layer"),
-        "evaluation/baselines/probes of the original model": (
-            (all_tokens - (t.get("train", 0) + t.get("validation", 0) if shared else 0)) * span(flops, 0, read),
-            "the evaluated splits to the read layer (train and validation: from the head init)" if shared
-            else "every split to the read layer, once for every probe and layer"),
-        "evaluation/baselines/random-init probe": (all_tokens * span(flops, 0, read), "every split through a random-init copy"),
+        "validation and test loss": (sum(t[s] for s in evaluated) * reads(0, read), "validation and test tokens to the read layer"),
+        "evaluation/predictions": (sum(t[s] for s in evaluated if s not in predicted) * reads(0, read),
+                                   "the evaluated splits to the read layer" + (f" ({', '.join(predicted)}: from the validation and test "
+                                                                                "loss pass)" if predicted else "")),
+        "evaluation/baselines/probes of the original model": original_probes,
+        "evaluation/baselines/random-init probe": (all_tokens * reads(0, read), "every split through a random-init copy"),
         "evaluation/baselines/cross-model probes": (all_tokens * sum(cross_flops.values()),
                                                     f"every split through {', '.join(cross_flops) or 'no cross model'}"),
         "evaluation/causal test": (causal_rows * int(evaluation.get("causal_num_values") or 9) * mean_len.get("test", 0)
-                                   * span(flops, target, read), "rows x set values x blocks target..read"),
-        "evaluation/faithfulness": ((cf_rows * mean_len.get("test", 0) + t.get("train", 0)) * span(flops, target, read),
+                                   * reads(target, read), "rows x set values x blocks target..read"),
+        "evaluation/faithfulness": ((cf_rows * mean_len.get("test", 0) + t.get("train", 0)) * reads(target, read),
                                     "counterfactual rows and the honest reader's intervened train rows, blocks target..read"),
         "evaluation/token examples": (14 * mean_len.get("test", 0) * span(flops, 0, target), "the shown rows to the target"),
     }
@@ -169,13 +225,13 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float]) -> di
 
 WHY = {  # what a ratio far above 1 comes from, where known
     "scan": "small batches (8 texts) and per-layer statistics on every token",
-    "readability selection": "a pass of its own over the scanned documents, to the read layer (the scan's pass stops lower)",
+    "readability selection": "a pass of its own over the scanned documents, to the read layer (the scan's pass was not kept)",
     "train": ("small batches (16 rows of 64 tokens) through two blocks: a step costs its forward and backward (the Trainer adds "
               "little), and every epoch a checkpoint of the whole model"),
     "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
     "evaluation/causal test": "small batches (16 rows), each set value a forward of its own from the target's block",
-    "evaluation/faithfulness": ("the counterfactual rows run the whole model twice (the report, then the readers' features) and the "
-                                "honest reader's train rows twice from the target's block; the floor counts each once from there"),
+    "evaluation/faithfulness": ("the honest reader's train rows run twice from the target's block (natural and set values) and the "
+                                "counterfactual rows twice (the report, then the readers' features); the floor counts each once"),
     "evaluation/baselines/cross-model probes": ("the texts are decoded and tokenised again, and MiniLM's matmuls (384 wide) are "
                                                 "smaller than the shapes the machine's rate is measured on"),
     "load model": "reading and converting the weights: no arithmetic floor",
@@ -246,7 +302,7 @@ def main(argv=None) -> dict:
         cross[name] = 2.0 * sum(p for p in _encoder_weights(cross_config))
     hidden, inner = model_config.hidden_size, getattr(model_config, "intermediate_size", 4 * model_config.hidden_size)
     rate = matmul_rate([(hidden, hidden), (hidden, inner), (inner, hidden)])
-    rows = table(facts, floors(facts, flops, cross), rate)
+    rows = table(facts, floors(facts, flops, cross, mlp_flops(model_config)), rate)
     text = markdown(rows, rate, facts["summary"].get("seconds", 0.0))
     print(text)
     result = {"run": str(run), "matmul_flops_per_second": rate, "seconds": facts["summary"].get("seconds"), "stages": rows}

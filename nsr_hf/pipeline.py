@@ -142,7 +142,8 @@ def select_readable(config: TrainConfig, model, tokenizer, scan, docs, out: Path
     best = max(table, key=lambda row: row["cv_r2"])
     (out / "scan").mkdir(parents=True, exist_ok=True)
     rule = f"best {folds}-fold ridge R^2 of the top {len(candidates)} on {len(y)} scanned train documents"
-    write_json(out / "scan" / "selection.json", {"rule": rule, "chosen": best, "candidates": table})
+    reused = {"from_scan_pass_block": record.states.layer} if record is not None and record.used else {}
+    write_json(out / "scan" / "selection.json", {"rule": rule, "chosen": best, "candidates": table, **reused})
     print("readability of the top candidates (5-fold ridge R^2 on the scanned train documents):\n" +
           "\n".join(f"  rank {row['rank']:>3}  {row['neuron']:>9}  read {row['read_layer']:>2}  R^2 {row['cv_r2']:.3f}"
                     for row in table[:10]), flush=True)
@@ -167,6 +168,8 @@ def candidate_readings(model, tokenizer, texts, candidates, layers, position, ma
                 "attention_mask": [[1] * lengths[i] for i in order], "label_position": [int(positions[i]) for i in order]}
         read = recorded_readings(model, rows, candidates, layers, record) if record is not None and record.states is not None else None
         picked, batch_features = read if read is not None else readings(model, rows, candidates, layers)
+        if record is not None:
+            record.used = read is not None and (record.used or start == 0)  # every batch so far read from it
         back = np.argsort(order)  # to the texts' own order
         values.append(picked[back])
         for layer in layers:
@@ -281,6 +284,7 @@ class RecordedPass:
 
     states: object = None
     features: object = None
+    used: bool = False  # a later pass read from it
 
 
 @contextlib.contextmanager
@@ -414,6 +418,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
         predictor, prefix_start = build_predictor(config, model, tokenizer, dataset, metadata, folder.final, original=original,
                                                   feature_cache=features, states=shared.states if shared is not None else None,
                                                   record=record)
+    reused = {"probe_features_from_dataset_pass_block": record.states.layer} if record.used else {}
     del model, record
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -440,6 +445,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
         drift = drift_after_training(trainer, dataset, neurons, position)
     summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
                             neurons=neurons, rank=rank, parameters=(trainable, total), resume=resume)
+    # which passes later stages read instead of running again (benchmarks/pipeline.py counts their floors from there)
+    summary["passes_reused"] = {**reused, "evaluation_predictions_from_loss_pass": sorted(predictions)}
     if trainer.is_world_process_zero():
         write_json(out / "log_history.json", trainer.state.log_history, indent=1)
         inner = unwrap(trainer.model)
@@ -832,6 +839,7 @@ def prefill_features(original, dataset, layers: list[int], feature_cache: dict, 
         filled[split] = (rows, {**below, **above})
     for split, (rows, by_layer) in filled.items():
         store_self_features(original, split, rows, by_layer, feature_cache)
+    record.used = True
     return True
 
 
