@@ -333,9 +333,11 @@ def choose_neuron(config: TrainConfig, model, tokenizer, out: Path):
     return scan.neuron_at_rank(choice), choice
 
 
-def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) -> dict:
+def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32, prefix: PrefixCache | None = None) -> dict:
     """How far the target neurons moved: their live values in ``trained_base`` at each row's labelled token
-    against the ``activations`` column (the frozen original model's values). Units: activations."""
+    against the ``activations`` column (the frozen original model's values). Units: activations. ``prefix``: the rows'
+    states entering a block at or below the neurons', from blocks that training left unchanged: only the blocks from there
+    run."""
     import numpy as np
     import torch
 
@@ -345,7 +347,8 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32) ->
         batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
         # the labelled token by the recipe's position rule, as the dataset was labelled
         at = label_positions(batch["attention_mask"], position)
-        live.append(read_live_neurons(trained_base, neurons, batch, at)[1].cpu())
+        with prefix.feeding(trained_base, batch) if prefix is not None else contextlib.nullcontext():
+            live.append(read_live_neurons(trained_base, neurons, batch, at)[1].cpu())
         ref.append(batch["labels"])
     live, ref = torch.cat(live).numpy().astype(np.float64), torch.cat(ref).numpy().astype(np.float64)
     diff = np.abs(live - ref)
@@ -419,6 +422,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
                                                   feature_cache=features, states=shared.states if shared is not None else None,
                                                   record=record)
     reused = {"probe_features_from_dataset_pass_block": record.states.layer} if record.used else {}
+    # the dataset pass's states of the held-out rows: the drift monitor and the neuron drift start from them
+    held_out_states = record.states if record.used else None
     del model, record
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -431,6 +436,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out),
                            max_probe_rows=config.drift_probe_rows, max_lm_rows=config.drift_lm_rows).bind(trainer)
+    if held_out_states is not None:
+        monitor.start_from(held_out_states)
     if os.environ.get(KILL_AFTER_CHECKPOINT):
         trainer.add_callback(KillAfterCheckpoint(os.environ[KILL_AFTER_CHECKPOINT]))
     trainable, total = count_parameters(trainer.model)
@@ -442,7 +449,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     with timed("validation and test loss"):
         metrics, predictions = validation_and_test(config, trainer, dataset)
     with timed("neuron drift"):
-        drift = drift_after_training(trainer, dataset, neurons, position)
+        drift = drift_after_training(trainer, dataset, neurons, position, held_out_states)
+    del held_out_states
     summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
                             neurons=neurons, rank=rank, parameters=(trainable, total), resume=resume)
     # which passes later stages read instead of running again (benchmarks/pipeline.py counts their floors from there)
@@ -886,15 +894,20 @@ def trainer_arguments(config: TrainConfig, out: Path, neurons: list[str], has_va
     return TrainingArguments(**values)
 
 
-def drift_after_training(trainer, dataset, neurons: list[str], position) -> dict:
-    """``neuron_drift`` of the trained base on the test split (else validation, else train)."""
+def drift_after_training(trainer, dataset, neurons: list[str], position, states=None) -> dict:
+    """``neuron_drift`` of the trained base on the test split (else validation, else train). ``states``: the dataset
+    pass's ``RecordedStates`` entering the neurons' block; used when training's frozen-prefix cache sat at that block or
+    above it (the blocks below stayed frozen and unchanged)."""
     import torch
 
     inner = unwrap(trainer.model)
     check_split = next((s for s in ("test", "validation", "train") if s in dataset and len(dataset[s])), "train")
+    info = trainer.prefix_cache_info or {}
+    below_frozen = states is not None and info.get("used") and info.get("layer", -1) >= states.layer
+    prefix = PrefixCache.from_states(states, dataset[check_split]) if below_frozen else None
     inner.eval()
     with torch.no_grad():
-        drift = neuron_drift(inner.base, dataset[check_split], neurons, position)
+        drift = neuron_drift(inner.base, dataset[check_split], neurons, position, prefix=prefix)
     drift["split"] = check_split
     return drift
 

@@ -3,10 +3,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_positions
 from nsr_hf.modeling.probes import layer_features
 from nsr_hf.pipeline import candidate_readings
+from nsr_hf.training.collator import PredictorDataCollator
 
 TEXTS = ["the cat sat on the mat", "a dog", "one two three four five six seven eight nine ten eleven", "hello there world",
          "x", "alpha beta gamma delta", "we read the neuron from the residual stream of the model itself"]
@@ -429,3 +431,59 @@ def test_the_evaluation_reuses_the_validation_and_test_predictions_of_the_traine
     assert greedy is not None  # bins: the greedy readout came through too
     truth = np.asarray(dataset["test"]["activations"], dtype=np.float64)[:, 0]
     assert summary["evaluation"]["metrics"]["test"]["self"]["r2"] == pytest.approx(r2_score(truth, expected[:, 0]), abs=1e-5)
+
+
+def test_the_drift_monitor_and_the_neuron_drift_from_recorded_states_measure_what_the_whole_pass_measures(tiny):
+    """Started from the rows' states entering the neuron's block (the dataset pass's), the drift monitor's measurement and the
+    neuron drift equal those of the whole pass, while the trainer's frozen-prefix cache sits at that block or above; below
+    it the monitor runs the whole pass."""
+    from types import SimpleNamespace
+
+    from nsr_hf.pipeline import neuron_drift
+    from nsr_hf.training.monitoring import DriftMonitor
+    from nsr_hf.training.prefix_cache import PrefixCache, recording_states
+    from tests.test_prefix_cache import predictor_on, reference_dataset
+
+    model, tok = tiny
+    ds, values = reference_dataset(model, tok, n=20)
+    with recording_states(model, 1) as states:  # a pass that runs anyway: the rows through the model
+        capture_activations(model, PredictorDataCollator(pad_token_id=0)(ds.to_list()), ["1.3"], position="last")
+    predictor = predictor_on(model, tok, values).eval()
+    whole = DriftMonitor(ds, max_probe_rows=16, max_lm_rows=8, batch_size=4).measure(predictor)
+    started = DriftMonitor(ds, max_probe_rows=16, max_lm_rows=8, batch_size=4).start_from(states)
+    assert set(started.prefixes) == {"probe", "lm"}
+    used = []
+    real_feeding = PrefixCache.feeding
+
+    def counted(self, *a, **k):
+        used.append(self.layer)
+        return real_feeding(self, *a, **k)
+
+    for cache_layer, expect_used in ((2, True), (0, False)):
+        used.clear()
+        started.trainer = SimpleNamespace(prefix_cache=SimpleNamespace(layer=cache_layer))
+        PrefixCache.feeding = counted
+        try:
+            measured = started.measure(predictor)
+        finally:
+            PrefixCache.feeding = real_feeding
+        assert bool(used) == expect_used
+        for key, value in whole.items():
+            if key != "seconds":
+                assert measured[key] == pytest.approx(value, abs=1e-5), key
+
+    # a trained block at the neuron's layer (the states below it unchanged): the same drift, and not zero
+    import copy
+
+    from nsr_hf.architectures import get_layers
+
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        for q in get_layers(trained)[1].parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    rows = ds.select(range(12))
+    plain = neuron_drift(trained, rows, ["1.3"], "last")
+    fed = neuron_drift(trained, rows, ["1.3"], "last", prefix=PrefixCache.from_states(states, rows))
+    assert plain["max_abs"] > 1e-3
+    for key in ("max_abs", "mean_abs", "mean_abs_over_std"):
+        assert fed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6)

@@ -45,6 +45,7 @@ The probe statistics are paired (the same rows before and after), so 128 rows ar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -60,6 +61,7 @@ from nsr_hf.capture import model_inputs, pad_right, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.drift_figure import HEAD_KEYS, plot_drift
+from nsr_hf.training.prefix_cache import PrefixCache
 from nsr_hf.utils import unwrap, write_json
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,12 @@ def _select_rows(rows, required: Sequence[str], name: str, limit: int) -> list[d
     if isinstance(rows, Dataset):
         return rows.select(index.tolist()).select_columns(keep).to_list()
     return [{c: rows[i][c] for c in keep} for i in index]
+
+
+def _real_ids(row: dict) -> list[int]:
+    """A row's real tokens (its ``input_ids`` where ``attention_mask`` is 1)."""
+    mask = row.get("attention_mask")
+    return list(row["input_ids"]) if mask is None else [t for t, m in zip(row["input_ids"], mask) if m]
 
 
 def _real_length(row: dict) -> int:
@@ -209,6 +217,7 @@ class DriftMonitor(TrainerCallback):
         self.lm_rows = lm
 
         self.trainer = None
+        self.prefixes: dict[str, PrefixCache] = {}  # start_from: the probe and LM rows' states entering one block
         self.neurons: Optional[list[str]] = None
         self.history: list[dict[str, Any]] = []
         self._lm_loss_start: Optional[float] = None
@@ -227,6 +236,26 @@ class DriftMonitor(TrainerCallback):
         if all(cb is not self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
         return self
+
+    def start_from(self, states) -> DriftMonitor:
+        """``states``: a ``RecordedStates`` (``nsr_hf.training.prefix_cache.recording_states``) holding the probe and LM
+        rows' residual stream entering one block, from blocks below it that training never changes. A measurement then runs
+        only the blocks from there (the neurons of that block and above are still read live), while the bound trainer's
+        frozen-prefix cache sits at that block or above it: the proof that the blocks below stay frozen and unchanged.
+        Rows it lacks keep the whole pass. Returns the monitor."""
+        probe = PrefixCache.from_states(states, self.probe)
+        lm = PrefixCache.from_states(states, [{"input_ids": _real_ids(r), "label_position": -1} for r in self.lm_rows])
+        self.prefixes = {name: cache for name, cache in (("probe", probe), ("lm", lm)) if cache is not None}
+        return self
+
+    def _feeding(self, name: str, model, batch: dict):
+        """``PrefixCache.feeding`` of ``start_from``'s states for ``name``'s rows when they may be used now, else nothing."""
+        prefix = self.prefixes.get(name)
+        cache = getattr(self.trainer, "prefix_cache", None)
+        prompts = name == "probe" and unwrap(model).head.takes_prompt  # the token head runs prompts, not the rows the states are of
+        if prefix is None or cache is None or cache.layer < prefix.layer or prompts:
+            return contextlib.nullcontext()
+        return prefix.feeding(model, batch)
 
     # -- measuring -----------------------------------------------------------------------------------------
 
@@ -252,8 +281,9 @@ class DriftMonitor(TrainerCallback):
                 return inner(input_ids=ids, attention_mask=mask, label_positions=positions).predictions.float().cpu()
 
             # the neurons come from the head's own pass when it runs their blocks, else from a partial pass of the text
-            predictions, values = read_live_neurons(inner.base, neurons, batch, positions, run=head_pass,
-                                                    offset=inner.head.label_offset(mask))
+            with self._feeding("probe", inner, batch):
+                predictions, values = read_live_neurons(inner.base, neurons, batch, positions, run=head_pass,
+                                                        offset=inner.head.label_offset(mask))
             report.append(predictions)
             live.append(values.cpu())
         return torch.cat(live).numpy().astype(np.float64), torch.cat(report).numpy().astype(np.float64)
@@ -262,7 +292,8 @@ class DriftMonitor(TrainerCallback):
         total = 0.0
         for rows in _batches(self.lm_rows, self.batch_size):
             batch = {k: v.to(device) for k, v in _pad(rows).items()}
-            logits = base(**model_inputs(batch), use_cache=False).logits
+            with self._feeding("lm", base, batch):
+                logits = base(**model_inputs(batch), use_cache=False).logits
             real = batch["attention_mask"].bool()
             pairs = real[:, :-1] & real[:, 1:]
             next_tokens = batch["input_ids"][:, 1:][pairs]
