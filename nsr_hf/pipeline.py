@@ -787,7 +787,8 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
     ``PrefixCache`` (or ``None``): the frozen-prefix cache of training and the honest reader's features start from it.
     ``states``: the states of earlier runs on this dataset (``SharedPasses.states``), read and filled. ``record``: what the
     dataset's own pass kept (``RecordedPass``): the features of every split then come from it and from the blocks from the
-    neuron's up only (``prefill_features``), and its states are the train rows' states. Returns ``(predictor, that cache)``."""
+    neuron's up only (``prefill_features``), and the cache holds every split's rows (the evaluation's causal test and
+    counterfactual rows start from it too). Returns ``(predictor, that cache)``."""
     empty = [s for s in ("train", "validation") if s not in dataset or len(dataset[s]) == 0]
     if empty:
         raise ValueError(f"The dataset has no rows in {empty}: use more documents (dataset_documents).")
@@ -817,7 +818,11 @@ def build_predictor(config: TrainConfig, model, tokenizer, dataset, metadata: di
                     by_split.update(self_features(original, {split: dataset[split]}, layers, feature_cache,
                                                   batch_size=config.per_device_eval_batch_size, progress=False))
                 known = kept if recording else known
-            start = PrefixCache.from_states(known, dataset["train"]) if keep and known is not None else None
+            start = None
+            if keep and known is not None:  # every split's rows where the states hold them (the dataset pass's), else train's
+                every = [{"input_ids": ids, "label_position": p} for split in ("train", "validation", "test") if split in dataset
+                         for ids, p in zip(dataset[split]["input_ids"], dataset[split]["label_position"])]
+                start = PrefixCache.from_states(known, every) or PrefixCache.from_states(known, dataset["train"])
             if start is not None and states is not None and key[1] is not None:
                 states[key] = known
             features = (by_split["train"][read_layer], by_split["validation"][read_layer])

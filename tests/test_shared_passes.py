@@ -487,3 +487,37 @@ def test_the_drift_monitor_and_the_neuron_drift_from_recorded_states_measure_wha
     assert plain["max_abs"] > 1e-3
     for key in ("max_abs", "mean_abs", "mean_abs_over_std"):
         assert fed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("head", ["regression", "token"])
+def test_the_causal_test_and_the_counterfactual_rows_start_from_given_states_with_the_same_reports(tiny, head):
+    """Given the rows' states entering the neuron's block (the dataset pass's), the causal test's reports and the
+    counterfactual rows' reports and readers equal those of passes that run every block; a head that reads the
+    representation reports from the readers' own pass (the report of one forward with the neuron set)."""
+    from nsr_hf.capture import Intervention
+    from nsr_hf.data.counterfactuals import CounterfactualValues
+    from nsr_hf.evaluation.causal import report_under_intervention, reports_under_value_sets
+    from nsr_hf.evaluation.faithfulness import draw_values, faithfulness_on_rows
+    from nsr_hf.modeling.predictor import ActivationPredictor
+    from nsr_hf.training.prefix_cache import PrefixCache, recording_states
+
+    model, tok = tiny
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], head_type=head, read_layer=2,
+                                              label_transform={"mean": [0.5], "std": [0.3], "bin_edges": [[0, .2, .4, .6, .8, 1]]})
+    rows = _rows(tok)
+    with recording_states(model, 1) as states:
+        capture_activations(model, PredictorDataCollator(pad_token_id=0)(rows), ["1.3"], position="last")
+    prefix = PrefixCache.from_states(states, rows)
+    assert prefix is not None
+    sets = [None, 0.5, np.linspace(-2, 3, len(rows))]
+    np.testing.assert_allclose(reports_under_value_sets(predictor, rows, "1.3", sets, batch_size=6, prefix=prefix),
+                               reports_under_value_sets(predictor, rows, "1.3", sets, batch_size=6), atol=1e-5)
+    values = CounterfactualValues.fit(np.asarray([r["activations"] for r in rows]), ["1.3"], source="interchange")
+    fed = faithfulness_on_rows(predictor, rows, values, neuron="1.3", n_bootstrap=0, batch_size=6, prefix=prefix)
+    whole = faithfulness_on_rows(predictor, rows, values, neuron="1.3", n_bootstrap=0, batch_size=6)
+    np.testing.assert_allclose(fed["predictions"]["self"], whole["predictions"]["self"], atol=1e-5)
+    natural = np.asarray([r["activations"][0] for r in rows])
+    set_to = draw_values(values, natural, 1)  # faithfulness_on_rows' draw (seed 0 + 1) on all rows (max_rows is above them)
+    assert np.allclose(fed["predictions"]["set"], set_to)
+    direct = report_under_intervention(predictor, rows, Intervention(1, [3], "set", set_to), batch_size=6)
+    np.testing.assert_allclose(fed["predictions"]["self"], direct, atol=1e-5)

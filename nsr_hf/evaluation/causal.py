@@ -33,7 +33,7 @@ from nsr_hf.capture import Intervention, Neuron, intervene, read_live_neurons
 from nsr_hf.metrics import pearson_r, r2_score
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.training.collator import PredictorDataCollator
-from nsr_hf.training.prefix_cache import PrefixCache
+from nsr_hf.training.prefix_cache import PrefixCache, row_keys
 from nsr_hf.utils import unwrap
 
 MODES = ("set", "scale")
@@ -207,7 +207,7 @@ def report_under_intervention(predictor, rows, interventions: Intervention | Ite
 
 
 def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode: str = "set", batch_size: int = 16,
-                             readers: Sequence = ()) -> np.ndarray:
+                             readers: Sequence = (), prefix: PrefixCache | None = None) -> np.ndarray:
     """(len(value_sets), rows) the predictor's report of ``neuron`` with the neuron set (``mode`` ``"set"``) or scaled
     (``"scale"``) at each row's labelled token to each value set in turn: ``None`` (no intervention: the natural report),
     a number, or one value per row. The same reports as ``report_under_intervention`` once per set, for less: per batch of
@@ -216,7 +216,9 @@ def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode
 
     ``readers``: more predictors on the same base model object, read layer and neurons, whose heads read the representation
     alone (``Head.reads_representation``): one forward per set serves them all, and the result is (1 + len(readers),
-    len(value_sets), rows), the predictor's reports first (``check_readers``)."""
+    len(value_sets), rows), the predictor's reports first (``check_readers``). ``prefix``: a ``PrefixCache`` of the rows'
+    own states at the neuron's block that may hold them already, computed by blocks below it that the predictor has
+    unchanged (the dataset's pass): a batch it holds does not run them at all (not for a head that runs a prompt)."""
     model = unwrap_predictor(predictor)
     readers = check_readers(model, readers)
     neuron, column = target_column(model, neuron)
@@ -230,11 +232,14 @@ def reports_under_value_sets(predictor, rows, neuron, value_sets: Sequence, mode
         for start, stop, batch in batches(model, rows, batch_size):
             # a head whose prompt holds trained embeddings (conditioned_token) runs its own prompts: no cache of them
             cached = neuron.layer > 0 and not model.head.trains_prompt_input
-            prefix = PrefixCache(neuron.layer).build(model, [batch]) if cached else None
+            # given states are the rows' own: a head that runs a prompt (the token head) builds the prompts' states
+            given = (cached and prefix is not None and not model.head.takes_prompt and prefix.layer == neuron.layer
+                     and prefix.holds(row_keys(batch)))
+            below = (prefix if given else PrefixCache(neuron.layer).build(model, [batch])) if cached else None
             for k, value in enumerate(value_sets):
                 with contextlib.ExitStack() as stack:
-                    if prefix is not None:
-                        stack.enter_context(prefix.feeding(model, batch))
+                    if below is not None:
+                        stack.enter_context(below.feeding(model, batch))
                     if value is not None:
                         stack.enter_context(intervene(model.base, Intervention(
                             neuron.layer, [neuron.index], mode, _batch_value(value, start, stop, len(rows), 1),
@@ -327,13 +332,13 @@ def path_to_report(predictor, neuron: Neuron) -> tuple[bool, str]:
 
 
 def causal_test(predictor, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
-                batch_size: int = 16, per_row: bool = False) -> dict:
+                batch_size: int = 16, per_row: bool = False, prefix: PrefixCache | None = None) -> dict:
     """``causal_tests`` of one predictor (below)."""
-    return causal_tests([predictor], rows, neuron, num_values, max_rows, mode, seed, batch_size, per_row)[0]
+    return causal_tests([predictor], rows, neuron, num_values, max_rows, mode, seed, batch_size, per_row, prefix)[0]
 
 
 def causal_tests(predictors: Sequence, rows, neuron=None, num_values: int = 9, max_rows: int = 64, mode: str = "set", seed: int = 0,
-                 batch_size: int = 16, per_row: bool = False) -> list[dict]:
+                 batch_size: int = 16, per_row: bool = False, prefix: PrefixCache | None = None) -> list[dict]:
     """The causal test of each of ``predictors`` on the same rows and values; more than one must share their forward passes
     (``check_readers``: e.g. head_only reporters on one base), which then run once for all. One result per predictor:
 
@@ -347,6 +352,7 @@ def causal_tests(predictors: Sequence, rows, neuron=None, num_values: int = 9, m
     ``note``. Scaling multiplies the neuron's live value in ``predictor.base``; the fit uses that product.
     With ``per_row``, ``per_row`` holds the rows' figures (lists): ``given`` and ``reports`` (values x rows), ``true`` and
     ``natural`` (rows), from which ``nsr_hf.evaluation.statistics.slope_ratio_ci`` bootstraps the slope ratio.
+    ``prefix``: the rows' states entering the neuron's block, from blocks the predictors have unchanged (``reports_under_value_sets``).
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}: use 'set' (clamp to values) or 'scale' (multiply by factors).")
@@ -365,7 +371,7 @@ def causal_tests(predictors: Sequence, rows, neuron=None, num_values: int = 9, m
         live = live_activations(model, rows, [neuron], batch_size)[:, 0]
         given = values[:, None] * live[None, :]
     # the natural report and the report at every value, the blocks below the neuron's run once per batch of rows
-    out = reports_under_value_sets(model, rows, neuron, [None, *(float(v) for v in values)], mode, batch_size, readers)
+    out = reports_under_value_sets(model, rows, neuron, [None, *(float(v) for v in values)], mode, batch_size, readers, prefix)
     if not readers:
         out = out[None]
     return [_slope_result(p, neuron, rows, true, values, given, o[0], o[1:], mode, per_row) for p, o in zip([model, *readers], out)]

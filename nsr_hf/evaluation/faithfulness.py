@@ -83,10 +83,20 @@ def draw_values(values: CounterfactualValues, natural: np.ndarray, seed: int) ->
 
 
 def representation(model, rows: list[dict], read_layer: int, neuron: Neuron | None = None, values: np.ndarray | None = None,
-                   batch_size: int = 16) -> np.ndarray:
+                   batch_size: int = 16, prefix: PrefixCache | None = None) -> np.ndarray:
     """(rows, hidden): what the head reads (``layer_features`` of ``model.base`` at ``read_layer``), with ``neuron`` set to
-    ``values`` (one per row) at each row's labelled token when given."""
-    return representations(model, rows, read_layer, neuron, [values], batch_size)[0]
+    ``values`` (one per row) at each row's labelled token when given (``prefix``: as ``representations``)."""
+    return representations(model, rows, read_layer, neuron, [values], batch_size, prefix)[0]
+
+
+def reports_from(model, features: np.ndarray, column: int) -> np.ndarray:
+    """(rows,) the report (expected value, activation units) of the head of ``model`` in column ``column``, from the
+    representation it reads (``features``, from ``representation``): for a head that reads the representation alone
+    (``Head.reads_representation``) this is its report, without a forward pass of its own."""
+    head = model.head
+    h = torch.as_tensor(features, dtype=torch.float32, device=next(model.parameters()).device)
+    with torch.no_grad():
+        return head.readouts(model, head.logits_from(model, h))[0][:, column].double().cpu().numpy()
 
 
 def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | None, value_sets: list,
@@ -210,10 +220,12 @@ def verdict(result: dict) -> str:
 
 def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: dict | None = None, *, neuron=None,
                          column: int | None = None, max_rows: int = DEFAULT_ROWS, seed: int = 0, batch_size: int = 16,
-                         n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None) -> dict:
+                         n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None,
+                         prefix: PrefixCache | None = None) -> dict:
     """The faithfulness figures of one split (module docstring): counterfactual R² of the report and of each reader,
     the slope ratio of ``causal`` (a ``causal_test(..., per_row=True)`` result on this split) and the verdict.
-    ``column`` is the neuron's column in the rows' ``activations`` (default: its report column)."""
+    ``column`` is the neuron's column in the rows' ``activations`` (default: its report column). ``prefix``: as
+    ``representations``. A head that reads the representation alone reports from the same pass as the readers."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
@@ -221,9 +233,14 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
     natural = activation_column(rows, column)
     set_to = draw_values(values, natural, seed + 1)
     iv = Intervention(neuron.layer, [neuron.index], "set", set_to)
-    predictions = {"self": report_under_intervention(model, rows, iv, batch_size, neuron)}
+    features = None
+    if probes or model.head.reads_representation:
+        features = representation(model, rows, model.config.effective_read_layer, neuron, set_to, batch_size, prefix)
+    if model.head.reads_representation:
+        predictions = {"self": reports_from(model, features, report_column)}
+    else:
+        predictions = {"self": report_under_intervention(model, rows, iv, batch_size, neuron)}
     if probes:
-        features = representation(model, rows, model.config.effective_read_layer, neuron, set_to, batch_size)
         predictions.update({name: probe.predict(features) for name, probe in probes.items()})
     if compare is not None:
         predictions["compare"] = report_under_intervention(compare, rows, iv, batch_size, neuron)
@@ -248,8 +265,8 @@ def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, co
                          train_prefix: PrefixCache | None = None) -> dict:
     """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
     probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split).
-    ``causal``: {split: per-row causal result}. ``train_prefix``: a ``PrefixCache`` of the train rows at the neuron's block,
-    computed by the predictor's own (unchanged) blocks below it (``representations``)."""
+    ``causal``: {split: per-row causal result}. ``train_prefix``: a ``PrefixCache`` of the train rows (and any other rows)
+    at the neuron's block, computed by the predictor's own (unchanged) blocks below it (``representations``)."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
@@ -260,6 +277,6 @@ def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, co
     for name, rows in splits.items():
         out[name] = faithfulness_on_rows(model, rows, values, probes, neuron=neuron, column=column, max_rows=max_rows, seed=seed,
                                          batch_size=batch_size, n_bootstrap=n_bootstrap, level=level, causal=(causal or {}).get(name),
-                                         compare=compare)
+                                         compare=compare, prefix=train_prefix)
         out[name]["probes"] = info["probes"]
     return out

@@ -319,10 +319,10 @@ def _methods_on_split(split: str, j: int, true: np.ndarray, expected, shuffled, 
     return methods
 
 
-def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: str) -> dict:
+def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: str, prefix=None) -> dict:
     try:
         result = causal_test(predictor, rows, neuron=neuron, num_values=config.causal_num_values, max_rows=config.causal_max_rows,
-                             seed=config.seed, batch_size=config.batch_size, per_row=config.counterfactual_rows > 0)
+                             seed=config.seed, batch_size=config.batch_size, per_row=config.counterfactual_rows > 0, prefix=prefix)
     except ValueError as err:  # e.g. the neuron does not vary over these rows: say so, keep every other figure
         logger.warning("Causal test of %s skipped: %s", neuron, err)
         result = {"neuron": neuron, "skipped": str(err)}
@@ -362,7 +362,8 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
     result["probe_by_layer"] = info.get("probe_by_layer") or {}
     result["baselines_info"] = info.get("info") or {}
     with timed("causal test"):
-        result["causal"] = _causal_result(config, predictor, dataset[splits[0]], neuron, splits[0]) if config.causal else None
+        result["causal"] = (_causal_result(config, predictor, dataset[splits[0]], neuron, splits[0], train_prefix)
+                            if config.causal else None)
     per_row = (result["causal"] or {}).pop("per_row", None)
     if config.counterfactual_rows:
         causal = {splits[0]: {"per_row": per_row}} if per_row else None
@@ -467,9 +468,10 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     ``base_model`` / ``tokenizer`` (the *original* base model for the baselines), ``log_history`` (the Trainer's)
     and ``drift`` (the drift monitor's history, or its ``drift.json`` content). ``feature_cache``: the baselines'
     features already computed for ``base_model`` (``nsr_hf.evaluation.baselines.self_features``; ``nsr train`` passes
-    those of the head's probe initialisation). ``train_prefix``: a ``PrefixCache`` of the train rows at the target's
-    block, computed by blocks that the predictor still has unchanged (``nsr train`` passes the one of the head's probe pass
-    when training kept those blocks frozen): the honest reader's features run from it. ``predictions``: ``{split:
+    those of the head's probe initialisation). ``train_prefix``: a ``PrefixCache`` of the train rows (and any others) at the
+    target's block, computed by blocks that the predictor still has unchanged (``nsr train`` passes the one of its dataset's
+    or head's probe pass when training kept those blocks frozen): the honest reader's features, the causal test and the
+    counterfactual rows run from it where it holds their rows. ``predictions``: ``{split:
     (expected, greedy)}`` as ``predict_split`` gives them for ``predictor``, already computed (``nsr train``'s validation and
     test loss passes); a split not in it is predicted here.
 
