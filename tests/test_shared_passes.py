@@ -1,4 +1,5 @@
 """One pass where the pipeline used to make several (issue 18): the shared passes give the same numbers as separate ones."""
+import contextlib
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from nsr_hf.capture import Neuron, capture_activations, encode_texts, label_posi
 from nsr_hf.modeling.probes import layer_features
 from nsr_hf.pipeline import candidate_readings
 from nsr_hf.training.collator import PredictorDataCollator
+from nsr_hf.training.prefix_cache import row_keys
 
 TEXTS = ["the cat sat on the mat", "a dog", "one two three four five six seven eight nine ten eleven", "hello there world",
          "x", "alpha beta gamma delta", "we read the neuron from the residual stream of the model itself"]
@@ -159,7 +161,7 @@ def test_states_recorded_on_a_pass_that_runs_anyway_make_the_same_prefix_cache_a
 
     from nsr_hf.evaluation.causal import batches
     from nsr_hf.modeling.predictor import ActivationPredictor
-    from nsr_hf.training.prefix_cache import PrefixCache, recording_states, row_keys
+    from nsr_hf.training.prefix_cache import PrefixCache, recording_states
 
     model, tok = tiny
     predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2, label_transform={"mean": [0.5], "std": [0.3]})
@@ -291,6 +293,16 @@ def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_i
     monkeypatch.setattr(pipeline, "layer_features",
                         lambda m, rows, layers=None, **k: partial.append((len(rows), tuple(layers), k["prefix"].layer)) or
                         real_pipeline(m, rows, layers, **k))
+    from nsr_hf.training.trainer import PredictorTrainer
+
+    fed = []
+    real_start = PredictorTrainer.held_out_start
+    def spied(self, m, inputs):
+        context = real_start(self, m, inputs)
+        fed.append((len(inputs["input_ids"]), not isinstance(context, contextlib.nullcontext)))
+        return context
+
+    monkeypatch.setattr(PredictorTrainer, "held_out_start", spied)
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=str(model_dir), corpus=str(corpus), neuron="2.3", read_layer="target+1", dataset_documents=60,
                          max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="after_target",
@@ -303,6 +315,8 @@ def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_i
     assert sorted(n for n, _, _ in partial) == sorted([rows["train"], rows["validation"], rows["test"]])
     assert all(layers == (2, 3) and at == 2 for _, layers, at in partial)  # blocks 0 and 1 came from the record itself
     assert summary["prefix_cache"]["used"] and summary["prefix_cache"]["started_at_block"] == 2
+    # the validation and test loss pass started from the dataset pass's states of those rows
+    assert all(held for _, held in fed) and sum(n for n, _ in fed) >= rows["validation"] + rows["test"]
 
     monkeypatch.setattr(baselines, "layer_features", real_baselines)
     alone = run_evaluate(replace_output(evaluate_config(config, tmp_path / "out"), tmp_path / "alone"))

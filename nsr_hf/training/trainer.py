@@ -48,7 +48,7 @@ from nsr_hf.modeling.predictor import asked_labels
 from nsr_hf.stage_clock import timed
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.interventions import InterventionSampler
-from nsr_hf.training.prefix_cache import PrefixCache, build_prefix_cache, cache_point, check_mode, strategy_refusal
+from nsr_hf.training.prefix_cache import PrefixCache, build_prefix_cache, cache_point, check_mode, row_keys, strategy_refusal
 from nsr_hf.training.unfreezing import GradualUnfreezing, apply_unfreezing
 from nsr_hf.utils import unwrap
 
@@ -396,10 +396,21 @@ class PredictorTrainer(Trainer):
             raise ValueError("The batch has no 'labels': the collator builds them from the 'activations' column.")
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def held_out_start(self, model, inputs: dict):
+        """``prefix_start``'s ``feeding`` for an evaluation batch whose rows it holds (the dataset pass's states of every split,
+        ``nsr_hf.pipeline``), when training's own cache proved the blocks below it frozen and no mixed precision is on; else
+        nothing. Only the blocks from the cached one run, as in the training steps."""
+        start, info = self.prefix_start, self.prefix_cache_info or {}
+        frozen_below = start is not None and info.get("used") and info.get("layer", -1) >= start.layer
+        mixed = self.args.bf16 or self.args.fp16  # the given states were computed without autocast
+        if not frozen_below or mixed or unwrap(model).head.takes_prompt or not start.holds(row_keys(inputs)):
+            return contextlib.nullcontext()
+        return start.feeding(model, inputs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """(loss, (batch, 2, K) [expected value, greedy value] in activation units, labels): never the logits."""
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), self.held_out_start(model, inputs):
             if self.live_labels is not None:
                 _, outputs = self.live_labels.loss(model, inputs, return_outputs=True)
                 inputs = {**inputs, "labels": outputs["live_labels"]}
