@@ -469,7 +469,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
             try:
                 with timed("evaluation"):
                     evaluation = evaluate_trained(config, out, trainer, dataset, metadata, original, tokenizer, monitor, features,
-                                                  unchanged_prefix(trainer, prefix_start), predictions)
+                                                  unchanged_prefix(trainer, prefix_start), predictions, trained_prefix(trainer))
             except Exception as err:
                 err.add_note(evaluation_kept_note(config, folder))
                 raise
@@ -947,6 +947,13 @@ def train_summary(config: TrainConfig, trainer, train_result, dataset, metrics: 
     }
 
 
+def trained_prefix(trainer) -> PrefixCache | None:
+    """Training's own frozen-prefix cache, for the evaluation's natural features of the train rows; ``None`` under mixed
+    precision (its states were computed in the steps' precision, the evaluation's passes are float32)."""
+    cache = trainer.take_prefix_cache()
+    return None if trainer.args.bf16 or trainer.args.fp16 else cache
+
+
 def unchanged_prefix(trainer, start: PrefixCache | None) -> PrefixCache | None:
     """``start`` (the train rows' states entering the target's block, from the original model) when training kept every
     block below it frozen (its own frozen-prefix cache sat at that block or above), so the trained predictor computes the
@@ -977,13 +984,15 @@ def validation_and_test(config: TrainConfig, trainer, dataset) -> tuple[dict, di
 
 
 def evaluate_trained(config: TrainConfig, out: Path, trainer, dataset, metadata, original, tokenizer, monitor, features=None,
-                     train_prefix: PrefixCache | None = None, predictions: dict | None = None) -> dict:
+                     train_prefix: PrefixCache | None = None, predictions: dict | None = None,
+                     natural_prefix: PrefixCache | None = None) -> dict:
     """The evaluation protocol on the trained predictor (``output_dir/evaluation``), from the rows already loaded.
-    ``predictions``: the validation and test predictions of ``validation_and_test``."""
+    ``predictions``: the validation and test predictions of ``validation_and_test``. ``natural_prefix``: training's own
+    frozen-prefix cache (``PredictorTrainer.take_prefix_cache``)."""
     shutil.rmtree(out / "evaluation", ignore_errors=True)  # what an evaluation of this unfinished run left when it failed
     return run_evaluate(evaluate_config(config, out), predictor=trainer.model, dataset=dataset, metadata=metadata, base_model=original,
                         tokenizer=tokenizer, log_history=trainer.state.log_history, drift=monitor.summary(), feature_cache=features,
-                        train_prefix=train_prefix, predictions=predictions,
+                        train_prefix=train_prefix, predictions=predictions, natural_prefix=natural_prefix,
                         resumable=True)  # the predictor in memory is the one just saved: an interrupted evaluation resumes its stages
 
 

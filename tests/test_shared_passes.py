@@ -535,3 +535,30 @@ def test_the_causal_test_and_the_counterfactual_rows_start_from_given_states_wit
     assert np.allclose(fed["predictions"]["set"], set_to)
     direct = report_under_intervention(predictor, rows, Intervention(1, [3], "set", set_to), batch_size=6)
     np.testing.assert_allclose(fed["predictions"]["self"], direct, atol=1e-5)
+
+
+def test_the_honest_readers_natural_features_from_trainings_cache_equal_its_own_pass(tiny):
+    """Training's frozen-prefix cache (the train rows' natural states above the neuron's block) gives the honest reader its
+    natural features: the same probes as the pass from the neuron's block. A cache at or below the neuron's block is not
+    used for them."""
+    from nsr_hf.data.counterfactuals import CounterfactualValues
+    from nsr_hf.evaluation.faithfulness import fit_probes, natural_features, subsample
+    from nsr_hf.modeling.predictor import ActivationPredictor
+    from nsr_hf.training.prefix_cache import PrefixCache
+
+    model, tok = tiny
+    predictor = ActivationPredictor.from_base(model, tok, neurons=["1.3"], head_type="regression", read_layer=2,
+                                              label_transform={"mean": [0.5], "std": [0.3]})
+    rows = _rows(tok)
+    collate = PredictorDataCollator(pad_token_id=0)
+    above = PrefixCache(2).build(predictor, [collate(rows[i:i + 5]) for i in range(0, len(rows), 5)])
+    values = CounterfactualValues.fit(np.asarray([r["activations"] for r in rows]), ["1.3"], source="interchange")
+    neuron = Neuron(1, 3)
+    fed, info_fed = fit_probes(predictor, rows, neuron, 0, values, max_rows=100, seed=0, batch_size=6, natural_prefix=above)
+    whole, info = fit_probes(predictor, rows, neuron, 0, values, max_rows=100, seed=0, batch_size=6)
+    X = np.random.default_rng(0).normal(size=(4, model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd))
+    for name in whole:
+        np.testing.assert_allclose(fed[name].predict(X), whole[name].predict(X), rtol=1e-4, atol=1e-5)
+    assert natural_features(predictor, subsample(rows, 100, 0), 2, neuron, above, 6) is not None
+    at_neuron = PrefixCache(1).build(predictor, [collate(rows)])
+    assert natural_features(predictor, subsample(rows, 100, 0), 2, neuron, at_neuron, 6) is None

@@ -136,17 +136,38 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
     return out
 
 
+def natural_features(model, rows: list[dict], read_layer: int, neuron: Neuron, prefix: PrefixCache | None,
+                     batch_size: int) -> np.ndarray | None:
+    """``representation`` of ``rows`` with the neuron as it is, from ``prefix``'s block (above the neuron's, at most the read
+    layer) when it holds every row and the head runs the rows themselves; else ``None``."""
+    if prefix is None or model.head.takes_prompt or not neuron.layer < prefix.layer <= read_layer:
+        return None
+    columns = {"input_ids": [list(r["input_ids"]) for r in rows], "attention_mask": [[1] * len(r["input_ids"]) for r in rows],
+               "label_position": [int(r["label_position"]) for r in rows]}
+    keys = [np.asarray(ids, dtype=np.int64).tobytes() + p.to_bytes(8, "little", signed=True)
+            for ids, p in zip(columns["input_ids"], columns["label_position"])]
+    if not prefix.holds(keys):
+        return None
+    return layer_features(model.base, columns, [read_layer], batch_size=batch_size, progress=False, prefix=prefix)[read_layer]
+
+
 def fit_probes(model, train_rows, neuron: Neuron, column: int, values: CounterfactualValues, *, max_rows: int, seed: int,
-               batch_size: int, prefix: PrefixCache | None = None) -> tuple[dict[str, RidgeProbe], dict]:
+               batch_size: int, prefix: PrefixCache | None = None,
+               natural_prefix: PrefixCache | None = None) -> tuple[dict[str, RidgeProbe], dict]:
     """The two outside readers, on at most ``max_rows`` train rows: ``ridge_probe`` (natural features, natural labels)
     and ``ridge_probe_intervened`` (features with the neuron set to drawn values, labels = those values); alpha by GCV.
-    A reader of equal cost sees the rows the reporter trained on, so ``max_rows`` is ``PROBE_ROWS`` in the section."""
+    A reader of equal cost sees the rows the reporter trained on, so ``max_rows`` is ``PROBE_ROWS`` in the section.
+    ``natural_prefix``: the rows' natural states entering a block above the neuron's, computed by blocks the predictor has
+    unchanged (training's own frozen-prefix cache): the natural features run only the blocks from there."""
     rows = subsample(train_rows, max_rows, seed)
     natural = activation_column(rows, column)
     set_to = draw_values(values, natural, seed + 2)
     read_layer = model.config.effective_read_layer
-    # the natural and the intervened features of each batch of rows from one run of the blocks below the neuron's
-    plain, intervened = representations(model, rows, read_layer, neuron, [None, set_to], batch_size, prefix)
+    plain = natural_features(model, rows, read_layer, neuron, natural_prefix, batch_size)
+    if plain is not None:
+        intervened = representations(model, rows, read_layer, neuron, [set_to], batch_size, prefix)[0]
+    else:  # the natural and the intervened features of each batch of rows from one run of the blocks below the neuron's
+        plain, intervened = representations(model, rows, read_layer, neuron, [None, set_to], batch_size, prefix)
     probes = {"ridge_probe": RidgeProbe().fit(plain, natural), "ridge_probe_intervened": RidgeProbe().fit(intervened, set_to)}
     info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows)} for name, p in probes.items()}
     info["ridge_probe_intervened"]["labels"] = "the values set"
@@ -262,17 +283,18 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
 def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, column: int | None = None, max_rows: int = DEFAULT_ROWS,
                          probe_rows: int = PROBE_ROWS, source: str | None = None, seed: int = 0, batch_size: int = 16,
                          n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None,
-                         train_prefix: PrefixCache | None = None) -> dict:
+                         train_prefix: PrefixCache | None = None, natural_prefix: PrefixCache | None = None) -> dict:
     """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
     probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split).
     ``causal``: {split: per-row causal result}. ``train_prefix``: a ``PrefixCache`` of the train rows (and any other rows)
-    at the neuron's block, computed by the predictor's own (unchanged) blocks below it (``representations``)."""
+    at the neuron's block, computed by the predictor's own (unchanged) blocks below it (``representations``).
+    ``natural_prefix``: as ``fit_probes``."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
     values = fit_values(model, train_rows, column, neuron, source)
     probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=probe_rows, seed=seed, batch_size=batch_size,
-                              prefix=train_prefix)
+                              prefix=train_prefix, natural_prefix=natural_prefix)
     out = {}
     for name, rows in splits.items():
         out[name] = faithfulness_on_rows(model, rows, values, probes, neuron=neuron, column=column, max_rows=max_rows, seed=seed,

@@ -331,7 +331,7 @@ def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: 
 
 
 def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j: int, column: int, preds, shuffled,
-                   baselines, compare=None, train_prefix=None) -> tuple[dict, dict]:
+                   baselines, compare=None, train_prefix=None, natural_prefix=None) -> tuple[dict, dict]:
     """``(result, predictions)`` of neuron ``j``: its figures, comparisons, selectivity, spread and causal test by split,
     and every method's predictions by split (``predictions.json``)."""
     neuron = inner.config.neurons[j]
@@ -369,7 +369,7 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
         causal = {splits[0]: {"per_row": per_row}} if per_row else None
         with timed("faithfulness"):
             result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare,
-                                                          train_prefix)
+                                                          train_prefix, natural_prefix)
         # the counterfactual rows' values go to predictions.json (under "counterfactual"), not into metrics.json
         predictions["counterfactual"] = {s: section.pop("predictions") for s, section in result["faithfulness"].items()
                                          if isinstance(section, dict) and "predictions" in section}
@@ -377,7 +377,7 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
 
 
 def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neuron: str, column: int, causal, compare,
-                         train_prefix=None) -> dict:
+                         train_prefix=None, natural_prefix=None) -> dict:
     """The faithfulness section by split, or ``{"skipped": why}`` when it cannot run (no train split, a neuron that never varies)."""
     if "train" not in dataset or len(dataset["train"]) < 2:
         return {"skipped": "the dataset has no train split to fit the counterfactual values and the probes on"}
@@ -385,7 +385,7 @@ def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neu
         return faithfulness_section(predictor, {s: dataset[s] for s in splits}, dataset["train"], neuron=neuron, column=column,
                                     max_rows=config.counterfactual_rows, source=config.counterfactual_source, seed=config.seed,
                                     batch_size=config.batch_size, n_bootstrap=config.n_bootstrap, level=config.confidence_level,
-                                    causal=causal, compare=compare, train_prefix=train_prefix)
+                                    causal=causal, compare=compare, train_prefix=train_prefix, natural_prefix=natural_prefix)
     except ValueError as err:  # e.g. the neuron does not vary on train: say so, keep every other figure
         logger.warning("Faithfulness of %s skipped: %s", neuron, err)
         return {"skipped": str(err)}
@@ -458,7 +458,7 @@ def _evaluation(config: EvaluateConfig, inner, dataset, splits, per_neuron: dict
 
 def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metadata=None, base_model=None, tokenizer=None,
                  log_history=None, drift=None, resumable: bool | None = None, feature_cache: dict | None = None,
-                 train_prefix=None, predictions: dict | None = None) -> dict:
+                 train_prefix=None, predictions: dict | None = None, natural_prefix=None) -> dict:
     """``nsr evaluate``: every figure of the module docstring for the predictor, the baselines and the controls;
     writes ``metrics.json``, ``predictions.json`` and the report into ``config.output_dir`` and returns the
     evaluation (the content of ``metrics.json``).
@@ -473,7 +473,9 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     or head's probe pass when training kept those blocks frozen): the honest reader's features, the causal test and the
     counterfactual rows run from it where it holds their rows. ``predictions``: ``{split:
     (expected, greedy)}`` as ``predict_split`` gives them for ``predictor``, already computed (``nsr train``'s validation and
-    test loss passes); a split not in it is predicted here.
+    test loss passes); a split not in it is predicted here. ``natural_prefix``: the train rows' natural states at a block
+    above the target's, from blocks the predictor has unchanged (training's own frozen-prefix cache): the honest reader's
+    natural features run from there.
 
     The baselines must read the original model. By default it is loaded again from the predictor's
     ``base_model_name_or_path`` (or ``config.base_model``): a trained base (last_k, after_target, full, lora,
@@ -517,7 +519,8 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     for j, neuron in enumerate(neurons):
         per_neuron[neuron], all_predictions[neuron] = stages.get(
             f"neuron-{j}", lambda j=j, neuron=neuron: _neuron_result(config, predictor, inner, dataset, splits, j, columns[j], preds,
-                                                                     shuffled, baselines.get(neuron), compare, train_prefix))
+                                                                     shuffled, baselines.get(neuron), compare, train_prefix,
+                                                                     natural_prefix))
     if stages.resumed:
         logger.warning("Resumed the interrupted evaluation: read back its finished stages %s from %s", stages.resumed, stages.folder)
 

@@ -295,7 +295,14 @@ class PredictorTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.prefix_cache = None  # its memory goes back once training ends
+            # its memory goes back once training ends, unless the caller takes it (``take_prefix_cache``) for a later pass
+            self.trained_prefix_cache, self.prefix_cache = self.prefix_cache, None
+
+    def take_prefix_cache(self) -> PrefixCache | None:
+        """The frozen-prefix cache the last ``train`` used (the train rows' states entering its first trainable block, from
+        blocks that stayed frozen), handed over once: the trainer keeps no reference to it."""
+        cache, self.trained_prefix_cache = getattr(self, "trained_prefix_cache", None), None
+        return cache
 
     def prepare_prefix_cache(self) -> None:
         """Decide whether training steps use the frozen-prefix cache, and build it (``prefix_cache_info`` says what happened)."""
