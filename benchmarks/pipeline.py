@@ -22,12 +22,13 @@ weight of every linear map of a block, plus the attention's 4 x context x hidden
   frozen-prefix cache, ``nsr_hf.training.prefix_cache``), from the target's block when an earlier pass kept the
   states entering it (``prefix_cache.started_at_block``);
 * train/drift monitor, neuron drift: 0 (the result does not need them: they watch the training);
-* validation and test loss: validation and test tokens to the read layer;
+* validation and test loss: validation and test tokens to the read layer, from the target's block when the dataset's pass
+  kept those rows' states there (``passes_reused`` ``held_out_from_block``);
 * evaluation/predictions: the evaluated splits to the read layer, but those the validation and test loss pass predicted;
   baselines: one feature pass of the original model (the splits no earlier pass read, to the read layer: every probe and
   layer share it), of the random-init model, and of each cross model; causal test: rows x values x F(target..read);
-  faithfulness: counterfactual rows x F(target..read) for the report and the honest reader's intervened train rows; token
-  examples: the shown rows to the target.
+  faithfulness: counterfactual rows x F(target..read) for the report and the honest reader's intervened train rows (its
+  natural train rows start from training's own cache: not in the floor); token examples: the shown rows to the target.
 
 A pass read at the labelled token of its last block counts that block's MLP at that token only (the other tokens' MLP is
 never run: ``nsr_hf.architectures.mlp_at_labelled_tokens``).
@@ -162,6 +163,7 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float], mlp: 
     from_dataset = reused.get("probe_features_from_dataset_pass_block")
     from_scan = facts.get("selection_from_scan_pass_block")
     predicted = reused.get("evaluation_predictions_from_loss_pass") or []
+    held_out = reused.get("held_out_from_block")
     intervened = bool(config.get("intervention_rate"))
     first = first_trainable_block(config.get("unfreeze", ""), target, read, int(config.get("unfreeze_k") or 1), intervened)
     train_span = reads(first, read) if first is not None else reads(0, read)
@@ -204,7 +206,10 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float], mlp: 
                                + (" (blocks below: the head's probe pass kept their output)" if cache_from else "")),
         "train/drift monitor": (0.0, "not needed by the result"),
         "neuron drift": (0.0, "not needed by the result (the neuron is unchanged by construction below the trainable blocks)"),
-        "validation and test loss": (sum(t[s] for s in evaluated) * reads(0, read), "validation and test tokens to the read layer"),
+        "validation and test loss": ((sum(t[s] for s in evaluated) * reads(held_out, read),
+                                      f"validation and test tokens through blocks {held_out}..{read} (below: the dataset's pass kept them)")
+                                     if held_out is not None else
+                                     (sum(t[s] for s in evaluated) * reads(0, read), "validation and test tokens to the read layer")),
         "evaluation/predictions": (sum(t[s] for s in evaluated if s not in predicted) * reads(0, read),
                                    "the evaluated splits to the read layer" + (f" ({', '.join(predicted)}: from the validation and test "
                                                                                 "loss pass)" if predicted else "")),
@@ -230,8 +235,8 @@ WHY = {  # what a ratio far above 1 comes from, where known
               "little), and every epoch a checkpoint of the whole model"),
     "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
     "evaluation/causal test": "small batches (16 rows), each set value a forward of its own from the target's block",
-    "evaluation/faithfulness": ("the honest reader's train rows run twice from the target's block (natural and set values) and the "
-                                "counterfactual rows twice (the report, then the readers' features); the floor counts each once"),
+    "evaluation/faithfulness": ("the honest reader's train rows run twice (natural values from training's cache, set values from the "
+                                "target's block): the floor counts them once; the rest is a plain forward's ratio and the bootstraps"),
     "evaluation/baselines/cross-model probes": ("the texts are decoded and tokenised again, and MiniLM's matmuls (384 wide) are "
                                                 "smaller than the shapes the machine's rate is measured on"),
     "load model": "reading and converting the weights: no arithmetic floor",

@@ -454,7 +454,11 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     summary = train_summary(config, trainer, train_result, dataset, metrics, drift, monitor,
                             neurons=neurons, rank=rank, parameters=(trainable, total), resume=resume)
     # which passes later stages read instead of running again (benchmarks/pipeline.py counts their floors from there)
-    summary["passes_reused"] = {**reused, "evaluation_predictions_from_loss_pass": sorted(predictions)}
+    held = trainer.prefix_start is not None and (trainer.prefix_cache_info or {}).get("used") and \
+        trainer.prefix_cache_info.get("layer", -1) >= trainer.prefix_start.layer and \
+        all(split not in dataset or trainer.prefix_start.holds_rows(dataset[split]) for split in ("validation", "test"))
+    summary["passes_reused"] = {**reused, "evaluation_predictions_from_loss_pass": sorted(predictions),
+                                **({"held_out_from_block": trainer.prefix_start.layer} if held else {})}
     if trainer.is_world_process_zero():
         write_json(out / "log_history.json", trainer.state.log_history, indent=1)
         inner = unwrap(trainer.model)

@@ -317,6 +317,8 @@ def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_i
     assert summary["prefix_cache"]["used"] and summary["prefix_cache"]["started_at_block"] == 2
     # the validation and test loss pass started from the dataset pass's states of those rows
     assert all(held for _, held in fed) and sum(n for n, _ in fed) >= rows["validation"] + rows["test"]
+    assert summary["passes_reused"] == {"probe_features_from_dataset_pass_block": 2, "held_out_from_block": 2,
+                                        "evaluation_predictions_from_loss_pass": ["test", "validation"]}
 
     monkeypatch.setattr(baselines, "layer_features", real_baselines)
     alone = run_evaluate(replace_output(evaluate_config(config, tmp_path / "out"), tmp_path / "alone"))

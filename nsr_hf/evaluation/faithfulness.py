@@ -142,12 +142,10 @@ def natural_features(model, rows: list[dict], read_layer: int, neuron: Neuron, p
     layer) when it holds every row and the head runs the rows themselves; else ``None``."""
     if prefix is None or model.head.takes_prompt or not neuron.layer < prefix.layer <= read_layer:
         return None
+    if not prefix.holds_rows(rows):
+        return None
     columns = {"input_ids": [list(r["input_ids"]) for r in rows], "attention_mask": [[1] * len(r["input_ids"]) for r in rows],
                "label_position": [int(r["label_position"]) for r in rows]}
-    keys = [np.asarray(ids, dtype=np.int64).tobytes() + p.to_bytes(8, "little", signed=True)
-            for ids, p in zip(columns["input_ids"], columns["label_position"])]
-    if not prefix.holds(keys):
-        return None
     return layer_features(model.base, columns, [read_layer], batch_size=batch_size, progress=False, prefix=prefix)[read_layer]
 
 

@@ -224,6 +224,13 @@ class PrefixCache:
         """Whether every one of ``keys`` (``row_keys``) is cached."""
         return all(key in self.spans for key in keys)
 
+    def holds_rows(self, rows) -> bool:
+        """Whether every one of ``rows`` (a split, or dicts with ``input_ids`` and ``label_position``; unpadded) is cached."""
+        ids = rows["input_ids"] if hasattr(rows, "column_names") else [r["input_ids"] for r in rows]
+        positions = rows["label_position"] if hasattr(rows, "column_names") else [r["label_position"] for r in rows]
+        return self.holds([np.asarray(i, dtype=np.int64).tobytes() + int(p).to_bytes(8, "little", signed=True)
+                           for i, p in zip(ids, positions)])
+
     @torch.no_grad()
     def build(self, predictor, batches: Iterable[dict], context=contextlib.nullcontext,
               start: Optional["PrefixCache"] = None) -> "PrefixCache":
