@@ -50,7 +50,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from nsr_hf.architectures import num_layers
+from nsr_hf.architectures import num_layers, num_neurons
 from nsr_hf.capture import Neuron, NeuronRecorder, encode_texts, label_positions, parse_position, read_live_neurons, validate_neuron
 from nsr_hf.dashboard import DASHBOARD_DIR, build_dashboard_after
 from nsr_hf.data.columns import read_column
@@ -228,7 +228,9 @@ def recording_scan_pass(config: TrainConfig, model):
     position = parse_position(config.position)
     n_layers = num_layers(model)
     top = n_layers - 1 if config.layers is None else max(int(layer) for layer in config.layers)
-    bound = config.scan_documents * config.max_length * model.config.hidden_size * 4
+    hidden = model.config.hidden_size
+    # the states (float32) of every token, and below them each document's features and neurons (float64) of every block
+    bound = config.scan_documents * (config.max_length * hidden * 4 + top * (hidden + num_neurons(model)) * 8)
     if (config.select != "readable" or not (position == "last" or isinstance(position, int)) or top < 1
             or bound > config.prefix_cache_max_gb * 1e9):
         yield None
@@ -295,7 +297,8 @@ def recording_dataset_pass(config: TrainConfig, model, neuron, record: RecordedP
     fit ``prefix_cache_max_gb``. Otherwise, or with ``record`` ``None``, nothing is recorded."""
     position = parse_position(config.position)
     target = neuron.layer
-    bound = config.dataset_documents * config.max_length * model.config.hidden_size * 4  # every token of every document
+    hidden = model.config.hidden_size  # the states (float32) of every token, and each document's features (float64) below
+    bound = config.dataset_documents * (config.max_length * hidden * 4 + target * hidden * 8)
     wanted = (record is not None and config.head_init == "probe" and config.evaluate and config.unfreeze != "head_only"
               and config.prefix_cache != "off" and target >= 1 and (position == "last" or isinstance(position, int))
               and bound <= config.prefix_cache_max_gb * 1e9)

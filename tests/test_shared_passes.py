@@ -323,6 +323,13 @@ def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_i
     monkeypatch.setattr(baselines, "layer_features", real_baselines)
     alone = run_evaluate(replace_output(evaluate_config(config, tmp_path / "out"), tmp_path / "alone"))
     shared = summary["evaluation"]
+    # states that would not fit prefix_cache_max_gb are not recorded: every pass runs as before, with the same figures
+    from dataclasses import replace
+
+    capped = run_train(replace(config, prefix_cache_max_gb=1e-6, output_dir=str(tmp_path / "capped")))
+    assert "probe_features_from_dataset_pass_block" not in capped["passes_reused"]
+    assert capped["evaluation"]["metrics"]["test"]["ridge_probe"]["r2"] == pytest.approx(shared["metrics"]["test"]["ridge_probe"]["r2"],
+                                                                                         abs=1e-6)
     for method in ("self", "ridge_probe", "mean"):
         assert alone["metrics"]["test"][method]["r2"] == pytest.approx(shared["metrics"]["test"][method]["r2"], abs=1e-6)
     assert sorted(map(int, shared["probe_by_layer"])) == [0, 1, 2, 3]
