@@ -230,7 +230,10 @@ def floors(facts: dict, flops: list[float], cross_flops: dict[str, float], mlp: 
 
 WHY = {  # what a ratio far above 1 comes from, where known
     "scan": "small batches (8 texts) and per-layer statistics on every token",
-    "readability selection": "a pass of its own over the scanned documents, to the read layer (the scan's pass was not kept)",
+    "readability selection": ("from the scan's pass: the documents tokenised again and 100 cross-validated ridge fits (20 candidates "
+                              "x 5 folds), which the floor does not count; else a pass of its own to the read layer"),
+    "predictor and head init": ("building the predictor (a fresh copy of the base, initialised at random and then overwritten: about "
+                                "1.6 s here) and the ridge probe's fit, which the floor does not count"),
     "train": ("small batches (16 rows of 64 tokens) through two blocks: a step costs its forward and backward (the Trainer adds "
               "little), and every epoch a checkpoint of the whole model"),
     "evaluation/baselines/random-init probe": "building the random-init model (initialising 135M weights) costs more than its pass",
