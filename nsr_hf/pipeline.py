@@ -436,6 +436,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
                                interventions=intervention_sampler(config, predictor, dataset["train"], neurons),
                                prefix_cache=config.prefix_cache, prefix_cache_max_gb=config.prefix_cache_max_gb,
                                prefix_start=prefix_start)
+    trainer.keep_prefix_cache = bool(config.evaluate)  # the evaluation's honest reader starts from it (trained_prefix)
     probe_split = next(s for s in ("validation", "test", "train") if s in dataset and len(dataset[s]))
     monitor = DriftMonitor(dataset[probe_split], every_n_steps=config.drift_every_n_steps, output_dir=str(out),
                            max_probe_rows=config.drift_probe_rows, max_lm_rows=config.drift_lm_rows).bind(trainer)

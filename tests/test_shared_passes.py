@@ -303,6 +303,11 @@ def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_i
         return context
 
     monkeypatch.setattr(PredictorTrainer, "held_out_start", spied)
+    import nsr_hf.evaluation.faithfulness as faithfulness
+
+    natural = []
+    real_natural = faithfulness.natural_features
+    monkeypatch.setattr(faithfulness, "natural_features", lambda *a: natural.append(real_natural(*a)) or natural[-1])
     corpus = write_word_corpus(tmp_path / "docs.jsonl")
     config = TrainConfig(model=str(model_dir), corpus=str(corpus), neuron="2.3", read_layer="target+1", dataset_documents=60,
                          max_length=32, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="after_target",
@@ -317,6 +322,8 @@ def test_the_dataset_pass_gives_the_probes_their_features_and_the_prefix_cache_i
     assert summary["prefix_cache"]["used"] and summary["prefix_cache"]["started_at_block"] == 2
     # the validation and test loss pass started from the dataset pass's states of those rows
     assert all(held for _, held in fed) and sum(n for n, _ in fed) >= rows["validation"] + rows["test"]
+    # the honest reader's natural train features started from training's own cache (block 3, above the neuron's)
+    assert len(natural) == 1 and natural[0] is not None
     assert summary["passes_reused"] == {"probe_features_from_dataset_pass_block": 2, "held_out_from_block": 2,
                                         "evaluation_predictions_from_loss_pass": ["test", "validation"]}
 

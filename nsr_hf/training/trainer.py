@@ -247,6 +247,7 @@ class PredictorTrainer(Trainer):
             raise ValueError(f"prefix_cache_max_gb must be a number of GB >= 0, got {prefix_cache_max_gb!r}.")
         self.prefix_cache_max_gb = float(prefix_cache_max_gb)
         self.prefix_cache: PrefixCache | None = None
+        self.keep_prefix_cache = False  # keep it after train() for take_prefix_cache (nsr train's evaluation reads it)
         self.prefix_cache_info: dict | None = None
         self.prefix_start = prefix_start
         callbacks = list(callbacks or [])
@@ -295,12 +296,14 @@ class PredictorTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            # its memory goes back once training ends, unless the caller takes it (``take_prefix_cache``) for a later pass
-            self.trained_prefix_cache, self.prefix_cache = self.prefix_cache, None
+            # its memory goes back once training ends, unless the caller asked to take it (``keep_prefix_cache``)
+            self.trained_prefix_cache = self.prefix_cache if self.keep_prefix_cache else None
+            self.prefix_cache = None
 
     def take_prefix_cache(self) -> PrefixCache | None:
         """The frozen-prefix cache the last ``train`` used (the train rows' states entering its first trainable block, from
-        blocks that stayed frozen), handed over once: the trainer keeps no reference to it."""
+        blocks that stayed frozen), when ``keep_prefix_cache`` was set before it; handed over once: the trainer keeps no
+        reference to it."""
         cache, self.trained_prefix_cache = getattr(self, "trained_prefix_cache", None), None
         return cache
 
