@@ -30,8 +30,8 @@ weight of every linear map of a block, plus the attention's 4 x context x hidden
   faithfulness: counterfactual rows x F(target..read) for the report and the honest reader's intervened train rows (its
   natural train rows start from training's own cache: not in the floor); token examples: the shown rows to the target.
 
-A pass read at the labelled token of its last block counts that block's MLP at that token only (the other tokens' MLP is
-never run: ``nsr_hf.architectures.mlp_at_labelled_tokens``).
+A pass read at the labelled token of its last block counts that block's MLP and its attention's query and output
+projections at that token only (at the other tokens they never run: ``nsr_hf.architectures.labelled_token_block``).
 
 The machine's rate is the best of a few fp32 matmuls of the model's own shapes (a batch of 1024 tokens) on every thread
 torch uses: the rate that a pass of the model could reach here. A stage far above its floor is named with why, when known.
@@ -71,21 +71,24 @@ def block_flops(config, context: float) -> list[float]:
 
 
 def mlp_flops(config) -> list[float]:
-    """FLOPs of one token through each block's MLP alone (2 per weight of its linear maps): what the block a head reads
-    skips at every token but the labelled one (``nsr_hf.architectures.mlp_at_labelled_tokens``)."""
+    """FLOPs of one token through what each block runs at the labelled token alone when a head reads it: its MLP and its
+    attention's query and output projections (2 per weight of their linear maps; ``nsr_hf.architectures.labelled_token_block``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nsr_hf.architectures import get_layers, get_mlp
+    from nsr_hf.architectures import arch_spec, get_layers, token_wise_modules
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [2.0 * sum(m.weight.numel() for m in get_mlp(model, i).modules() if type(m).__name__ in ("Linear", "Conv1D"))
-            for i in range(len(get_layers(model)))]
+    spec = arch_spec(model)
+    return [2.0 * sum(m.weight.numel() for path in token_wise_modules(block, spec) for m in block.get_submodule(path).modules()
+                      if type(m).__name__ in ("Linear", "Conv1D"))
+            for block in get_layers(model)]
 
 
 def read_span(flops: list[float], mlp: list[float], first: int, last: int, tokens_per_row: float) -> float:
-    """``span`` of a pass read at the labelled token of block ``last``: that block's MLP runs at one token of each row."""
+    """``span`` of a pass read at the labelled token of block ``last``: that block's MLP and query and output projections
+    run at one token of each row."""
     if last < first:
         return 0.0
     return span(flops, first, last) - mlp[last] * (1.0 - 1.0 / max(tokens_per_row, 1.0))
@@ -148,7 +151,8 @@ def first_trainable_block(unfreeze: str, target: int, read: int, k: int, interve
 
 def floors(facts: dict, flops: list[float], cross_flops: dict[str, float], mlp: list[float] | None = None) -> dict[str, tuple[float, str]]:
     """``{stage: (FLOPs, the passes counted)}`` of the floors the module docstring defines. ``mlp``: each block's MLP FLOPs
-    (``mlp_flops``); a pass read at the labelled token of its last block counts that block's MLP at that token only."""
+    (``mlp_flops``); a pass read at the labelled token of its last block counts that block's MLP and query and output
+    projections at that token only."""
     t, rows, config, evaluation = facts["tokens"], facts["rows"], facts["config"], facts["evaluation_config"]
     target, read = facts["target"], facts["read"]
     mean_len = {s: t[s] / max(rows[s], 1) for s in t}

@@ -81,6 +81,23 @@ def _s(value) -> str:
     return "–" if value is None else f"{value:.0f} s"
 
 
+def machine_rate(recipe: str) -> float:
+    """This machine's fp32 matmul rate on the recipe's model's shapes (``benchmarks/pipeline.py``'s ``matmul_rate``)."""
+    import importlib.util
+
+    import yaml
+
+    from nsr_hf.models import load_model_config
+    from nsr_hf.training.config import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline", Path(__file__).with_name("pipeline.py"))
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    model = load_model_config((yaml.safe_load(Path(recipe).read_text()) or {}).get("model") or TrainConfig.model)
+    hidden, inner = model.hidden_size, getattr(model, "intermediate_size", 4 * model.hidden_size)
+    return pipeline.matmul_rate([(hidden, hidden), (hidden, inner), (inner, hidden)])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", type=Path, default=None, help="a finished sweep folder to read (else the sweep is run)")
@@ -92,22 +109,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--reference_seconds", type=float, default=None, help="or the reference per-run cost in seconds")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    sweep, once = args.sweep, {}
+    sweep, once, rates = args.sweep, {}, {}
     if sweep is None:
         from nsr_hf.sweep import SweepConfig, run_sweep
 
+        rates["before"] = machine_rate(args.recipe)
         start = time.perf_counter()
         result = run_sweep(SweepConfig(recipe=args.recipe, top_n=args.top_n, seeds=args.seeds, output_dir=str(args.output_dir)))
         sweep = args.output_dir
         runs = sum(float(json.loads((Path(r["output_dir"]) / "metrics.json").read_text())["seconds"])
                    for r in result["runs"] if (Path(r["output_dir"]) / "metrics.json").is_file())
         once["scan, selection and summary"] = time.perf_counter() - start - runs
+        rates["after"] = machine_rate(args.recipe)
+        print(f"Machine: {rates['before'] / 1e9:.1f} GFLOP/s before the sweep, {rates['after'] / 1e9:.1f} after (fp32 matmul, best of "
+              "the model's shapes: benchmarks/pipeline.py). Wall times on a shared machine move with it.")
     seeds = json.loads((sweep / "sweep.json").read_text())["seeds"]
     reference = reference_cost(args.reference) if args.reference else args.reference_seconds
     rows = run_rows(sweep)
     figures = summary(rows, reference, seeds)
     print(markdown(rows, figures, once))
-    result = {"sweep": str(sweep), "runs": rows, "once": once, **figures}
+    result = {"sweep": str(sweep), "runs": rows, "once": once, "matmul_flops_per_second": rates, **figures}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -35,6 +35,10 @@ class ArchSpec:
         lora_targets: module names (regexes on the full name) for LoRA that stay inside the MLP and
             attention of a block; GPT-2's ``c_proj`` exists in both attention and MLP, so names are qualified.
         fan_in_fan_out: LoRA must transpose the weight (GPT-2's Conv1D).
+        token_wise: paths (inside a block) of the attention's token-wise projections whose output at a token reaches
+            the block's output at that token only: the query and output projections (GPT-2 and GPT-NeoX fuse the query
+            with the keys and values, so only the output projection). A reader of the block at one token needs them
+            there alone (``labelled_token_block``).
     """
 
     layers: str
@@ -47,6 +51,7 @@ class ArchSpec:
     act: str
     lora_targets: tuple[str, ...] = field(default_factory=tuple)
     fan_in_fan_out: bool = False
+    token_wise: tuple[str, ...] = field(default_factory=tuple)
 
 
 # One row per architecture: where the blocks and the final norm are; the MLP (its input projections, activation and
@@ -55,6 +60,7 @@ _LLAMA = ArchSpec(
     layers="model.layers", final_norm="model.norm", pre_mlp_norm="post_attention_layernorm",
     mlp="mlp", mlp_kind="gated", mlp_in=("gate_proj", "up_proj"), act="act_fn", neuron_module="mlp.down_proj",
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    token_wise=("self_attn.q_proj", "self_attn.o_proj"),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -62,6 +68,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         layers="transformer.h", final_norm="transformer.ln_f", pre_mlp_norm="ln_2",
         mlp="mlp", mlp_kind="conv1d", mlp_in=("c_fc",), act="act", neuron_module="mlp.c_proj",
         lora_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), fan_in_fan_out=True,
+        token_wise=("attn.c_proj",),
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -71,6 +78,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", pre_mlp_norm="post_attention_layernorm",
         mlp="mlp", mlp_kind="linear", mlp_in=("dense_h_to_4h",), act="act", neuron_module="mlp.dense_4h_to_h",
         lora_targets=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        token_wise=("attention.dense",),
     ),
 }
 
@@ -204,60 +212,81 @@ def truncated(model: nn.Module, read_layer: int):
         setattr(parent, name, layers)
 
 
-class LabelledTokenMLP(nn.Module):
-    """A block's MLP run at one token per row (``positions``), zero at every other token: the block's output is then
-    right at those tokens only, which is all a reader of that block at its labelled token needs (``mlp_at_labelled_tokens``)."""
+class AtLabelledTokens(nn.Module):
+    """A token-wise module (a block's MLP, its attention's query or output projection) run at one token per row
+    (``positions``), zero at every other token: the block's output is then right at those tokens only, which is all a
+    reader of that block at its labelled token needs (``labelled_token_block``)."""
 
-    def __init__(self, mlp: nn.Module, positions: torch.Tensor):
+    def __init__(self, module: nn.Module, positions: torch.Tensor):
         super().__init__()
-        self.mlp = mlp
+        self.module = module
         self.positions = positions
 
     def forward(self, hidden_states, *args, **kwargs):
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
         at = self.positions.to(hidden_states.device)
-        picked = self.mlp(hidden_states[rows, at].unsqueeze(1), *args, **kwargs)
+        picked = self.module(hidden_states[rows, at].unsqueeze(1), *args, **kwargs)
         picked = picked[0] if isinstance(picked, tuple) else picked
         out = picked.new_zeros(*hidden_states.shape[:-1], picked.shape[-1])
         return out.index_put((rows, at), picked[:, 0])
 
 
-def mlp_skippable(model: nn.Module, layer: int) -> bool:
-    """Whether block ``layer``'s MLP may run at the labelled tokens alone: the block runs (not a passthrough), nothing
-    hooks the MLP or the block's output (a neuron read, set or recorded there sees every token), no dropout in it acts (fewer
-    tokens would draw other random numbers), and no gradient checkpointing (its backward pass recomputes the block outside
-    the ``with``)."""
+def token_wise_modules(block: nn.Module, spec: ArchSpec) -> list[str]:
+    """The paths inside ``block`` of what ``labelled_token_block`` runs at the labelled tokens: the MLP and the
+    attention's token-wise projections (``ArchSpec.token_wise``) that the block has."""
+    paths = [spec.mlp]
+    for path in spec.token_wise:
+        try:
+            get_submodule(block, path)
+        except AttributeError:  # a variant of the family without it: the projection runs at every token
+            continue
+        paths.append(path)
+    return paths
+
+
+def labelled_token_block_applies(model: nn.Module, layer: int) -> bool:
+    """Whether block ``layer``'s token-wise work (``token_wise_modules``) may run at the labelled tokens alone: the
+    block runs (not a passthrough), nothing hooks those modules or the block's output (a neuron read, set or recorded
+    there sees every token), no dropout in them acts (fewer tokens would draw other random numbers), and no gradient
+    checkpointing (its backward pass recomputes the block outside the ``with``)."""
     model = unwrap(model)
     block = get_layers(model)[layer]
     try:
-        mlp = get_submodule(block, arch_spec(model).mlp)
+        get_submodule(block, arch_spec(model).mlp)
     except AttributeError:  # a block that does not run (the frozen-prefix cache's passthrough)
         return False
     # transformers 5 names it is_activation_checkpointing (is_gradient_checkpointing warns); older versions only the latter
     name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
     if getattr(model, name, False):
         return False
+    modules = [get_submodule(block, path) for path in token_wise_modules(block, arch_spec(model))]
     # a hook on the block's output could read its other tokens; one on its input (the prefix cache feeding it) is fine
-    if block._forward_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in mlp.modules()):
+    if block._forward_hooks or any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules()):
         return False
-    return not (model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in mlp.modules()))
+    return not (model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for module in modules for m in module.modules()))
 
 
 @contextlib.contextmanager
-def mlp_at_labelled_tokens(model: nn.Module, layer: int, positions: torch.Tensor):
-    """Inside the ``with`` block, block ``layer``'s MLP runs at ``positions`` (one token per row) only, when that is
-    exact (``mlp_skippable``; else nothing changes). For the block a head reads: its output is read at the labelled token
-    alone, and its MLP at the other tokens (three quarters of a block's work) would be thrown away. Yields whether it
-    applies. The outputs at ``positions`` equal the full block's to float round-off."""
-    if not mlp_skippable(model, layer):
+def labelled_token_block(model: nn.Module, layer: int, positions: torch.Tensor):
+    """Inside the ``with`` block, block ``layer``'s MLP and its attention's query and output projections run at
+    ``positions`` (one token per row) only, when that is exact (``labelled_token_block_applies``; else nothing
+    changes). For the block a head reads: its output is read at the labelled token alone, and that work at the other
+    tokens would be thrown away (the MLP is about three quarters of a block's multiplications, a Llama block's query and
+    output projections most of the rest). The keys and values still come from every token. Yields whether it applies.
+    The outputs at ``positions`` equal the full block's to float round-off."""
+    if not labelled_token_block_applies(model, layer):
         yield False
         return
     block = get_layers(model)[layer]
-    parent_path, _, name = arch_spec(unwrap(model)).mlp.rpartition(".")
-    parent = get_submodule(block, parent_path)
-    mlp = getattr(parent, name)
-    setattr(parent, name, LabelledTokenMLP(mlp, positions))
+    replaced = []
+    for path in token_wise_modules(block, arch_spec(unwrap(model))):
+        parent_path, _, name = path.rpartition(".")
+        parent = get_submodule(block, parent_path)
+        module = getattr(parent, name)
+        setattr(parent, name, AtLabelledTokens(module, positions))
+        replaced.append((parent, name, module))
     try:
         yield True
     finally:
-        setattr(parent, name, mlp)
+        for parent, name, module in reversed(replaced):
+            setattr(parent, name, module)

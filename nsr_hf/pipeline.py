@@ -60,13 +60,13 @@ from nsr_hf.data.generator import DatasetConfig, run_dataset
 from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.storage import load_activation_dataset
 from nsr_hf.errors import UserError, debug_requested, error_boundary
-from nsr_hf.evaluation.baselines import probe_layers_of, self_features, store_self_features
+from nsr_hf.evaluation.baselines import RowsKey, missing_self_features, probe_layers_of, self_features, store_self_features
 from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.heads import head_class
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
-from nsr_hf.modeling.probes import RidgeProbe, layer_features, recording_layer_features
+from nsr_hf.modeling.probes import RidgeProbe, layer_features, recording_layer_features, rows_content
 from nsr_hf.models import load_model_and_tokenizer, model_provenance
 from nsr_hf.parsing import RecipeParser
 from nsr_hf.preflight import check_train
@@ -364,11 +364,13 @@ def neuron_drift(trained_base, rows, neurons, position, batch_size: int = 32, pr
 class SharedPasses:
     """What the runs of one process share (``nsr sweep`` keeps one for all its runs): the original model, loaded once, and
     what its passes gave on one dataset: the baselines' features (``nsr_hf.evaluation.baselines.self_features`` and the
-    cross models', keyed by the model object and the dataset's fingerprint) and the train rows' states entering a target's
-    block (the head's probe pass: ``recording_states``). The seeds of one neuron train on the same dataset: from the
-    second seed on, the head's probe, the evaluation's probes of the original model, the cross-model features and the
-    frozen-prefix cache's lower blocks cost nothing. A run on another dataset drops the previous one's entries, so memory
-    holds one dataset's worth. The original model is never trained: every predictor holds a copy of its weights."""
+    cross models' and the random-init copy's, keyed by the model object and the rows' content: ``feature_key``) and the
+    states entering a target's block (the dataset's pass, or the head's probe pass: ``recording_states``). The seeds of
+    one neuron train on the same dataset: from the second seed on, the head's probe, the evaluation's probes of the
+    original model, the cross-model features, the frozen-prefix cache's lower blocks and the drift monitor's start cost
+    nothing. The datasets of other neurons built from the same documents (the same tokens and labelled tokens; only the
+    labels differ) keep the features too. A run on other documents drops the previous ones' entries, so memory holds one
+    set of documents' worth. The original model is never trained: every predictor holds a copy of its weights."""
 
     model: object = None
     tokenizer: object = None
@@ -385,12 +387,24 @@ class SharedPasses:
             self.on(None)
         return self.model, self.tokenizer
 
+    def kept_states(self, dataset, neurons) -> object:
+        """The states entering the neurons' lowest block that an earlier run on ``dataset`` kept (``RecordedStates``: the
+        dataset pass's hold every split's rows), or ``None``."""
+        target = min(Neuron.parse(n).layer for n in neurons)
+        return self.states.get((target, getattr(dataset["train"], "_fingerprint", None)))
+
     def on(self, dataset) -> None:
-        """Keep only what was computed on ``dataset`` (its train split's fingerprint); ``None``: keep nothing."""
+        """Keep only what serves ``dataset``: the states when it is the same dataset (its train split's fingerprint), the
+        features of rows it holds (by content, ``feature_key``: another neuron's dataset of the same documents keeps the
+        baselines' features, the cross models' and the random-init copy's); ``None``: keep nothing."""
         fingerprint = None if dataset is None else getattr(dataset["train"], "_fingerprint", None)
         if fingerprint is None or fingerprint != self.fingerprint:
-            self.features.clear()
             self.states.clear()
+            if dataset is None:
+                self.features.clear()
+            contents = set() if dataset is None else {rows_content(dataset[split]) for split in dataset}
+            for key in [k for k in self.features if isinstance(k[-1], RowsKey) and k[-1].content not in contents]:
+                del self.features[key]
         self.fingerprint = fingerprint
 
 
@@ -426,7 +440,7 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
                                                   record=record)
     reused = {"probe_features_from_dataset_pass_block": record.states.layer} if record.used else {}
     # the dataset pass's states of the held-out rows: the drift monitor and the neuron drift start from them
-    held_out_states = record.states if record.used else None
+    held_out_states = record.states if record.used else shared.kept_states(dataset, neurons) if shared is not None else None
     del model, record
     trainer = PredictorTrainer(model=predictor, args=trainer_arguments(config, out, neurons, has_validation=len(dataset["validation"]) > 0),
                                train_dataset=dataset["train"], eval_dataset=dataset["validation"] if len(dataset["validation"]) else None,
@@ -846,12 +860,13 @@ def prefill_features(original, dataset, layers: list[int], feature_cache: dict, 
     running only those blocks on ``record.states`` (``layer_features`` with a ``PrefixCache``). The same features as a
     whole pass, to float round-off. ``False`` (nothing filled) when the record lacks a row or a layer."""
     target = record.states.layer
-    low, high = [layer for layer in layers if layer < target], [layer for layer in layers if layer >= target]
     filled = {}
     for split in ("train", "validation", "test"):
         if split not in dataset or not len(dataset[split]):
             continue
         rows = dataset[split]
+        missing = missing_self_features(original, split, rows, layers, feature_cache)  # another neuron's run of these rows
+        low, high = [layer for layer in missing if layer < target], [layer for layer in missing if layer >= target]
         below = record.features.features(rows, low) if low else {}
         prefix = PrefixCache.from_states(record.states, rows)
         if below is None or prefix is None:

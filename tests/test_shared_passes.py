@@ -264,9 +264,65 @@ def test_the_seeds_of_a_sweep_share_the_original_models_passes_with_the_same_fig
         assert ours == pytest.approx(own, abs=1e-6), method
     mine, theirs = second["evaluation"]["faithfulness"]["test"]["methods"], alone["evaluation"]["faithfulness"]["test"]["methods"]
     assert all(mine[m]["r2"] == pytest.approx(theirs[m]["r2"], abs=1e-6) for m in mine)
-    # a run on another dataset drops what the first one's passes gave
-    shared.on({"train": type("Rows", (), {"_fingerprint": "another"})()})
-    assert shared.features == {} and shared.states == {}
+    # another neuron's dataset of the same rows keeps the features (keyed by the rows' content), not the states
+    from datasets import Dataset, load_from_disk
+
+    from nsr_hf.evaluation.baselines import RowsKey
+
+    same_rows = load_from_disk(dataset)
+    same_rows["train"] = same_rows["train"].map(lambda row: {"activations": [2 * v for v in row["activations"]]})
+    kept = [k for k in shared.features if isinstance(k[-1], RowsKey)]
+    assert kept
+    shared.on(same_rows)
+    assert all(k in shared.features for k in kept) and shared.states == {}
+    # a run on other documents drops what the first ones' passes gave
+    shared.on({"train": Dataset.from_dict({"input_ids": [[5, 6]], "attention_mask": [[1, 1]], "label_position": [1]})})
+    assert not any(isinstance(k[-1], RowsKey) for k in shared.features) and shared.states == {}
+
+
+@pytest.mark.slow
+def test_the_neurons_of_a_sweep_on_the_same_documents_share_the_baselines_features(tiny_model_dirs, tmp_path, monkeypatch):
+    """Two neurons whose datasets hold the same documents (a sweep's: the same tokens and labelled tokens, other labels):
+    the second neuron's run makes no pass of the cross model or of the random-init copy, and no pass of the original model
+    at the layers the first one read; its figures equal those of the same run made alone."""
+    from conftest import write_word_corpus
+
+    import nsr_hf.evaluation.baselines as baselines
+    from nsr_hf.pipeline import SharedPasses, run_train
+    from nsr_hf.training.config import TrainConfig
+
+    corpus = write_word_corpus(tmp_path / "docs.jsonl")
+    common = dict(model=tiny_model_dirs["llama"], corpus=str(corpus), read_layer="target+1", dataset_documents=60, max_length=32,
+                  num_train_epochs=1, per_device_train_batch_size=8, learning_rate=1e-2, unfreeze="after_target", head_init="probe",
+                  eval_methods=["mean", "ridge_probe", "random_init", "cross"], cross_models=[tiny_model_dirs["gpt2"]],
+                  counterfactual_rows=16, n_bootstrap=20, drift_every_n_steps=100, seed=0)
+    shared = SharedPasses()
+    run_train(TrainConfig(**common, neuron="1.3", output_dir=str(tmp_path / "first")), shared=shared)
+    passes = []
+    real_features, real_cross, real_copy = baselines.layer_features, baselines.CrossModel.features, baselines._random_init_copy
+
+    def features(m, rows, layers, *args, **kwargs):
+        passes.append(("self", tuple(layers), len(rows)))
+        return real_features(m, rows, layers, *args, **kwargs)
+
+    def cross(self, texts, **kwargs):
+        passes.append(("cross", len(texts)))
+        return real_cross(self, texts, **kwargs)
+
+    def random_copy(*args, **kwargs):
+        passes.append(("random_init",))
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "layer_features", features)
+    monkeypatch.setattr(baselines.CrossModel, "features", cross)
+    monkeypatch.setattr(baselines, "_random_init_copy", random_copy)
+    second = run_train(TrainConfig(**common, neuron="1.5", output_dir=str(tmp_path / "second")), shared=shared)
+    assert passes == []
+    monkeypatch.undo()
+    alone = run_train(TrainConfig(**common, neuron="1.5", dataset=str(tmp_path / "second" / "dataset"), output_dir=str(tmp_path / "alone")))
+    for method in ("self", "ridge_probe", "random_init", f"cross:{tiny_model_dirs['gpt2']}", "mean"):
+        ours, own = second["evaluation"]["metrics"]["test"][method]["r2"], alone["evaluation"]["metrics"]["test"][method]["r2"]
+        assert ours == pytest.approx(own, abs=1e-6), method
 
 
 @pytest.mark.slow

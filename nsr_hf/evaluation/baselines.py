@@ -45,6 +45,7 @@ from nsr_hf.modeling.probes import (
     layer_features,
     num_rows,
     require_columns,
+    rows_content,
 )
 from nsr_hf.models import model_loading, resolve_model_path
 from nsr_hf.stage_clock import timed
@@ -341,9 +342,19 @@ def probe_layers_of(methods, read_layer: int, n_layers: int, probe_layers) -> li
     return sorted({int(layer) for layer in probe_layers} | {read_layer})
 
 
+class RowsKey(tuple):
+    """The last element of a ``feature_key``: ``(rows_content, number of rows)``, the rows the features are of."""
+
+    @property
+    def content(self) -> str:
+        return self[0]
+
+
 def feature_key(kind: tuple, split: str, rows) -> tuple:
-    """The key of ``kind``'s features of the split ``split`` in a ``feature_cache`` (with the rows' fingerprint and length)."""
-    return (*kind, split, getattr(rows, "_fingerprint", id(rows)), num_rows(rows))
+    """The key of ``kind``'s features of the split ``split`` in a ``feature_cache``: keyed by the rows' content
+    (``rows_content``: tokens, mask, labelled token), not by their labels, so that the datasets of other neurons built
+    from the same documents find them too."""
+    return (*kind, split, RowsKey((rows_content(rows), num_rows(rows))))
 
 
 def store_self_features(model, split: str, rows, features: Mapping[int, np.ndarray], feature_cache: dict) -> None:
@@ -352,6 +363,12 @@ def store_self_features(model, split: str, rows, features: Mapping[int, np.ndarr
     model = causal_lm(model)
     for layer, X in features.items():
         feature_cache[feature_key(("self", id(model), int(layer)), split, rows)] = X
+
+
+def missing_self_features(model, split: str, rows, layers: Sequence[int], feature_cache: dict) -> list[int]:
+    """The layers of ``layers`` whose ``self_features`` of ``model`` on ``rows`` (the split ``split``) the cache lacks."""
+    model = causal_lm(model)
+    return [int(layer) for layer in layers if feature_key(("self", id(model), int(layer)), split, rows) not in feature_cache]
 
 
 def self_features(model, splits: Mapping, layers: Sequence[int], feature_cache: dict, batch_size: int = 16,
@@ -364,7 +381,7 @@ def self_features(model, splits: Mapping, layers: Sequence[int], feature_cache: 
     out = {}
     for name, rows in splits.items():
         key = lambda layer: feature_key(("self", id(model), int(layer)), name, rows)  # noqa: E731
-        missing = [layer for layer in layers if key(layer) not in feature_cache]
+        missing = missing_self_features(model, name, rows, layers, feature_cache)
         if missing:
             for layer, X in layer_features(model, rows, missing, batch_size=batch_size, progress=progress).items():
                 feature_cache[key(layer)] = X

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nsr_hf.architectures import arch_spec, mlp_at_labelled_tokens, num_layers, truncated
+from nsr_hf.architectures import arch_spec, labelled_token_block, num_layers, truncated
 from nsr_hf.capture import label_positions as rule_positions
 from nsr_hf.capture import pad_right, position_ids_from_mask
 from nsr_hf.data.labels import bins_of, with_shared_bins
@@ -84,8 +84,8 @@ def read_residual(predictor, input_ids, attention_mask=None, label_positions=Non
         attention_mask = torch.ones_like(input_ids)
     read = predictor.config.effective_read_layer
     at = labelled_positions(predictor.config, attention_mask, label_positions).to(input_ids.device)
-    # the read block's MLP runs at the labelled tokens only: its output elsewhere is never read
-    with truncated(predictor.base, read), mlp_at_labelled_tokens(predictor.base, read, at):
+    # the read block's MLP and query/output projections run at the labelled tokens only: its output elsewhere is never read
+    with truncated(predictor.base, read), labelled_token_block(predictor.base, read, at):
         hidden = predictor.base.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False
         ).last_hidden_state

@@ -11,6 +11,7 @@ selection and the evaluation's probe baselines all use these.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nsr_hf.architectures import arch_spec, get_final_norm, get_layers, get_submodule, mlp_at_labelled_tokens, num_layers, truncated
+from nsr_hf.architectures import arch_spec, get_final_norm, get_layers, get_submodule, labelled_token_block, num_layers, truncated
 from nsr_hf.capture import label_positions, pad_right, position_ids_from_mask
 from nsr_hf.metrics import r2_score
 from nsr_hf.utils import causal_lm
@@ -49,6 +50,33 @@ def column_values(rows, name: str) -> list:
 
 def num_rows(rows) -> int:
     return len(rows) if hasattr(rows, "column_names") else len(next(iter(rows.values()), []))
+
+
+_CONTENTS: dict[str, str] = {}  # a Dataset's fingerprint -> rows_content (a fingerprint fixes the content it was made from)
+
+
+def rows_content(rows) -> str:
+    """A hash of what a row's features depend on: its tokens, attention mask and labelled token (``FEATURE_COLUMNS``).
+    The datasets of several neurons built from the same documents share it (their labels differ, their fingerprints
+    too), so a feature cache keyed by it (``nsr_hf.evaluation.baselines.feature_key``) computes each model's features of
+    those rows once for all of them (``nsr sweep``: ``nsr_hf.pipeline.SharedPasses``)."""
+    fingerprint = getattr(rows, "_fingerprint", None)
+    if fingerprint is not None and fingerprint in _CONTENTS:
+        return _CONTENTS[fingerprint]
+    digest = hashlib.blake2b(str(num_rows(rows)).encode(), digest_size=16)
+    for name in FEATURE_COLUMNS:
+        if name not in columns_of(rows):
+            continue
+        values = [np.asarray(v, dtype=np.int64).ravel() for v in column_values(rows, name)]
+        digest.update(name.encode())
+        digest.update(np.array([len(v) for v in values], dtype=np.int64).tobytes())
+        digest.update(np.concatenate(values).tobytes() if values else b"")
+    content = digest.hexdigest()
+    if fingerprint is not None:
+        if len(_CONTENTS) > 256:
+            _CONTENTS.clear()
+        _CONTENTS[fingerprint] = content
+    return content
 
 
 def as_matrix(X, name: str = "X") -> np.ndarray:
@@ -177,7 +205,7 @@ def layer_features(model, rows, layers: Sequence[int] | None = None, batch_size:
                         for layer in layers:
                             stack.enter_context(block_output(blocks[layer], layer, outputs))
                     # the deepest block is read at the labelled tokens only: its MLP runs there alone
-                    stack.enter_context(mlp_at_labelled_tokens(model, deepest, pos))
+                    stack.enter_context(labelled_token_block(model, deepest, pos))
                     result = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                               output_hidden_states=prefix is None, use_cache=False)
                 for layer in layers:
