@@ -34,7 +34,9 @@ A pass read at the labelled token of its last block counts that block's MLP and 
 projections at that token only (at the other tokens they never run: ``nsr_hf.architectures.labelled_token_block``).
 
 The machine's rate is the best of a few fp32 matmuls of the model's own shapes (a batch of 1024 tokens) on every thread
-torch uses: the rate that a pass of the model could reach here. A stage far above its floor is named with why, when known.
+torch uses: the rate that a pass of the model could reach here. A stage that ran in bfloat16 (the random-init and cross
+models' passes under ``baseline_dtype``) counts at the rate of bf16 matmuls of the same shapes. A stage far above its floor
+is named with why, when known.
 """
 from __future__ import annotations
 
@@ -99,13 +101,14 @@ def span(flops: list[float], first: int, last: int) -> float:
     return float(sum(flops[first:last + 1])) if last >= first else 0.0
 
 
-def matmul_rate(shapes, tokens: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of this machine: the best of ``repeats`` fp32 matmuls of (tokens x d_in) by (d_in x d_out) for each shape."""
+def matmul_rate(shapes, tokens: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of this machine: the best of ``repeats`` matmuls of (tokens x d_in) by (d_in x d_out) for each shape, in
+    ``dtype`` (``"float32"`` or ``"bfloat16"``)."""
     import torch
 
     best = 0.0
     for d_in, d_out in shapes:
-        a, b = torch.randn(tokens, d_in), torch.randn(d_in, d_out)
+        a, b = torch.randn(tokens, d_in, dtype=getattr(torch, dtype)), torch.randn(d_in, d_out, dtype=getattr(torch, dtype))
         a @ b  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
@@ -135,7 +138,24 @@ def run_facts(run: Path) -> dict:
             "scan_tokens": scan.get("tokens", 0), "scan_layers": scan.get("layers") or [],
             "scan_top_layers": [int(n["neuron"].split(".")[0]) for n in scan.get("top_neurons") or []],
             "target": target, "read": int(summary["read_layer"]), "epochs": float((summary.get("train") or {}).get("epoch") or 0),
-            "selection_from_scan_pass_block": selection.get("from_scan_pass_block")}
+            "selection_from_scan_pass_block": selection.get("from_scan_pass_block"),
+            "precision": stage_precision(run)}
+
+
+BASELINE_STAGES = {"random_init": "evaluation/baselines/random-init probe", "cross": "evaluation/baselines/cross-model probes"}
+
+
+def stage_precision(run: Path) -> dict[str, str]:
+    """``{stage: dtype}`` of the stages that ran below float32: the random-init and cross-model probes when the evaluation
+    ran them in bfloat16 (``baseline_dtype``; ``baselines_info`` of ``evaluation/metrics.json``)."""
+    path = run / "evaluation" / "metrics.json"
+    info = (json.loads(path.read_text()).get("baselines_info") or {}) if path.is_file() else {}
+    out = {}
+    for method, entry in info.items():
+        stage = BASELINE_STAGES.get(method.split(":")[0])
+        if stage and isinstance(entry, dict) and entry.get("dtype") not in (None, "float32"):
+            out[stage] = entry["dtype"]
+    return out
 
 
 def first_trainable_block(unfreeze: str, target: int, read: int, k: int, intervened: bool) -> int | None:
@@ -252,15 +272,31 @@ WHY = {  # what a ratio far above 1 comes from, where known
 }
 
 
-def table(facts: dict, floor: dict, rate: float) -> list[dict]:
+def floor_seconds(floor: dict, rates: dict[str, float], precision: dict[str, str]) -> dict[str, float | None]:
+    """Each stage's floor in seconds: its FLOPs at the matmul rate of the precision it ran in (``precision``; float32 by
+    default); a stage made of parts (``evaluation``, ``evaluation/baselines``) is the sum of its parts' seconds."""
+    out = {stage: (flop / rates[precision.get(stage, "float32")] if flop else None) for stage, (flop, _) in floor.items()}
+    for parent in sorted({k.rsplit("/", 1)[0] for k in floor if k.startswith("evaluation/")}, key=len, reverse=True):
+        parts = [k for k in floor if k.startswith(parent + "/") and k.count("/") == parent.count("/") + 1]
+        if parent in floor and any(stage in precision for stage in floor if stage.startswith(parent + "/")):
+            out[parent] = sum(out[k] or 0.0 for k in parts) or None
+    return out
+
+
+def table(facts: dict, floor: dict, rate: float | dict[str, float]) -> list[dict]:
     """One row per stage of the run. A stage above 2x its floor says why: its own reason (``WHY``) when known, else, when
     it is within 1.5x of the dataset stage's ratio, that a plain batched forward pass of this model runs at that ratio here
-    (the dataset stage is one: tokenise, forward, write)."""
+    (the dataset stage is one: tokenise, forward, write). ``rate``: the float32 matmul rate, or ``{dtype: rate}`` with a
+    rate for every precision in ``facts["precision"]`` (stages that ran in bfloat16 count at bfloat16's rate)."""
+    rates = rate if isinstance(rate, dict) else {"float32": rate}
+    precision = facts.get("precision") or {}
+    seconds_of = floor_seconds(floor, rates, precision)
     rows = []
     stages = facts["summary"].get("stage_seconds", {})
     for stage, seconds in stages.items():
         flop, passes = floor.get(stage, (None, "no arithmetic floor (files, plots)"))
-        floor_s = flop / rate if flop else None
+        passes += f" (in {precision[stage]})" if stage in precision else ""
+        floor_s = seconds_of.get(stage)
         ratio = seconds / floor_s if floor_s else None
         rows.append({"stage": stage, "seconds": seconds, "floor_gflop": flop / 1e9 if flop is not None else None, "floor_seconds": floor_s,
                      "ratio": ratio, "passes": passes, "why": WHY.get(stage) if (ratio is None or ratio > 2) else None})
@@ -272,11 +308,13 @@ def table(facts: dict, floor: dict, rate: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], rate: float, total: float) -> str:
+def markdown(rows: list[dict], rate: float | dict[str, float], total: float) -> str:
     def num(x, d=1):
         return "–" if x is None else f"{x:.{d}f}"
 
-    lines = [f"Machine: {rate / 1e9:.1f} GFLOP/s (fp32 matmul, best of the model's shapes). Run: {total:.0f} s wall.", "",
+    rates = rate if isinstance(rate, dict) else {"float32": rate}
+    machine = ", ".join(f"{r / 1e9:.1f} GFLOP/s in {'fp32' if d == 'float32' else d}" for d, r in rates.items())
+    lines = [f"Machine: {machine} (matmul, best of the model's shapes). Run: {total:.0f} s wall.", "",
              "| stage | seconds | floor GFLOP | floor seconds | × floor | the floor counts | why above 2× |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -313,11 +351,13 @@ def main(argv=None) -> dict:
         cross_config = AutoConfig.from_pretrained(str(minilm_path()) if name == MINILM_NAME else name)
         cross[name] = 2.0 * sum(p for p in _encoder_weights(cross_config))
     hidden, inner = model_config.hidden_size, getattr(model_config, "intermediate_size", 4 * model_config.hidden_size)
-    rate = matmul_rate([(hidden, hidden), (hidden, inner), (inner, hidden)])
-    rows = table(facts, floors(facts, flops, cross, mlp_flops(model_config)), rate)
-    text = markdown(rows, rate, facts["summary"].get("seconds", 0.0))
+    shapes = [(hidden, hidden), (hidden, inner), (inner, hidden)]
+    rates = {dtype: matmul_rate(shapes, dtype=dtype) for dtype in ["float32", *sorted(set(facts["precision"].values()))]}
+    rows = table(facts, floors(facts, flops, cross, mlp_flops(model_config)), rates)
+    text = markdown(rows, rates, facts["summary"].get("seconds", 0.0))
     print(text)
-    result = {"run": str(run), "matmul_flops_per_second": rate, "seconds": facts["summary"].get("seconds"), "stages": rows}
+    result = {"run": str(run), "matmul_flops_per_second": rates["float32"], "matmul_flops_per_second_by_dtype": rates,
+              "seconds": facts["summary"].get("seconds"), "stages": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -13,6 +13,10 @@ from typing import Optional
 
 from nsr_hf.models import EMBEDDED_NAME
 
+# The precision of the baselines' other models (``EvaluationFields.baseline_dtype``; resolved by
+# ``nsr_hf.evaluation.baselines.baseline_torch_dtype``).
+BASELINE_DTYPES = ("auto", "float32", "bfloat16")
+
 
 @dataclass
 class CorpusFields:
@@ -42,6 +46,11 @@ class EvaluationFields:
         "help": "Other models for the cross-prediction control: 'minilm' (offline) or any HF id"})
     probe_layers: str = field(default="all", metadata={
         "help": "Layers of the R^2-by-layer probe: 'all', or 'up_to_read' (blocks up to the read layer: cheaper)"})
+    baseline_dtype: str = field(default="auto", metadata={
+        "help": "Precision of the baselines' other models, the random-init copy and the cross models: 'auto' (bfloat16 where "
+                "this machine multiplies it natively: a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; else float32), "
+                "'float32' or 'bfloat16'. Their probes are fitted in float64 either way; the model under study always runs "
+                "in its own precision"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for every confidence interval (0: no intervals)"})
     counterfactual_rows: int = field(default=256, metadata={
         "help": "Faithfulness: held-out rows per split (and train rows for the probes) with the neuron set to counterfactual "
@@ -49,6 +58,18 @@ class EvaluationFields:
     counterfactual_source: Optional[str] = field(default=None, metadata={
         "help": "Faithfulness: where the set values come from (interchange, uniform, shift); default: the predictor's training "
                 "source, else interchange"})
+
+
+def check_evaluation_fields(config) -> None:
+    """The rules of ``EvaluationFields``, checked by every config that has them (``EvaluateConfig``, ``TrainConfig``)."""
+    if config.probe_layers not in ("all", "up_to_read"):
+        raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {config.probe_layers!r}.")
+    if config.baseline_dtype not in BASELINE_DTYPES:
+        raise ValueError(f"baseline_dtype must be one of {', '.join(BASELINE_DTYPES)}, got {config.baseline_dtype!r}.")
+    if config.n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be 0 (no intervals) or more, got {config.n_bootstrap}.")
+    if config.counterfactual_rows < 0:  # checked by TrainConfig too, so that a typo fails before training, not after it
+        raise ValueError(f"counterfactual_rows must be 0 (no faithfulness section) or more, got {config.counterfactual_rows}.")
 
 
 def values_of(config, shared: type) -> dict:

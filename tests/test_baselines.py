@@ -18,6 +18,8 @@ from nsr_hf.data.generator import ActivationDatasetGenerator, DatasetConfig
 from nsr_hf.evaluation.baselines import (
     CrossModel,
     TokenLookup,
+    _random_init_copy,
+    baseline_torch_dtype,
     cross_texts,
     load_cross_model,
     probe_by_layer,
@@ -325,6 +327,69 @@ def test_a_shared_feature_cache_computes_features_once_across_neuron_columns(gpt
             np.testing.assert_allclose(a["predictions"][method]["test"], b["predictions"][method]["test"], atol=1e-10)
         assert a["info"][f"cross:{llama}"] == b["info"][f"cross:{llama}"]
     assert not np.allclose(shared[0]["predictions"]["ridge_probe"]["test"], shared[1]["predictions"]["ridge_probe"]["test"])
+
+
+# ------------------------------------------------------------------------------------------------ baseline_dtype
+
+
+def test_baseline_dtype_is_bfloat16_only_where_the_machine_multiplies_it_natively(monkeypatch):
+    from nsr_hf.evaluation import baselines
+
+    assert baseline_torch_dtype("float32", "cpu") is torch.float32
+    assert baseline_torch_dtype("bfloat16", "cpu") is torch.bfloat16
+    monkeypatch.setattr(baselines, "bfloat16_is_native", lambda device: True)
+    assert baseline_torch_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(baselines, "bfloat16_is_native", lambda device: False)
+    assert baseline_torch_dtype("auto", "cpu") is torch.float32
+    with pytest.raises(ValueError, match="baseline_dtype must be one of auto, float32, bfloat16, got 'fp8'"):
+        baseline_torch_dtype("fp8", "cpu")
+
+
+def test_the_random_init_copy_draws_the_same_weights_at_every_precision(gpt2):
+    model, _ = gpt2
+    full = _random_init_copy(model, 3)
+    half = _random_init_copy(model, 3, torch.bfloat16)
+    assert next(full.parameters()).dtype is torch.float32 and next(half.parameters()).dtype is torch.bfloat16
+    for (name, a), (_, b) in zip(full.state_dict().items(), half.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_bfloat16_baselines_match_float32_ones_and_say_so(gpt2, activation_splits, tiny_model_dirs):
+    """The other models in bf16: the same probes to bf16's round-off, the dtype in ``info``, the features not shared
+    with a float32 call through the same cache, and the self probes (the model under study) untouched."""
+    model, tokenizer = gpt2
+    llama = tiny_model_dirs["llama"]
+    methods, cache = ("ridge_probe", "random_init", "cross"), {}
+    runs = {dtype: run_baselines(model, tokenizer, activation_splits, read_layer=1, methods=methods, cross_models=(llama,),
+                                 feature_cache=cache, dtype=dtype) for dtype in ("float32", "bfloat16")}
+    full, half = runs["float32"], runs["bfloat16"]
+    assert next(model.parameters()).dtype is torch.float32  # the model under study stays as it was
+    np.testing.assert_array_equal(full["predictions"]["ridge_probe"]["test"], half["predictions"]["ridge_probe"]["test"])
+    y = labels_of(activation_splits["test"])
+    for method in ("random_init", f"cross:{llama}"):
+        assert (full["info"][method]["dtype"], half["info"][method]["dtype"]) == ("float32", "bfloat16")
+        a, b = full["predictions"][method]["test"], half["predictions"][method]["test"]
+        assert not np.array_equal(a, b), method  # computed again in bf16, not read from the float32 entries
+        assert abs(r2_score(y, a) - r2_score(y, b)) < 0.05, method
+        assert np.corrcoef(a, b)[0, 1] > 0.95, method
+
+
+def test_a_bad_baseline_dtype_is_refused_before_any_work_by_every_config(tmp_path):
+    from nsr_hf.evaluation.protocol import EvaluateConfig
+    from nsr_hf.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="baseline_dtype must be one of auto, float32, bfloat16, got 'half'"):
+        EvaluateConfig(predictor="p", dataset="d", output_dir=str(tmp_path / "e"), baseline_dtype="half")
+    with pytest.raises(ValueError, match="baseline_dtype must be one of"):
+        TrainConfig(output_dir=str(tmp_path / "t"), baseline_dtype="half")
+
+
+def test_the_report_says_which_baselines_ran_in_bfloat16():
+    from nsr_hf.evaluation.report import _precision
+
+    evaluation = {"baselines_info": {"random_init": {"dtype": "bfloat16"}, "cross:minilm": {"dtype": "float32"}, "mean": {}}}
+    assert _precision(evaluation, "random_init") == " (run in bfloat16: baseline_dtype)"
+    assert _precision(evaluation, "cross:minilm") == _precision(evaluation, "mean") == _precision({}, "random_init") == ""
 
 
 def test_an_empty_eval_split_gets_empty_predictions_and_a_note(gpt2, activation_splits):

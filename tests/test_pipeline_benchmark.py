@@ -47,6 +47,32 @@ def test_the_machines_matmul_rate_is_positive_and_finite(bench):
     assert 0 < rate < 1e15
 
 
+def test_stages_that_ran_in_bfloat16_count_at_bfloat16s_rate_and_their_parents_add_up(bench, tmp_path):
+    import json
+
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "metrics.json").write_text(json.dumps({"baselines_info": {
+        "random_init": {"dtype": "bfloat16"}, "cross:minilm": {"dtype": "bfloat16"}, "ridge_probe": {}, "mean": {"dtype": None}}}))
+    precision = bench.stage_precision(tmp_path)
+    assert precision == {"evaluation/baselines/random-init probe": "bfloat16", "evaluation/baselines/cross-model probes": "bfloat16"}
+    floor = {"dataset": (100.0, "d"), "evaluation/baselines/random-init probe": (300.0, "r"),
+             "evaluation/baselines/cross-model probes": (60.0, "c"), "evaluation/baselines/probes of the original model": (10.0, "o"),
+             "evaluation/causal test": (20.0, "k")}
+    floor["evaluation/baselines"] = (370.0, "the three above")
+    floor["evaluation"] = (390.0, "the parts below")
+    rates = {"float32": 10.0, "bfloat16": 30.0}
+    seconds = bench.floor_seconds(floor, rates, precision)
+    assert seconds["dataset"] == 10.0 and seconds["evaluation/baselines/probes of the original model"] == 1.0
+    assert seconds["evaluation/baselines/random-init probe"] == 10.0 and seconds["evaluation/baselines/cross-model probes"] == 2.0
+    assert seconds["evaluation/baselines"] == 13.0 and seconds["evaluation"] == 15.0  # the parts' seconds, not 390 / 10
+    facts = {"precision": precision, "summary": {"stage_seconds": {"dataset": 20.0, "evaluation/baselines/random-init probe": 15.0}}}
+    rows = {r["stage"]: r for r in bench.table(facts, floor, rates)}
+    assert rows["evaluation/baselines/random-init probe"]["ratio"] == 1.5
+    assert rows["evaluation/baselines/random-init probe"]["passes"] == "r (in bfloat16)"
+    assert "30.0 GFLOP/s in bfloat16" in bench.markdown(list(rows.values()), {"float32": 10e9, "bfloat16": 30e9}, 100.0)
+    assert bench.floor_seconds(floor, rates, {})["evaluation"] == 39.0  # all in float32: the FLOPs at one rate
+
+
 def test_the_sweep_cost_is_each_runs_seconds_against_a_runs_own_cost_less_what_a_sweep_does_once(tmp_path):
     import json
 

@@ -80,7 +80,7 @@ from nsr_hf.metrics import finite_median
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
-from nsr_hf.shared_config import EvaluationFields
+from nsr_hf.shared_config import EvaluationFields, check_evaluation_fields
 from nsr_hf.stage_clock import timed
 from nsr_hf.utils import file_sha256, recorded_command, unwrap, write_json
 
@@ -149,14 +149,9 @@ class EvaluateConfig(EvaluationFields):
         unknown = [m for m in self.methods if m not in BASELINE_METHODS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}: choose from {', '.join(BASELINE_METHODS)} (or 'none').")
-        if self.probe_layers not in ("all", "up_to_read"):
-            raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {self.probe_layers!r}.")
-        if self.n_bootstrap < 0:
-            raise ValueError(f"n_bootstrap must be 0 (no intervals) or more, got {self.n_bootstrap}.")
+        check_evaluation_fields(self)
         if not 0 < self.confidence_level < 1:
             raise ValueError(f"confidence_level must be between 0 and 1 (e.g. 0.95), got {self.confidence_level}.")
-        if self.counterfactual_rows < 0:
-            raise ValueError(f"counterfactual_rows must be 0 (no faithfulness section) or more, got {self.counterfactual_rows}.")
         if self.counterfactual_source is not None:
             check_source(self.counterfactual_source)
         for name in ("batch_size", "causal_num_values", "causal_max_rows"):
@@ -298,7 +293,8 @@ def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, spli
         return run_baselines(original[0], original[1], {name: dataset[name] for name in dataset}, read_layer=read_layer,
                              neuron_column=column, eval_splits=tuple(splits), methods=tuple(config.methods),
                              cross_models=tuple(config.cross_models), seed=config.seed, batch_size=config.batch_size,
-                             feature_cache=cache, probe_layers=config.probe_layers)
+                             feature_cache=cache, probe_layers=config.probe_layers,
+                             dtype=config.baseline_dtype)
 
     return {neuron: stages.get(f"baselines-{j}", lambda column=columns[j]: baselines_of(column))
             for j, neuron in enumerate(inner.config.neurons)}

@@ -217,6 +217,12 @@ def _write_plots(evaluation: dict, out: Path, splits: list[str], headline_split:
     return plots
 
 
+def _precision(evaluation: dict, method: str) -> str:
+    """`` (run in bfloat16)`` for a baseline whose other model ran below float32 (``baseline_dtype``), else nothing."""
+    dtype = ((evaluation.get("baselines_info") or {}).get(method) or {}).get("dtype")
+    return f" (run in {dtype}: baseline_dtype)" if dtype and dtype != "float32" else ""
+
+
 def _header_lines(evaluation: dict) -> list[str]:
     info = evaluation.get("predictor") or {}
     neuron = evaluation.get("neuron") or (evaluation.get("neurons") or ["?"])[0]
@@ -289,7 +295,7 @@ def write_report(evaluation: dict, output_dir, *, predictions: dict | None = Non
     for split in [headline_split] + [s for s in splits if s != headline_split]:
         lines += _split_section(evaluation, split)
     methods = method_rows(evaluation["metrics"][headline_split])
-    lines += ["Methods:", ""] + [f"- **{m}**: {describe(m)}" for m in methods if describe(m)] + [""]
+    lines += ["Methods:", ""] + [f"- **{m}**: {describe(m)}{_precision(evaluation, m)}" for m in methods if describe(m)] + [""]
     if evaluation.get("probe_by_layer"):
         lines += _probe_by_layer_lines(evaluation["probe_by_layer"])
     if evaluation.get("causal"):

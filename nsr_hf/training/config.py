@@ -24,7 +24,7 @@ from nsr_hf.errors import UserError
 from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
-from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields
+from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, check_evaluation_fields
 from nsr_hf.training.prefix_cache import check_mode, strategy_refusal
 from nsr_hf.training.unfreezing import STRATEGIES
 
@@ -187,10 +187,7 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
         head_class(self.head_type).check_training(self)  # what this head refuses (nsr_hf.modeling.heads.Head.check_training)
         if self.select not in ("score", "readable"):
             raise ValueError(f"select must be 'score' or 'readable', got {self.select!r}.")
-        if self.probe_layers not in ("all", "up_to_read"):
-            raise ValueError(f"probe_layers must be 'all' or 'up_to_read', got {self.probe_layers!r}.")
-        if self.counterfactual_rows < 0:  # checked here too, so that a typo fails before training, not in the evaluation after it
-            raise ValueError(f"counterfactual_rows must be 0 (no faithfulness section) or more, got {self.counterfactual_rows}.")
+        check_evaluation_fields(self)  # here too, so that a typo fails before training, not in the evaluation after it
         if self.counterfactual_source is not None:
             check_source(self.counterfactual_source)
         if self.save_strategy not in ("no", "steps", "epoch"):
