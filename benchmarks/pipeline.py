@@ -266,6 +266,8 @@ WHY = {  # what a ratio far above 1 comes from, where known
                                 "target's block): the floor counts them once; the rest is a plain forward's ratio and the bootstraps"),
     "evaluation/baselines/cross-model probes": ("the texts are decoded and tokenised again, and MiniLM's matmuls (384 wide) are "
                                                 "smaller than the shapes the machine's rate is measured on"),
+    "evaluation": "the sum of the parts below: each says why it is above its floor",
+    "evaluation/baselines": "the sum of the three above: each says why it is above its floor",
     "load model": "reading and converting the weights: no arithmetic floor",
     "save": "writing the predictor's weights: no arithmetic floor",
     "evaluation/report": "plotting: no arithmetic floor",
