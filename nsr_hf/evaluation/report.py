@@ -218,7 +218,7 @@ def _write_plots(evaluation: dict, out: Path, splits: list[str], headline_split:
 
 
 def _precision(evaluation: dict, method: str) -> str:
-    """`` (run in bfloat16)`` for a baseline whose other model ran below float32 (``baseline_dtype``), else nothing."""
+    """`` (run in bfloat16: baseline_dtype)`` for a baseline whose other model ran below float32, else nothing."""
     dtype = ((evaluation.get("baselines_info") or {}).get(method) or {}).get("dtype")
     return f" (run in {dtype}: baseline_dtype)" if dtype and dtype != "float32" else ""
 
