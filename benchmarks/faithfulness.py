@@ -3,6 +3,8 @@
     python benchmarks/faithfulness.py --output_dir outputs/bench_faithful                       # everything below
     python benchmarks/faithfulness.py --heads regression --neurons 7.268 --seeds 0              # one pair of runs
     python benchmarks/faithfulness.py --output_dir outputs/bench_faithful --table_only          # re-read finished runs
+    python benchmarks/faithfulness.py --output_dir outputs/bench_4800 --dataset_documents 4800 --heads regression \
+        --trainings faithful --neurons 0.333                                                    # more data (README)
 
 For every head (``--heads``: ``regression`` = recipes/quickstart.yaml, ``token_exit`` = recipes/quickstart_token_exit.yaml,
 ``token`` = recipes/quickstart_token.yaml, the model's own next token: ~40 min a run on 2 CPU cores) two sweeps run
@@ -15,6 +17,10 @@ same held-out rows. A finished run is not run again: the benchmark resumes where
 
 The evaluation is cut to what the table needs (``--eval_methods ridge_probe``: the natural figures, the ridge probe, and
 the faithfulness section with both outside readers); the drift monitor runs once at the end of training.
+
+``--dataset_documents N`` builds every dataset from N documents instead of the recipes' 1200 (the same split fractions):
+the honest reader and the reporter both train on more rows. The runs of one output folder share their datasets, so a run
+into a folder whose runs were built from another number of documents is refused before anything runs.
 
 Written to ``output_dir``: ``faithfulness.json`` (every figure of every run, with intervals) and ``faithfulness.md``, one
 row per neuron x head x seed x training: natural R², counterfactual R², slope ratio, the ridge probe's natural R² and its
@@ -53,12 +59,36 @@ def faithful_overrides(head: str) -> dict:
     return {k: faithful[k] for k in keys if k in faithful and faithful[k] != plain.get(k)}
 
 
-def overrides_for(head: str, training: str) -> dict:
+def overrides_for(head: str, training: str, dataset_documents: int | None = None) -> dict:
     """The recipe keys that a run of ``training`` (``plain`` or ``faithful``) sets on ``head``'s recipe; both are scored on
-    counterfactual rows drawn as in the faithful training."""
+    counterfactual rows drawn as in the faithful training. ``dataset_documents``: the datasets' size (None: the recipe's)."""
     overrides = {**CHEAP, "intervention_rate": 0.0} if training == "plain" else {**CHEAP, **faithful_overrides(head)}
     overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL[head])).get("intervention_source", "interchange")
+    if dataset_documents is not None:
+        overrides["dataset_documents"] = int(dataset_documents)
     return overrides
+
+
+def dataset_documents_of(out: Path, requested: int | None) -> int:
+    """The number of documents of this benchmark's datasets: ``requested`` (None: the recipes'), checked against the runs
+    already in ``out`` (their ``run_config.json``), which share their datasets with every later run. Raises ValueError
+    before anything runs when they differ (the recipe's own check refuses too few documents)."""
+    recorded = {}
+    for config in sorted(out.glob("*/*/seed-*/run_config.json")):
+        documents = json.loads(config.read_text()).get("dataset_documents")
+        if documents is not None:
+            recorded.setdefault(int(documents), config.parent)
+    if requested is None:
+        if len(recorded) == 1:  # an existing folder: go on with its setting
+            return next(iter(recorded))
+        requested = int(load_recipe(str(ROOT / RECIPES["regression"]))["dataset_documents"])
+    others = {n: folder for n, folder in recorded.items() if n != int(requested)}
+    if others:
+        n, folder = next(iter(others.items()))
+        raise ValueError(f"{out} holds runs built from {n} documents ({folder}), and this benchmark asks for {requested}: "
+                         f"their runs share datasets, so the two cannot be mixed. Give another --output_dir, or "
+                         f"--dataset_documents {n} to go on with this one.")
+    return int(requested)
 
 
 def _dataset_source(out: Path, neuron: str, folder: Path) -> str | None:
@@ -149,10 +179,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--heads", nargs="+", default=["regression", "token_exit"], choices=sorted(RECIPES))
     parser.add_argument("--trainings", nargs="+", default=["plain", "faithful"], choices=["plain", "faithful"])
+    parser.add_argument("--dataset_documents", type=int, default=None,
+                        help="documents of every dataset, all splits (default: the recipes' 1200, or the folder's runs')")
     parser.add_argument("--table_only", action="store_true", help="only read the finished runs and write the table")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    documents = dataset_documents_of(out, args.dataset_documents)
     folders = {(head, training): out / f"{head}-{training}" for head in args.heads for training in args.trainings}
     if not args.table_only:
         # seed-major: every neuron's first seed before any second seed, so a benchmark cut short still covers the neurons
@@ -163,21 +196,24 @@ def main(argv=None) -> dict:
                         continue
                     print(f"\n== neuron {neuron}, seed {seed}, {head} head, {training} training", flush=True)
                     run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=[neuron], seeds=[seed], output_dir=str(folder),
-                                          datasets_from=_dataset_source(out, neuron, folder)), overrides_for(head, training))
+                                          datasets_from=_dataset_source(out, neuron, folder)),
+                              overrides_for(head, training, documents))
     rows = []
     for (head, training), folder in folders.items():
         done = [n for n in args.neurons if all(finished(run_dir(folder, n, s)) for s in args.seeds)]
         if done and not args.table_only:  # sweep.json and sweep.md over every finished run of this head and training
             run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=done, seeds=args.seeds, output_dir=str(folder)),
-                      overrides_for(head, training))
+                      overrides_for(head, training, documents))
         for neuron in args.neurons:
             for seed in args.seeds:
                 row = run_row(run_dir(folder, neuron, seed))
                 if row is not None:
                     rows.append({"neuron": neuron, "head": head, "seed": seed, "training": training, **row})
     rows.sort(key=lambda r: (args.neurons.index(r["neuron"]), r["head"], r["seed"], r["training"] != "plain"))
-    write_json(out / "faithfulness.json", {"neurons": args.neurons, "seeds": args.seeds, "heads": args.heads, "rows": rows}, indent=2)
-    text = (f"# Accuracy against faithfulness ({len(rows)} runs)\n\nTest split (held-out documents). CF: counterfactual rows "
+    write_json(out / "faithfulness.json", {"neurons": args.neurons, "seeds": args.seeds, "heads": args.heads,
+                                           "dataset_documents": documents, "rows": rows}, indent=2)
+    text = (f"# Accuracy against faithfulness ({len(rows)} runs)\n\nTest split (held-out documents; datasets of {documents} "
+            "documents). CF: counterfactual rows "
             "(the neuron set at the labelled token to drawn values). Intervals: 95% bootstrap.\n\n"
             f"{medians(rows)}\n\n{table(rows)}\n")
     (out / "faithfulness.md").write_text(text)
