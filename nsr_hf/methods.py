@@ -112,7 +112,8 @@ def describe(method: str) -> str:
 
 
 FAITHFULNESS_READERS = {"self": "**self**", "compare": "plainly trained predictor", "ridge_probe": "ridge probe (natural rows)",
-                        "ridge_probe_intervened": "ridge probe (intervened rows)"}
+                        "ridge_probe_intervened": "ridge probe (intervened rows)",
+                        "ridge_probe_intervened_original": "ridge probe (intervened rows, original model)"}
 
 
 def faithfulness_table(evaluation: dict, split: str = "test") -> str | None:

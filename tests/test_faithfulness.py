@@ -257,3 +257,129 @@ def test_the_sweep_table_lists_readers_and_the_comparisons_apart():
     text = sweep_markdown({"summary": summarise_runs(runs), "runs": runs, "split": "test", "neurons": ["7.268"], "seeds": [0]})
     assert "| self_vs_ridge_probe_intervened | 0.400" in text and "| 100% of 1 |" in text
     assert "| self_vs_ridge_probe_intervened | n/a" not in text  # not listed as a reader
+
+
+# -- the honest reader of the original model -------------------------------------------------------------------
+
+
+def _without_the_neuron(predictor):
+    """A copy of the predictor's base whose target neuron writes nothing: the original model of a training that built the
+    path from the neuron to the head (the known-answer predictor reads the neuron exactly)."""
+    import copy
+
+    original = copy.deepcopy(predictor.base)
+    with torch.no_grad():
+        module = get_neuron_module(original, TARGET.layer)
+        (module.weight[TARGET.index] if original.config.model_type == "gpt2" else module.weight[:, TARGET.index]).zero_()
+    return original
+
+
+def test_the_original_models_reader_cannot_read_a_path_the_training_built_and_the_verdict_says_so(tiny):
+    predictor, rows = known_answer(tiny)
+    section = section_of(predictor, rows, original=_without_the_neuron(predictor))
+    reader = section["methods"][faithfulness.ORIGINAL_READER]
+    assert section["methods"]["self"]["r2"] == pytest.approx(1.0, abs=1e-4) and reader["r2"] < 0.2
+    gain = section["comparisons"][faithfulness.ORIGINAL_READER]
+    assert gain["low"] > 0.5 and gain["difference"] == pytest.approx(section["methods"]["self"]["r2"] - reader["r2"], abs=1e-9)
+    assert "the training made the neuron readable where the head reads" in section["verdict"]
+    assert "the ridge probe fitted on intervened rows of the original model does not follow it" in section["verdict"]
+    assert section["probes"][faithfulness.ORIGINAL_READER]["model"].startswith("the original model")
+
+
+def test_the_original_models_reader_is_the_honest_reader_when_nothing_was_trained(tiny):
+    """The same weights give the same features, values and fit: the two readers' reports are equal; the predictor's own
+    base (the same object) gets no second reader."""
+    import copy
+
+    predictor, rows = known_answer(tiny)
+    section = section_of(predictor, rows, original=copy.deepcopy(predictor.base))
+    np.testing.assert_allclose(section["predictions"][faithfulness.ORIGINAL_READER],
+                               section["predictions"]["ridge_probe_intervened"], rtol=1e-6, atol=1e-8)
+    assert faithfulness.ORIGINAL_READER not in section_of(predictor, rows, original=predictor.base)["methods"]
+
+
+def test_the_original_models_reader_fits_features_of_the_original_with_each_rows_value_set(tiny):
+    """Its probe is the ridge fit of the original model's read-layer features with the neuron set, row by row, to the
+    honest reader's values: computed here one row at a time, apart from the section's batched passes."""
+    from nsr_hf.capture import Intervention, intervene
+    from nsr_hf.modeling.probes import RidgeProbe, layer_features
+
+    predictor, rows = known_answer(tiny)
+    original = _without_the_neuron(predictor)
+    with torch.no_grad():  # and the blocks after the neuron differ too: the original is not the predictor's base
+        for p in original.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    values = fit_values(predictor, rows, 0, TARGET)
+    probes, info = faithfulness.fit_probes(predictor, rows, TARGET, 0, values, max_rows=64, seed=0, batch_size=4, original=original)
+    features = []
+    for row, value in zip(rows, info["train_set_values"]):
+        iv = Intervention(TARGET.layer, [TARGET.index], "set", torch.tensor([[value]], dtype=torch.float32),
+                          positions=torch.tensor([row["label_position"]]))
+        with intervene(original, iv):
+            columns = {"input_ids": [row["input_ids"]], "attention_mask": [row["attention_mask"]],
+                       "label_position": [row["label_position"]]}
+            features.append(layer_features(original, columns, [2], progress=False)[2][0])
+    features = np.asarray(features)
+    expected = RidgeProbe().fit(features, info["train_set_values"]).predict(features)
+    np.testing.assert_allclose(probes[faithfulness.ORIGINAL_READER].predict(features), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_original_models_reader_starts_from_the_states_below_the_neuron_with_the_same_reports(tiny):
+    from nsr_hf.capture import capture_activations
+    from nsr_hf.training.collator import PredictorDataCollator
+    from nsr_hf.training.prefix_cache import PrefixCache, recording_states
+
+    predictor, rows = known_answer(tiny)
+    original = _without_the_neuron(predictor)
+    with recording_states(original, TARGET.layer) as states:  # the blocks below the neuron's are the predictor's too
+        capture_activations(original, PredictorDataCollator(pad_token_id=0)(rows), [str(TARGET)], position="last")
+    prefix = PrefixCache.from_states(states, rows)
+    assert prefix is not None and prefix.layer == TARGET.layer
+    fed = section_of(predictor, rows, original=original, train_prefix=prefix)
+    whole = section_of(predictor, rows, original=original)
+    np.testing.assert_allclose(fed["predictions"][faithfulness.ORIGINAL_READER], whole["predictions"][faithfulness.ORIGINAL_READER],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_verdict_says_what_the_original_models_reader_shows():
+    def result(low, high):
+        return {"meaningful": True, "slope_ratio": {"ratio": 1.0, "low": 0.9, "high": 1.1},
+                "methods": {"self": {"r2": 0.9}, faithfulness.ORIGINAL_READER: {"r2": 0.9 - (low + high) / 2}},
+                "comparisons": {faithfulness.ORIGINAL_READER: {"difference": (low + high) / 2, "low": low, "high": high}}}
+
+    assert "the report gains ΔR² +0.50 [0.40, 0.60]: the training made the neuron readable" in faithfulness.verdict(result(0.4, 0.6))
+    assert "is within noise of the report (ΔR² +0.00 [-0.05, 0.05]): the neuron was as readable there before the training" in \
+        faithfulness.verdict(result(-0.05, 0.05))
+    assert "The same reader of the original model does better than the report" in faithfulness.verdict(result(-0.3, -0.1))
+
+
+def test_an_evaluation_of_a_trained_base_reads_the_original_model_and_says_so_in_the_report(two_evaluations, tiny_model_dirs):
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+    from nsr_hf.modeling.predictor import load_predictor
+    from nsr_hf.models import load_model_and_tokenizer
+
+    tmp, on, _ = two_evaluations
+    assert faithfulness.ORIGINAL_READER not in on["faithfulness"]["test"]["methods"]  # base_unchanged: its base is the original
+    path = str(tmp / "train" / "predictor")
+    original, tok = load_model_and_tokenizer(tiny_model_dirs["llama"])
+    result = run_evaluate(EvaluateConfig(predictor=path, output_dir=str(tmp / "original"), counterfactual_rows=16, n_bootstrap=20,
+                                         causal_max_rows=8, causal_num_values=3, methods=["mean"]),
+                          predictor=load_predictor(path), base_model=original, tokenizer=tok)
+    assert faithfulness.ORIGINAL_READER in result["faithfulness"]["test"]["methods"]
+    assert "| ridge probe (intervened rows, original model) |" in (tmp / "original" / "report.md").read_text()
+
+
+def test_an_original_model_that_cannot_be_loaded_costs_only_its_reader(two_evaluations, caplog):
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+    from nsr_hf.modeling.predictor import load_predictor
+
+    tmp, _, _ = two_evaluations
+    path = str(tmp / "train" / "predictor")
+    with caplog.at_level("WARNING"):
+        result = run_evaluate(EvaluateConfig(predictor=path, output_dir=str(tmp / "no_original"), counterfactual_rows=16,
+                                             n_bootstrap=20, causal_max_rows=8, causal_num_values=3, methods=[],
+                                             base_model=str(tmp / "no such model")),
+                              predictor=load_predictor(path))
+    methods = result["faithfulness"]["test"]["methods"]
+    assert {"self", "ridge_probe", "ridge_probe_intervened"} == methods.keys()
+    assert "no reader of the original model" in caplog.text and "no such model" in caplog.text

@@ -16,6 +16,8 @@ COLUMNS = (("natural_r2", "natural R²", "self", "r2"),
            ("honest_reader_cf_r2", "honest reader's CF R²", "faithfulness:ridge_probe_intervened", "counterfactual_r2"),
            ("self_minus_honest_reader", "self − honest reader (CF R²)", "faithfulness:self_vs_ridge_probe_intervened",
             "delta_counterfactual_r2"),
+           ("self_minus_original_reader", "self − the original model's honest reader (CF R²)",
+            "faithfulness:self_vs_ridge_probe_intervened_original", "delta_counterfactual_r2"),
            ("self_minus_probe", "self − probe (R²)", "self_vs_ridge_probe", "delta_r2"),
            ("self_minus_cross", "self − cross (R²)", "self_vs_cross:", "delta_r2"))
 

@@ -18,6 +18,12 @@ only a reporter that reads the neuron is right. The figures, each with a bootstr
   with the neuron set): ``ridge_probe`` (fitted on natural train rows) and ``ridge_probe_intervened`` (fitted on train
   rows with the neuron set to drawn values, labels = the set values: the honest outside reader); and ``compare``, a
   plainly trained predictor, when one is given.
+* ``ridge_probe_intervened_original``, when the predictor's base was trained and the original model is given
+  (``original``): the same honest reader, fitted and read on the *original* model's representation at the read layer
+  (the same rows, values and layer). It is the third party of equal cost who cannot fine-tune the model: the report
+  beating it says that the fine-tuning made the neuron readable there; the honest reader of the trained representation
+  (the same function class as a linear head, on the same features and rows) says whether a linear read of what the
+  fine-tuning built does as well as the report.
 * ``comparisons``: the report's counterfactual R² minus each outside reader's, on the same rows, with a paired
   bootstrap interval (``nsr_hf.evaluation.statistics.paired_bootstrap_difference``). The readers are fitted on up to
   ``PROBE_ROWS`` train rows: as many rows as the reporter trained on, so the comparison is one of equal data.
@@ -51,9 +57,11 @@ from nsr_hf.training.prefix_cache import PrefixCache, row_keys
 DEFAULT_ROWS = 256
 PROBE_ROWS = 4096  # the outside readers are fitted on up to this many train rows: as many as the reporter trained on, here
 FOLLOWS, IGNORES = 0.8, 0.2  # a figure at or above FOLLOWS follows the neuron; at or below IGNORES it does not
-PROBES = ("ridge_probe", "ridge_probe_intervened")
+ORIGINAL_READER = "ridge_probe_intervened_original"  # the honest reader of the original (untrained) model
+PROBES = ("ridge_probe", "ridge_probe_intervened", ORIGINAL_READER)
 WORDS = {"self": "the report", "ridge_probe": "the ridge probe fitted on natural rows",
-         "ridge_probe_intervened": "the ridge probe fitted on intervened rows", "compare": "the plainly trained predictor"}
+         "ridge_probe_intervened": "the ridge probe fitted on intervened rows", "compare": "the plainly trained predictor",
+         ORIGINAL_READER: "the ridge probe fitted on intervened rows of the original model"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,10 +91,10 @@ def draw_values(values: CounterfactualValues, natural: np.ndarray, seed: int) ->
 
 
 def representation(model, rows: list[dict], read_layer: int, neuron: Neuron | None = None, values: np.ndarray | None = None,
-                   batch_size: int = 16, prefix: PrefixCache | None = None) -> np.ndarray:
+                   batch_size: int = 16, prefix: PrefixCache | None = None, base=None) -> np.ndarray:
     """(rows, hidden): what the head reads (``layer_features`` of ``model.base`` at ``read_layer``), with ``neuron`` set to
-    ``values`` (one per row) at each row's labelled token when given (``prefix``: as ``representations``)."""
-    return representations(model, rows, read_layer, neuron, [values], batch_size, prefix)[0]
+    ``values`` (one per row) at each row's labelled token when given (``prefix``, ``base``: as ``representations``)."""
+    return representations(model, rows, read_layer, neuron, [values], batch_size, prefix, base)[0]
 
 
 def reports_from(model, features: np.ndarray, column: int) -> np.ndarray:
@@ -100,14 +108,17 @@ def reports_from(model, features: np.ndarray, column: int) -> np.ndarray:
 
 
 def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | None, value_sets: list,
-                    batch_size: int = 16, prefix: PrefixCache | None = None) -> list[np.ndarray]:
+                    batch_size: int = 16, prefix: PrefixCache | None = None, base=None) -> list[np.ndarray]:
     """``representation`` once per value set (``None``: the neuron as it is; else one value per row), for less: per batch
     of rows, the blocks below the neuron's block run once (a ``PrefixCache`` at its input) and only the blocks from there
     run for each set. ``prefix``: a ``PrefixCache`` at the neuron's block that may hold the rows already (computed by the
     same blocks below it): a batch it holds does not run them at all. ``layer_features`` orders rows by length; the batches
-    here are cut from rows already in that order, so each row's value is set in its own forward."""
+    here are cut from rows already in that order, so each row's value is set in its own forward.
+    ``base``: another causal LM with the same blocks below the neuron's (the original model) to run instead of
+    ``model.base``: ``prefix``, when it holds a batch, feeds it; else every block runs."""
     order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     out = [None] * len(value_sets)
+    runner = model.base if base is None else base
     share = neuron is not None and neuron.layer > 0 and not model.head.takes_prompt  # the head runs the rows themselves
     for start in range(0, len(rows), batch_size):
         index = order[start:start + batch_size]
@@ -121,16 +132,16 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
             input_ids, mask = pad_right(columns["input_ids"], 0, columns["attention_mask"], device=next(model.parameters()).device)
             batch = {"input_ids": input_ids, "attention_mask": mask, "label_positions": positions.to(input_ids.device)}
             given = prefix is not None and prefix.layer == neuron.layer and prefix.holds(row_keys(batch))
-            cache = prefix if given else PrefixCache(neuron.layer).build(model, [batch])
+            cache = prefix if given else PrefixCache(neuron.layer).build(model, [batch]) if base is None else None
         for k, values in enumerate(value_sets):
             with contextlib.ExitStack() as stack:
                 if cache is not None:
-                    stack.enter_context(cache.feeding(model, batch))
+                    stack.enter_context(cache.feeding(model if base is None else base, batch))
                 if values is not None:
                     value = torch.as_tensor(values[index], dtype=torch.float32)[:, None]
                     iv = Intervention(neuron.layer, [neuron.index], "set", value, positions=positions)
-                    stack.enter_context(intervene(model.base, iv))
-                features = layer_features(model.base, columns, [read_layer], batch_size=len(chunk), progress=False)[read_layer]
+                    stack.enter_context(intervene(runner, iv))
+                features = layer_features(runner, columns, [read_layer], batch_size=len(chunk), progress=False)[read_layer]
             out[k] = np.zeros((len(rows), features.shape[1])) if out[k] is None else out[k]
             out[k][index] = features
     return out
@@ -150,10 +161,12 @@ def natural_features(model, rows: list[dict], read_layer: int, neuron: Neuron, p
 
 
 def fit_probes(model, train_rows, neuron: Neuron, column: int, values: CounterfactualValues, *, max_rows: int, seed: int,
-               batch_size: int, prefix: PrefixCache | None = None,
-               natural_prefix: PrefixCache | None = None) -> tuple[dict[str, RidgeProbe], dict]:
-    """The two outside readers, on at most ``max_rows`` train rows: ``ridge_probe`` (natural features, natural labels)
+               batch_size: int, prefix: PrefixCache | None = None, natural_prefix: PrefixCache | None = None,
+               original=None) -> tuple[dict[str, RidgeProbe], dict]:
+    """The outside readers, on at most ``max_rows`` train rows: ``ridge_probe`` (natural features, natural labels)
     and ``ridge_probe_intervened`` (features with the neuron set to drawn values, labels = those values); alpha by GCV.
+    ``original`` (a causal LM, the model before training): also ``ridge_probe_intervened_original``, the second reader on
+    its features with the same rows and values (``prefix`` must then hold states of the original's blocks, as training's does).
     A reader of equal cost sees the rows the reporter trained on, so ``max_rows`` is ``PROBE_ROWS`` in the section.
     ``natural_prefix``: the rows' natural states entering a block above the neuron's, computed by blocks the predictor has
     unchanged (training's own frozen-prefix cache): the natural features run only the blocks from there."""
@@ -167,8 +180,15 @@ def fit_probes(model, train_rows, neuron: Neuron, column: int, values: Counterfa
     else:  # the natural and the intervened features of each batch of rows from one run of the blocks below the neuron's
         plain, intervened = representations(model, rows, read_layer, neuron, [None, set_to], batch_size, prefix)
     probes = {"ridge_probe": RidgeProbe().fit(plain, natural), "ridge_probe_intervened": RidgeProbe().fit(intervened, set_to)}
+    if original is not None:
+        before = representations(model, rows, read_layer, neuron, [set_to], batch_size, prefix, base=original)[0]
+        probes[ORIGINAL_READER] = RidgeProbe().fit(before, set_to)
     info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows)} for name, p in probes.items()}
-    info["ridge_probe_intervened"]["labels"] = "the values set"
+    for name in ("ridge_probe_intervened", ORIGINAL_READER):
+        if name in info:
+            info[name]["labels"] = "the values set"
+    if original is not None:
+        info[ORIGINAL_READER]["model"] = "the original model (before training), at the same read layer"
     return probes, {"probes": info, "train_set_values": set_to}
 
 
@@ -221,16 +241,29 @@ def verdict(result: dict) -> str:
         sentence = f"The report does not follow the neuron ({what}, {r2}): {context}."
     others = [f"{WORDS[m]} {_degree(f['r2'], 'it')} (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
     sentence += " Next to it, " + "; ".join(others) + "." if others else ""
-    honest = (result.get("comparisons") or {}).get("ridge_probe_intervened")
+    comparisons = result.get("comparisons") or {}
+    honest = comparisons.get("ridge_probe_intervened")
     if honest and honest.get("low") is not None:
-        d = f"ΔR² {honest['difference']:+.2f} [{honest['low']:.2f}, {honest['high']:.2f}]"
+        d = _difference(honest)
         sentence += (f" The report beats the honest outside reader (the ridge probe fitted on intervened rows) on these rows: {d}."
                      if honest["low"] > 0 else
                      f" The report is worse than the honest outside reader (the ridge probe fitted on intervened rows) on these rows: {d}."
                      if honest["high"] < 0 else
                      f" The report and the honest outside reader (the ridge probe fitted on intervened rows) are within noise of "
                      f"each other on these rows: {d}.")
+    before = comparisons.get(ORIGINAL_READER)
+    if before and before.get("low") is not None:
+        d = _difference(before)
+        sentence += (f" Against the same reader of the original model, the report gains {d}: the training made the neuron "
+                     "readable where the head reads." if before["low"] > 0 else
+                     f" The same reader of the original model does better than the report ({d})." if before["high"] < 0 else
+                     f" The same reader of the original model is within noise of the report ({d}): the neuron was as readable "
+                     "there before the training.")
     return sentence
+
+
+def _difference(comparison: dict) -> str:
+    return f"ΔR² {comparison['difference']:+.2f} [{comparison['low']:.2f}, {comparison['high']:.2f}]"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,11 +273,12 @@ def verdict(result: dict) -> str:
 def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: dict | None = None, *, neuron=None,
                          column: int | None = None, max_rows: int = DEFAULT_ROWS, seed: int = 0, batch_size: int = 16,
                          n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None,
-                         prefix: PrefixCache | None = None) -> dict:
+                         prefix: PrefixCache | None = None, original=None) -> dict:
     """The faithfulness figures of one split (module docstring): counterfactual R² of the report and of each reader,
     the slope ratio of ``causal`` (a ``causal_test(..., per_row=True)`` result on this split) and the verdict.
     ``column`` is the neuron's column in the rows' ``activations`` (default: its report column). ``prefix``: as
-    ``representations``. A head that reads the representation alone reports from the same pass as the readers."""
+    ``representations``. A head that reads the representation alone reports from the same pass as the readers.
+    ``original``: the model the ``ridge_probe_intervened_original`` probe (when ``probes`` has one) reads."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
@@ -260,7 +294,12 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
     else:
         predictions = {"self": report_under_intervention(model, rows, iv, batch_size, neuron)}
     if probes:
-        predictions.update({name: probe.predict(features) for name, probe in probes.items()})
+        predictions.update({name: probe.predict(features) for name, probe in probes.items() if name != ORIGINAL_READER})
+    if probes and ORIGINAL_READER in probes:
+        if original is None:
+            raise ValueError(f"The {ORIGINAL_READER} probe reads the original model's representation: pass original=.")
+        before = representation(model, rows, model.config.effective_read_layer, neuron, set_to, batch_size, prefix, base=original)
+        predictions[ORIGINAL_READER] = probes[ORIGINAL_READER].predict(before)
     if compare is not None:
         predictions["compare"] = report_under_intervention(compare, rows, iv, batch_size, neuron)
     meaningful, note = path_to_report(model, neuron)
@@ -281,22 +320,25 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
 def faithfulness_section(predictor, splits: dict, train_rows, *, neuron=None, column: int | None = None, max_rows: int = DEFAULT_ROWS,
                          probe_rows: int = PROBE_ROWS, source: str | None = None, seed: int = 0, batch_size: int = 16,
                          n_bootstrap: int = 1000, level: float = 0.95, causal: dict | None = None, compare=None,
-                         train_prefix: PrefixCache | None = None, natural_prefix: PrefixCache | None = None) -> dict:
+                         train_prefix: PrefixCache | None = None, natural_prefix: PrefixCache | None = None,
+                         original=None) -> dict:
     """``{split: faithfulness_on_rows(...)}`` for each of ``splits`` ({name: rows}), with the counterfactual values and the
     probes fitted once on ``train_rows`` (at most ``probe_rows`` of them; ``max_rows`` held-out rows per split).
     ``causal``: {split: per-row causal result}. ``train_prefix``: a ``PrefixCache`` of the train rows (and any other rows)
     at the neuron's block, computed by the predictor's own (unchanged) blocks below it (``representations``).
-    ``natural_prefix``: as ``fit_probes``."""
+    ``natural_prefix``: as ``fit_probes``. ``original``: the model before training (a causal LM), for the honest reader
+    of its representation (``ridge_probe_intervened_original``); None when the predictor's base is the original."""
     model = unwrap_predictor(predictor)
     neuron, report_column = target_column(model, neuron)
     column = report_column if column is None else column
     values = fit_values(model, train_rows, column, neuron, source)
+    original = None if original is model.base else original
     probes, info = fit_probes(model, train_rows, neuron, column, values, max_rows=probe_rows, seed=seed, batch_size=batch_size,
-                              prefix=train_prefix, natural_prefix=natural_prefix)
+                              prefix=train_prefix, natural_prefix=natural_prefix, original=original)
     out = {}
     for name, rows in splits.items():
         out[name] = faithfulness_on_rows(model, rows, values, probes, neuron=neuron, column=column, max_rows=max_rows, seed=seed,
                                          batch_size=batch_size, n_bootstrap=n_bootstrap, level=level, causal=(causal or {}).get(name),
-                                         compare=compare, prefix=train_prefix)
+                                         compare=compare, prefix=train_prefix, original=original)
         out[name]["probes"] = info["probes"]
     return out

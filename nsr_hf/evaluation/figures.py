@@ -187,7 +187,8 @@ def drift_history(drift=None, log_history: Sequence[dict] | None = None) -> tupl
 
 
 FAITHFULNESS_PANELS = (("self", "self (report)"), ("compare", "plainly trained predictor"),
-                       ("ridge_probe", "ridge probe, natural rows"), ("ridge_probe_intervened", "ridge probe, intervened rows"))
+                       ("ridge_probe", "ridge probe, natural rows"), ("ridge_probe_intervened", "ridge probe, intervened rows"),
+                       ("ridge_probe_intervened_original", "ridge probe, intervened rows,\noriginal model"))
 
 
 def plot_faithfulness(counterfactual: dict, path: Path, section: dict | None = None) -> Path | None:

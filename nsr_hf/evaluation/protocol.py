@@ -277,7 +277,33 @@ def _shuffled_predictions(config: EvaluateConfig, predictor, dataset, splits, ne
     return {s: predict_split(shuffled_model, dataset[s], config.batch_size)[0] for s in splits}
 
 
-def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, splits, columns, base_model, tokenizer,
+class OriginalModel:
+    """The original base model and its tokenizer (``_original_base``), loaded on the first ``get`` and shared by the
+    baselines and the faithfulness section's reader of the original model."""
+
+    def __init__(self, config: EvaluateConfig, predictor, inner, base_model, tokenizer):
+        self.config, self.inner, self.given, self.tokenizer = config, inner, base_model, tokenizer
+        self.wrapped = inner is not predictor
+        self.pair: tuple | None = None
+
+    def get(self) -> tuple:
+        if self.pair is None:
+            self.pair = _original_base(self.config, self.inner, self.given, self.tokenizer, wrapped=self.wrapped)
+        return self.pair
+
+    def for_faithfulness(self):
+        """The original model for the honest reader of its representation, or None: when the predictor's base is the
+        original (``base_unchanged``), or when it cannot be loaded (a warning says why; every other figure is kept)."""
+        if self.config.base_unchanged and self.given is None:
+            return None
+        try:
+            return self.get()[0]
+        except ValueError as err:
+            logger.warning("The faithfulness section has no reader of the original model: %s", err)
+            return None
+
+
+def _baselines_by_neuron(config: EvaluateConfig, inner, dataset, splits, columns, original: OriginalModel,
                          stages: FinishedStages, feature_cache: dict | None = None) -> dict:
     """``run_baselines`` for every neuron column, on the original base model, with one feature pass for all; each neuron's
     baselines are a stage that a resumed evaluation reads back (the original model is then loaded only if one is missing)."""
@@ -285,12 +311,10 @@ def _baselines_by_neuron(config: EvaluateConfig, predictor, inner, dataset, spli
         return {}
     read_layer = inner.config.effective_read_layer
     cache: dict = {} if feature_cache is None else feature_cache
-    original: list = []  # loaded on first need
 
     def baselines_of(column: int) -> dict:
-        if not original:
-            original.extend(_original_base(config, inner, base_model, tokenizer, wrapped=inner is not predictor))
-        return run_baselines(original[0], original[1], {name: dataset[name] for name in dataset}, read_layer=read_layer,
+        model, tokenizer = original.get()
+        return run_baselines(model, tokenizer, {name: dataset[name] for name in dataset}, read_layer=read_layer,
                              neuron_column=column, eval_splits=tuple(splits), methods=tuple(config.methods),
                              cross_models=tuple(config.cross_models), seed=config.seed, batch_size=config.batch_size,
                              feature_cache=cache, probe_layers=config.probe_layers,
@@ -327,7 +351,8 @@ def _causal_result(config: EvaluateConfig, predictor, rows, neuron: str, split: 
 
 
 def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j: int, column: int, preds, shuffled,
-                   baselines, compare=None, train_prefix=None, natural_prefix=None) -> tuple[dict, dict]:
+                   baselines, compare=None, train_prefix=None, natural_prefix=None,
+                   original: OriginalModel | None = None) -> tuple[dict, dict]:
     """``(result, predictions)`` of neuron ``j``: its figures, comparisons, selectivity, spread and causal test by split,
     and every method's predictions by split (``predictions.json``)."""
     neuron = inner.config.neurons[j]
@@ -365,7 +390,8 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
         causal = {splits[0]: {"per_row": per_row}} if per_row else None
         with timed("faithfulness"):
             result["faithfulness"] = _faithfulness_result(config, predictor, dataset, splits, neuron, column, causal, compare,
-                                                          train_prefix, natural_prefix)
+                                                          train_prefix, natural_prefix,
+                                                          original.for_faithfulness() if original is not None else None)
         # the counterfactual rows' values go to predictions.json (under "counterfactual"), not into metrics.json
         predictions["counterfactual"] = {s: section.pop("predictions") for s, section in result["faithfulness"].items()
                                          if isinstance(section, dict) and "predictions" in section}
@@ -373,7 +399,7 @@ def _neuron_result(config: EvaluateConfig, predictor, inner, dataset, splits, j:
 
 
 def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neuron: str, column: int, causal, compare,
-                         train_prefix=None, natural_prefix=None) -> dict:
+                         train_prefix=None, natural_prefix=None, original=None) -> dict:
     """The faithfulness section by split, or ``{"skipped": why}`` when it cannot run (no train split, a neuron that never varies)."""
     if "train" not in dataset or len(dataset["train"]) < 2:
         return {"skipped": "the dataset has no train split to fit the counterfactual values and the probes on"}
@@ -381,7 +407,8 @@ def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neu
         return faithfulness_section(predictor, {s: dataset[s] for s in splits}, dataset["train"], neuron=neuron, column=column,
                                     max_rows=config.counterfactual_rows, source=config.counterfactual_source, seed=config.seed,
                                     batch_size=config.batch_size, n_bootstrap=config.n_bootstrap, level=config.confidence_level,
-                                    causal=causal, compare=compare, train_prefix=train_prefix, natural_prefix=natural_prefix)
+                                    causal=causal, compare=compare, train_prefix=train_prefix, natural_prefix=natural_prefix,
+                                    original=original)
     except ValueError as err:  # e.g. the neuron does not vary on train: say so, keep every other figure
         logger.warning("Faithfulness of %s skipped: %s", neuron, err)
         return {"skipped": str(err)}
@@ -507,8 +534,8 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     with timed("shuffled-label predictor"):
         shuffled = stages.get("shuffled", lambda: _shuffled_predictions(config, predictor, dataset, splits, neurons))
     with timed("baselines"):
-        baselines = _baselines_by_neuron(config, predictor, inner, dataset, splits, columns, base_model, tokenizer, stages,
-                                         feature_cache)
+        original = OriginalModel(config, predictor, inner, base_model, tokenizer)
+        baselines = _baselines_by_neuron(config, inner, dataset, splits, columns, original, stages, feature_cache)
     compare = (load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
                if config.compare_predictor and config.counterfactual_rows else None)
     per_neuron, all_predictions = {}, {}
@@ -516,7 +543,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
         per_neuron[neuron], all_predictions[neuron] = stages.get(
             f"neuron-{j}", lambda j=j, neuron=neuron: _neuron_result(config, predictor, inner, dataset, splits, j, columns[j], preds,
                                                                      shuffled, baselines.get(neuron), compare, train_prefix,
-                                                                     natural_prefix))
+                                                                     natural_prefix, original))
     if stages.resumed:
         logger.warning("Resumed the interrupted evaluation: read back its finished stages %s from %s", stages.resumed, stages.folder)
 
