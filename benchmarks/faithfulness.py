@@ -25,7 +25,8 @@ into a folder whose runs were built from another number of documents is refused 
 Written to ``output_dir``: ``faithfulness.json`` (every figure of every run, with intervals) and ``faithfulness.md``, one
 row per neuron x head x seed x training: natural R², counterfactual R², slope ratio, the ridge probe's natural R² and its
 counterfactual R², the counterfactual R² of the ridge probe fitted on intervened rows, the report minus that reader
-(paired bootstrap interval), and the training time. The README's figures come from it.
+(paired bootstrap interval), the same two for that reader of the original model (before training), and the training
+time. The README's figures come from it.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def run_row(folder: Path, split: str = "test") -> dict | None:
     section = ((evaluation.get("faithfulness") or {}).get(split)) or {}
     methods, ratio = section.get("methods") or {}, section.get("slope_ratio") or {}
     honest = (section.get("comparisons") or {}).get("ridge_probe_intervened") or {}
+    before = (section.get("comparisons") or {}).get("ridge_probe_intervened_original") or {}
     self_natural = natural.get("self") or {}
     return {
         "natural_r2": self_natural.get("r2"), "natural_r2_ci": _ci(self_natural),
@@ -126,6 +128,9 @@ def run_row(folder: Path, split: str = "test") -> dict | None:
         "intervened_probe_counterfactual_r2": (methods.get("ridge_probe_intervened") or {}).get("r2"),
         "self_minus_intervened_probe": honest.get("difference"),
         "self_minus_intervened_probe_ci": [honest.get("low"), honest.get("high")] if honest else None,
+        "original_reader_counterfactual_r2": (methods.get("ridge_probe_intervened_original") or {}).get("r2"),
+        "self_minus_original_reader": before.get("difference"),
+        "self_minus_original_reader_ci": [before.get("low"), before.get("high")] if before else None,
         "train_seconds": (summary.get("train") or {}).get("train_runtime"),
         "intervention": summary.get("intervention"),
         "meaningful": section.get("meaningful"),
@@ -144,21 +149,24 @@ def _with_ci(x, ci) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| neuron | head | seed | training | natural R² | counterfactual R² | slope ratio | probe R² (natural) | "
-             "probe CF R² | intervened-row probe CF R² | self − that probe (CF R²) | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "probe CF R² | intervened-row probe CF R² | self − that probe (CF R²) | the original model's intervened-row probe "
+             "CF R² | self − that probe (CF R²) | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['neuron']} | {r['head']} | {r['seed']} | {r['training']} | {_with_ci(r['natural_r2'], r['natural_r2_ci'])} | "
                      f"{_with_ci(r['counterfactual_r2'], r['counterfactual_r2_ci'])} | {_with_ci(r['slope_ratio'], r['slope_ratio_ci'])} | "
                      f"{_num(r['probe_natural_r2'])} | {_num(r['probe_counterfactual_r2'])} | "
                      f"{_num(r['intervened_probe_counterfactual_r2'])} | "
-                     f"{_with_ci(r['self_minus_intervened_probe'], r['self_minus_intervened_probe_ci'])} | {_num(r['train_seconds'], 0)} |")
+                     f"{_with_ci(r['self_minus_intervened_probe'], r['self_minus_intervened_probe_ci'])} | "
+                     f"{_num(r['original_reader_counterfactual_r2'])} | "
+                     f"{_with_ci(r['self_minus_original_reader'], r['self_minus_original_reader_ci'])} | {_num(r['train_seconds'], 0)} |")
     return "\n".join(lines)
 
 
 def medians(rows: list[dict]) -> str:
     """Median of each figure per head and training, over neurons and seeds."""
     keys = ("natural_r2", "counterfactual_r2", "slope_ratio", "intervened_probe_counterfactual_r2", "self_minus_intervened_probe",
-            "train_seconds")
+            "original_reader_counterfactual_r2", "self_minus_original_reader", "train_seconds")
     lines = ["| head | training | runs | " + " | ".join(keys) + " |", "| --- | --- | --- |" + " --- |" * len(keys)]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

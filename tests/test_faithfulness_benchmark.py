@@ -76,9 +76,10 @@ def test_the_table_reads_back_a_finished_run(bench, tmp_path):
             "faithfulness": {"test": {
                 "meaningful": True,
                 "methods": {"self": {"r2": 0.960, "r2_ci": [0.931, 0.976]}, "ridge_probe": {"r2": 0.835},
-                            "ridge_probe_intervened": {"r2": 0.944}},
+                            "ridge_probe_intervened": {"r2": 0.944}, "ridge_probe_intervened_original": {"r2": 0.51}},
                 "slope_ratio": {"ratio": 1.101, "low": 0.914, "high": 1.247},
-                "comparisons": {"ridge_probe_intervened": {"difference": 0.016, "low": 0.0004, "high": 0.045}}}}},
+                "comparisons": {"ridge_probe_intervened": {"difference": 0.016, "low": 0.0004, "high": 0.045},
+                                "ridge_probe_intervened_original": {"difference": 0.45, "low": 0.38, "high": 0.52}}}}},
     }
     _run(tmp_path / "regression-faithful" / "0.1524" / "seed-0", 4800, metrics)
     result = bench.main(["--output_dir", str(tmp_path), "--table_only", "--heads", "regression", "--trainings", "faithful",
@@ -86,12 +87,14 @@ def test_the_table_reads_back_a_finished_run(bench, tmp_path):
     (row,) = result["rows"]
     assert (row["natural_r2"], row["counterfactual_r2"], row["slope_ratio"]) == (0.963, 0.960, 1.101)
     assert row["intervened_probe_counterfactual_r2"] == 0.944 and row["self_minus_intervened_probe_ci"] == [0.0004, 0.045]
+    assert row["original_reader_counterfactual_r2"] == 0.51 and row["self_minus_original_reader_ci"] == [0.38, 0.52]
     assert row["train_seconds"] == 368.0
     written = json.loads((tmp_path / "faithfulness.json").read_text())
     assert written["dataset_documents"] == 4800 and len(written["rows"]) == 1
     text = (tmp_path / "faithfulness.md").read_text()
     assert "datasets of 4800 documents" in text
     assert "| 0.1524 | regression | 0 | faithful | 0.963 [0.95, 0.97] | 0.960 [0.93, 0.98] | 1.101 [0.91, 1.25] |" in text
+    assert "| 0.510 | 0.450 [0.38, 0.52] | 368 |" in text
 
 
 def test_an_unfinished_run_is_not_in_the_table(bench, tmp_path):
