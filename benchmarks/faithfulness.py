@@ -7,7 +7,7 @@
         --trainings faithful --neurons 0.333                                                    # more data (README)
 
 For every head (``--heads``: ``regression`` = recipes/quickstart.yaml, ``token_exit`` = recipes/quickstart_token_exit.yaml,
-``token`` = recipes/quickstart_token.yaml, the model's own next token: ~40 min a run on 2 CPU cores) two sweeps run
+``token`` = recipes/quickstart_token.yaml, the model's own next token: ~25 min a run on 2 CPU cores) two sweeps run
 (``nsr_hf.sweep.run_sweep``): ``<head>-plain`` with ``intervention_rate`` 0 and ``<head>-faithful`` with the settings in which
 the head's faithful recipe differs from its plain one (rate, source, epochs, learning rate): recipes/quickstart_faithful.yaml
 for the regression head, recipes/quickstart_token_exit_faithful.yaml for the early exit; the own-next-token head takes the
