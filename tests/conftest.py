@@ -24,6 +24,16 @@ TRAINING_TEXT = [
 ] * 20
 
 
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_word_corpus(path, n: int = 60, seed: int = 0):
     """A jsonl corpus of ``n`` short documents of random words (ids d0..), for pipeline tests; returns ``path``."""
     import json

@@ -425,13 +425,10 @@ def test_the_bin_ceiling_benchmark_scores_a_perfect_classifier_per_strategy(gpt2
     """benchmarks/bin_ceiling.py: the R² of reporting each row's own bin mean. On the split the bins were fitted on,
     kmeans (the least squared error) is at least as good as the other two, for every neuron; the figures match a
     direct computation and reach the JSON file."""
-    import importlib.util
+    from conftest import load_benchmark
 
     generate(gpt2, corpus_file, tmp_path)
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bin_ceiling.py"
-    spec = importlib.util.spec_from_file_location("bin_ceiling", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bin_ceiling")
     results = bench.main([str(tmp_path / "ds"), "--split", "train", "--num_bins", "4", "--json", str(tmp_path / "c.json")])
     by_neuron = results[str(tmp_path / "ds")]
     assert sorted(by_neuron) == sorted(NEURONS) and json.loads((tmp_path / "c.json").read_text()) == results

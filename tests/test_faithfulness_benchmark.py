@@ -2,21 +2,18 @@
 their shared datasets consistent, and the table it reads back from finished runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_faithfulness", ROOT / "benchmarks" / "faithfulness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("faithfulness")
 
 
 def _run(folder: Path, documents: int, metrics: dict | None = None) -> None:

@@ -1,20 +1,13 @@
 """benchmarks/pipeline.py: the FLOP floors it puts next to a run's stage times count what they say."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "benchmarks" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pipeline")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -76,9 +69,7 @@ def test_stages_that_ran_in_bfloat16_count_at_bfloat16s_rate_and_their_parents_a
 def test_the_sweep_cost_is_each_runs_seconds_against_a_runs_own_cost_less_what_a_sweep_does_once(tmp_path):
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_sweep_cost", ROOT / "benchmarks" / "sweep_cost.py")
-    cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cost)
+    cost = load_benchmark("sweep_cost")
     runs = []
     for neuron, seed, seconds in (("7.268", 0, 200.0), ("7.268", 1, 100.0), ("0.333", 0, 180.0), ("0.333", 1, 120.0)):
         folder = tmp_path / "sweep" / neuron / f"seed-{seed}"
