@@ -10,8 +10,9 @@ For every head (``--heads``: ``regression`` = recipes/quickstart.yaml, ``token_e
 ``token`` = recipes/quickstart_token.yaml, the model's own next token: ~25 min a run on 2 CPU cores) two sweeps run
 (``nsr_hf.sweep.run_sweep``): ``<head>-plain`` with ``intervention_rate`` 0 and ``<head>-faithful`` with the settings in which
 the head's faithful recipe differs from its plain one (rate, source, epochs, learning rate): recipes/quickstart_faithful.yaml
-for the regression head, recipes/quickstart_token_exit_faithful.yaml for the early exit; the own-next-token head takes the
-regression recipe's intervention and keeps its own epochs and rate (no faithful recipe of it has been tuned).
+for the regression head, recipes/quickstart_token_exit_faithful.yaml for the early exit, recipes/quickstart_token_faithful.yaml
+for the own next token. Where the faithful recipe also changes the head itself (the own next token's is read at the labelled
+token, with k-means bins: ``HEAD_KEYS``), the plain runs take that head too, so that the two differ in their training only.
 Every sweep after the first takes the first one's datasets (``--datasets_from``), so all runs of a neuron score exactly the
 same held-out rows. A finished run is not run again: the benchmark resumes where it stopped.
 
@@ -45,25 +46,29 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"regression": "recipes/quickstart.yaml", "token_exit": "recipes/quickstart_token_exit.yaml",
            "token": "recipes/quickstart_token.yaml"}
 FAITHFUL = {"regression": "recipes/quickstart_faithful.yaml", "token_exit": "recipes/quickstart_token_exit_faithful.yaml",
-            "token": "recipes/quickstart_faithful.yaml"}
+            "token": "recipes/quickstart_token_faithful.yaml"}
 # The keys the faithful recipe sets on top of the plain quickstart: the intervention and what it needs to be learnt.
 TRAINING_KEYS = ("intervention_rate", "intervention_source", "intervention_shift_scale", "num_train_epochs", "learning_rate")
+# The keys that define the head itself (where the report is read, its bins): taken from the faithful recipe by the plain
+# runs too, so that plain and faithful differ in their training only.
+HEAD_KEYS = ("prompt_suffix", "bin_strategy")
 NEURONS = ("7.268", "0.1524", "0.333", "0.1194", "6.868")  # the quickstart's neuron and four of the first sweep's
 CHEAP = {"eval_methods": ["ridge_probe"], "drift_every_n_steps": 100000}
 
 
-def faithful_overrides(head: str) -> dict:
-    """The settings of ``head``'s faithful recipe (intervention, and the epochs and rate it was tuned with) that differ from
-    its plain recipe. The own-next-token head borrows the regression recipe's intervention only."""
+def faithful_overrides(head: str, keys: tuple = TRAINING_KEYS) -> dict:
+    """The settings of ``head``'s faithful recipe among ``keys`` (by default its training: the intervention, and the epochs
+    and rate it was tuned with) that differ from its plain recipe."""
     faithful, plain = load_recipe(str(ROOT / FAITHFUL[head])), load_recipe(str(ROOT / RECIPES[head]))
-    keys = TRAINING_KEYS[:3] if head == "token" else TRAINING_KEYS
     return {k: faithful[k] for k in keys if k in faithful and faithful[k] != plain.get(k)}
 
 
 def overrides_for(head: str, training: str, dataset_documents: int | None = None) -> dict:
     """The recipe keys that a run of ``training`` (``plain`` or ``faithful``) sets on ``head``'s recipe; both are scored on
     counterfactual rows drawn as in the faithful training. ``dataset_documents``: the datasets' size (None: the recipe's)."""
-    overrides = {**CHEAP, "intervention_rate": 0.0} if training == "plain" else {**CHEAP, **faithful_overrides(head)}
+    head_keys = faithful_overrides(head, HEAD_KEYS)
+    overrides = ({**CHEAP, **head_keys, "intervention_rate": 0.0} if training == "plain"
+                 else {**CHEAP, **head_keys, **faithful_overrides(head)})
     overrides["counterfactual_source"] = load_recipe(str(ROOT / FAITHFUL[head])).get("intervention_source", "interchange")
     if dataset_documents is not None:
         overrides["dataset_documents"] = int(dataset_documents)

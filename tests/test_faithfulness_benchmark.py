@@ -35,9 +35,16 @@ def test_plain_runs_have_no_interventions_and_faithful_runs_take_the_faithful_re
     # both are scored on the same kind of counterfactual rows, and the datasets' size is the recipe's unless asked
     assert plain["counterfactual_source"] == faithful["counterfactual_source"] == recipe["intervention_source"]
     assert "dataset_documents" not in plain and "dataset_documents" not in faithful
-    # the own-next-token head borrows only the intervention: it keeps its own epochs and learning rate
-    token = bench.overrides_for("token", "faithful")
-    assert "num_train_epochs" not in token and "learning_rate" not in token and token["intervention_rate"] > 0
+    # the own-next-token head's faithful recipe also moves the report to the labelled token: both of its runs take that
+    # head, so plain and faithful differ in their training only
+    token_recipe = load_recipe(str(ROOT / "recipes/quickstart_token_faithful.yaml"))
+    token_plain, token = bench.overrides_for("token", "plain"), bench.overrides_for("token", "faithful")
+    assert token["intervention_rate"] == token_recipe["intervention_rate"] > 0 and token_plain["intervention_rate"] == 0.0
+    assert token["num_train_epochs"] == token_recipe["num_train_epochs"] and "num_train_epochs" not in token_plain
+    for run in (token_plain, token):
+        assert run["prompt_suffix"] == token_recipe["prompt_suffix"] == "" and run["bin_strategy"] == "kmeans"
+    # the regression head's plain and faithful recipes read the same head: nothing of the head is overridden
+    assert "prompt_suffix" not in plain and "bin_strategy" not in faithful
 
 
 def test_dataset_documents_reaches_every_run(bench):

@@ -297,6 +297,19 @@ def test_the_faithful_token_exit_recipe_is_the_token_exit_recipe_with_interventi
     assert (config.head_type, config.intervention_rate, config.num_train_epochs) == ("token", 0.5, 6)
 
 
+def test_the_faithful_own_next_token_recipe_reads_at_the_labelled_token_with_intervention_training():
+    plain = yaml.safe_load((ROOT / "recipes" / "quickstart_token.yaml").read_text())
+    faithful = yaml.safe_load((ROOT / "recipes" / "quickstart_token_faithful.yaml").read_text())
+    # the report moves to the labelled token, where the neuron is set (the prompt would leave it to attention), k-means bins
+    head = {"prompt_suffix": "", "bin_strategy": "kmeans"}
+    changed = {"intervention_rate": 0.5, "intervention_source": "interchange", "num_train_epochs": 6,
+               "drift_every_n_steps": 120, "output_dir": "outputs/quickstart_token_faithful"}
+    assert faithful == {**plain, **head, **changed}
+    config = parse_config([str(ROOT / "recipes" / "quickstart_token_faithful.yaml")])
+    assert (config.head_type, config.read_layer, config.unfreeze) == ("token", None, "lora_after_target")
+    assert (config.prompt_suffix, config.intervention_rate) == ("", 0.5)
+
+
 @pytest.mark.parametrize("name", ["regression.yaml", "classification.yaml", "token_digits.yaml", "lora.yaml"])
 def test_the_gpu_recipes_offer_intervention_training_as_a_commented_line(name):
     text = (ROOT / "recipes" / name).read_text()
