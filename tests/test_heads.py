@@ -230,6 +230,20 @@ def test_a_clamped_neuron_reaches_the_report_only_from_a_block_before_the_one_re
     assert head_class(head)(config).report_path(layer, read)[0] is meaningful
 
 
+@pytest.mark.parametrize(("layer", "read", "meaningful", "words"), [
+    (0, 1, True, "through the residual stream"), (1, 1, False, "target's own block"), (2, 1, False, "before the target")])
+def test_a_token_head_without_a_prompt_reports_at_the_labelled_token_and_its_note_says_so(layer, read, meaningful, words):
+    # with prompt_suffix "" the report is read where the neuron is set: its write reaches the report up the same residual
+    # stream as a regression head's, not through attention, and reading the target's own block reads the write trivially
+    config = SimpleNamespace(head_type="token", prompt_suffix="")
+    ok, note = head_class("token")(config).report_path(layer, read)
+    assert ok is meaningful
+    assert note.startswith("Token head without a prompt: the report is read at the labelled token itself.")
+    assert words in note and "attention" not in note
+    prompted = head_class("token")(SimpleNamespace(head_type="token", prompt_suffix="\nNeuron {neuron} level:"))
+    assert "attention" in prompted.report_path(0, 1)[1]
+
+
 def test_the_conditioned_heads_direction_depends_on_the_query_and_it_says_where_to_get_it(tiny):
     predictor = _predictor(tiny, "conditioned")
     with pytest.raises(ValueError, match="neuron_head.directions"):

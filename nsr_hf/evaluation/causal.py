@@ -14,8 +14,9 @@ of the same rows without intervention. A self-reporter that reads its neuron has
 slope; one that reads correlated context (the tokens that usually make the neuron fire) has a causal slope near 0.
 
 The test means something only when the clamped value must pass through the model to reach the report: the head
-reads a block strictly after the target layer, or it is the token head, whose report position sees the labelled
-token only through attention in later blocks. ``causal_test`` says so in ``meaningful`` and ``note``.
+reads a block strictly after the target layer (a token head with a prompt reads it at the prompt's last token, which
+sees the labelled token only through attention in later blocks; without one, at the labelled token itself). The head's
+``report_path`` says which, and ``causal_test`` passes it on in ``meaningful`` and ``note``.
 
 ``rows`` everywhere is an activation-dataset split (``datasets.Dataset``) or a list of its rows: ``input_ids``,
 ``label_position`` and ``activations`` (``attention_mask`` optional).

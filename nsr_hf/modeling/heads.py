@@ -424,6 +424,16 @@ class TokenHead(BinHead):
         return loss
 
     def report_path(self, layer, read):
+        if getattr(self.config, "prompt_suffix", None) == "":
+            # no prompt: the report is the labelled token's own next token, read at the position where the neuron is set,
+            # so the clamped value reaches it up that position's residual stream, as it reaches a regression head's
+            meaningful, note = super().report_path(layer, read)
+            return meaningful, f"Token head without a prompt: the report is read at the labelled token itself. {note}"
+        return self.prompted_report_path(layer, read)
+
+    @staticmethod
+    def prompted_report_path(layer, read):
+        """``report_path`` of a head that reads its report at the last token of a prompt after the labelled token."""
         if layer < read:
             return True, (f"Token head: the report is read at the prompt's last token after block {read}, which sees the labelled "
                           f"token's clamped neuron only through attention in blocks {layer + 1}..{read}.")
@@ -679,7 +689,7 @@ class ConditionedTokenHead(BinHead):
         return nn.functional.cross_entropy(logits.reshape(-1, self.config.num_bins).float(), target.reshape(-1), weight=weight)
 
     def report_path(self, layer, read):
-        return TokenHead(self.config).report_path(layer, read)
+        return TokenHead.prompted_report_path(layer, read)
 
     def direction(self, module, column):
         raise ValueError("The conditioned token head reports through the LM head after a prompt: there is no head weight vector to align.")
