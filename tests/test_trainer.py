@@ -558,7 +558,10 @@ def test_head_init_from_the_ridge_probe_predicts_what_the_probe_predicts(tiny):
     # the same head from features computed once elsewhere (the pipeline shares them with the evaluation's probes)
     given = ActivationPredictor.from_base(model, tok, neurons=["1.3"], read_layer=2,
                                           label_transform={"mean": [float(ref.mean())], "std": [float(ref.std())]})
-    assert given.init_head_from_probe(ds.select(range(40)), ds.select(range(40, 48)), features=(X[:40], X[40:])) == info
+    again = given.init_head_from_probe(ds.select(range(40)), ds.select(range(40, 48)), features=(X[:40], X[40:]))
+    assert again.keys() == info.keys() and again["1.3"]["alpha"] == info["1.3"]["alpha"]
+    # the features come from another pass (other batches): equal to float round-off, not bit for bit on every CPU
+    assert again["1.3"]["validation_r2"] == pytest.approx(info["1.3"]["validation_r2"], rel=1e-5)
     torch.testing.assert_close(given.neuron_head.weight, predictor.neuron_head.weight, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="in its row order"):
         given.init_head_from_probe(ds.select(range(40)), ds.select(range(40, 48)), features=(X[:39], X[40:]))
