@@ -305,6 +305,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_and_metrics_of_a
     assert (out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file() and not (out / "metrics.json").exists()
     dataset_before = snapshot(out / "dataset")
     neuron_before = (out / "neuron.json").read_bytes()
+    state = json.loads((out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    seconds_before = state["stateful_callbacks"]["TrainingClock"]["attributes"]["saved_seconds"]
+    assert seconds_before > 0  # the checkpoint keeps the training seconds spent up to it
 
     resumed = script_run(args)
     assert resumed.returncode == 0 and TRACEBACK not in resumed.stderr
@@ -319,6 +322,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_and_metrics_of_a
         {k: v for k, v in whole_summary["metrics"]["test"].items() if not k.endswith(("runtime", "per_second"))} | {
             k: summary["metrics"]["test"][k] for k in summary["metrics"]["test"] if k.endswith(("runtime", "per_second"))})
     assert summary["global_step"] == whole_summary["global_step"] == 12
+    # the training time counts the killed attempt's seconds up to its checkpoint, not only the resumed attempt's
+    train = summary["train"]
+    assert "train_runtime_this_attempt" not in whole_summary["train"]
+    assert train["train_runtime"] >= seconds_before + 0.9 * train["train_runtime_this_attempt"]
+    assert train["train_runtime"] > train["train_runtime_this_attempt"]
     assert summary["intervention"] == whole_summary["intervention"]
     assert not (out / "checkpoints").exists()
     # the drift monitor's history continues from the checkpoint's (not measured again as if the run began at the resume)

@@ -690,3 +690,25 @@ def test_train_label_transform_refits_only_when_asked_and_refuses_a_balanced_dat
                               balance={"counts_before": [5, 1], "counts_after": [1, 1]})
     # the regression head keeps the transform as it is
     assert train_label_transform(config, transform, dataset["train"], neurons) is transform
+
+
+def test_the_training_clock_carries_the_seconds_of_earlier_attempts_through_a_checkpoint():
+    from transformers import TrainerControl, TrainerState
+
+    from nsr_hf.training.trainer import TrainingClock
+
+    fresh = TrainerState(stateful_callbacks=[TrainingClock()])
+    clock = TrainingClock()
+    clock.on_train_begin(None, fresh, TrainerControl())
+    assert clock.saved_seconds == 0.0 and 0.0 <= clock.seconds < 60
+    saved = {"args": {}, "attributes": {"saved_seconds": 123.5}}
+    resumed = TrainerState(global_step=8, stateful_callbacks={"TrainingClock": saved})
+    clock = TrainingClock()
+    clock.on_train_begin(None, resumed, TrainerControl())
+    assert clock.saved_seconds == 123.5 and clock.seconds >= 123.5
+    assert clock.state()["attributes"]["saved_seconds"] >= 123.5  # what the next checkpoint keeps
+    # a checkpoint written before the clock existed: no entry, and the Trainer's save must find one to update
+    old = TrainerState(global_step=8, stateful_callbacks={"TrainerControl": {"args": {}, "attributes": {}}})
+    clock = TrainingClock()
+    clock.on_train_begin(None, old, TrainerControl())
+    assert clock.saved_seconds == 0.0 and "TrainingClock" in old.stateful_callbacks

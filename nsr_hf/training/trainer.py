@@ -31,12 +31,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import nested_gather
 
 from nsr_hf.capture import intervene, read_live_neurons
@@ -202,6 +204,36 @@ class InterventionEpochs(TrainerCallback):
         self.sampler.epoch = int(math.floor(state.epoch + 1e-6)) if state.epoch else 0
 
 
+class TrainingClock(TrainerCallback, ExportableState):
+    """The training's seconds over every attempt: a run resumed from a checkpoint counts the seconds its earlier attempts
+    spent up to that checkpoint (kept in the checkpoint's ``trainer_state.json``), so that ``train_runtime`` is the time
+    the trained weights cost, not only the last attempt's (which is ~0 s when the run stopped after its last checkpoint).
+    The steps an interruption threw away (after the newest checkpoint) are not counted: they are redone and counted then."""
+
+    NAME = "TrainingClock"
+
+    def __init__(self):
+        self.saved_seconds = 0.0  # the earlier attempts' seconds, up to the checkpoint this attempt started from
+        self.start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        stored = (state.stateful_callbacks or {}).get(self.NAME) if state.global_step else None
+        if isinstance(stored, list):  # Trainer keeps a list where several callbacks share a name
+            stored = stored[0] if stored else None
+        self.saved_seconds = float(((stored or {}).get("attributes") or {}).get("saved_seconds", 0.0))
+        self.start = time.perf_counter()
+        # a checkpoint written before this callback existed has no entry, and Trainer's save looks the name up
+        state.stateful_callbacks.setdefault(self.NAME, self.state())
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds so far, earlier attempts included."""
+        return self.saved_seconds + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"saved_seconds": round(self.seconds, 3)}}
+
+
 class PredictorTrainer(Trainer):
     """``Trainer`` for ``ActivationPredictor`` (see the module docstring).
 
@@ -261,6 +293,7 @@ class PredictorTrainer(Trainer):
                              "Turn gradient_checkpointing off (or set intervention_rate 0).")
         if self.interventions is not None:
             callbacks.append(InterventionEpochs(self.interventions))
+        callbacks.append(TrainingClock())
         if unfreeze is not None:
             plan = apply_unfreezing(model, **(unfreeze if isinstance(unfreeze, dict) else {"strategy": unfreeze}))
             if isinstance(plan, GradualUnfreezing):
@@ -294,7 +327,14 @@ class PredictorTrainer(Trainer):
         with timed("prefix cache"):
             self.prepare_prefix_cache()
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
+            # resumed: the earlier attempts' training time counts (TrainingClock; looked up, as a Trainer that restores
+            # callback states from the checkpoint replaces the instance)
+            clock = next((c for c in self.callback_handler.callbacks if isinstance(c, TrainingClock)), None)
+            if clock is not None and clock.saved_seconds:
+                output.metrics["train_runtime_this_attempt"] = output.metrics.get("train_runtime")
+                output.metrics["train_runtime"] = round(clock.seconds, 4)
+            return output
         finally:
             # its memory goes back once training ends, unless the caller asked to take it (``keep_prefix_cache``)
             self.trained_prefix_cache = self.prefix_cache if self.keep_prefix_cache else None
