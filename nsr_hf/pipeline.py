@@ -67,7 +67,7 @@ from nsr_hf.metrics import r2_score
 from nsr_hf.modeling.heads import head_class
 from nsr_hf.modeling.predictor import ActivationPredictor, save_predictor
 from nsr_hf.modeling.probes import RidgeProbe, layer_features, recording_layer_features, rows_content
-from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.models import load_model_and_tokenizer, model_provenance, process_device
 from nsr_hf.parsing import RecipeParser
 from nsr_hf.preflight import check_train
 from nsr_hf.run_folder import TMP_PREFIX, is_empty, refuse_finished, rename_recorded_paths, replace_folder, restore_interrupted_swap
@@ -382,7 +382,7 @@ class SharedPasses:
     def load(self, name: str):
         """``(model, tokenizer)`` of ``name``: the one already loaded, else loaded now (and kept)."""
         if self.model is None or self.model_name != name:
-            self.model, self.tokenizer = load_model_and_tokenizer(name)
+            self.model, self.tokenizer = load_model_and_tokenizer(name, device=process_device())
             self.model_name = name
             self.on(None)
         return self.model, self.tokenizer
@@ -425,7 +425,8 @@ def _run_train(config: TrainConfig, stage_seconds: dict, shared: SharedPasses | 
     out = folder.work
     resume = checkpoint_to_resume(config, folder)
     with timed("load model"):
-        model, tokenizer = shared.load(config.model) if shared is not None else load_model_and_tokenizer(config.model)
+        model, tokenizer = (shared.load(config.model) if shared is not None
+                            else load_model_and_tokenizer(config.model, device=process_device()))
     record = RecordedPass()
     dataset, metadata, rank = choose_neuron_and_build_dataset(config, model, tokenizer, out, record)
     neurons, position = list(metadata["neurons"]), labelled_position(config, metadata)

@@ -64,7 +64,7 @@ from nsr_hf.errors import debug_requested, error_boundary, explain
 from nsr_hf.evaluation.scoring import LOW_SPREAD_RATIO
 from nsr_hf.methods import display_order
 from nsr_hf.metrics import finite_median
-from nsr_hf.models import load_model_and_tokenizer
+from nsr_hf.models import load_model_and_tokenizer, process_device
 from nsr_hf.parsing import RecipeParser, load_recipe
 from nsr_hf.pipeline import SharedPasses, read_run_config, run_train, scan_train_documents, select_readable
 from nsr_hf.pipeline import finished_run as finished  # one rule for a finished run (sweep.finished is its public name)
@@ -159,7 +159,7 @@ def scan_top_neurons(values: dict, top_n: int, scan_dir: Path) -> list[str]:
         scan = load_scan(scan_dir)
         print(f"using the scan in {scan_dir} (delete it to scan again)", flush=True)
     else:
-        model, tokenizer = load_model_and_tokenizer(config.model)
+        model, tokenizer = load_model_and_tokenizer(config.model, device=process_device())
         scan, train_docs = scan_train_documents(config, model, tokenizer, scan_dir, top_n=max(top_n, config.select_candidates))
         if readable:
             select_readable(config, model, tokenizer, scan, train_docs, scan_dir.parent)

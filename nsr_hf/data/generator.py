@@ -88,7 +88,7 @@ from nsr_hf.data.labels import LabelTransform
 from nsr_hf.data.preflight import check_dataset
 from nsr_hf.data.storage import push_to_hub, read_metadata
 from nsr_hf.errors import UserError
-from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.models import distributed_state, load_model_and_tokenizer, model_provenance
 from nsr_hf.report_tokens import default_report_tokens
 from nsr_hf.run_folder import refuse_finished, restore_interrupted_swap, work_folder, written_atomically
 from nsr_hf.shared_config import CorpusFields, SplitFields
@@ -243,13 +243,9 @@ class ActivationDatasetGenerator:
 
     def __init__(self, config: DatasetConfig, model=None, tokenizer=None, corpus: Optional[TextSource] = None,
                  ood_corpus: Optional[TextSource] = None):
-        from accelerate import PartialState
-
         refuse_to_replace_dataset(config)  # before the model is loaded
         self.config = config
-        # Without CUDA, accelerate only joins the processes of `accelerate launch` into one group (gloo) when
-        # told it runs on the CPU; alone, the state is a single process either way.
-        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.state = distributed_state()  # the processes of `accelerate launch` (gloo on the CPU), or this one alone
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model= and tokenizer=, or neither (then config.model is loaded)")
         self._loaded_model = model is None  # else config.model names nothing: provenance comes from the model itself

@@ -5,7 +5,6 @@ of an ``accelerate launch`` are merged exactly, and ``finish`` scores, ranks and
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
@@ -27,7 +26,7 @@ from nsr_hf.capture import (
 )
 from nsr_hf.data.corpus import Document, TextSource, load_corpus
 from nsr_hf.data.preflight import check_scan
-from nsr_hf.models import load_model_and_tokenizer, model_provenance
+from nsr_hf.models import distributed_state, load_model_and_tokenizer, model_provenance
 from nsr_hf.run_folder import refuse_finished, restore_interrupted_swap, written_atomically
 from nsr_hf.scanner.config import ScanConfig
 from nsr_hf.scanner.results import STAT_COLUMNS, TABLE_FILE, TOP_FILE, ScanResult, finite, holds_scan
@@ -355,15 +354,6 @@ class NeuronScanner:
 
 
 SAMPLE_BUDGET = 256e6  # bytes of histogram values the scan's pass may keep (200 documents x 30 layers x 8192 neurons: 197 MB)
-
-
-def distributed_state():
-    """accelerate's ``PartialState``. Under ``accelerate launch`` on a machine without CUDA it must be asked
-    for CPU explicitly, or each process believes it is alone (torchrun's env is only read as multi-CPU)."""
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=launched and not torch.cuda.is_available())
 
 
 def refuse_to_replace_scan(config: ScanConfig) -> None:
