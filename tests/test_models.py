@@ -210,7 +210,7 @@ def _spy_on_loading(monkeypatch, module, device):
     return asked
 
 
-@pytest.mark.parametrize("command", ["train", "sweep_shared", "sweep_scan", "any_neuron", "capture", "from_base"])
+@pytest.mark.parametrize("command", ["train", "sweep_shared", "sweep_scan", "any_neuron", "capture"])
 def test_every_command_loads_its_base_model_on_the_process_device(command, tiny_model_dirs, tmp_path, monkeypatch):
     """On a GPU machine the dataset pass, the probes' features and the evaluation's passes of the original model run where
     the training does: each command loads the base model on ``process_device()`` (the GPU of this process), not the CPU.
@@ -219,13 +219,12 @@ def test_every_command_loads_its_base_model_on_the_process_device(command, tiny_
     from conftest import write_word_corpus
 
     from nsr_hf import any_neuron, capture_command, pipeline, sweep
-    from nsr_hf.modeling import predictor as predictor_module
 
     gpu = torch.device("cuda", 3)
     corpus = str(write_word_corpus(tmp_path / "docs.jsonl"))
     model = tiny_model_dirs["llama"]
     module = {"train": pipeline, "sweep_shared": pipeline, "sweep_scan": sweep, "any_neuron": any_neuron,
-              "capture": capture_command, "from_base": predictor_module}[command]
+              "capture": capture_command}[command]
     asked = _spy_on_loading(monkeypatch, module, gpu)
     with pytest.raises(_Loaded):
         if command == "train":
@@ -241,8 +240,6 @@ def test_every_command_loads_its_base_model_on_the_process_device(command, tiny_
             any_neuron.run_any_neuron(any_neuron.AnyNeuronConfig(model=model, corpus=corpus, neuron_layer=1, neuron_count=8,
                                                                  validation_neurons=2, held_out_neurons=2,
                                                                  output_dir=str(tmp_path / "out")))
-        elif command == "capture":
-            capture_command.run_capture(capture_command.CaptureConfig(model=model, corpus=corpus, neurons=["1.3"]))
         else:
-            predictor_module.ActivationPredictor.from_base(model, neurons=["1.3"], head_type="regression")
+            capture_command.run_capture(capture_command.CaptureConfig(model=model, corpus=corpus, neurons=["1.3"]))
     assert asked == [gpu]

@@ -42,7 +42,7 @@ from nsr_hf.data.labels import bins_of, centers_of, unzscore_of, zscore_of
 from nsr_hf.errors import UserError, looks_local
 from nsr_hf.methods import headline_table, verdicts
 from nsr_hf.modeling.heads import HEAD_TYPES, Head, TokenHead, head_class, read_residual
-from nsr_hf.models import fuse_kernels, load_model_and_tokenizer, model_loading, process_device
+from nsr_hf.models import fuse_kernels, load_model_and_tokenizer, model_loading
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
 from nsr_hf.version import __version__
 
@@ -233,7 +233,7 @@ class ActivationPredictor(PreTrainedModel):
 
         name = base if isinstance(base, str) else getattr(base, "name_or_path", None)
         if isinstance(base, str):
-            base, tokenizer = load_model_and_tokenizer(base, device=process_device())
+            base, tokenizer = load_model_and_tokenizer(base)
         if isinstance(neurons, (str, Neuron)):
             neurons = [neurons]
         neurons = [str(validate_neuron(base, n)) for n in neurons]
