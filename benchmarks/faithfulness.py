@@ -26,7 +26,9 @@ into a folder whose runs were built from another number of documents is refused 
 Written to ``output_dir``: ``faithfulness.json`` (every figure of every run, with intervals) and ``faithfulness.md``, one
 row per neuron x head x seed x training: natural R², counterfactual R², slope ratio, the ridge probe's natural R² and its
 counterfactual R², the counterfactual R² of the ridge probe fitted on intervened rows, the report minus that reader
-(paired bootstrap interval), the same two for that reader of the original model (before training), and the training
+(paired bootstrap interval), the same two for that reader of the original model (before training), the same two for the
+plainly trained predictor (a faithful run scores its plain twin on the same counterfactual rows: ``compare_predictor``,
+when the plain run of that head, neuron and seed finished first, as it does in the default order), and the training
 time. The README's figures come from it.
 """
 from __future__ import annotations
@@ -107,6 +109,16 @@ def _dataset_source(out: Path, neuron: str, folder: Path) -> str | None:
     return None
 
 
+def plain_comparison(out: Path, head: str, training: str, neuron: str, seed: int) -> dict:
+    """``compare_predictor`` for a faithful run whose plain twin (same head, neuron and seed) has finished in ``out``: its
+    evaluation then scores the plain predictor on its own counterfactual rows, next to the report (the ``self − plain``
+    column). Nothing for a plain run, or before its twin has run."""
+    twin = run_dir(out / f"{head}-plain", neuron, seed)
+    if training != "faithful" or not finished(twin) or not (twin / "predictor").is_dir():
+        return {}
+    return {"compare_predictor": str(twin / "predictor")}
+
+
 def _ci(d: dict | None, key: str = "r2_ci"):
     return None if not d or d.get(key) is None else [float(x) for x in d[key]]
 
@@ -123,6 +135,7 @@ def run_row(folder: Path, split: str = "test") -> dict | None:
     methods, ratio = section.get("methods") or {}, section.get("slope_ratio") or {}
     honest = (section.get("comparisons") or {}).get("ridge_probe_intervened") or {}
     before = (section.get("comparisons") or {}).get("ridge_probe_intervened_original") or {}
+    plain = (section.get("comparisons") or {}).get("compare") or {}
     self_natural = natural.get("self") or {}
     return {
         "natural_r2": self_natural.get("r2"), "natural_r2_ci": _ci(self_natural),
@@ -136,6 +149,9 @@ def run_row(folder: Path, split: str = "test") -> dict | None:
         "original_reader_counterfactual_r2": (methods.get("ridge_probe_intervened_original") or {}).get("r2"),
         "self_minus_original_reader": before.get("difference"),
         "self_minus_original_reader_ci": [before.get("low"), before.get("high")] if before else None,
+        "plain_counterfactual_r2": (methods.get("compare") or {}).get("r2"),
+        "self_minus_plain": plain.get("difference"),
+        "self_minus_plain_ci": [plain.get("low"), plain.get("high")] if plain else None,
         "train_seconds": (summary.get("train") or {}).get("train_runtime"),
         "intervention": summary.get("intervention"),
         "meaningful": section.get("meaningful"),
@@ -155,8 +171,8 @@ def _with_ci(x, ci) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| neuron | head | seed | training | natural R² | counterfactual R² | slope ratio | probe R² (natural) | "
              "probe CF R² | intervened-row probe CF R² | self − that probe (CF R²) | the original model's intervened-row probe "
-             "CF R² | self − that probe (CF R²) | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "CF R² | self − that probe (CF R²) | the plain predictor's CF R² | self − plain (CF R²) | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['neuron']} | {r['head']} | {r['seed']} | {r['training']} | {_with_ci(r['natural_r2'], r['natural_r2_ci'])} | "
                      f"{_with_ci(r['counterfactual_r2'], r['counterfactual_r2_ci'])} | {_with_ci(r['slope_ratio'], r['slope_ratio_ci'])} | "
@@ -164,14 +180,16 @@ def table(rows: list[dict]) -> str:
                      f"{_num(r['intervened_probe_counterfactual_r2'])} | "
                      f"{_with_ci(r['self_minus_intervened_probe'], r['self_minus_intervened_probe_ci'])} | "
                      f"{_num(r['original_reader_counterfactual_r2'])} | "
-                     f"{_with_ci(r['self_minus_original_reader'], r['self_minus_original_reader_ci'])} | {_num(r['train_seconds'], 0)} |")
+                     f"{_with_ci(r['self_minus_original_reader'], r['self_minus_original_reader_ci'])} | "
+                     f"{_num(r['plain_counterfactual_r2'])} | {_with_ci(r['self_minus_plain'], r['self_minus_plain_ci'])} | "
+                     f"{_num(r['train_seconds'], 0)} |")
     return "\n".join(lines)
 
 
 def medians(rows: list[dict]) -> str:
     """Median of each figure per head and training, over neurons and seeds."""
     keys = ("natural_r2", "counterfactual_r2", "slope_ratio", "intervened_probe_counterfactual_r2", "self_minus_intervened_probe",
-            "original_reader_counterfactual_r2", "self_minus_original_reader", "train_seconds")
+            "original_reader_counterfactual_r2", "self_minus_original_reader", "self_minus_plain", "train_seconds")
     lines = ["| head | training | runs | " + " | ".join(keys) + " |", "| --- | --- | --- |" + " --- |" * len(keys)]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -210,7 +228,7 @@ def main(argv=None) -> dict:
                     print(f"\n== neuron {neuron}, seed {seed}, {head} head, {training} training", flush=True)
                     run_sweep(SweepConfig(recipe=str(ROOT / RECIPES[head]), neurons=[neuron], seeds=[seed], output_dir=str(folder),
                                           datasets_from=_dataset_source(out, neuron, folder)),
-                              overrides_for(head, training, documents))
+                              {**overrides_for(head, training, documents), **plain_comparison(out, head, training, neuron, seed)})
     rows = []
     for (head, training), folder in folders.items():
         done = [n for n in args.neurons if all(finished(run_dir(folder, n, s)) for s in args.seeds)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from nsr_hf.errors import require_folder
 from nsr_hf.models import EMBEDDED_NAME
 
 # The precision of the baselines' other models (``EvaluationFields.baseline_dtype``; resolved by
@@ -58,6 +59,9 @@ class EvaluationFields:
     counterfactual_source: Optional[str] = field(default=None, metadata={
         "help": "Faithfulness: where the set values come from (interchange, uniform, shift); default: the predictor's training "
                 "source, else interchange"})
+    compare_predictor: Optional[str] = field(default=None, metadata={
+        "help": "Faithfulness: another predictor of the same neuron (a folder written by nsr train, <output_dir>/predictor, or a "
+                "Hub id), typically the plainly trained one, scored on the same counterfactual rows next to this one"})
 
 
 def check_evaluation_fields(config) -> None:
@@ -70,6 +74,9 @@ def check_evaluation_fields(config) -> None:
         raise ValueError(f"n_bootstrap must be 0 (no intervals) or more, got {config.n_bootstrap}.")
     if config.counterfactual_rows < 0:  # checked by TrainConfig too, so that a typo fails before training, not after it
         raise ValueError(f"counterfactual_rows must be 0 (no faithfulness section) or more, got {config.counterfactual_rows}.")
+    if config.compare_predictor:  # checked before a train run trains, so that a typo does not cost the training
+        require_folder(config.compare_predictor, "compare_predictor",
+                       "Give the predictor folder another run wrote (<its output_dir>/predictor) or a Hub id 'owner/name'.")
 
 
 def values_of(config, shared: type) -> dict:

@@ -86,6 +86,25 @@ def test_a_successful_run_writes_the_evaluation_into_metrics_and_the_card_as_bef
     assert summary["evaluation"]["kind"] == "nsr_hf.evaluation.protocol"
     card = (out / "predictor" / "README.md").read_text()
     assert "## Evaluation" in card and "| **self** |" in card and "## Metrics at the end of training" in card
+    # faithfulness is a headline figure of the card, next to accuracy, with its verdict
+    section = summary["evaluation"]["faithfulness"]["test"]
+    assert "Faithfulness: " in card and "| counterfactual R² [95% CI] |" in card and "slope ratio [95% CI]" in card
+    assert section["verdict"] in card
+
+
+def test_nsr_train_prints_faithfulness_next_to_accuracy_in_its_last_lines(tiny_model_dirs, tmp_path, capsys):
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", n=60)
+    out = tmp_path / "run"
+    code = main([str(a) for a in ("train", "--model", tiny_model_dirs["gpt2"], "--corpus", corpus, "--neuron", "1.3",
+                                  "--dataset_documents", "60", "--max_length", "32", "--num_train_epochs", "1", "--eval_methods",
+                                  "mean", "--n_bootstrap", "20", "--output_dir", out)])
+    printed = capsys.readouterr()
+    assert code == 0 and TRACEBACK not in printed.err, printed.err
+    evaluation = json.loads((out / "metrics.json").read_text())["evaluation"]
+    last = printed.out[printed.out.rindex("train finished in"):]
+    accuracy, faithfulness = last.index("| **self** |"), last.index("| reader | counterfactual R² [95% CI]")
+    assert accuracy < faithfulness < last.index("evaluation report:")  # the two tables side by side, then the verdicts
+    assert f"- {evaluation['faithfulness']['test']['verdict']}" in last
 
 
 def test_the_failed_evaluation_message_names_the_cross_model_and_the_rerun(tiny_model_dirs, tmp_path, capsys, monkeypatch):

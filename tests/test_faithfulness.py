@@ -383,3 +383,82 @@ def test_an_original_model_that_cannot_be_loaded_costs_only_its_reader(two_evalu
     methods = result["faithfulness"]["test"]["methods"]
     assert {"self", "ridge_probe", "ridge_probe_intervened"} == methods.keys()
     assert "no reader of the original model" in caplog.text and "no such model" in caplog.text
+
+
+def test_nsr_train_scores_the_plainly_trained_predictor_on_the_same_counterfactual_rows(two_evaluations):
+    """``compare_predictor`` is a recipe key: the faithful run's evaluation scores the plain run's predictor next to its own
+    report, on the rows and set values the plain predictor's own evaluation drew (same dataset, seed and source)."""
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
+
+    tmp, on, _ = two_evaluations
+    plain = tmp / "train" / "predictor"
+    config = TrainConfig(model=str(json.loads((tmp / "train" / "run_config.json").read_text())["model"]),
+                         dataset=str(tmp / "train" / "dataset"), neuron=on["neuron"], max_length=32, num_train_epochs=1,
+                         per_device_train_batch_size=8, learning_rate=1e-2, read_layer=2, unfreeze="head_only",
+                         intervention_rate=0.5, compare_predictor=str(plain), counterfactual_rows=32, n_bootstrap=50,
+                         eval_methods=["mean", "ridge_probe"],
+                         drift_every_n_steps=100000, output_dir=str(tmp / "faithful"))
+    summary = run_train(config)
+    section = summary["evaluation"]["faithfulness"]["test"]
+    assert {"self", "compare", "ridge_probe", "ridge_probe_intervened"} == section["methods"].keys()
+    assert section["comparisons"]["compare"]["difference"] == pytest.approx(
+        section["methods"]["self"]["r2"] - section["methods"]["compare"]["r2"], abs=1e-9)
+    assert section["methods"]["compare"]["r2"] == pytest.approx(on["faithfulness"]["test"]["methods"]["self"]["r2"], abs=1e-4)
+    assert "plainly trained predictor" in section["verdict"]
+    assert "plainly trained predictor" in (tmp / "faithful" / "evaluation" / "report.md").read_text()
+
+
+def test_a_compare_predictor_of_another_neuron_is_refused_before_the_evaluation_works(two_evaluations):
+    import shutil
+
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+
+    tmp, on, _ = two_evaluations
+    other = tmp / "other-neuron"
+    shutil.copytree(tmp / "train" / "predictor", other)
+    config = json.loads((other / "config.json").read_text())
+    layer, index = on["neuron"].split(".")
+    config["neurons"] = [f"{layer}.{int(index) + 1}"]
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp / "refused"
+    with pytest.raises(ValueError, match=r"compare_predictor .* reports .*not " + on["neuron"].replace(".", r"\.")):
+        run_evaluate(EvaluateConfig(predictor=str(tmp / "train" / "predictor"), output_dir=str(out), counterfactual_rows=32,
+                                    compare_predictor=str(other), base_unchanged=True, n_bootstrap=10))
+    assert not out.exists() or not any(out.iterdir())  # refused before any stage was written
+
+
+def test_a_compare_predictor_that_is_not_there_is_refused_when_the_recipe_is_read(tmp_path):
+    from nsr_hf.errors import MissingPathError
+    from nsr_hf.training.config import TrainConfig
+
+    with pytest.raises(MissingPathError, match="compare_predictor .*no such path.*<its output_dir>/predictor"):
+        TrainConfig(compare_predictor=str(tmp_path / "plain" / "predictor"), output_dir=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("suffix", [None, ""])
+def test_a_token_heads_readers_read_the_state_its_report_is_read_from(tiny, suffix):
+    """The outside readers read the head's own representation: for a token head with a prompt, the state at the prompt's
+    last token (with the neuron set at the labelled token, as in the head's pass), not the labelled token's. The head's
+    report is the LM head's report-token logits of that state, so those logits of the readers' features are the report."""
+    from nsr_hf.capture import Intervention
+    from nsr_hf.evaluation.causal import report_under_intervention
+    from nsr_hf.evaluation.faithfulness import representation
+    from nsr_hf.modeling.predictor import ActivationPredictor
+
+    model, tok = tiny
+    transform = {"mean": [0.0], "std": [1.0], "bin_edges": [[i / 10 for i in range(11)]]}
+    prompt = {} if suffix is None else {"prompt_suffix": suffix}
+    predictor = ActivationPredictor.from_base(model, tok, neurons=[str(TARGET)], head_type="token", label_transform=transform,
+                                              read_layer=2, **prompt)
+    assert bool(predictor.config.prompt_suffix_ids) == (suffix is None)  # the default asks a question after the text
+    rows = labelled_rows(model, tok)
+    set_to = np.linspace(-1.0, 2.0, len(rows))
+    features = representation(predictor, rows, 2, TARGET, set_to)
+    lm_head = predictor.base.get_output_embeddings()
+    ids = torch.as_tensor(predictor.config.report_token_ids)
+    with torch.no_grad():
+        logits = torch.as_tensor(features, dtype=torch.float32) @ lm_head.weight[ids].T.float()
+        from_features = predictor.head.readouts(predictor, logits[:, None, :])[0][:, 0].double().numpy()
+    report = report_under_intervention(predictor, rows, Intervention(TARGET.layer, [TARGET.index], "set", set_to))
+    np.testing.assert_allclose(from_features, report, rtol=1e-4, atol=1e-5)

@@ -80,10 +80,12 @@ def test_the_table_reads_back_a_finished_run(bench, tmp_path):
             "faithfulness": {"test": {
                 "meaningful": True,
                 "methods": {"self": {"r2": 0.960, "r2_ci": [0.931, 0.976]}, "ridge_probe": {"r2": 0.835},
-                            "ridge_probe_intervened": {"r2": 0.944}, "ridge_probe_intervened_original": {"r2": 0.51}},
+                            "ridge_probe_intervened": {"r2": 0.944}, "ridge_probe_intervened_original": {"r2": 0.51},
+                            "compare": {"r2": -0.38}},
                 "slope_ratio": {"ratio": 1.101, "low": 0.914, "high": 1.247},
                 "comparisons": {"ridge_probe_intervened": {"difference": 0.016, "low": 0.0004, "high": 0.045},
-                                "ridge_probe_intervened_original": {"difference": 0.45, "low": 0.38, "high": 0.52}}}}},
+                                "ridge_probe_intervened_original": {"difference": 0.45, "low": 0.38, "high": 0.52},
+                                "compare": {"difference": 1.34, "low": 0.97, "high": 1.81}}}}},
     }
     _run(tmp_path / "regression-faithful" / "0.1524" / "seed-0", 4800, metrics)
     result = bench.main(["--output_dir", str(tmp_path), "--table_only", "--heads", "regression", "--trainings", "faithful",
@@ -98,7 +100,8 @@ def test_the_table_reads_back_a_finished_run(bench, tmp_path):
     text = (tmp_path / "faithfulness.md").read_text()
     assert "datasets of 4800 documents" in text
     assert "| 0.1524 | regression | 0 | faithful | 0.963 [0.95, 0.97] | 0.960 [0.93, 0.98] | 1.101 [0.91, 1.25] |" in text
-    assert "| 0.510 | 0.450 [0.38, 0.52] | 368 |" in text
+    assert row["plain_counterfactual_r2"] == -0.38 and row["self_minus_plain"] == 1.34 and row["self_minus_plain_ci"] == [0.97, 1.81]
+    assert "| 0.510 | 0.450 [0.38, 0.52] | -0.380 | 1.340 [0.97, 1.81] | 368 |" in text
 
 
 def test_an_unfinished_run_is_not_in_the_table(bench, tmp_path):
@@ -117,6 +120,7 @@ def test_every_run_is_asked_for_with_the_benchmarks_documents_and_shares_the_fir
         if not folder.exists():
             _run(folder, overrides["dataset_documents"])
             (folder / "dataset").mkdir()
+            (folder / "predictor").mkdir()
 
     monkeypatch.setattr(bench, "run_sweep", fake_sweep)
     bench.main(["--output_dir", str(tmp_path), "--dataset_documents", "4800", "--heads", "regression", "token_exit",
@@ -129,3 +133,7 @@ def test_every_run_is_asked_for_with_the_benchmarks_documents_and_shares_the_fir
     assert all(c.datasets_from is not None and Path(c.datasets_from).parent == tmp_path and c.datasets_from != c.output_dir
                for c in later)
     assert sorted(o["intervention_rate"] > 0 for _, o in runs) == [False] * 4 + [True] * 4
+    # each faithful run scores its plain twin (same head, neuron, seed: run just before it) on the same counterfactual rows
+    for config, overrides in runs:
+        twin = tmp_path / f"{Path(config.output_dir).name.rsplit('-', 1)[0]}-plain" / "0.333" / f"seed-{config.seeds[0]}" / "predictor"
+        assert overrides.get("compare_predictor") == (str(twin) if overrides["intervention_rate"] > 0 else None)

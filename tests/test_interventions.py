@@ -14,6 +14,7 @@ from nsr_hf.architectures import get_neuron_module
 from nsr_hf.capture import capture_activations, intervene
 from nsr_hf.data.counterfactuals import CounterfactualValues
 from nsr_hf.evaluation.causal import causal_test
+from nsr_hf.evaluation.faithfulness import faithfulness_section
 from nsr_hf.modeling.predictor import ActivationPredictor
 from nsr_hf.training.collator import PredictorDataCollator
 from nsr_hf.training.config import TrainConfig
@@ -268,8 +269,8 @@ def test_the_pipeline_refuses_intervention_training_of_a_head_that_reads_before_
 # -- faithfulness on a tiny model -----------------------------------------------------------------------------------
 
 
-def slope_ratio(model, tok, rate: float, steps: int = 200) -> float:
-    """Train a head on block 2 of `model` to report neuron 1.3 (plain: rate 0) and return the causal slope ratio."""
+def trained_head(model, tok, rate: float, steps: int = 200) -> tuple:
+    """A head on block 2 of `model` trained to report neuron 1.3 (plain: rate 0), with its train and test rows."""
     ds, values = reference_dataset(model, tok, n=160)
     train, test = ds.select(range(128)), ds.select(range(128, 160))
     torch.manual_seed(0)
@@ -277,7 +278,13 @@ def slope_ratio(model, tok, rate: float, steps: int = 200) -> float:
     trainer = PredictorTrainer(model=predictor_on(model, tok, values[:128]), args=training, train_dataset=train, unfreeze="head_only",
                                interventions=sampler_for(values[:128], rate=rate))
     trainer.train()
-    result = causal_test(trainer.model, [test[i] for i in range(len(test))])
+    return trainer.model, [train[i] for i in range(len(train))], [test[i] for i in range(len(test))]
+
+
+def slope_ratio(model, tok, rate: float, steps: int = 200) -> float:
+    """The causal slope ratio of ``trained_head``."""
+    predictor, _, test = trained_head(model, tok, rate, steps)
+    result = causal_test(predictor, test)
     return result["slope"] / result["natural_slope"]
 
 
@@ -296,4 +303,64 @@ def test_a_neuron_whose_output_weights_are_zero_cannot_become_faithful(tiny, tmp
     model, tok = tiny
     with torch.no_grad():  # GPT-2's Conv1D c_proj is (neurons, hidden): row 3 is neuron 1.3's write to the residual stream
         get_neuron_module(model, 1).weight[3].zero_()
-    assert abs(slope_ratio(model, tok, 0.5)) < 0.02
+    predictor, train, test = trained_head(model, tok, 0.5)
+    causal = causal_test(predictor, test, per_row=True)
+    assert abs(causal["slope"] / causal["natural_slope"]) < 0.02
+    # the evaluation's section on the intervention-trained predictor says so: no reader of block 2 can follow the neuron
+    section = faithfulness_section(predictor, {"test": test}, train, causal={"test": causal}, n_bootstrap=100)["test"]
+    assert abs(section["slope_ratio"]["ratio"]) < 0.02
+    assert section["methods"]["self"]["r2"] < 0.2 and section["methods"]["ridge_probe_intervened"]["r2"] < 0.2
+    assert section["verdict"].startswith("The report does not follow the neuron")
+    assert "the ridge probe fitted on intervened rows does not follow it" in section["verdict"]
+
+
+@pytest.mark.parametrize("tiny", ["gpt2", "llama"], indirect=True)
+def test_under_bf16_mixed_precision_the_label_is_the_value_the_neuron_held(tiny, tmp_path):
+    """Under autocast the neuron's value is computed (and set) in bfloat16 while the weights stay float32: the set values
+    are rounded to bfloat16 too, so the label is still exactly what the neuron held in that training step."""
+    model, tok = tiny
+    ds, values = reference_dataset(model, tok, n=16)
+    sampler = sampler_for(values, rate=1.0)
+    predictor = predictor_on(model, tok, values)
+    planned, held = [], []
+    plan = sampler.plan
+    sampler.plan = lambda inputs, **kw: planned.append((inputs["label_positions"], plan(inputs, **kw))) or planned[-1][1]
+    handle = get_neuron_module(predictor.base, 1).register_forward_pre_hook(lambda module, a: held.append(a[0].detach().clone()))
+    try:
+        trainer = PredictorTrainer(model=predictor, args=args(tmp_path, max_steps=2, bf16=True), train_dataset=ds,
+                                   unfreeze="head_only", interventions=sampler)
+        trainer.train()
+    finally:
+        handle.remove()
+    assert len(planned) == len(held) == 2
+    for (positions, step), states in zip(planned, held):
+        assert states.dtype == torch.bfloat16  # the step ran under autocast
+        neuron = states[torch.arange(len(positions)), positions.long(), 3].float()
+        assert torch.equal(neuron, step.labels[:, 0])  # bit for bit: the label is the value the neuron held
+        assert torch.equal(step.labels[:, 0].to(torch.bfloat16).float(), step.labels[:, 0])
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_the_classification_head_is_trained_on_the_bin_of_the_set_value(tiny, tmp_path):
+    model, tok = tiny
+    ds, values = reference_dataset(model, tok, n=16)
+    sampler = sampler_for(values, rate=1.0)
+    predictor = predictor_on(model, tok, values, head="classification")
+    trainer = PredictorTrainer(model=predictor, args=args(tmp_path, max_steps=2), train_dataset=ds, unfreeze="head_only",
+                               interventions=sampler)
+    batch = collate(ds, range(8))
+    plan = sampler.plan(batch)
+    edges = np.asarray(predictor.config.label_transform["bin_edges"][0])
+
+    def bins(v):  # edges[i] <= v < edges[i+1]; the last bin holds its upper edge, values beyond the edges the end bins
+        return torch.as_tensor(np.clip(np.searchsorted(edges, v.numpy(), side="right") - 1, 0, len(edges) - 2))
+
+    set_bins, natural_bins = bins(plan.labels[:, 0]), bins(batch["labels"].reshape(-1))
+    assert (set_bins != natural_bins).any()  # the set values moved rows into other bins
+    trainer.model.train()
+    with intervene(predictor.base, plan.interventions(["1.3"], batch["label_positions"])):
+        logits = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, len(edges) - 1).float(), set_bins)
+    assert torch.allclose(trainer.compute_loss(trainer.model, batch), expected, atol=1e-6)
+    trainer.train()
+    assert trainer.state.global_step == 2

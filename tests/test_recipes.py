@@ -311,6 +311,19 @@ def test_the_faithful_own_next_token_recipe_reads_at_the_labelled_token_with_int
 
 
 @pytest.mark.parametrize("name", ["regression.yaml", "classification.yaml", "token_digits.yaml", "lora.yaml"])
-def test_the_gpu_recipes_offer_intervention_training_as_a_commented_line(name):
+def test_the_gpu_recipes_offer_intervention_training_as_a_commented_line(name, tmp_path):
     text = (ROOT / "recipes" / name).read_text()
     assert "# intervention_rate: 0.5" in text and "intervention_rate" not in yaml.safe_load(text)
+    # the offered block (the commented key lines from intervention_rate on), uncommented, is a valid faithful recipe; a
+    # token head's block also moves the report to the labelled token, without which the set value did not reach it
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# intervention_rate:"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("# ") or ":" not in lines[i].split("#")[1])
+    offered = [line[2:] for line in lines[start:end]]
+    keys = {k for k in yaml.safe_load("\n".join(offered))}
+    kept = [line for line in lines if not any(line.startswith(f"{k}:") for k in keys)]  # the block's keys replace the recipe's
+    (tmp_path / name).write_text("\n".join(kept[:start] + offered + kept[start:]) + "\n")
+    config = parse_config([str(tmp_path / name)])
+    assert config.intervention_rate == 0.5
+    if config.head_type == "token":
+        assert config.prompt_suffix == "" and config.bin_strategy == "kmeans"

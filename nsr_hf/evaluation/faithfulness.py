@@ -116,17 +116,19 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
     here are cut from rows already in that order, so each row's value is set in its own forward.
     ``base``: another causal LM with the same blocks below the neuron's (the original model) to run instead of
     ``model.base``: ``prefix``, when it holds a batch, feeds it; else every block runs."""
-    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    texts = {"input_ids": [list(r["input_ids"]) for r in rows],
+             "attention_mask": [list(r.get("attention_mask") or [1] * len(r["input_ids"])) for r in rows],
+             "label_position": [int(r["label_position"]) for r in rows]}
+    read, _ = model.head.read_rows(texts)  # what the head runs, read where it reads (a token head's prompt: its last token)
+    order = np.argsort([len(ids) for ids in read["input_ids"]], kind="stable")  # layer_features' own order within a batch
     out = [None] * len(value_sets)
     runner = model.base if base is None else base
     share = neuron is not None and neuron.layer > 0 and not model.head.takes_prompt  # the head runs the rows themselves
     for start in range(0, len(rows), batch_size):
         index = order[start:start + batch_size]
-        chunk = [rows[i] for i in index]
-        columns = {"input_ids": [list(r["input_ids"]) for r in chunk],
-                   "attention_mask": [list(r.get("attention_mask") or [1] * len(r["input_ids"])) for r in chunk],
-                   "label_position": [int(r["label_position"]) for r in chunk]}
-        positions = torch.as_tensor(columns["label_position"])
+        columns = {k: [v[i] for i in index] for k, v in texts.items()}
+        reading = {k: [v[i] for i in index] for k, v in read.items()}
+        positions = torch.as_tensor(columns["label_position"])  # where the neuron is set: the labelled token
         cache = batch = None
         if share:
             input_ids, mask = pad_right(columns["input_ids"], 0, columns["attention_mask"], device=next(model.parameters()).device)
@@ -141,7 +143,7 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
                     value = torch.as_tensor(values[index], dtype=torch.float32)[:, None]
                     iv = Intervention(neuron.layer, [neuron.index], "set", value, positions=positions)
                     stack.enter_context(intervene(runner, iv))
-                features = layer_features(runner, columns, [read_layer], batch_size=len(chunk), progress=False)[read_layer]
+                features = layer_features(runner, reading, [read_layer], batch_size=len(index), progress=False)[read_layer]
             out[k] = np.zeros((len(rows), features.shape[1])) if out[k] is None else out[k]
             out[k][index] = features
     return out
@@ -183,7 +185,9 @@ def fit_probes(model, train_rows, neuron: Neuron, column: int, values: Counterfa
     if original is not None:
         before = representations(model, rows, read_layer, neuron, [set_to], batch_size, prefix, base=original)[0]
         probes[ORIGINAL_READER] = RidgeProbe().fit(before, set_to)
-    info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows)} for name, p in probes.items()}
+    _, where = model.head.read_rows({"input_ids": [], "attention_mask": [], "label_position": []})
+    info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows), "reads": f"block {read_layer} at {where}"}
+            for name, p in probes.items()}
     for name in ("ridge_probe_intervened", ORIGINAL_READER):
         if name in info:
             info[name]["labels"] = "the values set"
@@ -251,6 +255,13 @@ def verdict(result: dict) -> str:
                      if honest["high"] < 0 else
                      f" The report and the honest outside reader (the ridge probe fitted on intervened rows) are within noise of "
                      f"each other on these rows: {d}.")
+    plain = comparisons.get("compare")
+    if plain and plain.get("low") is not None:
+        d = _difference(plain)
+        sentence += (f" Against the plainly trained predictor on the same rows, the report gains {d}: the intervention "
+                     "training made it follow the neuron." if plain["low"] > 0 else
+                     f" The plainly trained predictor does better than the report on these rows ({d})." if plain["high"] < 0 else
+                     f" The plainly trained predictor is within noise of the report on these rows ({d}).")
     before = comparisons.get(ORIGINAL_READER)
     if before and before.get("low") is not None:
         d = _difference(before)

@@ -124,8 +124,6 @@ class EvaluateConfig(EvaluationFields):
     causal: bool = field(default=True, metadata={"help": "Run the causal test (set the neuron, watch the report)"})
     causal_num_values: int = field(default=9, metadata={"help": "Causal test: values the neuron is set to"})
     causal_max_rows: int = field(default=64, metadata={"help": "Causal test: rows of the test split used"})
-    compare_predictor: Optional[str] = field(default=None, metadata={
-        "help": "Faithfulness: a plainly trained predictor scored on the same counterfactual rows"})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward pass"})
     shuffled_predictor: Optional[str] = field(default=None, metadata={
         "help": "A predictor trained the same way on shuffled labels: the predictor's own selectivity control"})
@@ -523,6 +521,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     neurons = list(inner.config.neurons)
     splits = _evaluated_splits(config, dataset)
     columns = _dataset_columns(neurons, metadata, targets_of(dataset[splits[0]].select(range(1))).shape[1])
+    compare = _compare_predictor(config, predictor, neurons)  # loaded before any stage: a wrong one fails before the work
 
     # every method predicts the same rows
     # each stage is kept beside output_dir once done: an interrupted `nsr evaluate`, rerun, continues from them
@@ -536,8 +535,6 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     with timed("baselines"):
         original = OriginalModel(config, predictor, inner, base_model, tokenizer)
         baselines = _baselines_by_neuron(config, inner, dataset, splits, columns, original, stages, feature_cache)
-    compare = (load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
-               if config.compare_predictor and config.counterfactual_rows else None)
     per_neuron, all_predictions = {}, {}
     for j, neuron in enumerate(neurons):
         per_neuron[neuron], all_predictions[neuron] = stages.get(
@@ -595,6 +592,21 @@ def _resume_key(config: EvaluateConfig, dataset) -> str | None:
     fingerprints = {name: getattr(dataset[name], "_fingerprint", None) for name in dataset}
     options = {k: v for k, v in asdict(config).items() if k != "overwrite"}
     return hashlib.sha256(json.dumps([options, files, fingerprints], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _compare_predictor(config: EvaluateConfig, predictor, neurons) -> object | None:
+    """``config.compare_predictor`` loaded on the predictor's device, when the faithfulness section runs; it must report
+    every evaluated neuron (it is scored on the same counterfactual rows)."""
+    if not config.compare_predictor or not config.counterfactual_rows:
+        return None
+    compare = load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
+    reported = {str(n) for n in unwrap(compare).config.neurons}
+    missing = [str(n) for n in neurons if str(n) not in reported]
+    if missing:
+        raise ValueError(f"compare_predictor {config.compare_predictor!r} reports {', '.join(sorted(reported))}, not "
+                         f"{', '.join(missing)}: it is scored on the same counterfactual rows, so give a predictor of the "
+                         "same neuron(s) (the plainly trained run of this neuron: <its output_dir>/predictor).")
+    return compare
 
 
 def holds_evaluation(folder) -> bool:

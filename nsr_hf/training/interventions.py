@@ -85,7 +85,8 @@ class InterventionSampler:
 
     def plan(self, inputs: dict, dtype: torch.dtype = torch.float32) -> InterventionPlan:
         """The plan for one collated batch (``input_ids``, ``attention_mask``, ``label_positions``, ``labels``). Set values
-        are rounded to ``dtype`` (the model's), so that the label is exactly the value the neuron holds."""
+        are rounded to ``dtype`` (the one the neuron is held in: ``PredictorTrainer.neuron_dtype``), so that the label is
+        exactly the value the neuron holds."""
         labels = inputs["labels"].float().reshape(inputs["input_ids"].shape[0], -1)
         if labels.shape[1] != self.num_neurons:
             raise ValueError(f"The batch has labels for {labels.shape[1]} neuron(s) but the counterfactual values were fitted for "

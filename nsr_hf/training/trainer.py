@@ -426,12 +426,22 @@ class PredictorTrainer(Trainer):
         the set values. The read-back pass of live labels, when the head's pass does not reach a target layer, runs the
         text itself: the same positions, since the collator pads on the right (offset 0 for every head)."""
         inner = unwrap(model)
-        plan = self.interventions.plan(inputs, dtype=next(inner.base.parameters()).dtype)
+        plan = self.interventions.plan(inputs, dtype=self.neuron_dtype(inner))
         self._intervention_log.append(plan.fraction)
         positions = inputs["label_positions"].long()
         positions = positions - inner.head.label_offset(inputs["attention_mask"]).to(positions.device)
         with intervene(inner.base, plan.interventions(inner.config.target_neurons, positions)):
             return self.natural_loss(model, {**inputs, "labels": plan.labels}, return_outputs)
+
+    def neuron_dtype(self, inner) -> torch.dtype:
+        """The dtype a target neuron's value is held in during a training step, which the set values are rounded to so that
+        a label is exactly what the neuron held: the autocast dtype under mixed precision (``bf16`` / ``fp16``: the
+        projections' outputs are computed in it, whatever the weights' dtype), else the weights'."""
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return next(inner.base.parameters()).dtype
 
     def natural_loss(self, model, inputs, return_outputs=False):
         """The loss of a batch as it is (reference or live labels)."""
