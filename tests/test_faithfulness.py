@@ -462,3 +462,27 @@ def test_a_token_heads_readers_read_the_state_its_report_is_read_from(tiny, suff
         from_features = predictor.head.readouts(predictor, logits[:, None, :])[0][:, 0].double().numpy()
     report = report_under_intervention(predictor, rows, Intervention(TARGET.layer, [TARGET.index], "set", set_to))
     np.testing.assert_allclose(from_features, report, rtol=1e-4, atol=1e-5)
+
+
+def test_the_evaluation_draws_the_set_values_as_the_training_did_unless_told(two_evaluations):
+    """A predictor trained with ``intervention_source: shift`` (and its scale) is evaluated on shifted values by default;
+    ``counterfactual_source`` chooses another source."""
+    from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+    from nsr_hf.pipeline import run_train
+    from nsr_hf.training.config import TrainConfig
+
+    tmp, on, _ = two_evaluations
+    run_train(TrainConfig(model=str(json.loads((tmp / "train" / "run_config.json").read_text())["model"]),
+                          dataset=str(tmp / "train" / "dataset"), neuron=on["neuron"], max_length=32, num_train_epochs=1,
+                          per_device_train_batch_size=8, read_layer=2, unfreeze="head_only", intervention_rate=0.5,
+                          intervention_source="shift", intervention_shift_scale=2.0, evaluate=False, output_dir=str(tmp / "shift")))
+    fast = {"counterfactual_rows": 16, "methods": ["mean"], "n_bootstrap": 10, "causal_max_rows": 8, "causal_num_values": 3,
+            "base_unchanged": True}
+    sources = {}
+    for name, chosen in (("default", None), ("uniform", "uniform")):
+        evaluation = run_evaluate(EvaluateConfig(predictor=str(tmp / "shift" / "predictor"), output_dir=str(tmp / f"shift-{name}"),
+                                                 counterfactual_source=chosen, **fast))
+        section = evaluation["faithfulness"]["test"]
+        sources[name] = (section["source"], section["values"].get("shift_scale"))
+    assert sources["default"] == ("shift", 2.0)
+    assert sources["uniform"][0] == "uniform"
