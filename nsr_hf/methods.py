@@ -48,7 +48,8 @@ def is_evaluation(content) -> bool:
 METHODS = (
     Method("self", "the fine-tuned self-reporter (expected value)", "predictor", baseline=False),
     Method("self (greedy)", "the self-reporter's most likely bin (greedy readout)", "predictor", baseline=False),
-    Method("ridge_probe", "closed-form ridge probe of the representation the head reads (frozen original model)", "features"),
+    Method("ridge_probe", "closed-form ridge probe of the original model's state after the read layer at the labelled token (what a head "
+           "without a prompt reads)", "features"),
     Method("token_lookup", "mean value per labelled token, from the training split", "labels"),
     Method("mean", "the training mean", "labels"),
     Method("random_init", "the same probe on a randomly initialised model", "features"),

@@ -5,7 +5,9 @@ A self-report result means something only next to these (PITFALLS 10):
 * ``mean``: the training mean of the neuron.
 * ``token_lookup``: the mean activation of each labelled token id on train (``TokenLookup``).
 * ``ridge_probe``: a closed-form ridge probe (``RidgeProbe``) on the representation the predictor's head reads:
-  the residual stream after block ``read_layer`` through the final norm, at the labelled token (``layer_features``).
+  the residual stream after block ``read_layer`` through the final norm, at the labelled token (``layer_features``); a
+  token head with a prompt reads the prompt's last token instead, which the faithfulness section's readers follow
+  (``Head.read_rows``), while this natural baseline stays at the labelled token, as for every other head.
 * ``probe_by_layer``: the same probe at every layer (R² per layer, no predictions).
 * ``random_init``: the probe on the same features of a randomly initialised copy of the architecture.
 * ``shuffled_labels``: the probe fit on permuted training labels (selectivity = real minus shuffled).
