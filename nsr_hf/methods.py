@@ -137,7 +137,10 @@ def faithfulness_table(evaluation: dict, split: str = "test") -> str | None:
             slope = fmt(ratio["ratio"]) + (f" [{fmt(ratio['low'])}, {fmt(ratio['high'])}]" if ratio.get("low") is not None else "")
         c = comparisons.get(method)
         delta = "n/a" if not c else fmt(c["difference"]) + (f" [{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else "")
-        lines.append(f"| {FAITHFULNESS_READERS[method]} | {with_ci(figures, 'r2')} | {fmt(figures.get('r2_vs_natural'))} | {slope} "
+        name = FAITHFULNESS_READERS[method]
+        if method == "compare" and (section.get("compare") or {}).get("intervention_rate"):
+            name = f"compared predictor (trained with interventions, rate {section['compare']['intervention_rate']:g})"
+        lines.append(f"| {name} | {with_ci(figures, 'r2')} | {fmt(figures.get('r2_vs_natural'))} | {slope} "
                      f"| {delta} |")
     return "\n".join(lines)
 

@@ -413,6 +413,7 @@ def test_a_compare_predictor_of_another_neuron_is_refused_before_the_evaluation_
     import shutil
 
     from nsr_hf.evaluation.protocol import EvaluateConfig, run_evaluate
+    from nsr_hf.run_folder import work_folder
 
     tmp, on, _ = two_evaluations
     other = tmp / "other-neuron"
@@ -425,7 +426,12 @@ def test_a_compare_predictor_of_another_neuron_is_refused_before_the_evaluation_
     with pytest.raises(ValueError, match=r"compare_predictor .* reports .*not " + on["neuron"].replace(".", r"\.")):
         run_evaluate(EvaluateConfig(predictor=str(tmp / "train" / "predictor"), output_dir=str(out), counterfactual_rows=32,
                                     compare_predictor=str(other), base_unchanged=True, n_bootstrap=10))
-    assert not out.exists() or not any(out.iterdir())  # refused before any stage was written
+    assert not out.exists() and not work_folder(out, "stages").exists()  # refused before any stage was written
+    # nsr train refuses it when the recipe is read, before training, when the recipe names the neuron
+    from nsr_hf.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"compare_predictor .* reports .*not " + on["neuron"].replace(".", r"\.")):
+        TrainConfig(neuron=on["neuron"], compare_predictor=str(other), output_dir=str(tmp / "never"))
 
 
 def test_a_compare_predictor_that_is_not_there_is_refused_when_the_recipe_is_read(tmp_path):
@@ -453,6 +459,7 @@ def test_a_token_heads_readers_read_the_state_its_report_is_read_from(tiny, suff
                                               read_layer=2, **prompt)
     assert bool(predictor.config.prompt_suffix_ids) == (suffix is None)  # the default asks a question after the text
     rows = labelled_rows(model, tok)
+    rows = rows + [{**r, "label_position": len(r["input_ids"]) // 2} for r in rows]  # and tokens inside the text
     set_to = np.linspace(-1.0, 2.0, len(rows))
     features = representation(predictor, rows, 2, TARGET, set_to)
     lm_head = predictor.base.get_output_embeddings()
@@ -486,3 +493,19 @@ def test_the_evaluation_draws_the_set_values_as_the_training_did_unless_told(two
         sources[name] = (section["source"], section["values"].get("shift_scale"))
     assert sources["default"] == ("shift", 2.0)
     assert sources["uniform"][0] == "uniform"
+
+
+def test_the_compared_predictor_is_named_for_how_it_was_trained(tiny):
+    """A plainly trained compare_predictor is 'the plainly trained predictor'; one trained with interventions is named so,
+    in the verdict and the table, and neither claims what the intervention training did."""
+    from nsr_hf.methods import faithfulness_table
+
+    predictor, rows = known_answer(tiny)
+    for rate, name in ((None, "the plainly trained predictor"), (0.5, "the compared predictor (trained with interventions, rate 0.5)")):
+        predictor.config.intervention = None if rate is None else {"rate": rate, "source": "interchange"}
+        section = section_of(predictor, rows, compare=predictor)
+        assert section["compare"] == {"intervention_rate": rate or 0.0, "words": name}
+        assert f"{name} follows it" in section["verdict"]
+        assert f"{name[0].upper() + name[1:]} is within noise of the report on these rows" in section["verdict"]  # itself
+        assert f"| {name[4:]} |" in faithfulness_table({"faithfulness": {"test": section}})
+    predictor.config.intervention = None

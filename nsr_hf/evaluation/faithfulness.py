@@ -200,6 +200,14 @@ def fit_probes(model, train_rows, neuron: Neuron, column: int, values: Counterfa
 # Figures and words
 
 
+def compared(compare) -> dict:
+    """What the ``compare`` predictor is, for the words: its intervention rate (0: plainly trained) and its name."""
+    rate = float(((getattr(unwrap_predictor(compare).config, "intervention", None) or {}).get("rate")) or 0.0)
+    return {"intervention_rate": rate,
+            "words": WORDS["compare"] if rate == 0 else f"the compared predictor (trained with interventions, rate {rate:g})"}
+
+
+
 def _figures(pred: np.ndarray, set_to: np.ndarray, natural: np.ndarray, n_bootstrap: int, seed: int, level: float) -> dict:
     figures = {k: v for k, v in regression_metrics(pred, set_to).items() if k in ("r2", "pearson", "mse", "mae")}
     figures["r2_vs_natural"] = regression_metrics(pred, natural)["r2"]
@@ -243,7 +251,8 @@ def verdict(result: dict) -> str:
         context = ("it recomputes the value from the context (R² against the natural value "
                    f"{self_figures['r2_vs_natural']:.2f})" if recomputes else "it does not move with the value that was set")
         sentence = f"The report does not follow the neuron ({what}, {r2}): {context}."
-    others = [f"{WORDS[m]} {_degree(f['r2'], 'it')} (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
+    words = {**WORDS, "compare": (result.get("compare") or {}).get("words", WORDS["compare"])}
+    others = [f"{words[m]} {_degree(f['r2'], 'it')} (counterfactual R² {f['r2']:.2f})" for m, f in methods.items() if m != "self"]
     sentence += " Next to it, " + "; ".join(others) + "." if others else ""
     comparisons = result.get("comparisons") or {}
     honest = comparisons.get("ridge_probe_intervened")
@@ -258,10 +267,10 @@ def verdict(result: dict) -> str:
     plain = comparisons.get("compare")
     if plain and plain.get("low") is not None:
         d = _difference(plain)
-        sentence += (f" Against the plainly trained predictor on the same rows, the report gains {d}: the intervention "
-                     "training made it follow the neuron." if plain["low"] > 0 else
-                     f" The plainly trained predictor does better than the report on these rows ({d})." if plain["high"] < 0 else
-                     f" The plainly trained predictor is within noise of the report on these rows ({d}).")
+        other = words["compare"]
+        sentence += (f" Against {other} on the same rows, the report's counterfactual R² is higher: {d}." if plain["low"] > 0 else
+                     f" {other[0].upper() + other[1:]} does better than the report on these rows ({d})." if plain["high"] < 0 else
+                     f" {other[0].upper() + other[1:]} is within noise of the report on these rows ({d}).")
     before = comparisons.get(ORIGINAL_READER)
     if before and before.get("low") is not None:
         d = _difference(before)
@@ -317,6 +326,8 @@ def faithfulness_on_rows(predictor, rows, values: CounterfactualValues, probes: 
     result = {"neuron": str(neuron), "rows": len(rows), "source": values.source, "values": values.to_dict(),
               "meaningful": meaningful, "note": note,
               "methods": {m: _figures(p, set_to, natural, n_bootstrap, seed, level) for m, p in predictions.items()}}
+    if compare is not None:
+        result["compare"] = compared(compare)
     if n_bootstrap:  # self against each outside reader on the same rows: paired bootstrap of the counterfactual R² difference
         result["comparisons"] = {m: paired_bootstrap_difference(predictions["self"], p, set_to, "r2", n=n_bootstrap, seed=seed, level=level)
                                  for m, p in predictions.items() if m != "self"}

@@ -194,7 +194,8 @@ FAITHFULNESS_PANELS = (("self", "self (report)"), ("compare", "plainly trained p
 def plot_faithfulness(counterfactual: dict, path: Path, section: dict | None = None) -> Path | None:
     """Report against the value the neuron was set to, with the identity line: one panel per reader (self next to the
     probes). ``counterfactual``: {"set": (rows,), "self": (rows,), optional "ridge_probe", ...} of one split."""
-    panels = [(k, label) for k, label in FAITHFULNESS_PANELS if k in counterfactual]
+    compared = ((section or {}).get("compare") or {}).get("words", "").removeprefix("the ")  # how the compare_predictor was trained
+    panels = [(k, compared if k == "compare" and compared else label) for k, label in FAITHFULNESS_PANELS if k in counterfactual]
     if not panels or "set" not in counterfactual:
         return None
     set_to = np.asarray(counterfactual["set"], dtype=np.float64)

@@ -53,6 +53,7 @@ The pieces: ``nsr_hf.methods`` (which methods there are), ``predictions`` (what 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -80,7 +81,7 @@ from nsr_hf.metrics import finite_median
 from nsr_hf.modeling.predictor import load_predictor
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
-from nsr_hf.shared_config import EvaluationFields, check_evaluation_fields
+from nsr_hf.shared_config import EvaluationFields, check_compare_neurons, check_evaluation_fields, compare_predictor_neurons
 from nsr_hf.stage_clock import timed
 from nsr_hf.utils import file_sha256, recorded_command, unwrap, write_json
 
@@ -401,6 +402,7 @@ def _faithfulness_result(config: EvaluateConfig, predictor, dataset, splits, neu
     """The faithfulness section by split, or ``{"skipped": why}`` when it cannot run (no train split, a neuron that never varies)."""
     if "train" not in dataset or len(dataset["train"]) < 2:
         return {"skipped": "the dataset has no train split to fit the counterfactual values and the probes on"}
+    compare = compare() if compare is not None else None  # the compare_predictor's loader: loaded here, its errors raised
     try:
         return faithfulness_section(predictor, {s: dataset[s] for s in splits}, dataset["train"], neuron=neuron, column=column,
                                     max_rows=config.counterfactual_rows, source=config.counterfactual_source, seed=config.seed,
@@ -521,7 +523,7 @@ def run_evaluate(config: EvaluateConfig, *, predictor=None, dataset=None, metada
     neurons = list(inner.config.neurons)
     splits = _evaluated_splits(config, dataset)
     columns = _dataset_columns(neurons, metadata, targets_of(dataset[splits[0]].select(range(1))).shape[1])
-    compare = _compare_predictor(config, predictor, neurons)  # loaded before any stage: a wrong one fails before the work
+    compare = _compare_predictor(config, predictor, neurons)  # checked before any stage: a wrong one fails before the work
 
     # every method predicts the same rows
     # each stage is kept beside output_dir once done: an interrupted `nsr evaluate`, rerun, continues from them
@@ -594,19 +596,21 @@ def _resume_key(config: EvaluateConfig, dataset) -> str | None:
     return hashlib.sha256(json.dumps([options, files, fingerprints], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _compare_predictor(config: EvaluateConfig, predictor, neurons) -> object | None:
-    """``config.compare_predictor`` loaded on the predictor's device, when the faithfulness section runs; it must report
-    every evaluated neuron (it is scored on the same counterfactual rows)."""
+def _compare_predictor(config: EvaluateConfig, predictor, neurons):
+    """``config.compare_predictor`` as a loader, when the faithfulness section runs: its neurons are checked now where its
+    folder says them (a wrong one fails before the evaluation works), and the model is loaded on the predictor's device
+    when the section first needs it (not while the other stages hold the original model, nor when it is read back)."""
     if not config.compare_predictor or not config.counterfactual_rows:
         return None
-    compare = load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
-    reported = {str(n) for n in unwrap(compare).config.neurons}
-    missing = [str(n) for n in neurons if str(n) not in reported]
-    if missing:
-        raise ValueError(f"compare_predictor {config.compare_predictor!r} reports {', '.join(sorted(reported))}, not "
-                         f"{', '.join(missing)}: it is scored on the same counterfactual rows, so give a predictor of the "
-                         "same neuron(s) (the plainly trained run of this neuron: <its output_dir>/predictor).")
-    return compare
+    check_compare_neurons(config.compare_predictor, compare_predictor_neurons(config.compare_predictor), neurons)
+
+    @functools.cache
+    def load():
+        compare = load_predictor(config.compare_predictor, device=next(predictor.parameters()).device)
+        check_compare_neurons(config.compare_predictor, unwrap(compare).config.neurons, neurons)
+        return compare
+
+    return load
 
 
 def holds_evaluation(folder) -> bool:

@@ -197,7 +197,8 @@ class Head:
         head runs them through the blocks, each ``label_position`` moved to the token whose state it reads, for an outside
         reader of the same representation (``nsr_hf.evaluation.faithfulness``); the labelled token keeps its index, so a
         neuron set there is set as in the head's own pass. ``where`` says which token that is. Default: the text itself,
-        read at the labelled token."""
+        read at the labelled token (also the conditioned token head's: its prompt holds soft query embeddings, which rows
+        of token ids cannot carry)."""
         return columns, "the labelled token"
 
     # -- questions -------------------------------------------------------------------------------
