@@ -138,8 +138,8 @@ def faithfulness_table(evaluation: dict, split: str = "test") -> str | None:
         c = comparisons.get(method)
         delta = "n/a" if not c else fmt(c["difference"]) + (f" [{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else "")
         name = FAITHFULNESS_READERS[method]
-        if method == "compare" and (section.get("compare") or {}).get("intervention_rate"):
-            name = f"compared predictor (trained with interventions, rate {section['compare']['intervention_rate']:g})"
+        if method == "compare":  # named for how it was trained (nsr_hf.evaluation.faithfulness.compared)
+            name = (section.get("compare") or {}).get("words", "").removeprefix("the ") or name
         lines.append(f"| {name} | {with_ci(figures, 'r2')} | {fmt(figures.get('r2_vs_natural'))} | {slope} "
                      f"| {delta} |")
     return "\n".join(lines)

@@ -8,9 +8,7 @@ Each stage validates its fields in its own ``__post_init__``; a recipe's keys ar
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Optional
 
 from nsr_hf.errors import require_folder
@@ -79,32 +77,6 @@ def check_evaluation_fields(config) -> None:
     if config.compare_predictor:  # checked before a train run trains, so that a typo does not cost the training
         require_folder(config.compare_predictor, "compare_predictor",
                        "Give the predictor folder another run wrote (<its output_dir>/predictor) or a Hub id 'owner/name'.")
-
-
-def check_compare_neurons(path: str, reported, wanted) -> None:
-    """Refuse a ``compare_predictor`` (at ``path``) that does not report every neuron in ``wanted``: it is scored on the same
-    counterfactual rows of each of them. ``reported``: its neurons (``None``: not known here, nothing is refused)."""
-    if reported is None:
-        return
-    have = {str(n) for n in reported}
-    missing = [str(n) for n in wanted if str(n) not in have]
-    if missing:
-        raise ValueError(f"compare_predictor {str(path)!r} reports {', '.join(sorted(have)) or 'no neuron'}, not {', '.join(missing)}: "
-                         "it is scored on the same counterfactual rows, so give a predictor of the same neuron(s) (the plainly "
-                         "trained run of this neuron: <its output_dir>/predictor).")
-
-
-def compare_predictor_neurons(path: str) -> list[str] | None:
-    """The neurons a local predictor folder reports (its ``config.json``), read without loading it; None for a Hub id or a
-    folder without one."""
-    config = Path(str(path)).expanduser() / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        neurons = json.loads(config.read_text()).get("neurons")
-    except (OSError, ValueError, AttributeError):
-        return None  # not ours to judge here: loading it says what is wrong
-    return [str(n) for n in neurons] if isinstance(neurons, list) else None
 
 
 def values_of(config, shared: type) -> dict:

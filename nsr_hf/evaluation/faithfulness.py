@@ -119,7 +119,7 @@ def representations(model, rows: list[dict], read_layer: int, neuron: Neuron | N
     texts = {"input_ids": [list(r["input_ids"]) for r in rows],
              "attention_mask": [list(r.get("attention_mask") or [1] * len(r["input_ids"])) for r in rows],
              "label_position": [int(r["label_position"]) for r in rows]}
-    read, _ = model.head.read_rows(texts)  # what the head runs, read where it reads (a token head's prompt: its last token)
+    read = model.head.read_rows(texts)  # what the head runs, read where it reads (a token head's prompt: its last token)
     order = np.argsort([len(ids) for ids in read["input_ids"]], kind="stable")  # layer_features' own order within a batch
     out = [None] * len(value_sets)
     runner = model.base if base is None else base
@@ -185,8 +185,8 @@ def fit_probes(model, train_rows, neuron: Neuron, column: int, values: Counterfa
     if original is not None:
         before = representations(model, rows, read_layer, neuron, [set_to], batch_size, prefix, base=original)[0]
         probes[ORIGINAL_READER] = RidgeProbe().fit(before, set_to)
-    _, where = model.head.read_rows({"input_ids": [], "attention_mask": [], "label_position": []})
-    info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows), "reads": f"block {read_layer} at {where}"}
+    where = f"block {read_layer} at {model.head.reads_at()}"
+    info = {name: {"alpha": p.alpha, "alpha_selection": p.selection, "train_rows": len(rows), "reads": where}
             for name, p in probes.items()}
     for name in ("ridge_probe_intervened", ORIGINAL_READER):
         if name in info:
@@ -205,7 +205,6 @@ def compared(compare) -> dict:
     rate = float(((getattr(unwrap_predictor(compare).config, "intervention", None) or {}).get("rate")) or 0.0)
     return {"intervention_rate": rate,
             "words": WORDS["compare"] if rate == 0 else f"the compared predictor (trained with interventions, rate {rate:g})"}
-
 
 
 def _figures(pred: np.ndarray, set_to: np.ndarray, natural: np.ndarray, n_bootstrap: int, seed: int, level: float) -> dict:

@@ -78,10 +78,10 @@ from nsr_hf.evaluation.statistics import compare_methods, selectivity
 from nsr_hf.evaluation.token_examples import EXAMPLES_FILE, token_examples
 from nsr_hf.methods import BASELINE_METHODS, DEFAULT_BASELINES, EVALUATION_KIND, is_evaluation
 from nsr_hf.metrics import finite_median
-from nsr_hf.modeling.predictor import load_predictor
+from nsr_hf.modeling.predictor import check_compare_neurons, load_predictor, saved_neurons
 from nsr_hf.models import load_model_and_tokenizer
 from nsr_hf.run_folder import FinishedStages, refuse_finished, restore_interrupted_swap, written_atomically
-from nsr_hf.shared_config import EvaluationFields, check_compare_neurons, check_evaluation_fields, compare_predictor_neurons
+from nsr_hf.shared_config import EvaluationFields, check_evaluation_fields
 from nsr_hf.stage_clock import timed
 from nsr_hf.utils import file_sha256, recorded_command, unwrap, write_json
 
@@ -602,7 +602,7 @@ def _compare_predictor(config: EvaluateConfig, predictor, neurons):
     when the section first needs it (not while the other stages hold the original model, nor when it is read back)."""
     if not config.compare_predictor or not config.counterfactual_rows:
         return None
-    check_compare_neurons(config.compare_predictor, compare_predictor_neurons(config.compare_predictor), neurons)
+    check_compare_neurons(config.compare_predictor, saved_neurons(config.compare_predictor), neurons)
 
     @functools.cache
     def load():

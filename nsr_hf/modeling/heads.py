@@ -192,14 +192,17 @@ class Head:
         runs through the blocks (0: the head runs the text itself)."""
         return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
 
-    def read_rows(self, columns: dict) -> tuple[dict, str]:
-        """``(columns, where)``: text rows (``input_ids``, ``attention_mask``, ``label_position`` lists, unpadded) as this
-        head runs them through the blocks, each ``label_position`` moved to the token whose state it reads, for an outside
-        reader of the same representation (``nsr_hf.evaluation.faithfulness``); the labelled token keeps its index, so a
-        neuron set there is set as in the head's own pass. ``where`` says which token that is. Default: the text itself,
-        read at the labelled token (also the conditioned token head's: its prompt holds soft query embeddings, which rows
-        of token ids cannot carry)."""
-        return columns, "the labelled token"
+    def read_rows(self, columns: dict) -> dict:
+        """Text rows (``input_ids``, ``attention_mask``, ``label_position`` lists, unpadded) as this head runs them through
+        the blocks, each ``label_position`` moved to the token whose state it reads (``reads_at``), for an outside reader of
+        the same representation (``nsr_hf.evaluation.faithfulness``); the labelled token keeps its index, so a neuron set
+        there is set as in the head's own pass. Default: the text itself, read at the labelled token (also the conditioned
+        token head's: its prompt holds soft query embeddings, which rows of token ids cannot carry)."""
+        return columns
+
+    def reads_at(self) -> str:
+        """Which token's state ``read_rows`` reads, in words."""
+        return "the labelled token"
 
     # -- questions -------------------------------------------------------------------------------
 
@@ -405,17 +408,21 @@ class TokenHead(BinHead):
         # the report prompt starts at each row's first real token (prompts)
         return attention_mask.long().argmax(-1)
 
-    def read_rows(self, columns: dict) -> tuple[dict, str]:
+    def read_rows(self, columns: dict) -> dict:
         """The report prompts (``prompts``) as lists: each text up to its labelled token, then the suffix, read at its last token."""
         suffix = list(self.config.prompt_suffix_ids)
         if not suffix:
-            return columns, "the labelled token (the head's prompt is the text up to it)"
+            return columns
         ids, masks = [], []
         for row, mask, position in zip(columns["input_ids"], columns["attention_mask"], columns["label_position"]):
             ids.append(list(row[: position + 1]) + suffix)
             masks.append(list(mask[: position + 1]) + [1] * len(suffix))
-        return ({"input_ids": ids, "attention_mask": masks, "label_position": [len(r) - 1 for r in ids]},
-                "the last token of the head's prompt (text up to the labelled token, then the prompt suffix)")
+        return {"input_ids": ids, "attention_mask": masks, "label_position": [len(r) - 1 for r in ids]}
+
+    def reads_at(self) -> str:
+        if not self.config.prompt_suffix_ids:
+            return "the labelled token (the head's prompt is the text up to it)"
+        return "the last token of the head's prompt (text up to the labelled token, then the prompt suffix)"
 
     def prompts(self, predictor, input_ids, attention_mask, label_positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The report prompts: each text up to its labelled token, then the suffix (right-padded)."""

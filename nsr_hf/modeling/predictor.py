@@ -503,6 +503,34 @@ def save_predictor(model, save_directory: str, merge: bool = False) -> str:
     return save_directory
 
 
+def check_compare_neurons(path: str, reported, wanted) -> None:
+    """Refuse a ``compare_predictor`` (at ``path``) that does not report every neuron in ``wanted``: it is scored on the same
+    counterfactual rows of each of them. ``reported``: its neurons (``None``: not known here, nothing is refused)."""
+    if reported is None:
+        return
+    have = {str(n) for n in reported}
+    missing = [str(n) for n in wanted if str(n) not in have]
+    if missing:
+        raise ValueError(f"compare_predictor {str(path)!r} reports {', '.join(sorted(have)) or 'no neuron'}, not {', '.join(missing)}: "
+                         "it is scored on the same counterfactual rows, so give a predictor of the same neuron(s) (the plainly "
+                         "trained run of this neuron: <its output_dir>/predictor).")
+
+
+def saved_neurons(path: str) -> list[str] | None:
+    """The neurons a local predictor folder reports (its ``config.json``), read without loading it; None for a Hub id or a
+    folder without one."""
+    import json
+
+    config = Path(str(path)).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        neurons = json.loads(config.read_text()).get("neurons")
+    except (OSError, ValueError, AttributeError):
+        return None  # not ours to judge here: loading it says what is wrong
+    return [str(n) for n in neurons] if isinstance(neurons, list) else None
+
+
 def check_predictor_config(folder: Path) -> None:
     """Refuse a local folder whose ``config.json`` is another model's (the base model given as the predictor)."""
     import json

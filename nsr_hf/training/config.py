@@ -23,15 +23,9 @@ from nsr_hf.data.counterfactuals import SOURCES, check_source
 from nsr_hf.errors import UserError
 from nsr_hf.methods import BASELINE_METHODS
 from nsr_hf.modeling.heads import HEAD_TYPES, head_class
+from nsr_hf.modeling.predictor import check_compare_neurons, saved_neurons
 from nsr_hf.report_tokens import DEFAULT_PROMPT_SUFFIX
-from nsr_hf.shared_config import (
-    CorpusFields,
-    EvaluationFields,
-    SplitFields,
-    check_compare_neurons,
-    check_evaluation_fields,
-    compare_predictor_neurons,
-)
+from nsr_hf.shared_config import CorpusFields, EvaluationFields, SplitFields, check_evaluation_fields
 from nsr_hf.training.prefix_cache import check_mode, strategy_refusal
 from nsr_hf.training.unfreezing import STRATEGIES
 
@@ -196,7 +190,7 @@ class TrainConfig(TrainingArguments, EvaluationFields, SplitFields, CorpusFields
             raise ValueError(f"select must be 'score' or 'readable', got {self.select!r}.")
         check_evaluation_fields(self)  # here too, so that a typo fails before training, not in the evaluation after it
         if self.compare_predictor and "." in str(self.neuron):  # a named neuron: a compare_predictor of another fails now
-            check_compare_neurons(self.compare_predictor, compare_predictor_neurons(self.compare_predictor), [str(self.neuron)])
+            check_compare_neurons(self.compare_predictor, saved_neurons(self.compare_predictor), [str(self.neuron)])
         if self.counterfactual_source is not None:
             check_source(self.counterfactual_source)
         if self.save_strategy not in ("no", "steps", "epoch"):
